@@ -1,0 +1,222 @@
+"""How ControlNet residuals enter the locked UNet: scales, control modes, several ControlNets.
+
+The locked UNet adds residual i to its i-th skip connection before the decoder concatenates it,
+and the last residual to the middle block's output (diffusers' ``down_block_additional_residuals``
+/ ``mid_block_additional_residual``). Each ControlNet's residuals are multiplied by its own
+per-residual scales; the residuals of several ControlNets are summed with no other weighting.
+
+With classifier-free guidance the batch is ``[unconditional; conditional]``. Some controls run
+on the conditional half only (guess mode / "ControlNet is more important", and the global-pooling
+shuffle model); their unconditional residuals are zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+from torch import nn
+
+from .controlnet import ControlNet
+
+__all__ = [
+    "SOFT_DECAY",
+    "Control",
+    "ControlMode",
+    "ControlledUNet",
+    "control_residuals",
+    "control_scales",
+    "controlled_unet_forward",
+    "soft_scales",
+]
+
+#: Per-level decay of the "soft" (guess mode) scales: scale_i = s * 0.825 ** (n - 1 - i).
+SOFT_DECAY = 0.825
+
+
+class ControlMode(Enum):
+    """The three control modes users know from the A1111 extension."""
+
+    BALANCED = "balanced"  # flat scales, control on both CFG halves
+    PROMPT = "prompt"  # "My prompt is more important": soft scales, both halves
+    CONTROLNET = "controlnet"  # "ControlNet is more important": soft scales, conditional half only
+
+    @classmethod
+    def parse(cls, value: str | ControlMode) -> ControlMode:
+        if isinstance(value, ControlMode):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            names = ", ".join(m.value for m in cls)
+            raise ValueError(f"unknown control mode {value!r}; expected one of: {names}") from None
+
+    @property
+    def soft(self) -> bool:
+        return self is not ControlMode.BALANCED
+
+    @property
+    def conditional_only(self) -> bool:
+        return self is ControlMode.CONTROLNET
+
+
+def soft_scales(count: int, strength: float = 1.0) -> list[float]:
+    """Guess-mode scales: strength * 0.825 ** (count - 1 - i); the middle residual (last) gets
+    the full strength, the shallowest skip the least. For SD (count 13) this is the released
+    ``s * 0.825 ** (12 - i)``."""
+    return [strength * SOFT_DECAY ** float(count - 1 - i) for i in range(count)]
+
+
+def control_scales(
+    count: int,
+    strength: float = 1.0,
+    mode: ControlMode | str = ControlMode.BALANCED,
+    *,
+    only_mid: bool = False,
+) -> list[float]:
+    """One multiplier per residual for a ControlNet with ``count`` residuals (middle last).
+
+    ``only_mid`` keeps only the middle residual (the original's ``only_mid_control``).
+    """
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    if strength < 0:
+        raise ValueError(f"strength must be >= 0, got {strength}")
+    mode = ControlMode.parse(mode)
+    scales = soft_scales(count, strength) if mode.soft else [float(strength)] * count
+    if only_mid:
+        scales = [0.0] * (count - 1) + [scales[-1]]
+    return scales
+
+
+@dataclass
+class Control:
+    """One ControlNet applied at one denoising step.
+
+    hint: features from ``controlnet.encode_hint``, batch equal to the rows it runs on (the
+        whole batch, or the conditional half when ``conditional_only``), or 1 (broadcast).
+    scales: one multiplier per residual (see :func:`control_scales`).
+    conditional_only: run on the conditional half of a CFG batch only.
+    """
+
+    controlnet: ControlNet
+    hint: torch.Tensor
+    scales: Sequence[float]
+    conditional_only: bool = False
+
+    def __post_init__(self) -> None:
+        if len(self.scales) != self.controlnet.num_residuals:
+            raise ValueError(
+                f"got {len(self.scales)} control scales for a ControlNet with "
+                f"{self.controlnet.num_residuals} residuals"
+            )
+
+    @property
+    def active(self) -> bool:
+        return any(s != 0 for s in self.scales)
+
+
+def _half(x: Any, half: int) -> Any:
+    if torch.is_tensor(x) and x.ndim > 0 and x.shape[0] == 2 * half:
+        return x[half:]
+    return x
+
+
+def control_residuals(
+    controls: Sequence[Control],
+    sample: torch.Tensor,
+    timestep: torch.Tensor | float | int,
+    encoder_hidden_states: torch.Tensor,
+    *,
+    cfg_batch: bool = False,
+    added_cond_kwargs: Mapping[str, torch.Tensor] | None = None,
+) -> list[torch.Tensor] | None:
+    """Scaled, summed residuals of every active control, or None when none is active.
+
+    ``cfg_batch`` says the batch is ``[unconditional; conditional]`` halves, so that controls with
+    ``conditional_only`` run on the second half only (zero residuals on the first).
+    """
+    total: list[torch.Tensor] | None = None
+    for c in controls:
+        if not c.active:
+            continue  # strength 0: the ControlNet is not run at all
+        if c.conditional_only and cfg_batch:
+            half = sample.shape[0] // 2
+            added = {k: _half(v, half) for k, v in (added_cond_kwargs or {}).items()} or None
+            res = c.controlnet(
+                sample[half:], _half(timestep, half), encoder_hidden_states[half:], c.hint, added
+            )
+            res = [torch.cat([torch.zeros_like(r), r]) for r in res]
+        else:
+            res = c.controlnet(sample, timestep, encoder_hidden_states, c.hint, added_cond_kwargs)
+        res = [r if s == 1.0 else r * s for r, s in zip(res, c.scales)]
+        total = res if total is None else [a + b for a, b in zip(total, res)]
+    return total
+
+
+def controlled_unet_forward(
+    unet: UNet2DConditionModel,
+    sample: torch.Tensor,
+    timestep: torch.Tensor | float | int,
+    encoder_hidden_states: torch.Tensor,
+    controls: Sequence[Control] = (),
+    *,
+    cfg_batch: bool = False,
+    added_cond_kwargs: Mapping[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The locked UNet's noise prediction with the controls' residuals injected."""
+    res = control_residuals(
+        controls,
+        sample,
+        timestep,
+        encoder_hidden_states,
+        cfg_batch=cfg_batch,
+        added_cond_kwargs=added_cond_kwargs,
+    )
+    kwargs: dict[str, Any] = {}
+    if res is not None:
+        kwargs = {
+            "down_block_additional_residuals": tuple(res[:-1]),
+            "mid_block_additional_residual": res[-1],
+        }
+    added = dict(added_cond_kwargs) if added_cond_kwargs is not None else None
+    return unet(
+        sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False, **kwargs
+    )[0]
+
+
+class ControlledUNet(nn.Module):
+    """A locked UNet with one trainable ControlNet: the model the training loss is taken on.
+
+    The UNet's parameters are frozen. Its encoder therefore builds no autograd state (none of its
+    inputs needs a gradient), while the loss's gradient flows through the decoder into the
+    residuals and on into the ControlNet.
+    """
+
+    def __init__(
+        self, unet: UNet2DConditionModel, controlnet: ControlNet, *, only_mid_control: bool = False
+    ) -> None:
+        super().__init__()
+        self.unet = unet.requires_grad_(False)
+        self.controlnet = controlnet
+        self.only_mid_control = only_mid_control
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        cond: torch.Tensor,
+        strength: float = 1.0,
+        added_cond_kwargs: Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Noise prediction for latents (B, C, h, w) with condition images (B, hint_channels, H, W)."""
+        scales = control_scales(self.controlnet.num_residuals, strength, only_mid=self.only_mid_control)
+        control = Control(self.controlnet, self.controlnet.encode_hint(cond), scales)
+        return controlled_unet_forward(
+            self.unet, sample, timestep, encoder_hidden_states, [control], added_cond_kwargs=added_cond_kwargs
+        )

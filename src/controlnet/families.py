@@ -1,0 +1,94 @@
+"""Model families (SD1.x, SD2.x, SDXL) and the architecture configs that ship with the package.
+
+Nothing is ever fetched: a loader picks one of these by looking at tensor shapes, or reads a
+config stored inside our own checkpoints. UNet configs are diffusers' ``UNet2DConditionModel``
+keyword arguments.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+__all__ = ["Family", "tiny_unet_config", "unet_config"]
+
+
+class Family(Enum):
+    SD1 = "sd1"
+    SD2 = "sd2"
+    SDXL = "sdxl"
+
+    @property
+    def label(self) -> str:
+        return {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}[self.value]
+
+
+_SD1_UNET: dict[str, Any] = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}
+
+_SD2_UNET: dict[str, Any] = {
+    **_SD1_UNET,
+    "cross_attention_dim": 1024,
+    "attention_head_dim": [5, 10, 20, 20],
+    "use_linear_projection": True,
+}
+
+_SDXL_UNET: dict[str, Any] = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [320, 640, 1280],
+    "layers_per_block": 2,
+    "transformer_layers_per_block": [1, 2, 10],
+    "cross_attention_dim": 2048,
+    "attention_head_dim": [5, 10, 20],
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+    "norm_num_groups": 32,
+}
+
+_UNETS = {Family.SD1: _SD1_UNET, Family.SD2: _SD2_UNET, Family.SDXL: _SDXL_UNET}
+
+
+def unet_config(family: Family) -> dict[str, Any]:
+    """A fresh copy of the full-size UNet config of ``family`` (diffusers keyword arguments)."""
+    return {k: (list(v) if isinstance(v, list) else v) for k, v in _UNETS[family].items()}
+
+
+def tiny_unet_config(family: Family, *, cross_attention_dim: int = 16) -> dict[str, Any]:
+    """A few-channel UNet of ``family``'s exact block structure (same residual count and kinds of
+    blocks, linear projections for SD2/SDXL, SDXL's added embeddings), for CPU tests and demos."""
+    cfg = unet_config(family)
+    n = len(cfg["block_out_channels"])
+    cfg.update(
+        sample_size=16,
+        block_out_channels=[8, 16, 16, 16][:n] if n == 4 else [8, 16, 16][:n],
+        norm_num_groups=4,
+        cross_attention_dim=cross_attention_dim,
+    )
+    if family is Family.SD1:
+        cfg["attention_head_dim"] = 2
+    elif family is Family.SD2:
+        cfg["attention_head_dim"] = [2, 4, 4, 4]
+    else:
+        cfg.update(
+            attention_head_dim=[2, 4, 4],
+            transformer_layers_per_block=[1, 1, 2],
+            addition_time_embed_dim=4,
+            projection_class_embeddings_input_dim=cross_attention_dim + 6 * 4,
+        )
+    return cfg
