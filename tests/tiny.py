@@ -43,8 +43,9 @@ def unet_inputs(unet: UNet2DConditionModel, batch: int = 2, seed: int = 2) -> di
         "encoder_hidden_states": torch.randn(batch, 5, CROSS, generator=g),
     }
     if unet.config.addition_embed_type == "text_time":
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
         inputs["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(batch, CROSS, generator=g),
+            "text_embeds": torch.randn(batch, pooled, generator=g),
             "time_ids": torch.rand(batch, 6, generator=g) * 64,
         }
     return inputs
@@ -53,3 +54,59 @@ def unet_inputs(unet: UNet2DConditionModel, batch: int = 2, seed: int = 2) -> di
 def cond_image(batch: int = 2, seed: int = 3) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.rand(batch, 3, LATENT * 8, LATENT * 8, generator=g)
+
+
+def make_vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=64,
+    ).eval()
+
+
+def make_text_encoder(hidden: int = CROSS, *, projection: bool = False, seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=hidden,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=1,
+    )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
+
+
+def make_base(family: Family = Family.SD1, seed: int = 0):
+    """A complete tiny base model of ``family`` (random weights)."""
+    from controlnet.models import BaseModel
+    from controlnet.tokenizer import clip_tokenizer
+
+    if family is Family.SDXL:
+        # context = both encoders' hidden states concatenated; pooled = the second's projection
+        unet = UNet2DConditionModel(**tiny_unet_config(family, cross_attention_dim=2 * CROSS)).eval()
+        return BaseModel(
+            family,
+            unet,
+            make_vae(seed),
+            make_text_encoder(seed=seed),
+            clip_tokenizer(family),
+            text_encoder_2=make_text_encoder(projection=True, seed=seed + 1),
+            tokenizer_2=clip_tokenizer(family, second=True),
+        )
+    return BaseModel(
+        family, make_unet(family, seed), make_vae(seed), make_text_encoder(seed=seed), clip_tokenizer(family)
+    )

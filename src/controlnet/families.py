@@ -89,6 +89,7 @@ def tiny_unet_config(family: Family, *, cross_attention_dim: int = 16) -> dict[s
             attention_head_dim=[2, 4, 4],
             transformer_layers_per_block=[1, 1, 2],
             addition_time_embed_dim=4,
-            projection_class_embeddings_input_dim=cross_attention_dim + 6 * 4,
+            # pooled text embedding (the second encoder's width, half the context) + 6 time ids
+            projection_class_embeddings_input_dim=cross_attention_dim // 2 + 6 * 4,
         )
     return cfg

@@ -1,0 +1,165 @@
+"""The locked base model: UNet, VAE, text encoder(s), tokenizer(s) and noise schedule, as one bundle.
+
+Everything that differs between families at run time lives here: how prompts become the UNet's
+context (SD1.x: last hidden state; SD2.x: the penultimate OpenCLIP layer, which the 23-layer
+text model's last hidden state already is; SDXL: the penultimate layers of both encoders,
+concatenated, plus the second encoder's pooled projection and the size/crop ids), and how images
+become latents. Loading from files is :mod:`controlnet.formats`; the sampler and the trainer take
+a :class:`BaseModel` and never ask which family or size it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from .families import Family
+from .tokenizer import MAX_LENGTH
+
+__all__ = ["DEFAULT_SCHEDULE", "BaseModel", "PromptEmbeddings"]
+
+#: The noise schedule every SD family was trained with (diffusers scheduler keyword arguments).
+DEFAULT_SCHEDULE: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+}
+
+
+@dataclass
+class PromptEmbeddings:
+    """What the UNet reads from a batch of prompts.
+
+    context: (B, 77, D) cross-attention context.
+    added: SDXL's ``added_cond_kwargs`` ({'text_embeds': (B, 1280), 'time_ids': (B, 6)}) or None.
+    """
+
+    context: torch.Tensor
+    added: dict[str, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return self.context.shape[0]
+
+    @staticmethod
+    def cat(parts: Sequence[PromptEmbeddings]) -> PromptEmbeddings:
+        added = None
+        if parts[0].added is not None:
+            added = {k: torch.cat([p.added[k] for p in parts]) for k in parts[0].added}  # type: ignore[index]
+        return PromptEmbeddings(torch.cat([p.context for p in parts]), added)
+
+    def repeat(self, n: int) -> PromptEmbeddings:
+        """Each row repeated ``n`` times in a row (prompt i -> samples i*n .. i*n+n-1)."""
+        added = None if self.added is None else {k: v.repeat_interleave(n, 0) for k, v in self.added.items()}
+        return PromptEmbeddings(self.context.repeat_interleave(n, 0), added)
+
+
+@dataclass
+class BaseModel:
+    """A Stable Diffusion-family model, locked (no gradients, eval mode)."""
+
+    family: Family
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel | CLIPTextModelWithProjection
+    tokenizer: CLIPTokenizer
+    schedule: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SCHEDULE))
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    tokenizer_2: CLIPTokenizer | None = None
+
+    def __post_init__(self) -> None:
+        if self.family is Family.SDXL and (self.text_encoder_2 is None or self.tokenizer_2 is None):
+            raise ValueError("an SDXL base model needs text_encoder_2 and tokenizer_2")
+        for m in self.modules().values():
+            m.requires_grad_(False).eval()
+
+    # ------------------------------------------------------------------ basics
+    def modules(self) -> dict[str, torch.nn.Module]:
+        mods: dict[str, torch.nn.Module] = {
+            "unet": self.unet,
+            "vae": self.vae,
+            "text_encoder": self.text_encoder,
+        }
+        if self.text_encoder_2 is not None:
+            mods["text_encoder_2"] = self.text_encoder_2
+        return mods
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.conv_in.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.conv_in.weight.dtype
+
+    @property
+    def latent_scale(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell along a side (8 for every SD family)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> BaseModel:
+        """Move every part (the VAE stays float32 when ``dtype`` is float16: SD's VAE overflows in fp16)."""
+        for name, m in self.modules().items():
+            d = torch.float32 if (name == "vae" and dtype == torch.float16) else dtype
+            m.to(device=device, dtype=d)
+        return self
+
+    def parameter_counts(self) -> dict[str, int]:
+        return {name: sum(p.numel() for p in m.parameters()) for name, m in self.modules().items()}
+
+    # ------------------------------------------------------------------ text
+    def _tokens(self, tokenizer: CLIPTokenizer, prompts: Sequence[str]) -> torch.Tensor:
+        ids = tokenizer(
+            list(prompts), padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
+        ).input_ids
+        return ids.to(self.device)
+
+    @torch.no_grad()
+    def encode_prompt(
+        self, prompts: Sequence[str], *, size: tuple[int, int] | None = None
+    ) -> PromptEmbeddings:
+        """Prompts -> UNet context. ``size`` (height, width) of the image feeds SDXL's time ids."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        ids = self._tokens(self.tokenizer, prompts)
+        if self.family is not Family.SDXL:
+            return PromptEmbeddings(self.text_encoder(ids).last_hidden_state.to(self.dtype))
+        assert self.text_encoder_2 is not None and self.tokenizer_2 is not None
+        out1 = self.text_encoder(ids, output_hidden_states=True)
+        out2 = self.text_encoder_2(self._tokens(self.tokenizer_2, prompts), output_hidden_states=True)
+        context = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
+        h, w = size or (self.unet.config.sample_size * self.vae_scale_factor,) * 2
+        # original size, crop top-left, target size (SDXL micro-conditioning)
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=self.device, dtype=self.dtype).repeat(
+            len(prompts), 1
+        )
+        return PromptEmbeddings(
+            context.to(self.dtype), {"text_embeds": out2.text_embeds.to(self.dtype), "time_ids": time_ids}
+        )
+
+    # ------------------------------------------------------------------ images
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/8, W/8), sampled from the
+        posterior (``generator`` makes it reproducible)."""
+        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        return (dist.sample(generator) * self.latent_scale).to(self.dtype)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images (B, 3, H, W) in [-1, 1] (clamped)."""
+        images = self.vae.decode(latents.to(self.vae.dtype) / self.latent_scale).sample
+        return images.clamp(-1, 1).float()
+
+    def with_schedule(self, **overrides: Any) -> BaseModel:
+        return replace(self, schedule={**self.schedule, **overrides})

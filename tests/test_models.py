@@ -1,0 +1,40 @@
+"""The base-model bundle: prompt encoding per family, latents, locking."""
+
+import torch
+
+from controlnet import Family
+from tiny import make_base
+
+
+def test_base_is_locked_and_encodes_prompts(family):
+    base = make_base(family)
+    assert all(not p.requires_grad for m in base.modules().values() for p in m.parameters())
+    emb = base.encode_prompt(["a red circle", ""])
+    assert emb.context.shape[:2] == (2, 77)
+    assert emb.context.shape[2] == base.unet.config.cross_attention_dim
+    if family is Family.SDXL:
+        assert emb.added["text_embeds"].shape[0] == 2 and emb.added["time_ids"].shape == (2, 6)
+    else:
+        assert emb.added is None
+    # the UNet accepts what encode_prompt gives
+    lat = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        assert base.unet(lat, 10, emb.context, added_cond_kwargs=emb.added).sample.shape == lat.shape
+
+
+def test_same_prompt_same_embedding_and_repeat_order():
+    base = make_base()
+    a = base.encode_prompt(["x", "y"])
+    assert torch.equal(a.context, base.encode_prompt(["x", "y"]).context)
+    r = a.repeat(3)
+    assert torch.equal(r.context[2], a.context[0]) and torch.equal(r.context[3], a.context[1])
+
+
+def test_latents_round_trip_shapes():
+    base = make_base()
+    img = torch.rand(2, 3, 64, 64) * 2 - 1
+    lat = base.encode_images(img, torch.Generator().manual_seed(0))
+    assert lat.shape == (2, 4, 8, 8) and base.vae_scale_factor == 8
+    assert torch.equal(lat, base.encode_images(img, torch.Generator().manual_seed(0)))
+    out = base.decode_latents(lat)
+    assert out.shape == img.shape and out.min() >= -1 and out.max() <= 1
