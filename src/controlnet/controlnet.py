@@ -25,7 +25,7 @@ from torch import nn
 
 from .zero import zero_conv
 
-__all__ = ["ControlNet", "ControlNetConfig", "HintEncoder"]
+__all__ = ["ControlNet", "ControlNetConfig", "HintEncoder", "residual_channels"]
 
 #: UNet config keys whose non-default values need parts the ControlNet does not copy.
 _UNSUPPORTED = {
@@ -123,7 +123,7 @@ def _check_supported(unet_config: Mapping[str, Any]) -> None:
         )
 
 
-def _residual_channels(unet: UNet2DConditionModel) -> list[int]:
+def residual_channels(unet: UNet2DConditionModel) -> list[int]:
     """Channels of every tensor the UNet's encoder hands to its decoder as a skip connection."""
     chans = [unet.conv_in.out_channels]
     for block in unet.down_blocks:
@@ -166,7 +166,7 @@ class ControlNet(nn.Module):
         self.controlnet_cond_embedding = HintEncoder(
             config.hint_channels, config.hint_block_channels, unet.conv_in.out_channels, **kw
         )
-        self.controlnet_down_blocks = nn.ModuleList(zero_conv(c, c, **kw) for c in _residual_channels(unet))
+        self.controlnet_down_blocks = nn.ModuleList(zero_conv(c, c, **kw) for c in residual_channels(unet))
         mid_ch = unet.config.block_out_channels[-1]
         self.controlnet_mid_block = zero_conv(mid_ch, mid_ch, **kw)
         self.requires_grad_(True)

@@ -111,7 +111,11 @@ class BaseModel:
         """Move every part (the VAE stays float32 when ``dtype`` is float16: SD's VAE overflows in fp16)."""
         for name, m in self.modules().items():
             d = torch.float32 if (name == "vae" and dtype == torch.float16) else dtype
-            m.to(device=device, dtype=d)
+            current = next(m.parameters())
+            if d is not None and d == current.dtype:
+                d = None  # diffusers warns on every dtype cast, even a no-op one
+            if d is not None or (device is not None and torch.device(device) != current.device):
+                m.to(device=device, dtype=d)
         return self
 
     def parameter_counts(self) -> dict[str, int]:

@@ -1,0 +1,369 @@
+"""The whole controllable text-to-image job: a request in, images and a replayable record out.
+
+A :class:`GenerationRequest` holds every parameter as plain data (paths, numbers, names), so it
+is checked in full before any model work, written to a JSON sidecar beside the images, and
+replayed from that sidecar bit for bit. :func:`generate` runs it on loaded models.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from .control import ControlMode, check_compatible
+from .controlnet import ControlNet
+from .imageio import read_image, read_mask
+from .models import BaseModel
+from .sampling import ControlUnit, Sampler, denoise, mask_to_latent
+
+__all__ = [
+    "DEFAULT_ADDED_PROMPT",
+    "DEFAULT_NEGATIVE_PROMPT",
+    "PAPER_DEFAULT_PROMPT",
+    "ControlRequest",
+    "GenerationRequest",
+    "GenerationResult",
+    "PromptSetting",
+    "generate",
+    "output_size",
+]
+
+DEFAULT_ADDED_PROMPT = "best quality, extremely detailed"
+DEFAULT_NEGATIVE_PROMPT = (
+    "longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, cropped, "
+    "worst quality, low quality"
+)
+#: The paper's "default prompt" setting.
+PAPER_DEFAULT_PROMPT = "a professional, detailed, high-quality image"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class PromptSetting(Enum):
+    """The paper's four prompt settings (section 4)."""
+
+    USER = "user"  # the user's prompt
+    NONE = "none"  # the empty prompt
+    DEFAULT = "default"  # "a professional, detailed, high-quality image"
+    AUTO = "auto"  # a caption of the condition's source image, from a local BLIP-style captioner
+
+
+def _parse_enum(enum: type[Enum], value: Any, what: str) -> Any:
+    try:
+        return enum(value)
+    except ValueError:
+        raise ValueError(
+            f"unknown {what} {value!r}; expected one of: {', '.join(e.value for e in enum)}"
+        ) from None
+
+
+@dataclass
+class ControlRequest:
+    """One control unit as plain data.
+
+    image: a ready condition map, or a raw image when ``preprocess`` names an annotator.
+    controlnet: a ControlNet file or folder (None: the bundled ControlNet).
+    params: annotator parameters.
+    """
+
+    image: str
+    controlnet: str | None = None
+    preprocess: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    strength: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    mode: str = ControlMode.BALANCED.value
+    guess_mode: bool = False
+
+
+@dataclass
+class GenerationRequest:
+    """Every parameter of a generation. Paths are strings; ``seed`` None draws one (recorded)."""
+
+    prompt: str = ""
+    controls: list[ControlRequest] = field(default_factory=list)
+    prompt_setting: str = PromptSetting.USER.value
+    added_prompt: str = DEFAULT_ADDED_PROMPT
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    base: str | None = None
+    sampler: str = Sampler.DDIM.value
+    eta: float = 0.0
+    steps: int = 20
+    guidance: float = 9.0
+    seed: int | None = None
+    num_samples: int = 1
+    resolution: int | None = None  # short side; None: the base model's native size
+    width: int | None = None
+    height: int | None = None
+    init_image: str | None = None
+    denoise: float = 1.0
+    mask: str | None = None
+    mask_blur: int = 4  # feather (px) of the paste-back of the source's unmasked pixels
+    overlay: bool = True  # paste the source's unmasked pixels back after decoding
+    captioner: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GenerationRequest:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown generation parameters {sorted(unknown)}")
+        d = dict(d)
+        controls = []
+        for i, c in enumerate(d.pop("controls", [])):
+            ck = {f.name for f in fields(ControlRequest)}
+            if set(c) - ck:
+                raise ValueError(f"control {i}: unknown parameters {sorted(set(c) - ck)}")
+            controls.append(ControlRequest(**c))
+        return cls(controls=controls, **d)
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        """Check everything that can be checked without a model; raise ValueError/FileNotFoundError
+        naming the parameter (or file) and what was expected."""
+        _parse_enum(Sampler, self.sampler, "sampler")
+        setting = _parse_enum(PromptSetting, self.prompt_setting, "prompt setting")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        if self.guidance < 0:
+            raise ValueError(f"guidance must be >= 0, got {self.guidance}")
+        if not 0.0 < self.denoise <= 1.0:
+            raise ValueError(f"denoise must be in (0, 1], got {self.denoise}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; expected one of: {', '.join(_DTYPES)}")
+        for name in ("resolution", "width", "height"):
+            v = getattr(self, name)
+            if v is not None and not 64 <= v <= 4096:
+                raise ValueError(f"{name} must be between 64 and 4096 pixels, got {v}")
+        if self.mask_blur < 0:
+            raise ValueError(f"mask_blur must be >= 0 pixels, got {self.mask_blur}")
+        if (self.width is None) != (self.height is None):
+            raise ValueError("give both width and height, or neither")
+        if setting is PromptSetting.AUTO and not self.captioner:
+            raise ValueError("prompt setting 'auto' needs a captioner folder (--captioner)")
+        for i, c in enumerate(self.controls):
+            if c.strength < 0:
+                raise ValueError(f"control {i}: strength must be >= 0, got {c.strength}")
+            if not (0 <= c.start <= 1 and 0 <= c.end <= 1):
+                raise ValueError(
+                    f"control {i}: start/end must be fractions in [0, 1], got {c.start}, {c.end}"
+                )
+            if c.start > c.end:
+                raise ValueError(f"control {i}: start {c.start} is after end {c.end}")
+            _parse_enum(ControlMode, c.mode, f"control {i} mode")
+            read_image(c.image)  # readable, an image, not huge
+            if c.preprocess is not None:
+                _annotator(c.preprocess).validate_params(c.params)
+            if c.controlnet is not None and not Path(c.controlnet).exists():
+                raise FileNotFoundError(f"control {i}: ControlNet {c.controlnet} does not exist")
+        if self.base is not None and not Path(self.base).exists():
+            raise FileNotFoundError(f"base model {self.base} does not exist")
+        if self.mask is not None and self.init_image is None:
+            raise ValueError("a mask needs an init image (the picture whose unmasked region is kept)")
+        if self.init_image is not None:
+            init = read_image(self.init_image)
+            if self.mask is not None:
+                mask = read_mask(self.mask)
+                if mask.shape != init.shape[:2]:
+                    raise ValueError(
+                        f"mask {self.mask} is {mask.shape[1]}x{mask.shape[0]} but the init image "
+                        f"{self.init_image} is {init.shape[1]}x{init.shape[0]}; they must match"
+                    )
+
+
+def _annotator(name: str) -> Any:
+    from .annotators import ANNOTATORS
+
+    if name not in ANNOTATORS:
+        raise ValueError(f"unknown annotator {name!r}; expected one of: {', '.join(sorted(ANNOTATORS))}")
+    return ANNOTATORS[name]
+
+
+@dataclass
+class GenerationResult:
+    request: GenerationRequest  # as run: seed and prompt resolved
+    images: list[np.ndarray]  # (H, W, 3) uint8 per sample
+    conditions: list[np.ndarray]  # (H, W, 3) uint8 per control, as fed to the model
+    prompt: str  # the full prompt given to the text encoder
+    seeds: list[int]
+    seconds: float
+    latents: torch.Tensor  # final latents (B, C, h, w), before decoding
+
+
+# ---------------------------------------------------------------------- sizes and conditions
+def output_size(source_hw: tuple[int, int], resolution: int, multiple: int = 64) -> tuple[int, int]:
+    """(H, W) with the short side ``resolution``, the aspect of ``source_hw`` kept, and both sides
+    rounded to multiples of ``multiple``."""
+    h, w = source_hw
+    k = resolution / min(h, w)
+    return (
+        max(multiple, round(h * k / multiple) * multiple),
+        max(multiple, round(w * k / multiple) * multiple),
+    )
+
+
+def resize(image: np.ndarray, size_hw: tuple[int, int], nearest: bool = False) -> np.ndarray:
+    """Resize to exactly (H, W): area when shrinking, Lanczos when growing, nearest for label and
+    pose maps (their colours are codes, not intensities)."""
+    h, w = size_hw
+    if image.shape[:2] == (h, w):
+        return image
+    if nearest:
+        interp = cv2.INTER_NEAREST
+    elif h * w < image.shape[0] * image.shape[1]:
+        interp = cv2.INTER_AREA
+    else:
+        interp = cv2.INTER_LANCZOS4
+    return cv2.resize(image, (w, h), interpolation=interp)
+
+
+def condition_tensor(cond_map: np.ndarray, invert: bool = False) -> torch.Tensor:
+    """Condition map (H, W, 3|4) uint8 -> model input (1, 3, H, W) float32 in [0, 1]. A 4th channel
+    is the inpaint convention: pixels with alpha 0 are masked and become -1."""
+    x = torch.from_numpy(cond_map[..., :3].astype(np.float32) / 255.0)
+    if invert:
+        x = 1.0 - x
+    if cond_map.shape[-1] == 4:
+        x[torch.from_numpy(cond_map[..., 3] < 128)] = -1.0
+    return x.permute(2, 0, 1)[None].contiguous()
+
+
+def _prepare_condition(c: ControlRequest, size_hw: tuple[int, int]) -> tuple[np.ndarray, torch.Tensor]:
+    image = read_image(c.image)
+    if c.preprocess is None:
+        cond_map = resize(image, size_hw)
+        return cond_map, condition_tensor(cond_map)
+    ann = _annotator(c.preprocess)
+    cond_map = resize(ann(image, **c.params), size_hw, nearest=ann.nearest)
+    return cond_map, condition_tensor(cond_map, invert=ann.model_invert)
+
+
+def resolve_prompt(req: GenerationRequest, caption: Callable[[np.ndarray], str] | None = None) -> str:
+    """The text the encoder reads under the request's prompt setting, with the added prompt."""
+    setting = PromptSetting(req.prompt_setting)
+    if setting is PromptSetting.NONE:
+        return ""  # the paper's no-prompt setting: nothing at all, not even the added prompt
+    if setting is PromptSetting.DEFAULT:
+        text = PAPER_DEFAULT_PROMPT
+    elif setting is PromptSetting.AUTO:
+        source = req.init_image or (req.controls[0].image if req.controls else None)
+        if source is None:
+            raise ValueError(
+                "prompt setting 'auto' needs an image to caption (a control image or init image)"
+            )
+        if caption is None:
+            from .captioner import Captioner
+
+            caption = Captioner(req.captioner)  # type: ignore[arg-type]
+        text = caption(read_image(source))
+    else:
+        text = req.prompt
+    return ", ".join(p for p in (text.strip(), req.added_prompt.strip()) if p)
+
+
+# ---------------------------------------------------------------------- the job
+@torch.no_grad()
+def generate(
+    request: GenerationRequest,
+    base: BaseModel,
+    controlnets: Sequence[ControlNet],
+    *,
+    progress: bool = True,
+    callback: Callable[[int, int], None] | None = None,
+    caption: Callable[[np.ndarray], str] | None = None,
+) -> GenerationResult:
+    """Run ``request`` on loaded models (``controlnets[i]`` serves ``request.controls[i]``)."""
+    request.validate()
+    if len(controlnets) != len(request.controls):
+        raise ValueError(f"{len(request.controls)} controls but {len(controlnets)} ControlNets")
+    for i, cn in enumerate(controlnets):
+        check_compatible(cn, base.unet, what=f"control {i}'s ControlNet")
+    seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
+    req = GenerationRequest.from_dict({**request.to_dict(), "seed": seed})
+    started = time.perf_counter()
+    dtype = _DTYPES[req.dtype]
+    base.to(req.device, dtype)
+    for cn in controlnets:
+        cn.to(req.device, dtype).eval()
+
+    # output size: explicit, else the short side of the first image, else the model's native size
+    native = base.unet.config.sample_size * base.vae_scale_factor
+    first = req.init_image or (req.controls[0].image if req.controls else None)
+    if req.width is not None and req.height is not None:
+        size = (max(64, round(req.height / 64) * 64), max(64, round(req.width / 64) * 64))
+    elif first is not None:
+        size = output_size(read_image(first).shape[:2], req.resolution or native)
+    else:
+        size = (req.resolution or native,) * 2
+    latent_size = (size[0] // base.vae_scale_factor, size[1] // base.vae_scale_factor)
+
+    maps, units = [], []
+    for c, cn in zip(req.controls, controlnets):
+        cond_map, cond = _prepare_condition(c, size)
+        maps.append(cond_map[..., :3])
+        units.append(
+            ControlUnit(cn, cond, c.strength, c.start, c.end, ControlMode(c.mode), guess_mode=c.guess_mode)
+        )
+
+    prompt = resolve_prompt(req, caption)
+    n = req.num_samples
+    cond_emb = base.encode_prompt([prompt], size=size).repeat(n)
+    uncond_emb = (
+        base.encode_prompt([req.negative_prompt], size=size).repeat(n) if req.guidance != 1.0 else None
+    )
+
+    init_latents = mask = init = pixel_mask = None
+    if req.init_image is not None:
+        init = resize(read_image(req.init_image), size)
+        pixels = torch.from_numpy(init).permute(2, 0, 1)[None].float().to(req.device) / 127.5 - 1.0
+        init_latents = base.encode_images(pixels.to(dtype), torch.Generator(req.device).manual_seed(seed))
+        if req.mask is not None:
+            pixel_mask = resize(read_mask(req.mask), size)
+            mask = mask_to_latent(torch.from_numpy(pixel_mask)[None, None], latent_size)
+
+    seeds = [seed + i for i in range(n)]
+    out = denoise(
+        base, cond_emb, uncond_emb, units, sampler=req.sampler, steps=req.steps, guidance=req.guidance,
+        eta=req.eta, seeds=seeds, latent_size=latent_size, init_latents=init_latents,
+        denoise_strength=req.denoise, mask=mask, progress=progress, callback=callback,
+    )  # fmt: skip
+    pixels = base.decode_latents(out.latents)
+    images = [
+        ((p.permute(1, 2, 0).cpu().numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8) for p in pixels
+    ]
+    if pixel_mask is not None and req.overlay:
+        images = [overlay(img, init, pixel_mask, req.mask_blur) for img in images]  # type: ignore[arg-type]
+    return GenerationResult(
+        req, images, maps, prompt, seeds, time.perf_counter() - started, out.latents.cpu()
+    )
+
+
+def overlay(generated: np.ndarray, source: np.ndarray, mask: np.ndarray, blur: int) -> np.ndarray:
+    """Paste ``source`` back where ``mask`` (H, W in [0, 1], 1 = regenerated) is 0. The seam is
+    feathered over ``blur`` pixels inside the regenerated area only, so every kept pixel is the
+    source's exactly."""
+    regenerated = (mask > 0.5).astype(np.uint8)
+    if blur > 0:
+        # distance of each regenerated pixel to the nearest kept one: 0 on the kept side
+        alpha = np.minimum(cv2.distanceTransform(regenerated, cv2.DIST_L2, 3) / blur, 1.0)
+    else:
+        alpha = regenerated.astype(np.float32)
+    alpha = alpha[..., None]
+    return (alpha * generated + (1 - alpha) * source).round().clip(0, 255).astype(np.uint8)

@@ -1,0 +1,120 @@
+"""Reading and writing images: clear errors on bad files, atomic writes, grids, file digests."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+__all__ = [
+    "MAX_PIXELS",
+    "atomic_write_bytes",
+    "make_grid",
+    "read_image",
+    "read_mask",
+    "save_png",
+    "sha256_file",
+]
+
+#: Refuse images above this many pixels (a decompression bomb, or a mistake): 64 megapixels.
+MAX_PIXELS = 64 * 1024 * 1024
+
+
+def _open(path: str | Path) -> Image.Image:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such image file")
+    try:
+        img = Image.open(path)
+        if img.width * img.height > MAX_PIXELS:
+            raise ValueError(
+                f"{path}: image is {img.width}x{img.height}, over the {MAX_PIXELS:,}-pixel limit"
+            )
+        img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{path}: not a readable image ({e})") from None
+    return img
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """An image file -> (H, W, 3) uint8 RGB. Transparent pixels are composited over white; grey
+    images become three equal channels."""
+    img = _open(path)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """A mask image -> (H, W) float32 in [0, 1]; white (1) marks the region to regenerate. An
+    alpha channel, when present, is the mask (opaque = regenerate)."""
+    img = _open(path)
+    if img.mode in ("RGBA", "LA"):
+        return np.asarray(img.getchannel("A"), dtype=np.float32) / 255.0
+    return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write a file so that readers see the old file or the whole new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_png(image: np.ndarray | Image.Image, path: str | Path) -> Path:
+    """Save an (H, W[, C]) uint8 array or a PIL image as PNG, atomically."""
+    import io
+
+    img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def make_grid(rows: Sequence[Sequence[np.ndarray]], pad: int = 4) -> np.ndarray:
+    """Tile images (each (H, W, 3) uint8) into a grid, one list per row, white padding between.
+    Images in a row may differ in size; each cell is as large as the largest image."""
+    cells = [img for row in rows for img in row]
+    if not cells:
+        raise ValueError("make_grid needs at least one image")
+    ch = max(i.shape[0] for i in cells)
+    cw = max(i.shape[1] for i in cells)
+    ncols = max(len(r) for r in rows)
+    grid = np.full((len(rows) * (ch + pad) + pad, ncols * (cw + pad) + pad, 3), 255, np.uint8)
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            img = img[..., :3] if img.ndim == 3 else np.repeat(img[..., None], 3, axis=2)
+            y, x = pad + r * (ch + pad), pad + c * (cw + pad)
+            grid[y : y + img.shape[0], x : x + img.shape[1]] = img
+    return grid
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file, or of every file of a folder (sorted relative paths, then contents)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode())
+        with open(f, "rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,279 @@
+"""The denoising loop: samplers, classifier-free guidance, the control schedule, img2img, masks.
+
+The loop owns no weights: it takes a base model and prepared control units. Per step it decides
+which controls run (inside their step window, strength above 0), builds one batch of both CFG
+halves, lets the conditional-only controls see only the conditional half, and steps a diffusers
+scheduler. Everything that can be done once (prompt embeddings, hint features, the mask at latent
+size) is done before the first step.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from tqdm.auto import tqdm
+
+from .control import Control, ControlMode, control_scales, controlled_unet_forward
+from .controlnet import ControlNet
+from .models import BaseModel, PromptEmbeddings
+
+__all__ = [
+    "ControlUnit",
+    "DenoiseResult",
+    "PreparedControl",
+    "Sampler",
+    "denoise",
+    "initial_noise",
+    "make_scheduler",
+    "mask_to_latent",
+]
+
+
+class Sampler(Enum):
+    DDIM = "ddim"
+    UNIPC = "unipc"
+    DPMPP_2M_KARRAS = "dpmpp-2m-karras"
+    EULER_A = "euler-a"
+
+    @classmethod
+    def parse(cls, value: str | Sampler) -> Sampler:
+        if isinstance(value, Sampler):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            names = ", ".join(s.value for s in cls)
+            raise ValueError(f"unknown sampler {value!r}; expected one of: {names}") from None
+
+
+def make_scheduler(sampler: Sampler | str, schedule: dict[str, Any]) -> SchedulerMixin:
+    """A fresh diffusers scheduler for ``sampler`` over the model's training noise schedule."""
+    sampler = Sampler.parse(sampler)
+    common = {k: schedule[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")}
+    common["prediction_type"] = schedule.get("prediction_type", "epsilon")
+    if sampler is Sampler.DDIM:
+        # SD's released DDIM: leading spacing with offset 1, no clipping, final alpha from step 0
+        return DDIMScheduler(
+            **common, clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading"
+        )
+    if sampler is Sampler.UNIPC:
+        return UniPCMultistepScheduler(**common)
+    if sampler is Sampler.DPMPP_2M_KARRAS:
+        return DPMSolverMultistepScheduler(
+            **common, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True
+        )
+    return EulerAncestralDiscreteScheduler(**common)
+
+
+@dataclass
+class ControlUnit:
+    """One ControlNet as the user sets it for a whole generation.
+
+    condition: model input (1 or B, hint_channels, H, W) at the output size; RGB maps in [0, 1]
+        (the inpaint convention marks masked pixels -1).
+    start, end: the fraction of the denoising steps it runs in: step i of N runs it when
+        start <= i / N < end.
+    mode: balanced / prompt / controlnet; ``guess_mode`` is "controlnet is more important".
+    """
+
+    controlnet: ControlNet
+    condition: torch.Tensor
+    strength: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    mode: ControlMode | str = ControlMode.BALANCED
+    guess_mode: bool = False
+    only_mid: bool = False
+
+    def __post_init__(self) -> None:
+        self.mode = ControlMode.CONTROLNET if self.guess_mode else ControlMode.parse(self.mode)
+        if self.strength < 0:
+            raise ValueError(f"control strength must be >= 0, got {self.strength}")
+        if not 0.0 <= self.start <= 1.0 or not 0.0 <= self.end <= 1.0:
+            raise ValueError(f"control start/end must be fractions in [0, 1], got {self.start}, {self.end}")
+        if self.start > self.end:
+            raise ValueError(f"control start {self.start} is after its end {self.end}")
+
+    @property
+    def conditional_only(self) -> bool:
+        """Runs on the conditional CFG half only: "ControlNet is more important", and the global
+        pooling (shuffle) models, as released."""
+        assert isinstance(self.mode, ControlMode)
+        return self.mode.conditional_only or self.controlnet.config.global_pool
+
+    def in_window(self, step: int, total: int) -> bool:
+        return self.start <= step / total < self.end
+
+
+@dataclass
+class PreparedControl:
+    """A unit with its hint features computed once, ready for every step."""
+
+    unit: ControlUnit
+    scales: list[float]
+    hint_one_half: torch.Tensor  # batch of one CFG half (or 1)
+    hint_both_halves: torch.Tensor  # batch of both halves (or 1)
+
+    @classmethod
+    @torch.no_grad()
+    def build(
+        cls, unit: ControlUnit, batch: int, device: torch.device, dtype: torch.dtype
+    ) -> PreparedControl:
+        cond = unit.condition.to(device=device, dtype=dtype)
+        if cond.shape[0] not in (1, batch):
+            raise ValueError(
+                f"control condition batch {cond.shape[0]} is neither 1 nor the sample count {batch}"
+            )
+        hint = unit.controlnet.encode_hint(cond)
+        both = hint if hint.shape[0] == 1 else torch.cat([hint, hint])
+        cn = unit.controlnet
+        assert isinstance(unit.mode, ControlMode)
+        scales = control_scales(cn.num_residuals, unit.strength, unit.mode, only_mid=unit.only_mid)
+        return cls(unit, scales, hint, both)
+
+    def at(self, step: int, total: int, cfg: bool) -> Control | None:
+        """The control to apply at ``step`` of ``total``, or None when it must not run."""
+        if self.unit.strength == 0 or not self.unit.in_window(step, total):
+            return None
+        cond_only = self.unit.conditional_only and cfg
+        hint = self.hint_one_half if cond_only or not cfg else self.hint_both_halves
+        return Control(self.unit.controlnet, hint, self.scales, conditional_only=cond_only)
+
+
+def initial_noise(
+    shape: Sequence[int], seeds: Sequence[int], device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """Gaussian noise, one CPU generator per sample (sample i from seeds[i]), so a seed gives the
+    same image whatever the batch, device or dtype."""
+    noise = [torch.randn(tuple(shape[1:]), generator=torch.Generator().manual_seed(s)) for s in seeds]
+    return torch.stack(noise).to(device=device, dtype=dtype)
+
+
+@dataclass
+class DenoiseResult:
+    latents: torch.Tensor
+    steps_run: int
+    seconds: float
+    control_calls: dict[int, int] = field(default_factory=dict)  # unit index -> steps it ran
+
+
+@torch.no_grad()
+def denoise(
+    base: BaseModel,
+    cond: PromptEmbeddings,
+    uncond: PromptEmbeddings | None,
+    controls: Sequence[ControlUnit],
+    *,
+    sampler: Sampler | str = Sampler.DDIM,
+    steps: int = 20,
+    guidance: float = 9.0,
+    eta: float = 0.0,
+    seeds: Sequence[int],
+    latent_size: tuple[int, int],
+    init_latents: torch.Tensor | None = None,
+    denoise_strength: float = 1.0,
+    mask: torch.Tensor | None = None,
+    progress: bool = True,
+    callback: Callable[[int, int], None] | None = None,
+) -> DenoiseResult:
+    """Sample latents.
+
+    Args:
+        cond / uncond: prompt embeddings of the B samples (uncond None: no classifier-free guidance).
+        seeds: one per sample; sample i's noise (and its scheduler noise) come from seeds[i].
+        latent_size: (h, w) of the latents.
+        init_latents: img2img source latents (B or 1, C, h, w); ``denoise_strength`` in (0, 1] is
+            the fraction of the schedule that is run (1 = start from pure noise).
+        mask: (1 or B, 1, h, w) in [0, 1] at latent size; 1 = regenerate, 0 = keep the source.
+            The kept region follows the source latents, noised to the current level, every step.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not 0.0 < denoise_strength <= 1.0:
+        raise ValueError(f"denoise strength must be in (0, 1], got {denoise_strength}")
+    if mask is not None and init_latents is None:
+        raise ValueError("a mask needs an init image (the source whose unmasked region is kept)")
+    batch, device, dtype = len(seeds), base.device, base.dtype
+    use_cfg = uncond is not None and guidance != 1.0
+    scheduler = make_scheduler(sampler, base.schedule)
+    scheduler.set_timesteps(steps, device=device)
+    first = steps - max(1, round(steps * denoise_strength)) if init_latents is not None else 0
+    timesteps = scheduler.timesteps[first * scheduler.order :]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(first * scheduler.order)
+    total = len(timesteps)
+
+    shape = (batch, base.unet.config.in_channels, *latent_size)
+    noise = initial_noise(shape, seeds, device, torch.float32)
+    generators = [torch.Generator().manual_seed(s + 1_000_003) for s in seeds]  # scheduler noise
+    step_kwargs = _step_kwargs(scheduler, eta, generators)
+    source = None
+    latents = noise * scheduler.init_noise_sigma
+    if init_latents is not None:
+        source = init_latents.to(device=device, dtype=torch.float32).expand(shape)
+        if first > 0:  # img2img: start part-way, from the source noised to that level
+            latents = scheduler.add_noise(source, noise, timesteps[:1])
+    if mask is not None:
+        mask = mask.to(device=device, dtype=torch.float32)
+
+    prepared = [PreparedControl.build(u, batch, device, dtype) for u in controls]
+    embeds = PromptEmbeddings.cat([uncond, cond]) if use_cfg else cond  # type: ignore[list-item]
+    calls = {i: 0 for i in range(len(prepared))}
+
+    start = time.perf_counter()
+    bar = tqdm(total=total, desc="denoising", unit="step", disable=not progress, leave=False)
+    for i, t in enumerate(timesteps):
+        active = []
+        for k, p in enumerate(prepared):
+            c = p.at(i, total, use_cfg)
+            if c is not None:
+                active.append(c)
+                calls[k] += 1
+        x = torch.cat([latents, latents]) if use_cfg else latents
+        x = scheduler.scale_model_input(x, t).to(dtype)
+        eps = controlled_unet_forward(
+            base.unet, x, t, embeds.context, active, cfg_batch=use_cfg, added_cond_kwargs=embeds.added
+        ).float()
+        if use_cfg:
+            eps_u, eps_c = eps.chunk(2)
+            eps = eps_u + guidance * (eps_c - eps_u)
+        latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
+        if mask is not None:
+            assert source is not None
+            kept = source if i == total - 1 else scheduler.add_noise(source, noise, timesteps[i + 1 : i + 2])
+            latents = mask * latents + (1 - mask) * kept
+        bar.update(1)
+        if callback is not None:
+            callback(i + 1, total)
+    bar.close()
+    return DenoiseResult(latents.to(dtype), total, time.perf_counter() - start, calls)
+
+
+def _step_kwargs(scheduler: SchedulerMixin, eta: float, generators: list[torch.Generator]) -> dict[str, Any]:
+    """Keyword arguments of this scheduler's ``step``: eta for DDIM, per-sample generators for the
+    schedulers that draw noise."""
+    accepted = inspect.signature(scheduler.step).parameters
+    kwargs: dict[str, Any] = {"eta": eta} if "eta" in accepted else {}
+    if "generator" in accepted:
+        kwargs["generator"] = generators
+    return kwargs
+
+
+def mask_to_latent(mask: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+    """Pixel mask (B, 1, H, W) in [0, 1] -> latent mask (B, 1, h, w): a latent cell is regenerated
+    when any pixel in it is masked, so the whole masked area is regenerated."""
+    return (F.adaptive_max_pool2d(mask.float(), latent_size) > 0.5).float()

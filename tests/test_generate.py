@@ -1,0 +1,204 @@
+"""The generation job: requests, prompt settings, masks, sidecar replay, bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from controlnet import Family
+from controlnet.generate import (
+    PAPER_DEFAULT_PROMPT,
+    ControlRequest,
+    GenerationRequest,
+    generate,
+    output_size,
+    resolve_prompt,
+)
+from controlnet.sidecar import read_sidecar, verify_inputs, write_outputs
+from tiny import make_base, make_controlnet
+
+
+@pytest.fixture(scope="module")
+def models():
+    base = make_base(Family.SD1)
+    return base, make_controlnet(base.unet, open_zero=True, seed=3)
+
+
+@pytest.fixture
+def files(tmp_path):
+    rng = np.random.default_rng(0)
+    cond = np.zeros((64, 64, 3), np.uint8)
+    cond[16:48, 16:48] = 255
+    init = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, :24] = 255  # regenerate the left part
+    paths = {}
+    for name, arr in {"cond": cond, "init": init, "mask": mask}.items():
+        paths[name] = str(tmp_path / f"{name}.png")
+        Image.fromarray(arr).save(paths[name])
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    paths["bad"] = str(bad)
+    return paths
+
+
+def request(files, **kw):
+    kw.setdefault("controls", [ControlRequest(files["cond"])])
+    kw = {"resolution": 64, "steps": 3, "seed": 11, **kw}
+    return GenerationRequest(prompt="a red circle", **kw)
+
+
+def test_same_seed_same_images_and_strength_zero_equals_no_control(models, files):
+    base, cn = models
+    a = generate(request(files, resolution=None), base, [cn], progress=False)
+    b = generate(request(files, resolution=None), base, [cn], progress=False)
+    assert all(np.array_equal(x, y) for x, y in zip(a.images, b.images))
+    zero = generate(
+        request(files, resolution=None, controls=[ControlRequest(files["cond"], strength=0.0)]),
+        base,
+        [cn],
+        progress=False,
+    )
+    none = generate(request(files, resolution=None, controls=[]), base, [], progress=False)
+    assert np.array_equal(zero.images[0], none.images[0])
+    assert not np.array_equal(a.images[0], none.images[0])
+    # no resolution given: the model's native size (tiny UNet: 16 latents * 8)
+    assert a.images[0].shape == (128, 128, 3) and a.conditions[0].shape == (128, 128, 3)
+
+
+def test_batches_use_consecutive_seeds(models, files):
+    base, cn = models
+    res = generate(request(files, num_samples=3), base, [cn], progress=False)
+    assert res.seeds == [11, 12, 13] and len(res.images) == 3
+    assert not np.array_equal(res.images[0], res.images[1])
+
+
+def test_prompt_settings(files):
+    r = request(files)
+    assert resolve_prompt(r) == "a red circle, best quality, extremely detailed"
+    assert resolve_prompt(request(files, prompt_setting="none")) == ""
+    assert resolve_prompt(request(files, prompt_setting="default", added_prompt="")) == PAPER_DEFAULT_PROMPT
+    auto = request(files, prompt_setting="auto", captioner="folder", added_prompt="")
+    assert resolve_prompt(auto, caption=lambda img: f"a {img.shape[1]}px picture") == "a 64px picture"
+    with pytest.raises(ValueError, match="needs a captioner folder"):
+        request(files, prompt_setting="auto").validate()
+
+
+def test_missing_captioner_weights_is_a_clear_error(tmp_path):
+    from controlnet.captioner import Captioner
+
+    with pytest.raises(FileNotFoundError, match="has no config.json: download a BLIP captioning model"):
+        Captioner(tmp_path)
+
+
+def test_masked_editing_keeps_the_unmasked_region(models, files):
+    base, cn = models
+    req = request(files, init_image=files["init"], mask=files["mask"], overlay=False)
+    res = generate(req, base, [cn], progress=False)
+    init = np.array(Image.open(files["init"]))
+    pixels = torch.from_numpy(init).permute(2, 0, 1)[None].float() / 127.5 - 1
+    source = base.encode_images(pixels, torch.Generator().manual_seed(11))
+    # the mask covers pixel columns 0..23 = latent columns 0..2; the rest follows the source exactly
+    assert torch.equal(res.latents[..., 3:], source[..., 3:])
+    assert not torch.allclose(res.latents[..., :3], source[..., :3])
+
+    # with the default paste-back, every kept pixel is the source's; the edit stays in the mask
+    pasted = generate(
+        request(files, init_image=files["init"], mask=files["mask"]), base, [cn], progress=False
+    )
+    assert np.array_equal(pasted.images[0][:, 24:], init[:, 24:])
+    assert not np.array_equal(pasted.images[0][:, :20], init[:, :20])
+    assert np.array_equal(pasted.images[0][:, :20], res.images[0][:, :20])  # inside: the generated pixels
+
+
+def test_img2img_with_low_denoise_stays_near_the_init(models, files):
+    base, cn = models
+    near = generate(
+        request(files, init_image=files["init"], denoise=0.2, steps=10), base, [cn], progress=False
+    )
+    far = generate(
+        request(files, init_image=files["init"], denoise=1.0, steps=10), base, [cn], progress=False
+    )
+    init = np.asarray(Image.open(files["init"])).astype(float)
+    assert np.abs(near.images[0] - init).mean() < np.abs(far.images[0] - init).mean()
+
+
+def test_sidecar_replay_is_bit_identical(models, files, tmp_path):
+    base, cn = models
+    req = request(files, num_samples=2)
+    req.seed = None  # drawn, then recorded
+    first = generate(req, base, [cn], progress=False)
+    sidecar = write_outputs(first, tmp_path / "out")
+    record = read_sidecar(sidecar)
+    assert record.request.seed == first.seeds[0]
+    assert {"controls[0].image"} <= set(record.inputs)
+    data = json.loads(sidecar.read_text())
+    assert data["prompt"] == first.prompt and len(data["outputs"]["images"]) == 2
+    verify_inputs(record)
+    again = generate(record.request, base, [cn], progress=False)
+    assert all(np.array_equal(x, y) for x, y in zip(first.images, again.images))
+    saved = np.asarray(Image.open(sidecar.parent / data["outputs"]["images"][1]["file"]))
+    assert np.array_equal(saved, again.images[1])
+    assert (sidecar.parent / data["outputs"]["grid"]).is_file()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(files["cond"])  # the input changes
+    with pytest.raises(ValueError, match=r"controls\[0\].image .* has changed"):
+        verify_inputs(read_sidecar(sidecar))
+
+
+def test_output_size_keeps_aspect_on_multiples_of_64():
+    assert output_size((480, 640), 512) == (512, 704)
+    assert output_size((512, 512), 512) == (512, 512)
+    assert output_size((100, 1000), 128) == (128, 1280)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"steps": 0}, "steps must be >= 1"),
+        ({"sampler": "plms"}, "unknown sampler 'plms'"),
+        ({"controls": "neg"}, "control 0: strength must be >= 0"),
+        ({"controls": "window"}, "control 0: start 0.9 is after end 0.1"),
+        ({"controls": "mode"}, "unknown control 0 mode 'loud'"),
+        ({"controls": "bad"}, r"notes.png: not a readable image"),
+        ({"controls": "missing"}, r"nothing.png: no such image file"),
+        ({"mask": "mask"}, "a mask needs an init image"),
+        ({"mask": "small"}, r"mask .* is 32x32 but the init image .* is 64x64"),
+        ({"denoise": 0.0}, r"denoise must be in \(0, 1\]"),
+    ],
+)
+def test_bad_requests_fail_before_model_work(models, files, tmp_path, change, message):
+    base, cn = models
+    kw = dict(change)
+    if kw.get("controls") == "neg":
+        kw["controls"] = [ControlRequest(files["cond"], strength=-1)]
+    elif kw.get("controls") == "window":
+        kw["controls"] = [ControlRequest(files["cond"], start=0.9, end=0.1)]
+    elif kw.get("controls") == "mode":
+        kw["controls"] = [ControlRequest(files["cond"], mode="loud")]
+    elif kw.get("controls") == "bad":
+        kw["controls"] = [ControlRequest(files["bad"])]
+    elif kw.get("controls") == "missing":
+        kw["controls"] = [ControlRequest(str(tmp_path / "nothing.png"))]
+    if kw.get("mask") == "small":
+        Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "small.png")
+        kw.update(mask=str(tmp_path / "small.png"), init_image=files["init"])
+    elif kw.get("mask") == "mask":
+        kw["mask"] = files["mask"]
+    calls = []
+    handle = base.unet.register_forward_hook(lambda *a: calls.append(1))
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        generate(request(files, **kw), base, [cn], progress=False)
+    handle.remove()
+    assert calls == []
+
+
+def test_controlnet_of_another_family_is_refused_before_model_work(models, files):
+    base, _ = models
+    sd2 = make_controlnet(make_base(Family.SD2).unet)
+    sd2.unet_config["cross_attention_dim"] = 1024  # as a real SD2 ControlNet would record
+    with pytest.raises(
+        ValueError, match=r"control 0's ControlNet was made for SD2.x .* but the base model is"
+    ):
+        generate(request(files), base, [sd2], progress=False)

@@ -1,0 +1,146 @@
+"""The denoising loop: seeds, windows, modes, several controls, img2img, masks, samplers."""
+
+import pytest
+import torch
+
+from controlnet import Family
+from controlnet.control import Control
+from controlnet.sampling import ControlUnit, Sampler, denoise
+from tiny import make_base, make_controlnet
+
+LAT = (8, 8)
+
+
+@pytest.fixture(scope="module")
+def world():
+    base = make_base(Family.SD1)
+    cns = [make_controlnet(base.unet, open_zero=True, seed=s) for s in (5, 6)]
+    cond = base.encode_prompt(["a red circle"])
+    uncond = base.encode_prompt([""])
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(1, 3, 64, 64, generator=g) for _ in cns]
+    return base, cns, cond, uncond, images
+
+
+def run(world, units=(), **kw):
+    base, _, cond, uncond, _ = world
+    kw.setdefault("steps", 6)
+    kw.setdefault("seeds", [7])
+    if len(kw["seeds"]) > 1:
+        cond, uncond = cond.repeat(len(kw["seeds"])), uncond.repeat(len(kw["seeds"]))
+    return denoise(base, cond, uncond, list(units), latent_size=LAT, progress=False, **kw)
+
+
+def unit(world, i=0, **kw):
+    return ControlUnit(world[1][i], world[4][i], **kw)
+
+
+def count_calls(cn):
+    calls = []
+    handle = cn.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    return calls, handle
+
+
+def test_same_seed_same_latents_and_seeds_differ(world):
+    a, b = run(world, [unit(world)]), run(world, [unit(world)])
+    assert torch.equal(a.latents, b.latents)
+    assert not torch.equal(a.latents, run(world, [unit(world)], seeds=[8]).latents)
+
+
+def test_strength_zero_equals_no_controlnet_and_never_runs_it(world):
+    calls, h = count_calls(world[1][0])
+    out = run(world, [unit(world, strength=0.0)])
+    h.remove()
+    assert calls == []
+    assert torch.equal(out.latents, run(world, []).latents)
+    assert not torch.equal(run(world, [unit(world)]).latents, out.latents)
+
+
+def test_window_runs_only_its_steps_and_equals_scale_zero_outside(world, monkeypatch):
+    calls, h = count_calls(world[1][0])
+    windowed = run(world, [unit(world, start=0.25, end=0.75)], steps=8)
+    assert len(calls) == 4 and windowed.control_calls == {0: 4}  # steps 2..5 of 8
+    # Force the ControlNet to run at every step, with all-zero scales outside the window.
+    from controlnet import sampling
+
+    original = sampling.PreparedControl.at
+
+    def always(self, step, total, cfg):
+        c = original(self, 2, total, cfg)  # a step inside the window: a full control
+        if self.unit.in_window(step, total):
+            return c
+        return Control(c.controlnet, c.hint, [0.0] * len(c.scales), c.conditional_only)
+
+    monkeypatch.setattr(sampling.PreparedControl, "at", always)
+    monkeypatch.setattr(Control, "active", property(lambda self: True))
+    calls.clear()
+    forced = run(world, [unit(world, start=0.25, end=0.75)], steps=8)
+    h.remove()
+    assert len(calls) == 8
+    assert torch.equal(forced.latents, windowed.latents)
+
+
+def test_guess_mode_runs_on_the_conditional_half_only(world):
+    calls, h = count_calls(world[1][0])
+    run(world, [unit(world, guess_mode=True)], seeds=[1, 2], steps=3)
+    run(world, [unit(world, mode="prompt")], seeds=[1, 2], steps=3)
+    h.remove()
+    assert calls == [2] * 3 + [4] * 3  # two samples: cond half = 2 rows, both halves = 4
+
+
+def test_shuffle_style_global_pool_runs_conditional_only(world):
+    base = world[0]
+    pooled = make_controlnet(base.unet, open_zero=True, global_pool=True)
+    calls, h = count_calls(pooled)
+    run(world, [ControlUnit(pooled, world[4][0])], seeds=[1, 2], steps=2)
+    h.remove()
+    assert calls == [2, 2]
+
+
+def test_two_units_add_up(world):
+    # The same ControlNet and image twice at strengths a and b == once at a + b.
+    two = run(world, [unit(world, strength=0.4), unit(world, strength=0.7)])
+    one = run(world, [unit(world, strength=1.1)])
+    torch.testing.assert_close(two.latents, one.latents, rtol=1e-4, atol=1e-5)
+    different = run(world, [unit(world, 0, strength=0.4), unit(world, 1, strength=0.7)])
+    assert not torch.allclose(different.latents, one.latents)
+
+
+def test_img2img_runs_part_of_the_schedule(world):
+    src = torch.randn(1, 4, *LAT)
+    out = run(world, steps=10, init_latents=src, denoise_strength=0.3)
+    assert out.steps_run == 3
+    # at low strength the result stays near the source; at full strength it does not
+    near = (out.latents - src).norm()
+    far = (run(world, steps=10, init_latents=src, denoise_strength=1.0).latents - src).norm()
+    assert near < far
+
+
+def test_mask_keeps_the_unmasked_latents(world):
+    src = torch.randn(1, 4, *LAT)
+    mask = torch.zeros(1, 1, *LAT)
+    mask[..., 2:6, 2:6] = 1
+    out = run(world, [unit(world)], init_latents=src, mask=mask).latents
+    keep = mask.expand_as(out) == 0
+    assert torch.equal(out[keep], src.expand_as(out)[keep])
+    assert not torch.allclose(out[~keep], src.expand_as(out)[~keep])
+
+
+@pytest.mark.parametrize("sampler", list(Sampler), ids=lambda s: s.value)
+def test_every_sampler_runs_and_reproduces(world, sampler):
+    kw = {"sampler": sampler, "eta": 0.5, "steps": 4}
+    a, b = run(world, [unit(world)], **kw), run(world, [unit(world)], **kw)
+    assert torch.isfinite(a.latents).all() and torch.equal(a.latents, b.latents)
+
+
+def test_bad_arguments(world):
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        run(world, steps=0)
+    with pytest.raises(ValueError, match="unknown sampler 'plms'"):
+        run(world, sampler="plms")
+    with pytest.raises(ValueError, match="strength must be >= 0"):
+        unit(world, strength=-1)
+    with pytest.raises(ValueError, match="start 0.8 is after its end 0.2"):
+        unit(world, start=0.8, end=0.2)
+    with pytest.raises(ValueError, match="a mask needs an init image"):
+        run(world, mask=torch.ones(1, 1, *LAT))
