@@ -89,7 +89,7 @@ def test_prompt_settings(files):
 def test_missing_captioner_weights_is_a_clear_error(tmp_path):
     from controlnet.captioner import Captioner
 
-    with pytest.raises(FileNotFoundError, match="has no config.json: download a BLIP captioning model"):
+    with pytest.raises(FileNotFoundError, match=r"has no config\.json: download a BLIP captioning model"):
         Captioner(tmp_path)
 
 

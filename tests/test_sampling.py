@@ -140,7 +140,7 @@ def test_bad_arguments(world):
         run(world, sampler="plms")
     with pytest.raises(ValueError, match="strength must be >= 0"):
         unit(world, strength=-1)
-    with pytest.raises(ValueError, match="start 0.8 is after its end 0.2"):
+    with pytest.raises(ValueError, match=r"start 0\.8 is after its end 0\.2"):
         unit(world, start=0.8, end=0.2)
     with pytest.raises(ValueError, match="a mask needs an init image"):
         run(world, mask=torch.ones(1, 1, *LAT))

@@ -99,7 +99,8 @@ _FAMILY_BY_CONTEXT = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
 
 def _describe(config: Mapping[str, Any]) -> str:
     dim = config.get("cross_attention_dim")
-    return f"{_FAMILY_BY_CONTEXT.get(dim, 'a custom model')} (context {dim}, blocks {config.get('block_out_channels')})"
+    family = _FAMILY_BY_CONTEXT.get(dim, "a custom model")
+    return f"{family} (context {dim}, blocks {config.get('block_out_channels')})"
 
 
 def check_compatible(controlnet: ControlNet, unet: UNet2DConditionModel, what: str = "ControlNet") -> None:
