@@ -1,0 +1,207 @@
+"""What a training run trains and the loss it takes (paper section 3.3).
+
+The training loop (:mod:`controlnet.train`) is the same for every objective: it feeds batches,
+steps the optimizer and keeps checkpoints. An objective is a module whose ``forward(batch, noise)``
+returns the loss, and which says which of its modules are trained and saved.
+
+Randomness is stateless: every draw of a micro-batch comes from a generator seeded by
+(seed, step, micro-step) over the GLOBAL batch, of which each process keeps its own rows. A
+resumed run therefore continues bit-identically, and N processes with batch B see exactly the
+noise one process with batch N*B would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from torch import nn
+
+from .control import ControlledUNet
+from .controlnet import ControlNet
+from .models import BaseModel, PromptEmbeddings
+
+__all__ = ["ControlNetObjective", "DiffusionInputs", "Objective", "StepNoise", "decoder_parameters"]
+
+
+class StepNoise:
+    """Random draws for one micro-batch, identical on every process.
+
+    Each draw is made for all ``global_batch`` rows from one generator and sliced to ``rows``.
+    Draws must be made in the same order everywhere (they are: the code path is the same).
+    """
+
+    def __init__(
+        self, seed: int, step: int, micro: int, global_batch: int, rows: slice, device: torch.device | str
+    ) -> None:
+        state = np.random.SeedSequence([seed, step + 1, micro]).generate_state(2, dtype=np.uint64)
+        self.generator = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+        self.global_batch = global_batch
+        self.rows = rows
+        self.device = torch.device(device)
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        x = torch.randn((self.global_batch, *shape), generator=self.generator)
+        return x[self.rows].to(self.device)
+
+    def rand(self) -> torch.Tensor:
+        return torch.rand(self.global_batch, generator=self.generator)[self.rows].to(self.device)
+
+    def randint(self, high: int) -> torch.Tensor:
+        return torch.randint(0, high, (self.global_batch,), generator=self.generator)[self.rows].to(
+            self.device
+        )
+
+
+class Objective(nn.Module):
+    """Base class: ``forward(batch, noise) -> loss``; subclasses say what is trained."""
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """Modules whose trainable parameters the checkpoint saves, by name."""
+        raise NotImplementedError
+
+    def param_groups(self, lr: float, decoder_lr: float) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def prepare(self, device: torch.device, weight_dtype: torch.dtype) -> None:
+        """Move to ``device``: frozen parts in ``weight_dtype`` (saves memory under mixed
+        precision), trained parts in float32 (the optimizer's master weights)."""
+        raise NotImplementedError
+
+    def enable_gradient_checkpointing(self) -> None:
+        for module in self.modules():
+            if module is not self and hasattr(module, "enable_gradient_checkpointing"):
+                module.enable_gradient_checkpointing()
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Trainable weights (and buffers of trained modules) keyed ``module.name``."""
+        out: dict[str, torch.Tensor] = {}
+        for mname, module in self.trainable_modules().items():
+            params = dict(module.named_parameters())
+            for n, t in module.state_dict().items():
+                if n not in params or params[n].requires_grad:  # trained weights, and buffers
+                    out[f"{mname}.{n}"] = t
+        return out
+
+    def load_trainable_state(self, sd: dict[str, torch.Tensor]) -> None:
+        expected = self.trainable_state()
+        missing, unexpected = expected.keys() - sd.keys(), sd.keys() - expected.keys()
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint does not match this run: missing {sorted(missing)[:8]}, "
+                f"unexpected {sorted(unexpected)[:8]}"
+            )
+        with torch.no_grad():
+            for k, v in sd.items():
+                if expected[k].shape != v.shape:
+                    raise ValueError(
+                        f"checkpoint tensor {k} has shape {tuple(v.shape)}, "
+                        f"expected {tuple(expected[k].shape)}"
+                    )
+                expected[k].copy_(v)
+
+
+class DiffusionInputs:
+    """Turns a batch into (noisy latents, timesteps, prompt embeddings, regression target)."""
+
+    def __init__(self, base: BaseModel, empty_prompt_prob: float) -> None:
+        if not 0.0 <= empty_prompt_prob <= 1.0:
+            raise ValueError(f"empty-prompt probability must be in [0, 1], got {empty_prompt_prob}")
+        self.base = base
+        self.empty_prompt_prob = empty_prompt_prob
+        self.scheduler = DDPMScheduler(**{k: v for k, v in base.schedule.items()})
+
+    def latents(self, batch: dict[str, Any], noise: StepNoise) -> torch.Tensor:
+        """Scaled latents sampled from the VAE posterior (or from cached posterior moments)."""
+        if "latent_mean" in batch:
+            mean, std = batch["latent_mean"].float(), batch["latent_std"].float()
+        else:
+            with torch.no_grad():
+                dist = self.base.vae.encode(batch["target"].to(self.base.vae.dtype)).latent_dist
+            mean, std = dist.mean.float(), dist.std.float()
+        return (mean + std * noise.randn(*mean.shape[1:])) * self.base.latent_scale
+
+    def prompts(self, prompts: Sequence[str], noise: StepNoise) -> list[str]:
+        """Replace each prompt by "" with the empty-prompt probability (paper: 50%)."""
+        drop = noise.rand() < self.empty_prompt_prob
+        return ["" if d else p for p, d in zip(prompts, drop.tolist())]
+
+    def embeddings(self, batch: dict[str, Any], prompts: list[str]) -> PromptEmbeddings:
+        if "context" in batch:  # cached: the dataset carries the prompt's and the empty prompt's embeddings
+            keep = torch.tensor([p != "" for p in prompts], device=batch["context"].device)
+            ctx = torch.where(keep[:, None, None], batch["context"], batch["empty_context"])
+            return PromptEmbeddings(ctx.to(self.base.dtype), batch.get("added"))
+        return self.base.encode_prompt(prompts)
+
+    def __call__(self, batch: dict[str, Any], noise: StepNoise):
+        latents = self.latents(batch, noise)
+        eps = noise.randn(*latents.shape[1:])
+        t = noise.randint(self.scheduler.config.num_train_timesteps)
+        emb = self.embeddings(batch, self.prompts(batch["prompt"], noise))
+        noisy = self.scheduler.add_noise(latents, eps, t)
+        if self.scheduler.config.prediction_type == "v_prediction":
+            target = self.scheduler.get_velocity(latents, eps, t)
+        else:
+            target = eps
+        return noisy, t, emb, target
+
+
+def decoder_parameters(unet: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The UNet decoder (up blocks and output layers): what ``sd_locked=False`` also trains."""
+    prefixes = ("up_blocks.", "conv_norm_out.", "conv_out.")
+    return [(n, p) for n, p in unet.named_parameters() if n.startswith(prefixes)]
+
+
+class ControlNetObjective(Objective):
+    """The paper's loss, E||eps - eps_theta(z_t, t, c_text, c_image)||^2, training the ControlNet
+    (and, with ``sd_locked=False``, the UNet decoder too)."""
+
+    def __init__(
+        self,
+        base: BaseModel,
+        controlnet: ControlNet,
+        *,
+        only_mid_control: bool = False,
+        sd_locked: bool = True,
+        empty_prompt_prob: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.model = ControlledUNet(base.unet, controlnet, only_mid_control=only_mid_control)
+        self.sd_locked = sd_locked
+        if not sd_locked:
+            for _, p in decoder_parameters(base.unet):
+                p.requires_grad_(True)
+        self.inputs = DiffusionInputs(base, empty_prompt_prob)
+
+    @property
+    def controlnet(self) -> ControlNet:
+        return self.model.controlnet
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        mods: dict[str, nn.Module] = {"controlnet": self.model.controlnet}
+        if not self.sd_locked:
+            mods["unet"] = self.model.unet
+        return mods
+
+    def param_groups(self, lr: float, decoder_lr: float) -> list[dict[str, Any]]:
+        groups: list[dict[str, Any]] = [{"params": list(self.model.controlnet.parameters()), "lr": lr}]
+        if not self.sd_locked:
+            groups.append({"params": [p for _, p in decoder_parameters(self.model.unet)], "lr": decoder_lr})
+        return groups
+
+    def prepare(self, device: torch.device, weight_dtype: torch.dtype) -> None:
+        base = self.inputs.base
+        base.to(device, weight_dtype)
+        if not self.sd_locked:  # the decoder trains: its master weights stay float32
+            base.unet.to(device, torch.float32)
+        self.model.controlnet.to(device, torch.float32)
+
+    def forward(self, batch: dict[str, Any], noise: StepNoise) -> torch.Tensor:
+        noisy, t, emb, target = self.inputs(batch, noise)
+        cond = batch["cond"].to(noisy.device)
+        pred = self.model(noisy.to(self.model.unet.dtype), t, emb.context, cond, added_cond_kwargs=emb.added)
+        return F.mse_loss(pred.float(), target.float())

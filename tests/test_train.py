@@ -1,0 +1,183 @@
+"""The training loop: learning, locked weights, exact resume, DDP equivalence, checkpoints."""
+
+import csv
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from circles import Circles
+from controlnet.objectives import ControlNetObjective, StepNoise, decoder_parameters
+from controlnet.train import TrainConfig, train
+from controlnet.train_state import latest_checkpoint, load_checkpoint
+from tiny import make_base, make_controlnet
+
+HERE = Path(__file__).parent
+
+
+def setup(**kw):
+    torch.manual_seed(0)
+    base = make_base()
+    return base, ControlNetObjective(base, make_controlnet(base.unet), **kw)
+
+
+def config(tmp_path, name="run", **kw):
+    kw = {
+        "steps": 4,
+        "batch_size": 4,
+        "lr": 1e-3,
+        "cpu": True,
+        "progress": False,
+        "log_every": 1,
+        "checkpoint_every": 100,
+        **kw,
+    }
+    return TrainConfig(out=str(tmp_path / name), **kw)
+
+
+def digest(module):
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode() + v.cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def fixed_loss(objective, data):
+    batch = {
+        k: (torch.stack([data[i][k] for i in range(8)]) if k != "prompt" else [data[i][k] for i in range(8)])
+        for k in ("target", "cond", "prompt")
+    }
+    with torch.no_grad():
+        return sum(objective(batch, StepNoise(99, s, 0, 8, slice(0, 8), "cpu")).item() for s in range(8)) / 8
+
+
+def loss_rows(run_dir):
+    with open(Path(run_dir) / "metrics.csv") as f:
+        return [(r["step"], r["value"]) for r in csv.DictReader(f) if r["name"] == "loss"]
+
+
+def test_loss_falls_and_locked_weights_never_change(tmp_path):
+    base, obj = setup(empty_prompt_prob=0.0)
+    data = Circles(64)
+    before = fixed_loss(obj, data)
+    locked = {n: digest(m) for n, m in base.modules().items()}
+    train(config(tmp_path, steps=40, lr=2e-3), obj, data)
+    assert fixed_loss(obj, data) < 0.9 * before
+    assert {n: digest(m) for n, m in base.modules().items()} == locked
+    assert any(z.weight.abs().sum() > 0 for z in obj.controlnet.zero_convs())
+    assert (tmp_path / "run" / "loss.png").is_file()
+
+
+def test_unlocked_decoder_trains_and_encoder_stays(tmp_path):
+    base, obj = setup(sd_locked=False)
+    enc = {
+        n: p.clone() for n, p in base.unet.named_parameters() if n.startswith(("down_blocks", "mid_block"))
+    }
+    dec = {n: p.clone() for n, p in decoder_parameters(base.unet)}
+    train(config(tmp_path, steps=2, decoder_lr=1e-3), obj, Circles(8))
+    params = dict(base.unet.named_parameters())
+    assert all(torch.equal(params[n], v) for n, v in enc.items())
+    assert any(not torch.equal(params[n], v) for n, v in dec.items())
+    assert any(k.startswith("unet.up_blocks") for k in obj.trainable_state())
+
+
+def test_resume_continues_bit_identically(tmp_path):
+    _, full = setup()
+    train(config(tmp_path, "full", steps=6, checkpoint_every=3, ema_decay=0.9), full, Circles(16))
+    _, part = setup()
+    train(config(tmp_path, "part", steps=3, checkpoint_every=3, ema_decay=0.9), part, Circles(16))
+    _, resumed = setup()
+    train(
+        config(tmp_path, "part", steps=6, checkpoint_every=3, ema_decay=0.9, resume=True),
+        resumed,
+        Circles(16),
+    )
+    a, b = full.trainable_state(), resumed.trainable_state()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert loss_rows(tmp_path / "full") == loss_rows(tmp_path / "part")
+    ca, cb = (
+        load_checkpoint(tmp_path / "full" / "checkpoint-00000006"),
+        load_checkpoint(latest_checkpoint(tmp_path / "part")),
+    )
+    assert all(torch.equal(ca.ema[k], cb.ema[k]) for k in ca.ema)
+    for k, v in ca.optimizer_state["state"].items():
+        assert all(torch.equal(v[f], cb.optimizer_state["state"][k][f]) for f in v if torch.is_tensor(v[f]))
+
+
+def test_two_process_ddp_equals_one_process(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29517"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        str(HERE / "ddp_train_script.py"),
+        str(tmp_path / "ddp"),
+        "2",
+    ]
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
+    r0, r1 = (
+        load_file(tmp_path / "ddp" / "rank0.safetensors"),
+        load_file(tmp_path / "ddp" / "rank1.safetensors"),
+    )
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)  # replicas identical
+    _, single = setup(empty_prompt_prob=0.5)
+    train(config(tmp_path, "single", steps=3, batch_size=4), single, Circles(16))
+    s = single.trainable_state()
+    init = {f"controlnet.{k}": v for k, v in make_controlnet(make_base().unet).state_dict().items()}
+    for k in r0:
+        # Adam normalises each element's step, so compare against how far training moved the tensor
+        moved = (s[k] - init[k]).norm()
+        assert (r0[k] - s[k]).norm() <= 1e-3 * moved + 1e-9, k
+    assert sum((s[k] - init[k]).norm() for k in s) > 0  # trained weights, not two copies of the init
+
+
+def test_a_failed_checkpoint_write_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+    _, obj = setup()
+    run = tmp_path / "run"
+    train(config(tmp_path, steps=2, checkpoint_every=2), obj, Circles(8))
+    assert latest_checkpoint(run).name == "checkpoint-00000002"
+    import controlnet.train_state as ts
+
+    real = ts.save_file
+
+    def dying(tensors, path):
+        if path.endswith("optimizer.safetensors"):
+            raise OSError("disk full")
+        return real(tensors, path)
+
+    monkeypatch.setattr(ts, "save_file", dying)
+    with pytest.raises(OSError, match="disk full"):
+        train(config(tmp_path, steps=4, checkpoint_every=2, resume=True), obj, Circles(8))
+    assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == ["checkpoint-00000002"]
+    assert latest_checkpoint(run).name == "checkpoint-00000002"
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"steps": None}, "exactly one of steps and epochs"),
+        ({"steps": 0}, "steps must be >= 1"),
+        ({"mixed_precision": "fp8"}, "mixed_precision must be"),
+        ({"batch_size": 32}, "the training set has 8 items, fewer than one optimizer step's 32"),
+        ({"lr": 0.0}, "learning rates must be > 0"),
+    ],
+)
+def test_bad_configs(tmp_path, kw, message):
+    _, obj = setup()
+    with pytest.raises(ValueError, match=message):
+        train(config(tmp_path, **kw), obj, Circles(8))
+
+
+def test_bad_empty_prompt_probability():
+    base = make_base()
+    with pytest.raises(ValueError, match=r"empty-prompt probability must be in \[0, 1\]"):
+        ControlNetObjective(base, make_controlnet(base.unet), empty_prompt_prob=1.5)
