@@ -48,9 +48,11 @@ def digest(module):
 
 
 def fixed_loss(objective, data):
+    items = [data[i] for i in range(8)]
     batch = {
-        k: (torch.stack([data[i][k] for i in range(8)]) if k != "prompt" else [data[i][k] for i in range(8)])
-        for k in ("target", "cond", "prompt")
+        k: [it[k] for it in items] if k == "prompt" else torch.stack([it[k] for it in items])
+        for k in items[0]
+        if k != "index"
     }
     with torch.no_grad():
         return sum(objective(batch, StepNoise(99, s, 0, 8, slice(0, 8), "cpu")).item() for s in range(8)) / 8
@@ -63,10 +65,10 @@ def loss_rows(run_dir):
 
 def test_loss_falls_and_locked_weights_never_change(tmp_path):
     base, obj = setup(empty_prompt_prob=0.0)
-    data = Circles(64)
+    data = Circles(64, latents=True)  # posterior moments given, as with a latent cache
     before = fixed_loss(obj, data)
     locked = {n: digest(m) for n, m in base.modules().items()}
-    train(config(tmp_path, steps=40, lr=2e-3), obj, data)
+    train(config(tmp_path, steps=30, lr=2e-3), obj, data)
     assert fixed_loss(obj, data) < 0.9 * before
     assert {n: digest(m) for n, m in base.modules().items()} == locked
     assert any(z.weight.abs().sum() > 0 for z in obj.controlnet.zero_convs())
@@ -131,13 +133,22 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     assert all(torch.equal(r0[k], r1[k]) for k in r0)  # replicas identical
     _, single = setup(empty_prompt_prob=0.5)
     train(config(tmp_path, "single", steps=3, batch_size=4), single, Circles(16))
+    # the same data and noise: every step's global loss matches
+    ddp_losses, one_losses = loss_rows(tmp_path / "ddp"), loss_rows(tmp_path / "single")
+    assert [r[0] for r in ddp_losses] == [r[0] for r in one_losses] == ["1", "2", "3"]
+    for (_, a), (_, b) in zip(ddp_losses, one_losses):
+        assert abs(float(a) - float(b)) <= 1e-4 * abs(float(b))
+    # the same weights, up to summation order. Adam turns float noise on near-zero gradients (all
+    # of the copy at first) into visible relative changes, so measure against how far training
+    # moved each tensor: a sharding or sync bug would differ by about the movement itself.
     s = single.trainable_state()
     init = {f"controlnet.{k}": v for k, v in make_controlnet(make_base().unet).state_dict().items()}
+    diff = moved = 0.0
     for k in r0:
-        # Adam normalises each element's step, so compare against how far training moved the tensor
-        moved = (s[k] - init[k]).norm()
-        assert (r0[k] - s[k]).norm() <= 1e-3 * moved + 1e-9, k
-    assert sum((s[k] - init[k]).norm() for k in s) > 0  # trained weights, not two copies of the init
+        d, m = (r0[k] - s[k]).norm().item(), (s[k] - init[k]).norm().item()
+        assert d <= 0.02 * m + 1e-9, (k, d, m)
+        diff, moved = diff + d, moved + m
+    assert moved > 0 and diff <= 1e-3 * moved
 
 
 def test_a_failed_checkpoint_write_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
