@@ -192,3 +192,23 @@ def test_bad_empty_prompt_probability():
     base = make_base()
     with pytest.raises(ValueError, match=r"empty-prompt probability must be in \[0, 1\]"):
         ControlNetObjective(base, make_controlnet(base.unet), empty_prompt_prob=1.5)
+
+
+def test_base_model_stages_train_their_parts_only(tmp_path):
+    from controlnet.objectives import BaseObjective, VaeObjective
+
+    base = make_base()
+    frozen = {"unet": digest(base.unet), "text_encoder": digest(base.text_encoder)}
+    vae_before = digest(base.vae)
+    data = Circles(16)
+    obj = VaeObjective(base)
+    before = fixed_loss(obj, data)
+    train(config(tmp_path, "vae", steps=6, lr=3e-3), obj, data)
+    assert digest(base.vae) != vae_before and fixed_loss(obj, data) < before
+    assert {"unet": digest(base.unet), "text_encoder": digest(base.text_encoder)} == frozen
+
+    vae_after = digest(base.vae)
+    obj = BaseObjective(base)
+    train(config(tmp_path, "base", steps=2, lr=1e-3), obj, data)
+    assert digest(base.vae) == vae_after
+    assert digest(base.unet) != frozen["unet"] and digest(base.text_encoder) != frozen["text_encoder"]

@@ -122,6 +122,12 @@ class BaseModel:
         return {name: sum(p.numel() for p in m.parameters()) for name, m in self.modules().items()}
 
     # ------------------------------------------------------------------ text
+    def tokenize(self, prompts: Sequence[str], *, second: bool = False) -> torch.Tensor:
+        """Token ids (B, 77) of the (first, or SDXL's second) text encoder, on the model's device."""
+        tokenizer = self.tokenizer_2 if second else self.tokenizer
+        assert tokenizer is not None
+        return self._tokens(tokenizer, prompts)
+
     def _tokens(self, tokenizer: CLIPTokenizer, prompts: Sequence[str]) -> torch.Tensor:
         ids = tokenizer(
             list(prompts), padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"

@@ -25,7 +25,15 @@ from .control import ControlledUNet
 from .controlnet import ControlNet
 from .models import BaseModel, PromptEmbeddings
 
-__all__ = ["ControlNetObjective", "DiffusionInputs", "Objective", "StepNoise", "decoder_parameters"]
+__all__ = [
+    "BaseObjective",
+    "ControlNetObjective",
+    "DiffusionInputs",
+    "Objective",
+    "StepNoise",
+    "VaeObjective",
+    "decoder_parameters",
+]
 
 
 class StepNoise:
@@ -137,16 +145,23 @@ class DiffusionInputs:
             return PromptEmbeddings(ctx.to(self.base.dtype), batch.get("added"))
         return self.base.encode_prompt(prompts)
 
-    def __call__(self, batch: dict[str, Any], noise: StepNoise):
-        latents = self.latents(batch, noise)
+    def noised(
+        self, latents: torch.Tensor, noise: StepNoise
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(noisy latents, timesteps, regression target: the noise, or v for v-prediction)."""
         eps = noise.randn(*latents.shape[1:])
         t = noise.randint(self.scheduler.config.num_train_timesteps)
-        emb = self.embeddings(batch, self.prompts(batch["prompt"], noise))
         noisy = self.scheduler.add_noise(latents, eps, t)
         if self.scheduler.config.prediction_type == "v_prediction":
-            target = self.scheduler.get_velocity(latents, eps, t)
-        else:
-            target = eps
+            return noisy, t, self.scheduler.get_velocity(latents, eps, t)
+        return noisy, t, eps
+
+    def __call__(
+        self, batch: dict[str, Any], noise: StepNoise
+    ) -> tuple[torch.Tensor, torch.Tensor, PromptEmbeddings, torch.Tensor]:
+        latents = self.latents(batch, noise)
+        noisy, t, target = self.noised(latents, noise)
+        emb = self.embeddings(batch, self.prompts(batch["prompt"], noise))
         return noisy, t, emb, target
 
 
@@ -205,3 +220,64 @@ class ControlNetObjective(Objective):
         cond = batch["cond"].to(noisy.device)
         pred = self.model(noisy.to(self.model.unet.dtype), t, emb.context, cond, added_cond_kwargs=emb.added)
         return F.mse_loss(pred.float(), target.float())
+
+
+class VaeObjective(Objective):
+    """Stage 1 of a base model: the autoencoder. L1 + L2 reconstruction of the image through a
+    posterior sample, plus a small KL term that keeps the latent space regular (as SD's VAE)."""
+
+    def __init__(self, base: BaseModel, *, kl_weight: float = 1e-4) -> None:
+        super().__init__()
+        self.vae = base.vae.requires_grad_(True).train()
+        self.base = base
+        self.kl_weight = kl_weight
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {"vae": self.vae}
+
+    def param_groups(self, lr: float, decoder_lr: float) -> list[dict[str, Any]]:
+        return [{"params": list(self.vae.parameters()), "lr": lr}]
+
+    def prepare(self, device: torch.device, weight_dtype: torch.dtype) -> None:
+        self.vae.to(device, torch.float32)
+
+    def forward(self, batch: dict[str, Any], noise: StepNoise) -> torch.Tensor:
+        x = batch["target"].float()
+        post = self.vae.encode(x).latent_dist
+        z = post.mean + post.std * noise.randn(*post.mean.shape[1:])
+        rec = self.vae.decode(z).sample
+        kl = post.kl().sum() / x.numel()
+        return F.l1_loss(rec, x) + F.mse_loss(rec, x) + self.kl_weight * kl
+
+
+class BaseObjective(Objective):
+    """Stage 2 of a base model: text-to-image diffusion, training the UNet and the text encoder
+    together (the VAE stays frozen). Prompts are dropped to "" with ``empty_prompt_prob`` so the
+    model also learns the unconditional prediction classifier-free guidance needs."""
+
+    def __init__(self, base: BaseModel, *, empty_prompt_prob: float = 0.1) -> None:
+        super().__init__()
+        if base.text_encoder_2 is not None:
+            raise ValueError("training a two-encoder (SDXL) base from scratch is not supported")
+        self.unet = base.unet.requires_grad_(True).train()
+        self.text_encoder = base.text_encoder.requires_grad_(True).train()
+        self.inputs = DiffusionInputs(base, empty_prompt_prob)
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {"unet": self.unet, "text_encoder": self.text_encoder}
+
+    def param_groups(self, lr: float, decoder_lr: float) -> list[dict[str, Any]]:
+        return [{"params": [*self.unet.parameters(), *self.text_encoder.parameters()], "lr": lr}]
+
+    def prepare(self, device: torch.device, weight_dtype: torch.dtype) -> None:
+        base = self.inputs.base
+        base.vae.to(device, weight_dtype)
+        self.unet.to(device, torch.float32)
+        self.text_encoder.to(device, torch.float32)
+
+    def forward(self, batch: dict[str, Any], noise: StepNoise) -> torch.Tensor:
+        latents = self.inputs.latents(batch, noise)
+        noisy, t, target = self.inputs.noised(latents, noise)
+        ids = self.inputs.base.tokenize(self.inputs.prompts(batch["prompt"], noise))
+        context = self.text_encoder(ids).last_hidden_state  # with gradients, unlike encode_prompt
+        return F.mse_loss(self.unet(noisy, t, context).sample.float(), target.float())
