@@ -168,7 +168,7 @@ def draw_pose(
 
 
 def _points(flat: Any, n: int | None, width: int, height: int, key: str) -> np.ndarray | None:
-    if not flat:
+    if flat is None or len(flat) == 0:
         return None
     arr = np.asarray(flat, np.float64)
     if arr.ndim != 1 or arr.size % 3 or (n is not None and arr.size != 3 * n):
