@@ -50,10 +50,12 @@ def find_weights(value: str, *, what: str, get: str, folder: bool = False) -> Pa
     for c in candidates:
         if (c.is_dir() if folder else c.is_file()) and (not folder or (c / "config.json").is_file()):
             return c
+    target = path if path.is_absolute() else annotator_dir() / path
     kind = "folder (config.json + weights)" if folder else "file"
     raise FileNotFoundError(
-        f"{what} weights not found: {value!r}. Get {get} and put the {kind} in {annotator_dir()} "
-        f"(or set ${ENV_DIR}), or pass its path with weights=PATH. Nothing is downloaded."
+        f"{what} weights not found at {target}. Get {get} and save the {kind} there "
+        f"(the annotator folder is ${ENV_DIR} when set), or give its path with weights=PATH "
+        f"(CLI: --param weights=PATH). Nothing is downloaded."
     )
 
 
