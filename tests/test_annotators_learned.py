@@ -174,6 +174,17 @@ def tiny_depth_anything(path):
     return save_folder(DepthAnythingForDepthEstimation(cfg), path, prep)
 
 
+def test_incomplete_transformers_weights_are_refused(tmp_path):
+    from safetensors.torch import load_file
+
+    folder = tiny_dpt(tmp_path / "dpt")
+    weights = load_file(str(folder / "model.safetensors"))
+    del weights["head.head.0.weight"]
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"incomplete weights in dpt: 1 tensors .*head\.head\.0\.weight"):
+        A.annotate("depth_midas", photo(), weights=str(folder))
+
+
 def test_depth_estimators_from_local_folders(annotator_dir, tmp_path):
     tiny_dpt(annotator_dir / "dpt-hybrid-midas")  # the default folder name
     out = A.annotate("depth_midas", photo())

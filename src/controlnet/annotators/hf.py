@@ -3,7 +3,8 @@ folders only.
 
 A folder is what ``save_pretrained`` writes or a Hub snapshot: ``config.json``, the weights
 (``model.safetensors``) and optionally ``preprocessor_config.json``. It is loaded with
-``local_files_only=True``: nothing downloads. The image is prepared here from the folder's
+``local_files_only=True``: nothing downloads; a tensor missing from the weights is an error (not
+a silent random initialisation). The image is prepared here from the folder's
 preprocessor settings (size, aspect rule, multiple, mean and std), with per-architecture defaults
 when the file is absent, so no image-processor class is needed.
 """
@@ -38,10 +39,18 @@ def _load(path: str, mtime: float, task: str) -> tuple[nn.Module, dict[str, Any]
     import transformers
 
     auto = getattr(transformers, TASKS[task])
+    name = Path(path).name
     try:
-        model = auto.from_pretrained(path, local_files_only=True)
+        model, info = auto.from_pretrained(path, local_files_only=True, output_loading_info=True)
     except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"cannot load a transformers {task} model from {Path(path).name}: {e}") from None
+        raise ValueError(f"cannot load a transformers {task} model from {name}: {e}") from None
+    # transformers fills missing tensors with random values and only warns: refuse that here
+    bad = sorted(info.get("missing_keys", ())) + sorted(str(k) for k in info.get("mismatched_keys", ()))
+    if bad:
+        raise ValueError(
+            f"incomplete weights in {name}: {len(bad)} tensors missing or of the wrong shape "
+            f"(e.g. {', '.join(bad[:3])})"
+        )
     prep_file = Path(path) / "preprocessor_config.json"
     prep = json.loads(prep_file.read_text()) if prep_file.is_file() else {}
     return model.float().eval().to(default_device()), prep

@@ -93,12 +93,14 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) ->
 
 
 def cached(loader: Callable[[str, float], T]) -> Callable[[Path], T]:
-    """Memoise a loader by (path, modification time), so a web app loads each model once."""
+    """Memoise a loader by (path, modification time), so a web app loads each model once; a
+    replaced file (or a file replaced inside a model folder) is loaded afresh."""
     memo = lru_cache(maxsize=4)(loader)
 
     def load(path: Path) -> T:
         path = path.resolve()
-        return memo(str(path), path.stat().st_mtime)
+        files = [path, *path.iterdir()] if path.is_dir() else [path]
+        return memo(str(path), max(f.stat().st_mtime for f in files))
 
     load.cache_clear = memo.cache_clear  # type: ignore[attr-defined]
     return load
