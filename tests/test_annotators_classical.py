@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import controlnet.annotators as A
-from controlnet.annotators.lines import detect_segments
+from controlnet.annotators.lines import detect_segments, merge_segments
 from controlnet.annotators.softedge import safe_step
 
 
@@ -55,6 +55,19 @@ def test_square_gives_four_segments_on_its_sides():
     m = A.annotate("lines", square())
     assert set(np.unique(m)) == {0, 255}  # 1 px white lines on black
     assert m[60, 28:33, 0].max() == 255 and m[60, 60, 0] == 0
+
+
+def test_lines_merge_is_stable_on_a_busy_image():
+    rng = np.random.default_rng(0)
+    img = np.full((256, 320, 3), 128, np.uint8)
+    for _ in range(60):
+        x1, x2 = rng.integers(0, 320, 2)
+        y1, y2 = rng.integers(0, 256, 2)
+        cv2.line(img, (int(x1), int(y1)), (int(x2), int(y2)), (255, 255, 255), int(rng.integers(1, 4)))
+    raw = detect_segments(img, merge=False)
+    merged = merge_segments(raw)
+    assert 0 < len(merged) < len(raw)
+    assert len(merge_segments(merged)) == len(merged)  # nothing left to merge
 
 
 def test_soft_edges_and_safe_quantisation():

@@ -41,54 +41,61 @@ def detect_segments(
     return merge_segments(segs, max_gap=max(max_gap, 2)) if merge else segs
 
 
-def _same_line(a: np.ndarray, b: np.ndarray, angle_tol: float, dist_tol: float, max_gap: float) -> bool:
-    da, db = a[2:] - a[:2], b[2:] - b[:2]
-    la, lb = float(np.hypot(*da)), float(np.hypot(*db))
-    if la == 0 or lb == 0:
-        return True
-    ua = da / la
-    cos = abs(float(ua @ db)) / lb
-    if cos < math.cos(math.radians(angle_tol)):
-        return False
-    normal = np.array([-ua[1], ua[0]])
-    if max(abs(float(normal @ (b[:2] - a[:2]))), abs(float(normal @ (b[2:] - a[:2])))) > dist_tol:
-        return False
-    tb = sorted((float(ua @ (b[:2] - a[:2])), float(ua @ (b[2:] - a[:2]))))
-    return tb[0] <= la + max_gap and tb[1] >= -max_gap  # overlapping or close along the line
+def _compatible(
+    lines: np.ndarray, seg: np.ndarray, angle_tol: float, dist_tol: float, max_gap: float
+) -> np.ndarray:
+    """For each row of ``lines`` (M, 4): does ``seg`` lie on it? (near-parallel, close across the
+    line, and overlapping or within ``max_gap`` along it). Measured in each line's own frame."""
+    start, d = lines[:, :2], lines[:, 2:] - lines[:, :2]
+    length = np.maximum(np.hypot(d[:, 0], d[:, 1]), 1e-9)
+    u = d / length[:, None]
+    normal = np.stack([-u[:, 1], u[:, 0]], 1)
+    sd = seg[2:] - seg[:2]
+    slen = max(float(np.hypot(*sd)), 1e-9)
+    parallel = np.abs(u @ sd) / slen >= math.cos(math.radians(angle_tol))
+    rel = np.stack([seg[:2] - start, seg[2:] - start], 1)  # (M, 2 ends, 2)
+    across = np.abs(np.einsum("mej,mj->me", rel, normal)).max(1) <= dist_tol
+    along = np.einsum("mej,mj->me", rel, u)
+    overlap = (along.min(1) <= length + max_gap) & (along.max(1) >= -max_gap)
+    return parallel & across & overlap
 
 
 def _join(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """One segment spanning both, along the longer one's direction."""
-    if np.hypot(*(b[2:] - b[:2])) > np.hypot(*(a[2:] - a[:2])):
-        a, b = b, a
+    """One segment spanning both, along ``a``'s direction, placed at their mean offset across it."""
     d = a[2:] - a[:2]
     u = d / max(float(np.hypot(*d)), 1e-9)
-    pts = np.stack([a[:2], a[2:], b[:2], b[2:]])
-    t = (pts - a[:2]) @ u
-    offset = float(np.mean((pts - a[:2]) @ np.array([-u[1], u[0]])))
-    base = a[:2] + offset * np.array([-u[1], u[0]])
-    return np.concatenate([base + t.min() * u, base + t.max() * u]).astype(np.float32)
+    n = np.array([-u[1], u[0]])
+    pts = np.stack([a[:2], a[2:], b[:2], b[2:]]) - a[:2]
+    t = pts @ u
+    base = a[:2] + float(np.mean(pts @ n)) * n
+    return np.concatenate([base + t.min() * u, base + t.max() * u])
 
 
 def merge_segments(
     segments: np.ndarray, *, angle_tol: float = 3.0, dist_tol: float = 3.0, max_gap: float = 5.0
 ) -> np.ndarray:
     """Merge segments that lie on one line (angles within ``angle_tol`` degrees, within ``dist_tol``
-    pixels of each other across the line, overlapping or ``max_gap`` apart along it)."""
-    segs = [s.astype(np.float64) for s in segments]
-    merged = True
-    while merged:
-        merged = False
-        for i in range(len(segs)):
-            for j in range(i + 1, len(segs)):
-                if _same_line(segs[i], segs[j], angle_tol, dist_tol, max_gap):
-                    segs[i] = _join(segs[i], segs[j])
-                    del segs[j]
-                    merged = True
-                    break
-            if merged:
-                break
-    return np.array(segs, np.float32).reshape(-1, 4)
+    pixels of each other across the line, overlapping or ``max_gap`` apart along it).
+
+    Greedy, longest first: each segment joins the first merged line it lies on, or starts a new
+    one; passes repeat until nothing merges.
+    """
+    segs = np.asarray(segments, np.float64).reshape(-1, 4)
+    while len(segs) > 1:
+        order = np.argsort(-np.hypot(segs[:, 2] - segs[:, 0], segs[:, 3] - segs[:, 1]), kind="stable")
+        out = np.empty_like(segs)
+        n = 0
+        for seg in segs[order]:
+            hit = np.flatnonzero(_compatible(out[:n], seg, angle_tol, dist_tol, max_gap)) if n else []
+            if len(hit):
+                out[hit[0]] = _join(out[hit[0]], seg)
+            else:
+                out[n] = seg
+                n += 1
+        if n == len(segs):
+            break
+        segs = out[:n]
+    return segs.astype(np.float32)
 
 
 def draw_segments(segments: np.ndarray, height: int, width: int) -> np.ndarray:
