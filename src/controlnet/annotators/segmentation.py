@@ -58,21 +58,20 @@ def colors_to_labels(colors: np.ndarray, palette: str = "ade20k", *, strict: boo
     pal = _palette(palette)
     if colors.ndim != 3 or colors.shape[2] != 3:
         raise ValueError(f"colors must be HxWx3, got shape {colors.shape}")
-    pal_keys = _keys(pal)
-    first = {}
-    for i, k in enumerate(pal_keys.tolist()):
-        first.setdefault(k, i)
+    first: dict[int, int] = {}
+    for i, k in enumerate(_keys(pal).tolist()):
+        first.setdefault(k, i)  # a shared colour reads back as its lowest class
     uniq, inverse = np.unique(_keys(colors), return_inverse=True)
-    lut = np.empty(len(uniq), np.int32)
-    for n, k in enumerate(uniq.tolist()):
-        if k in first:
-            lut[n] = first[k]
-        elif strict:
-            bad = ((k >> 16) & 255, (k >> 8) & 255, k & 255)
-            raise ValueError(f"colour {bad} is not in the {palette} palette")
-        else:
-            rgb = np.array([(k >> 16) & 255, (k >> 8) & 255, k & 255], np.int32)
-            lut[n] = int(np.argmin(((pal.astype(np.int32) - rgb) ** 2).sum(axis=1)))
+    lut = np.array([first.get(k, -1) for k in uniq.tolist()], np.int32)
+    unknown = np.flatnonzero(lut < 0)
+    if len(unknown) and strict:
+        k = int(uniq[unknown[0]])
+        bad = ((k >> 16) & 255, (k >> 8) & 255, k & 255)
+        raise ValueError(f"colour {bad} is not in the {palette} palette ({len(unknown)} colours are not)")
+    ref = pal.astype(np.int32)
+    for chunk in np.array_split(unknown, max(1, len(unknown) // 4096)):
+        rgb = np.stack([(uniq[chunk] >> 16) & 255, (uniq[chunk] >> 8) & 255, uniq[chunk] & 255], 1)
+        lut[chunk] = ((rgb[:, None, :] - ref[None]) ** 2).sum(2).argmin(1)
     return lut[inverse.reshape(colors.shape[:2])]
 
 
