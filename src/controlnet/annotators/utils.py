@@ -1,0 +1,169 @@
+"""Image utilities shared by every annotator: channel normalisation, resizing, the model tensor.
+
+Conventions (those of the released ControlNet apps):
+
+- Images and condition maps are numpy arrays, HxWx3 uint8 RGB. Grey maps are repeated to three
+  channels; RGBA images are composited over white (:func:`hwc3`).
+- Resizing keeps the aspect ratio, sets the short side to the resolution and rounds both sides to
+  multiples of 64 (:func:`resize_for_model`); shrinking uses area averaging, enlarging Lanczos,
+  and label or pose maps use nearest-neighbour so no new colours appear.
+- Inpainting maps are RGBA: alpha 0 marks the masked pixels, which :func:`condition_tensor` turns
+  into -1 (the v1.1 inpaint model's convention).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+__all__ = [
+    "condition_tensor",
+    "hwc3",
+    "read_image",
+    "resize_for_detection",
+    "resize_for_model",
+    "write_image",
+]
+
+
+def hwc3(x: np.ndarray) -> np.ndarray:
+    """A uint8 image as HxWx3: grey (HxW or HxWx1) is repeated, RGBA is composited over white."""
+    if x.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image, got dtype {x.dtype}")
+    if x.ndim == 2:
+        x = x[:, :, None]
+    if x.ndim != 3 or x.shape[2] not in (1, 3, 4):
+        raise ValueError(f"expected an HxW, HxWx1, HxWx3 or HxWx4 image, got shape {x.shape}")
+    c = x.shape[2]
+    if c == 3:
+        return x
+    if c == 1:
+        return np.repeat(x, 3, axis=2)
+    color = x[:, :, :3].astype(np.float32)
+    alpha = x[:, :, 3:].astype(np.float32) / 255.0
+    return (color * alpha + 255.0 * (1.0 - alpha)).clip(0, 255).astype(np.uint8)
+
+
+def model_size(height: int, width: int, resolution: int) -> tuple[int, int]:
+    """(H, W) with the short side scaled to ``resolution``, each rounded to a multiple of 64 (>= 64)."""
+    if resolution < 64:
+        raise ValueError(f"resolution must be at least 64, got {resolution}")
+    k = resolution / min(height, width)
+    return max(64, round(height * k / 64) * 64), max(64, round(width * k / 64) * 64)
+
+
+def _resize(image: np.ndarray, size: tuple[int, int], nearest: bool) -> np.ndarray:
+    h, w = size
+    if (h, w) == image.shape[:2]:
+        return image.copy()
+    if nearest:
+        interp = cv2.INTER_NEAREST
+    else:
+        interp = cv2.INTER_AREA if h * w < image.shape[0] * image.shape[1] else cv2.INTER_LANCZOS4
+    if image.ndim == 3 and image.shape[2] == 4:  # the mask channel never blends
+        rgb = cv2.resize(np.ascontiguousarray(image[:, :, :3]), (w, h), interpolation=interp)
+        alpha = cv2.resize(np.ascontiguousarray(image[:, :, 3]), (w, h), interpolation=cv2.INTER_NEAREST)
+        return np.dstack([rgb, alpha])
+    out = cv2.resize(image, (w, h), interpolation=interp)
+    return out[:, :, None] if image.ndim == 3 and out.ndim == 2 else out
+
+
+def resize_for_model(image: np.ndarray, resolution: int, nearest: bool = False) -> np.ndarray:
+    """Resize to the model's size: short side = ``resolution``, sides multiples of 64, aspect kept.
+
+    Shrinking uses INTER_AREA, enlarging INTER_LANCZOS4; ``nearest`` (label and pose maps) uses
+    INTER_NEAREST. An alpha channel (inpainting masks) is always resized with nearest.
+    """
+    return _resize(image, model_size(image.shape[0], image.shape[1], resolution), nearest)
+
+
+def resize_for_detection(image: np.ndarray, resolution: int) -> np.ndarray:
+    """Resize an input photo before an annotator runs on it (the apps' ``detect_resolution``).
+
+    The same rule as :func:`resize_for_model` (short side, multiples of 64, area down / Lanczos
+    up): the released annotators were run on images sized this way.
+    """
+    return resize_for_model(image, resolution)
+
+
+def condition_tensor(cond: np.ndarray, invert: bool = False) -> torch.Tensor:
+    """A condition map as the model reads it: (1, C, H, W) float32.
+
+    RGB values map to [0, 1] (``invert``: ``1 - x``, for v1.1 line art). For an RGBA inpainting
+    map the result has C = 3 and the pixels whose alpha is 0 are set to -1.
+    """
+    if cond.ndim == 3 and cond.shape[2] == 4:
+        rgb, masked = cond[:, :, :3], cond[:, :, 3] == 0
+    else:
+        rgb, masked = hwc3(cond), None
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).float().div_(255.0)
+    if invert:
+        x = 1.0 - x
+    if masked is not None:
+        x[torch.from_numpy(masked)] = -1.0
+    return x.permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an image file as HxWx3 uint8 RGB (alpha composited over white, grey repeated)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such image: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode not in ("L", "RGB", "RGBA"):
+                im = im.convert("RGBA" if "A" in im.getbands() or "transparency" in im.info else "RGB")
+            arr = np.asarray(im)
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot read {path} as an image ({e.__class__.__name__})") from None
+    return hwc3(arr)
+
+
+def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read a mask image as an HxW bool array: True where the grey value is above 127."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such mask: {path}")
+    try:
+        with Image.open(path) as im:
+            grey = np.asarray(im.convert("L"))
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot read {path} as an image ({e.__class__.__name__})") from None
+    return grey > 127
+
+
+def check_output_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` if Pillow can write its extension and its folder exists; ValueError otherwise."""
+    path = Path(path)
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"cannot write {path}: unknown image extension {path.suffix!r} (use .png)")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output folder does not exist: {path.parent}")
+    return path
+
+
+def write_image(path: str | os.PathLike[str], image: np.ndarray) -> None:
+    """Write atomically: a temporary file in the same folder, renamed over ``path`` once complete.
+
+    On any failure (e.g. an RGBA map to a format without alpha) nothing is left behind.
+    """
+    path = check_output_path(path)
+    fmt = Image.registered_extensions()[path.suffix.lower()]
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            try:
+                Image.fromarray(image).save(f, format=fmt)
+            except (OSError, ValueError, KeyError) as e:
+                raise ValueError(f"cannot write {path.name} as {fmt}: {e}") from None
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,114 @@
+"""`controlnet preprocess` and `controlnet render`: outputs, and one-line errors that write nothing."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from controlnet.annotators.palettes import PALETTES
+from controlnet.cli import main
+
+
+@pytest.fixture
+def photo(tmp_path):
+    img = np.full((90, 120, 3), 230, np.uint8)
+    cv2.rectangle(img, (20, 20), (70, 70), (200, 30, 30), -1)
+    path = tmp_path / "photo.png"
+    Image.fromarray(img).save(path)
+    return path, img
+
+
+def run(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_list(capsys):
+    rc, out, _ = run(capsys, "preprocess", "--list")
+    assert rc == 0
+    assert "canny  (no weights)" in out and "low_threshold=100" in out
+    assert "openpose  (needs weights)" in out and "body_pose_model.pth" in out
+    assert "inpaint  (no weights; inputs: mask)" in out
+
+
+def test_canny_resolution_and_params(capsys, photo, tmp_path):
+    path, img = photo
+    out_path = tmp_path / "edges.png"
+    rc, out, _ = run(capsys, "preprocess", "canny", path, "-o", out_path, "--param", "low_threshold=50")
+    assert rc == 0 and "edges.png" in out
+    edges = np.asarray(Image.open(out_path))
+    assert np.array_equal(edges[:, :, 0], cv2.Canny(img, 50, 200))
+    rc, _, _ = run(capsys, "preprocess", "canny", path, "-o", out_path, "--resolution", "256")
+    assert rc == 0 and np.asarray(Image.open(out_path)).shape == (256, 320, 3)
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary files
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["preprocess", "nope", "{photo}", "-o", "{out}"], "unknown annotator 'nope'"),
+        (["preprocess", "canny", "{photo}", "-o", "{out}", "--param", "low_threshold=999"], "out of range"),
+        (["preprocess", "canny", "{photo}", "-o", "{out}", "--param", "lowthreshold=9"], "known params"),
+        (["preprocess", "canny", "{photo}", "-o", "{out}", "--param", "oops"], "not key=value"),
+        (["preprocess", "canny", "{text}", "-o", "{out}"], "cannot read"),
+        (["preprocess", "canny", "{missing}", "-o", "{out}"], "no such image"),
+        (["preprocess", "canny", "{photo}"], "usage"),
+        (["preprocess", "canny", "{photo}", "-o", "{tmp}/x.unknownext"], "unknown image extension"),
+        (["preprocess", "hed", "{photo}", "-o", "{out}"], "ControlNetHED.pth"),
+        (["preprocess", "canny", "{photo}", "-o", "{out}", "--mask", "{photo}"], "takes no mask"),
+        (["preprocess", "inpaint", "{photo}", "-o", "{out}"], "needs a mask"),
+        (["preprocess", "canny", "{photo}", "-o", "{out}", "--resolution", "10"], "at least 64"),
+        (["render", "pose", "{text}", "-o", "{out}"], "not OpenPose JSON"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_nothing_written(capsys, photo, tmp_path, monkeypatch, argv, message):
+    monkeypatch.setenv("CONTROLNET_ANNOTATOR_DIR", str(tmp_path / "empty"))
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    out = tmp_path / "out.png"
+    names = {"photo": photo[0], "out": out, "text": text, "missing": tmp_path / "nope.png", "tmp": tmp_path}
+    rc, _, err = run(capsys, *[a.format(**names) for a in argv])
+    assert rc == 2
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_inpaint_mask_and_failed_write_keeps_old_output(capsys, photo, tmp_path):
+    path, _ = photo
+    mask = np.zeros((90, 120), np.uint8)
+    mask[30:60, 40:80] = 255
+    mask_path = tmp_path / "mask.png"
+    Image.fromarray(mask).save(mask_path)
+    out_path = tmp_path / "inpaint.png"
+    rc, _, _ = run(capsys, "preprocess", "inpaint", path, "-o", out_path, "--mask", mask_path)
+    assert rc == 0
+    rgba = np.asarray(Image.open(out_path))
+    assert rgba.shape == (90, 120, 4) and np.array_equal(rgba[:, :, 3] == 0, mask > 0)
+    jpg = tmp_path / "inpaint.jpg"
+    jpg.write_bytes(b"old")
+    rc, _, err = run(capsys, "preprocess", "inpaint", path, "-o", jpg, "--mask", mask_path)
+    assert rc == 2 and "cannot write" in err  # JPEG has no alpha
+    assert jpg.read_bytes() == b"old" and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_render_pose_json_and_labels(capsys, tmp_path):
+    pose = {"canvas_width": 64, "canvas_height": 48, "people": [{"pose_keypoints_2d": [0.0] * 54}]}
+    pose["people"][0]["pose_keypoints_2d"][3:9] = [20, 20, 1, 40, 20, 1]  # neck, right shoulder
+    src = tmp_path / "pose.json"
+    src.write_text(json.dumps(pose))
+    out = tmp_path / "pose.png"
+    rc, _, _ = run(capsys, "render", "pose", src, "-o", out)
+    drawn = np.asarray(Image.open(out))
+    assert rc == 0 and drawn.shape == (48, 64, 3) and drawn[20, 30].tolist() == [153, 0, 0]
+    labels = np.array([[0, 12], [2, 149]], np.int32)
+    np.save(tmp_path / "labels.npy", labels)
+    rc, _, _ = run(capsys, "render", "labels", tmp_path / "labels.npy", "-o", tmp_path / "seg.png")
+    assert rc == 0 and np.array_equal(
+        np.asarray(Image.open(tmp_path / "seg.png")), PALETTES["ade20k"][labels]
+    )
+    np.save(tmp_path / "depth.npy", np.linspace(0, 1, 12).reshape(3, 4))
+    rc, _, _ = run(capsys, "render", "depth", tmp_path / "depth.npy", "-o", tmp_path / "depth.png")
+    assert rc == 0 and np.asarray(Image.open(tmp_path / "depth.png"))[2, 3].tolist() == [255] * 3
