@@ -30,7 +30,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_preprocess(args: argparse.Namespace) -> int:
     from . import annotators as A
-    from .annotators.utils import check_output_path, read_image, read_mask, write_image
+    from .imageio import check_output_path, read_image, read_mask, write_image
 
     if args.list:
         print(A.describe())
@@ -83,7 +83,7 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_render(args: argparse.Namespace) -> int:
     from .annotators.render import render_file
-    from .annotators.utils import check_output_path, write_image
+    from .imageio import check_output_path, write_image
 
     check_output_path(args.output)
     cond = render_file(

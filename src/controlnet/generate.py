@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 import torch
 
+from .annotators.utils import condition_tensor, model_size, resize_to
 from .control import ControlMode, check_compatible
 from .controlnet import ControlNet
 from .imageio import read_image, read_mask
@@ -34,7 +35,6 @@ __all__ = [
     "GenerationResult",
     "PromptSetting",
     "generate",
-    "output_size",
 ]
 
 DEFAULT_ADDED_PROMPT = "best quality, extremely detailed"
@@ -207,51 +207,15 @@ class GenerationResult:
     latents: torch.Tensor  # final latents (B, C, h, w), before decoding
 
 
-# ---------------------------------------------------------------------- sizes and conditions
-def output_size(source_hw: tuple[int, int], resolution: int, multiple: int = 64) -> tuple[int, int]:
-    """(H, W) with the short side ``resolution``, the aspect of ``source_hw`` kept, and both sides
-    rounded to multiples of ``multiple``."""
-    h, w = source_hw
-    k = resolution / min(h, w)
-    return (
-        max(multiple, round(h * k / multiple) * multiple),
-        max(multiple, round(w * k / multiple) * multiple),
-    )
-
-
-def resize(image: np.ndarray, size_hw: tuple[int, int], nearest: bool = False) -> np.ndarray:
-    """Resize to exactly (H, W): area when shrinking, Lanczos when growing, nearest for label and
-    pose maps (their colours are codes, not intensities)."""
-    h, w = size_hw
-    if image.shape[:2] == (h, w):
-        return image
-    if nearest:
-        interp = cv2.INTER_NEAREST
-    elif h * w < image.shape[0] * image.shape[1]:
-        interp = cv2.INTER_AREA
-    else:
-        interp = cv2.INTER_LANCZOS4
-    return cv2.resize(image, (w, h), interpolation=interp)
-
-
-def condition_tensor(cond_map: np.ndarray, invert: bool = False) -> torch.Tensor:
-    """Condition map (H, W, 3|4) uint8 -> model input (1, 3, H, W) float32 in [0, 1]. A 4th channel
-    is the inpaint convention: pixels with alpha 0 are masked and become -1."""
-    x = torch.from_numpy(cond_map[..., :3].astype(np.float32) / 255.0)
-    if invert:
-        x = 1.0 - x
-    if cond_map.shape[-1] == 4:
-        x[torch.from_numpy(cond_map[..., 3] < 128)] = -1.0
-    return x.permute(2, 0, 1)[None].contiguous()
-
-
+# ---------------------------------------------------------------------- conditions
 def _prepare_condition(c: ControlRequest, size_hw: tuple[int, int]) -> tuple[np.ndarray, torch.Tensor]:
     image = read_image(c.image)
     if c.preprocess is None:
-        cond_map = resize(image, size_hw)
+        cond_map = resize_to(image, size_hw)
         return cond_map, condition_tensor(cond_map)
     ann = _annotator(c.preprocess)
-    cond_map = resize(ann(image, **c.params), size_hw, nearest=ann.nearest)
+    # detect at the output size (as the released apps did), so edge widths etc. match the model's view
+    cond_map = resize_to(ann(resize_to(image, size_hw), **c.params), size_hw, nearest=ann.nearest)
     return cond_map, condition_tensor(cond_map, invert=ann.model_invert)
 
 
@@ -309,7 +273,7 @@ def generate(
     if req.width is not None and req.height is not None:
         size = (max(64, round(req.height / 64) * 64), max(64, round(req.width / 64) * 64))
     elif first is not None:
-        size = output_size(read_image(first).shape[:2], req.resolution or native)
+        size = model_size(*read_image(first).shape[:2], req.resolution or native)
     else:
         size = (req.resolution or native,) * 2
     latent_size = (size[0] // base.vae_scale_factor, size[1] // base.vae_scale_factor)
@@ -331,11 +295,11 @@ def generate(
 
     init_latents = mask = init = pixel_mask = None
     if req.init_image is not None:
-        init = resize(read_image(req.init_image), size)
+        init = resize_to(read_image(req.init_image), size)
         pixels = torch.from_numpy(init).permute(2, 0, 1)[None].float().to(req.device) / 127.5 - 1.0
         init_latents = base.encode_images(pixels.to(dtype), torch.Generator(req.device).manual_seed(seed))
         if req.mask is not None:
-            pixel_mask = resize(read_mask(req.mask), size)
+            pixel_mask = resize_to(read_mask(req.mask), size)
             mask = mask_to_latent(torch.from_numpy(pixel_mask)[None, None], latent_size)
 
     seeds = [seed + i for i in range(n)]

@@ -28,7 +28,7 @@ MAX_PIXELS = 64 * 1024 * 1024
 def _open(path: str | Path) -> Image.Image:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such image file")
+        raise FileNotFoundError(f"no such image: {path}")
     try:
         img = Image.open(path)
         if img.width * img.height > MAX_PIXELS:
@@ -37,7 +37,7 @@ def _open(path: str | Path) -> Image.Image:
             )
         img.load()
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{path}: not a readable image ({e})") from None
+        raise ValueError(f"cannot read {path} as an image ({e})") from None
     return img
 
 
@@ -77,15 +77,38 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
-def save_png(image: np.ndarray | Image.Image, path: str | Path) -> Path:
-    """Save an (H, W[, C]) uint8 array or a PIL image as PNG, atomically."""
+def check_output_path(path: str | Path) -> Path:
+    """``path`` if Pillow can write its extension and its folder exists; an error otherwise."""
+    path = Path(path)
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"cannot write {path}: unknown image extension {path.suffix!r} (use .png)")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output folder does not exist: {path.parent}")
+    return path
+
+
+def write_image(path: str | Path, image: np.ndarray | Image.Image) -> Path:
+    """Write an (H, W[, C]) uint8 array or a PIL image in the format of the extension, atomically;
+    on any failure (e.g. an RGBA map to a format without alpha) nothing is left behind."""
     import io
 
+    path = Path(path)
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"cannot write {path}: unknown image extension {path.suffix!r} (use .png)")
+    fmt = Image.registered_extensions()[path.suffix.lower()]
     img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    try:
+        img.save(buf, format=fmt)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"cannot write {path.name} as {fmt}: {e}") from None
     atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
+    return path
+
+
+def save_png(image: np.ndarray | Image.Image, path: str | Path) -> Path:
+    """Save as PNG, atomically (folders are created)."""
+    return write_image(Path(path).with_suffix(".png") if Path(path).suffix == "" else path, image)
 
 
 def make_grid(rows: Sequence[Sequence[np.ndarray]], pad: int = 4) -> np.ndarray:

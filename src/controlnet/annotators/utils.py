@@ -13,22 +13,17 @@ Conventions (those of the released ControlNet apps):
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
-
 import cv2
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "condition_tensor",
     "hwc3",
-    "read_image",
+    "model_size",
     "resize_for_detection",
     "resize_for_model",
-    "write_image",
+    "resize_to",
 ]
 
 
@@ -58,7 +53,9 @@ def model_size(height: int, width: int, resolution: int) -> tuple[int, int]:
     return max(64, round(height * k / 64) * 64), max(64, round(width * k / 64) * 64)
 
 
-def _resize(image: np.ndarray, size: tuple[int, int], nearest: bool) -> np.ndarray:
+def resize_to(image: np.ndarray, size: tuple[int, int], nearest: bool = False) -> np.ndarray:
+    """Resize to exactly (H, W): area when shrinking, Lanczos when growing, nearest for label and
+    pose maps (their colours are codes, not intensities); an alpha channel always with nearest."""
     h, w = size
     if (h, w) == image.shape[:2]:
         return image.copy()
@@ -80,7 +77,7 @@ def resize_for_model(image: np.ndarray, resolution: int, nearest: bool = False) 
     Shrinking uses INTER_AREA, enlarging INTER_LANCZOS4; ``nearest`` (label and pose maps) uses
     INTER_NEAREST. An alpha channel (inpainting masks) is always resized with nearest.
     """
-    return _resize(image, model_size(image.shape[0], image.shape[1], resolution), nearest)
+    return resize_to(image, model_size(image.shape[0], image.shape[1], resolution), nearest)
 
 
 def resize_for_detection(image: np.ndarray, resolution: int) -> np.ndarray:
@@ -108,62 +105,3 @@ def condition_tensor(cond: np.ndarray, invert: bool = False) -> torch.Tensor:
     if masked is not None:
         x[torch.from_numpy(masked)] = -1.0
     return x.permute(2, 0, 1).unsqueeze(0).contiguous()
-
-
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an image file as HxWx3 uint8 RGB (alpha composited over white, grey repeated)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such image: {path}")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode not in ("L", "RGB", "RGBA"):
-                im = im.convert("RGBA" if "A" in im.getbands() or "transparency" in im.info else "RGB")
-            arr = np.asarray(im)
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read {path} as an image ({e.__class__.__name__})") from None
-    return hwc3(arr)
-
-
-def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read a mask image as an HxW bool array: True where the grey value is above 127."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such mask: {path}")
-    try:
-        with Image.open(path) as im:
-            grey = np.asarray(im.convert("L"))
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read {path} as an image ({e.__class__.__name__})") from None
-    return grey > 127
-
-
-def check_output_path(path: str | os.PathLike[str]) -> Path:
-    """``path`` if Pillow can write its extension and its folder exists; ValueError otherwise."""
-    path = Path(path)
-    if path.suffix.lower() not in Image.registered_extensions():
-        raise ValueError(f"cannot write {path}: unknown image extension {path.suffix!r} (use .png)")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"output folder does not exist: {path.parent}")
-    return path
-
-
-def write_image(path: str | os.PathLike[str], image: np.ndarray) -> None:
-    """Write atomically: a temporary file in the same folder, renamed over ``path`` once complete.
-
-    On any failure (e.g. an RGBA map to a format without alpha) nothing is left behind.
-    """
-    path = check_output_path(path)
-    fmt = Image.registered_extensions()[path.suffix.lower()]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            try:
-                Image.fromarray(image).save(f, format=fmt)
-            except (OSError, ValueError, KeyError) as e:
-                raise ValueError(f"cannot write {path.name} as {fmt}: {e}") from None
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
