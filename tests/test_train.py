@@ -212,3 +212,29 @@ def test_base_model_stages_train_their_parts_only(tmp_path):
     train(config(tmp_path, "base", steps=2, lr=1e-3), obj, data)
     assert digest(base.vae) == vae_after
     assert digest(base.unet) != frozen["unet"] and digest(base.text_encoder) != frozen["text_encoder"]
+
+
+def test_validation_writes_grids_scores_and_the_convergence_step(tmp_path):
+    from controlnet.validation import ControlValidator
+
+    calls = []
+
+    def scorer(images, items):
+        calls.append(len(images))
+        assert images[0].shape == (64, 64, 3) and images[0].dtype.name == "uint8"
+        return {"fake": 0.2 * len(calls)}  # rises 0.2, 0.4, 0.6: crosses 0.5 at the third validation
+
+    _, obj = setup()
+    data = Circles(12)
+    val = ControlValidator(data, 2, scorer=scorer, steps=2)
+    cfg = config(
+        tmp_path, steps=6, validate_every=2, validation_count=2, score_name="fake", score_threshold=0.5
+    )
+    result = train(cfg, obj, data, validator=val)
+    run = tmp_path / "run"
+    assert calls == [2, 2, 2] and result.converged_at == 6
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [f"step-0000000{i}.png" for i in (2, 4, 6)]
+    assert (run / "scores.png").is_file()
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["name"] for r in rows} >= {"loss", "val_loss", "score/fake"}
