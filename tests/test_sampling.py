@@ -144,3 +144,25 @@ def test_bad_arguments(world):
         unit(world, start=0.8, end=0.2)
     with pytest.raises(ValueError, match="a mask needs an init image"):
         run(world, mask=torch.ones(1, 1, *LAT))
+
+
+def test_graph_cache_plumbing_equals_eager_and_captures_once_per_control_set(world, monkeypatch):
+    """On CPU the cache runs the step on its static buffers: the GPU path's plumbing, minus the graph."""
+    from controlnet import fastpath
+
+    made = []
+    real = fastpath.GraphCache.__init__
+
+    def spy(self, device, **kw):
+        real(self, device, **kw)
+        made.append(self)
+
+    monkeypatch.setattr(fastpath.GraphCache, "__init__", spy)
+    units = [unit(world, start=0.0, end=0.5), unit(world, 1, start=0.25, end=1.0, guess_mode=True)]
+    for sampler in ("ddim", "euler-a", "dpmpp-2m-karras"):
+        made.clear()
+        eager = run(world, units, steps=8, sampler=sampler, cuda_graphs=False, seeds=[3, 4])
+        cached = run(world, units, steps=8, sampler=sampler, cuda_graphs=True, seeds=[3, 4])
+        assert torch.equal(eager.latents, cached.latents)
+        # active sets over 8 steps: {0}, {0, 1}, {1} -> three captures
+        assert len(made) == 1 and made[0].captures == 3

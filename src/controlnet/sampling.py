@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .control import Control, ControlMode, control_scales, controlled_unet_forward
 from .controlnet import ControlNet
+from .fastpath import GraphCache, compile_modules
 from .models import BaseModel, PromptEmbeddings
 
 __all__ = [
@@ -189,6 +190,8 @@ def denoise(
     mask: torch.Tensor | None = None,
     progress: bool = True,
     callback: Callable[[int, int], None] | None = None,
+    cuda_graphs: bool | None = None,
+    compile: bool = False,
 ) -> DenoiseResult:
     """Sample latents.
 
@@ -200,6 +203,8 @@ def denoise(
             the fraction of the schedule that is run (1 = start from pure noise).
         mask: (1 or B, 1, h, w) in [0, 1] at latent size; 1 = regenerate, 0 = keep the source.
             The kept region follows the source latents, noised to the current level, every step.
+        cuda_graphs: replay each step's model call from a CUDA graph (None: on CUDA devices).
+        compile: also torch.compile the UNet and ControlNets (the fast path; slow first call).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -233,24 +238,46 @@ def denoise(
     prepared = [PreparedControl.build(u, batch, device, dtype) for u in controls]
     embeds = PromptEmbeddings.cat([uncond, cond]) if use_cfg else cond  # type: ignore[list-item]
     calls = {i: 0 for i in range(len(prepared))}
+    if compile:
+        compile_modules([base.unet, *(u.controlnet for u in controls)])
+    graphs = (
+        GraphCache(device) if (cuda_graphs if cuda_graphs is not None else device.type == "cuda") else None
+    )
+
+    def model_call(active: list[Control]) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+        """eps for the B samples: both CFG halves in one batch, the active controls injected."""
+
+        def fn(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+            x = torch.cat([inputs["x"], inputs["x"]]) if use_cfg else inputs["x"]
+            eps = controlled_unet_forward(
+                base.unet,
+                x,
+                inputs["t"],
+                embeds.context,
+                active,
+                cfg_batch=use_cfg,
+                added_cond_kwargs=embeds.added,
+            ).float()
+            if use_cfg:
+                eps_u, eps_c = eps.chunk(2)
+                eps = eps_u + guidance * (eps_c - eps_u)
+            return eps
+
+        return fn
 
     start = time.perf_counter()
     bar = tqdm(total=total, desc="denoising", unit="step", disable=not progress, leave=False)
     for i, t in enumerate(timesteps):
-        active = []
+        active, key = [], []
         for k, p in enumerate(prepared):
             c = p.at(i, total, use_cfg)
             if c is not None:
                 active.append(c)
+                key.append((k, c.conditional_only))
                 calls[k] += 1
-        x = torch.cat([latents, latents]) if use_cfg else latents
-        x = scheduler.scale_model_input(x, t).to(dtype)
-        eps = controlled_unet_forward(
-            base.unet, x, t, embeds.context, active, cfg_batch=use_cfg, added_cond_kwargs=embeds.added
-        ).float()
-        if use_cfg:
-            eps_u, eps_c = eps.chunk(2)
-            eps = eps_u + guidance * (eps_c - eps_u)
+        inputs = {"x": scheduler.scale_model_input(latents, t).to(dtype), "t": t}
+        fn = model_call(active)
+        eps = graphs.run(tuple(key), fn, inputs) if graphs is not None else fn(inputs)
         latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
         if mask is not None:
             assert source is not None

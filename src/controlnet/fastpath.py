@@ -1,0 +1,80 @@
+"""Speed: CUDA graphs for the per-step model call, and compilation for the fast path.
+
+A denoising step launches a thousand or more small kernels (UNet + ControlNets); at batch 1 the
+GPU spends more time waiting for Python to launch them than computing. :class:`GraphCache`
+records the step's kernels once as a CUDA graph per distinct set of active controls and replays
+them, which removes the launch overhead without changing a single operation. ``compile_modules``
+(the ``--fast`` flag) additionally lets torch.compile fuse the elementwise work; its first call
+compiles (a minute or more), later calls are fast.
+
+On a CPU the cache runs the same function on its static buffers without a graph, so the buffer
+plumbing is the code that the GPU path uses, and is tested.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["GraphCache", "compile_modules"]
+
+StepFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+
+
+class GraphCache:
+    """Run ``fn(static_inputs)`` through one captured CUDA graph per ``key``.
+
+    ``fn`` must read its varying inputs only from the dict it is given (the static buffers) and
+    may close over tensors that stay fixed while the cache lives (prompt embeddings, hints). The
+    returned tensor is a copy, so callers may keep it across steps.
+    """
+
+    def __init__(self, device: torch.device, *, warmup: int = 2) -> None:
+        self.use_graphs = device.type == "cuda"
+        self.warmup = warmup
+        self.entries: dict[Hashable, tuple[Any, dict[str, torch.Tensor], torch.Tensor | None, StepFn]] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.captures = 0
+
+    def run(self, key: Hashable, fn: StepFn, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        entry = self.entries.get(key)
+        if entry is None:
+            statics = {name: t.detach().clone() for name, t in inputs.items()}
+            graph, out = self._capture(fn, statics) if self.use_graphs else (None, None)
+            self.entries[key] = entry = (graph, statics, out, fn)
+            self.captures += 1
+        graph, statics, out, fn = entry
+        for name, t in inputs.items():
+            statics[name].copy_(t)
+        if graph is None:  # CPU: the same function on the same static buffers, no graph
+            return fn(statics).clone()
+        graph.replay()
+        assert out is not None
+        return out.clone()
+
+    def _capture(self, fn: StepFn, statics: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor]:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up runs (allocator, cuDNN/cuBLAS handles, autotuning)
+            for _ in range(self.warmup):
+                fn(statics)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = fn(statics)
+        return graph, out
+
+
+def compile_modules(modules: Iterable[nn.Module], mode: str = "max-autotune-no-cudagraphs") -> None:
+    """Compile each module's forward in place (idempotent), in channels-last memory format, which
+    the tensor-core convolution kernels prefer. The CUDA graphs of :class:`GraphCache` then
+    capture the compiled kernels; inductor's own graphs stay off to avoid capturing twice."""
+    for m in modules:
+        if getattr(m, "_controlnet_compiled", False):
+            continue
+        m.to(memory_format=torch.channels_last)
+        m.forward = torch.compile(m.forward, mode=mode, dynamic=False)  # type: ignore[method-assign]
+        m._controlnet_compiled = True  # type: ignore[attr-defined]
