@@ -7,6 +7,7 @@ import re
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
 from controlnet.cli import main
 from controlnet.data import fill50k
@@ -22,7 +23,7 @@ from controlnet.data.fill50k import (
     sample_params,
     shape_masks,
 )
-from controlnet.imageio import read_image, sha256_file
+from controlnet.imageio import encode_png_fast, read_image, sha256_file
 
 COLOUR = "|".join(re.escape(n) for n in color_names())
 PROMPT = re.compile(rf"^({COLOUR}) (circle|square|triangle) with ({COLOUR}) background$")
@@ -175,3 +176,15 @@ def test_cli_writes_the_set_and_prints_its_path(tmp_path, capsys):
     assert len((out / "prompt.json").read_text().splitlines()) == 4
     assert main(args) == 2  # exists: one clear line, exit 2
     assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shape", [(7, 5, 3), (6, 9)])
+def test_fast_png_encoder_round_trips(tmp_path, shape):
+    image = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    (tmp_path / "a.png").write_bytes(encode_png_fast(image))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), image)
+    assert np.array_equal(
+        read_image(tmp_path / "a.png"), image if image.ndim == 3 else np.stack([image] * 3, -1)
+    )
+    with pytest.raises(ValueError, match="uint8"):
+        encode_png_fast(image.astype(np.float32))
