@@ -104,6 +104,10 @@ def test_shapes_have_their_area_and_stay_inside():
         assert np.array_equal(np.all(target == rgb(s.color), -1), fill)
 
 
+def test_a_sample_does_not_depend_on_the_set_size():
+    assert sample_params(40, 64, 3)[:7] == sample_params(7, 64, 3)
+
+
 def test_kinds_share_centres_radii_and_colours():
     circles, shapes = sample_params(20, 128, 7, Kind.CIRCLE), sample_params(20, 128, 7, Kind.SHAPES)
     for c, s in zip(circles, shapes):

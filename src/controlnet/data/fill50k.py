@@ -170,9 +170,10 @@ def sample_params(
 
     Radius (circumradius) is uniform in [8%, 40%] of the side, the centre uniform over the places
     that keep the whole shape and its outline inside the image, and the (fill, background) pair
-    uniform over the ordered pairs of distinct named colours at least ``min_delta_e`` apart. Every
-    draw happens for every kind, so ``circle`` and ``shapes`` sets of one seed share centres,
-    radii and colours.
+    uniform over the ordered pairs of distinct named colours at least ``min_delta_e`` apart.
+    Sample i depends on the seed alone (the first k samples of any larger set are the set of k),
+    and every draw happens for every kind, so ``circle`` and ``shapes`` sets of one seed share
+    centres, radii and colours.
     """
     kind = Kind(kind)
     if n < 1:
@@ -183,15 +184,20 @@ def sample_params(
     pairs = _color_pairs(float(min_delta_e))
     if len(pairs) == 0:
         raise ValueError(f"no two named colours are {min_delta_e} delta E apart; lower min_delta_e")
-    rng = np.random.default_rng(seed)
-    r_min, r_max = max(3 * lw, round(0.08 * size)), round(0.4 * size)
-    radius = rng.integers(r_min, r_max, n, endpoint=True)
+    # One row of uniforms per sample, filled row by row: sample i never depends on n.
+    u = np.random.default_rng(seed).random((n, 6))
+
+    def pick_int(column: int, low: np.ndarray | int, high: np.ndarray | int) -> np.ndarray:
+        """Integers uniform in [low, high] from one column of ``u``."""
+        return low + np.minimum((u[:, column] * (high - low + 1)).astype(np.int64), high - low)
+
+    radius = pick_int(0, max(3 * lw, round(0.08 * size)), round(0.4 * size))
     margin = radius + lw
-    cx = rng.integers(margin, size - 1 - margin, endpoint=True)
-    cy = rng.integers(margin, size - 1 - margin, endpoint=True)
-    pick = pairs[rng.integers(0, len(pairs), n)]
-    shape_draw = rng.integers(0, len(_SHAPE_DRAW), n)
-    rotation = rng.integers(0, 360, n)
+    cx = pick_int(1, margin, size - 1 - margin)
+    cy = pick_int(2, margin, size - 1 - margin)
+    pick = pairs[pick_int(3, 0, len(pairs) - 1)]
+    shape_draw = pick_int(4, 0, len(_SHAPE_DRAW) - 1)
+    rotation = pick_int(5, 0, 359)
     names = color_names()
     samples = []
     for i in range(n):
