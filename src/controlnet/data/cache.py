@@ -20,6 +20,7 @@ built from other ones.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import json
@@ -317,7 +318,7 @@ class CachedDataset(Dataset):
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} items")
         i %= len(self)
-        k = next(s for s in range(len(self._starts) - 1, -1, -1) if self._starts[s] <= i)
+        k = bisect.bisect_right(self._starts, i) - 1
         j = i - self._starts[k]
         shard = self._open(self.meta["shards"][k]["file"])
         mean, std, cond, row = (
