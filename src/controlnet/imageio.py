@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 import tempfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,11 +16,14 @@ from PIL import Image, UnidentifiedImageError
 __all__ = [
     "MAX_PIXELS",
     "atomic_write_bytes",
+    "check_output_path",
+    "encode_png_fast",
     "make_grid",
     "read_image",
     "read_mask",
     "save_png",
     "sha256_file",
+    "write_image",
 ]
 
 #: Refuse images above this many pixels (a decompression bomb, or a mistake): 64 megapixels.
@@ -109,6 +114,30 @@ def write_image(path: str | Path, image: np.ndarray | Image.Image) -> Path:
 def save_png(image: np.ndarray | Image.Image, path: str | Path) -> Path:
     """Save as PNG, atomically (folders are created)."""
     return write_image(Path(path).with_suffix(".png") if Path(path).suffix == "" else path, image)
+
+
+def encode_png_fast(image: np.ndarray, level: int = 1) -> bytes:
+    """An (H, W, 3) or (H, W) uint8 array -> PNG bytes, with no row filters and zlib at ``level``.
+
+    About ten times faster than PIL's encoder on flat synthetic images (fill50k writes 100,000 of
+    them), and a pure function of the pixels and zlib: the same array gives the same bytes.
+    """
+    a = np.ascontiguousarray(image)
+    if a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] != 3):
+        raise ValueError(f"encode_png_fast wants (H, W, 3) or (H, W) uint8, got {a.shape} {a.dtype}")
+    h, w = a.shape[:2]
+    rows = np.concatenate([np.zeros((h, 1), np.uint8), a.reshape(h, -1)], axis=1)  # filter byte 0 per row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 8, 2 if a.ndim == 3 else 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows.tobytes(), level))
+        + chunk(b"IEND", b"")
+    )
 
 
 def make_grid(rows: Sequence[Sequence[np.ndarray]], pad: int = 4) -> np.ndarray:

@@ -21,6 +21,7 @@ __all__ = [
     "condition_tensor",
     "hwc3",
     "model_size",
+    "resize_center_crop",
     "resize_for_detection",
     "resize_for_model",
     "resize_to",
@@ -78,6 +79,18 @@ def resize_for_model(image: np.ndarray, resolution: int, nearest: bool = False) 
     INTER_NEAREST. An alpha channel (inpainting masks) is always resized with nearest.
     """
     return resize_to(image, model_size(image.shape[0], image.shape[1], resolution), nearest)
+
+
+def resize_center_crop(image: np.ndarray, resolution: int, *, nearest: bool = False) -> np.ndarray:
+    """Resize so the short side is ``resolution`` (as :func:`resize_to`), then crop the centre
+    square. Images of one size always get the same geometry, so a training target and its
+    condition stay aligned pixel for pixel."""
+    h, w = image.shape[:2]
+    scale = resolution / min(h, w)
+    nh, nw = max(resolution, round(h * scale)), max(resolution, round(w * scale))
+    image = resize_to(image, (nh, nw), nearest)
+    top, left = (nh - resolution) // 2, (nw - resolution) // 2
+    return np.ascontiguousarray(image[top : top + resolution, left : left + resolution])
 
 
 def resize_for_detection(image: np.ndarray, resolution: int) -> np.ndarray:

@@ -1,0 +1,107 @@
+"""The latent / embedding cache: it holds exactly what the encoders give, and knows what it was built from."""
+
+import json
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from controlnet import Family
+from controlnet.data import cache as cache_module
+from controlnet.data.cache import CachedDataset, CacheMismatchError, base_digest, build_cache, sample_latents
+from controlnet.data.datasets import open_dataset
+from controlnet.data.fill50k import generate
+from tiny import make_base
+
+
+@pytest.fixture(scope="module")
+def fill(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("c") / "fill", 4, size=32, seed=0, progress=False, workers=1)
+
+
+@pytest.mark.parametrize("family", [Family.SD1, Family.SDXL], ids=lambda f: f.value)
+def test_cache_round_trips_the_encoders_outputs(fill, tmp_path, family):
+    base, ds = make_base(family), open_dataset(fill)
+    out = build_cache(ds, base, tmp_path / "cache", batch_size=2, shard_size=3, progress=False)
+    cached = CachedDataset(out, dataset=ds, base=base)
+    assert len(cached) == len(ds) == 4 and cached.latent_scale == base.latent_scale
+    assert [s["count"] for s in cached.meta["shards"]] == [3, 1]
+
+    batch = DataLoader(cached, batch_size=2, collate_fn=cached.collate)
+    for start, b in zip(range(0, 4, 2), batch):
+        items = [ds[i] for i in range(start, start + 2)]
+        images = torch.stack([it["target"] for it in items])
+        dist = base.vae.encode(images).latent_dist  # the same batches as the cache was built with
+        torch.testing.assert_close(b["latent_mean"], dist.mean, rtol=0, atol=1e-6)
+        torch.testing.assert_close(b["latent_std"], dist.std, rtol=0, atol=1e-6)
+        assert torch.equal(b["cond"], torch.stack([it["cond"] for it in items]))  # exact: stored as uint8
+        prompts = [it["prompt"] for it in items]
+        assert b["prompt"] == prompts and b["index"].tolist() == [it["index"] for it in items]
+        emb = base.encode_prompt(prompts, size=(32, 32))
+        torch.testing.assert_close(b["context"], emb.context, rtol=0, atol=1e-5)
+        if family is Family.SDXL:
+            assert set(b["added"]) == {"text_embeds", "time_ids"}
+            for k, v in emb.added.items():
+                torch.testing.assert_close(b["added"][k], v, rtol=0, atol=1e-5)
+        else:
+            assert "added" not in b
+        # the trainer's posterior samples are exactly encode_images' for one generator
+        g1, g2 = torch.Generator().manual_seed(start), torch.Generator().manual_seed(start)
+        torch.testing.assert_close(
+            sample_latents(b["latent_mean"], b["latent_std"], cached.latent_scale, g1),
+            base.encode_images(images, g2),
+            rtol=0,
+            atol=1e-5,
+        )
+    empty = base.encode_prompt([""], size=(32, 32))
+    torch.testing.assert_close(cached.empty.context, empty.context, rtol=0, atol=1e-5)
+    assert (cached.empty.added is None) == (family is not Family.SDXL)
+
+
+def test_each_distinct_prompt_is_encoded_once(tmp_path, fill):
+    lines = (fill / "prompt.json").read_text().splitlines()
+    same = [json.dumps({**json.loads(x), "prompt": "one" if i % 2 else "two"}) for i, x in enumerate(lines)]
+    (tmp_path / "prompt.json").write_text("\n".join(same) + "\n")
+    for sub in ("source", "target"):
+        (tmp_path / sub).symlink_to(fill / sub)
+    base = make_base()
+    out = build_cache(open_dataset(tmp_path), base, tmp_path / "cache", batch_size=2, progress=False)
+    cached = CachedDataset(out)
+    assert cached.meta["distinct_prompts"] == 2
+    torch.testing.assert_close(cached[1]["context"], cached[3]["context"], rtol=0, atol=0)
+    torch.testing.assert_close(
+        cached[0]["context"], base.encode_prompt(["two"]).context[0], rtol=0, atol=1e-5
+    )
+
+
+def test_a_cache_refuses_another_base_or_data_set(fill, tmp_path):
+    base, ds = make_base(), open_dataset(fill)
+    out = build_cache(ds, base, tmp_path / "cache", batch_size=4, progress=False)
+    other = make_base(seed=1)
+    assert base_digest(other) != base_digest(base) == base_digest(make_base())
+    with pytest.raises(CacheMismatchError, match="another base model"):
+        CachedDataset(out, base=other)
+    with pytest.raises(CacheMismatchError, match="another data set"):
+        CachedDataset(out, dataset=open_dataset(fill, resolution=32))
+    with pytest.raises(CacheMismatchError):
+        build_cache(ds, other, out, progress=False)
+    stamp = (out / "cache.json").stat().st_mtime_ns
+    assert build_cache(ds, base, out, progress=False) == out  # up to date: kept as is
+    assert (out / "cache.json").stat().st_mtime_ns == stamp
+    build_cache(ds, other, out, overwrite=True, progress=False)
+    CachedDataset(out, base=other, dataset=ds)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+def test_a_failed_build_leaves_nothing(fill, tmp_path, monkeypatch):
+    base, ds = make_base(), open_dataset(fill)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(cache_module.PromptEmbeddings, "cat", staticmethod(broken))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        build_cache(ds, base, tmp_path / "cache", batch_size=4, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(FileNotFoundError, match="not a cache folder"):
+        CachedDataset(tmp_path)
