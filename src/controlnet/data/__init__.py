@@ -6,10 +6,48 @@
 - :mod:`.cache`: VAE posteriors and prompt embeddings computed once, for fast epochs.
 """
 
-from .cache import CachedDataset, CacheMismatchError, base_digest, build_cache, sample_latents
-from .colors import color_distance, color_name, color_names, delta_e, nearest_color, rgb, srgb_to_lab
-from .datasets import ControlDataset, DatasetError, Layout, Skipped, open_dataset, resize_center_crop
-from .fill50k import Kind, Sample, Shape, generate, parse_prompt, read_samples, render_sample, shape_masks
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    **dict.fromkeys(
+        ["CachedDataset", "CacheMismatchError", "base_digest", "build_cache", "sample_latents"], "cache"
+    ),
+    **dict.fromkeys(
+        ["color_distance", "color_name", "color_names", "delta_e", "nearest_color", "rgb", "srgb_to_lab"],
+        "colors",
+    ),
+    **dict.fromkeys(
+        ["ControlDataset", "DatasetError", "Layout", "Skipped", "open_dataset", "resize_center_crop"],
+        "datasets",
+    ),
+    **dict.fromkeys(
+        [
+            "Kind",
+            "Sample",
+            "Shape",
+            "generate",
+            "parse_prompt",
+            "read_samples",
+            "render_sample",
+            "shape_masks",
+        ],
+        "fill50k",
+    ),
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import on first use: generating data needs neither torch nor diffusers."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'controlnet.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "CacheMismatchError",
