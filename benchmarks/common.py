@@ -55,8 +55,15 @@ def sd15(
     with torch.device(device):
         unet = UNet2DConditionModel(**unet_config(Family.SD1))
         vae = AutoencoderKL(**SD_VAE)
-        text = CLIPTextModel(CLIPTextConfig(hidden_size=768, num_hidden_layers=1, num_attention_heads=12,
-                                            intermediate_size=3072, max_position_embeddings=77))  # fmt: skip
+        text = CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=768,
+                num_hidden_layers=1,
+                num_attention_heads=12,
+                intermediate_size=3072,
+                max_position_embeddings=77,
+            )
+        )
     cns = []
     for i in range(n_controlnets):
         cn = ControlNet.from_unet(unet)
@@ -91,8 +98,12 @@ def environment() -> dict[str, Any]:
     import diffusers
 
     try:
-        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                capture_output=True, text=True, timeout=20).stdout.strip()  # fmt: skip
+        driver = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         driver = "unknown"
     return {

@@ -86,9 +86,15 @@ class LiteControlNet(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.conv_in.weight.dtype
 
-    def forward(self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor,
-                hint: torch.Tensor, added_cond_kwargs: Any = None, cross_attention_kwargs: Any = None,
-                ) -> list[torch.Tensor]:  # fmt: skip
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: Any,
+        encoder_hidden_states: torch.Tensor,
+        hint: torch.Tensor,
+        added_cond_kwargs: Any = None,
+        cross_attention_kwargs: Any = None,
+    ) -> list[torch.Tensor]:
         h = self.conv_in(sample) + hint
         feats = []
         for conv in self.convs:
@@ -126,8 +132,15 @@ class ConcatUNet(nn.Module):
     def conv_in(self) -> nn.Conv2d:
         return self.unet.conv_in
 
-    def forward(self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor,
-                *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:  # fmt: skip
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: Any,
+        encoder_hidden_states: torch.Tensor,
+        *args: Any,
+        return_dict: bool = True,
+        **kwargs: Any,
+    ) -> Any:
         if self.cond is None:
             raise ValueError("ConcatUNet needs .cond set to the condition images before it runs")
         c = F.interpolate(self.cond.to(sample), size=sample.shape[-2:], mode="area")
@@ -136,8 +149,14 @@ class ConcatUNet(nn.Module):
             if c.shape[0] == 1
             else c.repeat(sample.shape[0] // c.shape[0], 1, 1, 1)
         )
-        return self.unet(torch.cat([sample, c], 1), timestep, encoder_hidden_states, *args,
-                         return_dict=return_dict, **kwargs)  # fmt: skip
+        return self.unet(
+            torch.cat([sample, c], 1),
+            timestep,
+            encoder_hidden_states,
+            *args,
+            return_dict=return_dict,
+            **kwargs,
+        )
 
 
 class ConcatObjective(Objective):

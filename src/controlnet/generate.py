@@ -304,10 +304,22 @@ def generate(
 
     seeds = [seed + i for i in range(n)]
     out = denoise(
-        base, cond_emb, uncond_emb, units, sampler=req.sampler, steps=req.steps, guidance=req.guidance,
-        eta=req.eta, seeds=seeds, latent_size=latent_size, init_latents=init_latents,
-        denoise_strength=req.denoise, mask=mask, progress=progress, callback=callback,
-    )  # fmt: skip
+        base,
+        cond_emb,
+        uncond_emb,
+        units,
+        sampler=req.sampler,
+        steps=req.steps,
+        guidance=req.guidance,
+        eta=req.eta,
+        seeds=seeds,
+        latent_size=latent_size,
+        init_latents=init_latents,
+        denoise_strength=req.denoise,
+        mask=mask,
+        progress=progress,
+        callback=callback,
+    )
     pixels = base.decode_latents(out.latents)
     images = [
         ((p.permute(1, 2, 0).cpu().numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8) for p in pixels

@@ -81,8 +81,9 @@ def shape_and_colour(
     }
 
 
-def edge_f1(image: np.ndarray, condition_edges: np.ndarray, *, tolerance: int = 2,
-            low: int = 100, high: int = 200) -> dict[str, float]:  # fmt: skip
+def edge_f1(
+    image: np.ndarray, condition_edges: np.ndarray, *, tolerance: int = 2, low: int = 100, high: int = 200
+) -> dict[str, float]:
     """Canny edges of ``image`` against a binary edge map (white on black): precision, recall and
     F1, where an edge pixel matches when the other map has one within ``tolerance`` pixels."""
     grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if image.ndim == 3 else image

@@ -122,6 +122,8 @@ class DiffusionInputs:
         self.base = base
         self.empty_prompt_prob = empty_prompt_prob
         self.scheduler = DDPMScheduler(**{k: v for k, v in base.schedule.items()})
+        #: the empty prompt's embeddings, when batches carry cached ones (``CachedDataset.empty``)
+        self.empty: PromptEmbeddings | None = None
 
     def latents(self, batch: dict[str, Any], noise: StepNoise) -> torch.Tensor:
         """Scaled latents sampled from the VAE posterior (or from cached posterior moments)."""
@@ -139,11 +141,23 @@ class DiffusionInputs:
         return ["" if d else p for p, d in zip(prompts, drop.tolist())]
 
     def embeddings(self, batch: dict[str, Any], prompts: list[str]) -> PromptEmbeddings:
-        if "context" in batch:  # cached: the dataset carries the prompt's and the empty prompt's embeddings
-            keep = torch.tensor([p != "" for p in prompts], device=batch["context"].device)
-            ctx = torch.where(keep[:, None, None], batch["context"], batch["empty_context"])
-            return PromptEmbeddings(ctx.to(self.base.dtype), batch.get("added"))
-        return self.base.encode_prompt(prompts)
+        if "context" not in batch:
+            return self.base.encode_prompt(prompts)
+        # cached embeddings: dropped prompts take the cache's empty-prompt embeddings
+        if self.empty is None:
+            raise ValueError(
+                "batches with cached prompt embeddings need DiffusionInputs.empty (CachedDataset.empty)"
+            )
+        device = batch["context"].device
+        keep = torch.tensor([p != "" for p in prompts], device=device)
+        ctx = torch.where(keep[:, None, None], batch["context"], self.empty.context.to(device))
+        added = None
+        if batch.get("added") is not None:
+            assert self.empty.added is not None
+            added = {
+                k: torch.where(keep[:, None], v, self.empty.added[k].to(v)) for k, v in batch["added"].items()
+            }
+        return PromptEmbeddings(ctx.to(self.base.dtype), added)
 
     def noised(
         self, latents: torch.Tensor, noise: StepNoise

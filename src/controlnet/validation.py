@@ -54,7 +54,7 @@ class ControlValidator:
 
     def _batch(self, device: torch.device) -> dict[str, Any]:
         batch: dict[str, Any] = {"prompt": [it["prompt"] for it in self.items]}
-        for k in ("target", "cond", "latent_mean", "latent_std", "context", "empty_context"):
+        for k in ("target", "cond", "latent_mean", "latent_std", "context"):
             if k in self.items[0]:
                 batch[k] = torch.stack([it[k] for it in self.items]).to(device)
         return batch
@@ -85,9 +85,17 @@ class ControlValidator:
         neg = base.encode_prompt([self.negative_prompt] * n, size=size)  # type: ignore[arg-type]
         seeds = [self.seed + i for i in range(n)]
         out = denoise(
-            base, emb, neg, [ControlUnit(cn, cond)], sampler=self.sampler, steps=self.steps,
-            guidance=self.guidance, seeds=seeds, latent_size=latent, progress=False,
-        )  # fmt: skip
+            base,
+            emb,
+            neg,
+            [ControlUnit(cn, cond)],
+            sampler=self.sampler,
+            steps=self.steps,
+            guidance=self.guidance,
+            seeds=seeds,
+            latent_size=latent,
+            progress=False,
+        )
         images = [to_uint8(x) for x in base.decode_latents(out.latents)]
         if "target" in batch:
             targets = [to_uint8(t) for t in batch["target"]]
