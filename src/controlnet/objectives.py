@@ -80,6 +80,10 @@ class Objective(nn.Module):
         precision), trained parts in float32 (the optimizer's master weights)."""
         raise NotImplementedError
 
+    def networks(self) -> list[nn.Module]:
+        """The networks that run every step (what ``--compile`` compiles)."""
+        return list(self.trainable_modules().values())
+
     def enable_gradient_checkpointing(self) -> None:
         for module in self.modules():
             if module is not self and hasattr(module, "enable_gradient_checkpointing"):
@@ -210,6 +214,9 @@ class ControlNetObjective(Objective):
     def controlnet(self) -> ControlNet:
         return self.model.controlnet
 
+    def networks(self) -> list[nn.Module]:
+        return [self.model.unet, self.model.controlnet]
+
     def trainable_modules(self) -> dict[str, nn.Module]:
         mods: dict[str, nn.Module] = {"controlnet": self.model.controlnet}
         if not self.sd_locked:
@@ -269,29 +276,40 @@ class BaseObjective(Objective):
     together (the VAE stays frozen). Prompts are dropped to "" with ``empty_prompt_prob`` so the
     model also learns the unconditional prediction classifier-free guidance needs."""
 
-    def __init__(self, base: BaseModel, *, empty_prompt_prob: float = 0.1) -> None:
+    def __init__(
+        self, base: BaseModel, *, empty_prompt_prob: float = 0.1, train_text_encoder: bool = True
+    ) -> None:
         super().__init__()
-        if base.text_encoder_2 is not None:
-            raise ValueError("training a two-encoder (SDXL) base from scratch is not supported")
+        if base.text_encoder_2 is not None and train_text_encoder:
+            raise ValueError(
+                "training a two-encoder (SDXL) text stack is not supported; use train_text_encoder=False"
+            )
         self.unet = base.unet.requires_grad_(True).train()
-        self.text_encoder = base.text_encoder.requires_grad_(True).train()
+        self.train_text_encoder = train_text_encoder
+        self.text_encoder = base.text_encoder.requires_grad_(train_text_encoder).train(train_text_encoder)
         self.inputs = DiffusionInputs(base, empty_prompt_prob)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
+        if not self.train_text_encoder:
+            return {"unet": self.unet}
         return {"unet": self.unet, "text_encoder": self.text_encoder}
 
     def param_groups(self, lr: float, decoder_lr: float) -> list[dict[str, Any]]:
-        return [{"params": [*self.unet.parameters(), *self.text_encoder.parameters()], "lr": lr}]
+        return [{"params": [p for m in self.trainable_modules().values() for p in m.parameters()], "lr": lr}]
 
     def prepare(self, device: torch.device, weight_dtype: torch.dtype) -> None:
         base = self.inputs.base
-        base.vae.to(device, weight_dtype)
-        self.unet.to(device, torch.float32)
-        self.text_encoder.to(device, torch.float32)
+        base.to(device, weight_dtype)
+        for m in self.trainable_modules().values():
+            m.to(device, torch.float32)
 
     def forward(self, batch: dict[str, Any], noise: StepNoise) -> torch.Tensor:
         latents = self.inputs.latents(batch, noise)
         noisy, t, target = self.inputs.noised(latents, noise)
-        ids = self.inputs.base.tokenize(self.inputs.prompts(batch["prompt"], noise))
-        context = self.text_encoder(ids).last_hidden_state  # with gradients, unlike encode_prompt
-        return F.mse_loss(self.unet(noisy, t, context).sample.float(), target.float())
+        prompts = self.inputs.prompts(batch["prompt"], noise)
+        if self.train_text_encoder:  # with gradients, unlike encode_prompt
+            emb = PromptEmbeddings(self.text_encoder(self.inputs.base.tokenize(prompts)).last_hidden_state)
+        else:
+            emb = self.inputs.embeddings(batch, prompts)
+        pred = self.unet(noisy.to(self.unet.dtype), t, emb.context, added_cond_kwargs=emb.added).sample
+        return F.mse_loss(pred.float(), target.float())
