@@ -54,11 +54,17 @@ def ours(base, cns, emb, neg, cond, batch: int, *, graphs: bool, compile: bool) 
 
 
 def peer_pipeline(base, cns):
-    from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline
-    from diffusers.pipelines.controlnet import MultiControlNetModel
+    from diffusers import (
+        ControlNetModel,
+        DDIMScheduler,
+        MultiControlNetModel,
+        StableDiffusionControlNetPipeline,
+    )
 
     def to_diffusers(cn):
-        d = ControlNetModel.from_unet(base.unet)
+        d = ControlNetModel.from_unet(
+            base.unet, conditioning_embedding_out_channels=cn.config.hint_block_channels
+        )
         d.load_state_dict(cn.state_dict())  # identical key names: a strict load
         return d.to(base.device, base.dtype)
 
@@ -120,24 +126,33 @@ def main() -> None:
     p.add_argument("--peer-compile", action="store_true", help="also time diffusers with torch.compile")
     p.add_argument("--fast", action="store_true", help="also time our --fast path (torch.compile)")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument(
+        "--smoke", action="store_true", help="tiny shapes on the CPU: check the script, time nothing"
+    )
     args = p.parse_args()
+    global SIZE
+    dev = "cpu" if args.smoke else "cuda"
+    if args.smoke:
+        SIZE = 64
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     res: dict[str, Any] = {"env": environment(), "dtype": args.dtype, "command": " ".join(sys.argv)}
     res["matmul_peak_tflops"] = matmul_peak_tflops(dtype=dtype)
     rows: list[dict[str, Any]] = []
 
-    base, cns = sd15("cuda", dtype, n_controlnets=2)
+    base, cns = sd15(dev, torch.float32 if args.smoke else dtype, n_controlnets=2, smoke=args.smoke)
+    dtype = base.dtype
     g = torch.Generator().manual_seed(0)
-    emb = PromptEmbeddings(torch.randn(1, 77, 768, generator=g).to("cuda", dtype))
-    neg = PromptEmbeddings(torch.randn(1, 77, 768, generator=g).to("cuda", dtype))
-    cond = torch.rand(1, 3, SIZE, SIZE, generator=g).to("cuda", dtype)
+    emb = PromptEmbeddings(torch.randn(1, 77, 768, generator=g).to(dev, dtype))
+    neg = PromptEmbeddings(torch.randn(1, 77, 768, generator=g).to(dev, dtype))
+    cond = torch.rand(1, 3, SIZE, SIZE, generator=g).to(dev, dtype)
     flops = {n: step_flops(base, cns[:n], emb, neg, cond) for n in (1, 2)}
     res["step_tflop"] = {str(n): f / 1e12 for n, f in flops.items()}
 
     def record(name: str, fn, batch: int, n_cn: int, reps: int = args.reps) -> float:
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         first = time.perf_counter() - t0
         s = cuda_time(fn, warmup=1, reps=reps)
         achieved = STEPS * flops[n_cn] * batch / s / 1e12  # UNet + ControlNet work only
@@ -158,6 +173,8 @@ def main() -> None:
         return s
 
     # ours: eager (no graphs), default (CUDA graphs), batch 1 and 8, one and two ControlNets
+    if args.smoke:
+        args.reps = 1
     record("ours eager", lambda: ours(base, cns[:1], emb, neg, cond, 1, graphs=False, compile=False), 1, 1)
     for n_cn in (1, 2):
         record(

@@ -20,7 +20,8 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from controlnet import ControlNet, Family, unet_config
+from controlnet import ControlNet, ControlNetConfig, Family, unet_config
+from controlnet.families import tiny_unet_config
 from controlnet.models import BaseModel
 from controlnet.tokenizer import clip_tokenizer
 
@@ -46,15 +47,22 @@ def open_zero(module: torch.nn.Module, seed: int = 0) -> None:
                 p.copy_((torch.randn(p.shape, generator=g) * 1e-3).to(p))
 
 
+#: --smoke: tiny shapes on the CPU, to check a benchmark script end to end without a GPU
+SMOKE = {
+    "unet": {**tiny_unet_config(Family.SD1, cross_attention_dim=768), "sample_size": 64},
+    "vae": {**SD_VAE, "block_out_channels": (8, 16, 16, 16), "layers_per_block": 1, "norm_num_groups": 4},
+}
+
+
 def sd15(
-    device: str, dtype: torch.dtype, n_controlnets: int = 1, seed: int = 0
+    device: str, dtype: torch.dtype, n_controlnets: int = 1, seed: int = 0, smoke: bool = False
 ) -> tuple[BaseModel, list[ControlNet]]:
     """An SD1.5-shaped base model (a 1-layer text encoder: prompts are pre-encoded in timings) and
     ControlNets copied from its UNet, random weights, on ``device`` in ``dtype``."""
     torch.manual_seed(seed)
     with torch.device(device):
-        unet = UNet2DConditionModel(**unet_config(Family.SD1))
-        vae = AutoencoderKL(**SD_VAE)
+        unet = UNet2DConditionModel(**(SMOKE["unet"] if smoke else unet_config(Family.SD1)))
+        vae = AutoencoderKL(**(SMOKE["vae"] if smoke else SD_VAE))
         text = CLIPTextModel(
             CLIPTextConfig(
                 hidden_size=768,
@@ -66,7 +74,9 @@ def sd15(
         )
     cns = []
     for i in range(n_controlnets):
-        cn = ControlNet.from_unet(unet)
+        cn = ControlNet.from_unet(
+            unet, ControlNetConfig(hint_block_channels=(4, 8, 8, 16)) if smoke else None
+        )
         open_zero(cn, seed + 1 + i)
         cns.append(cn.to(dtype).eval())
     base = BaseModel(Family.SD1, unet, vae, text, clip_tokenizer(Family.SD1)).to(device, dtype)
@@ -75,20 +85,23 @@ def sd15(
 
 def cuda_time(fn: Callable[[], Any], warmup: int = 2, reps: int = 5) -> float:
     """Median wall time of ``fn`` in seconds, synchronising the GPU around each run."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    sync()
     times = []
     for _ in range(reps):
         t = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
 
 def matmul_peak_tflops(n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
     """Measured dense matmul rate on random data (the ceiling to compare achieved rates with)."""
+    if not torch.cuda.is_available():
+        return float("nan")
     a, b = (torch.randn(n, n, device="cuda", dtype=dtype) for _ in range(2))
     s = cuda_time(lambda: a @ b, warmup=3, reps=10)
     return 2 * n**3 / s / 1e12

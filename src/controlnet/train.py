@@ -72,6 +72,7 @@ class TrainConfig:
     log_every: int = 10
     num_workers: int = 0
     resume: bool = False
+    save_checkpoints: bool = True  # off only for throughput measurements
     cpu: bool = False
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)  # the objective's options, recorded with the run
@@ -368,7 +369,7 @@ def train(
                 metrics.plot(run_dir, hl)
             accel.wait_for_everyone()
 
-        if state.step % cfg.checkpoint_every == 0 or state.step == total:
+        if cfg.save_checkpoints and (state.step % cfg.checkpoint_every == 0 or state.step == total):
             if main:
                 save_checkpoint(
                     run_dir,

@@ -1,0 +1,187 @@
+"""Training speed and memory: our loop against diffusers' train_controlnet.py recipe.
+
+SD1.5 architecture, random weights, batch 8 at 512 px (64x64 latents), bf16 mixed precision. Our
+numbers come from the real ``controlnet.train.train`` loop on batches of cached latents and prompt
+embeddings (the recipe's timing likewise starts from latents and embeddings); the peer is the
+recipe's step (frozen bf16 UNet, fp32 diffusers ControlNetModel under autocast, AdamW) in this
+same process. Also our full-UNet fine-tuning step, the paper's reference for ControlNet's cost.
+
+    python benchmarks/bench_train.py --out results/train.json [--peer] [--compile] [--batch 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import cuda_time, environment, open_zero, sd15, table, write_json
+
+from controlnet.models import PromptEmbeddings
+from controlnet.objectives import BaseObjective, ControlNetObjective
+from controlnet.train import TrainConfig, train
+
+
+class CachedLike(Dataset):
+    """Items shaped like a latent cache's: posterior moments, a uint8-sourced condition, a context."""
+
+    def __init__(self, n: int, size: int = 512) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.mean = torch.randn(n, 4, size // 8, size // 8, generator=g)
+        self.cond = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+        self.context = torch.randn(n, 77, 768, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {
+            "latent_mean": self.mean[i],
+            "latent_std": torch.full_like(self.mean[i], 0.1),
+            "cond": self.cond[i].float() / 255,
+            "context": self.context[i],
+            "prompt": "x",
+            "index": i,
+        }
+
+
+SMOKE = False
+
+
+def _reset() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
+def ours(kind: str, batch: int, steps: int, *, compile: bool, checkpointing: bool) -> dict[str, float]:
+    _reset()
+    base, cns = sd15("cpu" if SMOKE else "cuda", torch.bfloat16, n_controlnets=1, smoke=SMOKE)
+    if kind == "controlnet":
+        objective = ControlNetObjective(base, cns[0].float())
+    else:  # full-UNet fine-tuning on the same inputs (the text encoder stays frozen)
+        objective = BaseObjective(base, train_text_encoder=False)
+    objective.inputs.empty = PromptEmbeddings(torch.zeros(1, 77, 768))
+    torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory() as out:
+        cfg = TrainConfig(
+            out=out,
+            steps=steps,
+            batch_size=batch,
+            lr=1e-5,
+            mixed_precision="bf16",
+            compile=compile,
+            gradient_checkpointing=checkpointing,
+            log_every=steps // 3,
+            save_checkpoints=False,
+            num_workers=4,
+            progress=False,
+        )
+        train(cfg, objective, CachedLike(batch * 8))
+        with open(Path(out) / "metrics.csv") as f:
+            rates = [float(r["value"]) for r in csv.DictReader(f) if r["name"] == "samples_per_s"]
+    peak = _peak()
+    del objective, base, cns
+    return {"samples_per_s": sum(rates[1:]) / len(rates[1:]), "peak_gib": peak}  # first window: warm-up
+
+
+def peer(batch: int, *, checkpointing: bool) -> dict[str, float]:
+    """diffusers' examples/controlnet/train_controlnet.py step, as published."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from controlnet import Family, unet_config
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    dtype = torch.bfloat16
+    with torch.device("cuda"):
+        unet = UNet2DConditionModel(**unet_config(Family.SD1))
+    unet = unet.to(dtype).requires_grad_(False)
+    cn = ControlNetModel.from_unet(unet).to("cuda", torch.float32).train()
+    open_zero(cn)
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+        cn.enable_gradient_checkpointing()
+    opt = torch.optim.AdamW(cn.parameters(), lr=1e-5)
+    lat = torch.randn(batch, 4, 64, 64, device="cuda", dtype=dtype)
+    ctx = torch.randn(batch, 77, 768, device="cuda", dtype=dtype)
+    cond = torch.rand(batch, 3, 512, 512, device="cuda", dtype=dtype)
+
+    def step() -> None:
+        noise = torch.randn_like(lat)
+        t = torch.randint(0, 1000, (batch,), device="cuda")
+        with torch.autocast("cuda", dtype=dtype):
+            down, mid = cn(lat, t, encoder_hidden_states=ctx, controlnet_cond=cond, return_dict=False)
+            pred = unet(
+                lat + noise,
+                t,
+                encoder_hidden_states=ctx,
+                down_block_additional_residuals=[d.to(dtype) for d in down],
+                mid_block_additional_residual=mid.to(dtype),
+                return_dict=False,
+            )[0]
+        loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    s = cuda_time(step, warmup=3, reps=10)
+    return {"samples_per_s": batch / s, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=None)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--peer", action="store_true")
+    p.add_argument("--compile", action="store_true", help="also measure our loop with --compile")
+    p.add_argument("--finetune", action="store_true", help="also measure our full-UNet fine-tuning step")
+    p.add_argument("--checkpointing", action="store_true", help="also measure with gradient checkpointing")
+    p.add_argument(
+        "--smoke", action="store_true", help="tiny shapes on the CPU: check the script, time nothing"
+    )
+    args = p.parse_args()
+    global SMOKE
+    SMOKE = args.smoke
+    res: dict[str, Any] = {"env": environment(), "command": " ".join(sys.argv), "batch": args.batch}
+    rows: list[dict[str, Any]] = []
+
+    def add(name: str, **kw: Any) -> None:
+        rows.append({"run": name, "batch": args.batch, **kw})
+        print(rows[-1], flush=True)
+
+    compiles = [False, True] if args.compile else [False]
+    ckpts = [False, True] if args.checkpointing else [False]
+    if args.peer:
+        for ck in ckpts:
+            add("diffusers recipe" + (" + checkpointing" if ck else ""), **peer(args.batch, checkpointing=ck))
+    for comp in compiles:
+        for ck in ckpts:
+            name = "ours controlnet" + (" --compile" if comp else "") + (" + checkpointing" if ck else "")
+            add(name, **ours("controlnet", args.batch, args.steps, compile=comp, checkpointing=ck))
+        if args.finetune:
+            name = "ours full-UNet fine-tune" + (" --compile" if comp else "")
+            add(name, **ours("finetune", args.batch, args.steps, compile=comp, checkpointing=False))
+    res["rows"] = rows
+    write_json(args.out, res)
+    print()
+    print(table(rows, ["run", "batch", "samples_per_s", "peak_gib"]))
+
+
+if __name__ == "__main__":
+    main()
