@@ -48,7 +48,16 @@ from .checkpoint import CheckpointError, TensorFile, atomic_outputs, list_keys, 
 from .keymap import Rule, load_into, to_file
 from .ldm import clip_rule, controlnet_rule, openclip_rule, unet_rule, vae_rule
 
-__all__ = ["base_loader", "load_controlnet", "parts", "save_base", "save_controlnet"]
+__all__ = [
+    "base_loader",
+    "base_tensors",
+    "controlnet_tensors",
+    "load_controlnet",
+    "parts",
+    "read_schedule",
+    "save_base",
+    "save_controlnet",
+]
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -223,7 +232,7 @@ def _dropped(part: str, prefix: str, config: BaseConfig) -> Callable[[str], bool
     return lambda k: False
 
 
-def _schedule(tf: TensorFile, base: dict[str, Any]) -> dict[str, Any]:
+def read_schedule(tf: TensorFile, base: dict[str, Any]) -> dict[str, Any]:
     """The beta range and length from the stored ``betas`` (scaled-linear or linear), and the
     prediction type from the sidecar ``.yaml`` ('v' for the SD2.x 768-v models)."""
     schedule = dict(base)
@@ -260,7 +269,7 @@ def base_config(tf: TensorFile, config: BaseConfig | None = None) -> BaseConfig:
     config = BaseConfig.for_family(family_from_context(tf.shapes, UNET, str(tf.path)))
     # the one structural variation users have: inpainting UNets read 9 channels
     config.unet["in_channels"] = tf.shapes.get(UNET + "input_blocks.0.0.weight", (0, 4))[1]
-    config.schedule = _schedule(tf, config.schedule)
+    config.schedule = read_schedule(tf, config.schedule)
     return config
 
 
@@ -298,6 +307,12 @@ def base_tensors(base: BaseModel) -> dict[str, torch.Tensor]:
         state = module.state_dict()
         out.update(to_file(state, _part_rules(part, prefixes[part], config, module)(list(state))))
     return out
+
+
+def controlnet_tensors(cn: ControlNet) -> dict[str, torch.Tensor]:
+    """A ControlNet's tensors under the original ``control_model.*`` names."""
+    state = cn.state_dict()
+    return to_file(state, _controlnet_rules(cn.unet_config, cn.config)(list(state)))
 
 
 def _cldm_yaml(unet_config: dict[str, Any], config: ControlNetConfig) -> str:
@@ -340,8 +355,7 @@ def save_controlnet(
 ) -> list[Path]:
     """``control_model.*`` (a v1.1-style file), or with ``base`` a whole v1.0-style file.
     Returns the paths written (the weights, and the ``.yaml`` for a global-pooling model)."""
-    state = cn.state_dict()
-    tensors = to_file(state, _controlnet_rules(cn.unet_config, cn.config)(list(state)))
+    tensors = controlnet_tensors(cn)
     metadata = controlnet_metadata(cn.unet_config, cn.config)
     if base is not None:
         tensors.update(base_tensors(base))

@@ -60,20 +60,27 @@ def _unet_of(model: BaseModel | UNet2DConditionModel) -> UNet2DConditionModel:
     return model.unet if isinstance(model, BaseModel) else model
 
 
+def _unet_config_of(model: BaseModel | UNet2DConditionModel | ControlNet) -> dict[str, Any]:
+    if isinstance(model, ControlNet):
+        return dict(model.unet_config)
+    return dict(_unet_of(model).config)
+
+
 def _describe(config: dict[str, Any]) -> str:
     return f"{family_of_unet_config(config).label}, cross-attention {config.get('cross_attention_dim')}"
 
 
 def check_compatible(
     controlnet: ControlNet,
-    base: BaseModel | UNet2DConditionModel,
+    base: BaseModel | UNet2DConditionModel | ControlNet,
     *,
     controlnet_name: str | None = None,
     base_name: str | None = None,
 ) -> None:
     """Raise a :class:`CheckpointError` naming both models unless ``controlnet`` was made for a
-    UNet of ``base``'s architecture (every field of the UNet's encoder half agrees)."""
-    theirs = dict(_unet_of(base).config)
+    UNet of ``base``'s architecture (every field of the UNet's encoder half agrees). ``base`` may
+    be another ControlNet: several ControlNets used together must fit one base."""
+    theirs = _unet_config_of(base)
     differ = [
         f"{f} {_norm(controlnet.unet_config.get(f))!r} vs {_norm(theirs.get(f))!r}"
         for f in UNET_FIELDS
