@@ -151,10 +151,11 @@ def _open_safetensors(path: Path) -> TensorFile:
 
 
 def _unpickling_reason(e: Exception) -> str:
+    """The refused global's name out of torch's long advice (which suggests trusting the file)."""
     text = str(e)
     for line in text.splitlines():
         if "Unsupported global" in line or "Unsupported operand" in line:
-            return line.strip().removeprefix("WeightsUnpickler error:").strip()
+            return line.strip().removeprefix("WeightsUnpickler error:").strip().split(" was not ")[0]
     return text.splitlines()[0] if text else type(e).__name__
 
 
@@ -172,7 +173,7 @@ def _open_torch(path: Path) -> TensorFile:
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path}: the pickle holds objects other than plain tensors, refused "
-            f"({_unpickling_reason(e)}); convert it with the tool that made it, or trust and re-save it"
+            f"({_unpickling_reason(e)}); save its state dict alone with the tool that made it"
         ) from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
