@@ -63,9 +63,9 @@ def detect(path: PathLike) -> Detected:
     path = Path(path)
     if path.is_dir():
         if dif.is_controlnet_folder(path):
-            return Detected(path, Format.DIFFUSERS, (CONTROLNET,), "diffusers ControlNet folder")
+            return Detected(path, Format.DIFFUSERS, (CONTROLNET,), "ControlNet folder")
         if dif.is_pipeline_folder(path):
-            return Detected(path, Format.DIFFUSERS, (BASE,), "diffusers pipeline folder")
+            return Detected(path, Format.DIFFUSERS, (BASE,), "pipeline folder")
         raise CheckpointError(
             f"{path}: unknown folder (neither a diffusers ControlNet with config.json nor a pipeline "
             "with model_index.json)"
@@ -74,20 +74,20 @@ def detect(path: PathLike) -> Detected:
     kind = ours.kind_of(tf)
     if kind is not None:
         what = "ControlNet" if kind == ours.CONTROLNET else "base model"
-        return Detected(path, Format.CONTROLNET, (kind,), f"controlnet format ({what})", tf)
+        return Detected(path, Format.CONTROLNET, (kind,), what, tf)
     has_control = bool(tf.with_prefix(orig.CONTROL))
     has_base = bool(tf.with_prefix(orig.UNET))
     if has_control or has_base:
         kinds = tuple(k for k, present in ((BASE, has_base), (CONTROLNET, has_control)) if present)
         if has_control and has_base:
-            layout = "original, ControlNet v1.0 style (base model + control_model)"
+            layout = "ControlNet v1.0 style: base model + control_model"
         elif has_control:
-            layout = "original, ControlNet v1.1 style (control_model only)"
+            layout = "ControlNet v1.1 style: control_model only"
         else:
-            layout = "original Stable Diffusion single file"
+            layout = "Stable Diffusion single file"
         return Detected(path, Format.ORIGINAL, kinds, layout, tf)
     if "controlnet_cond_embedding.conv_in.weight" in tf:
-        return Detected(path, Format.DIFFUSERS, (CONTROLNET,), "diffusers-layout ControlNet weights", tf)
+        return Detected(path, Format.DIFFUSERS, (CONTROLNET,), "bare ControlNet weights, no config.json", tf)
     raise CheckpointError(
         f"{path}: unknown checkpoint layout (no control_model.*, model.diffusion_model.*, "
         f"controlnet_cond_embedding.* or our metadata); first keys: {list_keys(list(tf)[:5], 5)}"

@@ -259,6 +259,10 @@ def save_safetensors(
 ) -> None:
     """Write ``tensors`` to ``path`` (call inside :func:`atomic_outputs`)."""
     save_file(_own_storage(tensors), str(path), metadata=dict(metadata or {}))
+    # safetensors creates its files owner-only (0600); give them the mode any other file gets
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 @contextlib.contextmanager

@@ -30,6 +30,7 @@ import yaml
 
 from ..controlnet import ControlNet, ControlNetConfig
 from ..families import Family, family_of_unet_config
+from ..families import unet_config as family_unet
 from ..models import BaseModel
 from .build import (
     BaseConfig,
@@ -53,7 +54,6 @@ __all__ = [
     "base_tensors",
     "controlnet_tensors",
     "load_controlnet",
-    "parts",
     "read_schedule",
     "save_base",
     "save_controlnet",
@@ -83,8 +83,8 @@ SCHEDULE_KEYS = frozenset(
         "logvar",
     }
 )
-#: Prefixes recognised but never loaded.
-IGNORED = {"model_ema.": "EMA copy (not loaded)", "denoiser.": "sampler buffers (not loaded)"}
+#: Prefixes recognised but never loaded, and what they are.
+IGNORED = {"model_ema.": "an EMA copy of the UNet (not loaded)", "denoiser.": "sampler buffers (not loaded)"}
 #: Part name -> prefix, in the order inspect lists them.
 PREFIXES = {
     "unet": UNET,
@@ -95,19 +95,6 @@ PREFIXES = {
     "text_encoder_2 (OpenCLIP ViT-bigG)": TEXT_XL2,
     "controlnet": CONTROL,
 }
-
-
-def parts(tf: TensorFile) -> dict[str, int]:
-    """Part name -> number of tensors, for the parts present (plus 'schedule' and ignored ones)."""
-    out: dict[str, int] = {}
-    for name, prefix in {**PREFIXES, **{v: k for k, v in IGNORED.items()}}.items():
-        n = len(tf.with_prefix(prefix))
-        if n:
-            out[name] = n
-    n = sum(k in SCHEDULE_KEYS for k in tf)
-    if n:
-        out["schedule buffers"] = n
-    return out
 
 
 def _reject_unknown(tf: TensorFile) -> None:
@@ -156,8 +143,6 @@ def controlnet_arch(
         unet_config = unet_config or stored[0]
         config = config or stored[1]
     if unet_config is None:
-        from ..families import unet_config as family_unet
-
         unet_config = family_unet(family_from_context(tf.shapes, CONTROL, str(tf.path)))
         unet_config["in_channels"] = tf.shapes[CONTROL + "input_blocks.0.0.weight"][1]
     if config is None:

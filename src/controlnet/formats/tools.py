@@ -280,6 +280,9 @@ def _inspect_original(path: Path, layout: str, tf: TensorFile) -> Inspection:
     for prefix, what in orig.IGNORED.items():
         if tf.with_prefix(prefix):
             notes.append(f"{prefix}*: {what}")
+    schedule = [k for k in tf if k in orig.SCHEDULE_KEYS]
+    if schedule:
+        notes.append(f"{len(schedule)} schedule buffers: the betas give the noise schedule; not loaded")
     if tf.with_prefix(orig.TEXT_SD2):
         notes.append(
             "SD2.x text encoder: the last OpenCLIP layer and text_projection are not loaded (penultimate)"
