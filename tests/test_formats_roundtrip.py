@@ -190,8 +190,10 @@ def test_diffusers_reads_our_folders(family, tmp_path, monkeypatch):
     with torch.no_grad():
         down, mid = theirs(**{**inputs, "controlnet_cond": cond}, return_dict=False)
         ours = cn(**inputs, hint=cn.encode_hint(cond))
+    # same tensors (checked bitwise above), same maths; two module instances may pick different
+    # CPU kernels for the 1x1 levels, so the outputs agree to float32 rounding, not bit for bit
     for a, b in zip([*down, mid], ours):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
     base = make_base(family)
     pipe = save_base(base, tmp_path / "pipe", Format.DIFFUSERS)[0]

@@ -107,6 +107,21 @@ def _check_same_unet(a: UNet2DConditionModel, b: UNet2DConditionModel, a_name: s
 
 
 # ------------------------------------------------------------------------------------ init / transfer
+def _is_path(x: object) -> bool:
+    return isinstance(x, (str, os.PathLike))
+
+
+def _label(x: object, default: str) -> str:
+    return str(x) if _is_path(x) else default
+
+
+def _unet_arg(
+    x: PathLike | BaseModel | UNet2DConditionModel, dtype: torch.dtype | None = None
+) -> UNet2DConditionModel:
+    """The UNet of a base model given as a file or folder (only the UNet is loaded) or as a model."""
+    return load_unet(x, dtype=dtype) if _is_path(x) else _unet_of(x)  # type: ignore[arg-type]
+
+
 def init_controlnet(
     base: PathLike | BaseModel | UNet2DConditionModel,
     *,
@@ -115,8 +130,9 @@ def init_controlnet(
     dtype: torch.dtype | None = None,
 ) -> ControlNet:
     """A new ControlNet for ``base``: every tensor with a twin in the UNet copied from it exactly,
-    a freshly initialised hint encoder (seeded; the global RNG is left alone) and zero convs."""
-    unet = load_unet(base, dtype=dtype) if isinstance(base, (str, os.PathLike)) else _unet_of(base)
+    a freshly initialised hint encoder (seeded; the global RNG is left alone) and zero convs.
+    ``dtype`` casts a base read from a file."""
+    unet = _unet_arg(base, dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return ControlNet.from_unet(unet, config)
@@ -132,17 +148,13 @@ def transfer_controlnet(
     trainable copy), computed in float32 (float64 if any input is) and stored in the ControlNet's
     dtype; the hint encoder and zero convs are kept. Use the result with B's VAE and text encoder."""
 
-    def named(x: Any, what: str) -> tuple[Any, str]:
-        return x, (str(x) if isinstance(x, (str, os.PathLike)) else what)
-
-    (control, c_name), (from_base, a_name), (to_base, b_name) = (
-        named(control, "the ControlNet"),
-        named(from_base, "base A"),
-        named(to_base, "base B"),
+    c_name, a_name, b_name = (
+        _label(control, "the ControlNet"),
+        _label(from_base, "base A"),
+        _label(to_base, "base B"),
     )
-    cn = load_controlnet(control) if isinstance(control, (str, os.PathLike)) else control
-    a = load_unet(from_base) if isinstance(from_base, (str, os.PathLike)) else _unet_of(from_base)
-    b = load_unet(to_base) if isinstance(to_base, (str, os.PathLike)) else _unet_of(to_base)
+    cn = load_controlnet(control) if _is_path(control) else control
+    a, b = _unet_arg(from_base), _unet_arg(to_base)
     check_compatible(cn, a, controlnet_name=c_name, base_name=a_name)
     check_compatible(cn, b, controlnet_name=c_name, base_name=b_name)
     _check_same_unet(a, b, a_name, b_name)
