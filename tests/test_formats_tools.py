@@ -165,3 +165,11 @@ def test_convert_command(tmp_path, capsys):
     assert load_controlnet(dst).dtype == torch.float16
     assert main(["convert", str(src), str(dst), "--to", "diffusers", "--force"]) == 0
     assert load_controlnet(dst).dtype == torch.float32
+    # --force replaces a file by a folder and a folder by a file, leaving nothing else behind
+    out = tmp_path / "out.safetensors"
+    assert main(["convert", str(src), str(out), "--to", "diffusers"]) == 0
+    assert main(["convert", str(src), str(out), "--to", "controlnet", "--force"]) == 0
+    assert out.is_file() and load_controlnet(out).dtype == torch.float32
+    assert main(["convert", str(src), str(out), "--to", "diffusers", "--force"]) == 0
+    assert out.is_dir() and load_controlnet(out).dtype == torch.float32
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cn.safetensors", "cn_diffusers", "out.safetensors"]

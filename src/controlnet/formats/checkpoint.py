@@ -51,6 +51,8 @@ _ST_DTYPES = {
     "I8": torch.int8,
     "U8": torch.uint8,
     "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 
 
@@ -143,7 +145,11 @@ def _open_safetensors(path: Path) -> TensorFile:
         for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
             sl = handle.get_slice(key)
             shapes[key] = tuple(sl.get_shape())
-            dtypes[key] = _ST_DTYPES.get(sl.get_dtype(), torch.uint8)
+            if sl.get_dtype() not in _ST_DTYPES:
+                raise CheckpointError(
+                    f"{path}: tensor {key!r} has dtype {sl.get_dtype()}, which is not supported"
+                )
+            dtypes[key] = _ST_DTYPES[sl.get_dtype()]
         metadata = handle.metadata() or {}
     except SafetensorError as e:
         raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({e})") from e
@@ -287,13 +293,18 @@ def atomic_outputs(*dests: PathLike, overwrite: bool = False) -> Iterator[list[P
             if not tmp.exists():
                 raise RuntimeError(f"internal error: {final} was not written")
         for tmp, final in zip(temps, finals):
-            if final.is_dir() and not final.is_symlink():
-                old = final.with_name(f".{final.name}.{tag}.old")
+            if tmp.is_file() and not final.is_dir():
+                os.replace(tmp, final)  # atomic, also over an existing file
+                continue
+            # a folder cannot replace anything atomically: move the old output aside first
+            old = final.with_name(f".{final.name}.{tag}.old")
+            if final.exists() or final.is_symlink():
                 final.rename(old)
-                tmp.rename(final)
+            tmp.rename(final)
+            if old.is_dir() and not old.is_symlink():
                 shutil.rmtree(old)
-            else:
-                os.replace(tmp, final)
+            elif old.exists() or old.is_symlink():
+                old.unlink()
     finally:
         for tmp in temps:
             if tmp.is_dir():
