@@ -221,3 +221,15 @@ def test_original_layout_agrees_with_diffusers_own_conversion(family):
         skipped = {k for k in mine if k.startswith("add_embedding.")} if module is cn else set()
         assert theirs.keys() == mine.keys() - skipped
         assert all(torch.equal(theirs[k].reshape(mine[k].shape), mine[k]) for k in theirs)
+
+
+def test_diffusers_folders_with_variant_or_pickled_weights(tmp_path):
+    """Folders fetched with variant='fp16' hold *.fp16.safetensors; older ones *.bin pickles."""
+    cn = make_controlnet(make_unet(Family.SD1), open_zero=True)
+    folder = save_controlnet(cn, tmp_path / "cn", Format.DIFFUSERS)[0]
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    weights.rename(folder / "diffusion_pytorch_model.fp16.safetensors")
+    assert_same_controlnet(cn, load_controlnet(folder))
+    (folder / "diffusion_pytorch_model.fp16.safetensors").unlink()
+    torch.save(cn.state_dict(), folder / "diffusion_pytorch_model.bin")
+    assert_same_controlnet(cn, load_controlnet(folder))

@@ -27,6 +27,8 @@ from ..tokenizer import clip_tokenizer
 from .checkpoint import CheckpointError, TensorFile
 
 __all__ = [
+    "TEXT_FIELDS",
+    "UNET_FIELDS",
     "BaseConfig",
     "build_text_encoder",
     "build_unet",
@@ -38,7 +40,7 @@ __all__ = [
 ]
 
 #: CLIPTextConfig fields that shape the network (the rest are training or generation settings).
-_TEXT_FIELDS = (
+TEXT_FIELDS = (
     "vocab_size",
     "hidden_size",
     "intermediate_size",
@@ -93,7 +95,7 @@ def public_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def text_config_of(model: CLIPTextModel | CLIPTextModelWithProjection) -> dict[str, Any]:
-    cfg = {f: getattr(model.config, f) for f in _TEXT_FIELDS}
+    cfg = {f: getattr(model.config, f) for f in TEXT_FIELDS}
     cfg["architectures"] = [type(model).__name__]
     return cfg
 
@@ -189,7 +191,7 @@ def build_text_encoder(config: Mapping[str, Any]) -> CLIPTextModel | CLIPTextMod
     classes = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection}
     if arch not in classes:
         raise ValueError(f"text encoder class {arch!r} is not supported (expected one of {sorted(classes)})")
-    kwargs = {k: v for k, v in config.items() if k in _TEXT_FIELDS}
+    kwargs = {k: v for k, v in config.items() if k in TEXT_FIELDS}
     with torch.device("meta"):
         model = classes[arch](CLIPTextConfig(**kwargs))
     # position_ids is not saved with the weights: give it its values now (the rest comes from the file)

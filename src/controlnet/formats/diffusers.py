@@ -35,6 +35,7 @@ from ..families import unet_config as family_unet_config
 from ..models import DEFAULT_SCHEDULE, BaseModel
 from ..tokenizer import _vocab_and_merges
 from .build import (
+    TEXT_FIELDS,
     UNET_FIELDS,
     BaseConfig,
     Loader,
@@ -84,12 +85,15 @@ def is_pipeline_folder(path: Path) -> bool:
 
 
 def open_weights(folder: Path, stem: str) -> TensorFile:
-    """``stem``.safetensors, its shard index, ``stem``.bin or its shard index, in that order."""
+    """``stem``.safetensors, its shard index, the fp16 variant, ``stem``.bin or its shard index, in
+    that order (a folder fetched with ``variant="fp16"`` holds only ``stem``.fp16.safetensors)."""
     for name in (
         f"{stem}.safetensors",
         f"{stem}.safetensors.index.json",
+        f"{stem}.fp16.safetensors",
         f"{stem}.bin",
         f"{stem}.bin.index.json",
+        f"{stem}.fp16.bin",
     ):
         p = folder / name
         if p.is_file():
@@ -204,9 +208,12 @@ def _family(folder: Path, unet: dict[str, Any], text: dict[str, Any]) -> Family:
 
 
 def _text_config(path: Path) -> dict[str, Any]:
+    """The network-shaping fields of a transformers CLIP config, and its class."""
     cfg = read_json(path / "config.json")
-    cfg.setdefault("architectures", ["CLIPTextModel"])
-    return cfg
+    return {
+        **{k: cfg[k] for k in TEXT_FIELDS if k in cfg},
+        "architectures": cfg.get("architectures") or ["CLIPTextModel"],
+    }
 
 
 def base_config(folder: Path, family: Family | None = None) -> BaseConfig:
