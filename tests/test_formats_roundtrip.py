@@ -1,8 +1,11 @@
 """Checkpoint round trips: every format to every format is bitwise, for each family."""
 
+import json
+
 import pytest
 import torch
 import yaml
+from safetensors.torch import save_file
 
 from controlnet import Family
 from controlnet.formats import (
@@ -223,7 +226,7 @@ def test_original_layout_agrees_with_diffusers_own_conversion(family):
         assert all(torch.equal(theirs[k].reshape(mine[k].shape), mine[k]) for k in theirs)
 
 
-def test_diffusers_folders_with_variant_or_pickled_weights(tmp_path):
+def test_diffusers_folders_with_variant_pickled_or_sharded_weights(tmp_path):
     """Folders fetched with variant='fp16' hold *.fp16.safetensors; older ones *.bin pickles."""
     cn = make_controlnet(make_unet(Family.SD1), open_zero=True)
     folder = save_controlnet(cn, tmp_path / "cn", Format.DIFFUSERS)[0]
@@ -232,4 +235,14 @@ def test_diffusers_folders_with_variant_or_pickled_weights(tmp_path):
     assert_same_controlnet(cn, load_controlnet(folder))
     (folder / "diffusion_pytorch_model.fp16.safetensors").unlink()
     torch.save(cn.state_dict(), folder / "diffusion_pytorch_model.bin")
+    assert_same_controlnet(cn, load_controlnet(folder))
+    # sharded: an index naming the file of each tensor
+    (folder / "diffusion_pytorch_model.bin").unlink()
+    state = cn.state_dict()
+    halves = {"a.safetensors": list(state)[::2], "b.safetensors": list(state)[1::2]}
+    for name, keys in halves.items():
+        save_file({k: state[k].contiguous() for k in keys}, str(folder / name))
+    weight_map = {k: name for name, keys in halves.items() for k in keys}
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     assert_same_controlnet(cn, load_controlnet(folder))
