@@ -110,3 +110,52 @@ def make_base(family: Family = Family.SD1, seed: int = 0):
     return BaseModel(
         family, make_unet(family, seed), make_vae(seed), make_text_encoder(seed=seed), clip_tokenizer(family)
     )
+
+
+# ---------------------------------------------------------------------------- checkpoint files
+def schedule_buffers(steps: int = 1000) -> dict:
+    """The schedule buffers an ldm checkpoint stores beside the weights (scaled-linear betas)."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, steps, dtype=torch.float64) ** 2
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    out = {
+        "betas": betas,
+        "alphas_cumprod": alphas_cumprod,
+        "alphas_cumprod_prev": prev,
+        "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+        "sqrt_one_minus_alphas_cumprod": (1 - alphas_cumprod).sqrt(),
+        "log_one_minus_alphas_cumprod": (1 - alphas_cumprod).log(),
+        "sqrt_recip_alphas_cumprod": alphas_cumprod.rsqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1 / alphas_cumprod - 1).sqrt(),
+        "posterior_variance": betas * (1 - prev) / (1 - alphas_cumprod),
+        "posterior_log_variance_clipped": (betas * (1 - prev) / (1 - alphas_cumprod)).clamp(min=1e-20).log(),
+        "posterior_mean_coef1": betas * prev.sqrt() / (1 - alphas_cumprod),
+        "posterior_mean_coef2": (1 - prev) * (1 - betas).sqrt() / (1 - alphas_cumprod),
+        "logvar": torch.zeros(steps),
+    }
+    return {k: v.float() for k, v in out.items()}
+
+
+def released_file(path, tensors: dict, kind: str = "pth"):
+    """Write original-layout ``tensors`` the way released files come, without our metadata:
+    'pth' a plain pickled dict (the ControlNet releases), 'ckpt' a Lightning-style pickle with
+    the weights under 'state_dict', 'safetensors' a bare safetensors file."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.contiguous().clone() for k, v in tensors.items()}
+    if kind == "safetensors":
+        save_file(tensors, str(path))
+    elif kind == "ckpt":
+        torch.save({"state_dict": tensors, "global_step": 1, "epoch": 0}, path)
+    else:
+        torch.save(tensors, path)
+    return path
+
+
+def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """Same keys, and every tensor bitwise equal with the same dtype."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys(), sorted(sa.keys() ^ sb.keys())[:5]
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype, (k, sa[k].dtype, sb[k].dtype)
+        assert torch.equal(sa[k], sb[k]), k

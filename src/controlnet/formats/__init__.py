@@ -1,0 +1,41 @@
+"""Checkpoint formats: every layout users have, in and out, offline and verified.
+
+- original: single-file Stable Diffusion checkpoints (SD1.x, SD2.x, SDXL) and the released
+  ControlNet v1.0 (base + control) and v1.1 (control only, optional ``.yaml``) files.
+- diffusers: ControlNet folders (``config.json`` + weights) and pipeline folders.
+- controlnet (ours): one safetensors file with its architecture in the metadata.
+
+Every load verifies every key and shape before assigning tensors to modules built on the meta
+device (no second copy in memory); every write is atomic. See docs/formats.md.
+"""
+
+from .api import Detected, Format, detect, load_base, load_controlnet, load_unet, save_base, save_controlnet
+from .build import BaseConfig
+from .checkpoint import CheckpointError
+from .tools import (
+    Inspection,
+    check_compatible,
+    convert,
+    init_controlnet,
+    inspect_checkpoint,
+    transfer_controlnet,
+)
+
+__all__ = [
+    "BaseConfig",
+    "CheckpointError",
+    "Detected",
+    "Format",
+    "Inspection",
+    "check_compatible",
+    "convert",
+    "detect",
+    "init_controlnet",
+    "inspect_checkpoint",
+    "load_base",
+    "load_controlnet",
+    "load_unet",
+    "save_base",
+    "save_controlnet",
+    "transfer_controlnet",
+]

@@ -1,0 +1,210 @@
+"""One entry point per job, whatever the format: detect, load, save.
+
+The format of a path is read from its content (folders by their config files, files by their
+header and key names), never from its name.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from ..controlnet import ControlNet, ControlNetConfig
+from ..families import Family
+from ..models import BaseModel
+from . import diffusers as dif
+from . import original as orig
+from . import ours
+from .build import BaseConfig, Loader, build_unet, make_base
+from .checkpoint import CheckpointError, TensorFile, list_keys, open_tensors
+
+__all__ = [
+    "Detected",
+    "Format",
+    "detect",
+    "load_base",
+    "load_controlnet",
+    "load_unet",
+    "save_base",
+    "save_controlnet",
+]
+
+PathLike = str | os.PathLike
+CONTROLNET, BASE = "controlnet", "base"
+
+
+class Format(Enum):
+    """On-disk formats: the original single file, diffusers folders, and ours."""
+
+    ORIGINAL = "original"
+    DIFFUSERS = "diffusers"
+    CONTROLNET = "controlnet"  # ours: one safetensors file with its config in the metadata
+
+
+@dataclass
+class Detected:
+    """What a path holds. ``kinds`` lists 'controlnet' and/or 'base'; ``layout`` is for people."""
+
+    path: Path
+    format: Format
+    kinds: tuple[str, ...]
+    layout: str
+    tensors: TensorFile | None = field(default=None, repr=False)  # None for folders
+
+
+def detect(path: PathLike) -> Detected:
+    """Tell the format and contents of a file or folder (reads headers and names, no weights)."""
+    path = Path(path)
+    if path.is_dir():
+        if dif.is_controlnet_folder(path):
+            return Detected(path, Format.DIFFUSERS, (CONTROLNET,), "ControlNet folder")
+        if dif.is_pipeline_folder(path):
+            return Detected(path, Format.DIFFUSERS, (BASE,), "pipeline folder")
+        raise CheckpointError(
+            f"{path}: unknown folder (neither a diffusers ControlNet with config.json nor a pipeline "
+            "with model_index.json)"
+        )
+    tf = open_tensors(path)
+    kind = ours.kind_of(tf)
+    if kind is not None:
+        what = "ControlNet" if kind == ours.CONTROLNET else "base model"
+        return Detected(path, Format.CONTROLNET, (kind,), what, tf)
+    has_control = bool(tf.with_prefix(orig.CONTROL))
+    has_base = bool(tf.with_prefix(orig.UNET))
+    if has_control or has_base:
+        kinds = tuple(k for k, present in ((BASE, has_base), (CONTROLNET, has_control)) if present)
+        if has_control and has_base:
+            layout = "ControlNet v1.0 style: base model + control_model"
+        elif has_control:
+            layout = "ControlNet v1.1 style: control_model only"
+        else:
+            layout = "Stable Diffusion single file"
+        return Detected(path, Format.ORIGINAL, kinds, layout, tf)
+    if "controlnet_cond_embedding.conv_in.weight" in tf:
+        return Detected(path, Format.DIFFUSERS, (CONTROLNET,), "bare ControlNet weights, no config.json", tf)
+    raise CheckpointError(
+        f"{path}: unknown checkpoint layout (no control_model.*, model.diffusion_model.*, "
+        f"controlnet_cond_embedding.* or our metadata); first keys: {list_keys(list(tf)[:5], 5)}"
+    )
+
+
+def _need(d: Detected, kind: str) -> None:
+    if kind not in d.kinds:
+        held = " and ".join(d.kinds)
+        raise CheckpointError(
+            f"{d.path}: holds no {'ControlNet' if kind == CONTROLNET else 'base model'} (it is a {held})"
+        )
+
+
+def load_controlnet(
+    path: PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    unet_config: dict[str, Any] | None = None,
+    config: ControlNetConfig | None = None,
+) -> ControlNet:
+    """Load a ControlNet from any supported file or folder.
+
+    ``dtype`` casts floating-point tensors (default: as stored). ``unet_config`` / ``config``
+    describe the architecture of files that carry none (original-layout or bare diffusers-layout
+    weights) when it is not a released SD1.x/SD2.x/SDXL size; files we wrote carry their own.
+    """
+    d = detect(path)
+    _need(d, CONTROLNET)
+    if d.format is Format.CONTROLNET:
+        assert d.tensors is not None
+        return ours.load_controlnet(d.tensors, dtype=dtype)
+    if d.format is Format.ORIGINAL:
+        assert d.tensors is not None
+        return orig.load_controlnet(d.tensors, unet_config=unet_config, config=config, dtype=dtype)
+    if d.tensors is not None:
+        return dif.load_controlnet_file(d.tensors, unet_config=unet_config, config=config, dtype=dtype)
+    return dif.load_controlnet(d.path, dtype=dtype)
+
+
+def _base_loader(
+    path: PathLike, dtype: torch.dtype | None, config: BaseConfig | None, family: Family | None
+) -> tuple[BaseConfig, Loader]:
+    d = detect(path)
+    _need(d, BASE)
+    if d.format is Format.CONTROLNET:
+        assert d.tensors is not None
+        return ours.base_loader(d.tensors, dtype=dtype)
+    if d.format is Format.ORIGINAL:
+        assert d.tensors is not None
+        return orig.base_loader(d.tensors, config=config, dtype=dtype)
+    return dif.base_loader(d.path, family=family, dtype=dtype)
+
+
+def load_base(
+    path: PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    config: BaseConfig | None = None,
+    family: Family | None = None,
+) -> BaseModel:
+    """Load a base model (UNet, VAE, text encoder(s), offline tokenizer(s), schedule) from an
+    original single file (also a v1.0 ControlNet file's base part), a diffusers pipeline folder or
+    our format. ``config`` gives the architecture of an original-layout file that is not a
+    released size; ``family`` overrides the guess for a diffusers folder without a tokenizer."""
+    return make_base(*_base_loader(path, dtype, config, family))
+
+
+def load_unet(
+    path: PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    config: BaseConfig | None = None,
+    family: Family | None = None,
+) -> UNet2DConditionModel:
+    """Only the UNet of a base model (what init and transfer need), locked like in load_base."""
+    cfg, load = _base_loader(path, dtype, config, family)
+    unet = load("unet", build_unet(cfg.unet))
+    return unet.requires_grad_(False).eval()
+
+
+def save_controlnet(
+    cn: ControlNet,
+    path: PathLike,
+    fmt: Format | str = Format.CONTROLNET,
+    *,
+    base: BaseModel | None = None,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Write ``cn`` in ``fmt`` atomically; returns the paths written. ``base`` (original format
+    only) embeds a base model, as in the v1.0 files."""
+    fmt = Format(fmt)
+    path = Path(path)
+    if base is not None and fmt is not Format.ORIGINAL:
+        raise ValueError("a base model can be embedded in the original format only")
+    if fmt is Format.ORIGINAL:
+        return orig.save_controlnet(cn, _safetensors_path(path), base=base, overwrite=overwrite)
+    if fmt is Format.DIFFUSERS:
+        return dif.save_controlnet(cn, path, overwrite=overwrite)
+    return ours.save_controlnet(cn, _safetensors_path(path), overwrite=overwrite)
+
+
+def save_base(
+    base: BaseModel, path: PathLike, fmt: Format | str = Format.CONTROLNET, *, overwrite: bool = False
+) -> list[Path]:
+    """Write a base model in ``fmt`` atomically (see docs/formats.md for what the original layout
+    of an SD2.x model lacks)."""
+    fmt = Format(fmt)
+    path = Path(path)
+    if fmt is Format.ORIGINAL:
+        return orig.save_base(base, _safetensors_path(path), overwrite=overwrite)
+    if fmt is Format.DIFFUSERS:
+        return dif.save_base(base, path, overwrite=overwrite)
+    return ours.save_base(base, _safetensors_path(path), overwrite=overwrite)
+
+
+def _safetensors_path(path: Path) -> Path:
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: weight files are written as safetensors; name the output *.safetensors")
+    return path

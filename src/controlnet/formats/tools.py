@@ -1,0 +1,345 @@
+"""What users do with checkpoint files: inspect, convert, initialise, transfer, check a pairing."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from ..controlnet import ControlNet, ControlNetConfig
+from ..families import Family, family_of_unet_config
+from ..models import BaseModel
+from . import diffusers as dif
+from . import original as orig
+from . import ours
+from .api import (
+    BASE,
+    CONTROLNET,
+    Format,
+    detect,
+    load_base,
+    load_controlnet,
+    load_unet,
+    save_base,
+    save_controlnet,
+)
+from .build import (
+    UNET_FIELDS,
+    build_controlnet,
+    family_from_context,
+    numbered,
+    stored_base_config,
+    stored_controlnet_arch,
+)
+from .checkpoint import CheckpointError, TensorFile, read_json
+
+__all__ = [
+    "Inspection",
+    "check_compatible",
+    "convert",
+    "init_controlnet",
+    "inspect_checkpoint",
+    "transfer_controlnet",
+]
+
+PathLike = str | os.PathLike
+
+
+# ------------------------------------------------------------------------------------ compatibility
+def _norm(v: Any) -> Any:
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
+def _unet_of(model: BaseModel | UNet2DConditionModel) -> UNet2DConditionModel:
+    return model.unet if isinstance(model, BaseModel) else model
+
+
+def _unet_config_of(model: BaseModel | UNet2DConditionModel | ControlNet) -> dict[str, Any]:
+    if isinstance(model, ControlNet):
+        return dict(model.unet_config)
+    return dict(_unet_of(model).config)
+
+
+def _describe(config: dict[str, Any]) -> str:
+    return f"{family_of_unet_config(config).label}, cross-attention {config.get('cross_attention_dim')}"
+
+
+def check_compatible(
+    controlnet: ControlNet,
+    base: BaseModel | UNet2DConditionModel | ControlNet,
+    *,
+    controlnet_name: str | None = None,
+    base_name: str | None = None,
+) -> None:
+    """Raise a :class:`CheckpointError` naming both models unless ``controlnet`` was made for a
+    UNet of ``base``'s architecture (every field of the UNet's encoder half agrees). ``base`` may
+    be another ControlNet: several ControlNets used together must fit one base."""
+    theirs = _unet_config_of(base)
+    differ = [
+        f"{f} {_norm(controlnet.unet_config.get(f))!r} vs {_norm(theirs.get(f))!r}"
+        for f in UNET_FIELDS
+        if _norm(controlnet.unet_config.get(f)) != _norm(theirs.get(f))
+    ]
+    if differ:
+        cn = controlnet_name or "the ControlNet"
+        bm = base_name or "the base model"
+        raise CheckpointError(
+            f"{cn} ({_describe(controlnet.unet_config)}) does not fit {bm} ({_describe(theirs)}): "
+            + "; ".join(differ)
+        )
+
+
+def _check_same_unet(a: UNet2DConditionModel, b: UNet2DConditionModel, a_name: str, b_name: str) -> None:
+    sa = {k: v.shape for k, v in a.state_dict().items()}
+    sb = {k: v.shape for k, v in b.state_dict().items()}
+    if sa != sb:
+        differ = sorted(k for k in sa.keys() | sb.keys() if sa.get(k) != sb.get(k))
+        raise CheckpointError(
+            f"{a_name} and {b_name} are not the same architecture "
+            f"({len(differ)} tensors differ, e.g. {differ[0]})"
+        )
+
+
+# ------------------------------------------------------------------------------------ init / transfer
+def _is_path(x: object) -> bool:
+    return isinstance(x, (str, os.PathLike))
+
+
+def _label(x: object, default: str) -> str:
+    return str(x) if _is_path(x) else default
+
+
+def _unet_arg(
+    x: PathLike | BaseModel | UNet2DConditionModel, dtype: torch.dtype | None = None
+) -> UNet2DConditionModel:
+    """The UNet of a base model given as a file or folder (only the UNet is loaded) or as a model."""
+    return load_unet(x, dtype=dtype) if _is_path(x) else _unet_of(x)  # type: ignore[arg-type]
+
+
+def init_controlnet(
+    base: PathLike | BaseModel | UNet2DConditionModel,
+    *,
+    config: ControlNetConfig | None = None,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+) -> ControlNet:
+    """A new ControlNet for ``base``: every tensor with a twin in the UNet copied from it exactly,
+    a freshly initialised hint encoder (seeded; the global RNG is left alone) and zero convs.
+    ``dtype`` casts a base read from a file."""
+    unet = _unet_arg(base, dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ControlNet.from_unet(unet, config)
+
+
+def transfer_controlnet(
+    control: PathLike | ControlNet,
+    from_base: PathLike | BaseModel | UNet2DConditionModel,
+    to_base: PathLike | BaseModel | UNet2DConditionModel,
+) -> ControlNet:
+    """Move a ControlNet trained on ``from_base`` (A) to ``to_base`` (B), a model of the same
+    architecture: ``new = control + (B - A)`` on every tensor that has a twin in the UNet (the
+    trainable copy), computed in float32 (float64 if any input is) and stored in the ControlNet's
+    dtype; the hint encoder and zero convs are kept. Use the result with B's VAE and text encoder."""
+
+    c_name, a_name, b_name = (
+        _label(control, "the ControlNet"),
+        _label(from_base, "base A"),
+        _label(to_base, "base B"),
+    )
+    cn = load_controlnet(control) if _is_path(control) else control
+    a, b = _unet_arg(from_base), _unet_arg(to_base)
+    check_compatible(cn, a, controlnet_name=c_name, base_name=a_name)
+    check_compatible(cn, b, controlnet_name=c_name, base_name=b_name)
+    _check_same_unet(a, b, a_name, b_name)
+    sa, sb = a.state_dict(), b.state_dict()
+    state = cn.state_dict()
+    new: dict[str, torch.Tensor] = {}
+    for k, c in state.items():
+        if k not in sa:  # hint encoder, zero convs: no twin, kept as trained
+            new[k] = c.detach().clone()
+            continue
+        work = torch.promote_types(torch.promote_types(c.dtype, sa[k].dtype), sb[k].dtype)
+        work = torch.promote_types(work, torch.float32)
+        new[k] = (c.to(work) + (sb[k].to(work) - sa[k].to(work))).to(c.dtype)
+    out = build_controlnet(cn.unet_config, cn.config)
+    out.load_state_dict(new, assign=True)
+    return out
+
+
+# ------------------------------------------------------------------------------------ convert
+def convert(
+    src: PathLike,
+    dst: PathLike,
+    to: Format | str,
+    *,
+    part: str | None = None,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Rewrite ``src`` in format ``to`` at ``dst``; returns the paths written. ``part`` picks
+    'controlnet' or 'base' from a file that holds both (default: the ControlNet)."""
+    d = detect(src)
+    part = part or (CONTROLNET if CONTROLNET in d.kinds else BASE)
+    if part not in d.kinds:
+        raise CheckpointError(f"{src}: holds no {part} (it holds {' and '.join(d.kinds)})")
+    if part == CONTROLNET:
+        return save_controlnet(load_controlnet(src, dtype=dtype), dst, to, overwrite=overwrite)
+    return save_base(load_base(src, dtype=dtype), dst, to, overwrite=overwrite)
+
+
+# ------------------------------------------------------------------------------------ inspect
+@dataclass
+class Inspection:
+    """What a checkpoint holds, read from names, shapes and configs (no weights loaded)."""
+
+    path: Path
+    format: Format
+    layout: str
+    family: str
+    parameters: dict[str, int]  # part -> number of parameters
+    dtypes: dict[str, int]  # dtype -> number of tensors
+    controlnet: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        out = [
+            f"file:       {self.path}",
+            f"format:     {self.format.value} ({self.layout})",
+            f"family:     {self.family}",
+            "parts:",
+            *(f"  {name:<36} {n / 1e6:>10.2f}M parameters" for name, n in self.parameters.items()),
+            "dtypes:     " + ", ".join(f"{d} x{n}" for d, n in self.dtypes.items()),
+        ]
+        if self.controlnet:
+            out.append("controlnet: " + ", ".join(f"{k}={v}" for k, v in self.controlnet.items()))
+        out += [f"note:       {n}" for n in self.notes]
+        return out
+
+
+def _count(tf: TensorFile, keys: list[str]) -> int:
+    return sum(math.prod(tf.shapes[k]) for k in keys if tf.dtypes[k].is_floating_point)
+
+
+def _dtypes(tfs: list[TensorFile]) -> dict[str, int]:
+    c: Counter[str] = Counter(str(tf.dtypes[k]).removeprefix("torch.") for tf in tfs for k in tf)
+    return dict(c.most_common())
+
+
+def _options(unet_config: dict[str, Any], config: ControlNetConfig, residuals: int) -> dict[str, Any]:
+    return {
+        "hint_channels": config.hint_channels,
+        "hint_block_channels": list(config.hint_block_channels),
+        "global_pool": config.global_pool,
+        "residuals": residuals,
+        "in_channels": unet_config.get("in_channels"),
+    }
+
+
+def _family_label(tf: TensorFile, prefix: str) -> str:
+    stored = tf.metadata.get("family")
+    if stored:
+        return Family(stored).label
+    try:
+        return family_from_context(tf.shapes, prefix, str(tf.path)).label
+    except CheckpointError:
+        return "unknown"
+
+
+def inspect_checkpoint(path: PathLike) -> Inspection:
+    """Describe a checkpoint file or folder: format, family, parts with parameter counts, dtypes,
+    ControlNet options and notes on what loading leaves out."""
+    d = detect(path)
+    tf = d.tensors
+    if d.format is Format.CONTROLNET:
+        assert tf is not None
+        if ours.CONTROLNET in d.kinds:
+            arch = stored_controlnet_arch(tf)
+            assert arch is not None
+            residuals = len(numbered(tf.shapes, r"controlnet_down_blocks\.(\d+)\.weight")) + 1
+            return Inspection(
+                d.path,
+                d.format,
+                d.layout,
+                _family_label(tf, ""),
+                {"controlnet": _count(tf, list(tf))},
+                _dtypes([tf]),
+                _options(*arch, residuals),
+            )
+        base_cfg = stored_base_config(tf)
+        assert base_cfg is not None
+        params = {p: _count(tf, tf.with_prefix(p + ".")) for p in ours.PARTS if tf.with_prefix(p + ".")}
+        return Inspection(d.path, d.format, d.layout, base_cfg.family.label, params, _dtypes([tf]))
+    if d.format is Format.ORIGINAL:
+        assert tf is not None
+        return _inspect_original(d.path, d.layout, tf)
+    return _inspect_diffusers(d.path, d.layout, tf)
+
+
+def _inspect_original(path: Path, layout: str, tf: TensorFile) -> Inspection:
+    params = {
+        name: _count(tf, tf.with_prefix(prefix))
+        for name, prefix in orig.PREFIXES.items()
+        if tf.with_prefix(prefix)
+    }
+    notes = []
+    for prefix, what in orig.IGNORED.items():
+        if tf.with_prefix(prefix):
+            notes.append(f"{prefix}*: {what}")
+    schedule = [k for k in tf if k in orig.SCHEDULE_KEYS]
+    if schedule:
+        notes.append(f"{len(schedule)} schedule buffers: the betas give the noise schedule; not loaded")
+    if tf.with_prefix(orig.TEXT_SD2):
+        notes.append(
+            "SD2.x text encoder: the last OpenCLIP layer and text_projection are not loaded (penultimate)"
+        )
+    family = _family_label(tf, orig.UNET if tf.with_prefix(orig.UNET) else orig.CONTROL)
+    options = None
+    if tf.with_prefix(orig.CONTROL):
+        try:
+            residuals = len(numbered(tf.shapes, r"control_model\.zero_convs\.(\d+)\.0\.weight")) + 1
+            options = _options(*orig.controlnet_arch(tf), residuals)
+        except CheckpointError as e:
+            notes.append(f"ControlNet architecture not recognised: {e}")
+    return Inspection(path, Format.ORIGINAL, layout, family, params, _dtypes([tf]), options, notes)
+
+
+def _inspect_diffusers(path: Path, layout: str, tf: TensorFile | None) -> Inspection:
+    if tf is not None:  # bare diffusers-layout ControlNet weights
+        residuals = len(numbered(tf.shapes, r"controlnet_down_blocks\.(\d+)\.weight")) + 1
+        notes = []
+        try:
+            options = _options(*dif.file_controlnet_arch(tf), residuals)
+        except CheckpointError as e:
+            options, notes = None, [f"ControlNet architecture not recognised: {e}"]
+        params = {"controlnet": _count(tf, list(tf))}
+        return Inspection(
+            path, Format.DIFFUSERS, layout, _family_label(tf, ""), params, _dtypes([tf]), options, notes
+        )
+    if dif.is_controlnet_folder(path):
+        unet_config, config = dif.controlnet_arch(read_json(path / "config.json"))
+        weights = dif.open_weights(path, dif.WEIGHTS)
+        residuals = len(numbered(weights.shapes, r"controlnet_down_blocks\.(\d+)\.weight")) + 1
+        return Inspection(
+            path,
+            Format.DIFFUSERS,
+            layout,
+            family_of_unet_config(unet_config).label,
+            {"controlnet": _count(weights, list(weights))},
+            _dtypes([weights]),
+            _options(unet_config, config, residuals),
+        )
+    cfg = dif.base_config(path)
+    parts = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if cfg.text_encoder_2 else [])
+    tfs = {
+        p: dif.open_weights(path / p, dif.TEXT_WEIGHTS if p.startswith("text_encoder") else dif.WEIGHTS)
+        for p in parts
+    }
+    params = {p: _count(t, list(t)) for p, t in tfs.items()}
+    return Inspection(path, Format.DIFFUSERS, layout, cfg.family.label, params, _dtypes(list(tfs.values())))

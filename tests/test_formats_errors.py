@@ -1,0 +1,199 @@
+"""Bad input: every problem is a CheckpointError that names the file and the problem, and nothing
+is written."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from controlnet import Family
+from controlnet.cli import main
+from controlnet.formats import (
+    BaseConfig,
+    CheckpointError,
+    Format,
+    load_base,
+    load_controlnet,
+    save_base,
+    save_controlnet,
+)
+from controlnet.formats.build import controlnet_metadata
+from controlnet.formats.original import base_tensors, controlnet_tensors
+from tiny import make_base, make_controlnet, make_unet, released_file
+
+SRC = Path(__file__).parents[1] / "src"
+
+
+@pytest.fixture(scope="module")
+def cn():
+    return make_controlnet(make_unet(Family.SD1), open_zero=True)
+
+
+def original_file(path, cn, edit):
+    """An original-layout ControlNet file with our metadata, its tensors changed by ``edit``."""
+    tensors = controlnet_tensors(cn)
+    edit(tensors)
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        str(path),
+        controlnet_metadata(cn.unet_config, cn.config),
+    )
+    return path
+
+
+def test_missing_key_is_listed(cn, tmp_path):
+    path = original_file(
+        tmp_path / "cn.safetensors", cn, lambda t: t.pop("control_model.zero_convs.3.0.bias")
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"cn\.safetensors: ControlNet: missing keys \(1\): control_model\.zero_convs\.3\.0\.bias",
+    ):
+        load_controlnet(path)
+
+
+def test_many_missing_keys_are_listed_and_counted(cn, tmp_path):
+    def drop_mid(t):
+        for k in [k for k in t if k.startswith("control_model.middle_block.")]:
+            del t[k]
+
+    path = original_file(tmp_path / "cn.safetensors", cn, drop_mid)
+    with pytest.raises(CheckpointError) as e:
+        load_controlnet(path)
+    assert re.search(r"missing keys \(\d+\): control_model\.middle_block\.0\.emb_layers", str(e.value))
+    assert "more" in str(e.value)
+
+
+def test_unexpected_keys_are_listed(cn, tmp_path):
+    def add(t):
+        t["control_model.zero_convs.99.0.weight"] = torch.zeros(1)
+        t["lora_unet_down.alpha"] = torch.zeros(1)
+
+    path = original_file(tmp_path / "cn.safetensors", cn, add)
+    with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): lora_unet_down\.alpha"):
+        load_controlnet(path)  # a key under no known prefix is refused first
+    path = original_file(
+        tmp_path / "cn2.safetensors", cn, lambda t: t.update({"control_model.extra.weight": torch.zeros(1)})
+    )
+    with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): control_model\.extra\.weight"):
+        load_controlnet(path)
+
+
+def test_shape_mismatch_names_the_key_and_both_shapes(cn, tmp_path):
+    key = "control_model.input_hint_block.0.weight"
+    path = original_file(tmp_path / "cn.safetensors", cn, lambda t: t.update({key: torch.zeros(4, 1, 3, 3)}))
+    with pytest.raises(CheckpointError, match=re.escape(f"{key}: file (4, 1, 3, 3), model (4, 3, 3, 3)")):
+        load_controlnet(path)
+
+
+def test_truncated_files(cn, tmp_path):
+    good = save_controlnet(cn, tmp_path / "good.safetensors")[0]
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match=r"cut\.safetensors: truncated or corrupt safetensors"):
+        load_controlnet(cut)
+    pickled = released_file(tmp_path / "good.pth", controlnet_tensors(cn))
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(pickled.read_bytes()[: pickled.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"cut\.pth: truncated or corrupt torch checkpoint"):
+        load_controlnet(cut)
+
+
+def test_unknown_formats(tmp_path):
+    cases = {
+        "empty.safetensors": (b"", "the file is empty"),
+        "noise.ckpt": (bytes(range(256)) * 4, "unknown file format"),
+        "config.json": (b'{"_class_name": "UNet2DConditionModel"}', "unknown file format"),
+    }
+    for name, (data, message) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CheckpointError, match=rf"{re.escape(name)}: {message}"):
+            load_controlnet(tmp_path / name)
+    save_file({"some.other.model": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CheckpointError, match=r"other\.safetensors: unknown checkpoint layout"):
+        load_controlnet(tmp_path / "other.safetensors")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(CheckpointError, match="unknown folder"):
+        load_base(tmp_path / "folder")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_base(tmp_path / "missing.ckpt")
+
+
+class Payload:
+    """What a malicious pickle carries: unpickling it would run code."""
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_pickles_with_anything_but_tensors_are_refused(cn, tmp_path):
+    payload = Payload()
+    payload.marker = str(tmp_path / "pwned")
+    torch.save({"state_dict": controlnet_tensors(cn), "callback": payload}, tmp_path / "evil.ckpt")
+    with pytest.raises(
+        CheckpointError, match=r"evil\.ckpt: the pickle holds objects other than plain tensors"
+    ):
+        load_controlnet(tmp_path / "evil.ckpt")
+    assert not (tmp_path / "pwned").exists()
+    torch.save({**controlnet_tensors(cn), "epoch": 3}, tmp_path / "mixed.pth")
+    with pytest.raises(
+        CheckpointError, match=r"mixed\.pth: the state dict holds entries that are not tensors: epoch"
+    ):
+        load_controlnet(tmp_path / "mixed.pth")
+
+
+def test_asking_a_file_for_what_it_does_not_hold(cn, tmp_path):
+    control_only = save_controlnet(cn, tmp_path / "v11.safetensors", Format.ORIGINAL)[0]
+    with pytest.raises(CheckpointError, match=r"v11\.safetensors: holds no base model"):
+        load_base(control_only)
+    base = save_base(make_base(Family.SD1), tmp_path / "sd.safetensors", Format.ORIGINAL)[0]
+    with pytest.raises(CheckpointError, match=r"sd\.safetensors: holds no ControlNet"):
+        load_controlnet(base)
+
+
+def test_a_base_file_missing_a_part(tmp_path):
+    base = make_base(Family.SD1)
+    tensors = {k: v for k, v in base_tensors(base).items() if not k.startswith("first_stage_model.")}
+    path = released_file(tmp_path / "no_vae.ckpt", tensors, "ckpt")
+    with pytest.raises(CheckpointError, match=r"no_vae\.ckpt: has no vae \(first_stage_model\.\* keys\)"):
+        load_base(path, config=BaseConfig.of(base))
+
+
+def test_real_size_family_that_is_none_of_ours(tmp_path):
+    """Without a config, the family comes from the cross-attention width: others are refused."""
+    unet = make_unet(Family.SD1)  # width 16: not a released family
+    path = released_file(tmp_path / "odd.pth", controlnet_tensors(make_controlnet(unet)))
+    with pytest.raises(CheckpointError, match=r"odd\.pth: unknown architecture \(cross-attention width 16"):
+        load_controlnet(path)
+
+
+def test_nothing_is_written_on_error(cn, tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{" + b"\x00" * 7)
+    out = tmp_path / "out"
+    assert main(["convert", str(bad), str(out), "--to", "diffusers"]) == 2
+    assert "bad.safetensors" in capsys.readouterr().err
+    # a failure while writing leaves neither the output nor a temporary file
+    import controlnet.formats.ours as ours
+
+    def fail(tensors, path, metadata=None):
+        Path(path).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ours, "save_safetensors", fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_controlnet(cn, tmp_path / "cn.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors"]
+    with pytest.raises(ValueError, match="written as safetensors"):
+        save_controlnet(cn, tmp_path / "cn.ckpt", Format.ORIGINAL)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors"]
+
+
+def test_no_lenient_loading_anywhere():
+    """Copy-and-verify only: no strict=False, and every torch.load refuses arbitrary objects."""
+    code = {p: p.read_text() for p in SRC.rglob("*.py")}
+    assert not [p for p, text in code.items() if re.search(r"strict\s*=\s*False", text)]
+    calls = [(p, m) for p, text in code.items() for m in re.findall(r"torch\.load\([^)]*\)", text)]
+    assert calls and all("weights_only=True" in m for _, m in calls)
