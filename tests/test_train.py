@@ -158,14 +158,14 @@ def test_a_failed_checkpoint_write_leaves_no_partial_checkpoint(tmp_path, monkey
     assert latest_checkpoint(run).name == "checkpoint-00000002"
     import controlnet.train_state as ts
 
-    real = ts.save_file
+    real = ts.save_safetensors
 
-    def dying(tensors, path):
-        if path.endswith("optimizer.safetensors"):
+    def dying(tensors, path, *a, **kw):
+        if str(path).endswith("optimizer.safetensors"):
             raise OSError("disk full")
-        return real(tensors, path)
+        return real(tensors, path, *a, **kw)
 
-    monkeypatch.setattr(ts, "save_file", dying)
+    monkeypatch.setattr(ts, "save_safetensors", dying)
     with pytest.raises(OSError, match="disk full"):
         train(config(tmp_path, steps=4, checkpoint_every=2, resume=True), obj, Circles(8))
     assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == ["checkpoint-00000002"]

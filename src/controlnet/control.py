@@ -21,14 +21,13 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from .controlnet import ControlNet, residual_channels
+from .controlnet import ControlNet
 
 __all__ = [
     "SOFT_DECAY",
     "Control",
     "ControlMode",
     "ControlledUNet",
-    "check_compatible",
     "control_residuals",
     "control_scales",
     "controlled_unet_forward",
@@ -92,32 +91,6 @@ def control_scales(
     if only_mid:
         scales = [0.0] * (count - 1) + [scales[-1]]
     return scales
-
-
-_FAMILY_BY_CONTEXT = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
-
-
-def _describe(config: Mapping[str, Any]) -> str:
-    dim = config.get("cross_attention_dim")
-    family = _FAMILY_BY_CONTEXT.get(dim, "a custom model")
-    return f"{family} (context {dim}, blocks {config.get('block_out_channels')})"
-
-
-def check_compatible(controlnet: ControlNet, unet: UNet2DConditionModel, what: str = "ControlNet") -> None:
-    """Raise ValueError unless ``controlnet`` was made for a UNet of ``unet``'s architecture: the
-    same residual channels, text context width, latent channels and added embeddings."""
-    mine, theirs = controlnet.unet_config, dict(unet.config)
-    keys = ("cross_attention_dim", "in_channels", "addition_embed_type")
-    same = all(mine.get(k) == theirs.get(k) for k in keys)
-    chans = [z.out_channels for z in controlnet.controlnet_down_blocks] + [
-        controlnet.controlnet_mid_block.out_channels
-    ]
-    base_chans = [*residual_channels(unet), unet.config.block_out_channels[-1]]
-    if not same or chans != base_chans:
-        raise ValueError(
-            f"{what} was made for {_describe(mine)} but the base model is {_describe(theirs)}; "
-            "use a ControlNet trained for this base model's family"
-        )
 
 
 @dataclass

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .annotators.utils import condition_tensor, model_size, resize_to
-from .control import ControlMode, check_compatible
+from .control import ControlMode
 from .controlnet import ControlNet
 from .imageio import read_image, read_mask
 from .models import BaseModel
@@ -257,8 +257,15 @@ def generate(
     request.validate()
     if len(controlnets) != len(request.controls):
         raise ValueError(f"{len(request.controls)} controls but {len(controlnets)} ControlNets")
-    for i, cn in enumerate(controlnets):
-        check_compatible(cn, base.unet, what=f"control {i}'s ControlNet")
+    from .formats import check_compatible
+
+    for i, (c, cn) in enumerate(zip(request.controls, controlnets)):
+        check_compatible(
+            cn,
+            base,
+            controlnet_name=f"control {i}'s ControlNet {c.controlnet or '(bundled)'}",
+            base_name=f"the base model {request.base or '(bundled)'}",
+        )
     seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
     req = GenerationRequest.from_dict({**request.to_dict(), "seed": seed})
     started = time.perf_counter()

@@ -18,6 +18,7 @@ __all__ = [
     "atomic_write_bytes",
     "check_output_path",
     "encode_png_fast",
+    "give_default_mode",
     "make_grid",
     "read_image",
     "read_mask",
@@ -66,6 +67,14 @@ def read_mask(path: str | Path) -> np.ndarray:
     return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
 
 
+def give_default_mode(path: str | Path) -> None:
+    """Give a file the mode a plain ``open()`` would (0666 less the umask): temporary files and
+    safetensors' own writer create files readable by their owner only."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write a file so that readers see the old file or the whole new one, never a part."""
     path = Path(path)
@@ -76,6 +85,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        give_default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from .formats.checkpoint import save_safetensors
 from .imageio import atomic_write_bytes
 
 __all__ = [
@@ -141,14 +142,11 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in trainable.items()},
-            str(tmp / "trainable.safetensors"),
-        )
+        save_safetensors(trainable, tmp / "trainable.safetensors")
         opt_tensors, opt_meta = _split_optimizer_state(optimizer_state)
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        save_safetensors(opt_tensors, tmp / "optimizer.safetensors")
         if ema is not None:
-            save_file(ema.state_dict(), str(tmp / "ema.safetensors"))
+            save_safetensors(ema.state_dict(), tmp / "ema.safetensors")
         meta = {
             "train_state": state.__dict__,
             "config": config,

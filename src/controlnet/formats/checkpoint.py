@@ -26,6 +26,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..imageio import give_default_mode
+
 __all__ = [
     "CheckpointError",
     "TensorFile",
@@ -265,10 +267,7 @@ def save_safetensors(
 ) -> None:
     """Write ``tensors`` to ``path`` (call inside :func:`atomic_outputs`)."""
     save_file(_own_storage(tensors), str(path), metadata=dict(metadata or {}))
-    # safetensors creates its files owner-only (0600); give them the mode any other file gets
-    mask = os.umask(0o022)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
+    give_default_mode(path)  # safetensors creates its files owner-only (0600)
 
 
 @contextlib.contextmanager
