@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from . import __version__
 
@@ -297,8 +298,201 @@ def _add_transfer(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_transfer)
 
 
+# ---------------------------------------------------------------------------------------- generate
+def _control_params(values: list[str], n: int) -> list[dict[str, str]]:
+    """``--param [I:]KEY=VALUE``: annotator parameters for control I (0-based), or for every
+    control without ``I:``. Values stay strings; the annotator parses and checks them."""
+    params: list[dict[str, str]] = [{} for _ in range(n)]
+    for v in values:
+        target, _, kv = v.rpartition(":") if ":" in v.split("=", 1)[0] else ("", "", v)
+        if "=" not in kv:
+            raise ValueError(f"--param {v!r}: expected [I:]KEY=VALUE")
+        key, value = kv.split("=", 1)
+        if target:
+            if not target.isdigit() or int(target) >= n:
+                raise ValueError(f"--param {v!r}: control index {target} is not one of 0..{n - 1}")
+            params[int(target)][key] = value
+        else:
+            for p in params:
+                p[key] = value
+    return params
+
+
+def _per_control(values: list, n: int, flag: str, default: object) -> list:
+    """A repeatable per-control flag: none -> the default for all, one -> for all, else one each."""
+    if not values:
+        return [default] * n
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        raise ValueError(f"{len(values)} values of {flag} for {n} control images: give 1 or {n}")
+    return values
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import ControlRequest, GenerationRequest
+    from .pipeline import run
+
+    if args.from_sidecar:
+        return _replay(args)
+    n = len(args.image)
+    cols = {
+        "controlnet": _per_control(args.controlnet, n, "--controlnet", None),
+        "preprocess": _per_control(args.preprocess, n, "--preprocess", None),
+        "strength": _per_control(args.strength, n, "--strength", 1.0),
+        "start": _per_control(args.start, n, "--start", 0.0),
+        "end": _per_control(args.end, n, "--end", 1.0),
+        "mode": _per_control(args.mode, n, "--mode", "balanced"),
+    }
+    params = _control_params(args.param, n)
+    controls = [
+        ControlRequest(
+            image=img,
+            params=params[i],
+            guess_mode=args.guess_mode,
+            **{k: (None if k == "preprocess" and v == "none" else v) for k, v in zip(cols, vals)},
+        )
+        for i, (img, vals) in enumerate(zip(args.image, zip(*cols.values())))
+    ]
+    if n:  # annotator parameter values arrive as text: let each annotator parse its own
+        from .annotators import get
+
+        for c in controls:
+            if c.preprocess is not None:
+                c.params = get(c.preprocess).parse_params([f"{k}={v}" for k, v in c.params.items()])
+    import torch
+
+    optional = {"added_prompt": args.added_prompt, "negative_prompt": args.negative_prompt}
+    request = GenerationRequest(
+        **{k: v for k, v in optional.items() if v is not None},
+        prompt=args.prompt,
+        controls=controls,
+        prompt_setting=args.prompt_setting,
+        captioner=args.captioner,
+        base=args.base,
+        sampler=args.sampler,
+        eta=args.eta,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        num_samples=args.num_samples,
+        resolution=args.resolution,
+        width=args.width,
+        height=args.height,
+        init_image=args.init_image,
+        denoise=args.denoise,
+        mask=args.mask,
+        mask_blur=args.mask_blur,
+        overlay=not args.no_overlay,
+        dtype=args.dtype,
+        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        fast=args.fast,
+    )
+    result, sidecar = run(request, args.out, progress=not args.quiet)
+    n_img, seed = len(result.images), result.seeds[0]
+    print(f"{n_img} image(s) in {result.seconds:.1f} s, seed {seed}; prompt: {result.prompt!r}")
+    print(f"wrote {sidecar} (and its images and grid)")
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    import json
+
+    from .pipeline import run
+    from .sidecar import read_sidecar, verify_inputs
+
+    record = read_sidecar(args.from_sidecar)
+    verify_inputs(record)
+    out = args.out if args.out != _GENERATE_OUT else str(Path(args.from_sidecar).parent / "replay")
+    result, sidecar = run(record.request, out, progress=not args.quiet)
+    new = json.loads(Path(sidecar).read_text())["outputs"]["images"]
+    old = record.outputs.get("images", [])
+    same = len(new) == len(old) and all(a["sha256"] == b["sha256"] for a, b in zip(new, old))
+    print(f"replayed {args.from_sidecar}: {len(result.images)} image(s) -> {sidecar}")
+    print(
+        "images are bit-identical to the recorded ones"
+        if same
+        else "WARNING: images differ from the recorded ones (other hardware, library versions or dtype?)"
+    )
+    return 0 if same else 1
+
+
+_GENERATE_OUT = "outputs/generate"
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="images from a prompt and one or more condition images",
+        description="Generate images with one or more ControlNets. Per-control flags (--image, --controlnet, "
+        "--preprocess, --strength, --start, --end, --mode) repeat in order, one per control; a single value "
+        "applies to all. With no --base/--controlnet the bundled model is used.",
+    )
+    c = p.add_argument_group("controls (repeat per control, in order)")
+    c.add_argument(
+        "--image", action="append", default=[], help="condition map, or raw image with --preprocess"
+    )
+    c.add_argument("--controlnet", action="append", default=[], help="ControlNet file or folder")
+    c.add_argument(
+        "--preprocess", action="append", default=[], help="annotator to run on the image ('none': ready map)"
+    )
+    c.add_argument(
+        "--param", action="append", default=[], metavar="[I:]KEY=VALUE", help="annotator parameter"
+    )
+    c.add_argument("--strength", action="append", type=float, default=[], help="control strength (default 1)")
+    c.add_argument(
+        "--start", action="append", type=float, default=[], help="first fraction of steps (default 0)"
+    )
+    c.add_argument(
+        "--end", action="append", type=float, default=[], help="last fraction of steps (default 1)"
+    )
+    c.add_argument("--mode", action="append", default=[], help="balanced | prompt | controlnet")
+    c.add_argument(
+        "--guess-mode", action="store_true", help="ControlNet is more important, for every control"
+    )
+    g = p.add_argument_group("prompt")
+    g.add_argument("--prompt", default="")
+    g.add_argument(
+        "--prompt-setting",
+        default="user",
+        choices=["user", "none", "default", "auto"],
+        help="the paper's settings: user prompt, none, the default prompt, or auto (a caption)",
+    )
+    g.add_argument("--captioner", help="local BLIP captioner folder, for --prompt-setting auto")
+    g.add_argument(
+        "--added-prompt", help="appended to the prompt (default: the released apps' quality words)"
+    )
+    g.add_argument("--negative-prompt", help="default: the released apps' negative prompt")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--base", help="base model file or folder (default: the bundled model)")
+    s.add_argument("--sampler", default="ddim", choices=["ddim", "unipc", "dpmpp-2m-karras", "euler-a"])
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
+    s.add_argument("--steps", type=int, default=20)
+    s.add_argument("--guidance", type=float, default=9.0)
+    s.add_argument("--seed", type=int, help="default: a random seed (recorded in the sidecar)")
+    s.add_argument("--num-samples", type=int, default=1)
+    s.add_argument("--resolution", type=int, help="short side in pixels (default: the model's native size)")
+    s.add_argument("--width", type=int)
+    s.add_argument("--height", type=int)
+    s.add_argument("--init-image", help="img2img / masked editing source")
+    s.add_argument("--denoise", type=float, default=1.0, help="img2img strength in (0, 1] (default 1)")
+    s.add_argument("--mask", help="white = regenerate, black = keep the init image")
+    s.add_argument("--mask-blur", type=int, default=4, help="feather of the paste-back, px (default 4)")
+    s.add_argument(
+        "--no-overlay", action="store_true", help="do not paste the kept pixels back after decoding"
+    )
+    s.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    s.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    s.add_argument("--fast", action="store_true", help="compile the networks: slow first call, faster after")
+    p.add_argument("--out", default=_GENERATE_OUT, help="output folder (default: %(default)s)")
+    p.add_argument("--from-sidecar", help="replay a generation from its JSON sidecar, bit for bit")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_cmd_generate)
+
+
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_demo,
+    _add_generate,
     _add_preprocess,
     _add_render,
     _add_data,

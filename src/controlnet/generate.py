@@ -112,6 +112,7 @@ class GenerationRequest:
     captioner: str | None = None
     dtype: str = "float32"
     device: str = "cpu"
+    fast: bool = False  # compile the networks (slow first call; CUDA graphs are on for CUDA anyway)
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -170,7 +171,7 @@ class GenerationRequest:
             _parse_enum(ControlMode, c.mode, f"control {i} mode")
             read_image(c.image)  # readable, an image, not huge
             if c.preprocess is not None:
-                _annotator(c.preprocess).validate_params(c.params)
+                _annotator(c.preprocess).check_params(c.params)
             if c.controlnet is not None and not Path(c.controlnet).exists():
                 raise FileNotFoundError(f"control {i}: ControlNet {c.controlnet} does not exist")
         if self.base is not None and not Path(self.base).exists():
@@ -326,6 +327,7 @@ def generate(
         mask=mask,
         progress=progress,
         callback=callback,
+        compile=req.fast,
     )
     pixels = base.decode_latents(out.latents)
     images = [

@@ -1,0 +1,26 @@
+"""The small model this project trains and ships, so that everything runs anywhere, offline.
+
+A complete SD-family stack (AutoencoderKL with 8x down-sampling, a CLIP text encoder with the CLIP
+tokenizer, a UNet) trained on the fill50k world at 128 px, and a ControlNet (circle outline ->
+filled circle) on top, both in our own checkpoint format. docs/bundled-model.md is its model card.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+__all__ = ["BUNDLED_BASE", "BUNDLED_CONTROLNET", "bundled_path"]
+
+BUNDLED_BASE = "fill50k-base.safetensors"
+BUNDLED_CONTROLNET = "fill50k-controlnet.safetensors"
+
+
+def bundled_path(name: str) -> Path:
+    """Path of a bundled model file; a clear error if this build does not ship it."""
+    path = Path(str(resources.files("controlnet").joinpath("assets", "bundled", name)))
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"this build has no bundled model file {name}; pass a model explicitly (--base / --controlnet)"
+        )
+    return path

@@ -1,0 +1,118 @@
+"""`controlnet generate` from files: models in our format, outputs, replay, bad input."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from controlnet import Family
+from controlnet.cli import main
+from controlnet.formats import save_base, save_controlnet
+from tiny import make_base, make_controlnet
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gen")
+    base = make_base(Family.SD1)
+    save_base(base, d / "base.safetensors")
+    save_controlnet(make_controlnet(base.unet, open_zero=True), d / "cn.safetensors")
+    sd2 = make_base(Family.SD2)
+    save_controlnet(make_controlnet(sd2.unet), d / "cn_sd2.safetensors")
+    cond = np.zeros((64, 64, 3), np.uint8)
+    cond[20:44, 20:44] = 255
+    Image.fromarray(cond).save(d / "cond.png")
+    return d
+
+
+def args(d, *extra):
+    return [
+        "generate",
+        "--base",
+        str(d / "base.safetensors"),
+        "--controlnet",
+        str(d / "cn.safetensors"),
+        "--image",
+        str(d / "cond.png"),
+        "--steps",
+        "2",
+        "--resolution",
+        "64",
+        "--quiet",
+        "--device",
+        "cpu",
+        *extra,
+    ]
+
+
+def test_generate_writes_images_grid_and_a_replayable_sidecar(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert (
+        main(
+            args(
+                files,
+                "--seed",
+                "5",
+                "--num-samples",
+                "2",
+                "--out",
+                str(out),
+                "--preprocess",
+                "canny",
+                "--param",
+                "low_threshold=50",
+            )
+        )
+        == 0
+    )
+    sidecar = next(out.glob("*.json"))
+    record = json.loads(sidecar.read_text())
+    assert record["request"]["seed"] == 5 and record["request"]["controls"][0]["params"] == {
+        "low_threshold": 50
+    }
+    assert len(record["outputs"]["images"]) == 2 and (out / record["outputs"]["grid"]).is_file()
+    assert set(record["inputs"]) == {"base", "controls[0].controlnet", "controls[0].image"}
+    assert (
+        main(["generate", "--from-sidecar", str(sidecar), "--out", str(tmp_path / "again"), "--quiet"]) == 0
+    )
+    assert "bit-identical" in capsys.readouterr().out
+    first = [np.asarray(Image.open(out / i["file"])) for i in record["outputs"]["images"]]
+    again = sorted((tmp_path / "again").glob("*_[0-9].png"))
+    assert all(np.array_equal(a, np.asarray(Image.open(b))) for a, b in zip(first, again))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--steps", "0"], "steps must be >= 1"),
+        (["--strength", "-1"], "control 0: strength must be >= 0"),
+        (["--start", "0.9", "--end", "0.1"], "control 0: start 0.9 is after end 0.1"),
+        (["--preprocess", "sobel"], "unknown annotator"),
+        (["--mask", "x.png"], "a mask needs an init image"),
+        (["--param", "3:low=1"], "control index 3 is not one of 0..0"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(files, tmp_path, capsys, extra, message):
+    assert main(args(files, "--out", str(tmp_path / "o"), *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_controlnet_of_another_family_is_refused(files, tmp_path, capsys):
+    a = args(files, "--out", str(tmp_path / "o"))
+    a[a.index(str(files / "cn.safetensors"))] = str(files / "cn_sd2.safetensors")
+    assert main(a) == 2
+    assert "does not fit" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unreadable_image_and_missing_model(files, tmp_path, capsys):
+    (tmp_path / "bad.png").write_text("nope")
+    a = args(files, "--out", str(tmp_path / "o"))
+    a[a.index(str(files / "cond.png"))] = str(tmp_path / "bad.png")
+    assert main(a) == 2 and "cannot read" in capsys.readouterr().err
+    b = args(files, "--out", str(tmp_path / "o"))
+    b[b.index(str(files / "base.safetensors"))] = str(tmp_path / "none.safetensors")
+    assert main(b) == 2 and "does not exist" in capsys.readouterr().err
