@@ -4,7 +4,7 @@
   the output's region is the pixels nearer (in CIE Lab) to the prompt's shape colour than to its
   background colour; IoU of the two.
 - Colour following: the median Lab colour of the ground-truth shape and of the background against
-  the prompt's colours, as a CIE76 distance (Delta E); "correct" when within a threshold.
+  the prompt's colours, as a CIEDE2000 distance (Delta E); "correct" when within a threshold.
 - Edge following (general, as later work measures ControlNets): F1 of Canny edges re-extracted
   from the output against the condition's edges, with a small pixel tolerance.
 - SSIM between maps (soft edges, line art), RMSE between depth maps, mean IoU between label maps.
@@ -12,36 +12,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import cv2
 import numpy as np
 
+from .data.colors import delta_e, srgb_to_lab
+
 __all__ = [
     "COLOUR_TOLERANCE",
-    "delta_e",
     "edge_f1",
     "fill_outline",
     "mean_iou",
     "region_iou",
-    "rgb_to_lab",
     "rmse",
     "shape_and_colour",
     "ssim",
 ]
 
-#: Delta E (CIE76) under which a region's colour counts as the prompt's colour. ~2 is a just
-#: noticeable difference; named CSS colours sit a median ~10 apart from their nearest neighbour.
-COLOUR_TOLERANCE = 20.0
-
-
-def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
-    """(..., 3) uint8 or float RGB in [0, 255] -> CIE Lab (D65), float32."""
-    x = np.asarray(rgb, np.float32).reshape(-1, 1, 3) / 255.0
-    return cv2.cvtColor(x, cv2.COLOR_RGB2Lab).reshape(np.shape(rgb))
-
-
-def delta_e(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """CIE76 colour difference between RGB colours (broadcasting over leading axes)."""
-    return np.linalg.norm(rgb_to_lab(a) - rgb_to_lab(b), axis=-1)
+#: CIEDE2000 distance within which a region's colour counts as the prompt's colour: about five
+#: just-noticeable differences, and below the 15 that separates every fill50k colour pair.
+COLOUR_TOLERANCE = 10.0
 
 
 def fill_outline(condition: np.ndarray, threshold: int = 127) -> np.ndarray:
@@ -61,23 +52,22 @@ def region_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def shape_and_colour(
-    image: np.ndarray, condition: np.ndarray, shape_rgb: np.ndarray, background_rgb: np.ndarray
+    image: np.ndarray, condition: np.ndarray, shape_rgb: Sequence[int], background_rgb: Sequence[int]
 ) -> dict[str, float]:
     """Fill50k-world scores of one output (H, W, 3) uint8 against its outline condition and the
-    prompt's two colours: ``iou``, ``shape_delta_e``, ``background_delta_e``."""
+    prompt's two colours: ``iou`` of the shape, and the CIEDE2000 distance of the median colour
+    of the true shape region (``shape_delta_e``) and of the rest (``background_delta_e``)."""
     truth = fill_outline(condition)
-    lab = rgb_to_lab(image)
-    d_shape = np.linalg.norm(lab - rgb_to_lab(np.asarray(shape_rgb)), axis=-1)
-    d_back = np.linalg.norm(lab - rgb_to_lab(np.asarray(background_rgb)), axis=-1)
-    predicted = d_shape < d_back
+    lab = srgb_to_lab(image)
+    shape_lab, back_lab = srgb_to_lab(shape_rgb), srgb_to_lab(background_rgb)
+    # a pixel belongs to the output's shape when it is nearer the shape colour than the background's
+    predicted = np.linalg.norm(lab - shape_lab, axis=-1) < np.linalg.norm(lab - back_lab, axis=-1)
     inside = lab[truth] if truth.any() else lab.reshape(-1, 3)
     outside = lab[~truth] if (~truth).any() else lab.reshape(-1, 3)
     return {
         "iou": region_iou(predicted, truth),
-        "shape_delta_e": float(np.linalg.norm(np.median(inside, 0) - rgb_to_lab(np.asarray(shape_rgb)))),
-        "background_delta_e": float(
-            np.linalg.norm(np.median(outside, 0) - rgb_to_lab(np.asarray(background_rgb)))
-        ),
+        "shape_delta_e": float(delta_e(np.median(inside, 0), shape_lab)),
+        "background_delta_e": float(delta_e(np.median(outside, 0), back_lab)),
     }
 
 

@@ -84,7 +84,9 @@ def line_plot(
             d.line(line, fill=colour, width=2)
         for p in line if len(line) < 40 else []:
             d.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=colour)
-        d.text((left + 8, top + 6 + 14 * i), f"— {name}", fill=colour)
+        y = top + 12 + 14 * i
+        d.line([(left + 8, y), (left + 24, y)], fill=colour, width=3)
+        d.text((left + 30, y - 6), name, fill=colour)
     d.text((left, 6), title, fill="black")
     d.text((w // 2 - 20, h - 16), xlabel, fill=(60, 60, 60))
     if ylabel:

@@ -199,7 +199,10 @@ class _Metrics:
         names = [n for n in self.history if n in ("loss", "val_loss")]
         if names:
             line_plot({n: tuple(zip(*self.history[n])) for n in names}, run_dir / "loss.png", title="loss")
-        scores = [n for n in self.history if n.startswith("score/")]
+        # fractions (IoU, accuracies) share an axis; distances such as Delta E stay in metrics.csv
+        scores = [
+            n for n in self.history if n.startswith("score/") and all(0 <= v <= 1 for _, v in self.history[n])
+        ]
         if scores:
             line_plot(
                 {n[6:]: tuple(zip(*self.history[n])) for n in scores},

@@ -107,3 +107,80 @@ class ControlValidator:
             scores.update({f"score/{k}": v for k, v in self.scorer(images, self.items).items()})
         cn.train(was_training)
         return scores
+
+
+class ImageValidator:
+    """Validation for the two stages of a base model trained from scratch: reconstructions and
+    their PSNR (``vae``), or samples from the held-out prompts alone (``base``; scored for the
+    prompts' colours on fill50k data)."""
+
+    def __init__(
+        self, dataset: Dataset, count: int, *, steps: int = 20, guidance: float = 9.0, seed: int = 0
+    ) -> None:
+        n = len(dataset)  # type: ignore[arg-type]
+        self.items = [dataset[i] for i in range(max(0, n - count), n)]
+        self.steps, self.guidance, self.seed = steps, guidance, seed
+
+    @torch.no_grad()
+    def __call__(self, objective: Any, step: int, run_dir: Path) -> dict[str, float]:
+        from .objectives import BaseObjective, VaeObjective
+
+        if not self.items or "target" not in self.items[0]:
+            return {}
+        targets = [to_uint8(it["target"]) for it in self.items]
+        if isinstance(objective, VaeObjective):
+            vae = objective.vae
+            was = vae.training
+            vae.eval()
+            x = torch.stack([it["target"] for it in self.items]).to(next(vae.parameters()).device)
+            rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+            vae.train(was)
+            outs = [to_uint8(r) for r in rec]
+            mse = float(((rec.float() - x.float()) ** 2).mean())
+            scores = {"psnr_db": 10 * float(np.log10(4.0 / max(mse, 1e-12)))}  # signal range [-1, 1]
+        elif isinstance(objective, BaseObjective):
+            base = objective.inputs.base
+            mods = [objective.unet, objective.text_encoder]
+            was = [m.training for m in mods]
+            for m in mods:
+                m.eval()
+            prompts = [it["prompt"] for it in self.items]
+            size = tuple(self.items[0]["target"].shape[-2:])
+            latent = (size[0] // base.vae_scale_factor, size[1] // base.vae_scale_factor)
+            out = denoise(
+                base,
+                base.encode_prompt(prompts),
+                base.encode_prompt([""] * len(prompts)),
+                [],
+                steps=self.steps,
+                guidance=self.guidance,
+                latent_size=latent,
+                progress=False,
+                seeds=[self.seed + i for i in range(len(prompts))],
+            )
+            for m, w in zip(mods, was):
+                m.train(w)
+            outs = [to_uint8(x) for x in base.decode_latents(out.latents)]
+            scores = _prompt_colour_scores(outs, prompts)
+        else:
+            return {}
+        save_png(
+            make_grid([[t, o] for t, o in zip(targets, outs)]), run_dir / "samples" / f"step-{step:08d}.png"
+        )
+        return {f"score/{k}": v for k, v in scores.items()}
+
+
+def _prompt_colour_scores(images: list[np.ndarray], prompts: list[str]) -> dict[str, float]:
+    """Mean prompt-colour accuracy of prompt-only samples when the prompts are fill50k's."""
+    from .data.colors import rgb
+    from .data.fill50k import parse_prompt
+    from .evaluate import prompt_colours
+
+    rows = []
+    for img, p in zip(images, prompts):
+        try:
+            colour, _, background = parse_prompt(p)
+        except ValueError:
+            return {}
+        rows.append(prompt_colours(img, rgb(colour), rgb(background)))
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}

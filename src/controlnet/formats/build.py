@@ -230,6 +230,24 @@ def make_base(config: BaseConfig, load: Loader) -> BaseModel:
     )
 
 
+def fresh_base(config: BaseConfig, seed: int = 0) -> BaseModel:
+    """A base model of ``config``'s architecture with freshly initialised weights (the start of
+    training one from scratch, as the bundled model was)."""
+    torch.manual_seed(seed)
+    te_cfg = {k: v for k, v in config.text_encoder.items() if k in TEXT_FIELDS}
+    arch = (config.text_encoder.get("architectures") or ["CLIPTextModel"])[0]
+    if arch != "CLIPTextModel" or config.text_encoder_2 is not None:
+        raise ValueError("a fresh base model needs one CLIPTextModel text encoder (SD1.x/SD2.x style)")
+    return BaseModel(
+        config.family,
+        UNet2DConditionModel(**_known_kwargs(UNet2DConditionModel, config.unet)),
+        AutoencoderKL(**_known_kwargs(AutoencoderKL, config.vae)),
+        CLIPTextModel(CLIPTextConfig(**te_cfg)),
+        clip_tokenizer(config.family),
+        schedule=dict(config.schedule),
+    )
+
+
 # ------------------------------------------------------------------------------------ inference
 def family_from_context(shapes: Mapping[str, tuple[int, ...]], prefix: str, where: str) -> Family:
     """The family of a UNet or ControlNet under ``prefix`` from its cross-attention width

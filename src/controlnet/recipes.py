@@ -1,0 +1,241 @@
+"""A training run assembled from its options: the base model, the data, the objective, validation
+and the final export. ``controlnet train`` is a thin shell over :func:`run_training`.
+
+Objectives: ``controlnet`` (the paper), the ablation variants ``gaussian``, ``lite`` and
+``concat`` (see :mod:`controlnet.ablations`), and the two stages of a base model trained from
+scratch, ``vae`` and ``base`` (how the bundled model was made).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from .controlnet import ControlNet, ControlNetConfig
+from .models import BaseModel
+from .objectives import BaseObjective, ControlNetObjective, Objective, VaeObjective
+from .train import TrainConfig, TrainResult, train
+from .validation import ControlValidator, ImageValidator
+
+__all__ = ["OBJECTIVES", "RunSpec", "architecture", "load_or_build_base", "run_training"]
+
+OBJECTIVES = ("controlnet", "gaussian", "lite", "concat", "vae", "base")
+_CONTROL_OBJECTIVES = ("controlnet", "gaussian", "lite", "concat")
+
+
+@dataclass
+class RunSpec:
+    """Everything beyond the loop's own settings (those are :class:`TrainConfig`)."""
+
+    data: str
+    objective: str = "controlnet"
+    base: str | None = None  # a base model file/folder; None with ``arch``: a fresh one
+    arch: str | None = None  # a preset name (assets/architectures) or a JSON file
+    init_controlnet: str | None = None
+    hint_channels: int | None = None
+    global_pool: bool = False
+    sd_locked: bool = True
+    only_mid_control: bool = False
+    empty_prompt_prob: float | None = None  # default: 0.5 for controls (the paper), 0.1 for a base
+    resolution: int | None = None
+    annotator: str | None = None
+    annotator_params: dict[str, Any] = field(default_factory=dict)
+    skip_bad: bool = False
+    cache: str | None = None  # folder for VAE latents + prompt embeddings
+    validation_steps: int = 20
+    validation_guidance: float = 9.0
+    export: list[str] = field(default_factory=lambda: ["controlnet"])
+
+
+def architecture(name_or_path: str) -> dict[str, Any]:
+    """An architecture preset (``fill50k-tiny``) or JSON file: {"base": BaseConfig, "controlnet": ...}."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        res = resources.files("controlnet").joinpath("assets", "architectures", f"{name_or_path}.json")
+        if not res.is_file():
+            known = sorted(
+                p.name[:-5]
+                for p in resources.files("controlnet").joinpath("assets", "architectures").iterdir()
+            )
+            raise FileNotFoundError(f"no architecture {name_or_path!r}: give a JSON file or one of {known}")
+        return json.loads(res.read_text())
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not a JSON architecture ({e})") from None
+
+
+def load_or_build_base(spec: RunSpec, seed: int) -> BaseModel:
+    from .formats import load_base
+    from .formats.build import BaseConfig, fresh_base
+
+    if spec.base is not None:
+        return load_base(spec.base, dtype=torch.float32)
+    if spec.arch is None:
+        raise ValueError("give a base model (--base) or, to train one from scratch, an architecture (--arch)")
+    if spec.objective != "vae":
+        raise ValueError("a fresh base (--arch) starts with the 'vae' objective; later stages take --base")
+    return fresh_base(BaseConfig.from_dict(architecture(spec.arch)["base"]), seed=seed)
+
+
+def _controlnet(spec: RunSpec, base: BaseModel) -> torch.nn.Module:
+    from .ablations import LiteControlNet, gaussian_connections
+    from .formats import check_compatible, load_controlnet
+
+    if spec.init_controlnet is not None:
+        cn = load_controlnet(spec.init_controlnet, dtype=torch.float32)
+        check_compatible(cn, base, controlnet_name=spec.init_controlnet, base_name=spec.base)
+        return cn
+    hint = ControlNetConfig(global_pool=spec.global_pool)
+    if spec.arch is not None and "controlnet" in architecture(spec.arch):
+        hint = ControlNetConfig.from_dict(
+            {**architecture(spec.arch)["controlnet"], "global_pool": spec.global_pool}
+        )
+    if spec.hint_channels is not None:
+        hint = ControlNetConfig.from_dict({**hint.to_dict(), "hint_channels": spec.hint_channels})
+    if spec.objective == "lite":
+        return LiteControlNet(base.unet, hint)
+    cn = ControlNet.from_unet(base.unet, hint)
+    return gaussian_connections(cn) if spec.objective == "gaussian" else cn
+
+
+def _objective(spec: RunSpec, base: BaseModel) -> Objective:
+    from .ablations import ConcatObjective
+
+    if spec.objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {spec.objective!r}; expected one of: {', '.join(OBJECTIVES)}")
+    control = spec.objective in _CONTROL_OBJECTIVES
+    prob = spec.empty_prompt_prob if spec.empty_prompt_prob is not None else (0.5 if control else 0.1)
+    if spec.objective == "vae":
+        return VaeObjective(base)
+    if spec.objective == "base":
+        return BaseObjective(base, empty_prompt_prob=prob)
+    if spec.objective == "concat":
+        return ConcatObjective(base, empty_prompt_prob=prob)
+    return ControlNetObjective(
+        base,
+        _controlnet(spec, base),
+        only_mid_control=spec.only_mid_control,  # type: ignore[arg-type]
+        sd_locked=spec.sd_locked,
+        empty_prompt_prob=prob,
+    )
+
+
+def _dataset(spec: RunSpec, base: BaseModel, objective: Objective, device: str) -> Any:
+    from .data import open_dataset
+
+    dataset = open_dataset(
+        spec.data,
+        resolution=spec.resolution,
+        annotator=spec.annotator,
+        annotator_params=spec.annotator_params or None,
+        skip_bad=spec.skip_bad,
+    )
+    if dataset.skipped:
+        print(f"skipped {len(dataset.skipped)} bad entries of {spec.data}:")
+        for s in dataset.skipped[:20]:
+            print(f"  {s}")
+    if spec.cache is None:
+        return dataset
+    if spec.objective == "vae":
+        raise ValueError("the vae objective trains on pixels: a latent cache (--cache) does not apply")
+    from .data import CachedDataset, build_cache
+
+    build_cache(dataset, base, spec.cache, device=device, batch_size=64)
+    cached = CachedDataset(spec.cache, dataset=dataset, base=base)
+    inputs = getattr(objective, "inputs", None)
+    if inputs is not None:
+        inputs.empty = cached.empty
+    return cached
+
+
+@torch.no_grad()
+def _latent_scale(base: BaseModel, dataset: Any, n: int = 512) -> float:
+    """1 / std of the VAE latents over ``n`` items: the scaling that gives the UNet unit-variance
+    inputs (SD's 0.18215 was found the same way)."""
+    device = next(base.vae.parameters()).device
+    idx = np.linspace(0, len(dataset) - 1, min(n, len(dataset))).astype(int)
+    zs = []
+    for chunk in np.array_split(idx, max(1, len(idx) // 32)):
+        x = torch.stack([dataset[int(i)]["target"] for i in chunk]).to(device)
+        zs.append(base.vae.encode(x).latent_dist.mean.float().cpu())
+    return float(1.0 / torch.cat(zs).std())
+
+
+def _exporter(spec: RunSpec, base: BaseModel, dataset: Any) -> Any:
+    from .formats import save_base, save_controlnet
+
+    def export(objective: Objective, ema: dict[str, torch.Tensor] | None, out: Path) -> list[Path]:
+        out.mkdir(parents=True, exist_ok=True)
+        if ema is not None:  # export the averaged weights
+            objective.load_trainable_state({**objective.trainable_state(), **ema})
+        if spec.objective in ("vae", "base"):
+            if spec.objective == "vae":
+                base.vae.register_to_config(scaling_factor=_latent_scale(base, dataset))
+            for m in base.modules().values():
+                m.requires_grad_(False).eval()
+            return save_base(base, out / "base.safetensors", overwrite=True)
+        if spec.objective in ("controlnet", "gaussian"):
+            cn = objective.controlnet  # type: ignore[attr-defined]
+            paths: list[Path] = []
+            for fmt in spec.export:
+                name = {
+                    "controlnet": "controlnet.safetensors",
+                    "diffusers": "controlnet-diffusers",
+                    "original": "controlnet-original.safetensors",
+                }[fmt]
+                paths += save_controlnet(cn, out / name, fmt, overwrite=True)
+            return paths
+        # ablation variants without a released format: their trained tensors, for the record
+        path = out / f"{spec.objective}.safetensors"
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in objective.trainable_state().items()}, str(path)
+        )
+        return [path]
+
+    return export
+
+
+def _validator(spec: RunSpec, dataset: Any, count: int) -> Any:
+    from .evaluate import fill50k_scorer
+
+    scorer = None
+    if _is_fill50k(dataset):
+        scorer = fill50k_scorer
+    if spec.objective in _CONTROL_OBJECTIVES and spec.objective != "concat":
+        return ControlValidator(
+            dataset, count, scorer=scorer, steps=spec.validation_steps, guidance=spec.validation_guidance
+        )
+    return ImageValidator(dataset, count, steps=spec.validation_steps, guidance=spec.validation_guidance)
+
+
+def _is_fill50k(dataset: Any) -> bool:
+    from .data.fill50k import parse_prompt
+
+    try:
+        parse_prompt(dataset.prompt(len(dataset) - 1))
+        return True
+    except (ValueError, AttributeError):
+        return False
+
+
+def run_training(spec: RunSpec, cfg: TrainConfig) -> TrainResult:
+    """Assemble and run a training: the CLI's ``controlnet train``."""
+    if spec.export and spec.objective in ("controlnet", "gaussian"):
+        bad = [f for f in spec.export if f not in ("controlnet", "diffusers", "original")]
+        if bad:
+            raise ValueError(f"unknown export format(s) {bad}; expected controlnet, diffusers or original")
+    base = load_or_build_base(spec, cfg.seed)
+    objective = _objective(spec, base)
+    device = "cpu" if cfg.cpu or not torch.cuda.is_available() else "cuda"
+    dataset = _dataset(spec, base, objective, device)
+    cfg.extra = {**cfg.extra, "spec": asdict(spec)}
+    validator = _validator(spec, dataset, cfg.validation_count) if cfg.validation_count > 0 else None
+    return train(cfg, objective, dataset, validator=validator, exporter=_exporter(spec, base, dataset))

@@ -1,0 +1,167 @@
+"""`controlnet data` -> `train --objective vae|base|controlnet` -> `eval`: the chain that built the
+bundled model, at smoke scale on the CPU; and train's bad input."""
+
+import json
+
+import pytest
+
+from controlnet import Family
+from controlnet.cli import main
+from controlnet.formats import load_base, load_controlnet, save_base, save_controlnet
+from tiny import make_base, make_controlnet
+
+COMMON = [
+    "--steps",
+    "4",
+    "--batch-size",
+    "8",
+    "--lr",
+    "1e-3",
+    "--cpu",
+    "--quiet",
+    "--log-every",
+    "2",
+    "--validate-every",
+    "2",
+    "--validation-count",
+    "4",
+    "--validation-steps",
+    "2",
+]
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    d = tmp_path_factory.mktemp("chain")
+    assert main(["data", "fill50k", "--out", str(d / "data"), "--n", "40", "--size", "64", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--objective",
+                "vae",
+                "--arch",
+                "fill50k-tiny",
+                "--data",
+                str(d / "data"),
+                "--out",
+                str(d / "vae"),
+                *COMMON,
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--objective",
+                "base",
+                "--base",
+                str(d / "vae/final/base.safetensors"),
+                "--data",
+                str(d / "data"),
+                "--out",
+                str(d / "base"),
+                *COMMON,
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--base",
+                str(d / "base/final/base.safetensors"),
+                "--arch",
+                "fill50k-tiny",
+                "--data",
+                str(d / "data"),
+                "--out",
+                str(d / "cn"),
+                "--cache",
+                str(d / "cache"),
+                "--ema-decay",
+                "0.9",
+                "--score-name",
+                "iou",
+                "--score-threshold",
+                "0",
+                *COMMON,
+            ]
+        )
+        == 0
+    )
+    return d
+
+
+def test_each_stage_exports_a_loadable_model(chain):
+    vae_stage = load_base(chain / "vae/final/base.safetensors")
+    assert vae_stage.latent_scale != 1.0  # the VAE stage measured its latent scaling
+    base = load_base(chain / "base/final/base.safetensors")
+    assert base.latent_scale == vae_stage.latent_scale
+    cn = load_controlnet(chain / "cn/final/controlnet.safetensors")
+    assert cn.config.hint_block_channels == (16, 32, 96, 256)
+    run = json.loads((chain / "cn/run.json").read_text())
+    assert run["converged_at"] == 2 and run["steps"] == 4
+    assert sorted(p.name for p in (chain / "cn/samples").iterdir()) == [
+        "step-00000002.png",
+        "step-00000004.png",
+    ]
+    assert (chain / "cn/scores.png").is_file() and (chain / "base/samples/step-00000004.png").is_file()
+
+
+def test_eval_writes_a_report(chain, tmp_path):
+    args = [
+        "eval",
+        "--data",
+        str(chain / "data"),
+        "--out",
+        str(tmp_path / "ev"),
+        "--n",
+        "4",
+        "--steps",
+        "2",
+        "--batch",
+        "2",
+        "--quiet",
+        "--base",
+        str(chain / "base/final/base.safetensors"),
+    ]
+    assert main([*args, "--controlnet", str(chain / "cn/final/controlnet.safetensors")]) == 0
+    res = json.loads((tmp_path / "ev/results.json").read_text())
+    assert len(res["per_sample"]) == 4 and 0 <= res["summary"]["iou"] <= 1
+    assert 0 <= res["summary"]["colour_accuracy"] <= 1 and (tmp_path / "ev/examples.png").is_file()
+    assert main([*args, "--no-controlnet", "--out", str(tmp_path / "ev2")]) == 0
+    assert "free_colour_ok" in json.loads((tmp_path / "ev2/results.json").read_text())["summary"]
+
+
+def test_train_bad_input(tmp_path, capsys, chain):
+    sd2 = make_base(Family.SD2)
+    save_controlnet(make_controlnet(sd2.unet), tmp_path / "sd2cn.safetensors")
+    save_base(make_base(Family.SD1), tmp_path / "sd1.safetensors")
+    cases = [
+        (["--data", str(tmp_path / "nothing"), "--base", str(tmp_path / "sd1.safetensors")], "nothing"),
+        (
+            [
+                "--data",
+                str(chain / "data"),
+                "--base",
+                str(tmp_path / "sd1.safetensors"),
+                "--init-controlnet",
+                str(tmp_path / "sd2cn.safetensors"),
+            ],
+            "does not fit",
+        ),
+        (["--data", str(chain / "data")], "give a base model (--base)"),
+        (["--data", str(chain / "data"), "--objective", "vae", "--arch", "nope"], "no architecture 'nope'"),
+        (
+            ["--data", str(chain / "data"), "--base", str(tmp_path / "sd1.safetensors"), "--export", "onnx"],
+            "unknown export format",
+        ),
+    ]
+    for extra, message in cases:
+        assert main(["train", "--out", str(tmp_path / "run"), *COMMON, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
