@@ -183,6 +183,44 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         "--skip-bad", action="store_true", help="list bad entries instead of stopping at the first"
     )
     c.set_defaults(handler=_cmd_data_check)
+    k = data.add_parser(
+        "cache", help="precompute VAE latents and prompt embeddings of a data set for a base model"
+    )
+    k.add_argument("path", help="data set folder")
+    k.add_argument("--base", required=True, help="base model file or folder")
+    k.add_argument(
+        "--out", required=True, help="cache folder (reused when it matches; refused when it does not)"
+    )
+    k.add_argument("--resolution", type=int, default=None)
+    k.add_argument("--batch-size", type=int, default=64)
+    k.add_argument("--device", help="default: cuda when available")
+    k.add_argument(
+        "--overwrite", action="store_true", help="rebuild a cache made from another data set or model"
+    )
+    k.add_argument("--quiet", action="store_true")
+    k.set_defaults(handler=_cmd_data_cache)
+
+
+def _cmd_data_cache(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data import build_cache, open_dataset
+    from .formats import load_base
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    base = load_base(args.base, dtype=torch.float32).to(device)
+    dataset = open_dataset(args.path, resolution=args.resolution)
+    out = build_cache(
+        dataset,
+        base,
+        args.out,
+        batch_size=args.batch_size,
+        device=device,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    print(f"cache of {len(dataset)} items in {out}")
+    return 0
 
 
 # ---------------------------------------------------------------------------- checkpoint files

@@ -75,11 +75,16 @@ class EvalResult:
 
 
 def prompt_colours(
-    image: np.ndarray, shape_rgb: Sequence[int], background_rgb: Sequence[int]
+    image: np.ndarray,
+    shape_rgb: Sequence[int],
+    background_rgb: Sequence[int],
+    condition: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Does an image show the prompt's two colours, wherever the shape is? (For outputs made with
-    no condition, e.g. the base model alone.) The background is the median of the border pixels;
-    the shape is the median of the pixels far from the background colour."""
+    """Colour scores that need no knowledge of where the shape is (outputs made without a
+    condition, e.g. the base model alone): the background is the median of the border pixels, the
+    shape the median of the pixels far from it. With ``condition``, also ``free_iou``: the IoU of
+    those far pixels with the condition's region, which measures shape following whatever colours
+    the model chose (the no-prompt setting)."""
     from .data.colors import delta_e, srgb_to_lab
 
     lab = srgb_to_lab(image)
@@ -89,11 +94,16 @@ def prompt_colours(
     shape = np.median(lab[far], 0) if far.mean() > 0.01 else back
     d_back = float(delta_e(back, srgb_to_lab(background_rgb)))
     d_shape = float(delta_e(shape, srgb_to_lab(shape_rgb)))
-    return {
+    out = {
         "free_background_delta_e": d_back,
         "free_shape_delta_e": d_shape,
         "free_colour_ok": float(d_back <= COLOUR_TOLERANCE and d_shape <= COLOUR_TOLERANCE),
     }
+    if condition is not None:
+        from .metrics import fill_outline, region_iou
+
+        out["free_iou"] = region_iou(far, fill_outline(condition))
+    return out
 
 
 def fill50k_scorer(images: list[np.ndarray], items: list[dict[str, Any]]) -> dict[str, float]:
@@ -145,12 +155,24 @@ def _prompt(setting: str, prompt: str) -> str:
     return {"user": prompt, "none": "", "default": PAPER_DEFAULT_PROMPT}[setting]
 
 
+#: (prompt embeddings, negative embeddings, condition batch, seeds, latent size) -> latents; for
+#: models that take their condition another way than a ControlNet (the ``concat`` ablation).
+SampleFn = Callable[[Any, Any, torch.Tensor, list[int], tuple[int, int]], torch.Tensor]
+
+
 @torch.no_grad()
 def evaluate(
-    base: BaseModel, controlnet: ControlNet | None, dataset: Any, cfg: EvalConfig, *, progress: bool = True
+    base: BaseModel,
+    controlnet: ControlNet | None,
+    dataset: Any,
+    cfg: EvalConfig,
+    *,
+    progress: bool = True,
+    sample_fn: SampleFn | None = None,
 ) -> EvalResult:
     """Generate one image per item for the first ``cfg.n`` items and score each; with no
-    ControlNet, generate from the prompts alone (scored by :func:`prompt_colours`)."""
+    ControlNet (and no ``sample_fn``), generate from the prompts alone (scored by
+    :func:`prompt_colours`)."""
     metric = Metric(cfg.metric)
     if cfg.prompt_setting not in ("user", "none", "default"):
         raise ValueError(f"prompt setting must be user, none or default, got {cfg.prompt_setting!r}")
@@ -180,32 +202,36 @@ def evaluate(
         latent = (size[0] // base.vae_scale_factor, size[1] // base.vae_scale_factor)
         emb = base.encode_prompt(prompts, size=size)  # type: ignore[arg-type]
         neg = base.encode_prompt([cfg.negative_prompt] * len(items), size=size)  # type: ignore[arg-type]
-        units = [] if controlnet is None else [ControlUnit(controlnet, cond, cfg.strength)]
         seeds = [cfg.seed + start + i for i in range(len(items))]
-        out = denoise(
-            base,
-            emb,
-            neg,
-            units,
-            sampler=cfg.sampler,
-            steps=cfg.steps,
-            guidance=cfg.guidance,
-            seeds=seeds,
-            latent_size=latent,
-            progress=False,
-        )
-        images = [to_uint8(x) for x in base.decode_latents(out.latents)]
+        if sample_fn is not None:
+            latents = sample_fn(emb, neg, cond, seeds, latent)
+        else:
+            units = [] if controlnet is None else [ControlUnit(controlnet, cond, cfg.strength)]
+            latents = denoise(
+                base,
+                emb,
+                neg,
+                units,
+                sampler=cfg.sampler,
+                steps=cfg.steps,
+                guidance=cfg.guidance,
+                seeds=seeds,
+                latent_size=latent,
+                progress=False,
+            ).latents
+        images = [to_uint8(x) for x in base.decode_latents(latents)]
         for it, img, seed in zip(items, images, seeds):
             cmap = to_uint8(it["cond"], lo=0.0)
             row: dict[str, Any] = {"index": int(it["index"]), "seed": seed, "prompt": it["prompt"]}
-            if controlnet is not None:
+            conditioned = controlnet is not None or sample_fn is not None
+            if conditioned:
                 row.update(_score(metric, img, cmap, it["prompt"], ann))
             if metric is Metric.FILL50K:
                 from .data.colors import rgb
                 from .data.fill50k import parse_prompt
 
                 colour, _, background = parse_prompt(it["prompt"])
-                row.update(prompt_colours(img, rgb(colour), rgb(background)))
+                row.update(prompt_colours(img, rgb(colour), rgb(background), cmap if conditioned else None))
             rows.append(row)
             if len(examples) < 16:
                 examples.append([cmap, img])
