@@ -26,8 +26,8 @@ CLI = [sys.executable, "-m", "controlnet.cli"]
 SIZE = 128
 
 # base model: VAE then UNet + text encoder, from scratch
-VAE_STEPS, VAE_BATCH, VAE_LR = 3000, 64, 3e-4
-BASE_STEPS, BASE_BATCH, BASE_LR = 6000, 256, 4e-4
+VAE_STEPS, VAE_BATCH, VAE_LR = 2500, 64, 3e-4
+BASE_STEPS, BASE_BATCH, BASE_LR = 4000, 256, 4e-4
 # ControlNets (all variants share these, so the comparison is fair)
 CN_STEPS, CN_BATCH, CN_LR = 3000, 64, 1e-4
 VALIDATE_EVERY, SCORE_THRESHOLD = 100, 0.6
@@ -53,7 +53,10 @@ def sh(cmd: list[str], log: Path | None = None) -> subprocess.Popen:
 
 
 def run(cmd: list[str], log: Path | None = None) -> None:
-    if sh(cmd, log).wait() != 0:
+    t0 = time.time()
+    rc = sh(cmd, log).wait()
+    print(f"  ({time.time() - t0:.0f} s)", flush=True)
+    if rc != 0:
         tail = log.read_text()[-3000:] if log and log.exists() else ""
         raise SystemExit(f"failed: {' '.join(cmd)}\n{tail}")
 
