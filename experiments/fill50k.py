@@ -3,11 +3,12 @@
 Every model is made by a `controlnet` command (printed, logged, and quoted in docs/results.md);
 this script only runs them in order (independent trainings in parallel on one GPU) and evaluates.
 
-    python experiments/fill50k.py base   --work WORK      # data, VAE, base model     (GPU, ~8 min)
-    python experiments/fill50k.py claims --work WORK      # ControlNet + ablations    (GPU, ~8 min)
-    python experiments/fill50k.py identity --work WORK    # zero-init identity        (CPU is fine)
+    python experiments/fill50k.py base   --work WORK [--vae FILE]  # data, VAE, base model  (GPU)
+    python experiments/fill50k.py claims --work WORK               # ControlNet + ablations (GPU)
+    python experiments/fill50k.py identity --work WORK             # zero-init identity     (CPU is fine)
 
-WORK holds data, runs and results; results land in WORK/results/*.json and WORK/results/*.png.
+WORK holds data, runs and results; results land in WORK/results/. --smoke runs everything at toy
+scale on a CPU (to check the script; its numbers mean nothing).
 """
 
 from __future__ import annotations
@@ -15,246 +16,114 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "controlnet.cli"]
-SIZE = 128
+S: dict[str, Any] = {
+    "size": 128,  # image side; latents are 16x16
+    "n_train": 50_000,
+    "n_small": 1_000,
+    "n_medium": 10_000,
+    "n_eval": 500,
+    "vae": "--steps 2500 --batch-size 64 --lr 3e-4",
+    "base": "--steps 3000 --batch-size 256 --lr 4e-4 --warmup-steps 300",
+    "cn": "--steps 3000 --batch-size 64 --lr 1e-4",  # every ControlNet variant: a fair comparison
+    "device": "--mixed-precision bf16 --num-workers 6",
+    "validate_every": 100,
+    "threshold": 0.6,
+}
+SMOKE = {
+    "size": 64, "n_train": 80, "n_small": 24, "n_medium": 40, "n_eval": 8,
+    "vae": "--steps 4 --batch-size 8 --lr 3e-4", "base": "--steps 4 --batch-size 8 --lr 4e-4",
+    "cn": "--steps 4 --batch-size 8 --lr 1e-4", "device": "--cpu --mixed-precision no --num-workers 0",
+    "validate_every": 2,
+}  # fmt: skip
+VARIANTS = {  # name: (data set, extra options)
+    "controlnet": ("fill50k", ""),
+    "gaussian": ("fill50k", "--objective gaussian"),
+    "lite": ("fill50k", "--objective lite"),
+    "concat": ("fill50k", "--objective concat"),
+    "no-dropout": ("fill50k", "--empty-prompt-prob 0"),
+    "data-small": ("fill-small", ""),
+    "data-medium": ("fill-medium", ""),
+}
 
-# base model: VAE then UNet + text encoder, from scratch
-VAE_STEPS, VAE_BATCH, VAE_LR = 2500, 64, 3e-4
-BASE_STEPS, BASE_BATCH, BASE_LR = 4000, 256, 4e-4
-# ControlNets (all variants share these, so the comparison is fair)
-CN_STEPS, CN_BATCH, CN_LR = 3000, 64, 1e-4
-VALIDATE_EVERY, SCORE_THRESHOLD = 100, 0.6
-EVAL_N = 500
-N_TRAIN, DATA_SIZES = 50000, (1000, 10000)
+
+def cli(args: str) -> list[str]:
+    return [sys.executable, "-m", "controlnet.cli", *shlex.split(args)]
 
 
-def smoke() -> None:
-    """Tiny numbers: check the whole script on a CPU in a few minutes (results mean nothing)."""
-    global SIZE, VAE_STEPS, VAE_BATCH, BASE_STEPS, BASE_BATCH, CN_STEPS, CN_BATCH, VALIDATE_EVERY, EVAL_N
-    global N_TRAIN, DATA_SIZES
-    SIZE, VAE_STEPS, VAE_BATCH, BASE_STEPS, BASE_BATCH = 64, 4, 8, 4, 8
-    CN_STEPS, CN_BATCH, VALIDATE_EVERY, EVAL_N, N_TRAIN, DATA_SIZES = 4, 8, 2, 8, 80, (24, 40)
+def start(args: str, log: Path | None = None) -> subprocess.Popen:
+    """Start ``controlnet ARGS`` (output to ``log``), printing the command as one would type it."""
+    print(f"$ controlnet {args}", flush=True)
+    out = open(log, "w") if log else None  # noqa: SIM115 (the child holds it)
+    return subprocess.Popen(cli(args), stdout=out, stderr=subprocess.STDOUT if out else None, cwd=ROOT)
 
 
-def sh(cmd: list[str], log: Path | None = None) -> subprocess.Popen:
-    """Start a command (stdout+stderr to ``log``); print it as it would be typed."""
-    print(
-        "$ " + " ".join(shlex.quote(c) for c in cmd[2:] if c) if cmd[:3] == CLI else " ".join(cmd), flush=True
-    )
-    out = open(log, "w") if log else None  # noqa: SIM115 (closed with the process)
-    return subprocess.Popen(cmd, stdout=out or None, stderr=subprocess.STDOUT if out else None, cwd=ROOT)
-
-
-def run(cmd: list[str], log: Path | None = None) -> None:
+def run(args: str, log: Path | None = None) -> None:
     t0 = time.time()
-    rc = sh(cmd, log).wait()
+    rc = start(args, log).wait()
     print(f"  ({time.time() - t0:.0f} s)", flush=True)
     if rc != 0:
-        tail = log.read_text()[-3000:] if log and log.exists() else ""
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{tail}")
+        raise SystemExit(f"failed: controlnet {args}\n{log.read_text()[-3000:] if log else ''}")
 
 
-def wait_all(procs: dict[str, tuple[subprocess.Popen, Path]]) -> None:
-    failed = []
-    for name, (p, log) in procs.items():
-        if p.wait() != 0:
-            failed.append(name)
-            print(f"--- {name} failed; log tail:\n{log.read_text()[-3000:]}")
-    if failed:
-        raise SystemExit(f"failed runs: {failed}")
+def loop(steps: str, validate_every: int) -> str:
+    return (f"{steps} {S['device']} --validate-every {validate_every} --validation-count 16 "
+            f"--checkpoint-every 1000 --log-every 50 --quiet")  # fmt: skip
 
 
-def common(steps: int, batch: int, lr: float, validate_every: int) -> list[str]:
-    # the smoke scale runs on a CPU, in float32
-    device = (
-        ["--cpu", "--num-workers", "0", "--mixed-precision", "no"]
-        if SIZE < 128
-        else ["--num-workers", "6", "--mixed-precision", "bf16"]
-    )
-    return [
-        *device,
-        "--steps",
-        str(steps),
-        "--batch-size",
-        str(batch),
-        "--lr",
-        str(lr),
-        "--validate-every",
-        str(validate_every),
-        "--validation-count",
-        "16",
-        "--checkpoint-every",
-        str(steps),
-        "--quiet",
-        "--log-every",
-        str(min(50, steps)),
-    ]
-
-
-def stage_base(work: Path) -> None:
+def stage_base(work: Path, vae: Path | None) -> None:
     t0 = time.time()
-    logs = work / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    run(
-        [
-            *CLI,
-            "data",
-            "fill50k",
-            "--out",
-            str(work / "fill50k"),
-            "--n",
-            str(N_TRAIN),
-            "--size",
-            str(SIZE),
-            "--seed",
-            "0",
-            "--quiet",
-        ]
-    )
-    run(
-        [
-            *CLI,
-            "data",
-            "fill50k",
-            "--out",
-            str(work / "fill50k-test"),
-            "--n",
-            str(EVAL_N),
-            "--size",
-            str(SIZE),
-            "--seed",
-            "1",
-            "--quiet",
-        ]
-    )
-    run(
-        [
-            *CLI,
-            "train",
-            "--objective",
-            "vae",
-            "--arch",
-            "fill50k-tiny",
-            "--data",
-            str(work / "fill50k"),
-            "--out",
-            str(work / "vae"),
-            *common(VAE_STEPS, VAE_BATCH, VAE_LR, 1000),
-        ],
-        logs / "vae.log",
-    )
-    run(
-        [
-            *CLI,
-            "train",
-            "--objective",
-            "base",
-            "--base",
-            str(work / "vae/final/base.safetensors"),
-            "--data",
-            str(work / "fill50k"),
-            "--out",
-            str(work / "base"),
-            "--cache",
-            str(work / "cache-vae"),
-            "--warmup-steps",
-            "500",
-            *common(BASE_STEPS, BASE_BATCH, BASE_LR, 1000),
-        ],
-        logs / "base.log",
-    )
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    size = S["size"]
+    run(f"data fill50k --out {work}/fill50k --n {S['n_train']} --size {size} --seed 0 --quiet")
+    run(f"data fill50k --out {work}/fill50k-test --n {S['n_eval']} --size {size} --seed 1 --quiet")
+    if vae is None:
+        run(f"train --objective vae --arch fill50k-tiny --data {work}/fill50k --out {work}/vae "
+            f"{loop(S['vae'], 1000)}", work / "logs/vae.log")  # fmt: skip
+    else:  # the VAE stage's export from an earlier session (same command)
+        (work / "vae/final").mkdir(parents=True, exist_ok=True)
+        shutil.copy(vae, work / "vae/final/base.safetensors")
+    run(f"train --objective base --base {work}/vae/final/base.safetensors --data {work}/fill50k "
+        f"--out {work}/base --cache {work}/cache-vae {loop(S['base'], 1000)}", work / "logs/base.log")  # fmt: skip
     print(f"base stage done in {time.time() - t0:.0f} s")
-
-
-def _cn_cmd(work: Path, name: str, data: str, extra: list[str], validate_every: int) -> list[str]:
-    return [
-        *CLI,
-        "train",
-        "--base",
-        str(work / "base/final/base.safetensors"),
-        "--arch",
-        "fill50k-tiny",
-        "--data",
-        str(work / data),
-        "--out",
-        str(work / "runs" / name),
-        "--cache",
-        str(work / f"cache-{data}"),
-        "--score-name",
-        "iou",
-        "--score-threshold",
-        str(SCORE_THRESHOLD),
-        *common(CN_STEPS, CN_BATCH, CN_LR, validate_every),
-        *extra,
-    ]
 
 
 def stage_claims(work: Path) -> None:
     t0 = time.time()
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    small, medium = DATA_SIZES
-    for name, n in (("fill-small", small), ("fill-medium", medium)):  # the first n pairs of the 50k set
-        run(
-            [
-                *CLI,
-                "data",
-                "fill50k",
-                "--out",
-                str(work / name),
-                "--n",
-                str(n),
-                "--size",
-                str(SIZE),
-                "--seed",
-                "0",
-                "--quiet",
-            ]
-        )
-    runs = {
-        "controlnet": ("fill50k", [], VALIDATE_EVERY),
-        "gaussian": ("fill50k", ["--objective", "gaussian"], 500),
-        "lite": ("fill50k", ["--objective", "lite"], 500),
-        "concat": ("fill50k", ["--objective", "concat"], 500),
-        "no-dropout": ("fill50k", ["--empty-prompt-prob", "0"], 500),
-        "data-small": ("fill-small", [], 500),
-        "data-medium": ("fill-medium", [], 500),
-    }
-    # build each data set's latent cache once, before the parallel runs read it
-    for data in sorted({d for d, _, _ in runs.values()}):
-        run(
-            [
-                *CLI,
-                "data",
-                "cache",
-                str(work / data),
-                "--base",
-                str(work / "base/final/base.safetensors"),
-                "--out",
-                str(work / f"cache-{data}"),
-                "--quiet",
-            ],
-            logs / f"cache-{data}.log",
-        )
+    base = f"{work}/base/final/base.safetensors"
+    for name, n in (("fill-small", S["n_small"]), ("fill-medium", S["n_medium"])):  # first n of the 50k
+        run(f"data fill50k --out {work}/{name} --n {n} --size {S['size']} --seed 0 --quiet")
+    for data in sorted({d for d, _ in VARIANTS.values()}):  # caches once, before parallel runs read them
+        run(f"data cache {work}/{data} --base {base} --out {work}/cache-{data} --quiet", logs / f"cache-{data}.log")
     procs = {}
-    for name, (data, extra, every) in runs.items():
-        log = logs / f"{name}.log"
-        procs[name] = (sh(_cn_cmd(work, name, data, extra, every), log), log)
-    wait_all(procs)
-    print(f"trainings done in {time.time() - t0:.0f} s")
+    for name, (data, extra) in VARIANTS.items():
+        every = S["validate_every"] if name == "controlnet" else 1000
+        args = (f"train --base {base} --arch fill50k-tiny --data {work}/{data} --cache {work}/cache-{data} "
+                f"--out {work}/runs/{name} --score-name iou --score-threshold {S['threshold']} "
+                f"{loop(S['cn'], every)} {extra}")  # fmt: skip
+        procs[name] = (start(args, logs / f"{name}.log"), logs / f"{name}.log")
+    failed = [n for n, (p, _) in procs.items() if p.wait() != 0]
+    for n in failed:
+        print(f"--- {n} failed:\n{procs[n][1].read_text()[-3000:]}")
+    if failed:
+        raise SystemExit(f"failed runs: {failed}")
+    print(f"trainings done in {time.time() - t0:.0f} s", flush=True)
     evaluate_claims(work)
     print(f"claims stage done in {time.time() - t0:.0f} s")
 
 
 def evaluate_claims(work: Path) -> None:
-    """Evaluate every variant on the 500 held-out test conditions; write results/claims.json."""
+    """Evaluate every variant on the held-out test conditions; write results/claims.json."""
     import torch
     from safetensors.torch import load_file
 
@@ -269,87 +138,54 @@ def evaluate_claims(work: Path) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base = load_base(work / "base/final/base.safetensors").to(device)
     test = open_dataset(work / "fill50k-test")
-    results: dict[str, Any] = {}
     out = work / "results"
+    results: dict[str, Any] = {}
 
     def record(name: str, res: Any) -> None:
         write_report(res, out / name, title=name)
         results[name] = res.summary
         print(name, {k: round(v, 4) for k, v in res.summary.items()}, flush=True)
 
-    cfg = EvalConfig(n=EVAL_N, steps=20, guidance=9.0, batch=min(100, EVAL_N))
+    def trained(name: str) -> dict[str, torch.Tensor]:  # an ablation's exported tensors, module prefix off
+        return {k.split(".", 1)[1]: v for k, v in load_file(work / "runs" / name / "final" / f"{name}.safetensors").items()}
+
+    cfg = EvalConfig(n=S["n_eval"], steps=20, guidance=9.0, batch=min(100, S["n_eval"]))
     record("base-alone", evaluate(base, None, test, cfg, progress=False))
     for name in ("controlnet", "gaussian", "no-dropout", "data-small", "data-medium"):
         cn = load_controlnet(work / "runs" / name / "final/controlnet.safetensors").to(device).eval()
         record(name, evaluate(base, cn, test, cfg, progress=False))
         if name in ("controlnet", "no-dropout"):  # the paper's no-prompt setting
-            record(
-                f"{name}-no-prompt",
-                evaluate(
-                    base, cn, test, EvalConfig(**{**cfg.__dict__, "prompt_setting": "none"}), progress=False
-                ),
-            )
-    hint = ControlNetConfig.from_dict(architecture("fill50k-tiny")["controlnet"])
-    lite = LiteControlNet(base.unet, hint)
-    lite.load_state_dict(
-        {k.split(".", 1)[1]: v for k, v in load_file(work / "runs/lite/final/lite.safetensors").items()}
-    )
+            record(f"{name}-no-prompt", evaluate(base, cn, test, replace(cfg, prompt_setting="none"), progress=False))
+    lite = LiteControlNet(base.unet, ControlNetConfig.from_dict(architecture("fill50k-tiny")["controlnet"]))
+    lite.load_state_dict(trained("lite"))
     record("lite", evaluate(base, lite.to(device).eval(), test, cfg, progress=False))
 
     concat = ConcatUNet(base.unet)
-    state = {
-        k.split(".", 1)[1]: v for k, v in load_file(work / "runs/concat/final/concat.safetensors").items()
-    }
-    concat.unet.load_state_dict(state)
+    concat.unet.load_state_dict(trained("concat"))
     concat.to(device).eval()
-    from dataclasses import replace as dc_replace
-
-    concat_base = dc_replace(base, unet=concat)
+    concat_base = replace(base, unet=concat)
 
     def concat_sample(emb, neg, cond, seeds, latent):
         concat.cond = cond
-        return denoise(
-            concat_base,
-            emb,
-            neg,
-            [],
-            steps=cfg.steps,
-            guidance=cfg.guidance,
-            seeds=seeds,
-            latent_size=latent,
-            progress=False,
-        ).latents
+        return denoise(concat_base, emb, neg, [], steps=cfg.steps, guidance=cfg.guidance, seeds=seeds,
+                       latent_size=latent, progress=False).latents  # fmt: skip
 
     record("concat", evaluate(base, None, test, cfg, progress=False, sample_fn=concat_sample))
-
-    def concat_blank(emb, neg, cond, seeds, latent):
-        return concat_sample(emb, neg, torch.zeros_like(cond), seeds, latent)
-
-    blank = evaluate(base, None, test, cfg, progress=False, sample_fn=concat_blank)
+    # what fine-tuning did to the base model's own behaviour: prompts alone, a blank condition
+    blank = evaluate(base, None, test, cfg, progress=False,
+                     sample_fn=lambda e, n, c, s, lat: concat_sample(e, n, torch.zeros_like(c), s, lat))  # fmt: skip
     results["concat-no-condition"] = {k: v for k, v in blank.summary.items() if k.startswith("free_")}
     runs = {}
-    for name in ("controlnet", "gaussian", "lite", "concat", "no-dropout", "data-small", "data-medium"):
+    for name in VARIANTS:
         info = json.loads((work / "runs" / name / "run.json").read_text())
-        runs[name] = {
-            k: info.get(k)
-            for k in (
-                "converged_at",
-                "steps",
-                "samples_seen",
-                "seconds_this_session",
-                "samples_per_s_this_session",
-            )
-        }
-    sizes = {"data-small": DATA_SIZES[0], "data-medium": DATA_SIZES[1], "controlnet": N_TRAIN}
-    (out / "claims.json").write_text(
-        json.dumps({"eval": results, "runs": runs, "data_sizes": sizes}, indent=1) + "\n"
-    )
+        runs[name] = {k: info.get(k) for k in ("converged_at", "steps", "samples_seen", "seconds_this_session")}
+    sizes = {"data-small": S["n_small"], "data-medium": S["n_medium"], "controlnet": S["n_train"]}
+    (out / "claims.json").write_text(json.dumps({"eval": results, "runs": runs, "data_sizes": sizes}, indent=1) + "\n")
 
 
 def stage_identity(work: Path) -> None:
     """Claim 1: with its zero convolutions at zero, the controlled model's samples ARE the base's."""
     import numpy as np
-    import torch
 
     from controlnet.controlnet import ControlNet, ControlNetConfig
     from controlnet.data import open_dataset
@@ -359,11 +195,8 @@ def stage_identity(work: Path) -> None:
 
     base = load_base(work / "base/final/base.safetensors")
     test = open_dataset(work / "fill50k-test")
-    cn = ControlNet.from_unet(
-        base.unet, ControlNetConfig.from_dict(architecture("fill50k-tiny")["controlnet"])
-    )
+    cn = ControlNet.from_unet(base.unet, ControlNetConfig.from_dict(architecture("fill50k-tiny")["controlnet"]))
     cfg = EvalConfig(n=16, steps=20, batch=16)
-    torch.manual_seed(0)
     with_cn = evaluate(base, cn, test, cfg, progress=False)
     alone = evaluate(base, None, test, cfg, progress=False)
     same = all(np.array_equal(a[1], b[1]) for a, b in zip(with_cn.examples, alone.examples))
@@ -377,14 +210,16 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("stage", choices=["base", "claims", "evaluate", "identity"])
     p.add_argument("--work", default="work/fill50k")
-    p.add_argument("--smoke", action="store_true", help="tiny numbers, to check the script on a CPU")
+    p.add_argument("--vae", help="base stage: reuse this VAE-stage export instead of training the VAE again")
+    p.add_argument("--smoke", action="store_true", help="toy scale on a CPU, to check the script")
     args = p.parse_args()
     if args.smoke:
-        smoke()
+        S.update(SMOKE)
     work = Path(args.work).resolve()
-    {"base": stage_base, "claims": stage_claims, "evaluate": evaluate_claims, "identity": stage_identity}[
-        args.stage
-    ](work)
+    if args.stage == "base":
+        stage_base(work, Path(args.vae).resolve() if args.vae else None)
+    else:
+        {"claims": stage_claims, "evaluate": evaluate_claims, "identity": stage_identity}[args.stage](work)
 
 
 if __name__ == "__main__":

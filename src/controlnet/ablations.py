@@ -23,7 +23,7 @@ from torch import nn
 
 from .controlnet import ControlNet, ControlNetConfig, HintEncoder, residual_channels
 from .models import BaseModel
-from .objectives import DiffusionInputs, Objective, StepNoise
+from .objectives import DiffusionInputs, Objective, StepNoise, as_condition
 from .zero import zero_conv
 
 __all__ = ["ConcatObjective", "ConcatUNet", "LiteControlNet", "Variant", "gaussian_connections"]
@@ -179,6 +179,6 @@ class ConcatObjective(Objective):
 
     def forward(self, batch: dict[str, Any], noise: StepNoise) -> torch.Tensor:
         noisy, t, emb, target = self.inputs(batch, noise)
-        self.model.cond = batch["cond"]
+        self.model.cond = as_condition(batch["cond"])
         pred = self.model(noisy, t, emb.context, added_cond_kwargs=emb.added).sample
         return F.mse_loss(pred.float(), target.float())

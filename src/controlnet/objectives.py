@@ -32,6 +32,7 @@ __all__ = [
     "Objective",
     "StepNoise",
     "VaeObjective",
+    "as_condition",
     "decoder_parameters",
 ]
 
@@ -183,6 +184,12 @@ class DiffusionInputs:
         return noisy, t, emb, target
 
 
+def as_condition(cond: torch.Tensor) -> torch.Tensor:
+    """A batch of condition images as the model reads them: uint8 maps (as a latent cache stores
+    them) become floats in [0, 1]; float maps pass unchanged."""
+    return cond.float() / 255.0 if cond.dtype == torch.uint8 else cond
+
+
 def decoder_parameters(unet: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """The UNet decoder (up blocks and output layers): what ``sd_locked=False`` also trains."""
     prefixes = ("up_blocks.", "conv_norm_out.", "conv_out.")
@@ -238,7 +245,7 @@ class ControlNetObjective(Objective):
 
     def forward(self, batch: dict[str, Any], noise: StepNoise) -> torch.Tensor:
         noisy, t, emb, target = self.inputs(batch, noise)
-        cond = batch["cond"].to(noisy.device)
+        cond = as_condition(batch["cond"].to(noisy.device))
         pred = self.model(noisy.to(self.model.unet.dtype), t, emb.context, cond, added_cond_kwargs=emb.added)
         return F.mse_loss(pred.float(), target.float())
 

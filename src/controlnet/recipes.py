@@ -149,7 +149,8 @@ def _dataset(spec: RunSpec, base: BaseModel, objective: Objective, device: str) 
     from .data import CachedDataset, build_cache
 
     build_cache(dataset, base, spec.cache, device=device, batch_size=64)
-    cached = CachedDataset(spec.cache, dataset=dataset, base=base)
+    needs_cond = spec.objective in _CONTROL_OBJECTIVES
+    cached = CachedDataset(spec.cache, dataset=dataset, base=base, with_cond=needs_cond)
     inputs = getattr(objective, "inputs", None)
     if inputs is not None:
         inputs.empty = cached.empty

@@ -299,7 +299,11 @@ def train(
                 train_idx, cfg.seed, state.epoch, global_batch, rank, cfg.batch_size, state.batch_in_epoch
             )
             loader = DataLoader(
-                dataset, batch_sampler=sampler, collate_fn=_collate, num_workers=cfg.num_workers
+                dataset,
+                batch_sampler=sampler,
+                collate_fn=_collate,
+                num_workers=cfg.num_workers,
+                pin_memory=device.type == "cuda",
             )
             for b in loader:
                 state.batch_in_epoch += 1

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .imageio import make_grid, save_png
-from .objectives import ControlNetObjective, StepNoise
+from .objectives import ControlNetObjective, StepNoise, as_condition
 from .sampling import ControlUnit, denoise
 
 __all__ = ["ControlValidator", "Scorer", "to_uint8"]
@@ -26,7 +26,9 @@ Scorer = Callable[[list[np.ndarray], list[dict[str, Any]]], dict[str, float]]
 
 
 def to_uint8(x: torch.Tensor, lo: float = -1.0) -> np.ndarray:
-    """(3, H, W) tensor in [lo, 1] -> (H, W, 3) uint8."""
+    """(3, H, W) tensor in [lo, 1] (or already uint8) -> (H, W, 3) uint8."""
+    if x.dtype == torch.uint8:
+        return x.permute(1, 2, 0).cpu().numpy()
     x = (x.detach().float().cpu().clamp(lo, 1) - lo) / (1 - lo)
     return (x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
@@ -78,7 +80,7 @@ class ControlValidator:
         objective.inputs.empty_prompt_prob = prob
         scores: dict[str, float] = {"val_loss": float(np.mean(losses))}
 
-        cond = batch["cond"].to(base.dtype)
+        cond = as_condition(batch["cond"]).to(base.dtype)
         size = tuple(cond.shape[-2:])
         latent = (size[0] // base.vae_scale_factor, size[1] // base.vae_scale_factor)
         emb = base.encode_prompt(batch["prompt"], size=size)  # type: ignore[arg-type]

@@ -264,7 +264,8 @@ def _to_cpu(e: PromptEmbeddings) -> PromptEmbeddings:
 
 class CachedDataset(Dataset):
     """A cache built by :func:`build_cache`, as a Dataset of
-    ``{"latent_mean": (C, h, w), "latent_std": (C, h, w), "cond": (3, H, W) float in [0, 1],
+    ``{"latent_mean": (C, h, w), "latent_std": (C, h, w), "cond": (3, H, W) uint8 (the trainer
+    divides by 255 on the device: a quarter of the bytes through the data loader),
     "context": (77, D), ["added": {"text_embeds": (P,), "time_ids": (6,)}], "index": int, "prompt": str}``.
 
     Passing the ``dataset`` or the ``base`` model the trainer uses checks that the cache was built
@@ -272,9 +273,16 @@ class CachedDataset(Dataset):
     """
 
     def __init__(
-        self, out_dir: str | Path, *, dataset: ControlDataset | None = None, base: BaseModel | None = None
+        self,
+        out_dir: str | Path,
+        *,
+        dataset: ControlDataset | None = None,
+        base: BaseModel | None = None,
+        with_cond: bool = True,
     ) -> None:
+        """``with_cond=False`` leaves the conditions out of the items (for a base model's training)."""
         self.root = Path(out_dir)
+        self.with_cond = with_cond
         self.meta = _read_index(self.root)
         _check_source(
             self.meta,
@@ -321,19 +329,18 @@ class CachedDataset(Dataset):
         k = bisect.bisect_right(self._starts, i) - 1
         j = i - self._starts[k]
         shard = self._open(self.meta["shards"][k]["file"])
-        mean, std, cond, row = (
-            shard.get_slice(n)[j : j + 1][0] for n in ("latent_mean", "latent_std", "cond", "embed")
-        )
+        mean, std, row = (shard.get_slice(n)[j : j + 1][0] for n in ("latent_mean", "latent_std", "embed"))
         embeds = self._open(_EMBEDS)
         r = int(row)
         item: dict[str, Any] = {
             "latent_mean": mean,
             "latent_std": std,
-            "cond": cond.float() / 255.0,
             "context": embeds.get_slice("context")[r : r + 1][0],
             "index": i,
             "prompt": self._prompts[i],
         }
+        if self.with_cond:
+            item["cond"] = shard.get_slice("cond")[j : j + 1][0]
         added = {k: embeds.get_slice(k)[r : r + 1][0] for k in _ADDED if k in self._embed_keys}
         if added:
             item["added"] = added
@@ -342,9 +349,8 @@ class CachedDataset(Dataset):
     @staticmethod
     def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """Stack every tensor along a new batch axis; prompts stay a list, indices become (B,)."""
-        batch: dict[str, Any] = {
-            k: torch.stack([it[k] for it in items]) for k in ("latent_mean", "latent_std", "cond", "context")
-        }
+        keys = [k for k in ("latent_mean", "latent_std", "cond", "context") if k in items[0]]
+        batch: dict[str, Any] = {k: torch.stack([it[k] for it in items]) for k in keys}
         if "added" in items[0]:
             batch["added"] = {k: torch.stack([it["added"][k] for it in items]) for k in items[0]["added"]}
         batch["prompt"] = [it["prompt"] for it in items]
