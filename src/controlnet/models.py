@@ -74,6 +74,7 @@ class BaseModel:
     tokenizer_2: CLIPTokenizer | None = None
 
     def __post_init__(self) -> None:
+        self._token_memo: dict[int, dict[str, torch.Tensor]] = {}
         if self.family is Family.SDXL and (self.text_encoder_2 is None or self.tokenizer_2 is None):
             raise ValueError("an SDXL base model needs text_encoder_2 and tokenizer_2")
         for m in self.modules().values():
@@ -123,10 +124,18 @@ class BaseModel:
 
     # ------------------------------------------------------------------ text
     def tokenize(self, prompts: Sequence[str], *, second: bool = False) -> torch.Tensor:
-        """Token ids (B, 77) of the (first, or SDXL's second) text encoder, on the model's device."""
+        """Token ids (B, 77) of the (first, or SDXL's second) text encoder, on the model's device.
+        Each distinct prompt is tokenized once (training repeats prompts every epoch)."""
         tokenizer = self.tokenizer_2 if second else self.tokenizer
         assert tokenizer is not None
-        return self._tokens(tokenizer, prompts)
+        memo = self._token_memo.setdefault(int(second), {})
+        new = [p for p in dict.fromkeys(prompts) if p not in memo]
+        if new:
+            if len(memo) > 200_000:  # bounded: a run with endless distinct prompts starts over
+                memo.clear()
+            for p, ids in zip(new, self._tokens(tokenizer, new).cpu()):
+                memo[p] = ids
+        return torch.stack([memo[p] for p in prompts]).to(self.device)
 
     def _tokens(self, tokenizer: CLIPTokenizer, prompts: Sequence[str]) -> torch.Tensor:
         ids = tokenizer(

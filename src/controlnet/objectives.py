@@ -41,29 +41,30 @@ class StepNoise:
     """Random draws for one micro-batch, identical on every process.
 
     Each draw is made for all ``global_batch`` rows from one generator and sliced to ``rows``.
-    Draws must be made in the same order everywhere (they are: the code path is the same).
+    Draws must be made in the same order everywhere (they are: the code path is the same). The
+    generator lives on the training device: a draw on the host followed by a copy from pageable
+    memory would stall the host until the GPU had caught up, every step.
     """
 
     def __init__(
         self, seed: int, step: int, micro: int, global_batch: int, rows: slice, device: torch.device | str
     ) -> None:
         state = np.random.SeedSequence([seed, step + 1, micro]).generate_state(2, dtype=np.uint64)
-        self.generator = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device).manual_seed(int(state[0] >> np.uint64(1)))
         self.global_batch = global_batch
         self.rows = rows
-        self.device = torch.device(device)
 
     def randn(self, *shape: int) -> torch.Tensor:
-        x = torch.randn((self.global_batch, *shape), generator=self.generator)
-        return x[self.rows].to(self.device)
+        x = torch.randn((self.global_batch, *shape), generator=self.generator, device=self.device)
+        return x[self.rows]
 
     def rand(self) -> torch.Tensor:
-        return torch.rand(self.global_batch, generator=self.generator)[self.rows].to(self.device)
+        return torch.rand(self.global_batch, generator=self.generator, device=self.device)[self.rows]
 
     def randint(self, high: int) -> torch.Tensor:
-        return torch.randint(0, high, (self.global_batch,), generator=self.generator)[self.rows].to(
-            self.device
-        )
+        x = torch.randint(0, high, (self.global_batch,), generator=self.generator, device=self.device)
+        return x[self.rows]
 
 
 class Objective(nn.Module):

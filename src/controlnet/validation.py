@@ -127,9 +127,14 @@ class ImageValidator:
     def __call__(self, objective: Any, step: int, run_dir: Path) -> dict[str, float]:
         from .objectives import BaseObjective, VaeObjective
 
-        if not self.items or "target" not in self.items[0]:
+        if not self.items or not ("target" in self.items[0] or "latent_mean" in self.items[0]):
             return {}
-        targets = [to_uint8(it["target"]) for it in self.items]
+        if "target" in self.items[0]:
+            targets = [to_uint8(it["target"]) for it in self.items]
+        else:  # a latent cache: show the decoded posterior means
+            base = objective.inputs.base
+            mean = torch.stack([it["latent_mean"] for it in self.items]).to(base.device)
+            targets = [to_uint8(x) for x in base.decode_latents(mean * base.latent_scale)]
         if isinstance(objective, VaeObjective):
             vae = objective.vae
             was = vae.training
@@ -147,7 +152,7 @@ class ImageValidator:
             for m in mods:
                 m.eval()
             prompts = [it["prompt"] for it in self.items]
-            size = tuple(self.items[0]["target"].shape[-2:])
+            size = targets[0].shape[:2]
             latent = (size[0] // base.vae_scale_factor, size[1] // base.vae_scale_factor)
             out = denoise(
                 base,
