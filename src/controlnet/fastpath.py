@@ -68,10 +68,11 @@ class GraphCache:
         return graph, out
 
 
-def compile_modules(modules: Iterable[nn.Module], mode: str = "max-autotune-no-cudagraphs") -> None:
+def compile_modules(modules: Iterable[nn.Module], mode: str = "default") -> None:
     """Compile each module's forward in place (idempotent), in channels-last memory format, which
     the tensor-core convolution kernels prefer. The CUDA graphs of :class:`GraphCache` then
-    capture the compiled kernels; inductor's own graphs stay off to avoid capturing twice."""
+    capture the compiled kernels, so inductor's own graphs are not used. The default mode fuses
+    the elementwise work and compiles SD1.5 in about a minute; autotuning modes take far longer."""
     for m in modules:
         if getattr(m, "_controlnet_compiled", False):
             continue
