@@ -3,7 +3,7 @@
 Every model is made by a `controlnet` command (printed, logged, and quoted in docs/results.md);
 this script only runs them in order (independent trainings in parallel on one GPU) and evaluates.
 
-    python experiments/fill50k.py base   --work WORK [--vae FILE]  # data, VAE, base model  (GPU)
+    python experiments/fill50k.py base   --work WORK [--vae FILE] [--first FILE]  # data, VAE, base (GPU)
     python experiments/fill50k.py claims --work WORK               # ControlNet + ablations (GPU)
     python experiments/fill50k.py identity --work WORK             # zero-init identity     (CPU is fine)
 
@@ -35,6 +35,8 @@ S: dict[str, Any] = {
     # a model this small is bound by launching kernels, not by arithmetic: a step costs about the
     # same at batch 1024 as at 256, so large batches and fewer steps
     "base": "--steps 1200 --batch-size 1024 --lr 6e-4 --warmup-steps 120",
+    # then from that export, a second run ending on a cosine decay (the first session stopped there)
+    "base_more": "--steps 1800 --batch-size 1024 --lr 6e-4 --warmup-steps 50 --lr-schedule cosine",
     "cn": "--steps 1500 --batch-size 256 --lr 2e-4",  # every ControlNet variant: a fair comparison
     "device": "--mixed-precision bf16 --num-workers 8",
     "validate_every": 50,
@@ -43,6 +45,7 @@ S: dict[str, Any] = {
 SMOKE = {
     "size": 64, "n_train": 80, "n_small": 24, "n_medium": 40, "n_eval": 8,
     "vae": "--steps 4 --batch-size 8 --lr 3e-4", "base": "--steps 4 --batch-size 8 --lr 4e-4",
+    "base_more": "--steps 4 --batch-size 8 --lr 4e-4 --lr-schedule cosine",
     "cn": "--steps 4 --batch-size 8 --lr 1e-4", "device": "--cpu --mixed-precision no --num-workers 0",
     "validate_every": 2,
 }  # fmt: skip
@@ -81,20 +84,26 @@ def loop(steps: str, validate_every: int) -> str:
             f"--checkpoint-every 500 --log-every 50 --quiet")  # fmt: skip
 
 
-def stage_base(work: Path, vae: Path | None) -> None:
+def stage_base(work: Path, vae: Path | None, first: Path | None) -> None:
     t0 = time.time()
     (work / "logs").mkdir(parents=True, exist_ok=True)
     size = S["size"]
     run(f"data fill50k --out {work}/fill50k --n {S['n_train']} --size {size} --seed 0 --quiet")
     run(f"data fill50k --out {work}/fill50k-test --n {S['n_eval']} --size {size} --seed 1 --quiet")
-    if vae is None:
+    if first is not None:  # the first base run's export from an earlier session
+        (work / "base-first/final").mkdir(parents=True, exist_ok=True)
+        shutil.copy(first, work / "base-first/final/base.safetensors")
+    elif vae is None:
         run(f"train --objective vae --arch fill50k-tiny --data {work}/fill50k --out {work}/vae "
             f"{loop(S['vae'], 1000)}", work / "logs/vae.log")  # fmt: skip
     else:  # the VAE stage's export from an earlier session (same command)
         (work / "vae/final").mkdir(parents=True, exist_ok=True)
         shutil.copy(vae, work / "vae/final/base.safetensors")
-    run(f"train --objective base --base {work}/vae/final/base.safetensors --data {work}/fill50k "
-        f"--out {work}/base --cache {work}/cache-vae {loop(S['base'], 1000)}", work / "logs/base.log")  # fmt: skip
+    if first is None:
+        run(f"train --objective base --base {work}/vae/final/base.safetensors --data {work}/fill50k "
+            f"--out {work}/base-first --cache {work}/cache-first {loop(S['base'], 1000)}", work / "logs/base-first.log")  # fmt: skip
+    run(f"train --objective base --base {work}/base-first/final/base.safetensors --data {work}/fill50k "
+        f"--out {work}/base --cache {work}/cache-base {loop(S['base_more'], 600)}", work / "logs/base.log")  # fmt: skip
     print(f"base stage done in {time.time() - t0:.0f} s")
 
 
@@ -213,13 +222,14 @@ def main() -> None:
     p.add_argument("stage", choices=["base", "claims", "evaluate", "identity"])
     p.add_argument("--work", default="work/fill50k")
     p.add_argument("--vae", help="base stage: reuse this VAE-stage export instead of training the VAE again")
+    p.add_argument("--first", help="base stage: reuse this first base run's export, train only the second")
     p.add_argument("--smoke", action="store_true", help="toy scale on a CPU, to check the script")
     args = p.parse_args()
     if args.smoke:
         S.update(SMOKE)
     work = Path(args.work).resolve()
     if args.stage == "base":
-        stage_base(work, Path(args.vae).resolve() if args.vae else None)
+        stage_base(work, *(Path(f).resolve() if f else None for f in (args.vae, args.first)))
     else:
         {"claims": stage_claims, "evaluate": evaluate_claims, "identity": stage_identity}[args.stage](work)
 

@@ -2,6 +2,7 @@
 
 import csv
 import hashlib
+import itertools
 import os
 import subprocess
 import sys
@@ -238,3 +239,20 @@ def test_validation_writes_grids_scores_and_the_convergence_step(tmp_path):
     with open(run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["name"] for r in rows} >= {"loss", "val_loss", "score/fake"}
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero_on_a_cosine():
+    from controlnet.train import lr_factor
+
+    cfg = TrainConfig(out="unused", steps=110, warmup_steps=10, lr_schedule="cosine")
+    warm = [lr_factor(cfg, s, 110) for s in range(10)]
+    assert warm == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert lr_factor(cfg, 10, 110) == pytest.approx(1.0)
+    assert lr_factor(cfg, 60, 110) == pytest.approx(0.5)
+    decay = [lr_factor(cfg, s, 110) for s in range(10, 110)]
+    assert all(a > b for a, b in itertools.pairwise(decay))
+    assert decay[-1] < 1e-3
+    constant = TrainConfig(out="unused", steps=110, warmup_steps=10)
+    assert lr_factor(constant, 100, 110) == 1.0
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(out="unused", steps=1, lr_schedule="linear").validate()

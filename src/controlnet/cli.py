@@ -577,6 +577,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         lr=args.lr,
         decoder_lr=args.decoder_lr,
         warmup_steps=args.warmup_steps,
+        lr_schedule=args.lr_schedule,
         max_grad_norm=args.max_grad_norm,
         mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,
@@ -651,6 +652,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--decoder-lr", type=float, default=2e-6)
     p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument(
+        "--lr-schedule",
+        choices=["constant", "cosine"],
+        default="constant",
+        help="after the warm-up: constant, or a cosine decay to zero at the last step",
+    )
     p.add_argument("--max-grad-norm", type=float)
     p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
     p.add_argument("--gradient-checkpointing", action="store_true")

@@ -57,6 +57,7 @@ class TrainConfig:
     decoder_lr: float = 2e-6
     weight_decay: float = 1e-2
     warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | cosine (to zero at the last step, after the warm-up)
     max_grad_norm: float | None = None
     mixed_precision: str = "no"  # no | bf16 | fp16
     gradient_checkpointing: bool = False
@@ -96,8 +97,21 @@ class TrainConfig:
             raise ValueError(f"learning rates must be > 0, got lr={self.lr}, decoder_lr={self.decoder_lr}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+
+
+def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
+    """The learning rate's multiplier at ``step`` (0-based) of ``total``: a linear warm-up, then
+    constant or a half cosine that reaches zero after the last step."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "cosine":
+        span = max(1, total - cfg.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * (step - cfg.warmup_steps) / span))
+    return 1.0
 
 
 @dataclass
@@ -319,7 +333,7 @@ def train(
     window: list[torch.Tensor] = []
     last: dict[str, float] = {}
     while state.step < total:
-        factor = min(1.0, (state.step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+        factor = lr_factor(cfg, state.step, total)
         for g, lr in zip(optimizer.param_groups, base_lrs):
             g["lr"] = lr * factor
         for micro in range(cfg.grad_accum):
