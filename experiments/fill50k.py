@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -41,13 +42,14 @@ S: dict[str, Any] = {
     "device": "--mixed-precision bf16 --num-workers 8",
     "validate_every": 50,
     "threshold": 0.6,
+    "parallel_workers": 2,  # data-loader workers per run when several runs share the machine
 }
 SMOKE = {
     "size": 64, "n_train": 80, "n_small": 24, "n_medium": 40, "n_eval": 8,
     "vae": "--steps 4 --batch-size 8 --lr 3e-4", "base": "--steps 4 --batch-size 8 --lr 4e-4",
     "base_more": "--steps 4 --batch-size 8 --lr 4e-4 --lr-schedule cosine",
     "cn": "--steps 4 --batch-size 8 --lr 1e-4", "device": "--cpu --mixed-precision no --num-workers 0",
-    "validate_every": 2,
+    "validate_every": 2, "parallel_workers": 0,
 }  # fmt: skip
 VARIANTS = {  # name: (data set, extra options)
     "controlnet": ("fill50k", ""),
@@ -64,11 +66,13 @@ def cli(args: str) -> list[str]:
     return [sys.executable, "-m", "controlnet.cli", *shlex.split(args)]
 
 
-def start(args: str, log: Path | None = None) -> subprocess.Popen:
-    """Start ``controlnet ARGS`` (output to ``log``), printing the command as one would type it."""
+def start(args: str, log: Path | None = None, threads: int | None = None) -> subprocess.Popen:
+    """Start ``controlnet ARGS`` (output to ``log``), printing the command as one would type it;
+    ``threads`` caps its CPU threads (runs that share a machine must not oversubscribe it)."""
     print(f"$ controlnet {args}", flush=True)
     out = open(log, "w") if log else None  # noqa: SIM115 (the child holds it)
-    return subprocess.Popen(cli(args), stdout=out, stderr=subprocess.STDOUT if out else None, cwd=ROOT)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+    return subprocess.Popen(cli(args), stdout=out, stderr=subprocess.STDOUT if out else None, cwd=ROOT, env=env)
 
 
 def run(args: str, log: Path | None = None) -> None:
@@ -107,29 +111,35 @@ def stage_base(work: Path, vae: Path | None, first: Path | None) -> None:
     print(f"base stage done in {time.time() - t0:.0f} s")
 
 
-def stage_claims(work: Path) -> None:
+def stage_claims(work: Path, names: list[str]) -> None:
+    """Train the chosen ControlNet variants (in parallel when several), then evaluate what exists."""
     t0 = time.time()
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     base = f"{work}/base/final/base.safetensors"
-    for name, n in (("fill-small", S["n_small"]), ("fill-medium", S["n_medium"])):  # first n of the 50k
-        run(f"data fill50k --out {work}/{name} --n {n} --size {S['size']} --seed 0 --quiet")
-    for data in sorted({d for d, _ in VARIANTS.values()}):  # caches once, before parallel runs read them
+    sizes = {"fill-small": S["n_small"], "fill-medium": S["n_medium"]}
+    datas = sorted({VARIANTS[n][0] for n in names})
+    for data in datas:  # the smaller sets are the first n of the same 50k; caches built before runs read them
+        if data in sizes:
+            run(f"data fill50k --out {work}/{data} --n {sizes[data]} --size {S['size']} --seed 0 --quiet")
         run(f"data cache {work}/{data} --base {base} --out {work}/cache-{data} --quiet", logs / f"cache-{data}.log")
     procs = {}
-    for name, (data, extra) in VARIANTS.items():
+    threads = max(1, (os.cpu_count() or 2) // len(names))
+    for name in names:
+        data, extra = VARIANTS[name]
         every = S["validate_every"] if name == "controlnet" else 500
+        workers = f"--num-workers {S['parallel_workers']}" if len(names) > 1 else ""
         args = (f"train --base {base} --arch fill50k-tiny --data {work}/{data} --cache {work}/cache-{data} "
                 f"--out {work}/runs/{name} --score-name iou --score-threshold {S['threshold']} "
-                f"{loop(S['cn'], every)} {extra}")  # fmt: skip
-        procs[name] = (start(args, logs / f"{name}.log"), logs / f"{name}.log")
+                f"{loop(S['cn'], every)} {workers} {extra}")  # fmt: skip
+        procs[name] = (start(args, logs / f"{name}.log", threads), logs / f"{name}.log")
     failed = [n for n, (p, _) in procs.items() if p.wait() != 0]
     for n in failed:
         print(f"--- {n} failed:\n{procs[n][1].read_text()[-3000:]}")
-    if failed:
-        raise SystemExit(f"failed runs: {failed}")
     print(f"trainings done in {time.time() - t0:.0f} s", flush=True)
     evaluate_claims(work)
+    if failed:
+        raise SystemExit(f"failed runs: {failed}")
     print(f"claims stage done in {time.time() - t0:.0f} s")
 
 
@@ -160,38 +170,48 @@ def evaluate_claims(work: Path) -> None:
     def trained(name: str) -> dict[str, torch.Tensor]:  # an ablation's exported tensors, module prefix off
         return {k.split(".", 1)[1]: v for k, v in load_file(work / "runs" / name / "final" / f"{name}.safetensors").items()}
 
+    def done(name: str) -> bool:
+        return (work / "runs" / name / "run.json").exists() and any((work / "runs" / name / "final").glob("*.safetensors"))
+
     cfg = EvalConfig(n=S["n_eval"], steps=20, guidance=9.0, batch=min(100, S["n_eval"]))
     record("base-alone", evaluate(base, None, test, cfg, progress=False))
     for name in ("controlnet", "gaussian", "no-dropout", "data-small", "data-medium"):
+        if not done(name):
+            continue
         cn = load_controlnet(work / "runs" / name / "final/controlnet.safetensors").to(device).eval()
         record(name, evaluate(base, cn, test, cfg, progress=False))
         if name in ("controlnet", "no-dropout"):  # the paper's no-prompt setting
             record(f"{name}-no-prompt", evaluate(base, cn, test, replace(cfg, prompt_setting="none"), progress=False))
-    lite = LiteControlNet(base.unet, ControlNetConfig.from_dict(architecture("fill50k-tiny")["controlnet"]))
-    lite.load_state_dict(trained("lite"))
-    record("lite", evaluate(base, lite.to(device).eval(), test, cfg, progress=False))
+    if done("lite"):
+        lite = LiteControlNet(base.unet, ControlNetConfig.from_dict(architecture("fill50k-tiny")["controlnet"]))
+        lite.load_state_dict(trained("lite"))
+        record("lite", evaluate(base, lite.to(device).eval(), test, cfg, progress=False))
+    if done("concat"):
+        concat = ConcatUNet(base.unet)
+        concat.unet.load_state_dict(trained("concat"))
+        concat.to(device).eval()
+        concat_base = replace(base, unet=concat)
 
-    concat = ConcatUNet(base.unet)
-    concat.unet.load_state_dict(trained("concat"))
-    concat.to(device).eval()
-    concat_base = replace(base, unet=concat)
+        def concat_sample(emb, neg, cond, seeds, latent):
+            concat.cond = cond
+            return denoise(concat_base, emb, neg, [], steps=cfg.steps, guidance=cfg.guidance, seeds=seeds,
+                           latent_size=latent, progress=False).latents  # fmt: skip
 
-    def concat_sample(emb, neg, cond, seeds, latent):
-        concat.cond = cond
-        return denoise(concat_base, emb, neg, [], steps=cfg.steps, guidance=cfg.guidance, seeds=seeds,
-                       latent_size=latent, progress=False).latents  # fmt: skip
-
-    record("concat", evaluate(base, None, test, cfg, progress=False, sample_fn=concat_sample))
-    # what fine-tuning did to the base model's own behaviour: prompts alone, a blank condition
-    blank = evaluate(base, None, test, cfg, progress=False,
-                     sample_fn=lambda e, n, c, s, lat: concat_sample(e, n, torch.zeros_like(c), s, lat))  # fmt: skip
-    results["concat-no-condition"] = {k: v for k, v in blank.summary.items() if k.startswith("free_")}
+        record("concat", evaluate(base, None, test, cfg, progress=False, sample_fn=concat_sample))
+        # what fine-tuning did to the base model's own behaviour: prompts alone, a blank condition
+        blank = evaluate(base, None, test, cfg, progress=False,
+                         sample_fn=lambda e, n, c, s, lat: concat_sample(e, n, torch.zeros_like(c), s, lat))  # fmt: skip
+        results["concat-no-condition"] = {k: v for k, v in blank.summary.items() if k.startswith("free_")}
     runs = {}
     for name in VARIANTS:
-        info = json.loads((work / "runs" / name / "run.json").read_text())
-        runs[name] = {k: info.get(k) for k in ("converged_at", "steps", "samples_seen", "seconds_this_session")}
+        if done(name):
+            info = json.loads((work / "runs" / name / "run.json").read_text())
+            runs[name] = {k: info.get(k) for k in ("converged_at", "steps", "samples_seen", "seconds_this_session")}
     sizes = {"data-small": S["n_small"], "data-medium": S["n_medium"], "controlnet": S["n_train"]}
-    (out / "claims.json").write_text(json.dumps({"eval": results, "runs": runs, "data_sizes": sizes}, indent=1) + "\n")
+    path = out / "claims.json"  # runs made in several sessions add up in one file
+    old = json.loads(path.read_text()) if path.exists() else {"eval": {}, "runs": {}}
+    merged = {"eval": {**old["eval"], **results}, "runs": {**old["runs"], **runs}, "data_sizes": sizes}
+    path.write_text(json.dumps(merged, indent=1) + "\n")
 
 
 def stage_identity(work: Path) -> None:
@@ -223,6 +243,7 @@ def main() -> None:
     p.add_argument("--work", default="work/fill50k")
     p.add_argument("--vae", help="base stage: reuse this VAE-stage export instead of training the VAE again")
     p.add_argument("--first", help="base stage: reuse this first base run's export, train only the second")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"claims stage: which of {', '.join(VARIANTS)}")
     p.add_argument("--smoke", action="store_true", help="toy scale on a CPU, to check the script")
     args = p.parse_args()
     if args.smoke:
@@ -231,7 +252,13 @@ def main() -> None:
     if args.stage == "base":
         stage_base(work, *(Path(f).resolve() if f else None for f in (args.vae, args.first)))
     else:
-        {"claims": stage_claims, "evaluate": evaluate_claims, "identity": stage_identity}[args.stage](work)
+        names = args.variants.split(",")
+        if unknown := sorted(set(names) - set(VARIANTS)):
+            p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+        if args.stage == "claims":
+            stage_claims(work, names)
+        else:
+            {"evaluate": evaluate_claims, "identity": stage_identity}[args.stage](work)
 
 
 if __name__ == "__main__":
