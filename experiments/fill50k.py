@@ -42,6 +42,7 @@ S: dict[str, Any] = {
     "device": "--mixed-precision bf16 --num-workers 8",
     "validate_every": 50,
     "threshold": 0.6,
+    "cache_workers": 8,
     "parallel_workers": 2,  # data-loader workers per run when several runs share the machine
 }
 SMOKE = {
@@ -49,7 +50,7 @@ SMOKE = {
     "vae": "--steps 4 --batch-size 8 --lr 3e-4", "base": "--steps 4 --batch-size 8 --lr 4e-4",
     "base_more": "--steps 4 --batch-size 8 --lr 4e-4 --lr-schedule cosine",
     "cn": "--steps 4 --batch-size 8 --lr 1e-4", "device": "--cpu --mixed-precision no --num-workers 0",
-    "validate_every": 2, "parallel_workers": 0,
+    "validate_every": 2, "parallel_workers": 0, "cache_workers": 0,
 }  # fmt: skip
 VARIANTS = {  # name: (data set, extra options)
     "controlnet": ("fill50k", ""),
@@ -122,7 +123,7 @@ def stage_claims(work: Path, names: list[str]) -> None:
     for data in datas:  # the smaller sets are the first n of the same 50k; caches built before runs read them
         if data in sizes:
             run(f"data fill50k --out {work}/{data} --n {sizes[data]} --size {S['size']} --seed 0 --quiet")
-        run(f"data cache {work}/{data} --base {base} --out {work}/cache-{data} --quiet", logs / f"cache-{data}.log")
+        run(f"data cache {work}/{data} --base {base} --out {work}/cache-{data} --num-workers {S['cache_workers']} --quiet", logs / f"cache-{data}.log")
     procs = {}
     threads = max(1, (os.cpu_count() or 2) // len(names))
     for name in names:

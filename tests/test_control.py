@@ -146,3 +146,22 @@ def test_bad_control_arguments():
         control_scales(13, -1.0)
     with pytest.raises(ValueError, match="unknown control mode 'loud'"):
         control_scales(13, 1.0, "loud")
+
+
+def test_a_float32_controlnet_controls_a_bfloat16_unet(family):
+    """While a ControlNet trains (float32) beside a locked bfloat16 UNet, validation samples run
+    the pair outside autocast: the ControlNet takes its own dtype, its residuals the UNet's."""
+    unet, cns, inputs, hints = setup(family, n=1)
+    ctl = Control(cns[0], hints[0], [1.0] * cns[0].num_residuals)
+    full = fwd(unet, inputs, [ctl])
+    unet_bf16 = unet.to(torch.bfloat16)
+    low = {
+        k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+        for k, v in inputs.items()
+    }
+    if "added_cond_kwargs" in inputs:
+        low["added_cond_kwargs"] = {k: v.to(torch.bfloat16) for k, v in inputs["added_cond_kwargs"].items()}
+    out = fwd(unet_bf16, low, [ctl])
+    assert out.dtype == torch.bfloat16
+    assert cns[0].dtype == torch.float32
+    assert torch.allclose(out.float(), full, atol=0.1, rtol=0.05)

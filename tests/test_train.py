@@ -215,7 +215,8 @@ def test_base_model_stages_train_their_parts_only(tmp_path):
     assert digest(base.unet) != frozen["unet"] and digest(base.text_encoder) != frozen["text_encoder"]
 
 
-def test_validation_writes_grids_scores_and_the_convergence_step(tmp_path):
+@pytest.mark.parametrize("precision", ["no", "bf16"])  # bf16: a float32 ControlNet beside a bf16 base
+def test_validation_writes_grids_scores_and_the_convergence_step(tmp_path, precision):
     from controlnet.validation import ControlValidator
 
     calls = []
@@ -229,7 +230,13 @@ def test_validation_writes_grids_scores_and_the_convergence_step(tmp_path):
     data = Circles(12)
     val = ControlValidator(data, 2, scorer=scorer, steps=2)
     cfg = config(
-        tmp_path, steps=6, validate_every=2, validation_count=2, score_name="fake", score_threshold=0.5
+        tmp_path,
+        steps=6,
+        validate_every=2,
+        validation_count=2,
+        score_name="fake",
+        score_threshold=0.5,
+        mixed_precision=precision,
     )
     result = train(cfg, obj, data, validator=val)
     run = tmp_path / "run"

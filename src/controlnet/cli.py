@@ -194,6 +194,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--resolution", type=int, default=None)
     k.add_argument("--batch-size", type=int, default=64)
     k.add_argument("--device", help="default: cuda when available")
+    k.add_argument("--num-workers", type=int, default=0, help="data-loading processes")
     k.add_argument(
         "--overwrite", action="store_true", help="rebuild a cache made from another data set or model"
     )
@@ -216,6 +217,7 @@ def _cmd_data_cache(args: argparse.Namespace) -> int:
         args.out,
         batch_size=args.batch_size,
         device=device,
+        num_workers=args.num_workers,
         overwrite=args.overwrite,
         progress=not args.quiet,
     )

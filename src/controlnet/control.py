@@ -153,7 +153,7 @@ def control_residuals(
             res = [torch.cat([torch.zeros_like(r), r]) for r in res]
         else:
             res = c.controlnet(sample, timestep, encoder_hidden_states, c.hint, added_cond_kwargs)
-        res = [r if s == 1.0 else r * s for r, s in zip(res, c.scales)]
+        res = [(r if s == 1.0 else r * s).to(sample.dtype) for r, s in zip(res, c.scales)]
         total = res if total is None else [a + b for a, b in zip(total, res)]
     return total
 

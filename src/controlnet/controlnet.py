@@ -273,6 +273,14 @@ class ControlNet(nn.Module):
             ``num_residuals`` tensors: the encoder skips in order, the middle block's last. Each has
             the matching UNet skip's shape, or (B, C, 1, 1) with ``global_pool``.
         """
+        # a ControlNet may run in another precision than the locked UNet beside it (float32 while
+        # it trains next to a bfloat16 UNet): its inputs take its own dtype
+        dtype = self.dtype
+        sample, encoder_hidden_states, hint = (x.to(dtype) for x in (sample, encoder_hidden_states, hint))
+        if added_cond_kwargs:
+            added_cond_kwargs = {
+                k: v.to(dtype) if v.is_floating_point() else v for k, v in added_cond_kwargs.items()
+            }
         emb = self._embed(sample, timestep, added_cond_kwargs)
         h = self.conv_in(sample) + hint
         skips = [h]

@@ -241,6 +241,12 @@ def train(
 ) -> TrainResult:
     """Train ``objective`` on ``dataset`` (items: dicts of tensors and prompts)."""
     cfg.validate()
+    if accelerator is None:
+        # accelerate keeps one precision per process: a later run in the same process (a notebook,
+        # a sweep) with another precision starts from a fresh state (the distributed one is kept)
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=False)
     accel = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
     rank, world, device = accel.process_index, accel.num_processes, accel.device
     main = accel.is_main_process
