@@ -5,6 +5,7 @@ this script only runs them in order (independent trainings in parallel on one GP
 
     python experiments/fill50k.py base   --work WORK [--vae FILE] [--first FILE]  # data, VAE, base (GPU)
     python experiments/fill50k.py claims --work WORK               # ControlNet + ablations (GPU)
+    python experiments/fill50k.py bundle --work WORK               # the main ControlNet, longer (GPU)
     python experiments/fill50k.py identity --work WORK             # zero-init identity     (CPU is fine)
 
 WORK holds data, runs and results; results land in WORK/results/. --smoke runs everything at toy
@@ -39,6 +40,8 @@ S: dict[str, Any] = {
     # then from that export, a second run ending on a cosine decay (the first session stopped there)
     "base_more": "--steps 1800 --batch-size 1024 --lr 6e-4 --warmup-steps 50 --lr-schedule cosine",
     "cn": "--steps 1500 --batch-size 256 --lr 2e-4",  # every ControlNet variant: a fair comparison
+    # the bundled ControlNet: the main variant's export, trained on (it had only just converged)
+    "cn_more": "--steps 2000 --batch-size 256 --lr 2e-4",
     "device": "--mixed-precision bf16 --num-workers 8",
     "validate_every": 50,
     "threshold": 0.6,
@@ -49,7 +52,7 @@ SMOKE = {
     "size": 64, "n_train": 80, "n_small": 24, "n_medium": 40, "n_eval": 8,
     "vae": "--steps 4 --batch-size 8 --lr 3e-4", "base": "--steps 4 --batch-size 8 --lr 4e-4",
     "base_more": "--steps 4 --batch-size 8 --lr 4e-4 --lr-schedule cosine",
-    "cn": "--steps 4 --batch-size 8 --lr 1e-4", "device": "--cpu --mixed-precision no --num-workers 0",
+    "cn": "--steps 4 --batch-size 8 --lr 1e-4", "cn_more": "--steps 4 --batch-size 8 --lr 1e-4", "device": "--cpu --mixed-precision no --num-workers 0",
     "validate_every": 2, "parallel_workers": 0, "cache_workers": 0,
 }  # fmt: skip
 VARIANTS = {  # name: (data set, extra options)
@@ -144,6 +147,24 @@ def stage_claims(work: Path, names: list[str]) -> None:
     print(f"claims stage done in {time.time() - t0:.0f} s")
 
 
+def stage_bundle(work: Path, first: Path | None) -> None:
+    """The bundled ControlNet: the main variant's export (``first``: from an earlier session,
+    with its run.json beside it) trained on; then evaluate what exists."""
+    t0 = time.time()
+    if first is not None:
+        (work / "runs/controlnet/final").mkdir(parents=True, exist_ok=True)
+        shutil.copy(first, work / "runs/controlnet/final/controlnet.safetensors")
+        shutil.copy(first.parent / "run.json", work / "runs/controlnet/run.json")
+    base = f"{work}/base/final/base.safetensors"
+    run(f"data cache {work}/fill50k --base {base} --out {work}/cache-fill50k --num-workers {S['cache_workers']} --quiet",
+        work / "logs/cache-fill50k.log")  # fmt: skip
+    run(f"train --base {base} --init-controlnet {work}/runs/controlnet/final/controlnet.safetensors "
+        f"--data {work}/fill50k --cache {work}/cache-fill50k --out {work}/runs/bundled --score-name iou "
+        f"--score-threshold {S['threshold']} {loop(S['cn_more'], 2 * S['validate_every'])}", work / "logs/bundled.log")  # fmt: skip
+    print(f"trainings done in {time.time() - t0:.0f} s", flush=True)
+    evaluate_claims(work)
+
+
 def evaluate_claims(work: Path) -> None:
     """Evaluate every variant on the held-out test conditions; write results/claims.json."""
     import torch
@@ -176,12 +197,12 @@ def evaluate_claims(work: Path) -> None:
 
     cfg = EvalConfig(n=S["n_eval"], steps=20, guidance=9.0, batch=min(100, S["n_eval"]))
     record("base-alone", evaluate(base, None, test, cfg, progress=False))
-    for name in ("controlnet", "gaussian", "no-dropout", "data-small", "data-medium"):
+    for name in ("bundled", "controlnet", "gaussian", "no-dropout", "data-small", "data-medium"):
         if not done(name):
             continue
         cn = load_controlnet(work / "runs" / name / "final/controlnet.safetensors").to(device).eval()
         record(name, evaluate(base, cn, test, cfg, progress=False))
-        if name in ("controlnet", "no-dropout"):  # the paper's no-prompt setting
+        if name in ("bundled", "controlnet", "no-dropout"):  # the paper's no-prompt setting
             record(f"{name}-no-prompt", evaluate(base, cn, test, replace(cfg, prompt_setting="none"), progress=False))
     if done("lite"):
         lite = LiteControlNet(base.unet, ControlNetConfig.from_dict(architecture("fill50k-tiny")["controlnet"]))
@@ -204,7 +225,7 @@ def evaluate_claims(work: Path) -> None:
                          sample_fn=lambda e, n, c, s, lat: concat_sample(e, n, torch.zeros_like(c), s, lat))  # fmt: skip
         results["concat-no-condition"] = {k: v for k, v in blank.summary.items() if k.startswith("free_")}
     runs = {}
-    for name in VARIANTS:
+    for name in ("bundled", *VARIANTS):
         if done(name):
             info = json.loads((work / "runs" / name / "run.json").read_text())
             runs[name] = {k: info.get(k) for k in ("converged_at", "steps", "samples_seen", "seconds_this_session")}
@@ -240,10 +261,10 @@ def stage_identity(work: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("stage", choices=["base", "claims", "evaluate", "identity"])
+    p.add_argument("stage", choices=["base", "claims", "bundle", "evaluate", "identity"])
     p.add_argument("--work", default="work/fill50k")
     p.add_argument("--vae", help="base stage: reuse this VAE-stage export instead of training the VAE again")
-    p.add_argument("--first", help="base stage: reuse this first base run's export, train only the second")
+    p.add_argument("--first", help="base / bundle stage: the first run's export from an earlier session")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"claims stage: which of {', '.join(VARIANTS)}")
     p.add_argument("--smoke", action="store_true", help="toy scale on a CPU, to check the script")
     args = p.parse_args()
@@ -258,6 +279,8 @@ def main() -> None:
             p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
         if args.stage == "claims":
             stage_claims(work, names)
+        elif args.stage == "bundle":
+            stage_bundle(work, Path(args.first).resolve() if args.first else None)
         else:
             {"evaluate": evaluate_claims, "identity": stage_identity}[args.stage](work)
 
