@@ -151,6 +151,7 @@ def stage_bundle(work: Path, first: Path | None) -> None:
     """The bundled ControlNet: the main variant's export (``first``: from an earlier session,
     with its run.json beside it) trained on; then evaluate what exists."""
     t0 = time.time()
+    (work / "logs").mkdir(parents=True, exist_ok=True)
     if first is not None:
         (work / "runs/controlnet/final").mkdir(parents=True, exist_ok=True)
         shutil.copy(first, work / "runs/controlnet/final/controlnet.safetensors")
