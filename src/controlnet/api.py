@@ -48,7 +48,7 @@ class ControlBody(BaseModel):
     """One control unit. ``image``: base64 image; ``controlnet``: a name from ``/api/health``
     (null: the server's first ControlNet); ``preprocess``: an annotator, or null for a ready map."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     image: str
     controlnet: str | None = None
     preprocess: str | None = None
@@ -64,7 +64,7 @@ class GenerateBody(BaseModel):
     """A generation request. Images (``init_image``, ``mask``, each control's ``image``) are base64.
     ``seed``: null or -1 draws one (returned)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     prompt: str = _D.prompt
     controls: list[ControlBody] = Field(default_factory=list)
     prompt_setting: str = _D.prompt_setting
@@ -90,7 +90,7 @@ class PreprocessBody(BaseModel):
     """An annotator run: ``image`` (base64), ``params`` by name, an optional ``mask`` (inpaint), and
     optional ``resolution`` (short side of the map, for the model) / ``detect_resolution``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     annotator: str
     image: str
     params: dict[str, Any] = Field(default_factory=dict)

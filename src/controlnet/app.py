@@ -22,7 +22,7 @@ from .generate import ControlRequest, GenerationRequest, PromptSetting
 from .sampling import Sampler
 from .service import BusyError, Service
 
-__all__ = ["build_ui", "control_annotators", "param_widget"]
+__all__ = ["build_ui", "checked_upload", "control_annotators", "param_widget"]
 
 log = logging.getLogger(__name__)
 NONE = "none"  # the annotator choice for an image that already is a condition map
@@ -56,6 +56,28 @@ def _float_step(lo: float | None, hi: float | None) -> float:
     if lo is None or hi is None:
         return 0.01
     return 10.0 ** math.floor(math.log10(max(hi - lo, 1e-6) / 200))
+
+
+def checked_upload(image: gr.Image, what: str) -> gr.Image:
+    """Make an upload that is not an image at all fail with one line naming the input, instead of
+    Gradio's processing error and its internals. Readable files are then checked by
+    :meth:`Service.store_image` like every other upload.
+
+    Set on this one widget instance: subclassing a Gradio component would make Gradio write a
+    ``.pyi`` stub next to this module at import time.
+    """
+    preprocess = image.preprocess
+
+    def checked(payload: Any) -> Any:
+        try:
+            return preprocess(payload)
+        except gr.Error:
+            raise
+        except Exception as e:
+            raise gr.Error(f"{what}: not an image ({type(e).__name__})") from None
+
+    image.preprocess = checked  # type: ignore[method-assign]
+    return image
 
 
 def _param_events(widget: gr.components.Component) -> Any:
@@ -139,6 +161,7 @@ def _unit(service: Service, i: int, default_annotator: str) -> Unit:
                     label="Image or condition map",
                     elem_id=f"{pre}-image",
                 )
+                checked_upload(image, f"control {i + 1} image")
                 sketch = gr.Sketchpad(
                     type="numpy",
                     image_mode="RGB",

@@ -12,7 +12,6 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from .service import ServeConfig, Service
 
@@ -126,13 +125,14 @@ def start(
 def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 7860) -> None:
     """Load the models and serve until interrupted (Ctrl-C); then remove the temporary files."""
     sock = _bind(host, port)
-    with Service(config) as service:
-        server = _uvicorn(service)
-        where = (
-            f"results in {Path(service.out_dir)}" if config.out_dir else "results kept until the server stops"
-        )
-        print(
-            f"controlnet serve: {_url(sock)} (web app; API under /api, docs at /api/docs); {where}",
-            flush=True,
-        )
-        server.run(sockets=[sock])
+    try:
+        with Service(config) as service:
+            server = _uvicorn(service)
+            kept = f"results in {service.out_dir}" if config.out_dir else "results kept until it stops"
+            print(
+                f"controlnet serve: {_url(sock)} (web app; API under /api, docs at /api/docs); {kept}",
+                flush=True,
+            )
+            server.run(sockets=[sock])
+    finally:
+        sock.close()

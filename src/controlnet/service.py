@@ -37,6 +37,10 @@ from .limits import Limits
 __all__ = ["BusyError", "Job", "Limits", "Output", "ServeConfig", "Service", "UploadTooLarge"]
 
 
+#: Seeds a browser's numbers hold exactly (2**53 - 1), less room for one seed per sample.
+MAX_SEED = 2**53 - 1 - 1024
+
+
 class UploadTooLarge(ValueError):
     """An upload over a size limit (HTTP 413)."""
 
@@ -202,7 +206,8 @@ class Service:
             try:
                 array = read_mask(path) if mask else read_image(path)
             except ValueError as e:  # imageio's checks: not an image, corrupt, too many pixels
-                raise ValueError(f"{what}: not a readable image ({_strip(e, path)})") from None
+                reason = _strip(e, path).removeprefix("cannot read the upload as an image (").rstrip(")")
+                raise ValueError(f"{what}: not a readable image ({reason})") from None
         finally:
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
@@ -272,6 +277,8 @@ class Service:
             raise ValueError(
                 f"{len(request.controls)} controls is over this server's limit of {lim.max_controls}"
             )
+        if request.seed is not None and not 0 <= request.seed <= MAX_SEED:
+            raise ValueError(f"seed must be between 0 and {MAX_SEED} (or -1/none for a random one)")
         for i, c in enumerate(request.controls):
             if c.controlnet not in self.controlnets.values():
                 raise ValueError(f"control {i}: ControlNet must be one of: {', '.join(self.controlnets)}")
