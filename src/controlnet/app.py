@@ -274,7 +274,7 @@ def build_ui(service: Service) -> gr.Blocks:
     with gr.Blocks(title="ControlNet", analytics_enabled=False, delete_cache=(3600, 3600)) as ui:
         gr.Markdown(
             "## ControlNet\nUpload an image (or draw), pick an annotator to make the condition map, "
-            "and generate. The HTTP API is documented at `/api/docs`."
+            "and generate. Programs can use the same server's HTTP JSON API under `/api`."
         )
         with gr.Row():
             with gr.Column(scale=3):
@@ -435,11 +435,12 @@ def _wire_unit(service: Service, u: Unit, resolution: gr.Slider) -> None:
         name = data[u.annotator]
         try:
             image = _unit_image(service, u, data)
-            if name == NONE:
+            res = int(data[resolution])
+            if name == NONE:  # a ready map: shown at the size the model gets it
+                from .annotators import resize_for_model
                 from .imageio import read_image
 
-                return read_image(image)
-            res = int(data[resolution])
+                return resize_for_model(read_image(image), res)
             return service.preprocess(
                 name, image, u.annotator_params(data, name), resolution=res, detect_resolution=res
             )

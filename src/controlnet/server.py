@@ -8,6 +8,7 @@ missing or mismatched model file is an error at start, not at the first request.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import threading
 import time
@@ -94,7 +95,9 @@ def _url(sock: socket.socket) -> str:
 def _uvicorn(service: Service):
     import uvicorn
 
-    config = uvicorn.Config(create_app(service), log_level="warning", access_log=False, lifespan="on")
+    config = uvicorn.Config(
+        create_app(service), log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5
+    )
     return uvicorn.Server(config)
 
 
@@ -123,16 +126,19 @@ def start(
 
 
 def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 7860) -> None:
-    """Load the models and serve until interrupted (Ctrl-C); then remove the temporary files."""
-    sock = _bind(host, port)
+    """Load the models and serve until Ctrl-C or SIGTERM; then finish the running generation and
+    remove the temporary files. (The server runs on a thread so that this thread owns the signals:
+    uvicorn would re-raise them after its own shutdown and end the process before the clean-up.)"""
+    server = start(config, host, port)
+    kept = f"results in {server.service.out_dir}" if config.out_dir else "results kept until it stops"
+    print(f"controlnet serve: {server.url} (web app; HTTP API under /api); {kept}", flush=True)
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        with Service(config) as service:
-            server = _uvicorn(service)
-            kept = f"results in {service.out_dir}" if config.out_dir else "results kept until it stops"
-            print(
-                f"controlnet serve: {_url(sock)} (web app; API under /api, docs at /api/docs); {kept}",
-                flush=True,
-            )
-            server.run(sockets=[sock])
+        while server._thread.is_alive() and not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
     finally:
-        sock.close()
+        signal.signal(signal.SIGTERM, previous)
+        server.stop()

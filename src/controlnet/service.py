@@ -117,13 +117,13 @@ class Service:
 
         self.config = config
         self.limits = config.limits
+        for p in [config.base, *config.controlnets]:
+            if p is not None and not Path(p).exists():
+                raise FileNotFoundError(f"model file {p} does not exist")
         base = config.base or str(_bundled(bundled_path, BUNDLED_BASE, "--base"))
         controlnets = list(config.controlnets) or [
             str(_bundled(bundled_path, BUNDLED_CONTROLNET, "--controlnet"))
         ]
-        for p in [base, *controlnets]:
-            if not Path(p).exists():
-                raise FileNotFoundError(f"model file {p} does not exist")
         self.base = base
         self.controlnets = _unique_names(controlnets)
         GenerationRequest(dtype=config.dtype).validate()  # a bad dtype fails at start, not later
@@ -438,10 +438,10 @@ class Service:
         }
 
     def close(self) -> None:
-        """Finish the queued work, stop the worker and remove the temporary folder."""
+        """Finish the running job, drop the queued ones, stop the worker, remove the temporary folder."""
         with self._lock:
             self._closed = True
-        self._worker.shutdown(wait=True)
+        self._worker.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     def __enter__(self) -> Service:
