@@ -3,13 +3,17 @@ gets a clear error (never a 500), concurrent requests are queued and all answere
 
 from __future__ import annotations
 
+import re
+import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 from controlnet.annotators import annotate
 from controlnet.api import SERVER_FIELDS, ControlBody, GenerateBody
@@ -300,3 +304,59 @@ def test_uploads_are_stored_once_and_cleaned_up_with_the_server(tmp_path):
     )
     srv.stop()
     assert not service.upload_dir.exists()
+
+
+def test_preprocess_at_a_resolution_is_the_map_a_generation_feeds_the_model(client):
+    """What the web app previews (the map at the generation's size) is what the model gets."""
+    rng = np.random.default_rng(1)
+    photo = rng.integers(0, 256, (48, 80, 3), dtype=np.uint8)  # resized to 64x(multiple of 64)
+    params = {"low_threshold": 60, "high_threshold": 120}
+    pre = client.post(
+        "/api/preprocess",
+        json={
+            "annotator": "canny",
+            "image": b64(photo),
+            "params": params,
+            "resolution": 64,
+            "detect_resolution": 64,
+        },
+    )
+    control = {"image": b64(photo), "preprocess": "canny", "params": params}
+    out = client.post("/api/generate", json=gen(controls=[control]))
+    assert pre.status_code == out.status_code == 200, (pre.text, out.text)
+    np.testing.assert_array_equal(decode(pre.json()["image"]), decode(out.json()["conditions"][0]))
+
+
+def readme_block(language: str) -> str:
+    """The first ``language`` code block of the README's web app section."""
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    section = text[text.index("## Web app and HTTP API") :]
+    blocks = re.findall(rf"```{language}\n(.*?)```", section, re.S)
+    return next(b for b in blocks if "/api/" in b)
+
+
+def test_readme_python_example_runs(server, tmp_path, monkeypatch, capsys):
+    code = (
+        readme_block("python")
+        .replace("http://127.0.0.1:7860", server.url)
+        .replace('"steps": 20', '"steps": 2')
+    )
+    Image.fromarray(square(128)).save(tmp_path / "photo.png")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    assert "[42, 43] ddim" in capsys.readouterr().out
+    assert Image.open("canny.png").size == (128, 128)
+    assert [Image.open(f"result_{i}.png").size for i in range(2)] == [(128, 128)] * 2
+
+
+def test_readme_shell_example_runs(server, tmp_path):
+    script = (
+        readme_block("sh").replace("http://127.0.0.1:7860", server.url).replace('"steps": 20', '"steps": 2')
+    )
+    Image.fromarray(square(128)).save(tmp_path / "photo.png")
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert '"status":"ok"' in done.stdout
+    assert Image.open(tmp_path / "canny.png").size == Image.open(tmp_path / "result.png").size == (128, 128)

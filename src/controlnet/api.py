@@ -218,7 +218,8 @@ def _status(e: BaseException) -> int:
 
 def create_api(service: Service) -> FastAPI:
     """A FastAPI app serving the routes above for ``service`` (the web app is mounted beside it)."""
-    api = FastAPI(title="controlnet", docs_url="/api/docs", openapi_url="/api/openapi.json", redoc_url=None)
+    # no generated docs pages: they load their scripts from a CDN, and docs/app.md is the reference
+    api = FastAPI(title="controlnet", docs_url=None, redoc_url=None, openapi_url=None)
     lim = service.limits
     # every image of a request at the upload limit, base64-encoded, plus room for the rest
     body_limit = int((lim.max_controls + 2) * lim.max_upload_mb * 1e6 * 4 / 3) + 1_000_000

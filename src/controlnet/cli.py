@@ -533,7 +533,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
         help="the web app and HTTP API (needs the 'app' extra)",
-        description="Serve the web app at / and the HTTP JSON API under /api (docs at /api/docs). "
+        description="Serve the web app at / and the HTTP JSON API under /api (see docs/app.md). "
         "With no --base/--controlnet the bundled model is used. Generations run one at a time; "
         "others wait in a queue. Needs Gradio: pip install 'controlnet[app]'.",
     )
