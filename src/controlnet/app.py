@@ -16,7 +16,7 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
-from .annotators import ANNOTATORS, Annotator, Param, ParamType
+from .annotators import ANNOTATORS, Annotator, Param, ParamType, hwc3
 from .control import ControlMode
 from .generate import ControlRequest, GenerationRequest, PromptSetting
 from .sampling import Sampler
@@ -58,23 +58,31 @@ def _float_step(lo: float | None, hi: float | None) -> float:
     return 10.0 ** math.floor(math.log10(max(hi - lo, 1e-6) / 200))
 
 
+@dataclass(frozen=True)
+class Unreadable:
+    """An upload Gradio could not open as an image; an error only if the image is used."""
+
+    message: str
+
+
 def checked_upload(image: gr.Image, what: str) -> gr.Image:
-    """Make an upload that is not an image at all fail with one line naming the input, instead of
-    Gradio's processing error and its internals. Readable files are then checked by
-    :meth:`Service.store_image` like every other upload.
+    """Make an upload that is not an image at all arrive as :class:`Unreadable` (a one-line message
+    naming the input) instead of failing every event that reads the widget with Gradio's own
+    processing error, even when the image is not used (say, while the unit draws instead).
+    Readable files are then checked by :meth:`Service.store_image` like every other upload.
 
     Set on this one widget instance: subclassing a Gradio component would make Gradio write a
-    ``.pyi`` stub next to this module at import time.
+    ``.pyi`` stub next to this module at import time. So never send the widget an update (say, of
+    its visibility): Gradio would replace it in the session with a plain copy; update a box around
+    it instead.
     """
     preprocess = image.preprocess
 
     def checked(payload: Any) -> Any:
         try:
             return preprocess(payload)
-        except gr.Error:
-            raise
         except Exception as e:
-            raise gr.Error(f"{what}: not an image ({type(e).__name__})") from None
+            return Unreadable(f"{what}: not an image ({type(e).__name__})")
 
     image.preprocess = checked  # type: ignore[method-assign]
     return image
@@ -99,6 +107,8 @@ class Unit:
     source: gr.Radio
     image: gr.Image
     sketch: gr.Sketchpad
+    upload_box: gr.Group
+    draw_box: gr.Group
     annotator: gr.Dropdown
     groups: dict[str, gr.Group]
     params: dict[str, dict[str, gr.components.Component]]  # annotator -> param -> widget
@@ -154,22 +164,25 @@ def _unit(service: Service, i: int, default_annotator: str) -> Unit:
             source = gr.Radio(["upload", "draw"], value="upload", label="Image", elem_id=f"{pre}-source")
         with gr.Row():
             with gr.Column():
-                image = gr.Image(
-                    type="filepath",
-                    image_mode=None,
-                    sources=["upload", "clipboard"],
-                    label="Image or condition map",
-                    elem_id=f"{pre}-image",
-                )
-                checked_upload(image, f"control {i + 1} image")
-                sketch = gr.Sketchpad(
-                    type="numpy",
-                    image_mode="RGB",
-                    canvas_size=(512, 512),
-                    label="Draw black on white (annotator: scribble)",
-                    visible=False,
-                    elem_id=f"{pre}-sketch",
-                )
+                # visibility is switched on these boxes, never on the widgets: a widget that gets an
+                # update is replaced in the session by a plain copy (see checked_upload)
+                with gr.Group() as upload_box:
+                    image = gr.Image(
+                        type="filepath",
+                        image_mode=None,
+                        sources=["upload", "clipboard"],
+                        label="Image or condition map",
+                        elem_id=f"{pre}-image",
+                    )
+                    checked_upload(image, f"control {i + 1} image")
+                with gr.Group(visible=False) as draw_box:
+                    sketch = gr.Sketchpad(
+                        type="numpy",
+                        image_mode="RGB",
+                        canvas_size=(512, 512),
+                        label="Draw black on white (annotator: scribble)",
+                        elem_id=f"{pre}-sketch",
+                    )
             preview = gr.Image(
                 label="Condition map (preview)",
                 interactive=False,
@@ -212,6 +225,8 @@ def _unit(service: Service, i: int, default_annotator: str) -> Unit:
         source,
         image,
         sketch,
+        upload_box,
+        draw_box,
         annotator,
         groups,
         params,
@@ -242,9 +257,12 @@ def _unit_image(service: Service, unit: Unit, data: dict) -> str:
         if composite is None or (composite.min() == composite.max()):
             raise ValueError(f"control {unit.index + 1}: draw something on the canvas first")
         return service.store_image(composite, what)
-    if not data[unit.image]:
+    upload = data[unit.image]
+    if isinstance(upload, Unreadable):
+        raise ValueError(upload.message)
+    if not upload:
         raise ValueError(f"control {unit.index + 1}: upload an image first")
-    return service.store_image(data[unit.image], what)
+    return service.store_image(upload, what)
 
 
 def _editor_images(service: Service, value: Any) -> tuple[str | None, str | None]:
@@ -255,7 +273,7 @@ def _editor_images(service: Service, value: Any) -> tuple[str | None, str | None
     background = np.asarray(value["background"])
     if background.ndim == 3 and background.shape[2] == 4 and background[..., 3].max() == 0:
         return None, None  # an empty canvas
-    init = service.store_image(background, "init image")
+    init = service.store_image(hwc3(background.astype(np.uint8)), "init image")  # RGBA over white
     painted = [np.asarray(layer) for layer in value.get("layers") or [] if layer is not None]
     if not painted:
         return init, None
@@ -422,7 +440,9 @@ def _wire_unit(service: Service, u: Unit, resolution: gr.Slider) -> None:
             gr.update(value="scribble") if draw else gr.update(),
         )
 
-    u.source.change(switch_source, u.source, [u.image, u.sketch, u.annotator], api_visibility="private")
+    u.source.change(
+        switch_source, u.source, [u.upload_box, u.draw_box, u.annotator], api_visibility="private"
+    )
 
     names = list(u.groups)
 
