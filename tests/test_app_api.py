@@ -22,7 +22,7 @@ from controlnet.imageio import read_image
 from controlnet.limits import Limits
 from controlnet.pipeline import run
 from controlnet.server import start
-from controlnet.service import ServeConfig
+from controlnet.service import ServeConfig, Service
 from serving import b64, bomb_png, decode, model_files, png_bytes, square
 
 LIMITS = Limits(max_megapixels=0.1, max_upload_megapixels=0.1, max_upload_mb=1, max_steps=5, max_samples=2)
@@ -183,6 +183,13 @@ BAD_GENERATE = [
     ),
     ("mask alone", {"mask": b64(square())}, 400, ["mask needs an init image"]),
     ("seed", {"seed": -5}, 400, ["seed must be between 0"]),
+    ("eta", {"eta": -1}, 400, ["eta must be in [0, 1]"]),
+    (
+        "mask size",
+        {"init_image": b64(square()), "mask": b64(square(32)[..., 0])},
+        400,
+        ["mask mask is 32x32 but the init image init_image is 64x64"],
+    ),
     ("missing field", {"controls": [{"preprocess": "canny"}]}, 422, ["controls[0].image", "required"]),
     ("wrong type", {"steps": "many"}, 422, ["steps", "integer"]),
     ("unknown field", {"colour": "red"}, 422, ["colour: unknown field"]),
@@ -198,7 +205,7 @@ def test_bad_generate_requests_get_clear_errors(client, what, change, status, wo
     error = r.json()["error"]
     for w in words:
         assert w in error, (w, error)
-    assert "/tmp" not in error and "incoming" not in error  # no server paths in messages
+    assert "/tmp" not in error and "uploads" not in error  # no server paths in messages
 
 
 def test_bad_bodies(client, server):
@@ -293,8 +300,7 @@ def test_a_full_queue_answers_busy(tmp_path):
 
 def test_uploads_are_stored_once_and_cleaned_up_with_the_server(tmp_path):
     base, cns = model_files(tmp_path)
-    srv = start(ServeConfig(base=base, controlnets=(cns[0],)))
-    service = srv.service
+    service = Service(ServeConfig(base=base, controlnets=(cns[0],)))
     a = service.store_image(png_bytes(square()), "x")
     assert service.store_image(square(), "y") == a  # same pixels, same file
     np.testing.assert_array_equal(read_image(a), square())
@@ -302,7 +308,7 @@ def test_uploads_are_stored_once_and_cleaned_up_with_the_server(tmp_path):
         128,
         128,
     )
-    srv.stop()
+    service.close()
     assert not service.upload_dir.exists()
 
 

@@ -402,8 +402,15 @@ def build_ui(service: Service) -> gr.Blocks:
                     mask_blur=int(data[mask_blur]),
                     overlay=bool(data[overlay]),
                 )
-                progress(0, desc="waiting for the worker")
-                out = service.generate(request, lambda step, total: progress((step, total), desc="denoising"))
+
+                def show(step: int, total: int) -> None:
+                    if total:
+                        progress((step, total), desc="denoising", unit="steps")
+                    else:
+                        progress(0, desc="waiting for the worker")
+
+                show(0, 0)
+                out = service.generate(request, show)
             except Exception as e:
                 raise _user_error(e) from None
             captions = [(str(p), f"seed {s}") for p, s in zip(out.images, out.seeds)]

@@ -23,6 +23,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before 3.11
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -282,6 +283,8 @@ class Service:
         for i, c in enumerate(request.controls):
             if c.controlnet not in self.controlnets.values():
                 raise ValueError(f"control {i}: ControlNet must be one of: {', '.join(self.controlnets)}")
+        if not 0.0 <= request.eta <= 1.0:  # outside [0, 1] DDIM's noise is undefined: NaN images
+            raise ValueError(f"eta must be in [0, 1], got {request.eta}")
         request = replace(
             request,
             base=self.base,
@@ -290,7 +293,13 @@ class Service:
             captioner=self.config.captioner,
             fast=False,
         )
-        request.validate()
+        try:
+            request.validate()
+        except ValueError as e:  # name uploads by their field, not by their file on this server
+            message = str(e)
+            for name, path in _upload_fields(request).items():
+                message = message.replace(path, name)
+            raise ValueError(message) from None
         h, w = self.output_size(request)
         if _megapixels(h, w) > lim.max_megapixels:
             raise ValueError(
@@ -327,7 +336,7 @@ class Service:
         while True:
             try:
                 return job.future.result(timeout=0.2)
-            except TimeoutError:
+            except FutureTimeout:  # still queued or running
                 on_progress(job.step, job.total)
 
     def run_exclusive(self, fn: Callable[[], Any]) -> Any:
@@ -458,6 +467,13 @@ def _bundled(bundled_path: Callable[[str], Path], name: str, flag: str) -> Path:
         raise FileNotFoundError(
             f"this build has no bundled model ({name}); start the server with {flag} FILE"
         ) from None
+
+
+def _upload_fields(request: GenerationRequest) -> dict[str, str]:
+    """The stored upload behind each image field of ``request``."""
+    fields = {k: v for k in ("init_image", "mask") if (v := getattr(request, k))}
+    fields.update({f"controls[{i}].image": c.image for i, c in enumerate(request.controls)})
+    return fields
 
 
 def _strip(error: BaseException, path: Path) -> str:
