@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
@@ -119,10 +119,11 @@ class Unit:
     end: gr.Slider
     mode: gr.Radio
     guess_mode: gr.Checkbox
-    widgets: list[gr.components.Component] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        self.widgets = [
+    @property
+    def widgets(self) -> list[gr.components.Component]:
+        """Every input widget of the unit."""
+        return [
             self.enabled,
             self.controlnet,
             self.source,
@@ -219,24 +220,24 @@ def _unit(service: Service, i: int, default_annotator: str) -> Unit:
             )
             guess_mode = gr.Checkbox(value=False, label="Guess mode (no prompt needed)")
     return Unit(
-        i,
-        enabled,
-        controlnet,
-        source,
-        image,
-        sketch,
-        upload_box,
-        draw_box,
-        annotator,
-        groups,
-        params,
-        preview,
-        preview_button,
-        strength,
-        start,
-        end,
-        mode,
-        guess_mode,
+        index=i,
+        enabled=enabled,
+        controlnet=controlnet,
+        source=source,
+        image=image,
+        sketch=sketch,
+        upload_box=upload_box,
+        draw_box=draw_box,
+        annotator=annotator,
+        groups=groups,
+        params=params,
+        preview=preview,
+        preview_button=preview_button,
+        strength=strength,
+        start=start,
+        end=end,
+        mode=mode,
+        guess_mode=guess_mode,
     )
 
 
