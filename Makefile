@@ -5,6 +5,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
+# The web app's browser test drives Debian's chromium through Playwright (whose own browser
+# downloads are not used); `make test` installs it when missing.
+CHROMIUM ?= /usr/bin/chromium
 
 .PHONY: demo test lint venv install install-dev clean
 
@@ -18,8 +21,13 @@ $(VENV)/.installed: $(VENV)/bin/python pyproject.toml
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet -e '.[dev,app]'
 	touch $@
+
+$(CHROMIUM):
+	SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	$$SUDO apt-get update -q && \
+	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
 
 venv install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
@@ -27,7 +35,7 @@ install-dev: $(VENV)/.installed-dev
 demo: $(VENV)/.installed
 	$(VENV)/bin/controlnet demo
 
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev $(CHROMIUM)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -n 2
 

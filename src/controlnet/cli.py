@@ -766,6 +766,93 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_eval)
 
 
+# ------------------------------------------------------------------------------------------- serve
+_APP_MISSING = "the web app needs Gradio: pip install 'controlnet[app]'"
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise ValueError(_APP_MISSING) from None
+    import torch
+
+    from .limits import Limits
+    from .server import serve
+    from .service import ServeConfig
+
+    limits = Limits(
+        max_megapixels=args.max_megapixels,
+        max_upload_megapixels=args.max_upload_megapixels,
+        max_upload_mb=args.max_upload_mb,
+        max_steps=args.max_steps,
+        max_samples=args.max_samples,
+        max_queue=args.max_queue,
+    )
+    config = ServeConfig(
+        base=args.base,
+        controlnets=tuple(args.controlnet),
+        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        dtype=args.dtype,
+        captioner=args.captioner,
+        out_dir=args.out,
+        limits=limits,
+    )
+    serve(config, host=args.host, port=args.port)  # until Ctrl-C
+    return 0
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from .limits import Limits
+
+    d = Limits()
+    p = sub.add_parser(
+        "serve",
+        help="the web app and HTTP API (needs the 'app' extra)",
+        description="Serve the web app at / and the HTTP JSON API under /api (see docs/app.md). "
+        "With no --base/--controlnet the bundled model is used. Generations run one at a time; "
+        "others wait in a queue. Needs Gradio: pip install 'controlnet[app]'.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s; 0: any free port)")
+    p.add_argument("--base", help="base model file or folder (default: the bundled model)")
+    p.add_argument(
+        "--controlnet",
+        action="append",
+        default=[],
+        help="ControlNet file or folder, repeatable; offered by name (default: the bundled one)",
+    )
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--captioner", help="local BLIP captioner folder, for the 'auto' prompt setting")
+    p.add_argument("--out", help="keep results and their inputs here (default: a temporary folder)")
+    g = p.add_argument_group("limits per request")
+    g.add_argument(
+        "--max-megapixels",
+        type=float,
+        default=d.max_megapixels,
+        help="output image size (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-upload-megapixels",
+        type=float,
+        default=d.max_upload_megapixels,
+        help="uploaded image size (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=d.max_upload_mb,
+        help="uploaded file size (default: %(default)s)",
+    )
+    g.add_argument("--max-steps", type=int, default=d.max_steps, help="(default: %(default)s)")
+    g.add_argument("--max-samples", type=int, default=d.max_samples, help="(default: %(default)s)")
+    g.add_argument(
+        "--max-queue", type=int, default=d.max_queue, help="generations waiting (default: %(default)s)"
+    )
+    p.set_defaults(handler=_cmd_serve)
+
+
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_demo,
     _add_generate,
@@ -778,6 +865,7 @@ _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_convert,
     _add_init,
     _add_transfer,
+    _add_serve,
 ]
 
 

@@ -1,0 +1,495 @@
+"""The serving core that the web app and the HTTP API share: models, limits, uploads, one worker.
+
+Both shells (:mod:`controlnet.app`, :mod:`controlnet.api`) turn what a user sent into a
+:class:`~controlnet.generate.GenerationRequest` and hand it to :class:`Service`. The service owns
+everything that must be the same for both:
+
+- the models, loaded once at start (a clear error when a file is missing or the ControlNets do not
+  fit the base), and the server-side settings a client may not choose (device, dtype, files);
+- the limits (:class:`Limits`), checked by one function, :meth:`Service.check`;
+- uploads, checked like files (:func:`controlnet.imageio.read_image`: not an image, corrupt data,
+  decompression bombs) plus the upload limits, and stored as normalised PNGs;
+- one worker thread that runs generations (and learned annotators) one at a time, first come first
+  served, so a GPU never holds two jobs; queued jobs wait and are all answered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before 3.11
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .generate import GenerationRequest
+from .imageio import MAX_PIXELS, read_image, read_mask, save_png
+from .limits import Limits
+
+__all__ = ["BusyError", "Job", "Limits", "Output", "ServeConfig", "Service", "UploadTooLarge"]
+
+
+#: Seeds a browser's numbers hold exactly (2**53 - 1), less room for one seed per sample.
+MAX_SEED = 2**53 - 1 - 1024
+
+
+class UploadTooLarge(ValueError):
+    """An upload over a size limit (HTTP 413)."""
+
+
+class BusyError(RuntimeError):
+    """The queue is full (HTTP 503); nothing was started."""
+
+
+@dataclass
+class ServeConfig:
+    """Server-side settings: the models and where they run. ``None`` model paths: the bundled model.
+
+    out_dir: where results (images, grid, sidecar) and the uploads they read are kept; None keeps
+    them in a per-server temporary folder that is removed when the server stops.
+    """
+
+    base: str | None = None
+    controlnets: tuple[str, ...] = ()
+    device: str = "cpu"
+    dtype: str = "float32"
+    captioner: str | None = None
+    out_dir: str | None = None
+    limits: Limits = field(default_factory=Limits)
+
+
+@dataclass
+class Output:
+    """One finished generation, as the shells show it."""
+
+    images: list[Path]
+    grid: Path
+    sidecar: Path
+    record: dict[str, Any]  # the sidecar's content
+    conditions: list[np.ndarray]  # (H, W, 3) uint8 per control, as fed to the model
+    seeds: list[int]
+    prompt: str
+    seconds: float
+
+
+@dataclass
+class Job:
+    """A queued or running generation: its future and its progress (step of total)."""
+
+    future: Future = field(default_factory=Future)
+    step: int = 0
+    total: int = 0
+
+
+def _megapixels(h: int, w: int) -> float:
+    return h * w / 1e6
+
+
+def _unique_names(paths: list[str]) -> dict[str, str]:
+    """ControlNet choices by name: the file's stem, numbered when two files share one."""
+    names: dict[str, str] = {}
+    for p in paths:
+        stem = Path(p).name.removesuffix(".safetensors") or "controlnet"
+        name, k = stem, 2
+        while name in names:
+            name, k = f"{stem}-{k}", k + 1
+        names[name] = p
+    return names
+
+
+class Service:
+    """Models, limits, uploads and the single generation worker of one server.
+
+    Construct it once per process (it loads the models); call :meth:`close` when done.
+    """
+
+    def __init__(self, config: ServeConfig, cache: Any = None) -> None:
+        from .bundled import BUNDLED_BASE, BUNDLED_CONTROLNET, bundled_path
+        from .pipeline import ModelCache
+
+        self.config = config
+        self.limits = config.limits
+        for p in [config.base, *config.controlnets]:
+            if p is not None and not Path(p).exists():
+                raise FileNotFoundError(f"model file {p} does not exist")
+        base = config.base or str(_bundled(bundled_path, BUNDLED_BASE, "--base"))
+        controlnets = list(config.controlnets) or [
+            str(_bundled(bundled_path, BUNDLED_CONTROLNET, "--controlnet"))
+        ]
+        self.base = base
+        self.controlnets = _unique_names(controlnets)
+        GenerationRequest(dtype=config.dtype).validate()  # a bad dtype fails at start, not later
+        self.cache = cache or ModelCache(size=len(controlnets) + 1)
+        self.native_size = self._load_models()
+
+        self._tmp = Path(tempfile.mkdtemp(prefix="controlnet-serve-"))
+        root = Path(config.out_dir) if config.out_dir else self._tmp
+        self.out_dir = root / "outputs" if not config.out_dir else root
+        self.upload_dir = root / "uploads"
+        self.incoming_dir = self._tmp / "incoming"
+        for d in (self.out_dir, self.upload_dir, self.incoming_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="controlnet-worker")
+        self._lock = threading.Lock()
+        self._waiting = self._running = self._max_running = self._done = self._failed = 0
+        self._closed = False
+
+    # ------------------------------------------------------------------ models
+    def _load_models(self) -> int:
+        """Load every model once (into the cache), check the ControlNets fit the base, and return
+        the base's native image size (pixels, the short side when no resolution is asked for)."""
+        from .formats import check_compatible
+        from .generate import _DTYPES
+
+        dtype, device = _DTYPES[self.config.dtype], self.config.device
+        base = self.cache.base(self.base, dtype, device)
+        for name, path in self.controlnets.items():
+            check_compatible(
+                self.cache.controlnet(path, dtype, device),
+                base,
+                controlnet_name=f"ControlNet {name} ({path})",
+                base_name=f"the base model {self.base}",
+            )
+        return int(base.unet.config.sample_size * base.vae_scale_factor)
+
+    def controlnet_path(self, name: str | None) -> str:
+        """The file of the ControlNet called ``name`` (None: the first one the server was given)."""
+        if name is None or name == "":
+            return next(iter(self.controlnets.values()))
+        if name not in self.controlnets:
+            raise ValueError(f"unknown ControlNet {name!r}; this server has: {', '.join(self.controlnets)}")
+        return self.controlnets[name]
+
+    # ------------------------------------------------------------------ uploads
+    def store_image(self, source: bytes | str | Path | np.ndarray, what: str, *, mask: bool = False) -> str:
+        """Check an uploaded image and store it as a PNG; return its path (the same pixels give the
+        same file). ``source``: the file's bytes, a file path, or an (H, W[, C]) uint8 array.
+        ``what`` names the input in messages. ``mask``: read it as a mask (white or opaque =
+        regenerate) and store it as a grey image.
+
+        Raises UploadTooLarge over a size limit, ValueError for anything that is not a readable
+        image. The messages name ``what`` and the limit, never a server path.
+        """
+        if isinstance(source, np.ndarray):
+            return self._store_array(_as_uint8(source, what), what)
+        limit_bytes = int(self.limits.max_upload_mb * 1e6)
+        tmp = None
+        if isinstance(source, bytes):
+            if len(source) > limit_bytes:
+                raise UploadTooLarge(
+                    f"{what}: the file is {len(source) / 1e6:.1f} MB, over the limit of "
+                    f"{self.limits.max_upload_mb:g} MB"
+                )
+            tmp = self.incoming_dir / uuid.uuid4().hex
+            tmp.write_bytes(source)
+            path = tmp
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise ValueError(f"{what}: no image was given")
+            if path.stat().st_size > limit_bytes:
+                raise UploadTooLarge(
+                    f"{what}: the file is {path.stat().st_size / 1e6:.1f} MB, over the limit of "
+                    f"{self.limits.max_upload_mb:g} MB"
+                )
+        try:
+            self._check_pixels(path, what)
+            try:
+                array = read_mask(path) if mask else read_image(path)
+            except ValueError as e:  # imageio's checks: not an image, corrupt, too many pixels
+                reason = _strip(e, path).removeprefix("cannot read the upload as an image (").rstrip(")")
+                raise ValueError(f"{what}: not a readable image ({reason})") from None
+        finally:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+        if mask:
+            array = (array * 255).round().astype(np.uint8)
+        return self._store_array(array, what)
+
+    def _check_pixels(self, path: Path, what: str) -> None:
+        """The size from the header alone, before any pixels are decoded."""
+        limit = self.limits.max_upload_megapixels
+        try:
+            with Image.open(path) as img:
+                w, h = img.size
+        except Image.DecompressionBombError:
+            raise UploadTooLarge(
+                f"{what}: the image has too many pixels (limit {limit:g} megapixels)"
+            ) from None
+        except Exception as e:  # PIL raises many kinds for data that is not an image
+            raise ValueError(f"{what}: not an image ({type(e).__name__}: {_strip(e, path)})") from None
+        if _megapixels(h, w) > limit or w * h > MAX_PIXELS:
+            raise UploadTooLarge(
+                f"{what}: the image is {w}x{h} ({_megapixels(h, w):.1f} megapixels), over the limit of "
+                f"{limit:g} megapixels"
+            )
+
+    def _store_array(self, array: np.ndarray, what: str) -> str:
+        h, w = array.shape[:2]
+        if _megapixels(h, w) > self.limits.max_upload_megapixels:
+            raise UploadTooLarge(
+                f"{what}: the image is {w}x{h} ({_megapixels(h, w):.1f} megapixels), over the limit of "
+                f"{self.limits.max_upload_megapixels:g} megapixels"
+            )
+        digest = hashlib.sha256(f"{array.shape}{array.dtype}".encode() + array.tobytes()).hexdigest()
+        path = self.upload_dir / f"{digest[:24]}.png"
+        if not path.exists():
+            save_png(array, path)
+        return str(path)
+
+    # ------------------------------------------------------------------ requests and limits
+    def output_size(self, request: GenerationRequest) -> tuple[int, int]:
+        """(H, W) of the images ``request`` will make, by the rule :func:`controlnet.generate.generate`
+        follows (explicit size, else the first image's aspect at the resolution, else square)."""
+        from .annotators.utils import model_size
+
+        if request.width is not None and request.height is not None:
+            return max(64, round(request.height / 64) * 64), max(64, round(request.width / 64) * 64)
+        side = request.resolution or self.native_size
+        first = request.init_image or (request.controls[0].image if request.controls else None)
+        if first is not None:
+            with Image.open(first) as img:
+                w, h = img.size
+            return model_size(h, w, side)
+        return side, side
+
+    def check(self, request: GenerationRequest) -> GenerationRequest:
+        """The request with the server's settings filled in, checked in full: the request's own
+        checks and every limit. ValueError naming the parameter and the limit otherwise. The one
+        place limits are enforced, for the web app and the API alike."""
+        lim = self.limits
+        if request.steps > lim.max_steps:
+            raise ValueError(f"steps={request.steps} is over this server's limit of {lim.max_steps}")
+        if request.num_samples > lim.max_samples:
+            raise ValueError(
+                f"num_samples={request.num_samples} is over this server's limit of {lim.max_samples}"
+            )
+        if len(request.controls) > lim.max_controls:
+            raise ValueError(
+                f"{len(request.controls)} controls is over this server's limit of {lim.max_controls}"
+            )
+        if request.seed is not None and not 0 <= request.seed <= MAX_SEED:
+            raise ValueError(f"seed must be between 0 and {MAX_SEED} (or -1/none for a random one)")
+        for i, c in enumerate(request.controls):
+            if c.controlnet not in self.controlnets.values():
+                raise ValueError(f"control {i}: ControlNet must be one of: {', '.join(self.controlnets)}")
+        if not 0.0 <= request.eta <= 1.0:  # outside [0, 1] DDIM's noise is undefined: NaN images
+            raise ValueError(f"eta must be in [0, 1], got {request.eta}")
+        request = replace(
+            request,
+            base=self.base,
+            device=self.config.device,
+            dtype=self.config.dtype,
+            captioner=self.config.captioner,
+            fast=False,
+        )
+        try:
+            request.validate()
+        except ValueError as e:  # name uploads by their field, not by their file on this server
+            message = str(e)
+            for name, path in _upload_fields(request).items():
+                message = message.replace(path, name)
+            raise ValueError(message) from None
+        h, w = self.output_size(request)
+        if _megapixels(h, w) > lim.max_megapixels:
+            raise ValueError(
+                f"the output would be {w}x{h} ({_megapixels(h, w):.2f} megapixels), over this server's "
+                f"limit of {lim.max_megapixels:g} megapixels: lower resolution (or width/height)"
+            )
+        return request
+
+    # ------------------------------------------------------------------ the worker
+    def submit(self, request: GenerationRequest) -> Job:
+        """Check ``request`` and queue it; the job's future gives an :class:`Output`. Raises
+        ValueError for a bad request and BusyError when the queue is full (nothing is queued)."""
+        request = self.check(request)
+        with self._lock:
+            if self._closed:
+                raise BusyError("the server is shutting down")
+            if self._waiting >= self.limits.max_queue:
+                raise BusyError(
+                    f"the server is busy: {self._waiting} generations are waiting (limit "
+                    f"{self.limits.max_queue}); try again later"
+                )
+            self._waiting += 1
+        job = Job()
+        job.future = self._worker.submit(self._run, request, job)
+        return job
+
+    def generate(
+        self, request: GenerationRequest, on_progress: Callable[[int, int], None] | None = None
+    ) -> Output:
+        """Queue ``request``, wait for it and return its output (blocking)."""
+        job = self.submit(request)
+        if on_progress is None:
+            return job.future.result()
+        while True:
+            try:
+                return job.future.result(timeout=0.2)
+            except FutureTimeout:  # still queued or running
+                on_progress(job.step, job.total)
+
+    def run_exclusive(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the worker (between generations) and return its result: for work that
+        may use the device, such as learned annotators."""
+        return self._worker.submit(fn).result()
+
+    def _run(self, request: GenerationRequest, job: Job) -> Output:
+        from .pipeline import run
+
+        with self._lock:
+            self._waiting -= 1
+            self._running += 1
+            self._max_running = max(self._max_running, self._running)
+        try:
+
+            def callback(step: int, total: int) -> None:
+                job.step, job.total = step, total
+
+            result, sidecar = run(request, self.out_dir, cache=self.cache, progress=False, callback=callback)
+            assert sidecar is not None
+            record = json.loads(sidecar.read_text())
+            output = Output(
+                images=[sidecar.parent / i["file"] for i in record["outputs"]["images"]],
+                grid=sidecar.parent / record["outputs"]["grid"],
+                sidecar=sidecar,
+                record=record,
+                conditions=result.conditions,
+                seeds=result.seeds,
+                prompt=result.prompt,
+                seconds=result.seconds,
+            )
+        except BaseException:
+            with self._lock:
+                self._failed += 1
+            raise
+        finally:
+            with self._lock:
+                self._running -= 1
+        with self._lock:
+            self._done += 1
+        return output
+
+    # ------------------------------------------------------------------ annotators
+    def preprocess(
+        self,
+        name: str,
+        image: str,
+        params: dict[str, Any],
+        *,
+        mask: str | None = None,
+        resolution: int | None = None,
+        detect_resolution: int | None = None,
+    ) -> np.ndarray:
+        """The condition map of a stored image (see :func:`controlnet.annotators.prepare_condition`).
+        Annotators that load weights run on the worker, since they use the device too."""
+        from . import annotators as A
+        from .annotators.utils import model_size
+
+        annotator = A.get(name)
+        params = annotator.check_params(params)
+        if mask is not None and "mask" not in annotator.inputs:
+            raise ValueError(f"annotator {name} takes no mask")
+        for what, value in (("resolution", resolution), ("detect_resolution", detect_resolution)):
+            if value is not None and not 64 <= value <= 4096:
+                raise ValueError(f"{what} must be between 64 and 4096 pixels, got {value}")
+        if resolution is not None:
+            with Image.open(image) as img:
+                h, w = model_size(img.height, img.width, resolution)
+            if _megapixels(h, w) > self.limits.max_megapixels:
+                raise ValueError(
+                    f"the map would be {w}x{h} ({_megapixels(h, w):.2f} megapixels), over this server's "
+                    f"limit of {self.limits.max_megapixels:g} megapixels: lower resolution"
+                )
+        extra = {"mask": read_mask(mask)} if mask is not None else {}
+
+        def work() -> np.ndarray:
+            return A.prepare_condition(
+                name,
+                read_image(image),
+                resolution=resolution,
+                detect_resolution=detect_resolution,
+                **params,
+                **extra,
+            )
+
+        return self.run_exclusive(work) if annotator.needs_weights else work()
+
+    # ------------------------------------------------------------------ state
+    def health(self) -> dict[str, Any]:
+        """The server's state: queue, counts, models, limits."""
+        with self._lock:
+            queue = {
+                "waiting": self._waiting,
+                "running": self._running,
+                "done": self._done,
+                "failed": self._failed,
+                "max_concurrent": self._max_running,
+            }
+        return {
+            "status": "ok",
+            "queue": queue,
+            "device": self.config.device,
+            "dtype": self.config.dtype,
+            "controlnets": list(self.controlnets),
+            "native_size": self.native_size,
+            "limits": asdict(self.limits),
+        }
+
+    def close(self) -> None:
+        """Finish the running job, drop the queued ones, stop the worker, remove the temporary folder."""
+        with self._lock:
+            self._closed = True
+        self._worker.shutdown(wait=True, cancel_futures=True)
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __enter__(self) -> Service:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _bundled(bundled_path: Callable[[str], Path], name: str, flag: str) -> Path:
+    try:
+        return bundled_path(name)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"this build has no bundled model ({name}); start the server with {flag} FILE"
+        ) from None
+
+
+def _upload_fields(request: GenerationRequest) -> dict[str, str]:
+    """The stored upload behind each image field of ``request``."""
+    fields = {k: v for k in ("init_image", "mask") if (v := getattr(request, k))}
+    fields.update({f"controls[{i}].image": c.image for i, c in enumerate(request.controls)})
+    return fields
+
+
+def _strip(error: BaseException, path: Path) -> str:
+    """An error's message without the server-side path it may quote."""
+    return str(error).replace(str(path), "the upload").replace(path.name, "the upload")
+
+
+def _as_uint8(array: np.ndarray, what: str) -> np.ndarray:
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    elif array.dtype != np.uint8:
+        if array.dtype.kind == "f" and array.size and float(np.nanmax(array)) <= 1.0:
+            array = array * 255.0
+        array = np.clip(np.nan_to_num(array), 0, 255).round().astype(np.uint8)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)) or array.size == 0:
+        raise ValueError(f"{what}: not an image (array of shape {array.shape})")
+    return array

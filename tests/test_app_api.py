@@ -1,0 +1,368 @@
+"""The HTTP API against a real server on a free port: results match the library, every bad request
+gets a clear error (never a 500), concurrent requests are queued and all answered."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import fields
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from controlnet.annotators import annotate
+from controlnet.api import SERVER_FIELDS, ControlBody, GenerateBody
+from controlnet.generate import ControlRequest, GenerationRequest
+from controlnet.imageio import read_image
+from controlnet.limits import Limits
+from controlnet.pipeline import run
+from controlnet.server import start
+from controlnet.service import ServeConfig, Service
+from serving import b64, bomb_png, decode, model_files, png_bytes, square
+
+LIMITS = Limits(max_megapixels=0.1, max_upload_megapixels=0.1, max_upload_mb=1, max_steps=5, max_samples=2)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base, cns = model_files(tmp_path_factory.mktemp("models"))
+    srv = start(ServeConfig(base=base, controlnets=tuple(cns), limits=LIMITS))
+    srv.files = (base, cns)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+def gen(**kw):
+    """A small generate body: one Canny-preprocessed control, 2 steps at 64 px."""
+    body = {"prompt": "a square", "steps": 2, "resolution": 64, "seed": 7}
+    body["controls"] = [{"image": b64(square()), "preprocess": "canny"}]
+    return {**body, **kw}
+
+
+def test_health_lists_models_and_limits(client):
+    h = client.get("/api/health").json()
+    assert h["status"] == "ok" and h["controlnets"] == ["edges", "second"]
+    assert h["limits"]["max_steps"] == 5 and h["native_size"] == 128
+
+
+def test_annotators_describe_the_registry(client):
+    by_name = {a["name"]: a for a in client.get("/api/annotators").json()}
+    canny = {p["name"]: p for p in by_name["canny"]["params"]}
+    assert canny["low_threshold"] == {**canny["low_threshold"], "type": "int", "default": 100, "maximum": 255}
+    assert by_name["inpaint"]["inputs"] == ["mask"]
+
+
+def test_generate_returns_what_the_library_makes(client, server, tmp_path):
+    r = client.post("/api/generate", json=gen(num_samples=2))
+    assert r.status_code == 200, r.text
+    out = r.json()
+    images = [decode(i) for i in out["images"]]
+    assert [i.shape for i in images] == [(64, 64, 3)] * 2 and out["seeds"] == [7, 8]
+    assert (
+        out["sidecar"]["request"]["seed"] == 7
+        and out["sidecar"]["request"]["controls"][0]["preprocess"] == "canny"
+    )
+    np.testing.assert_array_equal(decode(out["conditions"][0]), annotate("canny", square()))
+    # the same request through the library, from files: bit-identical images
+    base, cns = server.files
+    (tmp_path / "sq.png").write_bytes(png_bytes(square()))
+    control = ControlRequest(image=str(tmp_path / "sq.png"), controlnet=cns[0], preprocess="canny")
+    request = GenerationRequest(
+        prompt="a square", controls=[control], base=base, steps=2, resolution=64, seed=7, num_samples=2
+    )
+    result, _ = run(request, progress=False)
+    for ours, lib in zip(images, result.images):
+        np.testing.assert_array_equal(ours, lib)
+
+
+def test_generate_with_two_controls_and_a_named_controlnet(client):
+    body = gen(
+        controls=[{"image": b64(square())}, {"image": b64(square()), "controlnet": "second", "end": 0.5}]
+    )
+    r = client.post("/api/generate", json=body)
+    assert r.status_code == 200, r.text
+    assert [
+        c["controlnet"].endswith("second.safetensors") for c in r.json()["sidecar"]["request"]["controls"]
+    ] == [
+        False,
+        True,
+    ]
+
+
+def test_masked_editing_keeps_the_unmasked_pixels(client):
+    rng = np.random.default_rng(0)
+    init = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, 32:] = 255  # regenerate the right half
+    body = gen(init_image=b64(init), mask=b64(mask), denoise=0.8, mask_blur=0)
+    r = client.post("/api/generate", json=body)
+    assert r.status_code == 200, r.text
+    out = decode(r.json()["images"][0])
+    np.testing.assert_array_equal(out[:, :32], init[:, :32])
+    assert not np.array_equal(out[:, 32:], init[:, 32:])
+
+
+def test_preprocess_gives_the_annotators_map(client):
+    r = client.post(
+        "/api/preprocess",
+        json={"annotator": "canny", "image": b64(square()), "params": {"low_threshold": 50}},
+    )
+    assert r.status_code == 200, r.text
+    np.testing.assert_array_equal(decode(r.json()["image"]), annotate("canny", square(), low_threshold=50))
+    # inpaint takes a mask (as a data URL here) and keeps it in the alpha channel
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:8] = 255
+    url = "data:image/png;base64," + b64(mask)
+    r = client.post("/api/preprocess", json={"annotator": "inpaint", "image": b64(square()), "mask": url})
+    assert r.status_code == 200, r.text
+    rgba = decode(r.json()["image"])
+    assert rgba.shape == (64, 64, 4) and (rgba[:8, :, 3] == 0).all() and (rgba[8:, :, 3] == 255).all()
+
+
+TRUNCATED_PNG = png_bytes(np.full((64, 64, 3), 7, np.uint8))[:60]
+BIG = b64(np.zeros((400, 400, 3), np.uint8))  # 0.16 megapixels, over the test server's 0.1
+
+BAD_GENERATE = [
+    # (what, body changes, status, words the error must contain)
+    (
+        "not an image",
+        {"controls": [{"image": b64(b"hello, not a picture")}]},
+        400,
+        ["controls[0].image", "not an image"],
+    ),
+    ("corrupt png", {"controls": [{"image": b64(TRUNCATED_PNG)}]}, 400, ["controls[0].image", "readable"]),
+    ("not base64", {"controls": [{"image": "%%%"}]}, 400, ["controls[0].image", "base64"]),
+    ("huge image", {"controls": [{"image": BIG}]}, 413, ["controls[0].image", "400x400", "0.1 megapixels"]),
+    ("bomb", {"controls": [{"image": b64(bomb_png())}]}, 413, ["controls[0].image", "megapixels"]),
+    ("huge init", {"init_image": BIG}, 413, ["init_image", "0.1 megapixels"]),
+    ("steps", {"steps": 6}, 400, ["steps=6", "limit of 5"]),
+    ("samples", {"num_samples": 3}, 400, ["num_samples=3", "limit of 2"]),
+    ("output size", {"resolution": 384}, 400, ["384x384", "0.1 megapixels", "resolution"]),
+    (
+        "unknown annotator",
+        {"controls": [{"image": b64(square()), "preprocess": "nope"}]},
+        400,
+        ["annotator 'nope'"],
+    ),
+    ("unknown sampler", {"sampler": "magic"}, 400, ["sampler 'magic'", "ddim"]),
+    ("unknown mode", {"controls": [{"image": b64(square()), "mode": "loud"}]}, 400, ["mode", "balanced"]),
+    (
+        "bad param",
+        {"controls": [{"image": b64(square()), "preprocess": "canny", "params": {"low_threshold": 999}}]},
+        400,
+        ["low_threshold=999", "[1, 255]"],
+    ),
+    (
+        "unknown param",
+        {"controls": [{"image": b64(square()), "preprocess": "canny", "params": {"sigma": 1}}]},
+        400,
+        ["no param 'sigma'"],
+    ),
+    (
+        "unknown controlnet",
+        {"controls": [{"image": b64(square()), "controlnet": "x"}]},
+        400,
+        ["ControlNet 'x'", "edges"],
+    ),
+    (
+        "window",
+        {"controls": [{"image": b64(square()), "start": 0.8, "end": 0.2}]},
+        400,
+        ["start 0.8 is after end 0.2"],
+    ),
+    ("mask alone", {"mask": b64(square())}, 400, ["mask needs an init image"]),
+    ("seed", {"seed": -5}, 400, ["seed must be between 0"]),
+    ("eta", {"eta": -1}, 400, ["eta must be in [0, 1]"]),
+    (
+        "mask size",
+        {"init_image": b64(square()), "mask": b64(square(32)[..., 0])},
+        400,
+        ["mask mask is 32x32 but the init image init_image is 64x64"],
+    ),
+    ("missing field", {"controls": [{"preprocess": "canny"}]}, 422, ["controls[0].image", "required"]),
+    ("wrong type", {"steps": "many"}, 422, ["steps", "integer"]),
+    ("unknown field", {"colour": "red"}, 422, ["colour: unknown field"]),
+    ("server field", {"device": "cuda"}, 422, ["device", "set by the server"]),
+    ("four controls", {"controls": [{"image": b64(square())}] * 4}, 400, ["4 controls", "limit of 3"]),
+]
+
+
+@pytest.mark.parametrize("what, change, status, words", BAD_GENERATE, ids=[b[0] for b in BAD_GENERATE])
+def test_bad_generate_requests_get_clear_errors(client, what, change, status, words):
+    r = client.post("/api/generate", json=gen(**change))
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    for w in words:
+        assert w in error, (w, error)
+    assert "/tmp" not in error and "uploads" not in error  # no server paths in messages
+
+
+def test_bad_bodies(client, server):
+    assert client.post("/api/generate", content=b"{nope").json() == {"error": "the request body is not JSON"}
+    assert client.post("/api/generate", json=[1, 2]).status_code == 422
+    big = b'{"prompt": "' + b"x" * 8_000_000 + b'"}'
+    r = client.post("/api/generate", content=big)
+    assert r.status_code == 413 and "request body is over the limit" in r.json()["error"]
+    assert client.get("/api/health").json()["queue"]["failed"] == 0  # none of these reached the worker
+
+
+BAD_PREPROCESS = [
+    ({"annotator": "nope"}, 400, "unknown annotator 'nope'"),
+    ({"annotator": "canny", "params": {"high_threshold": 0}}, 400, "high_threshold=0"),
+    ({"annotator": "canny", "mask": b64(square())}, 400, "takes no mask"),
+    ({"annotator": "inpaint"}, 400, "needs a mask"),
+    ({"annotator": "canny", "image": b64(b"GIF89a broken")}, 400, "image: not"),
+    ({"annotator": "canny", "resolution": 384}, 400, "0.1 megapixels"),
+    ({"annotator": "depth_midas", "params": {"weights": "missing-folder"}}, 400, "weights not found"),
+    ({"image": b64(square())}, 422, "annotator: Field required"),
+]
+
+
+@pytest.mark.parametrize("change, status, words", BAD_PREPROCESS)
+def test_bad_preprocess_requests_get_clear_errors(client, change, status, words):
+    r = client.post("/api/preprocess", json={"image": b64(square()), **change})
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"]
+
+
+def test_contract_matches_the_generation_request():
+    """Every request field a client may set is in the API body, and nothing else."""
+    client_fields = {f.name for f in fields(GenerationRequest)} - SERVER_FIELDS
+    assert set(GenerateBody.model_fields) == client_fields
+    assert set(ControlBody.model_fields) == {f.name for f in fields(ControlRequest)}
+    assert GenerateBody().steps == GenerationRequest().steps
+
+
+def test_eight_concurrent_generations_are_queued_and_all_answered(client, server):
+    """Hold the worker, send 8 requests at once, see all 8 wait, release: all succeed, one at a time."""
+    before = client.get("/api/health").json()["queue"]
+    release = threading.Event()
+    hold = threading.Thread(target=server.service.run_exclusive, args=(lambda: release.wait(60),))
+    hold.start()
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            futures = [
+                pool.submit(
+                    lambda s: httpx.post(f"{server.url}/api/generate", json=gen(seed=s), timeout=120), s
+                )
+                for s in range(8)
+            ]
+            for _ in range(400):
+                if client.get("/api/health").json()["queue"]["waiting"] == 8:
+                    break
+                threading.Event().wait(0.05)
+            assert client.get("/api/health").json()["queue"]["waiting"] == 8
+            release.set()
+            responses = [f.result() for f in futures]
+    finally:
+        release.set()
+        hold.join()
+    assert [r.status_code for r in responses] == [200] * 8
+    assert [r.json()["seeds"] for r in responses] == [[s] for s in range(8)]
+    assert all(decode(r.json()["images"][0]).shape == (64, 64, 3) for r in responses)
+    after = client.get("/api/health").json()["queue"]
+    assert after["done"] - before["done"] == 8 and after["waiting"] == after["running"] == 0
+    assert after["max_concurrent"] == 1  # the single worker serialised every generation
+
+
+def test_a_full_queue_answers_busy(tmp_path):
+    base, cns = model_files(tmp_path)
+    limits = Limits(max_queue=1, max_steps=5)
+    with start(ServeConfig(base=base, controlnets=(cns[0],), limits=limits)) as srv:
+        release = threading.Event()
+        hold = threading.Thread(target=srv.service.run_exclusive, args=(lambda: release.wait(60),))
+        hold.start()
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                first = pool.submit(httpx.post, f"{srv.url}/api/generate", json=gen(), timeout=120)
+                while httpx.get(f"{srv.url}/api/health").json()["queue"]["waiting"] < 1:
+                    threading.Event().wait(0.05)
+                r = httpx.post(f"{srv.url}/api/generate", json=gen(), timeout=120)
+                assert r.status_code == 503 and "busy" in r.json()["error"]
+                release.set()
+                assert first.result().status_code == 200
+        finally:
+            release.set()
+            hold.join()
+        assert httpx.get(f"{srv.url}/api/health").status_code == 200
+
+
+def test_uploads_are_stored_once_and_cleaned_up_with_the_server(tmp_path):
+    base, cns = model_files(tmp_path)
+    service = Service(ServeConfig(base=base, controlnets=(cns[0],)))
+    a = service.store_image(png_bytes(square()), "x")
+    assert service.store_image(square(), "y") == a  # same pixels, same file
+    np.testing.assert_array_equal(read_image(a), square())
+    assert service.output_size(GenerationRequest(controls=[ControlRequest(image=a)], resolution=128)) == (
+        128,
+        128,
+    )
+    service.close()
+    assert not service.upload_dir.exists()
+
+
+def test_preprocess_at_a_resolution_is_the_map_a_generation_feeds_the_model(client):
+    """What the web app previews (the map at the generation's size) is what the model gets."""
+    rng = np.random.default_rng(1)
+    photo = rng.integers(0, 256, (48, 80, 3), dtype=np.uint8)  # resized to 64x(multiple of 64)
+    params = {"low_threshold": 60, "high_threshold": 120}
+    pre = client.post(
+        "/api/preprocess",
+        json={
+            "annotator": "canny",
+            "image": b64(photo),
+            "params": params,
+            "resolution": 64,
+            "detect_resolution": 64,
+        },
+    )
+    control = {"image": b64(photo), "preprocess": "canny", "params": params}
+    out = client.post("/api/generate", json=gen(controls=[control]))
+    assert pre.status_code == out.status_code == 200, (pre.text, out.text)
+    np.testing.assert_array_equal(decode(pre.json()["image"]), decode(out.json()["conditions"][0]))
+
+
+def readme_block(language: str) -> str:
+    """The first ``language`` code block of the README's web app section."""
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    section = text[text.index("## Web app and HTTP API") :]
+    blocks = re.findall(rf"```{language}\n(.*?)```", section, re.S)
+    return next(b for b in blocks if "/api/" in b)
+
+
+def test_readme_python_example_runs(server, tmp_path, monkeypatch, capsys):
+    code = (
+        readme_block("python")
+        .replace("http://127.0.0.1:7860", server.url)
+        .replace('"steps": 20', '"steps": 2')
+    )
+    Image.fromarray(square(128)).save(tmp_path / "photo.png")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    assert "[42, 43] ddim" in capsys.readouterr().out
+    assert Image.open("canny.png").size == (128, 128)
+    assert [Image.open(f"result_{i}.png").size for i in range(2)] == [(128, 128)] * 2
+
+
+def test_readme_shell_example_runs(server, tmp_path):
+    script = (
+        readme_block("sh").replace("http://127.0.0.1:7860", server.url).replace('"steps": 20', '"steps": 2')
+    )
+    Image.fromarray(square(128)).save(tmp_path / "photo.png")
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert '"status":"ok"' in done.stdout
+    assert Image.open(tmp_path / "canny.png").size == Image.open(tmp_path / "result.png").size == (128, 128)
