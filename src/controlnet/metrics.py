@@ -35,6 +35,13 @@ __all__ = [
 COLOUR_TOLERANCE = 10.0
 
 
+def _same_shape(what: str, a: tuple[int, ...], b: tuple[int, ...]) -> None:
+    """ValueError unless two maps have one shape: numpy would broadcast (H, W) against (H, W, 1)
+    or (H, 1) silently and score pixels against the wrong pixels."""
+    if tuple(a) != tuple(b):
+        raise ValueError(f"{what}: the two maps differ in shape, {tuple(a)} vs {tuple(b)}")
+
+
 def fill_outline(condition: np.ndarray, threshold: int = 127) -> np.ndarray:
     """A white outline on black (H, W[, 3]) -> boolean mask of the enclosed region, outline included."""
     grey = condition if condition.ndim == 2 else condition[..., :3].max(axis=-1)
@@ -47,6 +54,7 @@ def fill_outline(condition: np.ndarray, threshold: int = 127) -> np.ndarray:
 
 def region_iou(a: np.ndarray, b: np.ndarray) -> float:
     """Intersection over union of two boolean masks (1.0 when both are empty)."""
+    _same_shape("region_iou", np.shape(a), np.shape(b))
     union = np.logical_or(a, b).sum()
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
@@ -57,6 +65,7 @@ def shape_and_colour(
     """Fill50k-world scores of one output (H, W, 3) uint8 against its outline condition and the
     prompt's two colours: ``iou`` of the shape, and the CIEDE2000 distance of the median colour
     of the true shape region (``shape_delta_e``) and of the rest (``background_delta_e``)."""
+    _same_shape("shape_and_colour", image.shape[:2], condition.shape[:2])
     truth = fill_outline(condition)
     lab = srgb_to_lab(image)
     shape_lab, back_lab = srgb_to_lab(shape_rgb), srgb_to_lab(background_rgb)
@@ -79,6 +88,7 @@ def edge_f1(
     grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if image.ndim == 3 else image
     found = cv2.Canny(grey, low, high) > 0
     truth = (condition_edges if condition_edges.ndim == 2 else condition_edges.max(-1)) > 127
+    _same_shape("edge_f1", np.shape(found), np.shape(truth))
     kernel = np.ones((2 * tolerance + 1,) * 2, np.uint8)
     near_truth = cv2.dilate(truth.astype(np.uint8), kernel) > 0
     near_found = cv2.dilate(found.astype(np.uint8), kernel) > 0
@@ -92,6 +102,7 @@ def ssim(a: np.ndarray, b: np.ndarray, window: float = 1.5) -> float:
     """Mean structural similarity of two grey maps (H, W) in [0, 255] (Gaussian window, the
     standard constants K1 = 0.01, K2 = 0.03)."""
     x, y = (np.asarray(v, np.float64) if v.ndim == 2 else np.asarray(v, np.float64).mean(-1) for v in (a, b))
+    _same_shape("ssim", np.shape(x), np.shape(y))
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
 
     def blur(z: np.ndarray) -> np.ndarray:
@@ -105,11 +116,13 @@ def ssim(a: np.ndarray, b: np.ndarray, window: float = 1.5) -> float:
 
 def rmse(a: np.ndarray, b: np.ndarray) -> float:
     """Root mean square difference of two maps, in their units (8-bit depth maps: 0..255)."""
+    _same_shape("rmse", np.shape(a), np.shape(b))
     return float(np.sqrt(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)))
 
 
 def mean_iou(pred: np.ndarray, truth: np.ndarray, num_classes: int, ignore: int | None = None) -> float:
     """Mean IoU over the classes present in either label map (H, W) of ints."""
+    _same_shape("mean_iou", np.shape(pred), np.shape(truth))
     ious = []
     for c in range(num_classes):
         if c == ignore:
