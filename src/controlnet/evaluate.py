@@ -37,6 +37,7 @@ __all__ = [
     "Metric",
     "evaluate",
     "fill50k_scorer",
+    "fill50k_scores",
     "prompt_colours",
     "write_report",
 ]
@@ -108,11 +109,13 @@ def prompt_colours(
 
 def fill50k_scorer(images: list[np.ndarray], items: list[dict[str, Any]]) -> dict[str, float]:
     """Mean fill50k scores of generated images against their dataset items (a validation scorer)."""
-    rows = [_fill50k(img, to_uint8(it["cond"], lo=0.0), it["prompt"]) for img, it in zip(images, items)]
+    rows = [fill50k_scores(img, to_uint8(it["cond"], lo=0.0), it["prompt"]) for img, it in zip(images, items)]
     return _summary(rows)
 
 
-def _fill50k(image: np.ndarray, cond: np.ndarray, prompt: str) -> dict[str, float]:
+def fill50k_scores(image: np.ndarray, cond: np.ndarray, prompt: str) -> dict[str, float]:
+    """One output's fill50k scores against its outline and its prompt's colours (a ValueError for
+    a prompt that is not of the fill50k form)."""
     from .data.colors import rgb
     from .data.fill50k import parse_prompt
 
@@ -136,7 +139,7 @@ def _score(
     metric: Metric, image: np.ndarray, cond: np.ndarray, prompt: str, ann: Callable | None
 ) -> dict[str, float]:
     if metric is Metric.FILL50K:
-        return _fill50k(image, cond, prompt)
+        return fill50k_scores(image, cond, prompt)
     if metric is Metric.EDGES:
         return edge_f1(image, cond)
     assert ann is not None
@@ -173,7 +176,15 @@ def evaluate(
     """Generate one image per item for the first ``cfg.n`` items and score each; with no
     ControlNet (and no ``sample_fn``), generate from the prompts alone (scored by
     :func:`prompt_colours`)."""
-    metric = Metric(cfg.metric)
+    try:
+        metric = Metric(cfg.metric)
+    except ValueError:
+        raise ValueError(
+            f"metric must be one of {', '.join(m.value for m in Metric)}, got {cfg.metric!r}"
+        ) from None
+    for name in ("n", "steps", "batch"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.prompt_setting not in ("user", "none", "default"):
         raise ValueError(f"prompt setting must be user, none or default, got {cfg.prompt_setting!r}")
     ann = None
