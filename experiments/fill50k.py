@@ -7,6 +7,7 @@ this script only runs them in order (independent trainings in parallel on one GP
     python experiments/fill50k.py claims --work WORK               # ControlNet + ablations (GPU)
     python experiments/fill50k.py bundle --work WORK               # the main ControlNet, longer (GPU)
     python experiments/fill50k.py identity --work WORK             # zero-init identity     (CPU is fine)
+    python experiments/fill50k.py plots --work WORK                # IoU against step       (CPU)
 
 WORK holds data, runs and results; results land in WORK/results/. --smoke runs everything at toy
 scale on a CPU (to check the script; its numbers mean nothing).
@@ -237,6 +238,30 @@ def evaluate_claims(work: Path) -> None:
     path.write_text(json.dumps(merged, indent=1) + "\n")
 
 
+def stage_plots(work: Path) -> None:
+    """Claim 2 as a picture: held-out IoU against ControlNet training step, the main variant's run
+    and the bundled run that went on from it; and the variants' IoU at the same step."""
+    import csv
+
+    from controlnet.plots import line_plot
+
+    def series(name: str, metric: str, offset: int = 0) -> tuple[list[float], list[float]]:
+        path = work / "runs" / name / "metrics.csv"
+        if not path.exists():
+            return [], []
+        with open(path) as f:
+            rows = [r for r in csv.DictReader(f) if r["name"] == metric]
+        return [int(r["step"]) + offset for r in rows], [float(r["value"]) for r in rows]
+
+    first = json.loads((work / "runs/controlnet/run.json").read_text())["steps"] if (work / "runs/controlnet/run.json").exists() else 0
+    curves = {"main run": series("controlnet", "score/iou"), "bundled (went on)": series("bundled", "score/iou", first)}
+    curves.update({n: series(n, "score/iou") for n in VARIANTS if n != "controlnet"})
+    curves = {k: v for k, v in curves.items() if v[0]}
+    out = line_plot(curves, work / "results/convergence.png", title="held-out IoU (16 validation conditions)",
+                    ylabel="IoU", hlines={f"threshold {S['threshold']}": S["threshold"]})  # fmt: skip
+    print(f"wrote {out}")
+
+
 def stage_identity(work: Path) -> None:
     """Claim 1: with its zero convolutions at zero, the controlled model's samples ARE the base's."""
     import numpy as np
@@ -262,7 +287,7 @@ def stage_identity(work: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("stage", choices=["base", "claims", "bundle", "evaluate", "identity"])
+    p.add_argument("stage", choices=["base", "claims", "bundle", "evaluate", "identity", "plots"])
     p.add_argument("--work", default="work/fill50k")
     p.add_argument("--vae", help="base stage: reuse this VAE-stage export instead of training the VAE again")
     p.add_argument("--first", help="base / bundle stage: the first run's export from an earlier session")
@@ -283,7 +308,7 @@ def main() -> None:
         elif args.stage == "bundle":
             stage_bundle(work, Path(args.first).resolve() if args.first else None)
         else:
-            {"evaluate": evaluate_claims, "identity": stage_identity}[args.stage](work)
+            {"evaluate": evaluate_claims, "identity": stage_identity, "plots": stage_plots}[args.stage](work)
 
 
 if __name__ == "__main__":
