@@ -166,6 +166,7 @@ def test_output_size_keeps_aspect_on_multiples_of_64():
         ({"mask": "mask"}, "a mask needs an init image"),
         ({"mask": "small"}, r"mask .* is 32x32 but the init image .* is 64x64"),
         ({"denoise": 0.0}, r"denoise must be in \(0, 1\]"),
+        ({"eta": 1.5}, r"eta must be in \[0, 1\], got 1.5"),
     ],
 )
 def test_bad_requests_fail_before_model_work(models, files, tmp_path, change, message):

@@ -147,6 +147,8 @@ class GenerationRequest:
             raise ValueError(f"guidance must be >= 0, got {self.guidance}")
         if not 0.0 < self.denoise <= 1.0:
             raise ValueError(f"denoise must be in (0, 1], got {self.denoise}")
+        if not 0.0 <= self.eta <= 1.0:  # outside [0, 1] DDIM's noise is undefined: NaN images
+            raise ValueError(f"eta must be in [0, 1], got {self.eta}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; expected one of: {', '.join(_DTYPES)}")
         for name in ("resolution", "width", "height"):

@@ -283,8 +283,6 @@ class Service:
         for i, c in enumerate(request.controls):
             if c.controlnet not in self.controlnets.values():
                 raise ValueError(f"control {i}: ControlNet must be one of: {', '.join(self.controlnets)}")
-        if not 0.0 <= request.eta <= 1.0:  # outside [0, 1] DDIM's noise is undefined: NaN images
-            raise ValueError(f"eta must be in [0, 1], got {request.eta}")
         request = replace(
             request,
             base=self.base,
