@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 import torch
 
+from .annotators import get as _get_annotator
 from .annotators.utils import condition_tensor, model_size, resize_to
 from .control import ControlMode
 from .controlnet import ControlNet
@@ -173,7 +174,7 @@ class GenerationRequest:
             _parse_enum(ControlMode, c.mode, f"control {i} mode")
             read_image(c.image)  # readable, an image, not huge
             if c.preprocess is not None:
-                _annotator(c.preprocess).check_params(c.params)
+                _get_annotator(c.preprocess).check_params(c.params)
             if c.controlnet is not None and not Path(c.controlnet).exists():
                 raise FileNotFoundError(f"control {i}: ControlNet {c.controlnet} does not exist")
         if self.base is not None and not Path(self.base).exists():
@@ -189,14 +190,6 @@ class GenerationRequest:
                         f"mask {self.mask} is {mask.shape[1]}x{mask.shape[0]} but the init image "
                         f"{self.init_image} is {init.shape[1]}x{init.shape[0]}; they must match"
                     )
-
-
-def _annotator(name: str) -> Any:
-    from .annotators import ANNOTATORS
-
-    if name not in ANNOTATORS:
-        raise ValueError(f"unknown annotator {name!r}; expected one of: {', '.join(sorted(ANNOTATORS))}")
-    return ANNOTATORS[name]
 
 
 @dataclass
@@ -216,10 +209,31 @@ def _prepare_condition(c: ControlRequest, size_hw: tuple[int, int]) -> tuple[np.
     if c.preprocess is None:
         cond_map = resize_to(image, size_hw)
         return cond_map, condition_tensor(cond_map)
-    ann = _annotator(c.preprocess)
+    ann = _get_annotator(c.preprocess)
     # detect at the output size (as the released apps did), so edge widths etc. match the model's view
     cond_map = resize_to(ann(resize_to(image, size_hw), **c.params), size_hw, nearest=ann.nearest)
     return cond_map, condition_tensor(cond_map, invert=ann.model_invert)
+
+
+def _first_image(req: GenerationRequest) -> str | None:
+    """The image that sets the output's aspect (and is captioned): the init image, else control 0's."""
+    return req.init_image or (req.controls[0].image if req.controls else None)
+
+
+def output_size(req: GenerationRequest, native: int) -> tuple[int, int]:
+    """(H, W) of the images ``req`` makes: an explicit width and height (multiples of 64), else the
+    first image's aspect with the short side at the resolution (default ``native``), else square."""
+    from PIL import Image
+
+    if req.width is not None and req.height is not None:
+        return max(64, round(req.height / 64) * 64), max(64, round(req.width / 64) * 64)
+    side = req.resolution or native
+    first = _first_image(req)
+    if first is None:
+        return side, side
+    with Image.open(first) as img:  # the header is enough: read_image never rotates
+        w, h = img.size
+    return model_size(h, w, side)
 
 
 def resolve_prompt(req: GenerationRequest, caption: Callable[[np.ndarray], str] | None = None) -> str:
@@ -230,7 +244,7 @@ def resolve_prompt(req: GenerationRequest, caption: Callable[[np.ndarray], str] 
     if setting is PromptSetting.DEFAULT:
         text = PAPER_DEFAULT_PROMPT
     elif setting is PromptSetting.AUTO:
-        source = req.init_image or (req.controls[0].image if req.controls else None)
+        source = _first_image(req)
         if source is None:
             raise ValueError(
                 "prompt setting 'auto' needs an image to caption (a control image or init image)"
@@ -277,15 +291,7 @@ def generate(
     for cn in controlnets:
         cn.to(req.device, dtype).eval()
 
-    # output size: explicit, else the short side of the first image, else the model's native size
-    native = base.unet.config.sample_size * base.vae_scale_factor
-    first = req.init_image or (req.controls[0].image if req.controls else None)
-    if req.width is not None and req.height is not None:
-        size = (max(64, round(req.height / 64) * 64), max(64, round(req.width / 64) * 64))
-    elif first is not None:
-        size = model_size(*read_image(first).shape[:2], req.resolution or native)
-    else:
-        size = (req.resolution or native,) * 2
+    size = output_size(req, base.unet.config.sample_size * base.vae_scale_factor)
     latent_size = (size[0] // base.vae_scale_factor, size[1] // base.vae_scale_factor)
 
     maps, units = [], []

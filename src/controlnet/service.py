@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .generate import GenerationRequest
+from .generate import GenerationRequest, output_size
 from .imageio import MAX_PIXELS, read_image, read_mask, save_png
 from .limits import Limits
 
@@ -249,19 +249,8 @@ class Service:
 
     # ------------------------------------------------------------------ requests and limits
     def output_size(self, request: GenerationRequest) -> tuple[int, int]:
-        """(H, W) of the images ``request`` will make, by the rule :func:`controlnet.generate.generate`
-        follows (explicit size, else the first image's aspect at the resolution, else square)."""
-        from .annotators.utils import model_size
-
-        if request.width is not None and request.height is not None:
-            return max(64, round(request.height / 64) * 64), max(64, round(request.width / 64) * 64)
-        side = request.resolution or self.native_size
-        first = request.init_image or (request.controls[0].image if request.controls else None)
-        if first is not None:
-            with Image.open(first) as img:
-                w, h = img.size
-            return model_size(h, w, side)
-        return side, side
+        """(H, W) of the images ``request`` will make (:func:`controlnet.generate.output_size`)."""
+        return output_size(request, self.native_size)
 
     def check(self, request: GenerationRequest) -> GenerationRequest:
         """The request with the server's settings filled in, checked in full: the request's own
