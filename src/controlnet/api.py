@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import io
 import json
 import logging
@@ -39,9 +40,6 @@ __all__ = ["ControlBody", "GenerateBody", "PreprocessBody", "create_api", "decod
 log = logging.getLogger(__name__)
 _D = GenerationRequest()
 _C = ControlRequest(image="")
-
-#: GenerationRequest fields the server sets itself; a client sending one gets a 422.
-SERVER_FIELDS = frozenset({"base", "device", "dtype", "fast", "captioner"})
 
 
 class ControlBody(BaseModel):
@@ -84,6 +82,12 @@ class GenerateBody(BaseModel):
     mask: str | None = _D.mask
     mask_blur: int = _D.mask_blur
     overlay: bool = _D.overlay
+
+
+#: GenerationRequest fields the server sets itself; a client sending one gets a 422.
+SERVER_FIELDS = frozenset(
+    {f.name for f in dataclasses.fields(GenerationRequest)} - set(GenerateBody.model_fields)
+)
 
 
 class PreprocessBody(BaseModel):
@@ -134,15 +138,9 @@ def build_request(service: Service, body: GenerateBody) -> GenerationRequest:
     """Store the body's images and make the :class:`GenerationRequest` (not yet checked)."""
     controls = [
         ControlRequest(
+            **c.model_dump(exclude={"image", "controlnet"}),
             image=service.store_image(decode_image(c.image, f"controls[{i}].image"), f"controls[{i}].image"),
             controlnet=service.controlnet_path(c.controlnet),
-            preprocess=c.preprocess,
-            params=c.params,
-            strength=c.strength,
-            start=c.start,
-            end=c.end,
-            mode=c.mode,
-            guess_mode=c.guess_mode,
         )
         for i, c in enumerate(body.controls)
     ]

@@ -12,6 +12,13 @@ from . import __version__
 Handler = Callable[[argparse.Namespace], int]
 
 
+def _device(args: argparse.Namespace) -> str:
+    """--device, else cuda when available."""
+    from .annotators.weights import default_device
+
+    return args.device or str(default_device())
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -231,7 +238,7 @@ def _cmd_data_cache(args: argparse.Namespace) -> int:
     from .data import build_cache, open_dataset
     from .formats import load_base
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args)
     base = load_base(args.base, dtype=torch.float32).to(device)
     dataset = open_dataset(args.path, resolution=args.resolution)
     out = build_cache(
@@ -423,7 +430,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         for c in controls:
             if c.preprocess is not None:
                 c.params = get(c.preprocess).parse_params([f"{k}={v}" for k, v in c.params.items()])
-    import torch
 
     optional = {"added_prompt": args.added_prompt, "negative_prompt": args.negative_prompt}
     request = GenerationRequest(
@@ -448,7 +454,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         mask_blur=args.mask_blur,
         overlay=not args.no_overlay,
         dtype=args.dtype,
-        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        device=_device(args),
         fast=args.fast,
     )
     result, sidecar = run(request, args.out, progress=not args.quiet)
@@ -459,7 +465,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    import json
 
     from .pipeline import run
     from .sidecar import read_sidecar, verify_inputs
@@ -468,7 +473,7 @@ def _replay(args: argparse.Namespace) -> int:
     verify_inputs(record)
     out = args.out if args.out != _GENERATE_OUT else str(Path(args.from_sidecar).parent / "replay")
     result, sidecar = run(record.request, out, progress=not args.quiet)
-    new = json.loads(Path(sidecar).read_text())["outputs"]["images"]
+    new = read_sidecar(sidecar).outputs["images"]
     old = record.outputs.get("images", [])
     same = len(new) == len(old) and all(a["sha256"] == b["sha256"] for a, b in zip(new, old))
     print(f"replayed {args.from_sidecar}: {len(result.images)} image(s) -> {sidecar}")
@@ -725,7 +730,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             controls=[] if args.no_controlnet else [ControlRequest(image="", controlnet=args.controlnet)],
         )
     )
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args)
     base = ModelCache().base(req.base, torch.float32, device)  # type: ignore[arg-type]
     cn = (
         None
@@ -798,7 +803,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         import gradio  # noqa: F401
     except ImportError:
         raise ValueError(_APP_MISSING) from None
-    import torch
 
     from .limits import Limits
     from .server import serve
@@ -815,7 +819,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(
         base=args.base,
         controlnets=tuple(args.controlnet),
-        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        device=_device(args),
         dtype=args.dtype,
         captioner=args.captioner,
         out_dir=args.out,
