@@ -133,7 +133,7 @@ class BaseModel:
         if new:
             if len(memo) > 200_000:  # bounded: a run with endless distinct prompts starts over
                 memo.clear()
-            for p, ids in zip(new, self._tokens(tokenizer, new).cpu()):
+            for p, ids in zip(new, self._tokens(tokenizer, new)):  # kept where they are made
                 memo[p] = ids
         return torch.stack([memo[p] for p in prompts]).to(self.device)
 

@@ -155,13 +155,18 @@ class DiffusionInputs:
                 "batches with cached prompt embeddings need DiffusionInputs.empty (CachedDataset.empty)"
             )
         device = batch["context"].device
-        keep = torch.tensor([p != "" for p in prompts], device=device)
-        ctx = torch.where(keep[:, None, None], batch["context"], self.empty.context.to(device))
+        if self.empty.context.device != device:  # once: a copy from the host each step would stall it
+            e = self.empty
+            added_empty = None if e.added is None else {k: v.to(device) for k, v in e.added.items()}
+            self.empty = PromptEmbeddings(e.context.to(device), added_empty)
+        keep = torch.tensor([p != "" for p in prompts]).to(device, non_blocking=True)
+        ctx = torch.where(keep[:, None, None], batch["context"], self.empty.context)
         added = None
         if batch.get("added") is not None:
             assert self.empty.added is not None
             added = {
-                k: torch.where(keep[:, None], v, self.empty.added[k].to(v)) for k, v in batch["added"].items()
+                k: torch.where(keep[:, None], v, self.empty.added[k].to(v.dtype))
+                for k, v in batch["added"].items()
             }
         return PromptEmbeddings(ctx.to(self.base.dtype), added)
 
@@ -258,7 +263,6 @@ class VaeObjective(Objective):
     def __init__(self, base: BaseModel, *, kl_weight: float = 1e-4) -> None:
         super().__init__()
         self.vae = base.vae.requires_grad_(True).train()
-        self.base = base
         self.kl_weight = kl_weight
 
     def trainable_modules(self) -> dict[str, nn.Module]:
