@@ -12,7 +12,6 @@ reproduction. None of these is meant for production use.
 from __future__ import annotations
 
 import copy
-from enum import Enum
 from types import SimpleNamespace
 from typing import Any
 
@@ -26,14 +25,7 @@ from .models import BaseModel
 from .objectives import DiffusionInputs, Objective, StepNoise, as_condition
 from .zero import zero_conv
 
-__all__ = ["ConcatObjective", "ConcatUNet", "LiteControlNet", "Variant", "gaussian_connections"]
-
-
-class Variant(Enum):
-    CONTROLNET = "controlnet"
-    GAUSSIAN = "gaussian"
-    LITE = "lite"
-    CONCAT = "concat"
+__all__ = ["ConcatObjective", "ConcatUNet", "LiteControlNet", "gaussian_connections"]
 
 
 def gaussian_connections(controlnet: ControlNet, std: float = 0.02, seed: int = 0) -> ControlNet:

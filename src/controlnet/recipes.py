@@ -94,10 +94,9 @@ def _controlnet(spec: RunSpec, base: BaseModel) -> torch.nn.Module:
         check_compatible(cn, base, controlnet_name=spec.init_controlnet, base_name=spec.base)
         return cn
     hint = ControlNetConfig(global_pool=spec.global_pool)
-    if spec.arch is not None and "controlnet" in architecture(spec.arch):
-        hint = ControlNetConfig.from_dict(
-            {**architecture(spec.arch)["controlnet"], "global_pool": spec.global_pool}
-        )
+    arch = architecture(spec.arch) if spec.arch is not None else {}
+    if "controlnet" in arch:
+        hint = ControlNetConfig.from_dict({**arch["controlnet"], "global_pool": spec.global_pool})
     if spec.hint_channels is not None:
         hint = ControlNetConfig.from_dict({**hint.to_dict(), "hint_channels": spec.hint_channels})
     if spec.objective == "lite":
@@ -150,7 +149,7 @@ def _dataset(spec: RunSpec, base: BaseModel, objective: Objective, device: str) 
 
     build_cache(dataset, base, spec.cache, device=device, batch_size=64)
     needs_cond = spec.objective in _CONTROL_OBJECTIVES
-    cached = CachedDataset(spec.cache, dataset=dataset, base=base, with_cond=needs_cond)
+    cached = CachedDataset(spec.cache, with_cond=needs_cond)  # build_cache has just checked it
     inputs = getattr(objective, "inputs", None)
     if inputs is not None:
         inputs.empty = cached.empty
