@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .registry import Annotator, Param, ParamType
-from .softedge import safe_step
+from .softedge import edge_map
 from .weights import cached, default_device, find_weights, load_state_dict, load_strict
 
 __all__ = ["HEDNet", "hed_edges", "load_hed"]
@@ -89,10 +89,7 @@ def hed_edges(image: np.ndarray, weights: str | HEDNet = "ControlNetHED.pth") ->
 
 def hed(image: np.ndarray, weights: str = "ControlNetHED.pth", safe: bool = False) -> np.ndarray:
     """HxWx3 uint8 -> HxW uint8 HED soft-edge map (``safe``: quantised to three levels)."""
-    edge = hed_edges(image, weights)
-    if safe:
-        edge = safe_step(edge)
-    return (edge * 255.0).clip(0, 255).astype(np.uint8)
+    return edge_map(hed_edges(image, weights), safe)
 
 
 WEIGHTS = Param(

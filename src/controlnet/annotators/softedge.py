@@ -44,7 +44,11 @@ def soft_edges(image: np.ndarray, sigma: float = 1.0) -> np.ndarray:
 
 def soft_edges_map(image: np.ndarray, sigma: float = 1.0, safe: bool = False) -> np.ndarray:
     """HxWx3 uint8 RGB -> HxW uint8 soft-edge map (``safe``: quantised to 0/127/255)."""
-    edge = soft_edges(image, sigma)
+    return edge_map(soft_edges(image, sigma), safe)
+
+
+def edge_map(edge: np.ndarray, safe: bool = False) -> np.ndarray:
+    """Edge strengths in [0, 1] -> HxW uint8 map (``safe``: quantised to 0/127/255 first)."""
     if safe:
         edge = safe_step(edge)
     return (edge * 255.0).clip(0, 255).astype(np.uint8)

@@ -23,7 +23,6 @@ from torch import nn
 __all__ = ["annotator_dir", "cached", "default_device", "find_weights", "load_state_dict", "load_strict"]
 
 ENV_DIR = "CONTROLNET_ANNOTATOR_DIR"
-HUB_REPO = "lllyasviel/Annotators"
 
 T = TypeVar("T")
 
