@@ -93,6 +93,17 @@ def loop(steps: str, validate_every: int) -> str:
             f"--checkpoint-every 500 --log-every 50 --quiet")  # fmt: skip
 
 
+def build_cache(work: Path, data: str, base: str) -> None:
+    run(f"data cache {work}/{data} --base {base} --out {work}/cache-{data} --num-workers {S['cache_workers']} --quiet",
+        work / "logs" / f"cache-{data}.log")  # fmt: skip
+
+
+def control_args(work: Path, base: str, data: str, name: str, steps: str, every: int) -> str:
+    """``controlnet train`` arguments of a ControlNet run on a cached data set, IoU-validated."""
+    return (f"train --base {base} --data {work}/{data} --cache {work}/cache-{data} --out {work}/runs/{name} "
+            f"--score-name iou --score-threshold {S['threshold']} {loop(steps, every)}")  # fmt: skip
+
+
 def stage_base(work: Path, vae: Path | None, first: Path | None) -> None:
     t0 = time.time()
     (work / "logs").mkdir(parents=True, exist_ok=True)
@@ -127,16 +138,14 @@ def stage_claims(work: Path, names: list[str]) -> None:
     for data in datas:  # the smaller sets are the first n of the same 50k; caches built before runs read them
         if data in sizes:
             run(f"data fill50k --out {work}/{data} --n {sizes[data]} --size {S['size']} --seed 0 --quiet")
-        run(f"data cache {work}/{data} --base {base} --out {work}/cache-{data} --num-workers {S['cache_workers']} --quiet", logs / f"cache-{data}.log")
+        build_cache(work, data, base)
     procs = {}
     threads = max(1, (os.cpu_count() or 2) // len(names))
     for name in names:
         data, extra = VARIANTS[name]
         every = S["validate_every"] if name == "controlnet" else 500
         workers = f"--num-workers {S['parallel_workers']}" if len(names) > 1 else ""
-        args = (f"train --base {base} --arch fill50k-tiny --data {work}/{data} --cache {work}/cache-{data} "
-                f"--out {work}/runs/{name} --score-name iou --score-threshold {S['threshold']} "
-                f"{loop(S['cn'], every)} {workers} {extra}")  # fmt: skip
+        args = f"{control_args(work, base, data, name, S['cn'], every)} --arch fill50k-tiny {workers} {extra}"
         procs[name] = (start(args, logs / f"{name}.log", threads), logs / f"{name}.log")
     failed = [n for n, (p, _) in procs.items() if p.wait() != 0]
     for n in failed:
@@ -158,11 +167,9 @@ def stage_bundle(work: Path, first: Path | None) -> None:
         shutil.copy(first, work / "runs/controlnet/final/controlnet.safetensors")
         shutil.copy(first.parent / "run.json", work / "runs/controlnet/run.json")
     base = f"{work}/base/final/base.safetensors"
-    run(f"data cache {work}/fill50k --base {base} --out {work}/cache-fill50k --num-workers {S['cache_workers']} --quiet",
-        work / "logs/cache-fill50k.log")  # fmt: skip
-    run(f"train --base {base} --init-controlnet {work}/runs/controlnet/final/controlnet.safetensors "
-        f"--data {work}/fill50k --cache {work}/cache-fill50k --out {work}/runs/bundled --score-name iou "
-        f"--score-threshold {S['threshold']} {loop(S['cn_more'], 2 * S['validate_every'])}", work / "logs/bundled.log")  # fmt: skip
+    build_cache(work, "fill50k", base)
+    args = control_args(work, base, "fill50k", "bundled", S["cn_more"], 2 * S["validate_every"])
+    run(f"{args} --init-controlnet {work}/runs/controlnet/final/controlnet.safetensors", work / "logs/bundled.log")
     print(f"trainings done in {time.time() - t0:.0f} s", flush=True)
     evaluate_claims(work)
 
