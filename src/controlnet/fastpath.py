@@ -19,7 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["GraphCache", "compile_modules"]
+__all__ = ["COMPILE_MODES", "GraphCache", "compile_modules", "has_own_graphs"]
+
+#: torch.compile modes offered: "default" fuses kernels; "reduce-overhead" also replays them from
+#: inductor's CUDA graphs (for training steps, which GraphCache does not capture)
+COMPILE_MODES = ("default", "reduce-overhead")
 
 StepFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
@@ -63,19 +67,29 @@ class GraphCache:
                 fn(statics)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread-local capture: a data loader's pin-memory thread (training validates while its
+        # loader is alive) may allocate pinned memory meanwhile, which would invalidate a global one
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = fn(statics)
         return graph, out
 
 
 def compile_modules(modules: Iterable[nn.Module], mode: str = "default") -> None:
     """Compile each module's forward in place (idempotent), in channels-last memory format, which
-    the tensor-core convolution kernels prefer. The CUDA graphs of :class:`GraphCache` then
-    capture the compiled kernels, so inductor's own graphs are not used. The default mode fuses
-    the elementwise work and compiles SD1.5 in about a minute; autotuning modes take far longer."""
+    the tensor-core convolution kernels prefer. In the default mode the CUDA graphs of
+    :class:`GraphCache` capture the compiled kernels (inductor's own graphs are not used); it
+    fuses the elementwise work and compiles SD1.5 in about a minute. "reduce-overhead" lets
+    inductor replay its own CUDA graphs (training, where a step's backward runs too)."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
     for m in modules:
-        if getattr(m, "_controlnet_compiled", False):
+        if getattr(m, "_controlnet_compiled", None):
             continue
         m.to(memory_format=torch.channels_last)
         m.forward = torch.compile(m.forward, mode=mode, dynamic=False)  # type: ignore[method-assign]
-        m._controlnet_compiled = True  # type: ignore[attr-defined]
+        m._controlnet_compiled = mode  # type: ignore[attr-defined]
+
+
+def has_own_graphs(modules: Iterable[nn.Module]) -> bool:
+    """Whether any module replays inductor's CUDA graphs (then no graph may be captured around it)."""
+    return any(getattr(m, "_controlnet_compiled", None) == "reduce-overhead" for m in modules)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .control import Control, ControlMode, control_scales, controlled_unet_forward
 from .controlnet import ControlNet
-from .fastpath import GraphCache, compile_modules
+from .fastpath import GraphCache, compile_modules, has_own_graphs
 from .models import BaseModel, PromptEmbeddings
 
 __all__ = [
@@ -238,11 +238,11 @@ def denoise(
     prepared = [PreparedControl.build(u, batch, device, dtype) for u in controls]
     embeds = PromptEmbeddings.cat([uncond, cond]) if use_cfg else cond  # type: ignore[list-item]
     calls = {i: 0 for i in range(len(prepared))}
+    networks = [base.unet, *(u.controlnet for u in controls)]
     if compile:
-        compile_modules([base.unet, *(u.controlnet for u in controls)])
-    graphs = (
-        GraphCache(device) if (cuda_graphs if cuda_graphs is not None else device.type == "cuda") else None
-    )
+        compile_modules(networks)
+    want_graphs = cuda_graphs if cuda_graphs is not None else device.type == "cuda"
+    graphs = GraphCache(device) if want_graphs and not has_own_graphs(networks) else None
 
     def model_call(active: list[Control]) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
         """eps for the B samples: both CFG halves in one batch, the active controls injected."""
