@@ -139,6 +139,7 @@ def test_eval_writes_a_report(chain, tmp_path):
 
 def test_train_bad_input(tmp_path, capsys, chain):
     sd2 = make_base(Family.SD2)
+    data, sd1 = ["--data", str(chain / "data")], ["--base", str(tmp_path / "sd1.safetensors")]
     save_controlnet(make_controlnet(sd2.unet), tmp_path / "sd2cn.safetensors")
     save_base(make_base(Family.SD1), tmp_path / "sd1.safetensors")
     cases = [
@@ -159,6 +160,18 @@ def test_train_bad_input(tmp_path, capsys, chain):
         (
             ["--data", str(chain / "data"), "--base", str(tmp_path / "sd1.safetensors"), "--export", "onnx"],
             "unknown export format",
+        ),
+        (
+            [*data, "--objective", "vae", "--arch", "fill50k-tiny", "--noise-offset", "0.1"],
+            "the 'vae' objective adds no noise",
+        ),
+        (
+            [*data, *sd1, "--noise-offset", "-1"],
+            "noise offset must be >= 0",
+        ),
+        (
+            [*data, *sd1, "--compile-mode", "max"],
+            "compile_mode must be one of",
         ),
     ]
     for extra, message in cases:

@@ -166,3 +166,18 @@ def test_graph_cache_plumbing_equals_eager_and_captures_once_per_control_set(wor
         assert torch.equal(eager.latents, cached.latents)
         # active sets over 8 steps: {0}, {0, 1}, {1} -> three captures
         assert len(made) == 1 and made[0].captures == 3
+
+
+def test_compile_modes_and_who_replays_its_own_graphs():
+    """A module compiled in reduce-overhead mode replays inductor's CUDA graphs, so the sampler must
+    not capture its own graph around it; the default mode leaves graphing to the sampler."""
+    from controlnet.fastpath import compile_modules, has_own_graphs
+
+    fused, graphed = torch.nn.Conv2d(4, 4, 1), torch.nn.Conv2d(4, 4, 1)
+    compile_modules([fused])
+    compile_modules([graphed], mode="reduce-overhead")
+    assert not has_own_graphs([fused]) and has_own_graphs([fused, graphed])
+    compile_modules([graphed])  # already compiled: left as it is
+    assert has_own_graphs([graphed])
+    with pytest.raises(ValueError, match="compile mode must be one of default, reduce-overhead"):
+        compile_modules([torch.nn.Conv2d(4, 4, 1)], mode="max-autotune")

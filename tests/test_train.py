@@ -181,6 +181,7 @@ def test_a_failed_checkpoint_write_leaves_no_partial_checkpoint(tmp_path, monkey
         ({"mixed_precision": "fp8"}, "mixed_precision must be"),
         ({"batch_size": 32}, "the training set has 8 items, fewer than one optimizer step's 32"),
         ({"lr": 0.0}, "learning rates must be > 0"),
+        ({"compile_mode": "max-autotune"}, "compile_mode must be one of default, reduce-overhead"),
     ],
 )
 def test_bad_configs(tmp_path, kw, message):
@@ -263,3 +264,22 @@ def test_lr_schedule_warms_up_then_decays_to_zero_on_a_cosine():
     assert lr_factor(constant, 100, 110) == 1.0
     with pytest.raises(ValueError, match="lr_schedule"):
         TrainConfig(out="unused", steps=1, lr_schedule="linear").validate()
+
+
+def test_noise_offset_shifts_each_image_channel_by_a_constant():
+    """Offset noise adds one draw per (image, channel): the channel means of the regression target
+    spread by about the offset (plain noise: 1/sqrt(pixels)), while within a channel the noise
+    keeps unit variance; the noisy latents are the schedule's mix of latents and that target."""
+    base = make_base()
+    latents = torch.randn(64, 4, 8, 8)
+    spreads = {}
+    for offset in (0.0, 0.5):
+        inputs = ControlNetObjective(base, make_controlnet(base.unet), noise_offset=offset).inputs
+        noisy, t, target = inputs.noised(latents, StepNoise(3, 0, 0, 64, slice(0, 64), "cpu"))
+        spreads[offset] = target.mean(dim=(2, 3)).std().item()
+        centred = target - target.mean(dim=(2, 3), keepdim=True)
+        assert abs(centred.std().item() - 1.0) < 0.05
+        torch.testing.assert_close(noisy, inputs.scheduler.add_noise(latents, target, t))
+    assert spreads[0.0] < 0.2 < 0.4 < spreads[0.5] < 0.6
+    with pytest.raises(ValueError, match="noise offset"):
+        ControlNetObjective(base, make_controlnet(base.unet), noise_offset=-0.1)

@@ -154,10 +154,10 @@ class ConcatUNet(nn.Module):
 class ConcatObjective(Objective):
     """Fine-tune the whole UNet with the condition as extra input channels (ablation ``concat``)."""
 
-    def __init__(self, base: BaseModel, *, empty_prompt_prob: float = 0.5) -> None:
+    def __init__(self, base: BaseModel, *, empty_prompt_prob: float = 0.5, noise_offset: float = 0.0) -> None:
         super().__init__()
         self.model = ConcatUNet(base.unet).requires_grad_(True)
-        self.inputs = DiffusionInputs(base, empty_prompt_prob)
+        self.inputs = DiffusionInputs(base, empty_prompt_prob, noise_offset)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {"unet": self.model.unet}

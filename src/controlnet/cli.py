@@ -589,6 +589,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         sd_locked=args.sd_locked,
         only_mid_control=args.only_mid_control,
         empty_prompt_prob=args.empty_prompt_prob,
+        noise_offset=args.noise_offset,
         resolution=args.resolution,
         annotator=args.annotator,
         annotator_params=params,
@@ -612,6 +613,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,
         compile=args.compile,
+        compile_mode=args.compile_mode,
         ema_decay=args.ema_decay,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
@@ -670,6 +672,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--empty-prompt-prob", type=float, help="prompt dropout (default 0.5, the paper's; 0.1 for base)"
     )
+    p.add_argument(
+        "--noise-offset",
+        type=float,
+        default=0.0,
+        help="offset noise: std of a per-channel constant added to the training noise (e.g. 0.1), "
+        "so the model takes colours from the prompt, not from the starting noise",
+    )
     p.add_argument("--resolution", type=int, help="resize and centre-crop images to this square size")
     p.add_argument("--annotator", help="compute conditions from the images with this annotator")
     p.add_argument("--annotator-param", action="append", default=[], metavar="KEY=VALUE")
@@ -692,6 +701,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    p.add_argument(
+        "--compile-mode",
+        default="default",
+        help="with --compile: 'default' fuses kernels; 'reduce-overhead' also replays each step "
+        "from CUDA graphs (fastest; each new batch shape, as validation's, compiles again)",
+    )
     p.add_argument("--ema-decay", type=float, help="keep an EMA of the weights (e.g. 0.999); exported if set")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=1000)

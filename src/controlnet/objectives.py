@@ -41,9 +41,11 @@ class StepNoise:
     """Random draws for one micro-batch, identical on every process.
 
     Each draw is made for all ``global_batch`` rows from one generator and sliced to ``rows``.
-    Draws must be made in the same order everywhere (they are: the code path is the same). The
-    generator lives on the training device: a draw on the host followed by a copy from pageable
-    memory would stall the host until the GPU had caught up, every step.
+    Draws must be made in the same order everywhere (they are: the code path is the same). Tensor
+    draws come from a generator on the training device (a host draw copied from pageable memory
+    would stall the host until the GPU had caught up, every step); draws the host itself needs
+    (which prompts to drop) come from a second, host generator, so that reading them never waits
+    for the GPU either.
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class StepNoise:
         state = np.random.SeedSequence([seed, step + 1, micro]).generate_state(2, dtype=np.uint64)
         self.device = torch.device(device)
         self.generator = torch.Generator(device=self.device).manual_seed(int(state[0] >> np.uint64(1)))
+        self.host_generator = torch.Generator().manual_seed(int(state[1] >> np.uint64(1)))
         self.global_batch = global_batch
         self.rows = rows
 
@@ -59,8 +62,9 @@ class StepNoise:
         x = torch.randn((self.global_batch, *shape), generator=self.generator, device=self.device)
         return x[self.rows]
 
-    def rand(self) -> torch.Tensor:
-        return torch.rand(self.global_batch, generator=self.generator, device=self.device)[self.rows]
+    def host_rand(self) -> torch.Tensor:
+        """Uniform draws on the host, for decisions Python takes (no wait for the device)."""
+        return torch.rand(self.global_batch, generator=self.host_generator)[self.rows]
 
     def randint(self, high: int) -> torch.Tensor:
         x = torch.randint(0, high, (self.global_batch,), generator=self.generator, device=self.device)
@@ -122,11 +126,17 @@ class Objective(nn.Module):
 class DiffusionInputs:
     """Turns a batch into (noisy latents, timesteps, prompt embeddings, regression target)."""
 
-    def __init__(self, base: BaseModel, empty_prompt_prob: float) -> None:
+    def __init__(self, base: BaseModel, empty_prompt_prob: float, noise_offset: float = 0.0) -> None:
         if not 0.0 <= empty_prompt_prob <= 1.0:
             raise ValueError(f"empty-prompt probability must be in [0, 1], got {empty_prompt_prob}")
+        if not noise_offset >= 0.0:
+            raise ValueError(f"noise offset must be >= 0, got {noise_offset}")
         self.base = base
         self.empty_prompt_prob = empty_prompt_prob
+        #: std of a per-image, per-channel constant added to the training noise ("offset noise"):
+        #: with SD's schedules the last timestep still carries the image's mean colour, so a model
+        #: trained on plain noise reads its colours from the starting noise instead of the prompt
+        self.noise_offset = noise_offset
         self.scheduler = DDPMScheduler(**{k: v for k, v in base.schedule.items()})
         #: the empty prompt's embeddings, when batches carry cached ones (``CachedDataset.empty``)
         self.empty: PromptEmbeddings | None = None
@@ -143,7 +153,7 @@ class DiffusionInputs:
 
     def prompts(self, prompts: Sequence[str], noise: StepNoise) -> list[str]:
         """Replace each prompt by "" with the empty-prompt probability (paper: 50%)."""
-        drop = noise.rand() < self.empty_prompt_prob
+        drop = noise.host_rand() < self.empty_prompt_prob
         return ["" if d else p for p, d in zip(prompts, drop.tolist())]
 
     def embeddings(self, batch: dict[str, Any], prompts: list[str]) -> PromptEmbeddings:
@@ -175,6 +185,8 @@ class DiffusionInputs:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(noisy latents, timesteps, regression target: the noise, or v for v-prediction)."""
         eps = noise.randn(*latents.shape[1:])
+        if self.noise_offset:
+            eps = eps + self.noise_offset * noise.randn(latents.shape[1], 1, 1)
         t = noise.randint(self.scheduler.config.num_train_timesteps)
         noisy = self.scheduler.add_noise(latents, eps, t)
         if self.scheduler.config.prediction_type == "v_prediction":
@@ -214,6 +226,7 @@ class ControlNetObjective(Objective):
         only_mid_control: bool = False,
         sd_locked: bool = True,
         empty_prompt_prob: float = 0.5,
+        noise_offset: float = 0.0,
     ) -> None:
         super().__init__()
         self.model = ControlledUNet(base.unet, controlnet, only_mid_control=only_mid_control)
@@ -221,7 +234,7 @@ class ControlNetObjective(Objective):
         if not sd_locked:
             for _, p in decoder_parameters(base.unet):
                 p.requires_grad_(True)
-        self.inputs = DiffusionInputs(base, empty_prompt_prob)
+        self.inputs = DiffusionInputs(base, empty_prompt_prob, noise_offset)
 
     @property
     def controlnet(self) -> ControlNet:
@@ -289,7 +302,12 @@ class BaseObjective(Objective):
     model also learns the unconditional prediction classifier-free guidance needs."""
 
     def __init__(
-        self, base: BaseModel, *, empty_prompt_prob: float = 0.1, train_text_encoder: bool = True
+        self,
+        base: BaseModel,
+        *,
+        empty_prompt_prob: float = 0.1,
+        noise_offset: float = 0.0,
+        train_text_encoder: bool = True,
     ) -> None:
         super().__init__()
         if base.text_encoder_2 is not None and train_text_encoder:
@@ -299,7 +317,7 @@ class BaseObjective(Objective):
         self.unet = base.unet.requires_grad_(True).train()
         self.train_text_encoder = train_text_encoder
         self.text_encoder = base.text_encoder.requires_grad_(train_text_encoder).train(train_text_encoder)
-        self.inputs = DiffusionInputs(base, empty_prompt_prob)
+        self.inputs = DiffusionInputs(base, empty_prompt_prob, noise_offset)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         if not self.train_text_encoder:

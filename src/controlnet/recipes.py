@@ -44,6 +44,7 @@ class RunSpec:
     sd_locked: bool = True
     only_mid_control: bool = False
     empty_prompt_prob: float | None = None  # default: 0.5 for controls (the paper), 0.1 for a base
+    noise_offset: float = 0.0  # offset noise (DiffusionInputs.noise_offset)
     resolution: int | None = None
     annotator: str | None = None
     annotator_params: dict[str, Any] = field(default_factory=dict)
@@ -113,17 +114,20 @@ def _objective(spec: RunSpec, base: BaseModel) -> Objective:
     control = spec.objective in _CONTROL_OBJECTIVES
     prob = spec.empty_prompt_prob if spec.empty_prompt_prob is not None else (0.5 if control else 0.1)
     if spec.objective == "vae":
+        if spec.noise_offset:
+            raise ValueError("--noise-offset is a diffusion option; the 'vae' objective adds no noise")
         return VaeObjective(base)
+    noise = {"empty_prompt_prob": prob, "noise_offset": spec.noise_offset}
     if spec.objective == "base":
-        return BaseObjective(base, empty_prompt_prob=prob)
+        return BaseObjective(base, **noise)
     if spec.objective == "concat":
-        return ConcatObjective(base, empty_prompt_prob=prob)
+        return ConcatObjective(base, **noise)
     return ControlNetObjective(
         base,
         _controlnet(spec, base),
         only_mid_control=spec.only_mid_control,  # type: ignore[arg-type]
         sd_locked=spec.sd_locked,
-        empty_prompt_prob=prob,
+        **noise,
     )
 
 

@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from .fastpath import compile_modules
+from .fastpath import COMPILE_MODES, compile_modules
 from .objectives import Objective, StepNoise
 from .plots import line_plot
 from .train_state import (
@@ -62,6 +62,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | bf16 | fp16
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the networks (a slow first step, faster later ones)
+    compile_mode: str = "default"  # fastpath.COMPILE_MODES; "reduce-overhead" also graphs the steps
     ema_decay: float | None = None
     seed: int = 0
     checkpoint_every: int = 1000
@@ -97,6 +98,9 @@ class TrainConfig:
             raise ValueError(f"learning rates must be > 0, got lr={self.lr}, decoder_lr={self.decoder_lr}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            modes = ", ".join(COMPILE_MODES)
+            raise ValueError(f"compile_mode must be one of {modes}, got {self.compile_mode!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         if self.keep_checkpoints < 1:
@@ -272,7 +276,8 @@ def train(
     if cfg.gradient_checkpointing:
         objective.enable_gradient_checkpointing()
     if cfg.compile:
-        compile_modules(objective.networks(), mode="default")
+        compile_modules(objective.networks(), mode=cfg.compile_mode)
+    graphed = cfg.compile and cfg.compile_mode == "reduce-overhead"
     groups = objective.param_groups(cfg.lr, cfg.decoder_lr)
     base_lrs = [g["lr"] for g in groups]
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
@@ -347,6 +352,8 @@ def train(
             rows = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
             noise = StepNoise(cfg.seed, state.step, micro, global_batch, rows, device)
             sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else accel.no_sync(model)
+            if graphed:  # a new step: inductor's graphs may reuse the last one's output buffers
+                torch.compiler.cudagraph_mark_step_begin()
             with sync, accel.autocast():
                 loss = model(batch, noise) / cfg.grad_accum
             accel.backward(loss)
