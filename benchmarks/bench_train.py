@@ -46,7 +46,7 @@ class CachedLike(Dataset):
         return {
             "latent_mean": self.mean[i],
             "latent_std": torch.full_like(self.mean[i], 0.1),
-            "cond": self.cond[i].float() / 255,
+            "cond": self.cond[i],  # uint8, as a latent cache stores it (the objective divides)
             "context": self.context[i],
             "prompt": "x",
             "index": i,
@@ -67,7 +67,8 @@ def _peak() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
-def ours(kind: str, batch: int, steps: int, *, compile: bool, checkpointing: bool) -> dict[str, float]:
+def ours(kind: str, batch: int, steps: int, *, compile: str | None, checkpointing: bool) -> dict[str, float]:
+    """Our loop; ``compile``: None (eager) or a torch.compile mode."""
     _reset()
     base, cns = sd15("cpu" if SMOKE else "cuda", torch.bfloat16, n_controlnets=1, smoke=SMOKE)
     if kind == "controlnet":
@@ -75,7 +76,8 @@ def ours(kind: str, batch: int, steps: int, *, compile: bool, checkpointing: boo
     else:  # full-UNet fine-tuning on the same inputs (the text encoder stays frozen)
         objective = BaseObjective(base, train_text_encoder=False)
     objective.inputs.empty = PromptEmbeddings(torch.zeros(1, 77, 768))
-    torch.cuda.reset_peak_memory_stats()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(
             out=out,
@@ -83,7 +85,8 @@ def ours(kind: str, batch: int, steps: int, *, compile: bool, checkpointing: boo
             batch_size=batch,
             lr=1e-5,
             mixed_precision="bf16",
-            compile=compile,
+            compile=compile is not None,
+            compile_mode=compile or "reduce-overhead",
             gradient_checkpointing=checkpointing,
             log_every=steps // 3,
             save_checkpoints=False,
@@ -150,6 +153,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--peer", action="store_true")
     p.add_argument("--compile", action="store_true", help="also measure our loop with --compile")
+    p.add_argument(
+        "--compile-mode", default="reduce-overhead", help="with --compile: modes to measure, comma-separated"
+    )
     p.add_argument("--finetune", action="store_true", help="also measure our full-UNet fine-tuning step")
     p.add_argument("--checkpointing", action="store_true", help="also measure with gradient checkpointing")
     p.add_argument(
@@ -165,17 +171,17 @@ def main() -> None:
         rows.append({"run": name, "batch": args.batch, **kw})
         print(rows[-1], flush=True)
 
-    compiles = [False, True] if args.compile else [False]
+    compiles: list[str | None] = [None, *(args.compile_mode.split(",") if args.compile else [])]
     ckpts = [False, True] if args.checkpointing else [False]
     if args.peer:
         for ck in ckpts:
             add("diffusers recipe" + (" + checkpointing" if ck else ""), **peer(args.batch, checkpointing=ck))
     for comp in compiles:
         for ck in ckpts:
-            name = "ours controlnet" + (" --compile" if comp else "") + (" + checkpointing" if ck else "")
+            name = f"ours controlnet{f' --compile {comp}' if comp else ''}{' + checkpointing' if ck else ''}"
             add(name, **ours("controlnet", args.batch, args.steps, compile=comp, checkpointing=ck))
         if args.finetune:
-            name = "ours full-UNet fine-tune" + (" --compile" if comp else "")
+            name = "ours full-UNet fine-tune" + (f" --compile {comp}" if comp else "")
             add(name, **ours("finetune", args.batch, args.steps, compile=comp, checkpointing=False))
     res["rows"] = rows
     write_json(args.out, res)
