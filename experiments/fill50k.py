@@ -3,9 +3,9 @@
 Every model is made by a `controlnet` command (printed, logged, and quoted in docs/results.md);
 this script only runs them in order (independent trainings in parallel on one GPU) and evaluates.
 
-    python experiments/fill50k.py base   --work WORK [--vae FILE] [--first FILE]  # data, VAE, base (GPU)
+    python experiments/fill50k.py base   --work WORK [--given RUN=FILE]  # data, VAE, base (GPU)
     python experiments/fill50k.py claims --work WORK               # ControlNet + ablations (GPU)
-    python experiments/fill50k.py bundle --work WORK               # the main ControlNet, longer (GPU)
+    python experiments/fill50k.py bundle --work WORK [--init FILE] # the main ControlNet, longer (GPU)
     python experiments/fill50k.py identity --work WORK             # zero-init identity     (CPU is fine)
     python experiments/fill50k.py plots --work WORK                # IoU against step       (CPU)
 
@@ -40,9 +40,18 @@ S: dict[str, Any] = {
     "base": "--steps 1200 --batch-size 1024 --lr 6e-4 --warmup-steps 120",
     # then from that export, a second run ending on a cosine decay (the first session stopped there)
     "base_more": "--steps 1800 --batch-size 1024 --lr 6e-4 --warmup-steps 50 --lr-schedule cosine",
+    # and a third, from the second's export (a later session): prompt colours were still being learned
+    "base_third": "--steps 3000 --batch-size 1024 --lr 3e-4 --warmup-steps 100 --lr-schedule cosine",
+    # a fourth with offset noise: the background colour had followed the starting noise, not the
+    # prompt (at 16x16 latents the last timestep still shows an image's mean colour)
+    "base_fourth": "--steps 3000 --batch-size 1024 --lr 3e-4 --warmup-steps 100 --lr-schedule cosine "
+    "--noise-offset 0.25",
     "cn": "--steps 1500 --batch-size 256 --lr 2e-4",  # every ControlNet variant: a fair comparison
     # the bundled ControlNet: the main variant's export, trained on (it had only just converged)
     "cn_more": "--steps 2000 --batch-size 256 --lr 2e-4",
+    # a ControlNet carried over to a base model trained further (``bundle --init``)
+    "cn_rebase": "--steps 2000 --batch-size 256 --lr 2e-4 --warmup-steps 100 --lr-schedule cosine "
+    "--noise-offset 0.25",
     "device": "--mixed-precision bf16 --num-workers 8",
     "validate_every": 50,
     "threshold": 0.6,
@@ -53,7 +62,10 @@ SMOKE = {
     "size": 64, "n_train": 80, "n_small": 24, "n_medium": 40, "n_eval": 8,
     "vae": "--steps 4 --batch-size 8 --lr 3e-4", "base": "--steps 4 --batch-size 8 --lr 4e-4",
     "base_more": "--steps 4 --batch-size 8 --lr 4e-4 --lr-schedule cosine",
-    "cn": "--steps 4 --batch-size 8 --lr 1e-4", "cn_more": "--steps 4 --batch-size 8 --lr 1e-4", "device": "--cpu --mixed-precision no --num-workers 0",
+    "base_third": "--steps 4 --batch-size 8 --lr 2e-4 --lr-schedule cosine",
+    "base_fourth": "--steps 4 --batch-size 8 --lr 2e-4 --lr-schedule cosine --noise-offset 0.25",
+    "cn": "--steps 4 --batch-size 8 --lr 1e-4", "cn_more": "--steps 4 --batch-size 8 --lr 1e-4",
+    "cn_rebase": "--steps 4 --batch-size 8 --lr 1e-4 --lr-schedule cosine --noise-offset 0.25", "device": "--cpu --mixed-precision no --num-workers 0",
     "validate_every": 2, "parallel_workers": 0, "cache_workers": 0,
 }  # fmt: skip
 VARIANTS = {  # name: (data set, extra options)
@@ -104,26 +116,35 @@ def control_args(work: Path, base: str, data: str, name: str, steps: str, every:
             f"--score-name iou --score-threshold {S['threshold']} {loop(steps, every)}")  # fmt: skip
 
 
-def stage_base(work: Path, vae: Path | None, first: Path | None) -> None:
+def stage_base(work: Path, given: dict[str, Path]) -> None:
+    """Data, VAE, then the base model in four runs, each from the previous one's export (the runs
+    fell in different sessions); ``given`` maps a run's name to an earlier session's export of it,
+    which is used instead of training it again (and the runs before it are skipped)."""
     t0 = time.time()
     (work / "logs").mkdir(parents=True, exist_ok=True)
     size = S["size"]
     run(f"data fill50k --out {work}/fill50k --n {S['n_train']} --size {size} --seed 0 --quiet")
     run(f"data fill50k --out {work}/fill50k-test --n {S['n_eval']} --size {size} --seed 1 --quiet")
-    if first is not None:  # the first base run's export from an earlier session
-        (work / "base-first/final").mkdir(parents=True, exist_ok=True)
-        shutil.copy(first, work / "base-first/final/base.safetensors")
-    elif vae is None:
-        run(f"train --objective vae --arch fill50k-tiny --data {work}/fill50k --out {work}/vae "
-            f"{loop(S['vae'], 1000)}", work / "logs/vae.log")  # fmt: skip
-    else:  # the VAE stage's export from an earlier session (same command)
-        (work / "vae/final").mkdir(parents=True, exist_ok=True)
-        shutil.copy(vae, work / "vae/final/base.safetensors")
-    if first is None:
-        run(f"train --objective base --base {work}/vae/final/base.safetensors --data {work}/fill50k "
-            f"--out {work}/base-first --cache {work}/cache-first {loop(S['base'], 1000)}", work / "logs/base-first.log")  # fmt: skip
-    run(f"train --objective base --base {work}/base-first/final/base.safetensors --data {work}/fill50k "
-        f"--out {work}/base --cache {work}/cache-base {loop(S['base_more'], 600)}", work / "logs/base.log")  # fmt: skip
+    runs = [  # (run folder, its options, where it starts)
+        ("vae", S["vae"], "--objective vae --arch fill50k-tiny"),
+        ("base-first", S["base"], f"--objective base --base {work}/vae/final/base.safetensors"),
+        ("base-second", S["base_more"], f"--objective base --base {work}/base-first/final/base.safetensors"),
+        ("base-third", S["base_third"], f"--objective base --base {work}/base-second/final/base.safetensors"),
+        ("base", S["base_fourth"], f"--objective base --base {work}/base-third/final/base.safetensors"),
+    ]
+    if unknown := sorted(set(given) - {name for name, _, _ in runs[:-1]}):
+        raise SystemExit(f"--given: unknown runs {unknown}; choose from {[n for n, _, _ in runs[:-1]]}")
+    skip = max((i for i, (name, _, _) in enumerate(runs) if given.get(name)), default=-1)
+    for i, (name, steps, source) in enumerate(runs):
+        if i < skip:
+            continue
+        if i == skip:  # this run's export, from an earlier session
+            (work / name / "final").mkdir(parents=True, exist_ok=True)
+            shutil.copy(given[name], work / name / "final/base.safetensors")  # type: ignore[arg-type]
+            continue
+        cache = "" if name == "vae" else f"--cache {work}/cache-{name}"
+        run(f"train {source} --data {work}/fill50k --out {work}/{name} {cache} {loop(steps, 600)}",
+            work / "logs" / f"{name}.log")  # fmt: skip
     print(f"base stage done in {time.time() - t0:.0f} s")
 
 
@@ -157,9 +178,10 @@ def stage_claims(work: Path, names: list[str]) -> None:
     print(f"claims stage done in {time.time() - t0:.0f} s")
 
 
-def stage_bundle(work: Path, first: Path | None) -> None:
+def stage_bundle(work: Path, first: Path | None, init: Path | None) -> None:
     """The bundled ControlNet: the main variant's export (``first``: from an earlier session,
-    with its run.json beside it) trained on; then evaluate what exists."""
+    with its run.json beside it) trained on, or ``init``: an earlier bundled ControlNet carried
+    over to a base model trained further; then evaluate what exists."""
     t0 = time.time()
     (work / "logs").mkdir(parents=True, exist_ok=True)
     if first is not None:
@@ -168,8 +190,10 @@ def stage_bundle(work: Path, first: Path | None) -> None:
         shutil.copy(first.parent / "run.json", work / "runs/controlnet/run.json")
     base = f"{work}/base/final/base.safetensors"
     build_cache(work, "fill50k", base)
-    args = control_args(work, base, "fill50k", "bundled", S["cn_more"], 2 * S["validate_every"])
-    run(f"{args} --init-controlnet {work}/runs/controlnet/final/controlnet.safetensors", work / "logs/bundled.log")
+    start_from = init or f"{work}/runs/controlnet/final/controlnet.safetensors"
+    steps = S["cn_rebase"] if init else S["cn_more"]
+    args = control_args(work, base, "fill50k", "bundled", steps, 2 * S["validate_every"])
+    run(f"{args} --init-controlnet {start_from}", work / "logs/bundled.log")
     print(f"trainings done in {time.time() - t0:.0f} s", flush=True)
     evaluate_claims(work)
 
@@ -296,8 +320,10 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("stage", choices=["base", "claims", "bundle", "evaluate", "identity", "plots"])
     p.add_argument("--work", default="work/fill50k")
-    p.add_argument("--vae", help="base stage: reuse this VAE-stage export instead of training the VAE again")
-    p.add_argument("--first", help="base / bundle stage: the first run's export from an earlier session")
+    p.add_argument("--given", action="append", default=[], metavar="RUN=FILE",
+                   help="base stage: an earlier session's export of this run (vae, base-first, ...)")  # fmt: skip
+    p.add_argument("--first", help="bundle stage: the main variant's export from an earlier session")
+    p.add_argument("--init", help="bundle stage: carry this bundled ControlNet over to the current base")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"claims stage: which of {', '.join(VARIANTS)}")
     p.add_argument("--smoke", action="store_true", help="toy scale on a CPU, to check the script")
     args = p.parse_args()
@@ -305,7 +331,10 @@ def main() -> None:
         S.update(SMOKE)
     work = Path(args.work).resolve()
     if args.stage == "base":
-        stage_base(work, *(Path(f).resolve() if f else None for f in (args.vae, args.first)))
+        pairs = [g.split("=", 1) for g in args.given]
+        if any(len(pair) != 2 for pair in pairs):
+            p.error("--given takes RUN=FILE")
+        stage_base(work, {name: Path(f).resolve() for name, f in pairs})
     else:
         names = args.variants.split(",")
         if unknown := sorted(set(names) - set(VARIANTS)):
@@ -313,7 +342,7 @@ def main() -> None:
         if args.stage == "claims":
             stage_claims(work, names)
         elif args.stage == "bundle":
-            stage_bundle(work, Path(args.first).resolve() if args.first else None)
+            stage_bundle(work, *(Path(f).resolve() if f else None for f in (args.first, args.init)))
         else:
             {"evaluate": evaluate_claims, "identity": stage_identity, "plots": stage_plots}[args.stage](work)
 
