@@ -132,8 +132,8 @@ def stage_base(work: Path, given: dict[str, Path]) -> None:
         ("base-third", S["base_third"], f"--objective base --base {work}/base-second/final/base.safetensors"),
         ("base", S["base_fourth"], f"--objective base --base {work}/base-third/final/base.safetensors"),
     ]
-    if unknown := sorted(set(given) - {name for name, _, _ in runs[:-1]}):
-        raise SystemExit(f"--given: unknown runs {unknown}; choose from {[n for n, _, _ in runs[:-1]]}")
+    if unknown := sorted(set(given) - {name for name, _, _ in runs}):
+        raise SystemExit(f"--given: unknown runs {unknown}; choose from {[n for n, _, _ in runs]}")
     skip = max((i for i, (name, _, _) in enumerate(runs) if given.get(name)), default=-1)
     for i, (name, steps, source) in enumerate(runs):
         if i < skip:
@@ -321,7 +321,8 @@ def main() -> None:
     p.add_argument("stage", choices=["base", "claims", "bundle", "evaluate", "identity", "plots"])
     p.add_argument("--work", default="work/fill50k")
     p.add_argument("--given", action="append", default=[], metavar="RUN=FILE",
-                   help="base stage: an earlier session's export of this run (vae, base-first, ...)")  # fmt: skip
+                   help="base stage: an earlier session's export of this run (vae, base-first, ..., base: "
+                        "the shipped base, to run the claims on it)")  # fmt: skip
     p.add_argument("--first", help="bundle stage: the main variant's export from an earlier session")
     p.add_argument("--init", help="bundle stage: carry this bundled ControlNet over to the current base")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"claims stage: which of {', '.join(VARIANTS)}")
