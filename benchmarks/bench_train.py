@@ -6,7 +6,8 @@ embeddings (the recipe's timing likewise starts from latents and embeddings); th
 recipe's step (frozen bf16 UNet, fp32 diffusers ControlNetModel under autocast, AdamW) in this
 same process. Also our full-UNet fine-tuning step, the paper's reference for ControlNet's cost.
 
-    python benchmarks/bench_train.py --out results/train.json [--peer] [--compile] [--batch 8]
+    python benchmarks/bench_train.py --out results/train.json [--peer] [--compile [--compile-mode M,...]]
+        [--finetune] [--checkpointing] [--batch 8]
 """
 
 from __future__ import annotations
