@@ -120,28 +120,27 @@ def stage_base(work: Path, given: dict[str, Path]) -> None:
     """Data, VAE, then the base model in four runs, each from the previous one's export (the runs
     fell in different sessions); ``given`` maps a run's name to an earlier session's export of it,
     which is used instead of training it again (and the runs before it are skipped)."""
+    # (run folder, its options); each base run starts from the export of the run before it
+    runs = [("vae", S["vae"]), ("base-first", S["base"]), ("base-second", S["base_more"]),
+            ("base-third", S["base_third"]), ("base", S["base_fourth"])]  # fmt: skip
+    names = [name for name, _ in runs]
+    if unknown := sorted(set(given) - set(names)):
+        raise SystemExit(f"--given: unknown runs {unknown}; choose from {names}")
     t0 = time.time()
     (work / "logs").mkdir(parents=True, exist_ok=True)
     size = S["size"]
     run(f"data fill50k --out {work}/fill50k --n {S['n_train']} --size {size} --seed 0 --quiet")
     run(f"data fill50k --out {work}/fill50k-test --n {S['n_eval']} --size {size} --seed 1 --quiet")
-    runs = [  # (run folder, its options, where it starts)
-        ("vae", S["vae"], "--objective vae --arch fill50k-tiny"),
-        ("base-first", S["base"], f"--objective base --base {work}/vae/final/base.safetensors"),
-        ("base-second", S["base_more"], f"--objective base --base {work}/base-first/final/base.safetensors"),
-        ("base-third", S["base_third"], f"--objective base --base {work}/base-second/final/base.safetensors"),
-        ("base", S["base_fourth"], f"--objective base --base {work}/base-third/final/base.safetensors"),
-    ]
-    if unknown := sorted(set(given) - {name for name, _, _ in runs}):
-        raise SystemExit(f"--given: unknown runs {unknown}; choose from {[n for n, _, _ in runs]}")
-    skip = max((i for i, (name, _, _) in enumerate(runs) if given.get(name)), default=-1)
-    for i, (name, steps, source) in enumerate(runs):
+    skip = max((names.index(name) for name in given), default=-1)
+    for i, (name, steps) in enumerate(runs):
         if i < skip:
             continue
         if i == skip:  # this run's export, from an earlier session
             (work / name / "final").mkdir(parents=True, exist_ok=True)
-            shutil.copy(given[name], work / name / "final/base.safetensors")  # type: ignore[arg-type]
+            shutil.copy(given[name], work / name / "final/base.safetensors")
             continue
+        source = "--objective vae --arch fill50k-tiny" if name == "vae" else \
+            f"--objective base --base {work}/{names[i - 1]}/final/base.safetensors"  # fmt: skip
         cache = "" if name == "vae" else f"--cache {work}/cache-{name}"
         run(f"train {source} --data {work}/fill50k --out {work}/{name} {cache} {loop(steps, 600)}",
             work / "logs" / f"{name}.log")  # fmt: skip

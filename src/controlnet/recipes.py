@@ -117,17 +117,17 @@ def _objective(spec: RunSpec, base: BaseModel) -> Objective:
         if spec.noise_offset:
             raise ValueError("--noise-offset is a diffusion option; the 'vae' objective adds no noise")
         return VaeObjective(base)
-    noise = {"empty_prompt_prob": prob, "noise_offset": spec.noise_offset}
+    inputs = {"empty_prompt_prob": prob, "noise_offset": spec.noise_offset}  # DiffusionInputs' options
     if spec.objective == "base":
-        return BaseObjective(base, **noise)
+        return BaseObjective(base, **inputs)
     if spec.objective == "concat":
-        return ConcatObjective(base, **noise)
+        return ConcatObjective(base, **inputs)
     return ControlNetObjective(
         base,
         _controlnet(spec, base),
         only_mid_control=spec.only_mid_control,  # type: ignore[arg-type]
         sd_locked=spec.sd_locked,
-        **noise,
+        **inputs,
     )
 
 
