@@ -40,6 +40,17 @@ def test_lite_has_the_controlnet_interface_and_identity_at_init(family):
         assert torch.equal(y, base_unet(**x).sample)
 
 
+def test_lite_in_float32_takes_bfloat16_inputs_like_controlnet():
+    # in training a float32 copy runs next to a bfloat16 UNet: its inputs come in bfloat16
+    base = make_base()
+    x = unet_inputs(base.unet)
+    for cn in (LiteControlNet(base.unet), make_controlnet(base.unet)):
+        hint = cn.encode_hint(cond_image()).bfloat16()
+        with torch.no_grad():
+            out = cn(x["sample"].bfloat16(), x["timestep"], x["encoder_hidden_states"].bfloat16(), hint=hint)
+        assert all(r.dtype == torch.float32 for r in out)
+
+
 def test_lite_is_far_smaller_than_controlnet_at_real_size():
     from diffusers import UNet2DConditionModel
 

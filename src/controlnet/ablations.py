@@ -87,7 +87,9 @@ class LiteControlNet(nn.Module):
         added_cond_kwargs: Any = None,
         cross_attention_kwargs: Any = None,
     ) -> list[torch.Tensor]:
-        h = self.conv_in(sample) + hint
+        # like ControlNet.forward: its inputs take its own dtype (a float32 copy trains next to a
+        # bfloat16 UNet)
+        h = self.conv_in(sample.to(self.dtype)) + hint.to(self.dtype)
         feats = []
         for conv in self.convs:
             h = F.silu(conv(h))
