@@ -89,22 +89,22 @@ def test_unlocked_decoder_trains_and_encoder_stays(tmp_path):
     assert any(k.startswith("unet.up_blocks") for k in obj.trainable_state())
 
 
-def test_resume_continues_bit_identically(tmp_path):
+@pytest.mark.parametrize("split,workers", [(3, 0), (6, 2)])
+def test_resume_continues_bit_identically(tmp_path, split, workers):
+    # 16 items at batch 4 (4 batches an epoch): split 3 resumes within the first epoch, split 6
+    # within the second (with loader workers, which read ahead of what the loop has taken)
+    kw = {"checkpoint_every": split, "ema_decay": 0.9, "num_workers": workers}
     _, full = setup()
-    train(config(tmp_path, "full", steps=6, checkpoint_every=3, ema_decay=0.9), full, Circles(16))
+    train(config(tmp_path, "full", steps=2 * split, **kw), full, Circles(16))
     _, part = setup()
-    train(config(tmp_path, "part", steps=3, checkpoint_every=3, ema_decay=0.9), part, Circles(16))
+    train(config(tmp_path, "part", steps=split, **kw), part, Circles(16))
     _, resumed = setup()
-    train(
-        config(tmp_path, "part", steps=6, checkpoint_every=3, ema_decay=0.9, resume=True),
-        resumed,
-        Circles(16),
-    )
+    train(config(tmp_path, "part", steps=2 * split, resume=True, **kw), resumed, Circles(16))
     a, b = full.trainable_state(), resumed.trainable_state()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert loss_rows(tmp_path / "full") == loss_rows(tmp_path / "part")
     ca, cb = (
-        load_checkpoint(tmp_path / "full" / "checkpoint-00000006"),
+        load_checkpoint(tmp_path / "full" / f"checkpoint-{2 * split:08d}"),
         load_checkpoint(latest_checkpoint(tmp_path / "part")),
     )
     assert all(torch.equal(ca.ema[k], cb.ema[k]) for k in ca.ema)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import itertools
 import json
 import math
 import time
@@ -147,6 +148,24 @@ class _EpochBatches(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self.batches)
+
+
+class _RunBatches(Sampler[list[int]]):
+    """Epoch after epoch of ``_EpochBatches`` from (``epoch``, ``start``) on, without end: one
+    data loader serves the whole run, so its worker processes start once, not every epoch (on a
+    small data set an epoch is a few steps)."""
+
+    def __init__(
+        self, indices: np.ndarray, seed: int, global_batch: int, rank: int, batch: int, epoch: int, start: int
+    ):
+        self.args = (indices, seed, global_batch, rank, batch)
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        indices, seed, global_batch, rank, batch = self.args
+        for epoch in itertools.count(self.epoch):
+            yield from _EpochBatches(indices, seed, epoch, global_batch, rank, batch,
+                                     self.start if epoch == self.epoch else 0)  # fmt: skip
 
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -319,21 +338,21 @@ def train(
         )
 
     def batches() -> Iterator[dict[str, Any]]:
-        while True:
-            sampler = _EpochBatches(
-                train_idx, cfg.seed, state.epoch, global_batch, rank, cfg.batch_size, state.batch_in_epoch
-            )
-            loader = DataLoader(
-                dataset,
-                batch_sampler=sampler,
-                collate_fn=_collate,
-                num_workers=cfg.num_workers,
-                pin_memory=device.type == "cuda",
-            )
-            for b in loader:
-                state.batch_in_epoch += 1
-                yield _to(b, device)
-            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        sampler = _RunBatches(
+            train_idx, cfg.seed, global_batch, rank, cfg.batch_size, state.epoch, state.batch_in_epoch
+        )
+        loader = DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=_collate,
+            num_workers=cfg.num_workers,
+            pin_memory=device.type == "cuda",
+        )
+        for b in loader:  # the loader works ahead; the state counts what the loop has taken
+            state.batch_in_epoch += 1
+            if state.batch_in_epoch == batches_per_epoch:
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            yield _to(b, device)
 
     data = batches()
     bar = tqdm(
