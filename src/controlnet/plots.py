@@ -26,7 +26,10 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 
 
 def _fmt(v: float) -> str:
-    return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.2e}"
+    """A tick label: whole numbers as such (step 1000, not 1e+03), others to 3 significant digits."""
+    if abs(v) >= 1e6:
+        return f"{v:.2e}"
+    return str(round(v)) if abs(v - round(v)) < 1e-9 else f"{v:.3g}"
 
 
 def line_plot(
