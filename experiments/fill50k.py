@@ -5,8 +5,9 @@ this script only runs them in order (independent trainings in parallel on one GP
 
     python experiments/fill50k.py base   --work WORK [--given RUN=FILE]  # data, VAE, base (GPU)
     python experiments/fill50k.py claims --work WORK               # ControlNet + ablations (GPU)
-    python experiments/fill50k.py bundle --work WORK [--init FILE] # the main ControlNet, longer (GPU)
+    python experiments/fill50k.py bundle --work WORK [--init|--more FILE] # the main ControlNet, longer (GPU)
     python experiments/fill50k.py identity --work WORK             # zero-init identity     (CPU is fine)
+    python experiments/fill50k.py ceiling --work WORK              # IoU of targets, VAE    (CPU is fine)
     python experiments/fill50k.py plots --work WORK                # IoU against step       (CPU)
 
 WORK holds data, runs and results; results land in WORK/results/. --smoke runs everything at toy
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -46,11 +48,15 @@ S: dict[str, Any] = {
     # prompt (at 16x16 latents the last timestep still shows an image's mean colour)
     "base_fourth": "--steps 3000 --batch-size 1024 --lr 3e-4 --warmup-steps 100 --lr-schedule cosine "
     "--noise-offset 0.25",
-    "cn": "--steps 1500 --batch-size 256 --lr 2e-4",  # every ControlNet variant: a fair comparison
+    # every ControlNet variant: a fair comparison (offset noise as the base model was last trained)
+    "cn": "--steps 1500 --batch-size 256 --lr 2e-4 --noise-offset 0.25",
     # the bundled ControlNet: the main variant's export, trained on (it had only just converged)
     "cn_more": "--steps 2000 --batch-size 256 --lr 2e-4",
     # a ControlNet carried over to a base model trained further (``bundle --init``)
     "cn_rebase": "--steps 2000 --batch-size 256 --lr 2e-4 --warmup-steps 100 --lr-schedule cosine "
+    "--noise-offset 0.25",
+    # the bundled ControlNet trained further on the same base (``bundle --more``): IoU was still rising
+    "cn_continue": "--steps 3000 --batch-size 256 --lr 1e-4 --warmup-steps 100 --lr-schedule cosine "
     "--noise-offset 0.25",
     "device": "--mixed-precision bf16 --num-workers 8",
     "validate_every": 50,
@@ -64,8 +70,9 @@ SMOKE = {
     "base_more": "--steps 4 --batch-size 8 --lr 4e-4 --lr-schedule cosine",
     "base_third": "--steps 4 --batch-size 8 --lr 2e-4 --lr-schedule cosine",
     "base_fourth": "--steps 4 --batch-size 8 --lr 2e-4 --lr-schedule cosine --noise-offset 0.25",
-    "cn": "--steps 4 --batch-size 8 --lr 1e-4", "cn_more": "--steps 4 --batch-size 8 --lr 1e-4",
-    "cn_rebase": "--steps 4 --batch-size 8 --lr 1e-4 --lr-schedule cosine --noise-offset 0.25", "device": "--cpu --mixed-precision no --num-workers 0",
+    "cn": "--steps 4 --batch-size 8 --lr 1e-4 --noise-offset 0.25", "cn_more": "--steps 4 --batch-size 8 --lr 1e-4",
+    "cn_rebase": "--steps 4 --batch-size 8 --lr 1e-4 --lr-schedule cosine --noise-offset 0.25",
+    "cn_continue": "--steps 4 --batch-size 8 --lr 1e-4 --lr-schedule cosine --noise-offset 0.25", "device": "--cpu --mixed-precision no --num-workers 0",
     "validate_every": 2, "parallel_workers": 0, "cache_workers": 0,
 }  # fmt: skip
 VARIANTS = {  # name: (data set, extra options)
@@ -147,8 +154,9 @@ def stage_base(work: Path, given: dict[str, Path]) -> None:
     print(f"base stage done in {time.time() - t0:.0f} s")
 
 
-def stage_claims(work: Path, names: list[str]) -> None:
-    """Train the chosen ControlNet variants (in parallel when several), then evaluate what exists."""
+def stage_claims(work: Path, names: list[str], steps: int | None = None) -> None:
+    """Train the chosen ControlNet variants (in parallel when several; ``steps`` instead of the
+    recipe's 1,500), then evaluate them."""
     t0 = time.time()
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -165,22 +173,24 @@ def stage_claims(work: Path, names: list[str]) -> None:
         data, extra = VARIANTS[name]
         every = S["validate_every"] if name == "controlnet" else 500
         workers = f"--num-workers {S['parallel_workers']}" if len(names) > 1 else ""
-        args = f"{control_args(work, base, data, name, S['cn'], every)} --arch fill50k-tiny {workers} {extra}"
+        recipe = re.sub(r"--steps \d+", f"--steps {steps}", S["cn"]) if steps else S["cn"]
+        args = f"{control_args(work, base, data, name, recipe, every)} --arch fill50k-tiny {workers} {extra}"
         procs[name] = (start(args, logs / f"{name}.log", threads), logs / f"{name}.log")
     failed = [n for n, (p, _) in procs.items() if p.wait() != 0]
     for n in failed:
         print(f"--- {n} failed:\n{procs[n][1].read_text()[-3000:]}")
     print(f"trainings done in {time.time() - t0:.0f} s", flush=True)
-    evaluate_claims(work)
+    evaluate_claims(work, names)
     if failed:
         raise SystemExit(f"failed runs: {failed}")
     print(f"claims stage done in {time.time() - t0:.0f} s")
 
 
-def stage_bundle(work: Path, first: Path | None, init: Path | None) -> None:
+def stage_bundle(work: Path, first: Path | None, init: Path | None, more: Path | None) -> None:
     """The bundled ControlNet: the main variant's export (``first``: from an earlier session,
-    with its run.json beside it) trained on, or ``init``: an earlier bundled ControlNet carried
-    over to a base model trained further; then evaluate what exists."""
+    with its run.json beside it) trained on; or ``init``: an earlier bundled ControlNet carried
+    over to a base model trained further; or ``more``: the bundled ControlNet trained further on
+    the same base. Then evaluate it."""
     t0 = time.time()
     (work / "logs").mkdir(parents=True, exist_ok=True)
     if first is not None:
@@ -189,16 +199,19 @@ def stage_bundle(work: Path, first: Path | None, init: Path | None) -> None:
         shutil.copy(first.parent / "run.json", work / "runs/controlnet/run.json")
     base = f"{work}/base/final/base.safetensors"
     build_cache(work, "fill50k", base)
-    start_from = init or f"{work}/runs/controlnet/final/controlnet.safetensors"
-    steps = S["cn_rebase"] if init else S["cn_more"]
+    start_from = init or more or f"{work}/runs/controlnet/final/controlnet.safetensors"
+    steps = S["cn_rebase"] if init else S["cn_continue"] if more else S["cn_more"]
     args = control_args(work, base, "fill50k", "bundled", steps, 2 * S["validate_every"])
     run(f"{args} --init-controlnet {start_from}", work / "logs/bundled.log")
+    # the convergence plot draws the bundled run as the main run's continuation only when it is one
+    (work / "runs/bundled/started_from.json").write_text(json.dumps({"path": str(start_from), "main_run": not (init or more)}))
     print(f"trainings done in {time.time() - t0:.0f} s", flush=True)
-    evaluate_claims(work)
+    evaluate_claims(work, ["bundled"])
 
 
-def evaluate_claims(work: Path) -> None:
-    """Evaluate every variant on the held-out test conditions; write results/claims.json."""
+def evaluate_claims(work: Path, names: list[str] | None = None) -> None:
+    """Evaluate the named runs (all that exist when None) and the base model alone on the held-out
+    test conditions; merge the results into results/claims.json."""
     import torch
     from safetensors.torch import load_file
 
@@ -225,7 +238,8 @@ def evaluate_claims(work: Path) -> None:
         return {k.split(".", 1)[1]: v for k, v in load_file(work / "runs" / name / "final" / f"{name}.safetensors").items()}
 
     def done(name: str) -> bool:
-        return (work / "runs" / name / "run.json").exists() and any((work / "runs" / name / "final").glob("*.safetensors"))
+        return (names is None or name in names) and (work / "runs" / name / "run.json").exists() and \
+            any((work / "runs" / name / "final").glob("*.safetensors"))  # fmt: skip
 
     cfg = EvalConfig(n=S["n_eval"], steps=20, guidance=9.0, batch=min(100, S["n_eval"]))
     record("base-alone", evaluate(base, None, test, cfg, progress=False))
@@ -270,7 +284,7 @@ def evaluate_claims(work: Path) -> None:
 
 def stage_plots(work: Path) -> None:
     """Claim 2 as a picture: held-out IoU against ControlNet training step, the main variant's run
-    and the bundled run that went on from it; and the variants' IoU at the same step."""
+    (and the bundled run, when it went on from it), and the variants' runs."""
     import csv
 
     from controlnet.plots import line_plot
@@ -283,13 +297,46 @@ def stage_plots(work: Path) -> None:
             rows = [r for r in csv.DictReader(f) if r["name"] == metric]
         return [int(r["step"]) + offset for r in rows], [float(r["value"]) for r in rows]
 
-    first = json.loads((work / "runs/controlnet/run.json").read_text())["steps"] if (work / "runs/controlnet/run.json").exists() else 0
-    curves = {"main run": series("controlnet", "score/iou"), "bundled (went on)": series("bundled", "score/iou", first)}
+    curves = {"main run": series("controlnet", "score/iou")}
+    origin = work / "runs/bundled/started_from.json"
+    if origin.exists() and json.loads(origin.read_text())["main_run"]:
+        first = json.loads((work / "runs/controlnet/run.json").read_text())["steps"]
+        curves["bundled (went on)"] = series("bundled", "score/iou", first)
     curves.update({n: series(n, "score/iou") for n in VARIANTS if n != "controlnet"})
     curves = {k: v for k, v in curves.items() if v[0]}
     out = line_plot(curves, work / "results/convergence.png", title="held-out IoU (16 validation conditions)",
                     ylabel="IoU", hlines={f"threshold {S['threshold']}": S["threshold"]})  # fmt: skip
     print(f"wrote {out}")
+
+
+def stage_ceiling(work: Path) -> None:
+    """What IoU the test set allows: the score of the test targets themselves (their circles
+    against the filled outlines differ at the edge pixels) and of the targets after a round trip
+    through the base's VAE, which every generated image passes through."""
+    import numpy as np
+    import torch
+
+    from controlnet.data import open_dataset
+    from controlnet.evaluate import fill50k_scores
+    from controlnet.formats import load_base
+    from controlnet.validation import to_uint8
+
+    base = load_base(work / "base/final/base.safetensors", dtype=torch.float32)
+    test = open_dataset(work / "fill50k-test")
+    scores: dict[str, list[float]] = {"targets": [], "vae_round_trip": []}
+    for start in range(0, len(test), 50):
+        items = [test[i] for i in range(start, min(start + 50, len(test)))]
+        targets = torch.stack([it["target"] for it in items])
+        decoded = base.decode_latents(base.encode_images(targets, torch.Generator().manual_seed(0)))
+        for it, target, image in zip(items, targets, decoded):
+            cond = to_uint8(it["cond"], lo=0.0)
+            scores["targets"].append(fill50k_scores(to_uint8(target), cond, it["prompt"])["iou"])
+            scores["vae_round_trip"].append(fill50k_scores(to_uint8(image), cond, it["prompt"])["iou"])
+    summary = {k: {"iou": float(np.mean(v)), "iou_median": float(np.median(v))} for k, v in scores.items()}
+    out = work / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ceiling.json").write_text(json.dumps({"pairs": len(test), **summary}, indent=1) + "\n")
+    print(f"IoU ceiling over {len(test)} test pairs: {summary}")
 
 
 def stage_identity(work: Path) -> None:
@@ -317,14 +364,16 @@ def stage_identity(work: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("stage", choices=["base", "claims", "bundle", "evaluate", "identity", "plots"])
+    p.add_argument("stage", choices=["base", "claims", "bundle", "evaluate", "identity", "ceiling", "plots"])
     p.add_argument("--work", default="work/fill50k")
     p.add_argument("--given", action="append", default=[], metavar="RUN=FILE",
                    help="base stage: an earlier session's export of this run (vae, base-first, ..., base: "
                         "the shipped base, to run the claims on it)")  # fmt: skip
     p.add_argument("--first", help="bundle stage: the main variant's export from an earlier session")
     p.add_argument("--init", help="bundle stage: carry this bundled ControlNet over to the current base")
+    p.add_argument("--more", help="bundle stage: train this bundled ControlNet further on the same base")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"claims stage: which of {', '.join(VARIANTS)}")
+    p.add_argument("--steps", type=int, help="claims stage: train this many steps instead of the recipe's")
     p.add_argument("--smoke", action="store_true", help="toy scale on a CPU, to check the script")
     args = p.parse_args()
     if args.smoke:
@@ -340,11 +389,16 @@ def main() -> None:
         if unknown := sorted(set(names) - set(VARIANTS)):
             p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
         if args.stage == "claims":
-            stage_claims(work, names)
+            stage_claims(work, names, args.steps)
         elif args.stage == "bundle":
-            stage_bundle(work, *(Path(f).resolve() if f else None for f in (args.first, args.init)))
+            starts = [args.first, args.init, args.more]
+            if sum(f is not None for f in starts) > 1:
+                p.error("bundle: give at most one of --first, --init, --more")
+            stage_bundle(work, *(Path(f).resolve() if f else None for f in starts))
         else:
-            {"evaluate": evaluate_claims, "identity": stage_identity, "plots": stage_plots}[args.stage](work)
+            stages = {"evaluate": evaluate_claims, "identity": stage_identity, "ceiling": stage_ceiling,
+                      "plots": stage_plots}  # fmt: skip
+            stages[args.stage](work)
 
 
 if __name__ == "__main__":
