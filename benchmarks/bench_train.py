@@ -7,7 +7,7 @@ recipe's step (frozen bf16 UNet, fp32 diffusers ControlNetModel under autocast, 
 same process. Also our full-UNet fine-tuning step, the paper's reference for ControlNet's cost.
 
     python benchmarks/bench_train.py --out results/train.json [--peer] [--compile [--compile-mode M,...]]
-        [--finetune] [--checkpointing] [--batch 8]
+        [--no-eager] [--finetune] [--checkpointing] [--batch 8]
 """
 
 from __future__ import annotations
@@ -157,6 +157,11 @@ def main() -> None:
     p.add_argument(
         "--compile-mode", default="reduce-overhead", help="with --compile: modes to measure, comma-separated"
     )
+    p.add_argument(
+        "--no-eager",
+        action="store_true",
+        help="with --compile: only the compiled rows (each compiles for minutes)",
+    )
     p.add_argument("--finetune", action="store_true", help="also measure our full-UNet fine-tuning step")
     p.add_argument("--checkpointing", action="store_true", help="also measure with gradient checkpointing")
     p.add_argument(
@@ -172,7 +177,12 @@ def main() -> None:
         rows.append({"run": name, "batch": args.batch, **kw})
         print(rows[-1], flush=True)
 
-    compiles: list[str | None] = [None, *(args.compile_mode.split(",") if args.compile else [])]
+    if args.no_eager and not args.compile:
+        p.error("--no-eager needs --compile (there would be nothing of ours to measure)")
+    compiles: list[str | None] = [
+        *([] if args.no_eager else [None]),
+        *(args.compile_mode.split(",") if args.compile else []),
+    ]
     ckpts = [False, True] if args.checkpointing else [False]
     if args.peer:
         for ck in ckpts:
