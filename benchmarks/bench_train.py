@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -68,8 +69,12 @@ def _peak() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
-def ours(kind: str, batch: int, steps: int, *, compile: str | None, checkpointing: bool) -> dict[str, float]:
-    """Our loop; ``compile``: None (eager) or a torch.compile mode."""
+def ours(
+    kind: str, batch: int, steps: int, *, compile: str | None, checkpointing: bool, out: str | None = None
+) -> dict[str, float]:
+    """Our loop (per process: ``batch``; the rate is the whole run's, over all processes);
+    ``compile``: None (eager) or a torch.compile mode; ``out``: the run folder (every process of
+    a distributed run must name the same one), a temporary one when None."""
     _reset()
     base, cns = sd15("cpu" if SMOKE else "cuda", torch.bfloat16, n_controlnets=1, smoke=SMOKE)
     if kind == "controlnet":
@@ -79,9 +84,11 @@ def ours(kind: str, batch: int, steps: int, *, compile: str | None, checkpointin
     objective.inputs.empty = PromptEmbeddings(torch.zeros(1, 77, 768))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    with tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = out or tmp
         cfg = TrainConfig(
             out=out,
+            cpu=SMOKE,
             steps=steps,
             batch_size=batch,
             lr=1e-5,
@@ -95,8 +102,11 @@ def ours(kind: str, batch: int, steps: int, *, compile: str | None, checkpointin
             progress=False,
         )
         train(cfg, objective, CachedLike(batch * 8))
-        with open(Path(out) / "metrics.csv") as f:
-            rates = [float(r["value"]) for r in csv.DictReader(f) if r["name"] == "samples_per_s"]
+        main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        rates = [math.nan, math.nan]  # only the main process logs
+        if main:
+            with open(Path(out) / "metrics.csv") as f:
+                rates = [float(r["value"]) for r in csv.DictReader(f) if r["name"] == "samples_per_s"]
     peak = _peak()
     del objective, base, cns
     return {"samples_per_s": sum(rates[1:]) / len(rates[1:]), "peak_gib": peak}  # first window: warm-up
