@@ -94,7 +94,7 @@ def ours(
             lr=1e-5,
             mixed_precision="bf16",
             compile=compile is not None,
-            compile_mode=compile or "reduce-overhead",
+            compile_mode=compile or "default",  # (not used when eager)
             gradient_checkpointing=checkpointing,
             log_every=steps // 3,
             save_checkpoints=False,

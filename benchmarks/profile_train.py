@@ -11,7 +11,6 @@ SD1.5 architecture, random weights, batch 8 at 512 px, bf16 autocast, fused Adam
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -28,17 +27,11 @@ from controlnet.models import PromptEmbeddings
 from controlnet.objectives import BaseObjective, ControlNetObjective, StepNoise
 
 
-def _reset() -> None:
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-
-
 def bare_step(
     batch: int, *, channels_last: bool = False, compile: str | None = None, finetune: bool = False
 ) -> Callable[[], None]:
     """One optimizer step of our objective, as ``train`` runs it, minus the loop around it."""
-    _reset()
+    bench_train._reset()
     base, cns = sd15("cuda", torch.bfloat16)
     objective: BaseObjective | ControlNetObjective
     if finetune:
@@ -113,7 +106,7 @@ def main() -> None:
     def timed(name: str, **kw: Any) -> Callable[[], None]:
         step = bare_step(args.batch, **kw)
         s = cuda_time(step, warmup=4 if kw.get("compile") else 3, reps=10)
-        peak = torch.cuda.max_memory_allocated() / 2**30
+        peak = bench_train._peak()
         add(name, samples_per_s=args.batch / s, ms=1000 * s, peak_gib=peak)
         return step
 

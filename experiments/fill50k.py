@@ -169,11 +169,11 @@ def stage_claims(work: Path, names: list[str], steps: int | None = None) -> None
         build_cache(work, data, base)
     procs = {}
     threads = max(1, (os.cpu_count() or 2) // len(names))
+    recipe = re.sub(r"--steps \d+", f"--steps {steps}", S["cn"]) if steps else S["cn"]
     for name in names:
         data, extra = VARIANTS[name]
         every = S["validate_every"] if name == "controlnet" else 500
         workers = f"--num-workers {S['parallel_workers']}" if len(names) > 1 else ""
-        recipe = re.sub(r"--steps \d+", f"--steps {steps}", S["cn"]) if steps else S["cn"]
         args = f"{control_args(work, base, data, name, recipe, every)} --arch fill50k-tiny {workers} {extra}"
         procs[name] = (start(args, logs / f"{name}.log", threads), logs / f"{name}.log")
     failed = [n for n, (p, _) in procs.items() if p.wait() != 0]

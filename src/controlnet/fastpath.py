@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["COMPILE_MODES", "GraphCache", "compile_modules", "has_own_graphs"]
+__all__ = ["COMPILE_MODES", "GraphCache", "check_compile_mode", "compile_modules", "has_own_graphs"]
 
 #: torch.compile modes offered: "default" fuses kernels; "reduce-overhead" also replays them from
 #: inductor's CUDA graphs (for training steps, which GraphCache does not capture)
@@ -74,14 +74,19 @@ class GraphCache:
         return graph, out
 
 
+def check_compile_mode(mode: str, what: str = "compile mode") -> None:
+    """A ValueError naming ``what`` unless ``mode`` is one of :data:`COMPILE_MODES`."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"{what} must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+
+
 def compile_modules(modules: Iterable[nn.Module], mode: str = "default") -> None:
     """Compile each module's forward in place (idempotent), in channels-last memory format, which
     the tensor-core convolution kernels prefer. In the default mode the CUDA graphs of
     :class:`GraphCache` capture the compiled kernels (inductor's own graphs are not used); it
     fuses the elementwise work and compiles SD1.5 in about a minute. "reduce-overhead" lets
     inductor replay its own CUDA graphs (training, where a step's backward runs too)."""
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    check_compile_mode(mode)
     for m in modules:
         if getattr(m, "_controlnet_compiled", None):
             continue

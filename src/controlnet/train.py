@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from .fastpath import COMPILE_MODES, compile_modules
+from .fastpath import check_compile_mode, compile_modules, has_own_graphs
 from .objectives import Objective, StepNoise
 from .plots import line_plot
 from .train_state import (
@@ -99,9 +99,7 @@ class TrainConfig:
             raise ValueError(f"learning rates must be > 0, got lr={self.lr}, decoder_lr={self.decoder_lr}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
-        if self.compile_mode not in COMPILE_MODES:
-            modes = ", ".join(COMPILE_MODES)
-            raise ValueError(f"compile_mode must be one of {modes}, got {self.compile_mode!r}")
+        check_compile_mode(self.compile_mode, "compile_mode")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         if self.keep_checkpoints < 1:
@@ -130,30 +128,19 @@ class TrainResult:
     last_metrics: dict[str, float]
 
 
-class _EpochBatches(Sampler[list[int]]):
-    """This process's rows of each global batch of one epoch, from ``start`` on."""
-
-    def __init__(
-        self, indices: np.ndarray, seed: int, epoch: int, global_batch: int, rank: int, batch: int, start: int
-    ) -> None:
-        perm = indices[np.random.default_rng([seed, epoch]).permutation(len(indices))]
-        n = len(perm) // global_batch
-        self.batches = [
-            perm[b * global_batch + rank * batch : b * global_batch + (rank + 1) * batch].tolist()
-            for b in range(start, n)
-        ]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
+def _epoch_batches(
+    indices: np.ndarray, seed: int, epoch: int, global_batch: int, rank: int, batch: int
+) -> list[list[int]]:
+    """This process's rows of each global batch of one epoch."""
+    perm = indices[np.random.default_rng([seed, epoch]).permutation(len(indices))]
+    starts = range(0, len(perm) // global_batch * global_batch, global_batch)
+    return [perm[b + rank * batch : b + (rank + 1) * batch].tolist() for b in starts]
 
 
 class _RunBatches(Sampler[list[int]]):
-    """Epoch after epoch of ``_EpochBatches`` from (``epoch``, ``start``) on, without end: one
-    data loader serves the whole run, so its worker processes start once, not every epoch (on a
-    small data set an epoch is a few steps)."""
+    """Epoch after epoch of batches from (``epoch``, ``start``) on, without end: one data loader
+    serves the whole run, so its worker processes start once, not every epoch (on a small data
+    set an epoch is a few steps)."""
 
     def __init__(
         self, indices: np.ndarray, seed: int, global_batch: int, rank: int, batch: int, epoch: int, start: int
@@ -164,8 +151,8 @@ class _RunBatches(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         indices, seed, global_batch, rank, batch = self.args
         for epoch in itertools.count(self.epoch):
-            yield from _EpochBatches(indices, seed, epoch, global_batch, rank, batch,
-                                     self.start if epoch == self.epoch else 0)  # fmt: skip
+            batches = _epoch_batches(indices, seed, epoch, global_batch, rank, batch)
+            yield from batches[self.start if epoch == self.epoch else 0 :]
 
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -296,7 +283,7 @@ def train(
         objective.enable_gradient_checkpointing()
     if cfg.compile:
         compile_modules(objective.networks(), mode=cfg.compile_mode)
-    graphed = cfg.compile and cfg.compile_mode == "reduce-overhead"
+    graphed = has_own_graphs(objective.networks())
     groups = objective.param_groups(cfg.lr, cfg.decoder_lr)
     base_lrs = [g["lr"] for g in groups]
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
