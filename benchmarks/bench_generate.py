@@ -32,7 +32,9 @@ from controlnet.sampling import ControlUnit, denoise, initial_noise
 STEPS, GUIDANCE, SIZE = 20, 9.0, 512
 
 
-def ours(base, cns, emb, neg, cond, batch: int, *, graphs: bool, compile: bool) -> torch.Tensor:
+def ours(
+    base, cns, emb, neg, cond, batch: int, *, graphs: bool, compile: bool, concurrent: bool = True
+) -> torch.Tensor:
     """Our generation path (what ``controlnet generate`` runs after loading): hint once, the step
     loop, VAE decode, images to the host."""
     units = [ControlUnit(cn, cond) for cn in cns]
@@ -48,6 +50,7 @@ def ours(base, cns, emb, neg, cond, batch: int, *, graphs: bool, compile: bool) 
         progress=False,
         cuda_graphs=graphs,
         compile=compile,
+        concurrent_controls=concurrent,
     )
     images = base.decode_latents(out.latents)
     return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()
@@ -185,6 +188,15 @@ def main() -> None:
             n_cn,
         )
     record(
+        "ours default, ControlNets one after the other",
+        lambda: ours(base, cns, emb, neg, cond, 1, graphs=True, compile=False, concurrent=False),
+        1,
+        2,
+    )
+    two = ours(base, cns, emb, neg, cond, 1, graphs=True, compile=False)
+    two_seq = ours(base, cns, emb, neg, cond, 1, graphs=True, compile=False, concurrent=False)
+    res["concurrent_vs_sequential_max_abs_diff"] = (two.float() - two_seq.float()).abs().max().item()
+    record(
         "ours default",
         lambda: ours(base, cns[:1], emb, neg, cond, 8, graphs=True, compile=False),
         8,
@@ -226,6 +238,12 @@ def main() -> None:
                 1,
                 n_cn,
             )
+        record(
+            "ours --fast, ControlNets one after the other",
+            lambda: ours(base, cns, emb, neg, cond, 1, graphs=True, compile=True, concurrent=False),
+            1,
+            2,
+        )
         if args.fast_batch8:  # a new shape: compiles again
             record(
                 "ours --fast",
@@ -260,6 +278,7 @@ def main() -> None:
     )
     for k in (
         "default_vs_eager_max_abs_diff",
+        "concurrent_vs_sequential_max_abs_diff",
         "ours_vs_diffusers_mean_abs_diff",
         "ours_vs_diffusers_max_abs_diff",
         "fast_vs_default_mean_abs_diff",

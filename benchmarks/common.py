@@ -116,7 +116,7 @@ def environment() -> dict[str, Any]:
             capture_output=True,
             text=True,
             timeout=20,
-        ).stdout.strip()
+        ).stdout.split("\n")[0].strip()  # one line per GPU: the first
     except (OSError, subprocess.TimeoutExpired):
         driver = "unknown"
     return {

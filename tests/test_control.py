@@ -74,13 +74,16 @@ def test_two_controlnets_give_the_sum_of_their_residuals(family):
         r1 = control_residuals([c1], *x.values(), added_cond_kwargs=added)
         r2 = control_residuals([c2], *x.values(), added_cond_kwargs=added)
         both = control_residuals([c1, c2], *x.values(), added_cond_kwargs=added)
+        # on parallel streams where there are any (on a CPU the same loop): the same sums, in order
+        concurrent = control_residuals([c1, c2], *x.values(), added_cond_kwargs=added, concurrent=True)
         manual = unet(
             **inputs,
             down_block_additional_residuals=tuple(a + b for a, b in zip(r1[:-1], r2[:-1])),
             mid_block_additional_residual=r1[-1] + r2[-1],
         ).sample
-    for a, b, s in zip(r1, r2, both):
+    for a, b, s, c in zip(r1, r2, both, concurrent, strict=True):
         assert torch.equal(a + b, s)
+        assert torch.equal(c, s)
     assert torch.equal(fwd(unet, inputs, [c1, c2]), manual)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from functools import partial
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 from .controlnet import ControlNet
+from .fastpath import run_concurrently
 
 __all__ = [
     "SOFT_DECAY",
@@ -134,16 +136,19 @@ def control_residuals(
     *,
     cfg_batch: bool = False,
     added_cond_kwargs: Mapping[str, torch.Tensor] | None = None,
+    concurrent: bool = False,
 ) -> list[torch.Tensor] | None:
     """Scaled, summed residuals of every active control, or None when none is active.
 
     ``cfg_batch`` says the batch is ``[unconditional; conditional]`` halves, so that controls with
     ``conditional_only`` run on the second half only (zero residuals on the first).
+    ``concurrent`` runs several ControlNets on parallel CUDA streams (same results).
     """
-    total: list[torch.Tensor] | None = None
-    for c in controls:
-        if not c.active:
-            continue  # strength 0: the ControlNet is not run at all
+    active = [c for c in controls if c.active]  # strength 0: the ControlNet is not run at all
+    if not active:
+        return None
+
+    def scaled(c: Control) -> list[torch.Tensor]:
         if c.conditional_only and cfg_batch:
             half = sample.shape[0] // 2
             added = {k: _half(v, half) for k, v in (added_cond_kwargs or {}).items()} or None
@@ -153,8 +158,13 @@ def control_residuals(
             res = [torch.cat([torch.zeros_like(r), r]) for r in res]
         else:
             res = c.controlnet(sample, timestep, encoder_hidden_states, c.hint, added_cond_kwargs)
-        res = [(r if s == 1.0 else r * s).to(sample.dtype) for r, s in zip(res, c.scales)]
-        total = res if total is None else [a + b for a, b in zip(total, res)]
+        return [(r if s == 1.0 else r * s).to(sample.dtype) for r, s in zip(res, c.scales)]
+
+    fns = [partial(scaled, c) for c in active]
+    each = run_concurrently(fns, sample.device) if concurrent else [fn() for fn in fns]
+    total = each[0]
+    for res in each[1:]:
+        total = [a + b for a, b in zip(total, res)]
     return total
 
 
@@ -167,8 +177,10 @@ def controlled_unet_forward(
     *,
     cfg_batch: bool = False,
     added_cond_kwargs: Mapping[str, torch.Tensor] | None = None,
+    concurrent: bool = False,
 ) -> torch.Tensor:
-    """The locked UNet's noise prediction with the controls' residuals injected."""
+    """The locked UNet's noise prediction with the controls' residuals injected (``concurrent``:
+    see :func:`control_residuals`)."""
     res = control_residuals(
         controls,
         sample,
@@ -176,6 +188,7 @@ def controlled_unet_forward(
         encoder_hidden_states,
         cfg_batch=cfg_batch,
         added_cond_kwargs=added_cond_kwargs,
+        concurrent=concurrent,
     )
     kwargs: dict[str, Any] = {}
     if res is not None:
