@@ -111,12 +111,16 @@ def environment() -> dict[str, Any]:
     import diffusers
 
     try:
-        driver = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        ).stdout.split("\n")[0].strip()  # one line per GPU: the first
+        driver = (
+            subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
+            .stdout.split("\n")[0]
+            .strip()
+        )  # one line per GPU: the first
     except (OSError, subprocess.TimeoutExpired):
         driver = "unknown"
     return {
