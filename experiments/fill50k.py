@@ -8,6 +8,7 @@ this script only runs them in order (independent trainings in parallel on one GP
     python experiments/fill50k.py bundle --work WORK [--init|--more FILE] # the main ControlNet, longer (GPU)
     python experiments/fill50k.py identity --work WORK             # zero-init identity     (CPU is fine)
     python experiments/fill50k.py ceiling --work WORK              # IoU of targets, VAE    (CPU is fine)
+    python experiments/fill50k.py guidance --work WORK             # bundled model's scale  (CPU, ~45 min)
     python experiments/fill50k.py plots --work WORK                # IoU against step       (CPU)
 
 WORK holds data, runs and results; results land in WORK/results/. --smoke runs everything at toy
@@ -36,6 +37,8 @@ S: dict[str, Any] = {
     "n_small": 1_000,
     "n_medium": 10_000,
     "n_eval": 500,
+    "n_val": 150,  # validation pairs (seed 2) on which the bundled model's guidance scale is chosen
+    "guidance_scales": [1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 9.0, 13.0],
     "vae": "--steps 2500 --batch-size 64 --lr 3e-4",
     # a model this small is bound by launching kernels, not by arithmetic: a step costs about the
     # same at batch 1024 as at 256, so large batches and fewer steps
@@ -65,7 +68,8 @@ S: dict[str, Any] = {
     "parallel_workers": 2,  # data-loader workers per run when several runs share the machine
 }
 SMOKE = {
-    "size": 64, "n_train": 80, "n_small": 24, "n_medium": 40, "n_eval": 8,
+    "size": 64, "n_train": 80, "n_small": 24, "n_medium": 40, "n_eval": 8, "n_val": 4,
+    "guidance_scales": [1.0, 9.0],
     "vae": "--steps 4 --batch-size 8 --lr 3e-4", "base": "--steps 4 --batch-size 8 --lr 4e-4",
     "base_more": "--steps 4 --batch-size 8 --lr 4e-4 --lr-schedule cosine",
     "base_third": "--steps 4 --batch-size 8 --lr 2e-4 --lr-schedule cosine",
@@ -339,6 +343,65 @@ def stage_ceiling(work: Path) -> None:
     print(f"IoU ceiling over {len(test)} test pairs: {summary}")
 
 
+def stage_guidance(work: Path) -> None:
+    """The shipped model's guidance scale: each scale of S["guidance_scales"] scored on a
+    validation split (seed 2; the test pairs are seed 1), then the best one and SD's usual 9 on the
+    test pairs. ``controlnet eval`` commands on the bundled files; an evaluation whose results
+    exist is not run again."""
+    from controlnet.bundled import BUNDLED_GUIDANCE
+    from controlnet.plots import line_plot
+
+    out = work / "results" / "guidance"
+    size = S["size"]
+    for data, n, seed in (("fill50k-val", S["n_val"], 2), ("fill50k-test", S["n_eval"], 1)):
+        if not (work / data).exists():
+            run(f"data fill50k --out {work}/{data} --n {n} --size {size} --seed {seed} --quiet")
+
+    def scores(data: str, n: int, scale: float) -> dict[str, float]:
+        dest = out / f"{data.removeprefix('fill50k-')}-g{scale:g}"
+        if not (dest / "results.json").exists():
+            run(f"eval --data {work}/{data} --out {dest} --n {n} --guidance {scale:g} --quiet")
+        return json.loads((dest / "results.json").read_text())["summary"]
+
+    val = {g: scores("fill50k-val", S["n_val"], g) for g in S["guidance_scales"]}
+    best = max(val, key=lambda g: (val[g]["iou"], val[g]["colour_accuracy"]))
+    test = {g: scores("fill50k-test", S["n_eval"], g) for g in sorted({best, 9.0})}
+    keys = ("iou", "iou_median", "colour_accuracy", "free_iou")
+    summary = {
+        "validation_pairs": S["n_val"],
+        "test_pairs": S["n_eval"],
+        "best_on_validation": best,
+        "shipped_default": BUNDLED_GUIDANCE,
+        "validation": {f"{g:g}": {k: val[g][k] for k in keys} for g in val},
+        "test": {f"{g:g}": {k: test[g][k] for k in keys} for g in test},
+    }
+    (out / "guidance.json").write_text(json.dumps(summary, indent=1) + "\n")
+    gs = list(val)
+    line_plot({"IoU": (gs, [val[g]["iou"] for g in gs]),
+               "colour accuracy": (gs, [val[g]["colour_accuracy"] for g in gs])},
+              out / "guidance.png", title=f"bundled model on {S['n_val']} validation pairs, 20 DDIM steps",
+              xlabel="guidance scale", ylabel="score", hlines={"target 0.90": 0.9})  # fmt: skip
+    side_by_side(out / "test-g9" / "examples.png", out / f"test-g{best:g}" / "examples.png",
+                 f"above: guidance 9; below: guidance {best:g} (the same test pairs and seeds)",
+                 out / "examples-g9-vs-best.png")  # fmt: skip
+    print(json.dumps(summary, indent=1))
+    if best != BUNDLED_GUIDANCE:
+        print(f"note: the best scale here ({best:g}) is not the shipped default ({BUNDLED_GUIDANCE:g})")
+
+
+def side_by_side(top: Path, bottom: Path, caption: str, path: Path, height: int = 266) -> None:
+    """The first ``height`` pixel rows of two example grids, one above the other, captioned."""
+    from PIL import Image, ImageDraw
+
+    a, b = Image.open(top), Image.open(bottom)
+    h = min(height, a.height, b.height)
+    both = Image.new("RGB", (max(a.width, b.width), 2 * h + 24), "white")
+    both.paste(a.crop((0, 0, a.width, h)), (0, 0))
+    both.paste(b.crop((0, 0, b.width, h)), (0, h + 24))
+    ImageDraw.Draw(both).text((4, h + 6), caption, fill="black")
+    both.save(path, optimize=True)
+
+
 def stage_identity(work: Path) -> None:
     """Claim 1: with its zero convolutions at zero, the controlled model's samples ARE the base's."""
     import numpy as np
@@ -364,7 +427,9 @@ def stage_identity(work: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("stage", choices=["base", "claims", "bundle", "evaluate", "identity", "ceiling", "plots"])
+    p.add_argument(
+        "stage", choices=["base", "claims", "bundle", "evaluate", "identity", "ceiling", "guidance", "plots"]
+    )
     p.add_argument("--work", default="work/fill50k")
     p.add_argument("--given", action="append", default=[], metavar="RUN=FILE",
                    help="base stage: an earlier session's export of this run (vae, base-first, ..., base: "
@@ -397,7 +462,7 @@ def main() -> None:
             stage_bundle(work, *(Path(f).resolve() if f else None for f in starts))
         else:
             stages = {"evaluate": evaluate_claims, "identity": stage_identity, "ceiling": stage_ceiling,
-                      "plots": stage_plots}  # fmt: skip
+                      "guidance": stage_guidance, "plots": stage_plots}  # fmt: skip
             stages[args.stage](work)
 
 

@@ -28,6 +28,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         prompt=args.prompt,
         samples=args.samples,
         steps=args.steps,
+        guidance=args.guidance,
         seed=args.seed,
         base=args.base,
         controlnet=args.controlnet,
@@ -37,6 +38,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from .bundled import BUNDLED_GUIDANCE
     from .demo import DEMO_PROMPT
 
     p = sub.add_parser(
@@ -49,6 +51,12 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", default=DEMO_PROMPT, help="default: %(default)r")
     p.add_argument("--samples", type=int, default=4, help="(default: %(default)s)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (default: %(default)s)")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=BUNDLED_GUIDANCE,
+        help="classifier-free guidance scale (default: %(default)s, the bundled model's best)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base", help="another base model (default: the bundled one)")
     p.add_argument("--controlnet", help="another ControlNet (default: the bundled one)")

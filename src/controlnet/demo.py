@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .bundled import BUNDLED_GUIDANCE
 from .data.fill50k import Sample, Shape, line_width_for, render_sample
 from .generate import ControlRequest, GenerationRequest
 from .imageio import read_image, save_png
@@ -59,6 +60,7 @@ def run_demo(
     prompt: str = DEMO_PROMPT,
     samples: int = 4,
     steps: int = 20,
+    guidance: float = BUNDLED_GUIDANCE,
     seed: int = 0,
     base: str | None = None,
     controlnet: str | None = None,
@@ -85,11 +87,12 @@ def run_demo(
         negative_prompt="",
         base=base,
         steps=steps,
+        guidance=guidance,
         seed=seed,
         num_samples=samples,
         resolution=DEMO_SIZE if image is None else None,
     )
-    print(f"controlnet demo: {samples} samples, {steps} DDIM steps, prompt {prompt!r}")
+    print(f"controlnet demo: {samples} samples, {steps} DDIM steps, guidance {guidance:g}, prompt {prompt!r}")
     start = time.perf_counter()
     result, sidecar = run(request, out, progress=progress)
     seconds = time.perf_counter() - start
