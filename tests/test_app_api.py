@@ -17,6 +17,7 @@ from PIL import Image
 
 from controlnet.annotators import annotate
 from controlnet.api import SERVER_FIELDS, ControlBody, GenerateBody
+from controlnet.bundled import BUNDLED_SETTINGS
 from controlnet.generate import ControlRequest, GenerationRequest
 from controlnet.imageio import read_image
 from controlnet.limits import Limits
@@ -296,6 +297,29 @@ def test_a_full_queue_answers_busy(tmp_path):
             release.set()
             hold.join()
         assert httpx.get(f"{srv.url}/api/health").status_code == 200
+
+
+def test_a_server_of_the_bundled_model_fills_in_its_settings(client):
+    # the module's server runs given model files: SD's defaults, as the request class has them
+    sent = client.post("/api/generate", json=gen()).json()["sidecar"]["request"]
+    sd = GenerationRequest()
+    assert (sent["guidance"], sent["added_prompt"], sent["negative_prompt"]) == (
+        sd.guidance,
+        sd.added_prompt,
+        sd.negative_prompt,
+    )
+    # a server of the bundled model (no model files given): the settings it was made for, unless sent
+    with start(ServeConfig(limits=LIMITS)) as srv:
+        health = httpx.get(f"{srv.url}/api/health").json()
+        assert health["defaults"] == BUNDLED_SETTINGS
+        body = {"prompt": "red circle with blue background", "steps": 2, "seed": 1}
+        body["controls"] = [{"image": b64(square(128))}]
+        explicit = {**BUNDLED_SETTINGS, "guidance": 9.0}
+        for extra, want in (({}, BUNDLED_SETTINGS), ({"guidance": 9.0}, explicit)):
+            r = httpx.post(f"{srv.url}/api/generate", json={**body, **extra}, timeout=120)
+            assert r.status_code == 200, r.text
+            request = r.json()["sidecar"]["request"]
+            assert {k: request[k] for k in want} == want
 
 
 def test_uploads_are_stored_once_and_cleaned_up_with_the_server(tmp_path):

@@ -145,6 +145,8 @@ def build_request(service: Service, body: GenerateBody) -> GenerationRequest:
         for i, c in enumerate(body.controls)
     ]
     fields = body.model_dump(exclude={"controls", "init_image", "mask"})
+    for name in fields.keys() - body.model_fields_set:  # not sent: the default for the served model
+        fields[name] = getattr(service.defaults, name)
     if fields["seed"] == -1:
         fields["seed"] = None
     images = {}

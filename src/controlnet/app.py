@@ -26,7 +26,6 @@ __all__ = ["build_ui", "checked_upload", "control_annotators", "param_widget"]
 
 log = logging.getLogger(__name__)
 NONE = "none"  # the annotator choice for an image that already is a condition map
-_D = GenerationRequest()
 _SLIDER_SPAN = 1000  # wider numeric ranges get a number box instead of a slider
 
 
@@ -288,7 +287,7 @@ def _editor_images(service: Service, value: Any) -> tuple[str | None, str | None
 
 def build_ui(service: Service) -> gr.Blocks:
     """The Gradio Blocks of the web app for ``service`` (queue it and mount it beside the API)."""
-    lim = service.limits
+    lim, d = service.limits, service.defaults
     max_side = max(64, min(4096, int(math.sqrt(lim.max_megapixels * 1e6)) // 64 * 64))
     with gr.Blocks(title="ControlNet", analytics_enabled=False, delete_cache=(3600, 3600)) as ui:
         gr.Markdown(
@@ -315,27 +314,27 @@ def build_ui(service: Service) -> gr.Blocks:
                         denoise = gr.Slider(
                             0.01, 1, value=0.75, step=0.01, label="Denoise (img2img strength)"
                         )
-                        mask_blur = gr.Slider(0, 64, value=_D.mask_blur, step=1, label="Mask feather (px)")
-                        overlay = gr.Checkbox(value=_D.overlay, label="Paste kept pixels back")
+                        mask_blur = gr.Slider(0, 64, value=d.mask_blur, step=1, label="Mask feather (px)")
+                        overlay = gr.Checkbox(value=d.overlay, label="Paste kept pixels back")
                 with gr.Accordion("Settings", open=True):
                     with gr.Row():
                         setting = gr.Radio(
-                            [s.value for s in PromptSetting], value=_D.prompt_setting, label="Prompt setting"
+                            [s.value for s in PromptSetting], value=d.prompt_setting, label="Prompt setting"
                         )
-                        sampler = gr.Dropdown([s.value for s in Sampler], value=_D.sampler, label="Sampler")
-                    added = gr.Textbox(value=_D.added_prompt, label="Added prompt")
-                    negative = gr.Textbox(value=_D.negative_prompt, label="Negative prompt")
+                        sampler = gr.Dropdown([s.value for s in Sampler], value=d.sampler, label="Sampler")
+                    added = gr.Textbox(value=d.added_prompt, label="Added prompt")
+                    negative = gr.Textbox(value=d.negative_prompt, label="Negative prompt")
                     with gr.Row():
                         steps = gr.Slider(
                             1,
                             lim.max_steps,
-                            value=min(_D.steps, lim.max_steps),
+                            value=min(d.steps, lim.max_steps),
                             step=1,
                             label="Steps",
                             elem_id="steps",
                         )
-                        guidance = gr.Slider(0, 30, value=_D.guidance, step=0.1, label="Guidance scale")
-                        eta = gr.Slider(0, 1, value=_D.eta, step=0.01, label="DDIM eta")
+                        guidance = gr.Slider(0, 30, value=d.guidance, step=0.1, label="Guidance scale")
+                        eta = gr.Slider(0, 1, value=d.eta, step=0.01, label="DDIM eta")
                     with gr.Row():
                         seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id="seed")
                         samples = gr.Slider(

@@ -10,13 +10,16 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["BUNDLED_BASE", "BUNDLED_CONTROLNET", "BUNDLED_GUIDANCE", "bundled_path"]
+__all__ = ["BUNDLED_BASE", "BUNDLED_CONTROLNET", "BUNDLED_GUIDANCE", "BUNDLED_SETTINGS", "bundled_path"]
 
 BUNDLED_BASE = "fill50k-base.safetensors"
 BUNDLED_CONTROLNET = "fill50k-controlnet.safetensors"
 #: the guidance scale the bundled model samples best at: the best of 1-13 on a validation split
 #: of fill50k (seed 2, not the test pairs); SD's usual 9 over-drives this small model (model card)
 BUNDLED_GUIDANCE = 1.5
+#: the generation settings that differ from SD's for the bundled model: it was trained on the bare
+#: fill50k prompts (no quality words, no negative prompt); the demo and a server of it use them
+BUNDLED_SETTINGS = {"guidance": BUNDLED_GUIDANCE, "added_prompt": "", "negative_prompt": ""}
 
 
 def bundled_path(name: str) -> Path:

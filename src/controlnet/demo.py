@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundled import BUNDLED_GUIDANCE
+from .bundled import BUNDLED_GUIDANCE, BUNDLED_SETTINGS
 from .data.fill50k import Sample, Shape, line_width_for, render_sample
 from .generate import ControlRequest, GenerationRequest
 from .imageio import read_image, save_png
@@ -82,12 +82,9 @@ def run_demo(
     request = GenerationRequest(
         prompt=prompt,
         controls=[ControlRequest(image=str(cond_path), controlnet=controlnet)],
-        # the bundled model never saw the SD quality words: the prompt alone, as in its training
-        added_prompt="",
-        negative_prompt="",
+        **{**BUNDLED_SETTINGS, "guidance": guidance},  # the prompt alone, as in its training
         base=base,
         steps=steps,
-        guidance=guidance,
         seed=seed,
         num_samples=samples,
         resolution=DEMO_SIZE if image is None else None,
