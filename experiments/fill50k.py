@@ -116,6 +116,12 @@ def loop(steps: str, validate_every: int) -> str:
             f"--checkpoint-every 500 --log-every 50 --quiet")  # fmt: skip
 
 
+def fill50k_data(work: Path, name: str, n: int, seed: int) -> None:
+    """``WORK/NAME``: ``n`` fill50k pairs at the recipe's size (seed 0: training, 1: test, 2:
+    validation)."""
+    run(f"data fill50k --out {work}/{name} --n {n} --size {S['size']} --seed {seed} --quiet")
+
+
 def build_cache(work: Path, data: str, base: str) -> None:
     run(f"data cache {work}/{data} --base {base} --out {work}/cache-{data} --num-workers {S['cache_workers']} --quiet",
         work / "logs" / f"cache-{data}.log")  # fmt: skip
@@ -139,9 +145,8 @@ def stage_base(work: Path, given: dict[str, Path]) -> None:
         raise SystemExit(f"--given: unknown runs {unknown}; choose from {names}")
     t0 = time.time()
     (work / "logs").mkdir(parents=True, exist_ok=True)
-    size = S["size"]
-    run(f"data fill50k --out {work}/fill50k --n {S['n_train']} --size {size} --seed 0 --quiet")
-    run(f"data fill50k --out {work}/fill50k-test --n {S['n_eval']} --size {size} --seed 1 --quiet")
+    fill50k_data(work, "fill50k", S["n_train"], 0)
+    fill50k_data(work, "fill50k-test", S["n_eval"], 1)
     skip = max((names.index(name) for name in given), default=-1)
     for i, (name, steps) in enumerate(runs):
         if i < skip:
@@ -169,7 +174,7 @@ def stage_claims(work: Path, names: list[str], steps: int | None = None) -> None
     datas = sorted({VARIANTS[n][0] for n in names})
     for data in datas:  # the smaller sets are the first n of the same 50k; caches built before runs read them
         if data in sizes:
-            run(f"data fill50k --out {work}/{data} --n {sizes[data]} --size {S['size']} --seed 0 --quiet")
+            fill50k_data(work, data, sizes[data], 0)
         build_cache(work, data, base)
     procs = {}
     threads = max(1, (os.cpu_count() or 2) // len(names))
@@ -352,10 +357,9 @@ def stage_guidance(work: Path) -> None:
     from controlnet.plots import line_plot
 
     out = work / "results" / "guidance"
-    size = S["size"]
     for data, n, seed in (("fill50k-val", S["n_val"], 2), ("fill50k-test", S["n_eval"], 1)):
         if not (work / data).exists():
-            run(f"data fill50k --out {work}/{data} --n {n} --size {size} --seed {seed} --quiet")
+            fill50k_data(work, data, n, seed)
 
     def scores(data: str, n: int, scale: float) -> dict[str, float]:
         dest = out / f"{data.removeprefix('fill50k-')}-g{scale:g}"

@@ -15,7 +15,7 @@ plumbing is the code that the GPU path uses, and is tested.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,7 +34,6 @@ __all__ = [
 COMPILE_MODES = ("default", "reduce-overhead")
 
 StepFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
-T = TypeVar("T")
 
 #: side streams per CUDA device, created on first use and reused (also inside graph captures)
 _SIDE_STREAMS: dict[int, list[torch.cuda.Stream]] = {}
@@ -112,14 +111,16 @@ def has_own_graphs(modules: Iterable[nn.Module]) -> bool:
     return any(getattr(m, "_controlnet_compiled", None) == "reduce-overhead" for m in modules)
 
 
-def run_concurrently(fns: Sequence[Callable[[], T]], device: torch.device) -> list[T]:
+def run_concurrently(
+    fns: Sequence[Callable[[], list[torch.Tensor]]], device: torch.device
+) -> list[list[torch.Tensor]]:
     """``[fn() for fn in fns]``, on a CUDA device with each function after the first on its own
     side stream, so that independent kernels (two ControlNets at batch 2 leave much of an H100
     idle) overlap. The side streams start after the work already queued on the current stream
     and the current stream waits for all of them before anything queued later, so the caller sees
     the same order of effects as the plain loop; the kernels, and so the results, are the same.
     Works inside a CUDA graph capture (the fork and join become graph edges). Elsewhere: the
-    plain loop. The results may be tensors or lists/tuples of tensors.
+    plain loop.
     """
     if device.type != "cuda" or len(fns) < 2:
         return [fn() for fn in fns]
@@ -128,7 +129,7 @@ def run_concurrently(fns: Sequence[Callable[[], T]], device: torch.device) -> li
     while len(streams) < len(fns) - 1:
         streams.append(torch.cuda.Stream(device=index))
     main = torch.cuda.current_stream(index)
-    outs: list[Any] = [None] * len(fns)
+    outs: list[list[torch.Tensor]] = [[] for _ in fns]
     for i, (fn, side) in enumerate(zip(fns[1:], streams), start=1):
         side.wait_stream(main)
         with torch.cuda.stream(side):
@@ -138,14 +139,6 @@ def run_concurrently(fns: Sequence[Callable[[], T]], device: torch.device) -> li
         main.wait_stream(side)
         # memory made on a side stream and read on the main one must not be reused before the
         # main stream is done with it
-        for t in _tensors(outs[i]):
+        for t in outs[i]:
             t.record_stream(main)
     return outs
-
-
-def _tensors(x: Any) -> list[torch.Tensor]:
-    if torch.is_tensor(x):
-        return [x]
-    if isinstance(x, (list, tuple)):
-        return [t for item in x for t in _tensors(item)]
-    return []

@@ -192,7 +192,7 @@ def denoise(
     callback: Callable[[int, int], None] | None = None,
     cuda_graphs: bool | None = None,
     compile: bool = False,
-    concurrent_controls: bool | None = None,
+    concurrent_controls: bool = True,
 ) -> DenoiseResult:
     """Sample latents.
 
@@ -206,8 +206,8 @@ def denoise(
             The kept region follows the source latents, noised to the current level, every step.
         cuda_graphs: replay each step's model call from a CUDA graph (None: on CUDA devices).
         compile: also torch.compile the UNet and ControlNets (the fast path; slow first call).
-        concurrent_controls: run several ControlNets of a step on parallel CUDA streams (None:
-            on CUDA devices); the results are the same either way.
+        concurrent_controls: run several ControlNets of a step on parallel CUDA streams (no
+            effect elsewhere); the results are the same either way.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -246,7 +246,6 @@ def denoise(
         compile_modules(networks)
     want_graphs = cuda_graphs if cuda_graphs is not None else device.type == "cuda"
     graphs = GraphCache(device) if want_graphs and not has_own_graphs(networks) else None
-    concurrent = concurrent_controls if concurrent_controls is not None else device.type == "cuda"
 
     def model_call(active: list[Control]) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
         """eps for the B samples: both CFG halves in one batch, the active controls injected."""
@@ -261,7 +260,7 @@ def denoise(
                 active,
                 cfg_batch=use_cfg,
                 added_cond_kwargs=embeds.added,
-                concurrent=concurrent,
+                concurrent=concurrent_controls,
             ).float()
             if use_cfg:
                 eps_u, eps_c = eps.chunk(2)

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .bundled import BUNDLED_SETTINGS
 from .generate import GenerationRequest, output_size
 from .imageio import MAX_PIXELS, read_image, read_mask, save_png
 from .limits import Limits
@@ -113,7 +114,7 @@ class Service:
     """
 
     def __init__(self, config: ServeConfig, cache: Any = None) -> None:
-        from .bundled import BUNDLED_BASE, BUNDLED_CONTROLNET, BUNDLED_SETTINGS, bundled_path
+        from .bundled import BUNDLED_BASE, BUNDLED_CONTROLNET, bundled_path
         from .pipeline import ModelCache
 
         self.config = config
@@ -129,7 +130,6 @@ class Service:
         #: the request defaults the web app shows and the API fills in: SD's, or the bundled
         #: model's settings where it is the model served
         self.defaults = GenerationRequest(**(BUNDLED_SETTINGS if config.base is None else {}))
-        self._model_settings = tuple(BUNDLED_SETTINGS)  # the defaults that depend on the model
         self.controlnets = _unique_names(controlnets)
         GenerationRequest(dtype=config.dtype).validate()  # a bad dtype fails at start, not later
         self.cache = cache or ModelCache(size=len(controlnets) + 1)
@@ -434,7 +434,7 @@ class Service:
             "dtype": self.config.dtype,
             "controlnets": list(self.controlnets),
             "native_size": self.native_size,
-            "defaults": {k: getattr(self.defaults, k) for k in self._model_settings},
+            "defaults": {k: getattr(self.defaults, k) for k in BUNDLED_SETTINGS},  # model-dependent
             "limits": asdict(self.limits),
         }
 
