@@ -12,7 +12,7 @@ shuffle model); their unconditional residuals are zero.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from functools import partial
@@ -24,6 +24,7 @@ from torch import nn
 
 from .controlnet import ControlNet
 from .fastpath import run_concurrently
+from .unet_halves import halves
 
 __all__ = [
     "SOFT_DECAY",
@@ -128,6 +129,38 @@ def _half(x: Any, half: int) -> Any:
     return x
 
 
+def _residual_fns(
+    controls: Sequence[Control],
+    sample: torch.Tensor,
+    timestep: torch.Tensor | float | int,
+    encoder_hidden_states: torch.Tensor,
+    cfg_batch: bool,
+    added_cond_kwargs: Mapping[str, torch.Tensor] | None,
+) -> list[Callable[[], list[torch.Tensor]]]:
+    """One function per active control returning its scaled residuals (strength 0: not run)."""
+
+    def scaled(c: Control) -> list[torch.Tensor]:
+        if c.conditional_only and cfg_batch:
+            half = sample.shape[0] // 2
+            added = {k: _half(v, half) for k, v in (added_cond_kwargs or {}).items()} or None
+            res = c.controlnet(
+                sample[half:], _half(timestep, half), encoder_hidden_states[half:], c.hint, added
+            )
+            res = [torch.cat([torch.zeros_like(r), r]) for r in res]
+        else:
+            res = c.controlnet(sample, timestep, encoder_hidden_states, c.hint, added_cond_kwargs)
+        return [(r if s == 1.0 else r * s).to(sample.dtype) for r, s in zip(res, c.scales)]
+
+    return [partial(scaled, c) for c in controls if c.active]
+
+
+def _summed(each: Sequence[list[torch.Tensor]]) -> list[torch.Tensor]:
+    total = each[0]
+    for res in each[1:]:
+        total = [a + b for a, b in zip(total, res)]
+    return total
+
+
 def control_residuals(
     controls: Sequence[Control],
     sample: torch.Tensor,
@@ -144,28 +177,10 @@ def control_residuals(
     ``conditional_only`` run on the second half only (zero residuals on the first).
     ``concurrent`` runs several ControlNets on parallel CUDA streams (same results).
     """
-    active = [c for c in controls if c.active]  # strength 0: the ControlNet is not run at all
-    if not active:
+    fns = _residual_fns(controls, sample, timestep, encoder_hidden_states, cfg_batch, added_cond_kwargs)
+    if not fns:
         return None
-
-    def scaled(c: Control) -> list[torch.Tensor]:
-        if c.conditional_only and cfg_batch:
-            half = sample.shape[0] // 2
-            added = {k: _half(v, half) for k, v in (added_cond_kwargs or {}).items()} or None
-            res = c.controlnet(
-                sample[half:], _half(timestep, half), encoder_hidden_states[half:], c.hint, added
-            )
-            res = [torch.cat([torch.zeros_like(r), r]) for r in res]
-        else:
-            res = c.controlnet(sample, timestep, encoder_hidden_states, c.hint, added_cond_kwargs)
-        return [(r if s == 1.0 else r * s).to(sample.dtype) for r, s in zip(res, c.scales)]
-
-    fns = [partial(scaled, c) for c in active]
-    each = run_concurrently(fns, sample.device) if concurrent else [fn() for fn in fns]
-    total = each[0]
-    for res in each[1:]:
-        total = [a + b for a, b in zip(total, res)]
-    return total
+    return _summed(run_concurrently(fns, sample.device) if concurrent else [fn() for fn in fns])
 
 
 def controlled_unet_forward(
@@ -179,24 +194,29 @@ def controlled_unet_forward(
     added_cond_kwargs: Mapping[str, torch.Tensor] | None = None,
     concurrent: bool = False,
 ) -> torch.Tensor:
-    """The locked UNet's noise prediction with the controls' residuals injected (``concurrent``:
-    see :func:`control_residuals`)."""
-    res = control_residuals(
-        controls,
-        sample,
-        timestep,
-        encoder_hidden_states,
-        cfg_batch=cfg_batch,
-        added_cond_kwargs=added_cond_kwargs,
-        concurrent=concurrent,
-    )
+    """The locked UNet's noise prediction with the controls' residuals injected.
+
+    ``concurrent``: the UNet's encoder half and each ControlNet run on parallel CUDA streams (none
+    of them needs another's output), then the UNet's decoder half takes the residuals
+    (:mod:`controlnet.unet_halves`); the operations, and so the results, are the same as in the
+    plain order, in which the UNet's forward takes them as ``down_block_additional_residuals`` /
+    ``mid_block_additional_residual``.
+    """
+    added = dict(added_cond_kwargs) if added_cond_kwargs is not None else None
+    fns = _residual_fns(controls, sample, timestep, encoder_hidden_states, cfg_batch, added)
+    if concurrent and fns:
+        encoder, decoder = halves(unet)
+        features, *each = run_concurrently(
+            [partial(encoder, sample, timestep, encoder_hidden_states, added), *fns], sample.device
+        )
+        return decoder(features, encoder_hidden_states, _summed(each))
     kwargs: dict[str, Any] = {}
-    if res is not None:
+    if fns:
+        res = _summed([fn() for fn in fns])
         kwargs = {
             "down_block_additional_residuals": tuple(res[:-1]),
             "mid_block_additional_residual": res[-1],
         }
-    added = dict(added_cond_kwargs) if added_cond_kwargs is not None else None
     return unet(
         sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False, **kwargs
     )[0]

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from torch import nn
 
+from .unet_halves import embed_time, encode
 from .zero import zero_conv
 
 __all__ = ["ControlNet", "ControlNetConfig", "HintEncoder", "residual_channels"]
@@ -234,25 +235,6 @@ class ControlNet(nn.Module):
             )
         return self.controlnet_cond_embedding(cond.to(self.dtype))
 
-    def _embed(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor | float | int,
-        added: Mapping[str, torch.Tensor] | None,
-    ) -> torch.Tensor:
-        t = timestep if torch.is_tensor(timestep) else torch.tensor(timestep, device=sample.device)
-        t = t.reshape(-1).to(sample.device).expand(sample.shape[0])
-        emb = self.time_embedding(self.time_proj(t).to(sample.dtype))
-        if self.add_embedding is not None:  # SDXL: pooled text embedding + size/crop ids
-            if not added or "text_embeds" not in added or "time_ids" not in added:
-                raise ValueError("this UNet needs added_cond_kwargs with 'text_embeds' and 'time_ids' (SDXL)")
-            text_embeds, time_ids = added["text_embeds"], added["time_ids"]
-            time_embeds = self.add_time_proj(time_ids.flatten()).reshape(text_embeds.shape[0], -1)
-            emb = emb + self.add_embedding(torch.cat([text_embeds, time_embeds], dim=-1).to(emb.dtype))
-        if self.time_embed_act is not None:
-            emb = self.time_embed_act(emb)
-        return emb
-
     def forward(
         self,
         sample: torch.Tensor,
@@ -281,29 +263,9 @@ class ControlNet(nn.Module):
             added_cond_kwargs = {
                 k: v.to(dtype) if v.is_floating_point() else v for k, v in added_cond_kwargs.items()
             }
-        emb = self._embed(sample, timestep, added_cond_kwargs)
+        emb = embed_time(self, sample, timestep, added_cond_kwargs)
         h = self.conv_in(sample) + hint
-        skips = [h]
-        for block in self.down_blocks:
-            if getattr(block, "has_cross_attention", False):
-                h, res = block(
-                    hidden_states=h,
-                    temb=emb,
-                    encoder_hidden_states=encoder_hidden_states,
-                    cross_attention_kwargs=cross_attention_kwargs,
-                )
-            else:
-                h, res = block(hidden_states=h, temb=emb)
-            skips.extend(res)
-        if getattr(self.mid_block, "has_cross_attention", False):
-            h = self.mid_block(
-                h,
-                emb,
-                encoder_hidden_states=encoder_hidden_states,
-                cross_attention_kwargs=cross_attention_kwargs,
-            )
-        else:
-            h = self.mid_block(h, emb)
+        h, skips = encode(self, h, emb, encoder_hidden_states, cross_attention_kwargs)
         out = [zc(s) for zc, s in zip(self.controlnet_down_blocks, skips)]
         out.append(self.controlnet_mid_block(h))
         if self.config.global_pool:

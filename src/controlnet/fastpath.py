@@ -6,7 +6,7 @@ records the step's kernels once as a CUDA graph per distinct set of active contr
 them, which removes the launch overhead without changing a single operation. ``compile_modules``
 (the ``--fast`` flag) additionally lets torch.compile fuse the elementwise work; its first call
 compiles (a minute or more), later calls are fast. :func:`run_concurrently` runs independent
-work (several ControlNets of one step) on parallel CUDA streams.
+work (the UNet's encoder and the ControlNets of one step) on parallel CUDA streams.
 
 On a CPU the cache runs the same function on its static buffers without a graph, so the buffer
 plumbing is the code that the GPU path uses, and is tested.
@@ -18,7 +18,10 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
 
 import torch
+from diffusers import UNet2DConditionModel
 from torch import nn
+
+from .unet_halves import compile_halves
 
 __all__ = [
     "COMPILE_MODES",
@@ -96,13 +99,17 @@ def compile_modules(modules: Iterable[nn.Module], mode: str = "default") -> None
     the tensor-core convolution kernels prefer. In the default mode the CUDA graphs of
     :class:`GraphCache` capture the compiled kernels (inductor's own graphs are not used); it
     fuses the elementwise work and compiles SD1.5 in about a minute. "reduce-overhead" lets
-    inductor replay its own CUDA graphs (training, where a step's backward runs too)."""
+    inductor replay its own CUDA graphs (training, where a step's backward runs too). A UNet's
+    halves (:mod:`controlnet.unet_halves`) are compiled too; torch.compile works on first call, so
+    only what runs is compiled."""
     check_compile_mode(mode)
     for m in modules:
         if getattr(m, "_controlnet_compiled", None):
             continue
         m.to(memory_format=torch.channels_last)
         m.forward = torch.compile(m.forward, mode=mode, dynamic=False)  # type: ignore[method-assign]
+        if isinstance(m, UNet2DConditionModel):  # the halves that run beside ControlNets
+            compile_halves(m, mode)
         m._controlnet_compiled = mode  # type: ignore[attr-defined]
 
 
