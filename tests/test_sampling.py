@@ -146,26 +146,49 @@ def test_bad_arguments(world):
         run(world, mask=torch.ones(1, 1, *LAT))
 
 
-def test_graph_cache_plumbing_equals_eager_and_captures_once_per_control_set(world, monkeypatch):
-    """On CPU the cache runs the step on its static buffers: the GPU path's plumbing, minus the graph."""
-    from controlnet import fastpath
+def test_step_graphs_equal_eager_and_are_captured_once_across_generations(world):
+    """On CPU the cache runs the step on its static buffers: the GPU path's plumbing, minus the
+    graph. Graphs are kept on the UNet: later generations with other prompts, seeds and condition
+    images replay them; other scales or moved weights get graphs of their own."""
+    from controlnet.fastpath import release_graphs, step_graphs
 
-    made = []
-    real = fastpath.GraphCache.__init__
-
-    def spy(self, device, **kw):
-        real(self, device, **kw)
-        made.append(self)
-
-    monkeypatch.setattr(fastpath.GraphCache, "__init__", spy)
+    base, cns = world[0], world[1]
+    release_graphs(base.unet)
     units = [unit(world, start=0.0, end=0.5), unit(world, 1, start=0.25, end=1.0, guess_mode=True)]
     for sampler in ("ddim", "euler-a", "dpmpp-2m-karras"):
-        made.clear()
         eager = run(world, units, steps=8, sampler=sampler, cuda_graphs=False, seeds=[3, 4])
         cached = run(world, units, steps=8, sampler=sampler, cuda_graphs=True, seeds=[3, 4])
         assert torch.equal(eager.latents, cached.latents)
-        # active sets over 8 steps: {0}, {0, 1}, {1} -> three captures
-        assert len(made) == 1 and made[0].captures == 3
+    cache = step_graphs(base.unet, base.device)
+    # active sets over 8 steps: {0}, {0, 1}, {1} -> three captures, replayed by the later samplers
+    assert cache.captures == 3
+
+    # another prompt and other condition images: replayed, and what they read is the new inputs
+    g = torch.Generator().manual_seed(9)
+    other = [
+        ControlUnit(
+            u.controlnet, torch.rand(1, 3, 64, 64, generator=g), start=u.start, end=u.end, mode=u.mode
+        )
+        for u in units
+    ]
+    prompt = base.encode_prompt(["a blue square"]).repeat(2)
+    uncond = world[3].repeat(2)
+    kw = {"steps": 8, "seeds": [5, 6], "latent_size": LAT, "progress": False}
+    eager = denoise(base, prompt, uncond, other, cuda_graphs=False, **kw)
+    cached = denoise(base, prompt, uncond, other, cuda_graphs=True, **kw)
+    assert torch.equal(eager.latents, cached.latents)
+    assert cache.captures == 3
+
+    # another strength is another graph (the scales are constants in it)
+    run(world, [unit(world, strength=0.5)], steps=2, cuda_graphs=True)
+    assert cache.captures == 4
+    # a parameter replaced by a new tensor (same values, new address): the old graphs may not run
+    mid = cns[0].controlnet_mid_block
+    mid.weight = torch.nn.Parameter(mid.weight.detach().clone())
+    run(world, [unit(world, strength=0.5)], steps=2, cuda_graphs=True)
+    assert cache.captures == 5
+    release_graphs(base.unet)
+    assert step_graphs(base.unet, base.device) is not cache
 
 
 def test_compile_modes_and_who_replays_its_own_graphs():

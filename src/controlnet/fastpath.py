@@ -3,10 +3,12 @@
 A denoising step launches a thousand or more small kernels (UNet + ControlNets); at batch 1 the
 GPU spends more time waiting for Python to launch them than computing. :class:`GraphCache`
 records the step's kernels once as a CUDA graph per distinct set of active controls and replays
-them, which removes the launch overhead without changing a single operation. ``compile_modules``
-(the ``--fast`` flag) additionally lets torch.compile fuse the elementwise work; its first call
-compiles (a minute or more), later calls are fast. :func:`run_concurrently` runs independent
-work (the UNet's encoder and the ControlNets of one step) on parallel CUDA streams.
+them, which removes the launch overhead without changing a single operation; :func:`step_graphs`
+keeps the graphs on the UNet, so that later generations replay them too instead of paying for a
+capture. ``compile_modules`` (the ``--fast`` flag) additionally lets torch.compile fuse the
+elementwise work; its first call compiles (a minute or more), later calls are fast.
+:func:`run_concurrently` runs independent work (the UNet's encoder and the ControlNets of one
+step) on parallel CUDA streams.
 
 On a CPU the cache runs the same function on its static buffers without a graph, so the buffer
 plumbing is the code that the GPU path uses, and is tested.
@@ -14,6 +16,8 @@ plumbing is the code that the GPU path uses, and is tested.
 
 from __future__ import annotations
 
+import itertools
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
 
@@ -29,7 +33,10 @@ __all__ = [
     "check_compile_mode",
     "compile_modules",
     "has_own_graphs",
+    "release_graphs",
     "run_concurrently",
+    "step_graphs",
+    "weights_key",
 ]
 
 #: torch.compile modes offered: "default" fuses kernels; "reduce-overhead" also replays them from
@@ -43,27 +50,36 @@ _SIDE_STREAMS: dict[int, list[torch.cuda.Stream]] = {}
 
 
 class GraphCache:
-    """Run ``fn(static_inputs)`` through one captured CUDA graph per ``key``.
+    """Run ``fn(static_inputs)`` through one captured CUDA graph per ``key`` and input layout.
 
-    ``fn`` must read its varying inputs only from the dict it is given (the static buffers) and
-    may close over tensors that stay fixed while the cache lives (prompt embeddings, hints). The
+    ``fn`` must read everything that varies from the dict it is given (the static buffers): the
+    entry is kept and replayed for later calls with the same key and input shapes, also in later
+    generations, so the key must name whatever else ``fn`` depends on (its modules' weights, its
+    Python constants). Least recently used entries beyond ``max_entries`` are dropped. The
     returned tensor is a copy, so callers may keep it across steps.
     """
 
-    def __init__(self, device: torch.device, *, warmup: int = 2) -> None:
+    def __init__(self, device: torch.device, *, warmup: int = 2, max_entries: int = 8) -> None:
+        self.device = device
         self.use_graphs = device.type == "cuda"
         self.warmup = warmup
-        self.entries: dict[Hashable, tuple[Any, dict[str, torch.Tensor], torch.Tensor | None, StepFn]] = {}
+        self.max_entries = max_entries
+        self.entries: OrderedDict[Hashable, tuple[Any, dict[str, torch.Tensor], torch.Tensor | None, StepFn]]
+        self.entries = OrderedDict()
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.captures = 0
 
     def run(self, key: Hashable, fn: StepFn, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        key = (key, tuple((name, t.shape, t.dtype) for name, t in inputs.items()))
         entry = self.entries.get(key)
         if entry is None:
             statics = {name: t.detach().clone() for name, t in inputs.items()}
             graph, out = self._capture(fn, statics) if self.use_graphs else (None, None)
             self.entries[key] = entry = (graph, statics, out, fn)
             self.captures += 1
+            while len(self.entries) > self.max_entries:
+                self.entries.popitem(last=False)
+        self.entries.move_to_end(key)
         graph, statics, out, fn = entry
         for name, t in inputs.items():
             statics[name].copy_(t)
@@ -86,6 +102,28 @@ class GraphCache:
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = fn(statics)
         return graph, out
+
+
+def step_graphs(owner: nn.Module, device: torch.device) -> GraphCache:
+    """The :class:`GraphCache` kept on ``owner`` (the locked UNet) for its denoising steps, so that
+    later generations replay the graphs of earlier ones instead of capturing their own (a capture
+    costs several steps' time). Its memory lives as long as ``owner`` or until
+    :func:`release_graphs`."""
+    cache = owner.__dict__.get("_controlnet_graphs")
+    if cache is None or cache.device != device:
+        cache = owner.__dict__["_controlnet_graphs"] = GraphCache(device)
+    return cache
+
+
+def release_graphs(owner: nn.Module) -> None:
+    """Drop the graphs :func:`step_graphs` keeps on ``owner`` (and the GPU memory they hold)."""
+    owner.__dict__.pop("_controlnet_graphs", None)
+
+
+def weights_key(modules: Iterable[nn.Module]) -> tuple[int, ...]:
+    """Where the modules' parameters and buffers live: a captured graph reads them from these
+    addresses, so it may be replayed only while they are unchanged (updates in place keep them)."""
+    return tuple(t.data_ptr() for m in modules for t in itertools.chain(m.parameters(), m.buffers()))
 
 
 def check_compile_mode(mode: str, what: str = "compile mode") -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .control import Control, ControlMode, control_scales, controlled_unet_forward
 from .controlnet import ControlNet
-from .fastpath import GraphCache, compile_modules, has_own_graphs
+from .fastpath import compile_modules, has_own_graphs, step_graphs, weights_key
 from .models import BaseModel, PromptEmbeddings
 
 __all__ = [
@@ -245,21 +245,26 @@ def denoise(
     if compile:
         compile_modules(networks)
     want_graphs = cuda_graphs if cuda_graphs is not None else device.type == "cuda"
-    graphs = GraphCache(device) if want_graphs and not has_own_graphs(networks) else None
+    graphs = step_graphs(base.unet, device) if want_graphs and not has_own_graphs(networks) else None
+    # what a step's graph depends on besides its inputs: weights, controls, guidance
+    graph_key = (weights_key(networks) if graphs is not None else (), use_cfg, guidance, concurrent_controls)
+    per_generation = {"context": embeds.context, **{f"added.{k}": v for k, v in (embeds.added or {}).items()}}
 
     def model_call(active: list[Control]) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
-        """eps for the B samples: both CFG halves in one batch, the active controls injected."""
+        """eps for the B samples: both CFG halves in one batch, the active controls injected.
+        Everything that varies between generations is read from ``inputs``."""
 
         def fn(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
             x = torch.cat([inputs["x"], inputs["x"]]) if use_cfg else inputs["x"]
+            added = {k[6:]: v for k, v in inputs.items() if k.startswith("added.")} or None
             eps = controlled_unet_forward(
                 base.unet,
                 x,
                 inputs["t"],
-                embeds.context,
-                active,
+                inputs["context"],
+                [replace(c, hint=inputs[f"hint{j}"]) for j, c in enumerate(active)],
                 cfg_batch=use_cfg,
-                added_cond_kwargs=embeds.added,
+                added_cond_kwargs=added,
                 concurrent=concurrent_controls,
             ).float()
             if use_cfg:
@@ -271,18 +276,24 @@ def denoise(
 
     start = time.perf_counter()
     bar = tqdm(total=total, desc="denoising", unit="step", disable=not progress, leave=False)
-    for i, t in enumerate(timesteps):
+    # the scheduler gets each timestep as a CPU tensor: DDIM looks its noise level up in a CPU
+    # table by the timestep, which for a GPU tensor would wait for the GPU every step
+    for i, (t, t_host) in enumerate(zip(timesteps, timesteps.cpu())):
         active, key = [], []
         for k, p in enumerate(prepared):
             c = p.at(i, total, use_cfg)
             if c is not None:
                 active.append(c)
-                key.append((k, c.conditional_only))
+                key.append((k, c.conditional_only, tuple(c.scales)))
                 calls[k] += 1
-        inputs = {"x": scheduler.scale_model_input(latents, t).to(dtype), "t": t}
+        # the UNet embeds timesteps as float32 whatever their dtype: one dtype for every sampler's
+        # timesteps lets them share graphs
+        x = scheduler.scale_model_input(latents, t_host).to(dtype)
+        inputs = {"x": x, "t": t.float(), **per_generation}
+        inputs.update({f"hint{j}": c.hint for j, c in enumerate(active)})
         fn = model_call(active)
-        eps = graphs.run(tuple(key), fn, inputs) if graphs is not None else fn(inputs)
-        latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
+        eps = graphs.run((graph_key, *key), fn, inputs) if graphs is not None else fn(inputs)
+        latents = scheduler.step(eps, t_host, latents, **step_kwargs).prev_sample
         if mask is not None:
             assert source is not None
             kept = source if i == total - 1 else scheduler.add_noise(source, noise, timesteps[i + 1 : i + 2])

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .fastpath import release_graphs
 from .imageio import make_grid, save_png
 from .objectives import ControlNetObjective, StepNoise, as_condition
 from .sampling import ControlUnit, denoise
@@ -98,6 +99,7 @@ class ControlValidator:
             latent_size=latent,
             progress=False,
         )
+        release_graphs(base.unet)  # the step graphs' memory goes back to training
         images = [to_uint8(x) for x in base.decode_latents(out.latents)]
         if "target" in batch:
             targets = [to_uint8(t) for t in batch["target"]]
@@ -165,6 +167,7 @@ class ImageValidator:
                 progress=False,
                 seeds=[self.seed + i for i in range(len(prompts))],
             )
+            release_graphs(base.unet)
             for m, w in zip(mods, was):
                 m.train(w)
             outs = [to_uint8(x) for x in base.decode_latents(out.latents)]
