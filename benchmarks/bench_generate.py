@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import cuda_time, environment, matmul_peak_tflops, sd15, table, write_json
 
 from controlnet.control import Control, control_scales, controlled_unet_forward
+from controlnet.fastpath import compile_modules
 from controlnet.models import PromptEmbeddings
 from controlnet.sampling import ControlUnit, denoise, initial_noise
 
@@ -52,6 +53,8 @@ def ours(
         compile=compile,
         concurrent_controls=concurrent,
     )
+    if compile:
+        compile_modules([base.vae.decoder])
     images = base.decode_latents(out.latents)
     return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()
 
