@@ -177,6 +177,7 @@ def main() -> None:
             }
         )
         print(rows[-1], flush=True)
+        write_json(args.out, {**res, "rows": rows})  # so far: a run cut short keeps its rows
         return s
 
     # ours: eager (no graphs), default (CUDA graphs), batch 1 and 8, one and two ControlNets
