@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import cuda_time, environment, matmul_peak_tflops, sd15, table, write_json
 
 from controlnet.control import Control, control_scales, controlled_unet_forward
-from controlnet.fastpath import compile_modules
+from controlnet.fastpath import compile_modules, release_graphs
 from controlnet.models import PromptEmbeddings
 from controlnet.sampling import ControlUnit, denoise, initial_noise
 
@@ -34,10 +34,23 @@ STEPS, GUIDANCE, SIZE = 20, 9.0, 512
 
 
 def ours(
-    base, cns, emb, neg, cond, batch: int, *, graphs: bool, compile: bool, concurrent: bool = True
+    base,
+    cns,
+    emb,
+    neg,
+    cond,
+    batch: int,
+    *,
+    graphs: bool,
+    compile: bool,
+    concurrent: bool = True,
+    keep_graphs: bool = True,
 ) -> torch.Tensor:
     """Our generation path (what ``controlnet generate`` runs after loading): hint once, the step
-    loop, VAE decode, images to the host."""
+    loop, VAE decode, images to the host. ``keep_graphs=False`` drops the step graphs first, so
+    that the call captures its own (as every call did before they were kept)."""
+    if not keep_graphs:
+        release_graphs(base.unet)
     units = [ControlUnit(cn, cond) for cn in cns]
     out = denoise(
         base,
@@ -124,6 +137,29 @@ def step_flops(base, cns, emb, neg, cond) -> float:
     return fc.get_total_flops()
 
 
+def ablations(record, base, cns, emb, neg, cond, *, compile: bool, label: str) -> None:
+    """Batch 1, one ControlNet, with one optimisation taken away: the step graphs kept across
+    calls; the UNet's encoder running beside the ControlNet."""
+    record(
+        f"{label}, graph captured every call",
+        lambda: ours(base, cns[:1], emb, neg, cond, 1, graphs=True, compile=compile, keep_graphs=False),
+        1,
+        1,
+    )
+    record(
+        f"{label}, UNet encoder before the ControlNet",
+        lambda: ours(base, cns[:1], emb, neg, cond, 1, graphs=True, compile=compile, concurrent=False),
+        1,
+        1,
+    )
+
+
+def decode_ms(base) -> float:
+    """Milliseconds of the VAE decode of one 512x512 image (as the last call left the decoder)."""
+    latents = torch.randn(1, 4, SIZE // 8, SIZE // 8, device=base.device, dtype=base.dtype)
+    return 1e3 * cuda_time(lambda: base.decode_latents(latents), warmup=2, reps=10)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
@@ -132,6 +168,11 @@ def main() -> None:
     p.add_argument("--peer-compile", action="store_true", help="also time diffusers with torch.compile")
     p.add_argument("--fast", action="store_true", help="also time our --fast path (torch.compile)")
     p.add_argument("--fast-batch8", action="store_true", help="with --fast: also batch 8 (compiles again)")
+    p.add_argument(
+        "--ablations",
+        action="store_true",
+        help="also time batch 1 with one optimisation taken away at a time, and the decode alone",
+    )
     p.add_argument("--reps", type=int, default=5)
     p.add_argument(
         "--smoke", action="store_true", help="tiny shapes on the CPU: check the script, time nothing"
@@ -207,6 +248,9 @@ def main() -> None:
         1,
         reps=3,
     )
+    if args.ablations:
+        ablations(record, base, cns, emb, neg, cond, compile=False, label="ours default")
+        res["decode_ms_eager"] = decode_ms(base)
     default_img = ours(base, cns[:1], emb, neg, cond, 1, graphs=True, compile=False)
     eager_img = ours(base, cns[:1], emb, neg, cond, 1, graphs=False, compile=False)
     res["default_vs_eager_max_abs_diff"] = (default_img.float() - eager_img.float()).abs().max().item()
@@ -256,6 +300,9 @@ def main() -> None:
                 1,
                 reps=3,
             )
+        if args.ablations:
+            ablations(record, base, cns, emb, neg, cond, compile=True, label="ours --fast")
+            res["decode_ms_compiled"] = decode_ms(base)
         fast_img = ours(base, cns[:1], emb, neg, cond, 1, graphs=True, compile=True)
         diff = (fast_img.float() - default_img.float()).abs()
         res["fast_vs_default_mean_abs_diff"] = diff.mean().item()
@@ -287,6 +334,8 @@ def main() -> None:
         "ours_vs_diffusers_max_abs_diff",
         "fast_vs_default_mean_abs_diff",
         "fast_vs_default_max_abs_diff",
+        "decode_ms_eager",
+        "decode_ms_compiled",
     ):
         if k in res:
             print(f"{k}: {res[k]:.4g}")
