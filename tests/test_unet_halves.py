@@ -9,28 +9,24 @@ from controlnet.unet_halves import decoder_half, encoder_half
 from tiny import cond_image, make_controlnet, make_unet, unet_inputs
 
 
-def halves_forward(unet, inputs, residuals=None):
-    features = encoder_half(
+def encoder_features(unet, inputs):
+    return encoder_half(
         unet,
         inputs["sample"],
         inputs["timestep"],
         inputs["encoder_hidden_states"],
         inputs.get("added_cond_kwargs"),
     )
-    return decoder_half(unet, features, inputs["encoder_hidden_states"], residuals)
+
+
+def halves_forward(unet, inputs, residuals=None):
+    return decoder_half(unet, encoder_features(unet, inputs), inputs["encoder_hidden_states"], residuals)
 
 
 def random_residuals(unet, inputs, seed=5):
     """Residuals of the UNet's skip shapes (taken from the encoder half itself)."""
-    features = encoder_half(
-        unet,
-        inputs["sample"],
-        inputs["timestep"],
-        inputs["encoder_hidden_states"],
-        inputs.get("added_cond_kwargs"),
-    )
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(f.shape, generator=g) for f in features[1:]]
+    return [torch.randn(f.shape, generator=g) for f in encoder_features(unet, inputs)[1:]]
 
 
 @pytest.mark.parametrize("latent", [(8, 8), (10, 6)], ids=["multiple-of-8", "odd-size"])

@@ -64,7 +64,7 @@ class GraphCache:
         self.use_graphs = device.type == "cuda"
         self.warmup = warmup
         self.max_entries = max_entries
-        self.entries: OrderedDict[Hashable, tuple[Any, dict[str, torch.Tensor], torch.Tensor | None, StepFn]]
+        self.entries: OrderedDict[Hashable, tuple[Any, dict[str, torch.Tensor], torch.Tensor | None]]
         self.entries = OrderedDict()
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.captures = 0
@@ -75,15 +75,15 @@ class GraphCache:
         if entry is None:
             statics = {name: t.detach().clone() for name, t in inputs.items()}
             graph, out = self._capture(fn, statics) if self.use_graphs else (None, None)
-            self.entries[key] = entry = (graph, statics, out, fn)
+            self.entries[key] = entry = (graph, statics, out)
             self.captures += 1
             while len(self.entries) > self.max_entries:
                 self.entries.popitem(last=False)
         self.entries.move_to_end(key)
-        graph, statics, out, fn = entry
+        graph, statics, out = entry  # (not the function: it would keep its caller's tensors alive)
         for name, t in inputs.items():
             statics[name].copy_(t)
-        if graph is None:  # CPU: the same function on the same static buffers, no graph
+        if graph is None:  # CPU: this call's function (same key, same work) on the static buffers
             return fn(statics).clone()
         graph.replay()
         assert out is not None

@@ -143,10 +143,19 @@ def halves(unet: UNet2DConditionModel) -> tuple[EncoderFn, DecoderFn]:
     if compiled is not None:
         return compiled
 
-    def encoder(sample, timestep, context, added=None):  # type: ignore[no-untyped-def]
+    def encoder(
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        context: torch.Tensor,
+        added: Mapping[str, torch.Tensor] | None = None,
+    ) -> Features:
         return encoder_half(unet, sample, timestep, context, added)
 
-    def decoder(features, context, residuals=None):  # type: ignore[no-untyped-def]
+    def decoder(
+        features: Sequence[torch.Tensor],
+        context: torch.Tensor,
+        residuals: Sequence[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         return decoder_half(unet, features, context, residuals)
 
     return encoder, decoder
