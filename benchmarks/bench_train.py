@@ -18,6 +18,7 @@ import gc
 import math
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,7 @@ SMOKE = False
 
 
 def _reset() -> None:
+    torch._dynamo.reset()  # each run compiles its own models: no cache limits carried over
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -157,6 +159,44 @@ def peer(batch: int, *, checkpointing: bool) -> dict[str, float]:
     return {"samples_per_s": batch / s, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
+def largest_batch(
+    measure: Callable[[int], dict[str, float]],
+    capacity_gib: float,
+    *,
+    first: int = 8,
+    multiple: int = 8,
+    headroom: float = 0.95,
+) -> tuple[int, dict[str, float]]:
+    """The largest multiple of ``multiple`` batch that ``measure`` (one run at a batch, returning
+    its ``peak_gib``; raising ``torch.cuda.OutOfMemoryError`` when it does not fit) runs within
+    ``capacity_gib``, and that run's row. Peak memory grows linearly with the batch (fixed weights
+    and optimiser state, activations per sample): two runs, at ``first`` and twice that, give the
+    line; the batch it predicts to fill ``headroom`` of the memory is tried, then smaller ones
+    until one fits."""
+    small, large = measure(first), measure(2 * first)
+    per_sample = (large["peak_gib"] - small["peak_gib"]) / first
+    fixed = small["peak_gib"] - first * per_sample
+    if not per_sample > 0:
+        raise ValueError(
+            f"peak memory did not grow with the batch ({small['peak_gib']} -> {large['peak_gib']} GiB)"
+        )
+    best, best_row = 2 * first, large
+    batch = int((capacity_gib * headroom - fixed) / per_sample) // multiple * multiple
+    too_large = None  # the smallest batch found not to fit
+    while batch > best:
+        try:
+            best, best_row = batch, measure(batch)
+        except torch.cuda.OutOfMemoryError:
+            print(f"batch {batch}: out of memory", flush=True)
+            too_large = batch
+        finally:
+            _reset()
+        if too_large is None:
+            break
+        batch = (best + too_large) // 2 // multiple * multiple  # between what fits and what does not
+    return best, best_row
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
@@ -175,6 +215,11 @@ def main() -> None:
     p.add_argument("--finetune", action="store_true", help="also measure our full-UNet fine-tuning step")
     p.add_argument("--checkpointing", action="store_true", help="also measure with gradient checkpointing")
     p.add_argument(
+        "--largest-batch",
+        action="store_true",
+        help="also find and time the largest batch that fits on the GPU, for each row (several runs each)",
+    )
+    p.add_argument(
         "--smoke", action="store_true", help="tiny shapes on the CPU: check the script, time nothing"
     )
     args = p.parse_args()
@@ -183,9 +228,24 @@ def main() -> None:
     res: dict[str, Any] = {"env": environment(), "command": " ".join(sys.argv), "batch": args.batch}
     rows: list[dict[str, Any]] = []
 
-    def add(name: str, **kw: Any) -> None:
-        rows.append({"run": name, "batch": args.batch, **kw})
+    def add(name: str, batch: int = args.batch, **kw: Any) -> None:
+        rows.append({"run": name, "batch": batch, **kw})
         print(rows[-1], flush=True)
+        write_json(args.out, {**res, "rows": rows})  # so far: a run cut short keeps its rows
+
+    def add_largest(name: str, measure: Callable[[int], dict[str, float]], row: dict[str, float]) -> None:
+        """The row at the largest batch that fits, reusing ``row`` (the run at --batch)."""
+        if args.largest_batch and not SMOKE:
+            capacity = torch.cuda.get_device_properties(0).total_memory / 2**30
+            known = {args.batch: row}
+
+            def once(b: int) -> dict[str, float]:
+                if b not in known:
+                    known[b] = measure(b)
+                return known[b]
+
+            batch, at = largest_batch(once, capacity, first=args.batch)
+            add(f"{name}, largest batch", batch, **at)
 
     if args.no_eager and not args.compile:
         p.error("--no-eager needs --compile (there would be nothing of ours to measure)")
@@ -196,11 +256,20 @@ def main() -> None:
     ckpts = [False, True] if args.checkpointing else [False]
     if args.peer:
         for ck in ckpts:
-            add("diffusers recipe" + (" + checkpointing" if ck else ""), **peer(args.batch, checkpointing=ck))
+            name = "diffusers recipe" + (" + checkpointing" if ck else "")
+            row = peer(args.batch, checkpointing=ck)
+            add(name, **row)
+            add_largest(name, lambda b, ck=ck: peer(b, checkpointing=ck), row)
     for comp in compiles:
         for ck in ckpts:
             name = f"ours controlnet{f' --compile {comp}' if comp else ''}{' + checkpointing' if ck else ''}"
-            add(name, **ours("controlnet", args.batch, args.steps, compile=comp, checkpointing=ck))
+            row = ours("controlnet", args.batch, args.steps, compile=comp, checkpointing=ck)
+            add(name, **row)
+            add_largest(
+                name,
+                lambda b, comp=comp, ck=ck: ours("controlnet", b, args.steps, compile=comp, checkpointing=ck),
+                row,
+            )
         if args.finetune:
             name = "ours full-UNet fine-tune" + (f" --compile {comp}" if comp else "")
             add(name, **ours("finetune", args.batch, args.steps, compile=comp, checkpointing=False))
