@@ -120,9 +120,7 @@ def peer(batch: int, *, checkpointing: bool) -> dict[str, float]:
 
     from controlnet import Family, unet_config
 
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    _reset()
     dtype = torch.bfloat16
     with torch.device("cuda"):
         unet = UNet2DConditionModel(**unet_config(Family.SD1))
@@ -184,13 +182,11 @@ def largest_batch(
     batch = int((capacity_gib * headroom - fixed) / per_sample) // multiple * multiple
     too_large = None  # the smallest batch found not to fit
     while batch > best:
-        try:
+        try:  # (each run frees what the last one left, an out-of-memory run too)
             best, best_row = batch, measure(batch)
         except torch.cuda.OutOfMemoryError:
             print(f"batch {batch}: out of memory", flush=True)
             too_large = batch
-        finally:
-            _reset()
         if too_large is None:
             break
         batch = (best + too_large) // 2 // multiple * multiple  # between what fits and what does not

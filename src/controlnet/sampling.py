@@ -277,8 +277,10 @@ def denoise(
     start = time.perf_counter()
     bar = tqdm(total=total, desc="denoising", unit="step", disable=not progress, leave=False)
     # the scheduler gets each timestep as a CPU tensor: DDIM looks its noise level up in a CPU
-    # table by the timestep, which for a GPU tensor would wait for the GPU every step
-    for i, (t, t_host) in enumerate(zip(timesteps, timesteps.cpu())):
+    # table by the timestep, which for a GPU tensor would wait for the GPU every step. The UNet
+    # gets them as float32 (it embeds them so whatever their dtype): one dtype for every sampler's
+    # timesteps lets them share graphs
+    for i, (t, t_host) in enumerate(zip(timesteps.float(), timesteps.cpu())):
         active, key = [], []
         for k, p in enumerate(prepared):
             c = p.at(i, total, use_cfg)
@@ -286,10 +288,8 @@ def denoise(
                 active.append(c)
                 key.append((k, c.conditional_only, tuple(c.scales)))
                 calls[k] += 1
-        # the UNet embeds timesteps as float32 whatever their dtype: one dtype for every sampler's
-        # timesteps lets them share graphs
         x = scheduler.scale_model_input(latents, t_host).to(dtype)
-        inputs = {"x": x, "t": t.float(), **per_generation}
+        inputs = {"x": x, "t": t, **per_generation}
         inputs.update({f"hint{j}": c.hint for j, c in enumerate(active)})
         fn = model_call(active)
         eps = graphs.run((graph_key, *key), fn, inputs) if graphs is not None else fn(inputs)
