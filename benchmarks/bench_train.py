@@ -160,18 +160,19 @@ def peer(batch: int, *, checkpointing: bool) -> dict[str, float]:
 def largest_batch(
     measure: Callable[[int], dict[str, float]],
     capacity_gib: float,
+    first: int,
+    small: dict[str, float],
     *,
-    first: int = 8,
     multiple: int = 8,
     headroom: float = 0.95,
 ) -> tuple[int, dict[str, float]]:
     """The largest multiple of ``multiple`` batch that ``measure`` (one run at a batch, returning
     its ``peak_gib``; raising ``torch.cuda.OutOfMemoryError`` when it does not fit) runs within
-    ``capacity_gib``, and that run's row. Peak memory grows linearly with the batch (fixed weights
-    and optimiser state, activations per sample): two runs, at ``first`` and twice that, give the
-    line; the batch it predicts to fill ``headroom`` of the memory is tried, then smaller ones
-    until one fits."""
-    small, large = measure(first), measure(2 * first)
+    ``capacity_gib``, and that run's row; ``small`` is the row already measured at batch ``first``.
+    Peak memory grows linearly with the batch (fixed weights and optimiser state, activations per
+    sample): the runs at ``first`` and twice that give the line; the batch it predicts to fill
+    ``headroom`` of the memory is tried, then smaller ones until one fits."""
+    large = measure(2 * first)
     per_sample = (large["peak_gib"] - small["peak_gib"]) / first
     fixed = small["peak_gib"] - first * per_sample
     if not per_sample > 0:
@@ -233,14 +234,7 @@ def main() -> None:
         """The row at the largest batch that fits, reusing ``row`` (the run at --batch)."""
         if args.largest_batch and not SMOKE:
             capacity = torch.cuda.get_device_properties(0).total_memory / 2**30
-            known = {args.batch: row}
-
-            def once(b: int) -> dict[str, float]:
-                if b not in known:
-                    known[b] = measure(b)
-                return known[b]
-
-            batch, at = largest_batch(once, capacity, first=args.batch)
+            batch, at = largest_batch(measure, capacity, args.batch, row)
             add(f"{name}, largest batch", batch, **at)
 
     if args.no_eager and not args.compile:

@@ -65,8 +65,9 @@ def kernel_profile(step: Callable[[], Any], out: Path, n: int = 2) -> dict[str, 
         us = (e.self_device_time_total if cuda else e.self_cpu_time_total) / n
         if us <= 0 or (not cuda and not e.key.startswith("aten::")):
             continue
-        kinds[kind_of(e.key)] = kinds.get(kind_of(e.key), 0.0) + us / 1e3
-        kernels.append((us / 1e3, e.count // n, kind_of(e.key), e.key))
+        kind = kind_of(e.key)
+        kinds[kind] = kinds.get(kind, 0.0) + us / 1e3
+        kernels.append((us / 1e3, e.count // n, kind, e.key))
     kernels.sort(reverse=True)
     lines = [f"{ms:8.3f} ms {count:5d}x  {kind:38s} {name[:110]}\n" for ms, count, kind, name in kernels]
     out.write_text("".join(lines[:40]))
