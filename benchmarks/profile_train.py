@@ -44,7 +44,7 @@ def bare_step(
         for m in objective.networks():
             m.to(memory_format=torch.channels_last)
     if compile:
-        compile_modules(objective.networks(), mode=compile)
+        compile_modules(objective.networks(), mode=compile, training=True)
     opt = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=1e-5, fused=True)
     g = torch.Generator().manual_seed(0)
     data: dict[str, Any] = {

@@ -89,6 +89,25 @@ def test_unlocked_decoder_trains_and_encoder_stays(tmp_path):
     assert any(k.startswith("unet.up_blocks") for k in obj.trainable_state())
 
 
+def test_compiled_training_switches_group_norms_and_trains_the_same(tmp_path, monkeypatch):
+    """--compile switches the networks' GroupNorms to the channels-last formulation (the compiler
+    itself is stubbed out: CPU compilation of a training step takes minutes); the switched
+    networks in channels-last memory train to the same weights as the plain ones."""
+    from controlnet.channels_last_norm import ChannelsLastGroupNorm
+
+    _, plain = setup()
+    train(config(tmp_path, "plain", steps=2), plain, Circles(8))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    _, switched = setup()
+    train(config(tmp_path, "compiled", steps=2, compile=True), switched, Circles(8))
+    norms = [m for net in switched.networks() for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(type(m) is ChannelsLastGroupNorm for m in norms)
+    a, b = plain.trainable_state(), switched.trainable_state()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("split,workers", [(3, 0), (6, 2)])
 def test_resume_continues_bit_identically(tmp_path, split, workers):
     # 16 items at batch 4 (4 batches an epoch): split 3 resumes within the first epoch, split 6

@@ -25,6 +25,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
+from .channels_last_norm import use_channels_last_group_norm
 from .unet_halves import compile_halves
 
 __all__ = [
@@ -132,18 +133,22 @@ def check_compile_mode(mode: str, what: str = "compile mode") -> None:
         raise ValueError(f"{what} must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
 
 
-def compile_modules(modules: Iterable[nn.Module], mode: str = "default") -> None:
+def compile_modules(modules: Iterable[nn.Module], mode: str = "default", *, training: bool = False) -> None:
     """Compile each module's forward in place (idempotent), in channels-last memory format, which
     the tensor-core convolution kernels prefer. In the default mode the CUDA graphs of
     :class:`GraphCache` capture the compiled kernels (inductor's own graphs are not used); it
     fuses the elementwise work and compiles SD1.5 in about a minute. "reduce-overhead" lets
     inductor replay its own CUDA graphs (training, where a step's backward runs too). A UNet's
     halves (:mod:`controlnet.unet_halves`) are compiled too; torch.compile works on first call, so
-    only what runs is compiled."""
+    only what runs is compiled. ``training``: GroupNorm layers become
+    :class:`~controlnet.channels_last_norm.ChannelsLastGroupNorm` (fewer layout copies in the
+    backward pass); generation keeps the native op, which is as fast in a forward pass."""
     check_compile_mode(mode)
     for m in modules:
         if getattr(m, "_controlnet_compiled", None):
             continue
+        if training:
+            use_channels_last_group_norm(m)
         m.to(memory_format=torch.channels_last)
         m.forward = torch.compile(m.forward, mode=mode, dynamic=False)  # type: ignore[method-assign]
         if isinstance(m, UNet2DConditionModel):  # the halves that run beside ControlNets

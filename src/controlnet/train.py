@@ -282,7 +282,7 @@ def train(
     if cfg.gradient_checkpointing:
         objective.enable_gradient_checkpointing()
     if cfg.compile:
-        compile_modules(objective.networks(), mode=cfg.compile_mode)
+        compile_modules(objective.networks(), mode=cfg.compile_mode, training=True)
     graphed = has_own_graphs(objective.networks())
     groups = objective.param_groups(cfg.lr, cfg.decoder_lr)
     base_lrs = [g["lr"] for g in groups]
