@@ -1,11 +1,12 @@
 """Where a training step's time goes: our ControlNet objective in a bare loop (no data loader, no
 accelerate, the batch already on the GPU) under several settings, against the diffusers recipe's
 step, with a torch.profiler table of the eager step (the GPU's busy time against the wall time says
-whether the step is bound by the GPU or by launching kernels from Python).
+whether the step is bound by the GPU or by launching kernels from Python), and the compiled step
+captured whole as one CUDA graph, with and without the UNet's encoder beside the ControlNet.
 
 SD1.5 architecture, random weights, batch 8 at 512 px, bf16 autocast, fused AdamW.
 
-    python benchmarks/profile_train.py --out results/profile   # about 5 min on an H100
+    python benchmarks/profile_train.py --out results/profile   # about 10 min on an H100
 """
 
 from __future__ import annotations
@@ -17,20 +18,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_train
 from common import cuda_time, environment, sd15, table, write_json
 
+from controlnet.control import Control, control_scales, controlled_unet_forward
 from controlnet.fastpath import compile_modules
 from controlnet.models import PromptEmbeddings
-from controlnet.objectives import BaseObjective, ControlNetObjective, StepNoise
+from controlnet.objectives import BaseObjective, ControlNetObjective, StepNoise, as_condition
 
 
-def bare_step(
+def _setup(
     batch: int, *, channels_last: bool = False, compile: str | None = None, finetune: bool = False
-) -> Callable[[], None]:
-    """One optimizer step of our objective, as ``train`` runs it, minus the loop around it."""
+) -> tuple[BaseObjective | ControlNetObjective, list[torch.nn.Parameter], dict[str, Any]]:
+    """An objective prepared as ``train`` prepares it, its trainable parameters and a batch on the
+    GPU (what a cached latent data set yields)."""
     bench_train._reset()
     base, cns = sd15("cuda", torch.bfloat16)
     objective: BaseObjective | ControlNetObjective
@@ -45,7 +49,6 @@ def bare_step(
             m.to(memory_format=torch.channels_last)
     if compile:
         compile_modules(objective.networks(), mode=compile, training=True)
-    opt = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=1e-5, fused=True)
     g = torch.Generator().manual_seed(0)
     data: dict[str, Any] = {
         "latent_mean": torch.randn(batch, 4, 64, 64, generator=g),
@@ -54,6 +57,15 @@ def bare_step(
         "context": torch.randn(batch, 77, 768, generator=g),
     }
     data = {k: v.cuda() for k, v in data.items()} | {"prompt": ["x"] * batch}
+    return objective, [p for p in objective.parameters() if p.requires_grad], data
+
+
+def bare_step(
+    batch: int, *, channels_last: bool = False, compile: str | None = None, finetune: bool = False
+) -> Callable[[], None]:
+    """One optimizer step of our objective, as ``train`` runs it, minus the loop around it."""
+    objective, params, data = _setup(batch, channels_last=channels_last, compile=compile, finetune=finetune)
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
     count = [0]
 
     def step() -> None:
@@ -66,6 +78,54 @@ def bare_step(
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def graph_step(batch: int, *, concurrent: bool = False) -> Callable[[], None]:
+    """The ControlNet step compiled in inductor's default mode and captured whole - forward,
+    backward and a capturable AdamW - as one CUDA graph (the alternative to reduce-overhead's graph
+    per network and pass); the step's random inputs are drawn outside it and copied in.
+    ``concurrent``: the UNet's encoder half runs beside the ControlNet on a side stream."""
+    objective, params, data = _setup(batch, compile="default")
+    assert isinstance(objective, ControlNetObjective)
+    unet, cn = objective.model.unet, objective.controlnet
+    opt = torch.optim.AdamW(params, lr=torch.tensor(1e-5, device="cuda"), fused=True, capturable=True)
+    count = [0]
+
+    def inputs() -> list[torch.Tensor]:
+        count[0] += 1
+        noise = StepNoise(0, count[0], 0, batch, slice(0, batch), "cuda")
+        noisy, t, emb, target = objective.inputs(data, noise)
+        return [noisy.to(unet.dtype), t, emb.context, as_condition(data["cond"]), target]
+
+    static = [x.clone() for x in inputs()]
+
+    def forward_backward() -> None:
+        noisy, t, context, cond, target = static
+        with torch.autocast("cuda", torch.bfloat16):
+            control = Control(cn, cn.encode_hint(cond), control_scales(cn.num_residuals))
+            pred = controlled_unet_forward(unet, noisy, t, context, [control], concurrent=concurrent)
+            loss = F.mse_loss(pred.float(), target.float())
+        loss.backward()
+        opt.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compilation and warm-up, outside the capture
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            forward_backward()
+    torch.cuda.current_stream().wait_stream(side)
+    opt.zero_grad(set_to_none=True)  # the captured backward writes fresh gradients every replay
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        forward_backward()
+
+    def step() -> None:
+        for dst, src in zip(static, inputs()):
+            dst.copy_(src)
+        graph.replay()
 
     return step
 
@@ -98,10 +158,12 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
+    res = {"env": environment(), "command": " ".join(sys.argv)}
 
     def add(name: str, **kw: Any) -> None:
         rows.append({"run": name, "batch": args.batch, **kw})
         print(rows[-1], flush=True)
+        write_json(out / "profile.json", {**res, "rows": rows})  # so far: a run cut short keeps its rows
 
     def timed(name: str, **kw: Any) -> Callable[[], None]:
         step = bare_step(args.batch, **kw)
@@ -122,7 +184,17 @@ def main() -> None:
     timed("ours, full-UNet fine-tuning, eager", finetune=True)
     timed("ours, --compile default", compile="default")
     timed("ours, --compile reduce-overhead", compile="reduce-overhead")
-    write_json(out / "profile.json", {"env": environment(), "command": " ".join(sys.argv), "rows": rows})
+    for concurrent in (False, True):
+        step = graph_step(args.batch, concurrent=concurrent)
+        s = cuda_time(step, warmup=3, reps=10)
+        beside = ", UNet encoder beside the ControlNet" if concurrent else ""
+        add(
+            f"ours, --compile default, whole step one CUDA graph{beside}",
+            samples_per_s=args.batch / s,
+            ms=1000 * s,
+            peak_gib=bench_train._peak(),
+        )
+        del step
     print()
     print(table(rows, ["run", "batch", "samples_per_s", "ms", "peak_gib", "gpu_busy_ms"]))
 
