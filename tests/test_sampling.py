@@ -204,3 +204,25 @@ def test_compile_modes_and_who_replays_its_own_graphs():
     assert has_own_graphs([graphed])
     with pytest.raises(ValueError, match="compile mode must be one of default, reduce-overhead"):
         compile_modules([torch.nn.Conv2d(4, 4, 1)], mode="max-autotune")
+
+
+def test_networks_that_replay_their_own_graphs_run_one_after_the_other(world, monkeypatch):
+    """Networks compiled in reduce-overhead mode (training's) share inductor's one-stream memory
+    pool, so the sampler does not put them on side streams; the latents are the same either way."""
+    import controlnet.sampling as sampling
+
+    seen = []
+    real = sampling.controlled_unet_forward
+
+    def spy(*args, **kw):
+        seen.append(kw["concurrent"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(sampling, "controlled_unet_forward", spy)
+    plain = run(world, [unit(world)], steps=2, cuda_graphs=False)
+    assert seen == [True, True]
+    monkeypatch.setattr(world[0].unet, "_controlnet_compiled", "reduce-overhead", raising=False)
+    seen.clear()
+    own = run(world, [unit(world)], steps=2, cuda_graphs=False)
+    assert seen == [False, False]
+    torch.testing.assert_close(own.latents, plain.latents, rtol=0, atol=0)

@@ -207,7 +207,8 @@ def denoise(
         cuda_graphs: replay each step's model call from a CUDA graph (None: on CUDA devices).
         compile: also torch.compile the UNet and ControlNets (the fast path; slow first call).
         concurrent_controls: run several ControlNets of a step on parallel CUDA streams (no
-            effect elsewhere); the results are the same either way.
+            effect elsewhere, nor with networks compiled in reduce-overhead mode); the results are
+            the same either way.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -245,9 +246,15 @@ def denoise(
     if compile:
         compile_modules(networks)
     want_graphs = cuda_graphs if cuda_graphs is not None else device.type == "cuda"
-    graphs = step_graphs(base.unet, device) if want_graphs and not has_own_graphs(networks) else None
+    own_graphs = has_own_graphs(networks)
+    graphs = step_graphs(base.unet, device) if want_graphs and not own_graphs else None
+    # networks that replay inductor's CUDA graphs (compiled for training in reduce-overhead mode)
+    # allocate from one memory pool that inductor fills from a single stream; side streams are
+    # outside what it supports (a validation run during such training gave NaN images), so they
+    # run one after the other
+    concurrent = concurrent_controls and not own_graphs
     # what a step's graph depends on besides its inputs: weights, controls, guidance
-    graph_key = (weights_key(networks) if graphs is not None else (), use_cfg, guidance, concurrent_controls)
+    graph_key = (weights_key(networks) if graphs is not None else (), use_cfg, guidance, concurrent)
     per_generation = {"context": embeds.context, **{f"added.{k}": v for k, v in (embeds.added or {}).items()}}
 
     def model_call(active: list[Control]) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
@@ -265,7 +272,7 @@ def denoise(
                 [replace(c, hint=inputs[f"hint{j}"]) for j, c in enumerate(active)],
                 cfg_batch=use_cfg,
                 added_cond_kwargs=added,
-                concurrent=concurrent_controls,
+                concurrent=concurrent,
             ).float()
             if use_cfg:
                 eps_u, eps_c = eps.chunk(2)
