@@ -6,6 +6,7 @@ import itertools
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -266,6 +267,29 @@ def test_validation_writes_grids_scores_and_the_convergence_step(tmp_path, preci
     with open(run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["name"] for r in rows} >= {"loss", "val_loss", "score/fake"}
+
+
+def test_validation_warns_of_samples_that_are_not_finite(tmp_path, monkeypatch):
+    """A sample that came out NaN is named, not only drawn black."""
+    import controlnet.validation as validation
+
+    real = validation.denoise
+
+    def broken(*args, **kw):
+        out = real(*args, **kw)
+        out.latents[0] = float("nan")
+        return out
+
+    monkeypatch.setattr(validation, "denoise", broken)
+    _, obj = setup()
+    val = validation.ControlValidator(Circles(12), 2, steps=2)
+    with pytest.warns(RuntimeWarning, match="step 5: 1 of 2 samples are not finite"):
+        val(obj, 5, tmp_path)
+    assert (tmp_path / "samples" / "step-00000005.png").is_file()
+    monkeypatch.setattr(validation, "denoise", real)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        val(obj, 6, tmp_path)  # finite samples: no warning
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero_on_a_cosine():

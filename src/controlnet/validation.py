@@ -7,6 +7,7 @@ the score's curve shows when the model starts to follow its conditions ("sudden 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,14 @@ class ControlValidator:
             progress=False,
         )
         release_graphs(base.unet)  # the step graphs' memory goes back to training
+        bad = int((~torch.isfinite(out.latents.flatten(1)).all(dim=1)).sum())
+        if bad:
+            warnings.warn(
+                f"validation at step {step}: {bad} of {n} samples are not finite (NaN or inf); "
+                "their images are black and their scores meaningless",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         images = [to_uint8(x) for x in base.decode_latents(out.latents)]
         if "target" in batch:
             targets = [to_uint8(t) for t in batch["target"]]
