@@ -250,8 +250,8 @@ def denoise(
     graphs = step_graphs(base.unet, device) if want_graphs and not own_graphs else None
     # networks that replay inductor's CUDA graphs (compiled for training in reduce-overhead mode)
     # allocate from one memory pool that inductor fills from a single stream; side streams are
-    # outside what it supports (a validation run during such training gave NaN images), so they
-    # run one after the other
+    # outside what it supports (a validation run during such training, with side streams, drew
+    # NaN images), so they run one after the other
     concurrent = concurrent_controls and not own_graphs
     # what a step's graph depends on besides its inputs: weights, controls, guidance
     graph_key = (weights_key(networks) if graphs is not None else (), use_cfg, guidance, concurrent)

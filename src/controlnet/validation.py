@@ -35,6 +35,18 @@ def to_uint8(x: torch.Tensor, lo: float = -1.0) -> np.ndarray:
     return (x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
+def _warn_if_not_finite(latents: torch.Tensor, step: int) -> None:
+    """Name the samples that came out NaN or inf (their images would only be drawn black)."""
+    bad = int((~torch.isfinite(latents.flatten(1)).all(dim=1)).sum())
+    if bad:
+        warnings.warn(
+            f"validation at step {step}: {bad} of {len(latents)} samples are not finite (NaN or "
+            "inf); their images are black and their scores meaningless",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 class ControlValidator:
     """Callable the trainer runs every ``validate_every`` steps on process 0."""
 
@@ -101,14 +113,7 @@ class ControlValidator:
             progress=False,
         )
         release_graphs(base.unet)  # the step graphs' memory goes back to training
-        bad = int((~torch.isfinite(out.latents.flatten(1)).all(dim=1)).sum())
-        if bad:
-            warnings.warn(
-                f"validation at step {step}: {bad} of {n} samples are not finite (NaN or inf); "
-                "their images are black and their scores meaningless",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        _warn_if_not_finite(out.latents, step)
         images = [to_uint8(x) for x in base.decode_latents(out.latents)]
         if "target" in batch:
             targets = [to_uint8(t) for t in batch["target"]]
@@ -177,6 +182,7 @@ class ImageValidator:
                 seeds=[self.seed + i for i in range(len(prompts))],
             )
             release_graphs(base.unet)
+            _warn_if_not_finite(out.latents, step)
             for m, w in zip(mods, was):
                 m.train(w)
             outs = [to_uint8(x) for x in base.decode_latents(out.latents)]
