@@ -292,6 +292,37 @@ def test_validation_warns_of_samples_that_are_not_finite(tmp_path, monkeypatch):
         val(obj, 6, tmp_path)  # finite samples: no warning
 
 
+def test_base_model_validation_reconstructs_or_samples_and_restores_training_mode(tmp_path, monkeypatch):
+    """The VAE stage is scored by reconstruction PSNR, the base stage by samples from the held-out
+    prompts alone; both draw a grid, hand the networks back in training mode, and name samples that
+    are not finite."""
+    import controlnet.validation as validation
+    from controlnet.objectives import BaseObjective, VaeObjective
+
+    base, data = make_base(), Circles(6)
+    val = validation.ImageValidator(data, 2, steps=2)
+    vae = VaeObjective(base)
+    scores = val(vae, 3, tmp_path / "vae")
+    assert set(scores) == {"score/psnr_db"} and 0 < scores["score/psnr_db"] < 100
+    assert (tmp_path / "vae" / "samples" / "step-00000003.png").is_file() and base.vae.training
+
+    obj = BaseObjective(base)
+    assert val(obj, 4, tmp_path / "base") == {}  # "circle 0" is not a fill50k prompt: no colour score
+    assert (tmp_path / "base" / "samples" / "step-00000004.png").is_file()
+    assert obj.unet.training and obj.text_encoder.training
+
+    real = validation.denoise
+
+    def broken(*args, **kw):
+        out = real(*args, **kw)
+        out.latents[1] = float("inf")
+        return out
+
+    monkeypatch.setattr(validation, "denoise", broken)
+    with pytest.warns(RuntimeWarning, match="step 5: 1 of 2 samples are not finite"):
+        val(obj, 5, tmp_path / "base")
+
+
 def test_lr_schedule_warms_up_then_decays_to_zero_on_a_cosine():
     from controlnet.train import lr_factor
 
