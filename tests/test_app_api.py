@@ -131,6 +131,34 @@ def test_preprocess_gives_the_annotators_map(client):
     assert rgba.shape == (64, 64, 4) and (rgba[:8, :, 3] == 0).all() and (rgba[8:, :, 3] == 255).all()
 
 
+def test_an_inpainting_map_from_preprocess_is_fed_back_with_its_mask(client, server, tmp_path):
+    """The RGBA map /api/preprocess returns, sent back as a ready map, is what the library makes of
+    the same file (its alpha-0 pixels read as -1), not the map flattened over white."""
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, :24] = 255
+    body = {"annotator": "inpaint", "image": b64(square()), "mask": b64(mask)}
+    pre = client.post("/api/preprocess", json=body)
+    assert pre.status_code == 200, pre.text
+    rgba = decode(pre.json()["image"])
+    with_alpha = client.post("/api/generate", json=gen(controls=[{"image": b64(rgba)}]))
+    flattened = client.post("/api/generate", json=gen(controls=[{"image": b64(rgba[..., :3])}]))
+    assert with_alpha.status_code == flattened.status_code == 200, (with_alpha.text, flattened.text)
+    ours = decode(with_alpha.json()["images"][0])
+    assert not np.array_equal(ours, decode(flattened.json()["images"][0]))
+    base, cns = server.files
+    (tmp_path / "map.png").write_bytes(png_bytes(rgba))
+    request = GenerationRequest(
+        prompt="a square",
+        controls=[ControlRequest(image=str(tmp_path / "map.png"), controlnet=cns[0])],
+        base=base,
+        steps=2,
+        resolution=64,
+        seed=7,
+    )
+    result, _ = run(request, progress=False)
+    np.testing.assert_array_equal(ours, result.images[0])
+
+
 TRUNCATED_PNG = png_bytes(np.full((64, 64, 3), 7, np.uint8))[:60]
 BIG = b64(np.zeros((400, 400, 3), np.uint8))  # 0.16 megapixels, over the test server's 0.1
 

@@ -147,6 +147,53 @@ def test_sidecar_replay_is_bit_identical(models, files, tmp_path):
         verify_inputs(read_sidecar(sidecar))
 
 
+def _hints(cn):
+    """Record every condition tensor the ControlNet's hint encoder reads."""
+    seen = []
+    handle = cn.controlnet_cond_embedding.register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
+    return seen, handle
+
+
+def test_inpainting_map_reaches_the_model_with_minus_one_on_masked_pixels(models, files, tmp_path):
+    """The v1.1 inpaint model reads -1 where pixels are to be repainted. A ready RGBA map (as
+    `controlnet preprocess inpaint` writes it) keeps its alpha; the inpaint annotator run inside the
+    generation reads the request's mask."""
+    from controlnet.annotators.inpaint import inpaint
+    from controlnet.imageio import write_image
+
+    base, cn = models
+    init = np.array(Image.open(files["init"]))
+    masked = np.asarray(Image.open(files["mask"])) > 127  # columns 0..23
+    write_image(tmp_path / "inpaint.png", inpaint(init, masked))
+    seen, handle = _hints(cn)
+    try:
+        ready_map = ControlRequest(str(tmp_path / "inpaint.png"))
+        ready = generate(request(files, controls=[ready_map]), base, [cn], progress=False)
+        annotated = generate(
+            request(
+                files,
+                controls=[ControlRequest(files["init"], preprocess="inpaint")],
+                init_image=files["init"],
+                mask=files["mask"],
+            ),
+            base,
+            [cn],
+            progress=False,
+        )
+    finally:
+        handle.remove()
+    for hint in (seen[0], seen[-1]):
+        assert hint.shape == (1, 3, 64, 64)
+        assert torch.all(hint[..., :24] == -1)  # the masked columns, every channel
+        kept = torch.from_numpy(init[:, 24:]).permute(2, 0, 1)[None].float() / 255
+        assert torch.allclose(hint[..., 24:], kept)
+    assert np.array_equal(ready.conditions[0][:, :24], np.zeros((64, 24, 3), np.uint8))  # shown black
+    assert annotated.conditions[0].shape == (64, 64, 3)
+    # without a mask the annotator has nothing to read: refused before any model work
+    with pytest.raises(ValueError, match="control 0: annotator inpaint needs a mask"):
+        request(files, controls=[ControlRequest(files["init"], preprocess="inpaint")]).validate()
+
+
 def test_output_size_keeps_aspect_on_multiples_of_64():
     assert model_size(480, 640, 512) == (512, 704)
     assert model_size(512, 512, 512) == (512, 512)

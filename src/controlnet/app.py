@@ -463,11 +463,11 @@ def _wire_unit(service: Service, u: Unit, resolution: gr.Slider) -> None:
         try:
             image = _unit_image(service, u, data)
             res = int(data[resolution])
-            if name == NONE:  # a ready map: shown at the size the model gets it
+            if name == NONE:  # a ready map: shown at the size the model gets it, alpha kept
                 from .annotators import resize_for_model
                 from .imageio import read_image
 
-                return resize_for_model(read_image(image), res)
+                return resize_for_model(read_image(image, alpha=True), res)
             return service.preprocess(
                 name, image, u.annotator_params(data, name), resolution=res, detect_resolution=res
             )

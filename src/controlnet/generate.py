@@ -175,7 +175,13 @@ class GenerationRequest:
             _parse_enum(ControlMode, c.mode, f"control {i} mode")
             read_image(c.image)  # readable, an image, not huge
             if c.preprocess is not None:
-                _get_annotator(c.preprocess).check_params(c.params)
+                ann = _get_annotator(c.preprocess)
+                ann.check_params(c.params)
+                if "mask" in ann.inputs and self.mask is None:
+                    raise ValueError(
+                        f"control {i}: annotator {ann.name} needs a mask; it reads the request's "
+                        "mask (white = regenerate), which needs an init image too"
+                    )
             if c.controlnet is not None and not Path(c.controlnet).exists():
                 raise FileNotFoundError(f"control {i}: ControlNet {c.controlnet} does not exist")
         if self.base is not None and not Path(self.base).exists():
@@ -205,14 +211,20 @@ class GenerationResult:
 
 
 # ---------------------------------------------------------------------- conditions
-def _prepare_condition(c: ControlRequest, size_hw: tuple[int, int]) -> tuple[np.ndarray, torch.Tensor]:
-    image = read_image(c.image)
+def _prepare_condition(
+    c: ControlRequest, size_hw: tuple[int, int], mask: np.ndarray | None = None
+) -> tuple[np.ndarray, torch.Tensor]:
+    """The control's map at the output size and the model's tensor of it. A ready map keeps its
+    alpha channel (an inpainting map's alpha-0 pixels become -1); an annotator that takes a mask
+    (inpaint) gets ``mask``, the request's mask at the output size."""
     if c.preprocess is None:
-        cond_map = resize_to(image, size_hw)
+        cond_map = resize_to(read_image(c.image, alpha=True), size_hw)
         return cond_map, condition_tensor(cond_map)
     ann = _get_annotator(c.preprocess)
+    extra = {"mask": mask > 0.5} if "mask" in ann.inputs and mask is not None else {}
     # detect at the output size (as the released apps did), so edge widths etc. match the model's view
-    cond_map = resize_to(ann(resize_to(image, size_hw), **c.params), size_hw, nearest=ann.nearest)
+    detected = ann(resize_to(read_image(c.image), size_hw), **c.params, **extra)
+    cond_map = resize_to(detected, size_hw, nearest=ann.nearest)
     return cond_map, condition_tensor(cond_map, invert=ann.model_invert)
 
 
@@ -295,9 +307,18 @@ def generate(
     size = output_size(req, base.unet.config.sample_size * base.vae_scale_factor)
     latent_size = (size[0] // base.vae_scale_factor, size[1] // base.vae_scale_factor)
 
+    init_latents = mask = init = pixel_mask = None
+    if req.init_image is not None:
+        init = resize_to(read_image(req.init_image), size)
+        pixels = torch.from_numpy(init).permute(2, 0, 1)[None].float().to(req.device) / 127.5 - 1.0
+        init_latents = base.encode_images(pixels.to(dtype), torch.Generator(req.device).manual_seed(seed))
+        if req.mask is not None:
+            pixel_mask = resize_to(read_mask(req.mask), size)
+            mask = mask_to_latent(torch.from_numpy(pixel_mask)[None, None], latent_size)
+
     maps, units = [], []
     for c, cn in zip(req.controls, controlnets):
-        cond_map, cond = _prepare_condition(c, size)
+        cond_map, cond = _prepare_condition(c, size, pixel_mask)
         maps.append(cond_map[..., :3])
         units.append(
             ControlUnit(cn, cond, c.strength, c.start, c.end, ControlMode(c.mode), guess_mode=c.guess_mode)
@@ -309,15 +330,6 @@ def generate(
     uncond_emb = (
         base.encode_prompt([req.negative_prompt], size=size).repeat(n) if req.guidance != 1.0 else None
     )
-
-    init_latents = mask = init = pixel_mask = None
-    if req.init_image is not None:
-        init = resize_to(read_image(req.init_image), size)
-        pixels = torch.from_numpy(init).permute(2, 0, 1)[None].float().to(req.device) / 127.5 - 1.0
-        init_latents = base.encode_images(pixels.to(dtype), torch.Generator(req.device).manual_seed(seed))
-        if req.mask is not None:
-            pixel_mask = resize_to(read_mask(req.mask), size)
-            mask = mask_to_latent(torch.from_numpy(pixel_mask)[None, None], latent_size)
 
     seeds = [seed + i for i in range(n)]
     out = denoise(

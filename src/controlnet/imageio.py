@@ -47,12 +47,15 @@ def _open(path: str | Path) -> Image.Image:
     return img
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """An image file -> (H, W, 3) uint8 RGB. Transparent pixels are composited over white; grey
-    images become three equal channels."""
+def read_image(path: str | Path, *, alpha: bool = False) -> np.ndarray:
+    """An image file -> (H, W, 3) uint8 RGB; grey images become three equal channels. Transparent
+    pixels are composited over white, or with ``alpha`` a file with transparency is read as
+    (H, W, 4) RGBA, its alpha kept (condition maps: alpha 0 marks pixels without a condition)."""
     img = _open(path)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
+        if alpha:
+            return np.asarray(rgba, dtype=np.uint8).copy()
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, rgba)
     return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()

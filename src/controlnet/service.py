@@ -179,7 +179,8 @@ class Service:
         """Check an uploaded image and store it as a PNG; return its path (the same pixels give the
         same file). ``source``: the file's bytes, a file path, or an (H, W[, C]) uint8 array.
         ``what`` names the input in messages. ``mask``: read it as a mask (white or opaque =
-        regenerate) and store it as a grey image.
+        regenerate) and store it as a grey image. Other images keep their alpha channel: readers
+        composite it (photos) or honour it (inpainting condition maps).
 
         Raises UploadTooLarge over a size limit, ValueError for anything that is not a readable
         image. The messages name ``what`` and the limit, never a server path.
@@ -209,7 +210,7 @@ class Service:
         try:
             self._check_pixels(path, what)
             try:
-                array = read_mask(path) if mask else read_image(path)
+                array = read_mask(path) if mask else read_image(path, alpha=True)
             except ValueError as e:  # imageio's checks: not an image, corrupt, too many pixels
                 reason = _strip(e, path).removeprefix("cannot read the upload as an image (").rstrip(")")
                 raise ValueError(f"{what}: not a readable image ({reason})") from None
