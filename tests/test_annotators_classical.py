@@ -173,6 +173,55 @@ def test_resize_for_model():
     assert len({tuple(c) for c in A.resize_for_model(labels, 512).reshape(-1, 3)}) > 2
 
 
+def _disc(h: int, w: int, cy: int, cx: int, r: int) -> np.ndarray:
+    yy, xx = np.mgrid[:h, :w]
+    img = np.zeros((h, w, 3), np.uint8)
+    img[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 255
+    return img
+
+
+def _extent(img: np.ndarray) -> tuple[int, int]:
+    """(height, width) of the white blob."""
+    ys, xs = np.nonzero(img[..., 0] > 127)
+    return ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+
+
+def test_fit_to_a_square_stretches_crops_or_pads():
+    """A wide picture (a disc in the middle, a bar at the left edge) on a square canvas: stretch
+    squashes the disc; crop keeps it round and cuts the bar off; fill keeps both, round, and pads
+    with the border's colour."""
+    wide = _disc(60, 120, 30, 60, 20)
+    wide[:, :6] = 255  # the bar: only a fit that keeps the whole width keeps it
+    stretched = A.fit_to(wide, (64, 64), "stretch")
+    cropped = A.fit_to(wide, (64, 64), A.ResizeMode.CROP)
+    filled = A.fit_to(wide, (64, 64), "fill")
+    for out in (stretched, cropped, filled):
+        assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+    h, w = _extent(A.fit_to(_disc(60, 120, 30, 60, 20), (64, 64), "stretch"))
+    assert h > 1.6 * w  # squashed sideways
+    assert abs(np.subtract(*_extent(cropped))) <= 1  # round; scaled by 64/60
+    assert 42 <= _extent(cropped)[0] <= 44 and not cropped[:, :4].any()  # the bar is cut off
+    assert filled[16:48, :3].all()  # the bar is kept
+    assert not filled[:16].any() and not filled[48:].any()  # padded with the border's black
+    assert abs(np.subtract(*_extent(filled[:, 8:]))) <= 1  # round: 64/120 of 41 px
+    # the padding is the border's colour: its median, or its commonest code for label maps
+    grey = np.full((30, 60, 3), 90, np.uint8)
+    grey[0, :] = 10  # a minority of the border
+    assert (A.fit_to(grey, (64, 64), "fill")[:10] == 90).all()
+    labels = np.zeros((30, 60, 3), np.uint8)
+    labels[:, :40] = (6, 230, 230)
+    padded = A.fit_to(labels, (64, 64), "fill", nearest=True)
+    assert {tuple(c) for c in padded.reshape(-1, 3)} == {(0, 0, 0), (6, 230, 230)}  # no new colours
+    assert tuple(padded[0, 0]) == (6, 230, 230)  # the commonest border colour
+    # an alpha channel pads as 0 (no condition: an inpainting map's pixels to generate); masks take a value
+    rgba = np.full((30, 60, 4), 255, np.uint8)
+    assert (A.fit_to(rgba, (64, 64), "fill")[:10] == 0).all()
+    mask = np.zeros((30, 60), np.float32)
+    assert A.fit_to(mask, (64, 64), "fill", fill=1.0)[:10].min() == 1.0
+    with pytest.raises(ValueError, match="'zoom' is not a valid ResizeMode"):
+        A.fit_to(wide, (64, 64), "zoom")
+
+
 def test_prepare_condition_sizes_and_nearest():
     img = shapes(100, 150)
     out = A.prepare_condition("canny", img, resolution=256, detect_resolution=128)

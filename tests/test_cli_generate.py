@@ -116,3 +116,17 @@ def test_unreadable_image_and_missing_model(files, tmp_path, capsys):
     b = args(files, "--out", str(tmp_path / "o"))
     b[b.index(str(files / "base.safetensors"))] = str(tmp_path / "none.safetensors")
     assert main(b) == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_resize_mode_fits_the_square_map_to_a_tall_output(files, tmp_path):
+    out = tmp_path / "out"
+    extra = ("--width", "64", "--height", "128", "--resize-mode", "fill", "--seed", "1", "--out", str(out))
+    assert main(args(files, *extra)) == 0
+    record = json.loads(next(out.glob("*.json")).read_text())
+    assert record["request"]["resize_mode"] == "fill"
+    image = np.asarray(Image.open(out / record["outputs"]["images"][0]["file"]))
+    grid = np.asarray(Image.open(out / record["outputs"]["grid"]))
+    cond_map = grid[4 : 4 + 128, 4 : 4 + 64]  # the grid's first cell, inside its 4 px frame
+    assert image.shape == (128, 64, 3)
+    assert np.array_equal(cond_map[32:96], np.asarray(Image.open(files / "cond.png")))  # unscaled
+    assert not cond_map[:32].any() and not cond_map[96:].any()  # padded above and below

@@ -194,6 +194,45 @@ def test_inpainting_map_reaches_the_model_with_minus_one_on_masked_pixels(models
         request(files, controls=[ControlRequest(files["init"], preprocess="inpaint")]).validate()
 
 
+def test_resize_modes_fit_every_image_of_the_request_alike(models, tmp_path):
+    """A 32x64 picture on a 64x64 output: each mode gives the map the library's fit makes; an
+    annotator runs on the picture alone, its map padded after (no edges at the padding); with fill
+    and a mask, the padding is regenerated and the picture kept pixel for pixel (outpainting)."""
+    from controlnet.annotators import annotate, fit_to
+
+    base, cn = models
+    rng = np.random.default_rng(5)
+    wide = np.full((32, 64, 3), 128, np.uint8)
+    wide[8:24, 24:40] = 255
+    photo = rng.integers(0, 256, (32, 64, 3), dtype=np.uint8)
+    keep_all = np.zeros((32, 64), np.uint8)  # regenerate nothing of the picture itself
+    paths = {}
+    for name, arr in {"wide": wide, "photo": photo, "keep": keep_all}.items():
+        paths[name] = str(tmp_path / f"{name}.png")
+        Image.fromarray(arr).save(paths[name])
+
+    def run(mode, **kw):
+        kw.setdefault("controls", [ControlRequest(paths["wide"])])
+        req = GenerationRequest(prompt="x", steps=2, seed=3, width=64, height=64, resize_mode=mode, **kw)
+        return generate(req, base, [cn] * len(kw["controls"]), progress=False)
+
+    for mode in ("stretch", "crop", "fill"):
+        assert np.array_equal(run(mode).conditions[0], fit_to(wide, (64, 64), mode))
+    canny = run("fill", controls=[ControlRequest(paths["wide"], preprocess="canny")]).conditions[0]
+    assert np.array_equal(canny[16:48], annotate("canny", wide))
+    assert not canny[:16].any() and not canny[48:].any()
+
+    out = run("fill", init_image=paths["photo"], mask=paths["keep"], denoise=1.0).images[0]
+    assert np.array_equal(out[16:48], photo)  # the picture, every pixel
+    padding = fit_to(photo, (64, 64), "fill")[:16]  # what the init image holds there
+    assert np.abs(out[:16].astype(int) - padding).mean() > 10  # generated anew
+
+    with pytest.raises(ValueError, match="unknown resize mode 'zoom'; expected one of: stretch, crop, fill"):
+        GenerationRequest(resize_mode="zoom").validate()
+    # sidecars written before resize modes existed replay as they ran: stretched
+    assert GenerationRequest.from_dict({"prompt": "x"}).resize_mode == "stretch"
+
+
 def test_output_size_keeps_aspect_on_multiples_of_64():
     assert model_size(480, 640, 512) == (512, 704)
     assert model_size(512, 512, 512) == (512, 512)

@@ -77,6 +77,7 @@ class GenerateBody(BaseModel):
     resolution: int | None = _D.resolution
     width: int | None = _D.width
     height: int | None = _D.height
+    resize_mode: str = _D.resize_mode
     init_image: str | None = _D.init_image
     denoise: float = _D.denoise
     mask: str | None = _D.mask

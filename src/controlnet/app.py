@@ -16,7 +16,7 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
-from .annotators import ANNOTATORS, Annotator, Param, ParamType, hwc3
+from .annotators import ANNOTATORS, Annotator, Param, ParamType, ResizeMode, hwc3
 from .control import ControlMode
 from .generate import ControlRequest, GenerationRequest, PromptSetting
 from .sampling import Sampler
@@ -348,6 +348,13 @@ def build_ui(service: Service) -> gr.Blocks:
                             label="Resolution (short side)",
                             elem_id="resolution",
                         )
+                        resize_mode = gr.Radio(
+                            [m.value for m in ResizeMode],
+                            value=d.resize_mode,
+                            label="Images of another aspect",
+                            info="stretch, crop the centre, or fill (pad) to the output's",
+                            elem_id="resize-mode",
+                        )
             with gr.Column(scale=2):
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
                 gallery = gr.Gallery(label="Results", columns=2, format="png", elem_id="gallery")
@@ -360,7 +367,7 @@ def build_ui(service: Service) -> gr.Blocks:
                 info = gr.Markdown(elem_id="info")
 
         globals_ = [prompt, editor, denoise, mask_blur, overlay, setting, sampler, added, negative]
-        globals_ += [steps, guidance, eta, seed, samples, resolution]
+        globals_ += [steps, guidance, eta, seed, samples, resolution, resize_mode]
 
         def generate(data: dict, progress: gr.Progress = gr.Progress()) -> tuple[Any, Any, str]:  # noqa: B008
             try:
@@ -396,6 +403,7 @@ def build_ui(service: Service) -> gr.Blocks:
                     seed=None if data[seed] is None or int(data[seed]) < 0 else int(data[seed]),
                     num_samples=int(data[samples]),
                     resolution=int(data[resolution]),
+                    resize_mode=data[resize_mode],
                     init_image=init,
                     denoise=float(data[denoise]) if init else 1.0,
                     mask=mask,

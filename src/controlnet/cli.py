@@ -456,6 +456,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         resolution=args.resolution,
         width=args.width,
         height=args.height,
+        resize_mode=args.resize_mode,
         init_image=args.init_image,
         denoise=args.denoise,
         mask=args.mask,
@@ -550,6 +551,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--resolution", type=int, help="short side in pixels (default: the model's native size)")
     s.add_argument("--width", type=int)
     s.add_argument("--height", type=int)
+    s.add_argument(
+        "--resize-mode",
+        choices=["stretch", "crop", "fill"],
+        default="stretch",
+        help="how images of another aspect fit the output: stretch (default), crop the centre, or "
+        "fill (pad; a mask's padding is regenerated)",
+    )
     s.add_argument("--init-image", help="img2img / masked editing source")
     s.add_argument("--denoise", type=float, default=1.0, help="img2img strength in (0, 1] (default 1)")
     s.add_argument("--mask", help="white = regenerate, black = keep the init image")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .annotators import get as _get_annotator
-from .annotators.utils import condition_tensor, model_size, resize_to
+from .annotators.utils import ResizeMode, condition_tensor, fill_box, fit_to, model_size, resize_to
 from .control import ControlMode
 from .controlnet import ControlNet
 from .fastpath import compile_modules
@@ -106,6 +106,7 @@ class GenerationRequest:
     resolution: int | None = None  # short side; None: the base model's native size
     width: int | None = None
     height: int | None = None
+    resize_mode: str = ResizeMode.STRETCH.value  # how images of another aspect fit the output
     init_image: str | None = None
     denoise: float = 1.0
     mask: str | None = None
@@ -140,6 +141,7 @@ class GenerationRequest:
         """Check everything that can be checked without a model; raise ValueError/FileNotFoundError
         naming the parameter (or file) and what was expected."""
         _parse_enum(Sampler, self.sampler, "sampler")
+        _parse_enum(ResizeMode, self.resize_mode, "resize mode")
         setting = _parse_enum(PromptSetting, self.prompt_setting, "prompt setting")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
@@ -212,19 +214,25 @@ class GenerationResult:
 
 # ---------------------------------------------------------------------- conditions
 def _prepare_condition(
-    c: ControlRequest, size_hw: tuple[int, int], mask: np.ndarray | None = None
+    c: ControlRequest, size_hw: tuple[int, int], mode: ResizeMode, mask: np.ndarray | None = None
 ) -> tuple[np.ndarray, torch.Tensor]:
-    """The control's map at the output size and the model's tensor of it. A ready map keeps its
-    alpha channel (an inpainting map's alpha-0 pixels become -1); an annotator that takes a mask
-    (inpaint) gets ``mask``, the request's mask at the output size."""
+    """The control's map at the output size, fitted by ``mode``, and the model's tensor of it. A
+    ready map keeps its alpha channel (an inpainting map's alpha-0 pixels become -1); an annotator
+    that takes a mask (inpaint) gets ``mask``, the request's mask at the output size."""
     if c.preprocess is None:
-        cond_map = resize_to(read_image(c.image, alpha=True), size_hw)
+        cond_map = fit_to(read_image(c.image, alpha=True), size_hw, mode)
         return cond_map, condition_tensor(cond_map)
     ann = _get_annotator(c.preprocess)
-    extra = {"mask": mask > 0.5} if "mask" in ann.inputs and mask is not None else {}
-    # detect at the output size (as the released apps did), so edge widths etc. match the model's view
-    detected = ann(resize_to(read_image(c.image), size_hw), **c.params, **extra)
-    cond_map = resize_to(detected, size_hw, nearest=ann.nearest)
+    image = read_image(c.image)
+    # detect at the size the image takes in the output (as the released apps detected at the output
+    # size), so edge widths etc. match the model's view; with FILL the map itself is padded after
+    h, w, top, left = fill_box(image.shape[:2], size_hw) if mode is ResizeMode.FILL else (*size_hw, 0, 0)
+    extra = {}
+    if "mask" in ann.inputs and mask is not None:
+        extra["mask"] = mask[top : top + h, left : left + w] > 0.5
+    source = resize_to(image, (h, w)) if mode is ResizeMode.FILL else fit_to(image, size_hw, mode)
+    detected = resize_to(ann(source, **c.params, **extra), (h, w), nearest=ann.nearest)
+    cond_map = fit_to(detected, size_hw, mode, nearest=ann.nearest)
     return cond_map, condition_tensor(cond_map, invert=ann.model_invert)
 
 
@@ -307,18 +315,19 @@ def generate(
     size = output_size(req, base.unet.config.sample_size * base.vae_scale_factor)
     latent_size = (size[0] // base.vae_scale_factor, size[1] // base.vae_scale_factor)
 
+    mode = ResizeMode(req.resize_mode)
     init_latents = mask = init = pixel_mask = None
     if req.init_image is not None:
-        init = resize_to(read_image(req.init_image), size)
+        init = fit_to(read_image(req.init_image), size, mode)
         pixels = torch.from_numpy(init).permute(2, 0, 1)[None].float().to(req.device) / 127.5 - 1.0
         init_latents = base.encode_images(pixels.to(dtype), torch.Generator(req.device).manual_seed(seed))
         if req.mask is not None:
-            pixel_mask = resize_to(read_mask(req.mask), size)
+            pixel_mask = fit_to(read_mask(req.mask), size, mode, fill=1.0)  # padding: regenerated
             mask = mask_to_latent(torch.from_numpy(pixel_mask)[None, None], latent_size)
 
     maps, units = [], []
     for c, cn in zip(req.controls, controlnets):
-        cond_map, cond = _prepare_condition(c, size, pixel_mask)
+        cond_map, cond = _prepare_condition(c, size, mode, pixel_mask)
         maps.append(cond_map[..., :3])
         units.append(
             ControlUnit(cn, cond, c.strength, c.start, c.end, ControlMode(c.mode), guess_mode=c.guess_mode)

@@ -39,7 +39,7 @@ from .normal import depth_to_normal, normals_to_rgb
 from .pose import Person, draw_pose, people_from_openpose_json
 from .registry import Annotator, Param, ParamType
 from .segmentation import colors_to_labels, labels_to_colors
-from .utils import condition_tensor, hwc3, resize_for_detection, resize_for_model
+from .utils import ResizeMode, condition_tensor, fit_to, hwc3, resize_for_detection, resize_for_model
 
 __all__ = [
     "ANNOTATORS",
@@ -47,6 +47,7 @@ __all__ = [
     "Param",
     "ParamType",
     "Person",
+    "ResizeMode",
     "annotate",
     "colors_to_labels",
     "condition_tensor",
@@ -54,6 +55,7 @@ __all__ = [
     "depth_to_normal",
     "describe",
     "draw_pose",
+    "fit_to",
     "get",
     "hwc3",
     "labels_to_colors",

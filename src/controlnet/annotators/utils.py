@@ -7,18 +7,25 @@ Conventions (those of the released ControlNet apps):
 - Resizing keeps the aspect ratio, sets the short side to the resolution and rounds both sides to
   multiples of 64 (:func:`resize_for_model`); shrinking uses area averaging, enlarging Lanczos,
   and label or pose maps use nearest-neighbour so no new colours appear.
+- Images of another aspect than the output are stretched, cropped or padded to it
+  (:func:`fit_to`, :class:`ResizeMode`); the released apps stretched.
 - Inpainting maps are RGBA: alpha 0 marks the masked pixels, which :func:`condition_tensor` turns
   into -1 (the v1.1 inpaint model's convention).
 """
 
 from __future__ import annotations
 
+from enum import Enum
+
 import cv2
 import numpy as np
 import torch
 
 __all__ = [
+    "ResizeMode",
     "condition_tensor",
+    "fill_box",
+    "fit_to",
     "hwc3",
     "model_size",
     "resize_center_crop",
@@ -81,16 +88,73 @@ def resize_for_model(image: np.ndarray, resolution: int, nearest: bool = False) 
     return resize_to(image, model_size(image.shape[0], image.shape[1], resolution), nearest)
 
 
+class ResizeMode(Enum):
+    """How an image of another aspect ratio than the output is fitted to it."""
+
+    STRETCH = "stretch"  # each side scaled on its own: nothing lost, shapes distorted
+    CROP = "crop"  # scaled to cover the output, the centre kept: nothing distorted, edges lost
+    FILL = "fill"  # scaled to fit inside, centred on a padded canvas: nothing lost or distorted
+
+
+def fill_box(image_hw: tuple[int, int], size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Where :data:`ResizeMode.FILL` puts an image of ``image_hw`` on a canvas of ``size``:
+    (height, width, top, left) of the scaled image, centred, touching two opposite sides."""
+    (h, w), (out_h, out_w) = image_hw, size
+    scale = min(out_h / h, out_w / w)
+    nh, nw = min(out_h, max(1, round(h * scale))), min(out_w, max(1, round(w * scale)))
+    return nh, nw, (out_h - nh) // 2, (out_w - nw) // 2
+
+
+def _border_colour(image: np.ndarray, nearest: bool) -> np.ndarray:
+    """The colour to pad ``image`` with: its border's most common colour for maps of codes
+    (``nearest``: labels, poses), the per-channel median otherwise. An RGBA map pads as 0 (no
+    condition there: an inpainting map's pixels to generate, drawn black)."""
+    if image.ndim == 3 and image.shape[2] == 4:
+        return np.zeros(4, image.dtype)
+    pixels = image.reshape(image.shape[0], image.shape[1], -1)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    if nearest:
+        colours, counts = np.unique(border, axis=0, return_counts=True)
+        return colours[counts.argmax()]
+    return np.median(border, axis=0).round().astype(image.dtype)
+
+
+def fit_to(
+    image: np.ndarray,
+    size: tuple[int, int],
+    mode: ResizeMode | str = ResizeMode.STRETCH,
+    *,
+    nearest: bool = False,
+    fill: float | None = None,
+) -> np.ndarray:
+    """``image`` (HxW or HxWxC) at exactly ``size`` = (H, W), by ``mode`` (:class:`ResizeMode`),
+    resampled as :func:`resize_to`. FILL pads with the value ``fill`` when given, else with the
+    image's border colour (see :func:`_border_colour`)."""
+    mode = ResizeMode(mode)
+    out_h, out_w = size
+    h, w = image.shape[:2]
+    if mode is ResizeMode.STRETCH:
+        return resize_to(image, size, nearest)
+    if mode is ResizeMode.CROP:
+        scale = max(out_h / h, out_w / w)
+        nh, nw = max(out_h, round(h * scale)), max(out_w, round(w * scale))
+        image = resize_to(image, (nh, nw), nearest)
+        top, left = (nh - out_h) // 2, (nw - out_w) // 2
+        return np.ascontiguousarray(image[top : top + out_h, left : left + out_w])
+    nh, nw, top, left = fill_box((h, w), size)
+    inner = resize_to(image, (nh, nw), nearest)
+    colour = _border_colour(inner, nearest) if fill is None else fill
+    out = np.empty((out_h, out_w, *image.shape[2:]), image.dtype)
+    out[...] = colour
+    out[top : top + nh, left : left + nw] = inner
+    return out
+
+
 def resize_center_crop(image: np.ndarray, resolution: int, *, nearest: bool = False) -> np.ndarray:
     """Resize so the short side is ``resolution`` (as :func:`resize_to`), then crop the centre
     square. Images of one size always get the same geometry, so a training target and its
     condition stay aligned pixel for pixel."""
-    h, w = image.shape[:2]
-    scale = resolution / min(h, w)
-    nh, nw = max(resolution, round(h * scale)), max(resolution, round(w * scale))
-    image = resize_to(image, (nh, nw), nearest)
-    top, left = (nh - resolution) // 2, (nw - resolution) // 2
-    return np.ascontiguousarray(image[top : top + resolution, left : left + resolution])
+    return fit_to(image, (resolution, resolution), ResizeMode.CROP, nearest=nearest)
 
 
 def resize_for_detection(image: np.ndarray, resolution: int) -> np.ndarray:
