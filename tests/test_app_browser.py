@@ -179,11 +179,26 @@ def test_the_web_app_in_a_browser(page, served, tmp_path):
     result = np.asarray(Image.open(out / record["outputs"]["images"][0]["file"]))
     np.testing.assert_array_equal(result[~mask], init[~mask])  # every kept pixel is the init image's
 
+    # the inpaint annotator reads that painted mask: its map has no condition (alpha 0) there
+    old = preview.get_attribute("src")
+    annotator = page.locator("#control-0-annotator input")
+    annotator.click()
+    annotator.fill("inpaint")
+    annotator.press("Enter")
+    page.wait_for_function(
+        f"(document.querySelector('#control-0-preview img') || {{}}).src !== {json.dumps(old)}"
+    )
+    inpaint_map = fetch(preview.get_attribute("src"))
+    assert inpaint_map.shape[2] == 4 and abs((inpaint_map[..., 3] == 0).mean() - mask.mean()) < 0.05
+    page.click("#generate")
+    record = wait_for_sidecars(out, 3, page)
+    assert record["request"]["controls"][0]["preprocess"] == "inpaint" and record["request"]["mask"]
+
     assert "internal error" not in toasts(page)
     assert httpx.get(f"{url}/api/health").json()["queue"] == {
         "waiting": 0,
         "running": 0,
-        "done": 2,
+        "done": 3,
         "failed": 0,
         "max_concurrent": 1,
     }

@@ -30,9 +30,9 @@ _SLIDER_SPAN = 1000  # wider numeric ranges get a number box instead of a slider
 
 
 def control_annotators() -> list[str]:
-    """Annotators a control unit offers: those that need nothing but the image (inpainting needs a
-    mask, which the masked-editing panel covers)."""
-    return sorted(n for n, a in ANNOTATORS.items() if not a.inputs)
+    """Annotators a control unit offers: every one. One that takes a mask (inpaint) reads the mask
+    painted in the masked-editing panel."""
+    return sorted(ANNOTATORS)
 
 
 def param_widget(p: Param, elem_id: str | None = None) -> gr.components.Component:
@@ -440,11 +440,11 @@ def build_ui(service: Service) -> gr.Blocks:
         )
 
         for u in units:
-            _wire_unit(service, u, resolution)
+            _wire_unit(service, u, resolution, editor)
     return ui
 
 
-def _wire_unit(service: Service, u: Unit, resolution: gr.Slider) -> None:
+def _wire_unit(service: Service, u: Unit, resolution: gr.Slider, editor: gr.ImageEditor) -> None:
     """The unit's events: source switch, annotator switch, and the live preview."""
 
     def switch_source(source: str) -> tuple[Any, Any, Any]:
@@ -476,8 +476,16 @@ def _wire_unit(service: Service, u: Unit, resolution: gr.Slider) -> None:
                 from .imageio import read_image
 
                 return resize_for_model(read_image(image, alpha=True), res)
+            mask = None
+            if "mask" in ANNOTATORS[name].inputs:
+                _, mask = _editor_images(service, data[editor])
+                if mask is None:
+                    raise ValueError(
+                        f"control {u.index + 1}: {name} reads the mask: paint the region to "
+                        "regenerate under 'Image to image and masked editing' first"
+                    )
             return service.preprocess(
-                name, image, u.annotator_params(data, name), resolution=res, detect_resolution=res
+                name, image, u.annotator_params(data, name), mask=mask, resolution=res, detect_resolution=res
             )
         except Exception as e:
             raise _user_error(e) from None
@@ -488,6 +496,7 @@ def _wire_unit(service: Service, u: Unit, resolution: gr.Slider) -> None:
         u.sketch,
         u.annotator,
         resolution,
+        editor,
         *(w for ws in u.params.values() for w in ws.values()),
     }
     kw = {
