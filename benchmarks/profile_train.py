@@ -180,7 +180,7 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     timed("ours, eager, cudnn.benchmark")
     torch.backends.cudnn.benchmark = False
-    timed("ours, eager, channels-last")
+    timed("ours, eager, channels-last", channels_last=True)
     timed("ours, full-UNet fine-tuning, eager", finetune=True)
     timed("ours, --compile default", compile="default")
     timed("ours, --compile reduce-overhead", compile="reduce-overhead")
