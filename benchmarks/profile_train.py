@@ -165,35 +165,27 @@ def main() -> None:
         print(rows[-1], flush=True)
         write_json(out / "profile.json", {**res, "rows": rows})  # so far: a run cut short keeps its rows
 
-    def timed(name: str, **kw: Any) -> Callable[[], None]:
-        step = bare_step(args.batch, **kw)
-        s = cuda_time(step, warmup=4 if kw.get("compile") else 3, reps=10)
-        peak = bench_train._peak()
-        add(name, samples_per_s=args.batch / s, ms=1000 * s, peak_gib=peak)
+    def timed(name: str, step: Callable[[], None], warmup: int = 3) -> Callable[[], None]:
+        s = cuda_time(step, warmup=warmup, reps=10)
+        add(name, samples_per_s=args.batch / s, ms=1000 * s, peak_gib=bench_train._peak())
         return step
 
     r = bench_train.peer(args.batch, checkpointing=False)
     add("diffusers recipe step", samples_per_s=r["samples_per_s"], peak_gib=r["peak_gib"])
-    step = timed("ours, eager")
+    step = timed("ours, eager", bare_step(args.batch))
     add("ours, eager (profiled)", **profile(step, out / "eager.txt"))
     del step
     torch.backends.cudnn.benchmark = True
-    timed("ours, eager, cudnn.benchmark")
+    timed("ours, eager, cudnn.benchmark", bare_step(args.batch))
     torch.backends.cudnn.benchmark = False
-    timed("ours, eager, channels-last", channels_last=True)
-    timed("ours, full-UNet fine-tuning, eager", finetune=True)
-    timed("ours, --compile default", compile="default")
-    timed("ours, --compile reduce-overhead", compile="reduce-overhead")
+    timed("ours, eager, channels-last", bare_step(args.batch, channels_last=True))
+    timed("ours, full-UNet fine-tuning, eager", bare_step(args.batch, finetune=True))
+    for mode in ("default", "reduce-overhead"):
+        timed(f"ours, --compile {mode}", bare_step(args.batch, compile=mode), warmup=4)
     for concurrent in (False, True):
-        step = graph_step(args.batch, concurrent=concurrent)
-        s = cuda_time(step, warmup=3, reps=10)
         beside = ", UNet encoder beside the ControlNet" if concurrent else ""
-        add(
-            f"ours, --compile default, whole step one CUDA graph{beside}",
-            samples_per_s=args.batch / s,
-            ms=1000 * s,
-            peak_gib=bench_train._peak(),
-        )
+        step = graph_step(args.batch, concurrent=concurrent)
+        timed(f"ours, --compile default, whole step one CUDA graph{beside}", step)
         del step
     print()
     print(table(rows, ["run", "batch", "samples_per_s", "ms", "peak_gib", "gpu_busy_ms"]))

@@ -269,18 +269,26 @@ def test_validation_writes_grids_scores_and_the_convergence_step(tmp_path, preci
     assert {r["name"] for r in rows} >= {"loss", "val_loss", "score/fake"}
 
 
-def test_validation_warns_of_samples_that_are_not_finite(tmp_path, monkeypatch):
-    """A sample that came out NaN is named, not only drawn black."""
+def _spoil_sample(monkeypatch, index: int, value: float):
+    """Make validation's sampler return sample ``index`` filled with ``value``; returns the real one."""
     import controlnet.validation as validation
 
     real = validation.denoise
 
     def broken(*args, **kw):
         out = real(*args, **kw)
-        out.latents[0] = float("nan")
+        out.latents[index] = value
         return out
 
     monkeypatch.setattr(validation, "denoise", broken)
+    return real
+
+
+def test_validation_warns_of_samples_that_are_not_finite(tmp_path, monkeypatch):
+    """A sample that came out NaN is named, not only drawn black."""
+    import controlnet.validation as validation
+
+    real = _spoil_sample(monkeypatch, 0, float("nan"))
     _, obj = setup()
     val = validation.ControlValidator(Circles(12), 2, steps=2)
     with pytest.warns(RuntimeWarning, match="step 5: 1 of 2 samples are not finite"):
@@ -311,14 +319,7 @@ def test_base_model_validation_reconstructs_or_samples_and_restores_training_mod
     assert (tmp_path / "base" / "samples" / "step-00000004.png").is_file()
     assert obj.unet.training and obj.text_encoder.training
 
-    real = validation.denoise
-
-    def broken(*args, **kw):
-        out = real(*args, **kw)
-        out.latents[1] = float("inf")
-        return out
-
-    monkeypatch.setattr(validation, "denoise", broken)
+    _spoil_sample(monkeypatch, 1, float("inf"))
     with pytest.warns(RuntimeWarning, match="step 5: 1 of 2 samples are not finite"):
         val(obj, 5, tmp_path / "base")
 
