@@ -212,6 +212,7 @@ BAD_GENERATE = [
     ),
     ("mask alone", {"mask": b64(square())}, 400, ["mask needs an init image"]),
     ("seed", {"seed": -5}, 400, ["seed must be between 0"]),
+    ("prompt syntax", {"prompt_syntax": "a1111"}, 400, ["unknown prompt syntax 'a1111'", "weighted, plain"]),
     ("eta", {"eta": -1}, 400, ["eta must be in [0, 1]"]),
     (
         "mask size",

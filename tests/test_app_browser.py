@@ -139,6 +139,7 @@ def test_the_web_app_in_a_browser(page, served, tmp_path):
     record = wait_for_sidecars(out, 1, page)
     req = record["request"]
     assert (req["steps"], req["resolution"], req["seed"]) == (2, 64, 11)
+    assert req["prompt_syntax"] == "weighted"
     assert (
         req["controls"][0]["preprocess"] == "canny" and req["controls"][0]["params"]["low_threshold"] == 100
     )
@@ -169,10 +170,12 @@ def test_the_web_app_in_a_browser(page, served, tmp_path):
     page.locator("#init-image canvas").first.wait_for()
     page.wait_for_timeout(500)
     stroke(page, "#init-image")
+    page.locator("#prompt-syntax").get_by_text("plain", exact=True).click()
     page.click("#generate")
     record = wait_for_sidecars(out, 2, page)
     req = record["request"]
     assert req["controls"][0]["preprocess"] == "scribble" and req["denoise"] == 0.75
+    assert req["prompt_syntax"] == "plain"
     mask = np.asarray(Image.open(req["mask"])) > 127
     np.testing.assert_array_equal(np.asarray(Image.open(req["init_image"])), init)
     assert 0 < mask.mean() < 1  # some pixels painted, some kept

@@ -130,3 +130,24 @@ def test_resize_mode_fits_the_square_map_to_a_tall_output(files, tmp_path):
     assert image.shape == (128, 64, 3)
     assert np.array_equal(cond_map[32:96], np.asarray(Image.open(files / "cond.png")))  # unscaled
     assert not cond_map[:32].any() and not cond_map[96:].any()  # padded above and below
+
+
+def test_prompt_syntax_flag_reaches_the_sidecar_and_the_images(files, tmp_path):
+    outs = {}
+    for syntax in ("weighted", "plain"):
+        out = tmp_path / syntax
+        extra = (
+            "--prompt",
+            "a (red:1.6) circle",
+            "--prompt-syntax",
+            syntax,
+            "--seed",
+            "1",
+            "--out",
+            str(out),
+        )
+        assert main(args(files, *extra)) == 0
+        record = json.loads(next(out.glob("*.json")).read_text())
+        assert record["request"]["prompt_syntax"] == syntax
+        outs[syntax] = np.asarray(Image.open(out / record["outputs"]["images"][0]["file"]))
+    assert not np.array_equal(outs["weighted"], outs["plain"])  # the emphasis was read, or not

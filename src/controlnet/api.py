@@ -68,6 +68,7 @@ class GenerateBody(BaseModel):
     prompt_setting: str = _D.prompt_setting
     added_prompt: str = _D.added_prompt
     negative_prompt: str = _D.negative_prompt
+    prompt_syntax: str = _D.prompt_syntax
     sampler: str = _D.sampler
     eta: float = _D.eta
     steps: int = _D.steps

@@ -19,6 +19,7 @@ import numpy as np
 from .annotators import ANNOTATORS, Annotator, Param, ParamType, ResizeMode, hwc3
 from .control import ControlMode
 from .generate import ControlRequest, GenerationRequest, PromptSetting
+from .prompts import PromptSyntax
 from .sampling import Sampler
 from .service import BusyError, Service
 
@@ -324,6 +325,14 @@ def build_ui(service: Service) -> gr.Blocks:
                         sampler = gr.Dropdown([s.value for s in Sampler], value=d.sampler, label="Sampler")
                     added = gr.Textbox(value=d.added_prompt, label="Added prompt")
                     negative = gr.Textbox(value=d.negative_prompt, label="Negative prompt")
+                    syntax = gr.Radio(
+                        [s.value for s in PromptSyntax],
+                        value=d.prompt_syntax,
+                        label="Prompt syntax",
+                        info="weighted: (emphasis), [less], (words:1.5), BREAK, prompts past 75 tokens; "
+                        "plain: the text as it is, cut after 75 tokens",
+                        elem_id="prompt-syntax",
+                    )
                     with gr.Row():
                         steps = gr.Slider(
                             1,
@@ -366,7 +375,7 @@ def build_ui(service: Service) -> gr.Blocks:
                 )
                 info = gr.Markdown(elem_id="info")
 
-        globals_ = [prompt, editor, denoise, mask_blur, overlay, setting, sampler, added, negative]
+        globals_ = [prompt, editor, denoise, mask_blur, overlay, setting, sampler, added, negative, syntax]
         globals_ += [steps, guidance, eta, seed, samples, resolution, resize_mode]
 
         def generate(data: dict, progress: gr.Progress = gr.Progress()) -> tuple[Any, Any, str]:  # noqa: B008
@@ -396,6 +405,7 @@ def build_ui(service: Service) -> gr.Blocks:
                     prompt_setting=data[setting],
                     added_prompt=data[added],
                     negative_prompt=data[negative],
+                    prompt_syntax=data[syntax],
                     sampler=data[sampler],
                     eta=float(data[eta]),
                     steps=int(data[steps]),

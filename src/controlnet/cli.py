@@ -445,6 +445,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         prompt=args.prompt,
         controls=controls,
         prompt_setting=args.prompt_setting,
+        prompt_syntax=args.prompt_syntax,
         captioner=args.captioner,
         base=args.base,
         sampler=args.sampler,
@@ -540,6 +541,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         "--added-prompt", help="appended to the prompt (default: the released apps' quality words)"
     )
     g.add_argument("--negative-prompt", help="default: the released apps' negative prompt")
+    g.add_argument(
+        "--prompt-syntax",
+        default="weighted",
+        choices=["weighted", "plain"],
+        help="weighted (default): (emphasis), [less], (words:1.5), BREAK and prompts past 75 tokens, "
+        "as in the A1111 web UI; plain: the text as it is, cut after 75 tokens",
+    )
     s = p.add_argument_group("sampling")
     s.add_argument("--base", help="base model file or folder (default: the bundled model)")
     s.add_argument("--sampler", default="ddim", choices=["ddim", "unipc", "dpmpp-2m-karras", "euler-a"])

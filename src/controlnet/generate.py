@@ -26,6 +26,7 @@ from .controlnet import ControlNet
 from .fastpath import compile_modules
 from .imageio import read_image, read_mask
 from .models import BaseModel
+from .prompts import PromptSyntax, encode_guided
 from .sampling import ControlUnit, Sampler, denoise, mask_to_latent
 
 __all__ = [
@@ -96,6 +97,7 @@ class GenerationRequest:
     prompt_setting: str = PromptSetting.USER.value
     added_prompt: str = DEFAULT_ADDED_PROMPT
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    prompt_syntax: str = PromptSyntax.WEIGHTED.value  # emphasis brackets and long prompts, or plain
     base: str | None = None
     sampler: str = Sampler.DDIM.value
     eta: float = 0.0
@@ -142,6 +144,7 @@ class GenerationRequest:
         naming the parameter (or file) and what was expected."""
         _parse_enum(Sampler, self.sampler, "sampler")
         _parse_enum(ResizeMode, self.resize_mode, "resize mode")
+        _parse_enum(PromptSyntax, self.prompt_syntax, "prompt syntax")
         setting = _parse_enum(PromptSetting, self.prompt_setting, "prompt setting")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
@@ -335,10 +338,10 @@ def generate(
 
     prompt = resolve_prompt(req, caption)
     n = req.num_samples
-    cond_emb = base.encode_prompt([prompt], size=size).repeat(n)
-    uncond_emb = (
-        base.encode_prompt([req.negative_prompt], size=size).repeat(n) if req.guidance != 1.0 else None
-    )
+    negative = req.negative_prompt if req.guidance != 1.0 else None
+    cond_emb, uncond_emb = encode_guided(base, prompt, negative, size=size, syntax=req.prompt_syntax)
+    cond_emb = cond_emb.repeat(n)
+    uncond_emb = uncond_emb.repeat(n) if uncond_emb is not None else None
 
     seeds = [seed + i for i in range(n)]
     out = denoise(

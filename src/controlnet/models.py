@@ -147,20 +147,32 @@ class BaseModel:
     def encode_prompt(
         self, prompts: Sequence[str], *, size: tuple[int, int] | None = None
     ) -> PromptEmbeddings:
-        """Prompts -> UNet context. ``size`` (height, width) of the image feeds SDXL's time ids."""
+        """Prompts -> UNet context, each cut to the encoder's 77-token window (prompt syntax and
+        longer prompts: :mod:`controlnet.prompts`). ``size`` (height, width) of the image feeds
+        SDXL's time ids."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        ids = self._tokens(self.tokenizer, prompts)
+        ids_2 = self._tokens(self.tokenizer_2, prompts) if self.tokenizer_2 is not None else None
+        return self.encode_tokens(self._tokens(self.tokenizer, prompts), ids_2, size=size)
+
+    @torch.no_grad()
+    def encode_tokens(
+        self, ids: torch.Tensor, ids_2: torch.Tensor | None = None, *, size: tuple[int, int] | None = None
+    ) -> PromptEmbeddings:
+        """Token ids (B, 77) of the text encoder (and ``ids_2`` of SDXL's second) -> UNet context."""
+        ids = ids.to(self.device)
         if self.family is not Family.SDXL:
             return PromptEmbeddings(self.text_encoder(ids).last_hidden_state.to(self.dtype))
-        assert self.text_encoder_2 is not None and self.tokenizer_2 is not None
+        assert self.text_encoder_2 is not None
+        if ids_2 is None:
+            raise ValueError("an SDXL model needs the token ids of its second text encoder too")
         out1 = self.text_encoder(ids, output_hidden_states=True)
-        out2 = self.text_encoder_2(self._tokens(self.tokenizer_2, prompts), output_hidden_states=True)
+        out2 = self.text_encoder_2(ids_2.to(self.device), output_hidden_states=True)
         context = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
         h, w = size or (self.unet.config.sample_size * self.vae_scale_factor,) * 2
         # original size, crop top-left, target size (SDXL micro-conditioning)
         time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=self.device, dtype=self.dtype).repeat(
-            len(prompts), 1
+            len(ids), 1
         )
         return PromptEmbeddings(
             context.to(self.dtype), {"text_embeds": out2.text_embeds.to(self.dtype), "time_ids": time_ids}

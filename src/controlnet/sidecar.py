@@ -97,7 +97,8 @@ def read_sidecar(path: str | Path) -> Record:
     if not isinstance(data, dict) or data.get("format") != SIDECAR_FORMAT:
         raise ValueError(f"{path}: not a generation sidecar (expected format {SIDECAR_FORMAT!r})")
     try:
-        request = GenerationRequest.from_dict(data["request"])
+        # written before the field existed: those prompts were read as plain text
+        request = GenerationRequest.from_dict({"prompt_syntax": "plain", **data["request"]})
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: bad request in sidecar ({e})") from None
     return Record(request, data.get("inputs", {}), data.get("outputs", {}), path)

@@ -1,0 +1,190 @@
+"""Prompt syntax: emphasis, BREAK, chunks of 75 tokens, and what reaches the UNet."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from controlnet import Family
+from controlnet.generate import ControlRequest, GenerationRequest, generate
+from controlnet.prompts import (
+    CHUNK_TOKENS,
+    EMPHASIS,
+    encode_guided,
+    encode_prompts,
+    parse_emphasis,
+    prompt_chunks,
+)
+from controlnet.sidecar import read_sidecar, write_outputs
+from controlnet.tokenizer import clip_tokenizer
+from tiny import make_base, make_controlnet
+
+
+def weights(text):
+    return [(t, w if w is None else round(w, 6)) for t, w in parse_emphasis(text)]
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("a red cat", [("a red cat", 1.0)]),
+        ("a (red) cat", [("a ", 1.0), ("red", 1.1), (" cat", 1.0)]),
+        ("((red)) [cat]", [("red", 1.21), (" ", 1.0), ("cat", round(1 / 1.1, 6))]),
+        ("(red:1.5) cat", [("red", 1.5), (" cat", 1.0)]),
+        ("((red:2) dog:0.5)", [("red", 1.0), (" dog", 0.5)]),  # nested factors multiply
+        ("(big [red]) dog", [("big ", 1.1), ("red dog", 1.0)]),  # the factors cancel
+        (r"a \(red\) \[cat\]", [("a (red) [cat]", 1.0)]),  # escaped brackets are text
+        ("x) y] z", [("x) y] z", 1.0)]),  # a closer with nothing open is text
+        ("a (open end", [("a ", 1.0), ("open end", 1.1)]),  # left open: to the end
+        ("one BREAK two", [("one ", 1.0), ("BREAK", None), (" two", 1.0)]),
+        ("(no:-1) BREAK", [("no", -1.0), (" ", 1.0), ("BREAK", None)]),  # a weight, then a break
+        ("Big BREAKfast at 12:30", [("Big BREAKfast at 12:30", 1.0)]),
+        ("(ratio :1.25 ) x", [("ratio ", 1.25), (" x", 1.0)]),
+        ("", [("", 1.0)]),
+    ],
+)
+def test_emphasis_syntax(text, expected):
+    assert weights(text) == expected
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return clip_tokenizer(Family.SD1)
+
+
+def ids(tok, text):
+    return tok(text).input_ids[1:-1]
+
+
+def test_long_prompts_split_into_chunks_of_75_tokens_at_a_comma(tok):
+    text = ", ".join(f"a photo number {i}" for i in range(30))  # 5 tokens a phrase with its comma
+    chunks = prompt_chunks(tok, text)
+    assert [t for c in chunks for t in c.ids] == ids(tok, text)  # nothing lost, order kept
+    assert all(len(c.ids) <= CHUNK_TOKENS for c in chunks) and len(chunks) == 3
+    comma = tok.convert_tokens_to_ids(",</w>")
+    for c in chunks[:-1]:  # a full chunk gives its unfinished phrase to the next one
+        assert c.ids[-1] == comma and len(c.ids) > CHUNK_TOKENS - 20
+    for c in chunks[1:]:
+        assert tok.decode(c.ids[:3]) == "a photo number"
+
+    no_commas = " ".join(["cat"] * 160)
+    assert [len(c.ids) for c in prompt_chunks(tok, no_commas)] == [75, 75, 10]  # hard cuts
+
+
+def test_break_ends_a_chunk_and_weights_follow_their_tokens(tok):
+    chunks = prompt_chunks(tok, "a (red:1.5) cat BREAK [blue] sky")
+    assert [tok.decode(c.ids) for c in chunks] == ["a red cat", "blue sky"]
+    assert chunks[0].weights == [1.0, 1.5, 1.0]
+    assert chunks[1].weights == pytest.approx([1 / EMPHASIS, 1.0])
+    assert [c.ids for c in prompt_chunks(tok, "")] == [[]]
+
+
+@pytest.fixture(scope="module", params=[Family.SD1, Family.SDXL], ids=lambda f: f.value)
+def base(request):
+    return make_base(request.param)
+
+
+def test_prompts_without_syntax_encode_exactly_as_plain(base):
+    for text in ["a red circle, best quality", ""]:
+        weighted = encode_prompts(base, [text])
+        plain = base.encode_prompt([text])
+        assert torch.equal(weighted.context, plain.context)
+        if base.family is Family.SDXL:
+            assert all(torch.equal(weighted.added[k], plain.added[k]) for k in plain.added)
+
+
+def test_long_prompts_are_encoded_chunk_by_chunk(base):
+    phrases = [f"a photo number {i}" for i in range(30)]
+    text = ", ".join(phrases)
+    with pytest.warns(UserWarning, match=r"is cut off"):  # plain: one window, and it says so
+        plain = encode_prompts(base, [text], syntax="plain")
+    assert plain.context.shape[1] == 77
+    emb = encode_prompts(base, [text])
+    chunks = prompt_chunks(base.tokenizer, text)
+    assert emb.context.shape[1] == 77 * len(chunks) == 77 * 3
+    # each 77-token block is that chunk's text encoded on its own
+    for i, c in enumerate(chunks):
+        alone = base.encode_prompt([base.tokenizer.decode(c.ids)])
+        assert torch.allclose(emb.context[:, 77 * i : 77 * (i + 1)], alone.context, atol=1e-6)
+    if base.family is Family.SDXL:  # the pooled vector is the first chunk's
+        first = base.encode_prompt([base.tokenizer.decode(chunks[0].ids)])
+        assert torch.allclose(emb.added["text_embeds"], first.added["text_embeds"], atol=1e-6)
+
+
+def test_emphasis_scales_token_vectors_and_keeps_the_mean(base):
+    plain = encode_prompts(base, ["a red cat"]).context[0].double()
+    emph = encode_prompts(base, ["a (red:1.5) cat"]).context[0].double()
+    assert torch.allclose(emph.mean(), plain.mean(), rtol=1e-4)
+    ratio = emph / plain  # one factor for every vector, 1.5 times that for "red" (token 2)
+    k = ratio[1].mean()
+    assert torch.allclose(ratio[[0, 1, 3, 4, 40]], k.expand(5, ratio.shape[1]), rtol=1e-4)
+    assert torch.allclose(ratio[2], (1.5 * k).expand(ratio.shape[1]), rtol=1e-4)
+    assert not torch.allclose(emph, plain)
+
+
+def test_prompt_and_negative_get_the_same_length(base):
+    long = " ".join(["cat"] * 100)
+    cond, uncond = encode_guided(base, long, "blurry")
+    assert cond.context.shape == uncond.context.shape and cond.context.shape[1] == 154
+    empty = base.encode_prompt([""]).context
+    assert torch.allclose(uncond.context[:, 77:], empty, atol=1e-6)  # padded with the empty prompt
+    assert torch.allclose(uncond.context[:, :77], base.encode_prompt(["blurry"]).context, atol=1e-6)
+    cond, uncond = encode_guided(base, "blurry", long)  # the other way round
+    assert cond.context.shape[1] == uncond.context.shape[1] == 154
+    assert encode_guided(base, long, None)[1] is None  # no guidance: no negative
+
+
+# ---------------------------------------------------------------------- in a generation
+@pytest.fixture(scope="module")
+def models():
+    base = make_base(Family.SD1)
+    return base, make_controlnet(base.unet, open_zero=True, seed=3)
+
+
+@pytest.fixture
+def cond_file(tmp_path):
+    cond = np.zeros((64, 64, 3), np.uint8)
+    cond[16:48, 16:48] = 255
+    path = tmp_path / "cond.png"
+    Image.fromarray(cond).save(path)
+    return str(path)
+
+
+def _contexts(unet):
+    """Record the shape of every context the UNet's first cross-attention reads."""
+    to_k = next(m for name, m in unet.named_modules() if name.endswith("attn2.to_k"))
+    seen = []
+    return seen, to_k.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape))
+
+
+def test_a_generation_reads_the_whole_long_prompt(models, cond_file, tmp_path):
+    base, cn = models
+    long = ", ".join(f"a photo number {i}" for i in range(30))
+    req = GenerationRequest(prompt=long, controls=[ControlRequest(cond_file)], resolution=64, steps=2, seed=5)
+    seen, handle = _contexts(base.unet)
+    try:
+        weighted = generate(req, base, [cn], progress=False)
+        req.prompt_syntax = "plain"
+        with pytest.warns(UserWarning, match="is cut off"):
+            plain = generate(req, base, [cn], progress=False)
+    finally:
+        handle.remove()
+    # the CFG batch (prompt and negative, brought to one length): all 3 chunks, or the one window
+    assert {tuple(s[:2]) for s in seen} == {(2, 77 * 3), (2, 77)}
+    assert not np.array_equal(weighted.images[0], plain.images[0])
+
+    # the sidecar replays with the syntax it ran with; one written before the field: plain
+    sidecar = write_outputs(weighted, tmp_path / "out")
+    assert read_sidecar(sidecar).request.prompt_syntax == "weighted"
+    data = json.loads(sidecar.read_text())
+    del data["request"]["prompt_syntax"]
+    sidecar.write_text(json.dumps(data))
+    assert read_sidecar(sidecar).request.prompt_syntax == "plain"
+
+
+def test_unknown_prompt_syntax_is_refused(models, cond_file):
+    req = GenerationRequest(prompt="x", controls=[ControlRequest(cond_file)], prompt_syntax="a1111")
+    with pytest.raises(ValueError, match=r"unknown prompt syntax 'a1111'; expected one of: weighted, plain"):
+        generate(req, *models[:1], [models[1]], progress=False)
