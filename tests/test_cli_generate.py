@@ -151,3 +151,77 @@ def test_prompt_syntax_flag_reaches_the_sidecar_and_the_images(files, tmp_path):
         assert record["request"]["prompt_syntax"] == syntax
         outs[syntax] = np.asarray(Image.open(out / record["outputs"]["images"][0]["file"]))
     assert not np.array_equal(outs["weighted"], outs["plain"])  # the emphasis was read, or not
+
+
+def _frames(folder, names):
+    """Square maps whose square moves right frame by frame."""
+    folder.mkdir()
+    for k, name in enumerate(names):
+        frame = np.zeros((64, 64, 3), np.uint8)
+        frame[20:44, 4 + 8 * k : 28 + 8 * k] = 255
+        Image.fromarray(frame).save(folder / name)
+    return folder
+
+
+def test_a_folder_of_condition_maps_is_a_batch_of_generations(files, tmp_path, capsys):
+    frames = _frames(tmp_path / "frames", ["f10.png", "f2.png", "f1.png"])
+    (frames / "notes.txt").write_text("not an image: left out")
+    out = tmp_path / "out"
+    a = [x for x in args(files, "--seed", "3", "--out", str(out)) if x != "--quiet"]
+    a[a.index(str(files / "cond.png"))] = str(frames)
+    assert main(a) == 0
+    captured = capsys.readouterr()
+    assert "3 generations" in captured.out and "3/3" in captured.err  # a bar over the items
+    assert "f10: 00002-3-f10.json" in captured.err  # and a line per item
+    sidecars = sorted(out.glob("*.json"))
+    records = [json.loads(p.read_text()) for p in sidecars]
+    # natural name order, one shared seed, the frame's name in the output names
+    assert [r["request"]["controls"][0]["image"] for r in records] == [
+        str(frames / n) for n in ("f1.png", "f2.png", "f10.png")
+    ]
+    assert {r["request"]["seed"] for r in records} == {3}
+    assert [p.name for p in sidecars] == ["00000-3-f1.json", "00001-3-f2.json", "00002-3-f10.json"]
+    batch = [np.asarray(Image.open(out / r["outputs"]["images"][0]["file"])) for r in records]
+    assert not np.array_equal(batch[0], batch[2])
+    # an item is the generation of that frame alone
+    single = tmp_path / "single"
+    b = args(files, "--seed", "3", "--out", str(single))
+    b[b.index(str(files / "cond.png"))] = str(frames / "f2.png")
+    assert main(b) == 0
+    record = json.loads(next(single.glob("*.json")).read_text())
+    assert np.array_equal(np.asarray(Image.open(single / record["outputs"]["images"][0]["file"])), batch[1])
+    assert (
+        main(["generate", "--from-sidecar", str(sidecars[2]), "--quiet", "--out", str(tmp_path / "r")]) == 0
+    )
+
+
+def test_folders_pair_by_position_and_bad_batches_stop_before_any_work(files, tmp_path, capsys):
+    frames = _frames(tmp_path / "frames", ["a.png", "b.png"])
+    inits = _frames(tmp_path / "inits", ["x.png", "y.png"])
+    out = tmp_path / "out"
+    a = args(files, "--seed", "1", "--init-image", str(inits), "--denoise", "0.5", "--out", str(out))
+    a[a.index(str(files / "cond.png"))] = str(frames)
+    assert main(a) == 0
+    records = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    assert [(r["request"]["controls"][0]["image"], r["request"]["init_image"]) for r in records] == [
+        (str(frames / "a.png"), str(inits / "x.png")),
+        (str(frames / "b.png"), str(inits / "y.png")),
+    ]
+
+    _frames(tmp_path / "three", ["1.png", "2.png", "3.png"])
+    a[a.index(str(inits))] = str(tmp_path / "three")
+    a[a.index(str(out))] = str(tmp_path / "o2")
+    assert main(a) == 2
+    err = capsys.readouterr().err
+    assert "different numbers of images" in err and "controls[0].image" in err and "holds 3" in err
+
+    (frames / "c.png").write_text("not pixels")  # one bad frame: refused before the first is made
+    a[a.index(str(tmp_path / "three"))] = str(_frames(tmp_path / "inits3", ["x.png", "y.png", "z.png"]))
+    assert main(a) == 2
+    err = capsys.readouterr().err
+    assert "batch item c" in err and "cannot read" in err
+    assert not (tmp_path / "o2").exists()
+
+    (tmp_path / "empty").mkdir()
+    a[a.index(str(frames))] = str(tmp_path / "empty")
+    assert main(a) == 2 and "no images in this folder" in capsys.readouterr().err

@@ -112,3 +112,36 @@ def test_render_pose_json_and_labels(capsys, tmp_path):
     np.save(tmp_path / "depth.npy", np.linspace(0, 1, 12).reshape(3, 4))
     rc, _, _ = run(capsys, "render", "depth", tmp_path / "depth.npy", "-o", tmp_path / "depth.png")
     assert rc == 0 and np.asarray(Image.open(tmp_path / "depth.png"))[2, 3].tolist() == [255] * 3
+
+
+def test_a_folder_gives_a_map_per_image_paired_with_a_mask_folder(capsys, tmp_path):
+    frames, masks = tmp_path / "frames", tmp_path / "masks"
+    frames.mkdir(), masks.mkdir()
+    for k in range(3):
+        img = np.full((48, 64, 3), 230, np.uint8)
+        cv2.rectangle(img, (5 + 10 * k, 10), (25 + 10 * k, 30), (200, 30, 30), -1)
+        Image.fromarray(img).save(frames / f"f{k + 8}.png")  # f8, f9, f10: natural order
+        mask = np.zeros((48, 64), np.uint8)
+        mask[:, 16 * k : 16 * k + 16] = 255
+        Image.fromarray(mask).save(masks / f"m{k}.png")
+    rc, out, err = run(capsys, "preprocess", "canny", frames, "-o", tmp_path / "edges")
+    assert rc == 0 and "3/3" in err and out.count("canny map") == 3  # a bar, and a line per map
+    for k in range(3):
+        single = tmp_path / f"one{k}.png"
+        assert run(capsys, "preprocess", "canny", frames / f"f{k + 8}.png", "-o", single)[0] == 0
+        assert np.array_equal(
+            np.asarray(Image.open(tmp_path / "edges" / f"f{k + 8}.png")), np.asarray(Image.open(single))
+        )
+
+    rc, _, _ = run(capsys, "preprocess", "inpaint", frames, "-o", tmp_path / "inpaint", "--mask", masks)
+    assert rc == 0
+    for k, name in enumerate(["f8", "f9", "f10"]):  # f8 with m0, f9 with m1, f10 with m2
+        alpha = np.asarray(Image.open(tmp_path / "inpaint" / f"{name}.png"))[..., 3]
+        assert np.array_equal(alpha == 0, np.asarray(Image.open(masks / f"m{k}.png")) > 0)
+
+    (masks / "m3.png").write_bytes((masks / "m0.png").read_bytes())
+    rc, _, err = run(capsys, "preprocess", "inpaint", frames, "-o", tmp_path / "x", "--mask", masks)
+    assert rc == 2 and "holds 4 images" in err and "paired by position" in err
+    rc, _, err = run(capsys, "preprocess", "canny", frames, "-o", tmp_path / "x.png")
+    assert rc == 2 and "-o names a folder" in err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.png").exists()

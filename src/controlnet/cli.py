@@ -69,7 +69,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_preprocess(args: argparse.Namespace) -> int:
     from . import annotators as A
-    from .imageio import check_output_path, read_image, read_mask, write_image
+    from .imageio import check_output_path, list_images, read_image, read_mask, write_image
 
     if args.list:
         print(A.describe())
@@ -82,19 +82,37 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     params = annotator.parse_params(args.param)
     if args.mask and "mask" not in annotator.inputs:
         raise ValueError(f"annotator {annotator.name} takes no mask")
-    check_output_path(args.output)
-    image = read_image(args.input)
-    extra = {"mask": read_mask(args.mask)} if args.mask else {}
-    cond = A.prepare_condition(
-        annotator.name,
-        image,
-        resolution=args.resolution,
-        detect_resolution=args.detect_resolution,
-        **params,
-        **extra,
-    )
-    write_image(args.output, cond)
-    print(f"{args.output}: {annotator.name} map, {cond.shape[1]}x{cond.shape[0]}")
+    if Path(args.input).is_dir():  # a folder: a map per image, named after it, in the folder -o
+        images = list_images(args.input)
+        masks = (
+            list_images(args.mask) if args.mask and Path(args.mask).is_dir() else [args.mask] * len(images)
+        )
+        if len(masks) != len(images):
+            raise ValueError(
+                f"the mask folder {args.mask} holds {len(masks)} images and {args.input} holds "
+                f"{len(images)}; they are paired by position"
+            )
+        out = Path(args.output)
+        if out.suffix:
+            raise ValueError(f"INPUT {args.input} is a folder: -o names a folder for the maps, not {out}")
+        jobs = [(image, mask, out / f"{image.stem}.png") for image, mask in zip(images, masks)]
+    else:
+        jobs = [(Path(args.input), args.mask, check_output_path(args.output))]
+    from tqdm.auto import tqdm
+
+    for image, mask, target in tqdm(jobs, desc=annotator.name, unit="image", disable=len(jobs) == 1):
+        extra = {"mask": read_mask(mask)} if mask else {}
+        cond = A.prepare_condition(
+            annotator.name,
+            read_image(image),
+            resolution=args.resolution,
+            detect_resolution=args.detect_resolution,
+            **params,
+            **extra,
+        )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_image(target, cond)
+        tqdm.write(f"{target}: {annotator.name} map, {cond.shape[1]}x{cond.shape[0]}")
     return 0
 
 
@@ -106,8 +124,13 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
         "`controlnet preprocess --list` shows every annotator with its parameters.",
     )
     p.add_argument("name", nargs="?", metavar="NAME", help="annotator name (see --list)")
-    p.add_argument("input", nargs="?", metavar="INPUT", help="input image")
-    p.add_argument("-o", "--output", metavar="OUTPUT", help="output image (.png keeps inpaint masks)")
+    p.add_argument("input", nargs="?", metavar="INPUT", help="input image, or a folder of them")
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="OUTPUT",
+        help="output image (.png keeps inpaint masks); for a folder INPUT, a folder",
+    )
     p.add_argument(
         "--param", action="append", default=[], metavar="KEY=VALUE", help="annotator parameter (repeatable)"
     )
@@ -115,7 +138,11 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
         "--resolution", type=int, help="resize the map for the model (short side, multiples of 64)"
     )
     p.add_argument("--detect-resolution", type=int, help="resize the image before the annotator runs")
-    p.add_argument("--mask", metavar="MASK", help="mask image for inpaint (white = repaint)")
+    p.add_argument(
+        "--mask",
+        metavar="MASK",
+        help="mask image for inpaint (white = repaint); a folder pairs with a folder INPUT",
+    )
     p.add_argument("--list", action="store_true", help="list the annotators, their parameters and weights")
     p.set_defaults(handler=_cmd_preprocess)
 
@@ -409,7 +436,7 @@ def _per_control(values: list, n: int, flag: str, default: object) -> list:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .generate import ControlRequest, GenerationRequest
-    from .pipeline import run
+    from .pipeline import run_batch
 
     if args.from_sidecar:
         return _replay(args)
@@ -467,10 +494,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         device=_device(args),
         fast=args.fast,
     )
-    result, sidecar = run(request, args.out, progress=not args.quiet)
-    n_img, seed = len(result.images), result.seeds[0]
-    print(f"{n_img} image(s) in {result.seconds:.1f} s, seed {seed}; prompt: {result.prompt!r}")
-    print(f"wrote {sidecar} (and its images and grid)")
+    done = run_batch(request, args.out, progress=not args.quiet)
+    result, sidecar = done[0]
+    n_img, seconds = sum(len(r.images) for r, _ in done), sum(r.seconds for r, _ in done)
+    what = f"{len(done)} generations, " if len(done) > 1 else ""
+    print(f"{what}{n_img} image(s) in {seconds:.1f} s, seed {result.seeds[0]}; prompt: {result.prompt!r}")
+    if len(done) > 1:
+        print(f"wrote {len(done)} sidecars (and their images and grids) to {sidecar.parent}")
+    else:
+        print(f"wrote {sidecar} (and its images and grid)")
     return 0
 
 
@@ -508,7 +540,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     )
     c = p.add_argument_group("controls (repeat per control, in order)")
     c.add_argument(
-        "--image", action="append", default=[], help="condition map, or raw image with --preprocess"
+        "--image",
+        action="append",
+        default=[],
+        help="condition map, or raw image with --preprocess; a folder: one generation per image",
     )
     c.add_argument("--controlnet", action="append", default=[], help="ControlNet file or folder")
     c.add_argument(
@@ -566,9 +601,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         help="how images of another aspect fit the output: stretch (default), crop the centre, or "
         "fill (pad; a mask's padding is regenerated)",
     )
-    s.add_argument("--init-image", help="img2img / masked editing source")
+    s.add_argument("--init-image", help="img2img / masked editing source (or a folder of them)")
     s.add_argument("--denoise", type=float, default=1.0, help="img2img strength in (0, 1] (default 1)")
-    s.add_argument("--mask", help="white = regenerate, black = keep the init image")
+    s.add_argument("--mask", help="white = regenerate, black = keep the init image (or a folder)")
     s.add_argument("--mask-blur", type=int, default=4, help="feather of the paste-back, px (default 4)")
     s.add_argument(
         "--no-overlay", action="store_true", help="do not paste the kept pixels back after decoding"

@@ -284,6 +284,11 @@ def resolve_prompt(req: GenerationRequest, caption: Callable[[np.ndarray], str] 
 
 
 # ---------------------------------------------------------------------- the job
+def draw_seed() -> int:
+    """A random seed for a request that gives none (it is recorded in the result)."""
+    return int.from_bytes(os.urandom(4), "little") >> 1
+
+
 @torch.no_grad()
 def generate(
     request: GenerationRequest,
@@ -307,7 +312,7 @@ def generate(
             controlnet_name=f"control {i}'s ControlNet {c.controlnet or '(bundled)'}",
             base_name=f"the base model {request.base or '(bundled)'}",
         )
-    seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
+    seed = request.seed if request.seed is not None else draw_seed()
     req = GenerationRequest.from_dict({**request.to_dict(), "seed": seed})
     started = time.perf_counter()
     dtype = _DTYPES[req.dtype]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import struct
 import tempfile
 import zlib
@@ -14,11 +15,13 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 __all__ = [
+    "IMAGE_SUFFIXES",
     "MAX_PIXELS",
     "atomic_write_bytes",
     "check_output_path",
     "encode_png_fast",
     "give_default_mode",
+    "list_images",
     "make_grid",
     "read_image",
     "read_mask",
@@ -29,6 +32,28 @@ __all__ = [
 
 #: Refuse images above this many pixels (a decompression bomb, or a mistake): 64 megapixels.
 MAX_PIXELS = 64 * 1024 * 1024
+
+
+#: file name endings read as images where a folder is given
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """The image files directly in ``folder`` (hidden ones left out), in natural name order
+    (``frame2`` before ``frame10``); an error when there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no such folder: {folder}")
+    images = [
+        p
+        for p in folder.iterdir()
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")
+    ]
+    if not images:
+        raise ValueError(f"{folder}: no images in this folder (expected {', '.join(IMAGE_SUFFIXES)} files)")
+    return sorted(
+        images, key=lambda p: [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", p.name)]
+    )
 
 
 def _open(path: str | Path) -> Image.Image:

@@ -2,11 +2,14 @@
 
 Resolves the model paths (the bundled model when none is given), loads each model once per
 process (kept in a small cache keyed by path, modification time, dtype and device), runs
-:func:`controlnet.generate.generate` and writes the images, grid and sidecar.
+:func:`controlnet.generate.generate` and writes the images, grid and sidecar. A request whose
+images name folders (video frames, a set of maps) is a batch: :func:`run_batch` runs one
+generation per image, each with its own sidecar.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -15,13 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from .bundled import BUNDLED_BASE, BUNDLED_CONTROLNET, bundled_path
 from .controlnet import ControlNet
-from .generate import _DTYPES, GenerationRequest, GenerationResult, generate
+from .generate import _DTYPES, GenerationRequest, GenerationResult, draw_seed, generate
+from .imageio import list_images
 from .models import BaseModel
 
-__all__ = ["ModelCache", "resolve_paths", "run"]
+__all__ = ["ModelCache", "expand_folders", "resolve_paths", "run", "run_batch"]
 
 
 def resolve_paths(request: GenerationRequest) -> GenerationRequest:
@@ -80,8 +85,10 @@ def run(
     cache: ModelCache | None = None,
     progress: bool = True,
     callback: Callable[[int, int], None] | None = None,
+    label: str | None = None,
 ) -> tuple[GenerationResult, Path | None]:
-    """Check, load, generate and (with ``out_dir``) write; return the result and the sidecar path."""
+    """Check, load, generate and (with ``out_dir``) write; return the result and the sidecar path
+    (``label`` goes into the output names)."""
     request.validate()  # everything that needs no model, before loading anything
     request = resolve_paths(request)
     cache = cache or _DEFAULT_CACHE
@@ -93,5 +100,73 @@ def run(
     if out_dir is not None:
         from .sidecar import write_outputs
 
-        sidecar = write_outputs(result, out_dir)
+        sidecar = write_outputs(result, out_dir, label=label)
     return result, sidecar
+
+
+def _image_inputs(request: GenerationRequest) -> list[tuple[str, str]]:
+    """(parameter, path) of every image the request reads."""
+    named = [(f"controls[{i}].image", c.image) for i, c in enumerate(request.controls)]
+    return named + [(n, getattr(request, n)) for n in ("init_image", "mask") if getattr(request, n)]
+
+
+def expand_folders(request: GenerationRequest) -> list[tuple[str | None, GenerationRequest]]:
+    """One (label, request) per batch item. Each image parameter that names a folder takes its
+    images in natural name order, folders paired image by image (they must hold as many); a file
+    serves every item. Items share the request's seed (one is drawn when it gives none), so that
+    frames of a video differ by their inputs only; the label is the first folder's file name. A
+    request without folders is the one item ``(None, request)``."""
+    folders = {name: list_images(path) for name, path in _image_inputs(request) if Path(path).is_dir()}
+    if not folders:
+        return [(None, request)]
+    counts = {len(files) for files in folders.values()}
+    if len(counts) > 1:
+        listed = ", ".join(
+            f"{name} {path} holds {len(folders[name])}"
+            for name, path in _image_inputs(request)
+            if name in folders
+        )
+        raise ValueError(f"folders are paired image by image but hold different numbers of images: {listed}")
+    seed = request.seed if request.seed is not None else draw_seed()
+    first = next(iter(folders.values()))
+    items = []
+    for k, labelled in enumerate(first):
+        controls = [
+            replace(c, image=str(folders[f"controls[{i}].image"][k]))
+            if f"controls[{i}].image" in folders
+            else c
+            for i, c in enumerate(request.controls)
+        ]
+        files = {n: str(folders[n][k]) for n in ("init_image", "mask") if n in folders}
+        items.append((labelled.stem, replace(request, controls=controls, seed=seed, **files)))
+    return items
+
+
+def run_batch(
+    request: GenerationRequest,
+    out_dir: str | Path,
+    *,
+    cache: ModelCache | None = None,
+    progress: bool = True,
+) -> list[tuple[GenerationResult, Path]]:
+    """:func:`run` for each item of :func:`expand_folders`, writing each item's outputs under
+    ``out_dir``. Every item is checked before the first is generated, so a bad frame stops the
+    batch before any work; with ``progress`` a bar (items, ETA) and a line per item go to stderr."""
+    items = expand_folders(request)
+    for label, item in items:
+        try:
+            item.validate()
+        except (ValueError, FileNotFoundError) as e:
+            if label is None:
+                raise
+            raise type(e)(f"batch item {label}: {e}") from None
+    done: list[tuple[GenerationResult, Path]] = []
+    batch = items[0][0] is not None
+    bar = tqdm(items, desc="batch", unit="generation", disable=not (progress and batch), file=sys.stderr)
+    for label, item in bar:
+        result, sidecar = run(item, out_dir, cache=cache, progress=progress and not batch, label=label)
+        assert sidecar is not None
+        done.append((result, sidecar))
+        if progress and batch:
+            bar.write(f"{label}: {sidecar.name} ({result.seconds:.1f} s)", file=sys.stderr)
+    return done

@@ -40,19 +40,21 @@ def input_files(request: GenerationRequest) -> dict[str, str]:
     return files
 
 
-def _next_prefix(out_dir: Path, seed: int) -> str:
+def _next_prefix(out_dir: Path, seed: int, label: str | None) -> str:
     taken = [int(m.group(1)) for p in out_dir.glob("*.json") if (m := re.match(r"(\d{5})-", p.name))]
-    return f"{max(taken, default=-1) + 1:05d}-{seed}"
+    prefix = f"{max(taken, default=-1) + 1:05d}-{seed}"
+    return f"{prefix}-{re.sub(r'[^A-Za-z0-9._-]+', '_', label)}" if label else prefix
 
 
-def write_outputs(result: GenerationResult, out_dir: str | Path) -> Path:
+def write_outputs(result: GenerationResult, out_dir: str | Path, *, label: str | None = None) -> Path:
     """Write ``PREFIX_i.png`` per sample, ``PREFIX_grid.png`` (conditions | samples) and
-    ``PREFIX.json``; return the sidecar's path. PREFIX is a running number and the seed."""
+    ``PREFIX.json``; return the sidecar's path. PREFIX is a running number, the seed and
+    ``label`` (a batch item's input name) when given."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     req = result.request
     assert req.seed is not None
-    prefix = _next_prefix(out, req.seed)
+    prefix = _next_prefix(out, req.seed, label)
     images = []
     for i, img in enumerate(result.images):
         path = save_png(img, out / f"{prefix}_{i}.png")

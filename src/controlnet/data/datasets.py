@@ -38,7 +38,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..annotators.utils import resize_center_crop
-from ..imageio import read_image
+from ..imageio import IMAGE_SUFFIXES, read_image
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -51,8 +51,6 @@ __all__ = [
     "resize_center_crop",
 ]
 
-#: Files a plain image folder takes as images.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 # Accepted column names, preferred first.
 _TARGET_KEYS = ("image", "target", "file_name")
 _COND_KEYS = ("conditioning_image", "source")
