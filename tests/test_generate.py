@@ -46,8 +46,8 @@ def files(tmp_path):
 
 def request(files, **kw):
     kw.setdefault("controls", [ControlRequest(files["cond"])])
-    kw = {"resolution": 64, "steps": 3, "seed": 11, **kw}
-    return GenerationRequest(prompt="a red circle", **kw)
+    kw = {"prompt": "a red circle", "resolution": 64, "steps": 3, "seed": 11, **kw}
+    return GenerationRequest(**kw)
 
 
 def test_same_seed_same_images_and_strength_zero_equals_no_control(models, files):
@@ -253,6 +253,7 @@ def test_output_size_keeps_aspect_on_multiples_of_64():
         ({"mask": "small"}, r"mask .* is 32x32 but the init image .* is 64x64"),
         ({"denoise": 0.0}, r"denoise must be in \(0, 1\]"),
         ({"eta": 1.5}, r"eta must be in \[0, 1\], got 1.5"),
+        ({"prompt_syntax": "a1111"}, "unknown prompt syntax 'a1111'; expected one of: weighted, plain"),
     ],
 )
 def test_bad_requests_fail_before_model_work(models, files, tmp_path, change, message):
@@ -279,6 +280,33 @@ def test_bad_requests_fail_before_model_work(models, files, tmp_path, change, me
         generate(request(files, **kw), base, [cn], progress=False)
     handle.remove()
     assert calls == []
+
+
+def test_a_generation_reads_the_whole_long_prompt(models, files, tmp_path):
+    base, cn = models
+    long = ", ".join(f"a photo number {i}" for i in range(30))  # 3 chunks of at most 75 tokens
+    req = request(files, prompt=long, steps=2)
+    to_k = next(m for name, m in base.unet.named_modules() if name.endswith("attn2.to_k"))
+    seen = []  # the context the UNet's first cross-attention reads
+    handle = to_k.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape[:2])))
+    try:
+        weighted = generate(req, base, [cn], progress=False)
+        req.prompt_syntax = "plain"
+        with pytest.warns(UserWarning, match="is cut off"):
+            plain = generate(req, base, [cn], progress=False)
+    finally:
+        handle.remove()
+    # the CFG batch (prompt and negative, brought to one length): all 3 chunks, or the one window
+    assert set(seen) == {(2, 77 * 3), (2, 77)}
+    assert not np.array_equal(weighted.images[0], plain.images[0])
+
+    # the sidecar replays with the syntax it ran with; one written before the field: plain
+    sidecar = write_outputs(weighted, tmp_path / "out")
+    assert read_sidecar(sidecar).request.prompt_syntax == "weighted"
+    data = json.loads(sidecar.read_text())
+    del data["request"]["prompt_syntax"]
+    sidecar.write_text(json.dumps(data))
+    assert read_sidecar(sidecar).request.prompt_syntax == "plain"
 
 
 def test_controlnet_of_another_family_is_refused_before_model_work(models, files):

@@ -1,14 +1,10 @@
-"""Prompt syntax: emphasis, BREAK, chunks of 75 tokens, and what reaches the UNet."""
+"""Prompt syntax: emphasis, BREAK, chunks of 75 tokens, and the context they give the UNet
+(in a generation: tests/test_generate.py)."""
 
-import json
-
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from controlnet import Family
-from controlnet.generate import ControlRequest, GenerationRequest, generate
 from controlnet.prompts import (
     CHUNK_TOKENS,
     EMPHASIS,
@@ -17,9 +13,8 @@ from controlnet.prompts import (
     parse_emphasis,
     prompt_chunks,
 )
-from controlnet.sidecar import read_sidecar, write_outputs
 from controlnet.tokenizer import clip_tokenizer
-from tiny import make_base, make_controlnet
+from tiny import make_base
 
 
 def weights(text):
@@ -134,57 +129,3 @@ def test_prompt_and_negative_get_the_same_length(base):
     cond, uncond = encode_guided(base, "blurry", long)  # the other way round
     assert cond.context.shape[1] == uncond.context.shape[1] == 154
     assert encode_guided(base, long, None)[1] is None  # no guidance: no negative
-
-
-# ---------------------------------------------------------------------- in a generation
-@pytest.fixture(scope="module")
-def models():
-    base = make_base(Family.SD1)
-    return base, make_controlnet(base.unet, open_zero=True, seed=3)
-
-
-@pytest.fixture
-def cond_file(tmp_path):
-    cond = np.zeros((64, 64, 3), np.uint8)
-    cond[16:48, 16:48] = 255
-    path = tmp_path / "cond.png"
-    Image.fromarray(cond).save(path)
-    return str(path)
-
-
-def _contexts(unet):
-    """Record the shape of every context the UNet's first cross-attention reads."""
-    to_k = next(m for name, m in unet.named_modules() if name.endswith("attn2.to_k"))
-    seen = []
-    return seen, to_k.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape))
-
-
-def test_a_generation_reads_the_whole_long_prompt(models, cond_file, tmp_path):
-    base, cn = models
-    long = ", ".join(f"a photo number {i}" for i in range(30))
-    req = GenerationRequest(prompt=long, controls=[ControlRequest(cond_file)], resolution=64, steps=2, seed=5)
-    seen, handle = _contexts(base.unet)
-    try:
-        weighted = generate(req, base, [cn], progress=False)
-        req.prompt_syntax = "plain"
-        with pytest.warns(UserWarning, match="is cut off"):
-            plain = generate(req, base, [cn], progress=False)
-    finally:
-        handle.remove()
-    # the CFG batch (prompt and negative, brought to one length): all 3 chunks, or the one window
-    assert {tuple(s[:2]) for s in seen} == {(2, 77 * 3), (2, 77)}
-    assert not np.array_equal(weighted.images[0], plain.images[0])
-
-    # the sidecar replays with the syntax it ran with; one written before the field: plain
-    sidecar = write_outputs(weighted, tmp_path / "out")
-    assert read_sidecar(sidecar).request.prompt_syntax == "weighted"
-    data = json.loads(sidecar.read_text())
-    del data["request"]["prompt_syntax"]
-    sidecar.write_text(json.dumps(data))
-    assert read_sidecar(sidecar).request.prompt_syntax == "plain"
-
-
-def test_unknown_prompt_syntax_is_refused(models, cond_file):
-    req = GenerationRequest(prompt="x", controls=[ControlRequest(cond_file)], prompt_syntax="a1111")
-    with pytest.raises(ValueError, match=r"unknown prompt syntax 'a1111'; expected one of: weighted, plain"):
-        generate(req, *models[:1], [models[1]], progress=False)
