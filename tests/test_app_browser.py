@@ -129,6 +129,10 @@ def test_the_web_app_in_a_browser(page, served, tmp_path):
     expected = prepare_condition("canny", square(), resolution=native, detect_resolution=native)
     np.testing.assert_array_equal(fetch(preview.get_attribute("src")), expected)
 
+    # the prompt box counts the tokens the encoder will read (with the added prompt)
+    page.locator("#prompt textarea").fill(", ".join(f"a photo number {i}" for i in range(30)))
+    page.wait_for_function("document.querySelector('#prompt-tokens').innerText.includes('(3 chunks of 75)')")
+
     # generate: an image in the gallery, and the sidecar records what the page asked for
     for elem, value in (("steps", "2"), ("resolution", "64"), ("seed", "11")):
         box = page.locator(f"#{elem} input").first

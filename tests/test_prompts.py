@@ -12,6 +12,7 @@ from controlnet.prompts import (
     encode_prompts,
     parse_emphasis,
     prompt_chunks,
+    token_count,
 )
 from controlnet.tokenizer import clip_tokenizer
 from tiny import make_base
@@ -74,6 +75,14 @@ def test_break_ends_a_chunk_and_weights_follow_their_tokens(tok):
     assert chunks[0].weights == [1.0, 1.5, 1.0]
     assert chunks[1].weights == pytest.approx([1 / EMPHASIS, 1.0])
     assert [c.ids for c in prompt_chunks(tok, "")] == [[]]
+
+
+def test_token_count_is_what_the_encoder_reads(tok):
+    long = ", ".join(f"a photo number {i}" for i in range(30))
+    assert token_count(long) == (len(ids(tok, long)), 3)
+    assert token_count("a (red:1.5) cat BREAK sky") == (4, 2)  # brackets are syntax, not tokens
+    assert token_count("a (red:1.5) cat", "plain") == (len(ids(tok, "a (red:1.5) cat")), 1)
+    assert token_count("") == (0, 1)
 
 
 @pytest.fixture(scope="module", params=[Family.SD1, Family.SDXL], ids=lambda f: f.value)

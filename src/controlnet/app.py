@@ -18,8 +18,8 @@ import numpy as np
 
 from .annotators import ANNOTATORS, Annotator, Param, ParamType, ResizeMode, hwc3
 from .control import ControlMode
-from .generate import ControlRequest, GenerationRequest, PromptSetting
-from .prompts import PromptSyntax
+from .generate import ControlRequest, GenerationRequest, PromptSetting, resolve_prompt
+from .prompts import CHUNK_TOKENS, PromptSyntax, token_count
 from .sampling import Sampler
 from .service import BusyError, Service
 
@@ -298,6 +298,7 @@ def build_ui(service: Service) -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=3):
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
+                tokens = gr.Markdown(elem_id="prompt-tokens")
                 with gr.Tabs():
                     units = [_unit(service, i, "canny") for i in range(lim.max_controls)]
                 with gr.Accordion("Image to image and masked editing", open=False):
@@ -449,9 +450,25 @@ def build_ui(service: Service) -> gr.Blocks:
             api_visibility="private",
         )
 
+        count_inputs = [prompt, added, setting, syntax]
+        for box in count_inputs:
+            box.change(prompt_tokens, count_inputs, tokens, api_visibility="private")
         for u in units:
             _wire_unit(service, u, resolution, editor)
     return ui
+
+
+def prompt_tokens(prompt: str, added: str, setting: str, syntax: str) -> str:
+    """The line under the prompt box: how many tokens the text encoder will read, as the request
+    would resolve the prompt (with the added prompt) under ``setting`` and ``syntax``."""
+    if setting == PromptSetting.AUTO.value:
+        return "prompt: a caption of the image, made when you generate"
+    text = resolve_prompt(GenerationRequest(prompt=prompt, added_prompt=added, prompt_setting=setting))
+    n, chunks = token_count(text, syntax)
+    if syntax == PromptSyntax.PLAIN.value:
+        cut = f"; the {n - CHUNK_TOKENS} past {CHUNK_TOKENS} are cut off" if n > CHUNK_TOKENS else ""
+        return f"{n} / {CHUNK_TOKENS} tokens{cut}"
+    return f"{n} tokens ({chunks} chunk{'s' if chunks > 1 else ''} of {CHUNK_TOKENS})"
 
 
 def _wire_unit(service: Service, u: Unit, resolution: gr.Slider, editor: gr.ImageEditor) -> None:

@@ -25,6 +25,7 @@ what was cut.
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 from collections.abc import Sequence
@@ -33,8 +34,9 @@ from enum import Enum
 
 import torch
 
+from .families import Family
 from .models import BaseModel, PromptEmbeddings
-from .tokenizer import MAX_LENGTH
+from .tokenizer import MAX_LENGTH, clip_tokenizer
 
 __all__ = [
     "CHUNK_TOKENS",
@@ -45,6 +47,7 @@ __all__ = [
     "encode_prompts",
     "parse_emphasis",
     "prompt_chunks",
+    "token_count",
 ]
 
 #: the factor of one pair of round brackets (square brackets divide by it)
@@ -166,6 +169,21 @@ def prompt_chunks(tokenizer, text: str) -> list[TokenChunk]:
 def _token_ids(tokenizer, text: str) -> list[int]:
     """Text tokens of ``text``, however many (not verbose: it would warn past 77)."""
     return tokenizer(text, add_special_tokens=False, verbose=False).input_ids
+
+
+@functools.cache
+def _counting_tokenizer():
+    return clip_tokenizer(Family.SD1)  # every family's tokenizers share one vocabulary
+
+
+def token_count(text: str, syntax: PromptSyntax | str = PromptSyntax.WEIGHTED) -> tuple[int, int]:
+    """(text tokens, chunks) of ``text`` as ``syntax`` reads it, for any family: what a prompt box
+    shows while one types. ``plain`` counts the text as it is, in one window (chunks: 1)."""
+    tokenizer = _counting_tokenizer()
+    if PromptSyntax(syntax) is PromptSyntax.PLAIN:
+        return len(_token_ids(tokenizer, text)), 1
+    chunks = prompt_chunks(tokenizer, text)
+    return sum(len(c.ids) for c in chunks), len(chunks)
 
 
 def _framed(tokenizer, chunk: TokenChunk) -> tuple[list[int], list[float]]:
