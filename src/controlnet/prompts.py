@@ -214,15 +214,20 @@ def encode_prompts(
     *,
     size: tuple[int, int] | None = None,
     syntax: PromptSyntax | str = PromptSyntax.WEIGHTED,
-    min_chunks: int = 1,
 ) -> PromptEmbeddings:
     """Prompts -> UNet context under ``syntax``; weighted prompts give (B, 77 x chunks, D), every
-    prompt padded with empty chunks to the longest one's count (and to ``min_chunks``)."""
-    syntax = PromptSyntax(syntax)
-    if syntax is PromptSyntax.PLAIN:
+    prompt padded with empty chunks to the longest one's count."""
+    if PromptSyntax(syntax) is PromptSyntax.PLAIN:
         return _plain_with_warning(base, prompts, size)
-    per_prompt = [prompt_chunks(base.tokenizer, p) for p in prompts]
-    n = max([min_chunks, *(len(c) for c in per_prompt)])
+    return _encode_chunks(base, [prompt_chunks(base.tokenizer, p) for p in prompts], size)
+
+
+def _encode_chunks(
+    base: BaseModel, per_prompt: list[list[TokenChunk]], size: tuple[int, int] | None, n: int = 1
+) -> PromptEmbeddings:
+    """Each prompt's chunks (padded with empty ones to the longest count, at least ``n``) encoded
+    side by side, their emphasis applied."""
+    n = max([n, *(len(c) for c in per_prompt)])
     chunks = [c for cs in per_prompt for c in cs + [TokenChunk([], [])] * (n - len(cs))]
     framed = [_framed(base.tokenizer, c) for c in chunks]
     ids = torch.tensor([f[0] for f in framed])
@@ -240,8 +245,7 @@ def encode_prompts(
             mean = z.mean()
             z = z * weights[r, :, None]
             context[r] = (z * (mean / z.mean())).to(context.dtype)
-    b = len(prompts)
-    context = context.reshape(b, n * MAX_LENGTH, context.shape[-1])
+    context = context.reshape(len(per_prompt), n * MAX_LENGTH, context.shape[-1])
     added = None
     if emb.added is not None:  # pooled vector and time ids of each prompt's first chunk
         added = {k: v[::n] for k, v in emb.added.items()}
@@ -256,13 +260,11 @@ def encode_guided(
     size: tuple[int, int] | None = None,
     syntax: PromptSyntax | str = PromptSyntax.WEIGHTED,
 ) -> tuple[PromptEmbeddings, PromptEmbeddings | None]:
-    """The prompt's and (when guidance needs it) the negative prompt's embeddings, of equal length."""
-    syntax = PromptSyntax(syntax)
-    if negative is None or syntax is PromptSyntax.PLAIN:
+    """The prompt's and (when guidance needs it) the negative prompt's embeddings, of equal length.
+    Each is encoded on its own, as a batch of one."""
+    if negative is None or PromptSyntax(syntax) is PromptSyntax.PLAIN:
         uncond = None if negative is None else encode_prompts(base, [negative], size=size, syntax=syntax)
         return encode_prompts(base, [prompt], size=size, syntax=syntax), uncond
-    n = max(len(prompt_chunks(base.tokenizer, t)) for t in (prompt, negative))
-    return (
-        encode_prompts(base, [prompt], size=size, min_chunks=n),
-        encode_prompts(base, [negative], size=size, min_chunks=n),
-    )
+    chunks = [prompt_chunks(base.tokenizer, t) for t in (prompt, negative)]
+    n = max(len(c) for c in chunks)
+    return _encode_chunks(base, [chunks[0]], size, n), _encode_chunks(base, [chunks[1]], size, n)
