@@ -85,11 +85,22 @@ def run(
     cache: ModelCache | None = None,
     progress: bool = True,
     callback: Callable[[int, int], None] | None = None,
+) -> tuple[GenerationResult, Path | None]:
+    """Check, load, generate and (with ``out_dir``) write; return the result and the sidecar path."""
+    request.validate()  # everything that needs no model, before loading anything
+    return _load_and_generate(request, out_dir, cache=cache, progress=progress, callback=callback)
+
+
+def _load_and_generate(
+    request: GenerationRequest,
+    out_dir: str | Path | None,
+    *,
+    cache: ModelCache | None,
+    progress: bool,
+    callback: Callable[[int, int], None] | None = None,
     label: str | None = None,
 ) -> tuple[GenerationResult, Path | None]:
-    """Check, load, generate and (with ``out_dir``) write; return the result and the sidecar path
-    (``label`` goes into the output names)."""
-    request.validate()  # everything that needs no model, before loading anything
+    """:func:`run` after its checks (``label`` goes into the output names)."""
     request = resolve_paths(request)
     cache = cache or _DEFAULT_CACHE
     dtype = _DTYPES[request.dtype]
@@ -164,7 +175,10 @@ def run_batch(
     batch = items[0][0] is not None
     bar = tqdm(items, desc="batch", unit="generation", disable=not (progress and batch), file=sys.stderr)
     for label, item in bar:
-        result, sidecar = run(item, out_dir, cache=cache, progress=progress and not batch, label=label)
+        # checked above: straight to the models
+        result, sidecar = _load_and_generate(
+            item, out_dir, cache=cache, progress=progress and not batch, label=label
+        )
         assert sidecar is not None
         done.append((result, sidecar))
         if progress and batch:
