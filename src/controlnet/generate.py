@@ -229,11 +229,15 @@ def _prepare_condition(
     image = read_image(c.image)
     # detect at the size the image takes in the output (as the released apps detected at the output
     # size), so edge widths etc. match the model's view; with FILL the map itself is padded after
-    h, w, top, left = fill_box(image.shape[:2], size_hw) if mode is ResizeMode.FILL else (*size_hw, 0, 0)
+    if mode is ResizeMode.FILL:
+        h, w, top, left = fill_box(image.shape[:2], size_hw)
+        source = resize_to(image, (h, w))
+    else:
+        (h, w), top, left = size_hw, 0, 0
+        source = fit_to(image, size_hw, mode)
     extra = {}
     if "mask" in ann.inputs and mask is not None:
         extra["mask"] = mask[top : top + h, left : left + w] > 0.5
-    source = resize_to(image, (h, w)) if mode is ResizeMode.FILL else fit_to(image, size_hw, mode)
     detected = resize_to(ann(source, **c.params, **extra), (h, w), nearest=ann.nearest)
     cond_map = fit_to(detected, size_hw, mode, nearest=ann.nearest)
     return cond_map, condition_tensor(cond_map, invert=ann.model_invert)
