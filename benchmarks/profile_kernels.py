@@ -75,10 +75,30 @@ def kernel_profile(step: Callable[[], Any], out: Path, n: int = 2) -> dict[str, 
     return {**ordered, "total": sum(kinds.values())}
 
 
-def generation_step(batch: int, smoke: bool) -> Callable[[], Any]:
-    """One compiled denoising step of UNet + ControlNet on a CFG batch of ``2 * batch``."""
+def fuse_qkv_projections(module: torch.nn.Module) -> int:
+    """Merge the q, k and v projections of every diffusers attention in ``module`` into one
+    linear layer (k and v for cross-attention) and switch it to the fused processor; the number of
+    attentions changed."""
+    from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
+
+    n = 0
+    for m in module.modules():
+        if isinstance(m, Attention):
+            m.fuse_projections(fuse=True)
+            m.set_processor(FusedAttnProcessor2_0())
+            n += 1
+    return n
+
+
+def generation_step(batch: int, smoke: bool, fuse_qkv: bool = False) -> Callable[[], torch.Tensor]:
+    """One compiled denoising step of UNet + ControlNet on a CFG batch of ``2 * batch``; it
+    returns the UNet's output. ``fuse_qkv`` first merges each attention's projections into one
+    matmul."""
     dev = "cpu" if smoke else "cuda"
     base, cns = sd15(dev, torch.float32 if smoke else torch.bfloat16, n_controlnets=1, smoke=smoke)
+    if fuse_qkv:
+        for m in (base.unet, cns[0]):
+            fuse_qkv_projections(m)
     if not smoke:
         compile_modules([base.unet, cns[0]])
     g = torch.Generator().manual_seed(0)
@@ -90,9 +110,9 @@ def generation_step(batch: int, smoke: bool) -> Callable[[], Any]:
         control = Control(cns[0], cns[0].encode_hint(cond), control_scales(cns[0].num_residuals))
     t = torch.tensor(500.0, device=dev)
 
-    def step() -> None:
+    def step() -> torch.Tensor:
         with torch.no_grad():
-            controlled_unet_forward(base.unet, x, t, context, [control], cfg_batch=True)
+            return controlled_unet_forward(base.unet, x, t, context, [control], cfg_batch=True)
 
     return step
 
