@@ -178,3 +178,25 @@ def test_train_bad_input(tmp_path, capsys, chain):
         assert main(["train", "--out", str(tmp_path / "run"), *COMMON, *extra]) == 2, extra
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_train_reports_captions_the_text_window_cuts(chain, tmp_path, capsys):
+    """Training reads a caption as one 75-token window: longer ones are counted before the run."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(chain / "data", data)
+    rows = [json.loads(line) for line in (data / "prompt.json").read_text().splitlines()]
+    # "detail", the digits (CLIP reads one digit a token) and a comma: 60 x 3 + 50 - 1 = 229 tokens
+    long_caption = ", ".join(f"detail {i}" for i in range(60))
+    rows[0]["prompt"] = long_caption
+    rows[1]["prompt"] = long_caption  # the same caption twice counts once
+    rows[2]["prompt"] = "word " * 75  # exactly the window: not cut
+    (data / "prompt.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    save_base(make_base(Family.SD1), tmp_path / "sd1.safetensors")
+    args = ["train", "--objective", "base", "--base", str(tmp_path / "sd1.safetensors"), "--data", str(data)]
+    assert main([*args, "--out", str(tmp_path / "run"), *COMMON, "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    distinct = len({r["prompt"] for r in rows})
+    assert f"1 of {distinct} distinct captions in {data} are longer than the text encoder's 75 tokens" in out
+    assert "the longest, 229 tokens: 'detail 0, detail 1," in out

@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -45,6 +45,7 @@ __all__ = [
     "TokenChunk",
     "encode_guided",
     "encode_prompts",
+    "long_prompts",
     "parse_emphasis",
     "prompt_chunks",
     "token_count",
@@ -166,8 +167,9 @@ def prompt_chunks(tokenizer, text: str) -> list[TokenChunk]:
     return chunks
 
 
-def _token_ids(tokenizer, text: str) -> list[int]:
-    """Text tokens of ``text``, however many (not verbose: it would warn past 77)."""
+def _token_ids(tokenizer, text):
+    """Text tokens of ``text`` (a string, or a list: a list each), however many (not verbose: it
+    would warn past 77)."""
     return tokenizer(text, add_special_tokens=False, verbose=False).input_ids
 
 
@@ -186,6 +188,16 @@ def token_count(text: str, syntax: PromptSyntax | str = PromptSyntax.WEIGHTED) -
     return sum(len(c.ids) for c in chunks), len(chunks)
 
 
+def long_prompts(texts: Iterable[str], tokenizer=None) -> dict[str, int]:
+    """The distinct texts of ``texts`` longer than the text encoder's 75-token window, with their
+    token counts: what a plain reading (training, evaluation) cuts."""
+    distinct = list(dict.fromkeys(texts))
+    if not distinct:
+        return {}
+    ids = _token_ids(tokenizer or _counting_tokenizer(), distinct)
+    return {t: len(i) for t, i in zip(distinct, ids) if len(i) > CHUNK_TOKENS}
+
+
 def _framed(tokenizer, chunk: TokenChunk) -> tuple[list[int], list[float]]:
     """A chunk as the encoder's 77 ids (start, text, end, padding) and their weights."""
     pad = MAX_LENGTH - 2 - len(chunk.ids)
@@ -196,15 +208,13 @@ def _framed(tokenizer, chunk: TokenChunk) -> tuple[list[int], list[float]]:
 def _plain_with_warning(
     base: BaseModel, prompts: Sequence[str], size: tuple[int, int] | None
 ) -> PromptEmbeddings:
-    for text in dict.fromkeys(prompts):
-        ids = _token_ids(base.tokenizer, text)
-        if len(ids) > CHUNK_TOKENS:
-            cut = base.tokenizer.decode(ids[CHUNK_TOKENS:])
-            warnings.warn(
-                f"the prompt is {len(ids)} tokens and the text encoder reads {CHUNK_TOKENS}: "
-                f"{cut!r} is cut off (prompt syntax 'weighted' encodes long prompts whole)",
-                stacklevel=3,
-            )
+    for text, n in long_prompts(prompts, base.tokenizer).items():
+        cut = base.tokenizer.decode(_token_ids(base.tokenizer, text)[CHUNK_TOKENS:])
+        warnings.warn(
+            f"the prompt is {n} tokens and the text encoder reads {CHUNK_TOKENS}: "
+            f"{cut!r} is cut off (prompt syntax 'weighted' encodes long prompts whole)",
+            stacklevel=3,
+        )
     return base.encode_prompt(prompts, size=size)
 
 

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from .controlnet import ControlNet, ControlNetConfig
 from .models import BaseModel
 from .objectives import BaseObjective, ControlNetObjective, Objective, VaeObjective
+from .prompts import CHUNK_TOKENS, long_prompts
 from .train import TrainConfig, TrainResult, train
 from .validation import ControlValidator, ImageValidator
 
@@ -145,6 +146,8 @@ def _dataset(spec: RunSpec, base: BaseModel, objective: Objective, device: str) 
         print(f"skipped {len(dataset.skipped)} bad entries of {spec.data}:")
         for s in dataset.skipped[:20]:
             print(f"  {s}")
+    if spec.objective != "vae":
+        _report_long_captions(dataset, spec.data, base)
     if spec.cache is None:
         return dataset
     if spec.objective == "vae":
@@ -158,6 +161,21 @@ def _dataset(spec: RunSpec, base: BaseModel, objective: Objective, device: str) 
     if inputs is not None:
         inputs.empty = cached.empty
     return cached
+
+
+def _report_long_captions(dataset: Any, where: str, base: BaseModel) -> None:
+    """Say how many captions the text encoder's 75-token window cuts: training reads each caption
+    as one window (generation's weighted syntax reads long prompts whole)."""
+    captions = [dataset.prompt(i) for i in range(len(dataset))]
+    long = long_prompts(captions, base.tokenizer)
+    if long:
+        text, n = max(long.items(), key=lambda kv: kv[1])
+        distinct = len(set(captions))
+        print(
+            f"{len(long)} of {distinct} distinct captions in {where} are longer than the text "
+            f"encoder's {CHUNK_TOKENS} tokens; training reads the first {CHUNK_TOKENS} of each "
+            f"(the longest, {n} tokens: {text[:80]!r}{'...' if len(text) > 80 else ''})"
+        )
 
 
 @torch.no_grad()
