@@ -87,6 +87,15 @@ def test_generate_returns_what_the_library_makes(client, server, tmp_path):
         np.testing.assert_array_equal(ours, lib)
 
 
+def test_generate_with_the_hires_fix(client):
+    r = client.post("/api/generate", json=gen(hires_scale=2, hires_denoise=0.5))
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert decode(out["images"][0]).shape == (128, 128, 3)
+    assert decode(out["conditions"][0]).shape == (128, 128, 3)  # detected again at the larger size
+    assert out["sidecar"]["request"]["hires_scale"] == 2
+
+
 def test_generate_with_two_controls_and_a_named_controlnet(client):
     body = gen(
         controls=[{"image": b64(square())}, {"image": b64(square()), "controlnet": "second", "end": 0.5}]
@@ -178,6 +187,9 @@ BAD_GENERATE = [
     ("steps", {"steps": 6}, 400, ["steps=6", "limit of 5"]),
     ("samples", {"num_samples": 3}, 400, ["num_samples=3", "limit of 2"]),
     ("output size", {"resolution": 384}, 400, ["384x384", "0.1 megapixels", "resolution"]),
+    ("hires size", {"resolution": 192, "hires_scale": 2}, 400, ["384x384", "0.1 megapixels", "hires_scale"]),
+    ("hires steps", {"hires_scale": 2, "hires_steps": 6}, 400, ["hires_steps=6", "limit of 5"]),
+    ("hires scale", {"hires_scale": 8}, 400, ["hires_scale must be between 1 (off) and 4"]),
     (
         "unknown annotator",
         {"controls": [{"image": b64(square()), "preprocess": "nope"}]},

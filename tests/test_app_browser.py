@@ -149,6 +149,18 @@ def test_the_web_app_in_a_browser(page, served, tmp_path):
     )
     assert Image.open(out / record["outputs"]["images"][0]["file"]).size == (64, 64)
 
+    # the hires fix: the same request, refined at twice the size
+    page.get_by_text("Hires fix", exact=True).click()
+    scale = page.locator("#hires-scale input").first
+    for value, n in (("2", 2), ("1", None)):  # on, generate; then off again for what follows
+        scale.fill(value)
+        scale.press("Enter")
+        if n:
+            page.click("#generate")
+            record = wait_for_sidecars(out, n, page)
+            assert record["request"]["hires_scale"] == 2.0
+            assert Image.open(out / record["outputs"]["images"][0]["file"]).size == (128, 128)
+
     # a file that is not an image: a one-line message naming the input
     (tmp_path / "notes.png").write_text("these are not pixels")
     page.locator("#control-0-image input[type=file]").set_input_files(str(tmp_path / "notes.png"))
@@ -176,7 +188,7 @@ def test_the_web_app_in_a_browser(page, served, tmp_path):
     stroke(page, "#init-image")
     page.locator("#prompt-syntax").get_by_text("plain", exact=True).click()
     page.click("#generate")
-    record = wait_for_sidecars(out, 2, page)
+    record = wait_for_sidecars(out, 3, page)
     req = record["request"]
     assert req["controls"][0]["preprocess"] == "scribble" and req["denoise"] == 0.75
     assert req["prompt_syntax"] == "plain"
@@ -198,14 +210,14 @@ def test_the_web_app_in_a_browser(page, served, tmp_path):
     inpaint_map = fetch(preview.get_attribute("src"))
     assert inpaint_map.shape[2] == 4 and abs((inpaint_map[..., 3] == 0).mean() - mask.mean()) < 0.05
     page.click("#generate")
-    record = wait_for_sidecars(out, 3, page)
+    record = wait_for_sidecars(out, 4, page)
     assert record["request"]["controls"][0]["preprocess"] == "inpaint" and record["request"]["mask"]
 
     assert "internal error" not in toasts(page)
     assert httpx.get(f"{url}/api/health").json()["queue"] == {
         "waiting": 0,
         "running": 0,
-        "done": 3,
+        "done": 4,
         "failed": 0,
         "max_concurrent": 1,
     }

@@ -91,6 +91,7 @@ def test_generate_writes_images_grid_and_a_replayable_sidecar(files, tmp_path, c
         (["--preprocess", "sobel"], "unknown annotator"),
         (["--mask", "x.png"], "a mask needs an init image"),
         (["--param", "3:low=1"], "control index 3 is not one of 0..0"),
+        (["--hires-scale", "2", "--hires-upscaler", "esrgan"], "unknown hires upscaler 'esrgan'"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(files, tmp_path, capsys, extra, message):
@@ -130,6 +131,29 @@ def test_resize_mode_fits_the_square_map_to_a_tall_output(files, tmp_path):
     assert image.shape == (128, 64, 3)
     assert np.array_equal(cond_map[32:96], np.asarray(Image.open(files / "cond.png")))  # unscaled
     assert not cond_map[:32].any() and not cond_map[96:].any()  # padded above and below
+
+
+def test_hires_flags_reach_the_request_and_the_image_size(files, tmp_path):
+    out = tmp_path / "out"
+    extra = (
+        "--hires-scale",
+        "2",
+        "--hires-denoise",
+        "0.4",
+        "--hires-steps",
+        "3",
+        "--hires-upscaler",
+        "image",
+    )
+    assert main(args(files, *extra, "--out", str(out))) == 0
+    record = json.loads(next(out.glob("*.json")).read_text())["request"]
+    assert {k: v for k, v in record.items() if k.startswith("hires")} == {
+        "hires_scale": 2.0,
+        "hires_denoise": 0.4,
+        "hires_steps": 3,
+        "hires_upscaler": "image",
+    }
+    assert np.asarray(Image.open(next(out.glob("*_0.png")))).shape == (128, 128, 3)
 
 
 def test_prompt_syntax_flag_reaches_the_sidecar_and_the_images(files, tmp_path):

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from controlnet import Family
@@ -254,6 +255,13 @@ def test_output_size_keeps_aspect_on_multiples_of_64():
         ({"denoise": 0.0}, r"denoise must be in \(0, 1\]"),
         ({"eta": 1.5}, r"eta must be in \[0, 1\], got 1.5"),
         ({"prompt_syntax": "a1111"}, "unknown prompt syntax 'a1111'; expected one of: weighted, plain"),
+        ({"hires_scale": 5.0}, "hires_scale must be between 1 [(]off[)] and 4, got 5.0"),
+        ({"hires_scale": 0.5}, "hires_scale must be between 1 [(]off[)] and 4, got 0.5"),
+        ({"hires_scale": 2.0, "hires_denoise": 0.0}, r"hires_denoise must be in \(0, 1\]"),
+        ({"hires_scale": 2.0, "hires_steps": 0}, "hires_steps must be >= 1"),
+        ({"hires_upscaler": "esrgan"}, "unknown hires upscaler 'esrgan'; expected one of: latent, image"),
+        ({"hires_scale": 2.0, "init_image": "init"}, "hires_scale is for text-to-image generations"),
+        ({"hires_scale": 4.0, "width": 1600, "height": 64}, "would make 6400x256 images; .* within 4096"),
     ],
 )
 def test_bad_requests_fail_before_model_work(models, files, tmp_path, change, message):
@@ -274,8 +282,10 @@ def test_bad_requests_fail_before_model_work(models, files, tmp_path, change, me
         kw.update(mask=str(tmp_path / "small.png"), init_image=files["init"])
     elif kw.get("mask") == "mask":
         kw["mask"] = files["mask"]
+    if kw.get("init_image") == "init":
+        kw["init_image"] = files["init"]
     calls = []
-    handle = base.unet.register_forward_hook(lambda *a: calls.append(1))
+    handle = base.unet.conv_in.register_forward_hook(lambda *a: calls.append(1))  # whole or in halves
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         generate(request(files, **kw), base, [cn], progress=False)
     handle.remove()
@@ -315,3 +325,68 @@ def test_controlnet_of_another_family_is_refused_before_model_work(models, files
     sd2.unet_config["cross_attention_dim"] = 1024  # as a real SD2 ControlNet would record
     with pytest.raises(ValueError, match=r"control 0's ControlNet .*SD2.* does not fit the base model"):
         generate(request(files), base, [sd2], progress=False)
+
+
+def test_hires_fix_refines_an_enlarged_first_pass_with_controls_at_the_larger_size(models, files):
+    base, cn = models
+    seen, handle = _hints(cn)
+    latent_sizes = []
+    hook = base.unet.conv_in.register_forward_pre_hook(
+        lambda m, a: latent_sizes.append(tuple(a[0].shape[-2:]))
+    )
+    calls = []
+    res = generate(
+        request(files, hires_scale=2.0, steps=4, hires_steps=6, hires_denoise=0.5, guidance=1.0),
+        base,
+        [cn],
+        progress=False,
+        callback=lambda i, total: calls.append((i, total)),
+    )
+    handle.remove()
+    hook.remove()
+    # first pass: 4 steps at 64 px (8 latents); second: the last round(6 * 0.5) = 3 of 6 at 128 px
+    assert latent_sizes == [(8, 8)] * 4 + [(16, 16)] * 3
+    assert [tuple(h.shape[-2:]) for h in seen] == [(64, 64), (128, 128)]  # encoded once per pass
+    assert calls == [(i, 7) for i in range(1, 8)]  # one count over both passes
+    assert res.images[0].shape == (128, 128, 3) and res.conditions[0].shape == (128, 128, 3)
+    assert res.latents.shape[-2:] == (16, 16)
+
+
+@pytest.mark.parametrize("upscaler", ["latent", "image"])
+def test_hires_fix_starts_from_the_enlarged_first_pass(models, files, upscaler):
+    """The second pass is img2img from the enlarged first pass: a light touch stays near the
+    enlargement alone, a full denoise draws something else."""
+    base, cn = models
+    first = generate(request(files, steps=10), base, [cn], progress=False)
+    if upscaler == "latent":
+        latents = F.interpolate(first.latents, size=(16, 16), mode="bilinear")
+    else:  # the pixels enlarged, then back to latents (the test model's VAE is random: not an identity)
+        pixels = F.interpolate(base.decode_latents(first.latents), size=(128, 128), mode="bicubic")
+        latents = base.encode_images(pixels.clamp(-1, 1), torch.Generator().manual_seed(11))
+    enlarged = ((base.decode_latents(latents)[0].permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255)
+
+    def hires(strength):
+        req = request(files, steps=10, hires_scale=2.0, hires_denoise=strength, hires_upscaler=upscaler)
+        return generate(req, base, [cn], progress=False).images[0].astype(float)
+
+    light, full = hires(0.1), hires(1.0)
+    assert light.shape == full.shape == (128, 128, 3)
+    assert np.abs(light - enlarged).mean() < 0.5 * np.abs(full - enlarged).mean()
+
+
+def test_hires_sidecar_replays_bit_for_bit_and_older_sidecars_read_as_off(models, files, tmp_path):
+    base, cn = models
+    first = generate(
+        request(files, hires_scale=1.5, hires_upscaler="image", hires_steps=4), base, [cn], progress=False
+    )
+    sidecar = write_outputs(first, tmp_path / "out")
+    again = generate(read_sidecar(sidecar).request, base, [cn], progress=False)
+    assert first.images[0].shape == (128, 128, 3)  # 64 * 1.5 = 96, to the nearest multiple of 64 (halves up)
+    assert np.array_equal(first.images[0], again.images[0])
+    data = json.loads(sidecar.read_text())
+    for key in ("hires_scale", "hires_denoise", "hires_steps", "hires_upscaler"):
+        del data["request"][key]  # as written before the hires fix existed
+    sidecar.write_text(json.dumps(data))
+    old = read_sidecar(sidecar).request
+    assert old.hires_scale == 1.0
+    assert generate(old, base, [cn], progress=False).images[0].shape == (64, 64, 3)

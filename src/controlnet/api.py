@@ -84,6 +84,10 @@ class GenerateBody(BaseModel):
     mask: str | None = _D.mask
     mask_blur: int = _D.mask_blur
     overlay: bool = _D.overlay
+    hires_scale: float = _D.hires_scale
+    hires_denoise: float = _D.hires_denoise
+    hires_steps: int | None = _D.hires_steps
+    hires_upscaler: str = _D.hires_upscaler
 
 
 #: GenerationRequest fields the server sets itself; a client sending one gets a 422.

@@ -18,7 +18,14 @@ import numpy as np
 
 from .annotators import ANNOTATORS, Annotator, Param, ParamType, ResizeMode, hwc3
 from .control import ControlMode
-from .generate import ControlRequest, GenerationRequest, PromptSetting, resolve_prompt
+from .generate import (
+    MAX_HIRES_SCALE,
+    ControlRequest,
+    GenerationRequest,
+    HiresUpscaler,
+    PromptSetting,
+    resolve_prompt,
+)
 from .prompts import CHUNK_TOKENS, PromptSyntax, token_count
 from .sampling import Sampler
 from .service import BusyError, Service
@@ -318,6 +325,25 @@ def build_ui(service: Service) -> gr.Blocks:
                         )
                         mask_blur = gr.Slider(0, 64, value=d.mask_blur, step=1, label="Mask feather (px)")
                         overlay = gr.Checkbox(value=d.overlay, label="Paste kept pixels back")
+                with gr.Accordion("Hires fix", open=False), gr.Row():
+                    hires_scale = gr.Slider(
+                        1,
+                        MAX_HIRES_SCALE,
+                        value=d.hires_scale,
+                        step=0.25,
+                        label="Upscale by (1: off)",
+                        info="a second, img2img pass at this many times the size",
+                        elem_id="hires-scale",
+                    )
+                    hires_denoise = gr.Slider(
+                        0.01, 1, value=d.hires_denoise, step=0.01, label="Hires denoise"
+                    )
+                    hires_steps = gr.Slider(
+                        0, lim.max_steps, value=0, step=1, label="Hires steps (0: as Steps)"
+                    )
+                    hires_upscaler = gr.Radio(
+                        [u.value for u in HiresUpscaler], value=d.hires_upscaler, label="Upscaler"
+                    )
                 with gr.Accordion("Settings", open=True):
                     with gr.Row():
                         setting = gr.Radio(
@@ -378,6 +404,7 @@ def build_ui(service: Service) -> gr.Blocks:
 
         globals_ = [prompt, editor, denoise, mask_blur, overlay, setting, sampler, added, negative, syntax]
         globals_ += [steps, guidance, eta, seed, samples, resolution, resize_mode]
+        globals_ += [hires_scale, hires_denoise, hires_steps, hires_upscaler]
 
         def generate(data: dict, progress: gr.Progress = gr.Progress()) -> tuple[Any, Any, str]:  # noqa: B008
             try:
@@ -420,6 +447,10 @@ def build_ui(service: Service) -> gr.Blocks:
                     mask=mask,
                     mask_blur=int(data[mask_blur]),
                     overlay=bool(data[overlay]),
+                    hires_scale=float(data[hires_scale]),
+                    hires_denoise=float(data[hires_denoise]),
+                    hires_steps=int(data[hires_steps]) or None,
+                    hires_upscaler=data[hires_upscaler],
                 )
 
                 def show(step: int, total: int) -> None:

@@ -490,6 +490,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         mask=args.mask,
         mask_blur=args.mask_blur,
         overlay=not args.no_overlay,
+        hires_scale=args.hires_scale,
+        hires_denoise=args.hires_denoise,
+        hires_steps=args.hires_steps,
+        hires_upscaler=args.hires_upscaler,
         dtype=args.dtype,
         device=_device(args),
         fast=args.fast,
@@ -607,6 +611,19 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--mask-blur", type=int, default=4, help="feather of the paste-back, px (default 4)")
     s.add_argument(
         "--no-overlay", action="store_true", help="do not paste the kept pixels back after decoding"
+    )
+    h = p.add_argument_group("hires fix (a second, img2img pass at a larger size)")
+    h.add_argument(
+        "--hires-scale", type=float, default=1.0, help="enlarge by this much and refine (default 1: off)"
+    )
+    h.add_argument(
+        "--hires-denoise", type=float, default=0.7, help="strength of the second pass (default 0.7)"
+    )
+    h.add_argument("--hires-steps", type=int, help="the second pass's schedule length (default: --steps)")
+    h.add_argument(
+        "--hires-upscaler",
+        default="latent",
+        help="latent (resize the latents) | image (decode, resize the pixels, encode); default latent",
     )
     s.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     s.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")

@@ -3,6 +3,11 @@
 A :class:`GenerationRequest` holds every parameter as plain data (paths, numbers, names), so it
 is checked in full before any model work, written to a JSON sidecar beside the images, and
 replayed from that sidecar bit for bit. :func:`generate` runs it on loaded models.
+
+A request with ``hires_scale`` > 1 runs the A1111 web UI's "hires fix": the first pass makes the
+images at the requested size, they are enlarged (their latents, or their pixels re-encoded), and a
+second, img2img pass at the larger size with the controls detected afresh there adds the detail a
+model trained at the smaller size would not draw all at once.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .annotators import get as _get_annotator
 from .annotators.utils import ResizeMode, condition_tensor, fill_box, fit_to, model_size, resize_to
@@ -27,16 +33,19 @@ from .fastpath import compile_modules
 from .imageio import read_image, read_mask
 from .models import BaseModel
 from .prompts import PromptSyntax, encode_guided
-from .sampling import ControlUnit, Sampler, denoise, mask_to_latent
+from .sampling import ControlUnit, Sampler, denoise, mask_to_latent, steps_run
 
 __all__ = [
     "DEFAULT_ADDED_PROMPT",
     "DEFAULT_NEGATIVE_PROMPT",
+    "MAX_HIRES_SCALE",
     "PAPER_DEFAULT_PROMPT",
     "ControlRequest",
     "GenerationRequest",
     "GenerationResult",
+    "HiresUpscaler",
     "PromptSetting",
+    "final_size",
     "generate",
 ]
 
@@ -57,6 +66,17 @@ class PromptSetting(Enum):
     NONE = "none"  # the empty prompt
     DEFAULT = "default"  # "a professional, detailed, high-quality image"
     AUTO = "auto"  # a caption of the condition's source image, from a local BLIP-style captioner
+
+
+class HiresUpscaler(Enum):
+    """How the hires fix enlarges the first pass."""
+
+    LATENT = "latent"  # the latents, bilinearly: no VAE round trip; wants denoise >= 0.5
+    IMAGE = "image"  # the decoded pixels (bicubic, antialiased), encoded again: keeps more at low denoise
+
+
+#: the largest enlargement of the hires fix
+MAX_HIRES_SCALE = 4.0
 
 
 def _parse_enum(enum: type[Enum], value: Any, what: str) -> Any:
@@ -118,6 +138,10 @@ class GenerationRequest:
     dtype: str = "float32"
     device: str = "cpu"
     fast: bool = False  # compile the networks (slow first call; CUDA graphs are on for CUDA anyway)
+    hires_scale: float = 1.0  # > 1: a second pass at this many times the size (the hires fix)
+    hires_denoise: float = 0.7  # the second pass's img2img strength
+    hires_steps: int | None = None  # the second pass's steps before denoise (None: steps)
+    hires_upscaler: str = HiresUpscaler.LATENT.value
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -154,6 +178,7 @@ class GenerationRequest:
             raise ValueError(f"guidance must be >= 0, got {self.guidance}")
         if not 0.0 < self.denoise <= 1.0:
             raise ValueError(f"denoise must be in (0, 1], got {self.denoise}")
+        self._validate_hires()
         if not 0.0 <= self.eta <= 1.0:  # outside [0, 1] DDIM's noise is undefined: NaN images
             raise ValueError(f"eta must be in [0, 1], got {self.eta}")
         if self.dtype not in _DTYPES:
@@ -202,6 +227,22 @@ class GenerationRequest:
                         f"mask {self.mask} is {mask.shape[1]}x{mask.shape[0]} but the init image "
                         f"{self.init_image} is {init.shape[1]}x{init.shape[0]}; they must match"
                     )
+
+    def _validate_hires(self) -> None:
+        _parse_enum(HiresUpscaler, self.hires_upscaler, "hires upscaler")
+        if not 1.0 <= self.hires_scale <= MAX_HIRES_SCALE:
+            raise ValueError(
+                f"hires_scale must be between 1 (off) and {MAX_HIRES_SCALE:g}, got {self.hires_scale}"
+            )
+        if not 0.0 < self.hires_denoise <= 1.0:
+            raise ValueError(f"hires_denoise must be in (0, 1], got {self.hires_denoise}")
+        if self.hires_steps is not None and self.hires_steps < 1:
+            raise ValueError(f"hires_steps must be >= 1 (or none: steps), got {self.hires_steps}")
+        if self.hires_scale > 1.0 and self.init_image is not None:
+            raise ValueError(
+                "hires_scale is for text-to-image generations; with an init image, ask for the size "
+                "itself (resolution, or width and height)"
+            )
 
 
 @dataclass
@@ -264,6 +305,21 @@ def output_size(req: GenerationRequest, native: int) -> tuple[int, int]:
     return model_size(h, w, side)
 
 
+def final_size(req: GenerationRequest, native: int) -> tuple[int, int]:
+    """(H, W) of the images ``req`` returns: :func:`output_size`, enlarged by the hires fix (to the
+    nearest multiples of 64) when it is on."""
+    h, w = output_size(req, native)
+    if req.hires_scale == 1.0:
+        return h, w
+    h, w = (max(64, int(v * req.hires_scale / 64 + 0.5) * 64) for v in (h, w))  # halves up
+    if max(h, w) > 4096:
+        raise ValueError(
+            f"hires_scale {req.hires_scale:g} would make {w}x{h} images; the sides must stay within "
+            "4096 pixels"
+        )
+    return h, w
+
+
 def resolve_prompt(req: GenerationRequest, caption: Callable[[np.ndarray], str] | None = None) -> str:
     """The text the encoder reads under the request's prompt setting, with the added prompt."""
     setting = PromptSetting(req.prompt_setting)
@@ -324,8 +380,9 @@ def generate(
     for cn in controlnets:
         cn.to(req.device, dtype).eval()
 
-    size = output_size(req, base.unet.config.sample_size * base.vae_scale_factor)
-    latent_size = (size[0] // base.vae_scale_factor, size[1] // base.vae_scale_factor)
+    native = base.unet.config.sample_size * base.vae_scale_factor
+    size, big = output_size(req, native), final_size(req, native)
+    latent_size = _latent_hw(base, size)
 
     mode = ResizeMode(req.resize_mode)
     init_latents = mask = init = pixel_mask = None
@@ -337,51 +394,84 @@ def generate(
             pixel_mask = fit_to(read_mask(req.mask), size, mode, fill=1.0)  # padding: regenerated
             mask = mask_to_latent(torch.from_numpy(pixel_mask)[None, None], latent_size)
 
-    maps, units = [], []
-    for c, cn in zip(req.controls, controlnets):
-        cond_map, cond = _prepare_condition(c, size, mode, pixel_mask)
-        maps.append(cond_map[..., :3])
-        units.append(
-            ControlUnit(cn, cond, c.strength, c.start, c.end, ControlMode(c.mode), guess_mode=c.guess_mode)
-        )
-
     prompt = resolve_prompt(req, caption)
-    n = req.num_samples
-    negative = req.negative_prompt if req.guidance != 1.0 else None
-    cond_emb, uncond_emb = encode_guided(base, prompt, negative, size=size, syntax=req.prompt_syntax)
-    cond_emb = cond_emb.repeat(n)
-    uncond_emb = uncond_emb.repeat(n) if uncond_emb is not None else None
+    seeds = [seed + i for i in range(req.num_samples)]
+    hires = req.hires_scale > 1.0
+    hires_steps = req.hires_steps or req.steps
+    # one progress count over both passes: the first runs all its steps (hires excludes img2img)
+    counts = (req.steps, steps_run(hires_steps, req.hires_denoise)) if hires else (0, 0)
 
-    seeds = [seed + i for i in range(n)]
-    out = denoise(
-        base,
-        cond_emb,
-        uncond_emb,
-        units,
-        sampler=req.sampler,
-        steps=req.steps,
-        guidance=req.guidance,
-        eta=req.eta,
-        seeds=seeds,
-        latent_size=latent_size,
-        init_latents=init_latents,
-        denoise_strength=req.denoise,
-        mask=mask,
-        progress=progress,
-        callback=callback,
-        compile=req.fast,
-    )
+    def run_pass(
+        size: tuple[int, int], init: torch.Tensor | None, steps: int, strength: float, done: int
+    ) -> tuple[torch.Tensor, list[np.ndarray]]:
+        """Denoise at ``size`` (H, W) from ``init`` latents (None: noise) with the controls
+        prepared at that size; the latents and the condition maps fed to the model."""
+        maps, units = [], []
+        for c, cn in zip(req.controls, controlnets):
+            cond_map, cond = _prepare_condition(c, size, mode, pixel_mask)
+            maps.append(cond_map[..., :3])
+            units.append(
+                ControlUnit(
+                    cn, cond, c.strength, c.start, c.end, ControlMode(c.mode), guess_mode=c.guess_mode
+                )
+            )
+        negative = req.negative_prompt if req.guidance != 1.0 else None
+        cond_emb, uncond_emb = encode_guided(base, prompt, negative, size=size, syntax=req.prompt_syntax)
+        n = req.num_samples
+        step_callback = callback
+        if callback is not None and hires:
+
+            def step_callback(i: int, total: int) -> None:
+                callback(done + i, sum(counts))
+
+        out = denoise(
+            base,
+            cond_emb.repeat(n),
+            uncond_emb.repeat(n) if uncond_emb is not None else None,
+            units,
+            sampler=req.sampler,
+            steps=steps,
+            guidance=req.guidance,
+            eta=req.eta,
+            seeds=seeds,
+            latent_size=_latent_hw(base, size),
+            init_latents=init,
+            denoise_strength=strength,
+            mask=mask,
+            progress=progress,
+            callback=step_callback,
+            compile=req.fast,
+        )
+        return out.latents, maps
+
+    latents, maps = run_pass(size, init_latents, req.steps, req.denoise, 0)
     if req.fast:  # the decoder is a VAE forward of its own: compiled, it takes a third of the time
         compile_modules([base.vae.decoder])
-    pixels = base.decode_latents(out.latents)
+    if hires:
+        enlarged = _enlarge(base, latents, big, HiresUpscaler(req.hires_upscaler), seed)
+        latents, maps = run_pass(big, enlarged, hires_steps, req.hires_denoise, counts[0])
+    pixels = base.decode_latents(latents)
     images = [
         ((p.permute(1, 2, 0).cpu().numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8) for p in pixels
     ]
     if pixel_mask is not None and req.overlay:
         images = [overlay(img, init, pixel_mask, req.mask_blur) for img in images]  # type: ignore[arg-type]
-    return GenerationResult(
-        req, images, maps, prompt, seeds, time.perf_counter() - started, out.latents.cpu()
-    )
+    return GenerationResult(req, images, maps, prompt, seeds, time.perf_counter() - started, latents.cpu())
+
+
+def _latent_hw(base: BaseModel, size: tuple[int, int]) -> tuple[int, int]:
+    return size[0] // base.vae_scale_factor, size[1] // base.vae_scale_factor
+
+
+def _enlarge(
+    base: BaseModel, latents: torch.Tensor, size: tuple[int, int], how: HiresUpscaler, seed: int
+) -> torch.Tensor:
+    """The hires fix's enlargement of first-pass ``latents`` to images of ``size`` (H, W)."""
+    if how is HiresUpscaler.LATENT:
+        return F.interpolate(latents.float(), size=_latent_hw(base, size), mode="bilinear").to(latents.dtype)
+    pixels = F.interpolate(base.decode_latents(latents), size=size, mode="bicubic", antialias=True)
+    generator = torch.Generator(latents.device).manual_seed(seed)
+    return base.encode_images(pixels.clamp(-1, 1).to(base.dtype), generator)
 
 
 def overlay(generated: np.ndarray, source: np.ndarray, mask: np.ndarray, blur: int) -> np.ndarray:

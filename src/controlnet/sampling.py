@@ -41,6 +41,7 @@ __all__ = [
     "initial_noise",
     "make_scheduler",
     "mask_to_latent",
+    "steps_run",
 ]
 
 
@@ -172,6 +173,11 @@ class DenoiseResult:
     control_calls: dict[int, int] = field(default_factory=dict)  # unit index -> steps it ran
 
 
+def steps_run(steps: int, denoise_strength: float) -> int:
+    """How many of ``steps`` an img2img pass at ``denoise_strength`` runs: the last ones, at least one."""
+    return max(1, round(steps * denoise_strength))
+
+
 @torch.no_grad()
 def denoise(
     base: BaseModel,
@@ -220,7 +226,7 @@ def denoise(
     use_cfg = uncond is not None and guidance != 1.0
     scheduler = make_scheduler(sampler, base.schedule)
     scheduler.set_timesteps(steps, device=device)
-    first = steps - max(1, round(steps * denoise_strength)) if init_latents is not None else 0
+    first = steps - steps_run(steps, denoise_strength) if init_latents is not None else 0
     timesteps = scheduler.timesteps[first * scheduler.order :]
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(first * scheduler.order)

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from .bundled import BUNDLED_SETTINGS
-from .generate import GenerationRequest, output_size
+from .generate import GenerationRequest, final_size
 from .imageio import MAX_PIXELS, read_image, read_mask, save_png
 from .limits import Limits
 
@@ -254,8 +254,9 @@ class Service:
 
     # ------------------------------------------------------------------ requests and limits
     def output_size(self, request: GenerationRequest) -> tuple[int, int]:
-        """(H, W) of the images ``request`` will make (:func:`controlnet.generate.output_size`)."""
-        return output_size(request, self.native_size)
+        """(H, W) of the images ``request`` will make, hires fix included
+        (:func:`controlnet.generate.final_size`)."""
+        return final_size(request, self.native_size)
 
     def check(self, request: GenerationRequest) -> GenerationRequest:
         """The request with the server's settings filled in, checked in full: the request's own
@@ -264,6 +265,10 @@ class Service:
         lim = self.limits
         if request.steps > lim.max_steps:
             raise ValueError(f"steps={request.steps} is over this server's limit of {lim.max_steps}")
+        if request.hires_steps is not None and request.hires_steps > lim.max_steps:
+            raise ValueError(
+                f"hires_steps={request.hires_steps} is over this server's limit of {lim.max_steps}"
+            )
         if request.num_samples > lim.max_samples:
             raise ValueError(
                 f"num_samples={request.num_samples} is over this server's limit of {lim.max_samples}"
@@ -296,7 +301,8 @@ class Service:
         if _megapixels(h, w) > lim.max_megapixels:
             raise ValueError(
                 f"the output would be {w}x{h} ({_megapixels(h, w):.2f} megapixels), over this server's "
-                f"limit of {lim.max_megapixels:g} megapixels: lower resolution (or width/height)"
+                f"limit of {lim.max_megapixels:g} megapixels: lower resolution (or width/height, or "
+                "hires_scale)"
             )
         return request
 
