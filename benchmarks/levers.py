@@ -1,13 +1,14 @@
-"""Inductor and cuDNN settings, and fused attention projections, against the batch-8 steps of
-profile_kernels.py: the ``--fast`` generation step (UNet + one ControlNet on the CFG batch of 16,
-compiled) and the compiled training step (reduce-overhead). Each variant is compiled afresh in
-this process and timed against the base of the same process; the generation outputs of the fused
-projections are compared with the base's.
+"""Inductor and cuDNN settings (coordinate-descent tuning, matmul autotuning), and fused attention
+projections, against the batch-8 steps of profile_kernels.py: the ``--fast`` generation step
+(UNet + one ControlNet on the CFG batch of 16, compiled) and the compiled training step
+(reduce-overhead). Each variant is compiled afresh in this process and timed against the base of
+the same process; the generation outputs of every variant are compared with the base's.
 
 SD1.5 architecture, random weights, bf16, 512 px.
 
-    python benchmarks/levers.py --out results/levers.json   # gen and train: about 20 min on an H100
+    python benchmarks/levers.py --out results/levers.json   # everything: well over an hour on an H100
     python benchmarks/levers.py --only gen                  # a part: gen or train
+    python benchmarks/levers.py --only gen --variant "coordinate descent"   # base and one: 8 min
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +30,30 @@ import profile_train
 from common import cuda_time, environment, table, write_json
 from profile_kernels import generation_step
 
-#: name -> (inductor coordinate-descent tuning, cudnn.benchmark, fused projections)
-VARIANTS: dict[str, tuple[bool, bool, bool]] = {
-    "base": (False, False, False),
-    "fused qkv": (False, False, True),
-    "cudnn.benchmark": (False, True, False),
-    "coordinate descent": (True, False, False),
+
+@dataclass(frozen=True)
+class Variant:
+    descent: bool = False  # inductor's coordinate-descent tuning of its Triton kernels
+    cudnn_benchmark: bool = False
+    fuse_qkv: bool = False  # q, k, v projections as one matmul (generation only)
+    autotune_gemm: bool = False  # inductor picks each matmul's kernel (cuBLAS or its own Triton) by timing
+
+
+VARIANTS: dict[str, Variant] = {
+    "base": Variant(),
+    "fused qkv": Variant(fuse_qkv=True),
+    "cudnn.benchmark": Variant(cudnn_benchmark=True),
+    "coordinate descent": Variant(descent=True),
+    "max-autotune matmuls": Variant(autotune_gemm=True),
 }
 
 
-def _settings(descent: bool, bench: bool) -> None:
+def _settings(v: Variant) -> None:
     torch._dynamo.reset()
-    inductor_config.coordinate_descent_tuning = descent
-    torch.backends.cudnn.benchmark = bench
+    inductor_config.coordinate_descent_tuning = v.descent
+    inductor_config.max_autotune_gemm = v.autotune_gemm
+    inductor_config.max_autotune_gemm_backends = "ATEN,TRITON"
+    torch.backends.cudnn.benchmark = v.cudnn_benchmark
 
 
 def timed(build: Callable[[], Callable[[], Any]], reps: int) -> tuple[dict[str, float], Any]:
@@ -59,20 +72,27 @@ def main() -> None:
     p.add_argument("--out", default="results/levers.json")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--only", choices=("gen", "train"), action="append")
+    p.add_argument(
+        "--variant",
+        choices=list(VARIANTS)[1:],
+        action="append",
+        help="measure these against the base (default: all); each compiles for minutes",
+    )
     args = p.parse_args()
     parts = args.only or ["gen", "train"]
+    chosen = {"base", *(args.variant or VARIANTS)}
     res: dict[str, Any] = {"env": environment(), "command": " ".join(sys.argv), "batch": args.batch}
     rows: list[dict[str, Any]] = []
     base_out = None
     for part in parts:
-        for name, (descent, bench, fuse) in VARIANTS.items():
-            if part == "train" and fuse:
-                continue  # training's attention modules are the same; the generation row answers it
-            _settings(descent, bench)
+        for name, v in VARIANTS.items():
+            if name not in chosen or (part == "train" and v.fuse_qkv):
+                continue  # fused projections: training's attention modules are the same as generation's
+            _settings(v)
             torch.cuda.reset_peak_memory_stats()
             try:
                 if part == "gen":
-                    row, out = timed(lambda fuse=fuse: generation_step(args.batch, False, fuse), reps=10)
+                    row, out = timed(lambda v=v: generation_step(args.batch, False, v.fuse_qkv), reps=10)
                     out = out.float().cpu()
                     if name == "base":
                         base_out = out
@@ -87,7 +107,7 @@ def main() -> None:
             print(rows[-1], flush=True)
             write_json(args.out, {**res, "rows": rows})
             torch.cuda.empty_cache()
-    _settings(False, False)
+    _settings(VARIANTS["base"])
     print(table(rows, ["step", "variant", "ms", "first_s", "peak_gib", "max_abs_diff_to_base"]))
 
 
