@@ -156,6 +156,26 @@ def test_hires_flags_reach_the_request_and_the_image_size(files, tmp_path):
     assert np.asarray(Image.open(next(out.glob("*_0.png")))).shape == (128, 128, 3)
 
 
+def test_the_bundled_model_runs_with_its_own_settings_unless_told_otherwise(files, tmp_path):
+    """Without --base the bundled model runs, trained on bare prompts at guidance 1.5: SD's quality
+    words, negative prompt and guidance 9 are not its defaults; flags still win; a named base keeps
+    SD's defaults."""
+    from controlnet.bundled import BUNDLED_GUIDANCE
+    from controlnet.generate import DEFAULT_ADDED_PROMPT, DEFAULT_NEGATIVE_PROMPT
+
+    def settings(*extra):
+        out = tmp_path / f"o{len(list(tmp_path.iterdir()))}"
+        a = [*extra, "--image", str(files / "cond.png"), "--steps", "1", "--resolution", "64"]
+        assert main(["generate", *a, "--quiet", "--device", "cpu", "--out", str(out)]) == 0
+        req = json.loads(next(out.glob("*.json")).read_text())["request"]
+        return req["guidance"], req["added_prompt"], req["negative_prompt"]
+
+    assert settings() == (BUNDLED_GUIDANCE, "", "")
+    assert settings("--guidance", "3", "--added-prompt", "sharp") == (3.0, "sharp", "")
+    base = ("--base", str(files / "base.safetensors"), "--controlnet", str(files / "cn.safetensors"))
+    assert settings(*base) == (9.0, DEFAULT_ADDED_PROMPT, DEFAULT_NEGATIVE_PROMPT)
+
+
 def test_prompt_syntax_flag_reaches_the_sidecar_and_the_images(files, tmp_path):
     outs = {}
     for syntax in ("weighted", "plain"):

@@ -135,6 +135,17 @@ def test_eval_writes_a_report(chain, tmp_path):
     assert 0 <= res["summary"]["colour_accuracy"] <= 1 and (tmp_path / "ev/examples.png").is_file()
     assert main([*args, "--no-controlnet", "--out", str(tmp_path / "ev2")]) == 0
     assert "free_colour_ok" in json.loads((tmp_path / "ev2/results.json").read_text())["summary"]
+    assert res["config"]["guidance"] == 9.0  # a named base: SD's default
+
+
+def test_eval_of_the_bundled_model_uses_its_guidance(chain, tmp_path):
+    from controlnet.bundled import BUNDLED_GUIDANCE
+
+    args = ["eval", "--data", str(chain / "data"), "--n", "2", "--steps", "1", "--batch", "2", "--quiet"]
+    for extra, guidance in (([], BUNDLED_GUIDANCE), (["--guidance", "4"], 4.0)):
+        out = tmp_path / f"g{guidance}"
+        assert main([*args, *extra, "--out", str(out)]) == 0
+        assert json.loads((out / "results.json").read_text())["config"]["guidance"] == guidance
 
 
 def test_train_bad_input(tmp_path, capsys, chain):

@@ -9,8 +9,16 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
-__all__ = ["BUNDLED_BASE", "BUNDLED_CONTROLNET", "BUNDLED_GUIDANCE", "BUNDLED_SETTINGS", "bundled_path"]
+__all__ = [
+    "BUNDLED_BASE",
+    "BUNDLED_CONTROLNET",
+    "BUNDLED_GUIDANCE",
+    "BUNDLED_SETTINGS",
+    "bundled_path",
+    "model_settings",
+]
 
 BUNDLED_BASE = "fill50k-base.safetensors"
 BUNDLED_CONTROLNET = "fill50k-controlnet.safetensors"
@@ -18,8 +26,15 @@ BUNDLED_CONTROLNET = "fill50k-controlnet.safetensors"
 #: of fill50k (seed 2, not the test pairs); SD's usual 9 over-drives this small model (model card)
 BUNDLED_GUIDANCE = 1.5
 #: the generation settings that differ from SD's for the bundled model: it was trained on the bare
-#: fill50k prompts (no quality words, no negative prompt); the demo and a server of it use them
+#: fill50k prompts (no quality words, no negative prompt)
 BUNDLED_SETTINGS = {"guidance": BUNDLED_GUIDANCE, "added_prompt": "", "negative_prompt": ""}
+
+
+def model_settings(base: str | None) -> dict[str, Any]:
+    """The generation settings a run starts from, before the user's own: the bundled model's
+    (:data:`BUNDLED_SETTINGS`) when no base model is named, since the bundled one then runs; none
+    for a named base (SD's defaults, :class:`~controlnet.generate.GenerationRequest`'s)."""
+    return dict(BUNDLED_SETTINGS) if base is None else {}
 
 
 def bundled_path(name: str) -> Path:

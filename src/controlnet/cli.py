@@ -466,9 +466,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             if c.preprocess is not None:
                 c.params = get(c.preprocess).parse_params([f"{k}={v}" for k, v in c.params.items()])
 
-    optional = {"added_prompt": args.added_prompt, "negative_prompt": args.negative_prompt}
+    from .bundled import model_settings
+
+    given = {
+        "guidance": args.guidance,
+        "added_prompt": args.added_prompt,
+        "negative_prompt": args.negative_prompt,
+    }
     request = GenerationRequest(
-        **{k: v for k, v in optional.items() if v is not None},
+        **{**model_settings(args.base), **{k: v for k, v in given.items() if v is not None}},
         prompt=args.prompt,
         controls=controls,
         prompt_setting=args.prompt_setting,
@@ -478,7 +484,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         sampler=args.sampler,
         eta=args.eta,
         steps=args.steps,
-        guidance=args.guidance,
         seed=args.seed,
         num_samples=args.num_samples,
         resolution=args.resolution,
@@ -532,6 +537,7 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 _GENERATE_OUT = "outputs/generate"
+_GUIDANCE_HELP = "classifier-free guidance scale (default 9; 1.5 for the bundled model, used without --base)"
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -577,9 +583,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--captioner", help="local BLIP captioner folder, for --prompt-setting auto")
     g.add_argument(
-        "--added-prompt", help="appended to the prompt (default: the released apps' quality words)"
+        "--added-prompt",
+        help="appended to the prompt (default: the released apps' quality words; none for the bundled model)",
     )
-    g.add_argument("--negative-prompt", help="default: the released apps' negative prompt")
+    g.add_argument(
+        "--negative-prompt", help="default: the released apps' negative prompt (none for the bundled model)"
+    )
     g.add_argument(
         "--prompt-syntax",
         default="weighted",
@@ -592,7 +601,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--sampler", default="ddim", choices=["ddim", "unipc", "dpmpp-2m-karras", "euler-a"])
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     s.add_argument("--steps", type=int, default=20)
-    s.add_argument("--guidance", type=float, default=9.0)
+    s.add_argument("--guidance", type=float, help=_GUIDANCE_HELP)
     s.add_argument("--seed", type=int, help="default: a random seed (recorded in the sidecar)")
     s.add_argument("--num-samples", type=int, default=1)
     s.add_argument("--resolution", type=int, help="short side in pixels (default: the model's native size)")
@@ -809,6 +818,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
+    from .bundled import model_settings
     from .data import open_dataset
     from .evaluate import EvalConfig, evaluate, write_report
     from .formats import load_controlnet
@@ -828,10 +838,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if args.no_controlnet
         else load_controlnet(req.controls[0].controlnet, dtype=torch.float32).to(device)
     )
+    guidance = model_settings(args.base).get("guidance", EvalConfig.guidance)
     cfg = EvalConfig(
         n=args.n,
         steps=args.steps,
-        guidance=args.guidance,
+        guidance=guidance if args.guidance is None else args.guidance,
         sampler=args.sampler,
         seed=args.seed,
         batch=args.batch,
@@ -872,7 +883,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--annotator-param", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=9.0)
+    p.add_argument("--guidance", type=float, help=_GUIDANCE_HELP)
     p.add_argument("--sampler", default="ddim")
     p.add_argument("--strength", type=float, default=1.0)
     p.add_argument("--prompt-setting", default="user", choices=["user", "none", "default"])

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .bundled import BUNDLED_SETTINGS
+from .bundled import BUNDLED_SETTINGS, model_settings
 from .generate import GenerationRequest, final_size
 from .imageio import MAX_PIXELS, read_image, read_mask, save_png
 from .limits import Limits
@@ -129,7 +129,7 @@ class Service:
         self.base = base
         #: the request defaults the web app shows and the API fills in: SD's, or the bundled
         #: model's settings where it is the model served
-        self.defaults = GenerationRequest(**(BUNDLED_SETTINGS if config.base is None else {}))
+        self.defaults = GenerationRequest(**model_settings(config.base))
         self.controlnets = _unique_names(controlnets)
         GenerationRequest(dtype=config.dtype).validate()  # a bad dtype fails at start, not later
         self.cache = cache or ModelCache(size=len(controlnets) + 1)
