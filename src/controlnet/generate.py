@@ -448,7 +448,7 @@ def generate(
     if req.fast:  # the decoder is a VAE forward of its own: compiled, it takes a third of the time
         compile_modules([base.vae.decoder])
     if hires:
-        enlarged = _enlarge(base, latents, big, HiresUpscaler(req.hires_upscaler), seed)
+        enlarged = _enlarge(base, latents, big, HiresUpscaler(req.hires_upscaler), seeds)
         latents, maps = run_pass(big, enlarged, hires_steps, req.hires_denoise, counts[0])
     pixels = base.decode_latents(latents)
     images = [
@@ -464,14 +464,20 @@ def _latent_hw(base: BaseModel, size: tuple[int, int]) -> tuple[int, int]:
 
 
 def _enlarge(
-    base: BaseModel, latents: torch.Tensor, size: tuple[int, int], how: HiresUpscaler, seed: int
+    base: BaseModel, latents: torch.Tensor, size: tuple[int, int], how: HiresUpscaler, seeds: list[int]
 ) -> torch.Tensor:
-    """The hires fix's enlargement of first-pass ``latents`` to images of ``size`` (H, W)."""
+    """The hires fix's enlargement of first-pass ``latents`` to images of ``size`` (H, W). The
+    image upscaler encodes sample i with its own seed, so that it is the same in a batch as alone."""
     if how is HiresUpscaler.LATENT:
         return F.interpolate(latents.float(), size=_latent_hw(base, size), mode="bilinear").to(latents.dtype)
     pixels = F.interpolate(base.decode_latents(latents), size=size, mode="bicubic", antialias=True)
-    generator = torch.Generator(latents.device).manual_seed(seed)
-    return base.encode_images(pixels.clamp(-1, 1).to(base.dtype), generator)
+    pixels = pixels.clamp(-1, 1).to(base.dtype)
+    return torch.cat(
+        [
+            base.encode_images(p[None], torch.Generator(latents.device).manual_seed(s))
+            for p, s in zip(pixels, seeds)
+        ]
+    )
 
 
 def overlay(generated: np.ndarray, source: np.ndarray, mask: np.ndarray, blur: int) -> np.ndarray:
