@@ -374,13 +374,23 @@ def test_hires_fix_starts_from_the_enlarged_first_pass(models, files, upscaler):
     assert np.abs(light - enlarged).mean() < 0.5 * np.abs(full - enlarged).mean()
 
 
-@pytest.mark.parametrize("hires", [{}, {"hires_scale": 2.0}, {"hires_scale": 2.0, "hires_upscaler": "image"}])
-def test_a_batch_sample_is_the_single_generation_of_its_seed(models, files, hires):
+@pytest.mark.parametrize(
+    "kind",
+    [
+        {},
+        {"hires_scale": 2.0},
+        {"hires_scale": 2.0, "hires_upscaler": "image"},
+        {"init_image": "init", "denoise": 0.5},
+    ],
+)
+def test_a_batch_sample_is_the_single_generation_of_its_seed(models, files, kind):
     """Sample i of seed s is the image a single generation of seed s + i makes (up to the last
-    bit of float arithmetic that batched CPU kernels order differently: 1 level)."""
+    bit of float arithmetic that batched CPU kernels order differently: 1 level), in text to
+    image, both hires upscalers and img2img (whose VAE posterior draw is the sample's too)."""
     base, cn = models
-    batch = generate(request(files, num_samples=2, **hires), base, [cn], progress=False)
-    alone = generate(request(files, seed=12, **hires), base, [cn], progress=False)
+    kind = {k: files[v] if k == "init_image" else v for k, v in kind.items()}
+    batch = generate(request(files, num_samples=2, **kind), base, [cn], progress=False)
+    alone = generate(request(files, seed=12, **kind), base, [cn], progress=False)
     assert batch.seeds == [11, 12]
     assert np.abs(batch.images[1].astype(int) - alone.images[0]).max() <= 1
 

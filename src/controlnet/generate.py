@@ -385,17 +385,17 @@ def generate(
     latent_size = _latent_hw(base, size)
 
     mode = ResizeMode(req.resize_mode)
+    seeds = [seed + i for i in range(req.num_samples)]
     init_latents = mask = init = pixel_mask = None
     if req.init_image is not None:
         init = fit_to(read_image(req.init_image), size, mode)
         pixels = torch.from_numpy(init).permute(2, 0, 1)[None].float().to(req.device) / 127.5 - 1.0
-        init_latents = base.encode_images(pixels.to(dtype), torch.Generator(req.device).manual_seed(seed))
+        init_latents = _encode_per_seed(base, pixels.to(dtype), seeds)
         if req.mask is not None:
             pixel_mask = fit_to(read_mask(req.mask), size, mode, fill=1.0)  # padding: regenerated
             mask = mask_to_latent(torch.from_numpy(pixel_mask)[None, None], latent_size)
 
     prompt = resolve_prompt(req, caption)
-    seeds = [seed + i for i in range(req.num_samples)]
     hires = req.hires_scale > 1.0
     hires_steps = req.hires_steps or req.steps
     # one progress count over both passes: the first runs all its steps (hires excludes img2img)
@@ -467,14 +467,21 @@ def _enlarge(
     base: BaseModel, latents: torch.Tensor, size: tuple[int, int], how: HiresUpscaler, seeds: list[int]
 ) -> torch.Tensor:
     """The hires fix's enlargement of first-pass ``latents`` to images of ``size`` (H, W). The
-    image upscaler encodes sample i with its own seed, so that it is the same in a batch as alone."""
+    image upscaler encodes sample i with seed i."""
     if how is HiresUpscaler.LATENT:
         return F.interpolate(latents.float(), size=_latent_hw(base, size), mode="bilinear").to(latents.dtype)
     pixels = F.interpolate(base.decode_latents(latents), size=size, mode="bicubic", antialias=True)
-    pixels = pixels.clamp(-1, 1).to(base.dtype)
+    return _encode_per_seed(base, pixels.clamp(-1, 1).to(base.dtype), seeds)
+
+
+def _encode_per_seed(base: BaseModel, pixels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+    """Latents of ``pixels`` (B, 3, H, W in [-1, 1]; B = 1 is shared) for each seed: sample i's
+    posterior draw is seeded by ``seeds[i]``, so that sample i of a batch is the same as a single
+    generation of that seed."""
+    pixels = pixels.expand(len(seeds), -1, -1, -1) if pixels.shape[0] == 1 else pixels
     return torch.cat(
         [
-            base.encode_images(p[None], torch.Generator(latents.device).manual_seed(s))
+            base.encode_images(p[None], torch.Generator(pixels.device).manual_seed(s))
             for p, s in zip(pixels, seeds)
         ]
     )
