@@ -352,6 +352,13 @@ def test_hires_fix_refines_an_enlarged_first_pass_with_controls_at_the_larger_si
     assert res.latents.shape[-2:] == (16, 16)
 
 
+def test_hires_pass_has_its_own_progress_bar(models, files, capsys):
+    base, cn = models
+    generate(request(files, hires_scale=2.0, steps=2), base, [cn], progress=True)
+    err = capsys.readouterr().err
+    assert "denoising: " in err and "hires pass: " in err
+
+
 @pytest.mark.parametrize("upscaler", ["latent", "image"])
 def test_hires_fix_starts_from_the_enlarged_first_pass(models, files, upscaler):
     """The second pass is img2img from the enlarged first pass: a light touch stays near the

@@ -439,6 +439,7 @@ def generate(
             denoise_strength=strength,
             mask=mask,
             progress=progress,
+            progress_label="hires pass" if done else "denoising",
             callback=step_callback,
             compile=req.fast,
         )

@@ -195,6 +195,7 @@ def denoise(
     denoise_strength: float = 1.0,
     mask: torch.Tensor | None = None,
     progress: bool = True,
+    progress_label: str = "denoising",
     callback: Callable[[int, int], None] | None = None,
     cuda_graphs: bool | None = None,
     compile: bool = False,
@@ -210,6 +211,7 @@ def denoise(
             the fraction of the schedule that is run (1 = start from pure noise).
         mask: (1 or B, 1, h, w) in [0, 1] at latent size; 1 = regenerate, 0 = keep the source.
             The kept region follows the source latents, noised to the current level, every step.
+        progress / progress_label: a progress bar (steps, it/s, ETA) and its label.
         cuda_graphs: replay each step's model call from a CUDA graph (None: on CUDA devices).
         compile: also torch.compile the UNet and ControlNets (the fast path; slow first call).
         concurrent_controls: run several ControlNets of a step on parallel CUDA streams (no
@@ -288,7 +290,7 @@ def denoise(
         return fn
 
     start = time.perf_counter()
-    bar = tqdm(total=total, desc="denoising", unit="step", disable=not progress, leave=False)
+    bar = tqdm(total=total, desc=progress_label, unit="step", disable=not progress, leave=False)
     # the scheduler gets each timestep as a CPU tensor: DDIM looks its noise level up in a CPU
     # table by the timestep, which for a GPU tensor would wait for the GPU every step. The UNet
     # gets them as float32 (it embeds them so whatever their dtype): one dtype for every sampler's
