@@ -1,5 +1,6 @@
 """The base-model bundle: prompt encoding per family, latents, locking."""
 
+import pytest
 import torch
 
 from controlnet import Family
@@ -38,3 +39,16 @@ def test_latents_round_trip_shapes():
     assert torch.equal(lat, base.encode_images(img, torch.Generator().manual_seed(0)))
     out = base.decode_latents(lat)
     assert out.shape == img.shape and out.min() >= -1 and out.max() <= 1
+
+
+def test_a_generator_per_sample_draws_each_as_alone_and_encodes_a_shared_image_once():
+    base = make_base(Family.SD1)
+    image = torch.rand(1, 3, 64, 64) * 2 - 1
+    calls = []
+    handle = base.vae.encoder.register_forward_hook(lambda *a: calls.append(1))
+    both = base.encode_images(image, [torch.Generator().manual_seed(s) for s in (5, 6)])
+    handle.remove()
+    alone = [base.encode_images(image, torch.Generator().manual_seed(s)) for s in (5, 6)]
+    assert calls == [1] and torch.equal(both, torch.cat(alone))
+    with pytest.raises(ValueError, match="3 generators for 2 images"):
+        base.encode_images(image.repeat(2, 1, 1, 1), [torch.Generator()] * 3)

@@ -390,7 +390,7 @@ def generate(
     if req.init_image is not None:
         init = fit_to(read_image(req.init_image), size, mode)
         pixels = torch.from_numpy(init).permute(2, 0, 1)[None].float().to(req.device) / 127.5 - 1.0
-        init_latents = _encode_per_seed(base, pixels.to(dtype), seeds)
+        init_latents = base.encode_images(pixels.to(dtype), _generators(seeds, req.device))
         if req.mask is not None:
             pixel_mask = fit_to(read_mask(req.mask), size, mode, fill=1.0)  # padding: regenerated
             mask = mask_to_latent(torch.from_numpy(pixel_mask)[None, None], latent_size)
@@ -472,20 +472,13 @@ def _enlarge(
     if how is HiresUpscaler.LATENT:
         return F.interpolate(latents.float(), size=_latent_hw(base, size), mode="bilinear").to(latents.dtype)
     pixels = F.interpolate(base.decode_latents(latents), size=size, mode="bicubic", antialias=True)
-    return _encode_per_seed(base, pixels.clamp(-1, 1).to(base.dtype), seeds)
+    return base.encode_images(pixels.clamp(-1, 1).to(base.dtype), _generators(seeds, latents.device))
 
 
-def _encode_per_seed(base: BaseModel, pixels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-    """Latents of ``pixels`` (B, 3, H, W in [-1, 1]; B = 1 is shared) for each seed: sample i's
-    posterior draw is seeded by ``seeds[i]``, so that sample i of a batch is the same as a single
-    generation of that seed."""
-    pixels = pixels.expand(len(seeds), -1, -1, -1) if pixels.shape[0] == 1 else pixels
-    return torch.cat(
-        [
-            base.encode_images(p[None], torch.Generator(pixels.device).manual_seed(s))
-            for p, s in zip(pixels, seeds)
-        ]
-    )
+def _generators(seeds: list[int], device: str | torch.device) -> list[torch.Generator]:
+    """One generator per sample seed, so that a VAE posterior draw of sample i is the same in a
+    batch as in a single generation of its seed."""
+    return [torch.Generator(device).manual_seed(s) for s in seeds]
 
 
 def overlay(generated: np.ndarray, source: np.ndarray, mask: np.ndarray, blur: int) -> np.ndarray:

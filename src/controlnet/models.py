@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .families import Family
@@ -180,11 +181,23 @@ class BaseModel:
 
     # ------------------------------------------------------------------ images
     @torch.no_grad()
-    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode_images(
+        self, images: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None
+    ) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/8, W/8), sampled from the
-        posterior (``generator`` makes it reproducible)."""
+        posterior (``generator`` makes it reproducible). A list of generators gives one sample per
+        generator, sample i drawn by generator i exactly as alone; one image (B = 1) is then
+        encoded once and shared by all."""
         dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
-        return (dist.sample(generator) * self.latent_scale).to(self.dtype)
+        if not isinstance(generator, list):
+            return (dist.sample(generator) * self.latent_scale).to(self.dtype)
+        if len(images) not in (1, len(generator)):
+            raise ValueError(
+                f"{len(generator)} generators for {len(images)} images: expected one image or one each"
+            )
+        shape = (len(generator), *dist.mean.shape[1:])
+        noise = randn_tensor(shape, generator=generator, device=dist.mean.device, dtype=dist.mean.dtype)
+        return ((dist.mean + dist.std * noise) * self.latent_scale).to(self.dtype)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
