@@ -210,7 +210,7 @@ def evaluate(
         prompts = [_prompt(cfg.prompt_setting, it["prompt"]) for it in items]
         cond = torch.stack([it["cond"] for it in items]).to(base.device, base.dtype)
         size = tuple(cond.shape[-2:])
-        latent = (size[0] // base.vae_scale_factor, size[1] // base.vae_scale_factor)
+        latent = base.latent_size(size)  # type: ignore[arg-type]
         emb = base.encode_prompt(prompts, size=size)  # type: ignore[arg-type]
         neg = base.encode_prompt([cfg.negative_prompt] * len(items), size=size)  # type: ignore[arg-type]
         seeds = [cfg.seed + start + i for i in range(len(items))]

@@ -380,9 +380,7 @@ def generate(
     for cn in controlnets:
         cn.to(req.device, dtype).eval()
 
-    native = base.unet.config.sample_size * base.vae_scale_factor
-    size, big = output_size(req, native), final_size(req, native)
-    latent_size = _latent_hw(base, size)
+    size, big = output_size(req, base.native_size), final_size(req, base.native_size)
 
     mode = ResizeMode(req.resize_mode)
     seeds = [seed + i for i in range(req.num_samples)]
@@ -393,13 +391,14 @@ def generate(
         init_latents = base.encode_images(pixels.to(dtype), _generators(seeds, req.device))
         if req.mask is not None:
             pixel_mask = fit_to(read_mask(req.mask), size, mode, fill=1.0)  # padding: regenerated
-            mask = mask_to_latent(torch.from_numpy(pixel_mask)[None, None], latent_size)
+            mask = mask_to_latent(torch.from_numpy(pixel_mask)[None, None], base.latent_size(size))
 
     prompt = resolve_prompt(req, caption)
     hires = req.hires_scale > 1.0
     hires_steps = req.hires_steps or req.steps
-    # one progress count over both passes: the first runs all its steps (hires excludes img2img)
-    counts = (req.steps, steps_run(hires_steps, req.hires_denoise)) if hires else (0, 0)
+    # one progress count over both passes
+    first = req.steps if init_latents is None else steps_run(req.steps, req.denoise)
+    total = first + (steps_run(hires_steps, req.hires_denoise) if hires else 0)
 
     def run_pass(
         size: tuple[int, int], init: torch.Tensor | None, steps: int, strength: float, done: int
@@ -418,12 +417,7 @@ def generate(
         negative = req.negative_prompt if req.guidance != 1.0 else None
         cond_emb, uncond_emb = encode_guided(base, prompt, negative, size=size, syntax=req.prompt_syntax)
         n = req.num_samples
-        step_callback = callback
-        if callback is not None and hires:
-
-            def step_callback(i: int, total: int) -> None:
-                callback(done + i, sum(counts))
-
+        step_callback = None if callback is None else lambda i, _: callback(done + i, total)
         out = denoise(
             base,
             cond_emb.repeat(n),
@@ -434,7 +428,7 @@ def generate(
             guidance=req.guidance,
             eta=req.eta,
             seeds=seeds,
-            latent_size=_latent_hw(base, size),
+            latent_size=base.latent_size(size),
             init_latents=init,
             denoise_strength=strength,
             mask=mask,
@@ -450,7 +444,7 @@ def generate(
         compile_modules([base.vae.decoder])
     if hires:
         enlarged = _enlarge(base, latents, big, HiresUpscaler(req.hires_upscaler), seeds)
-        latents, maps = run_pass(big, enlarged, hires_steps, req.hires_denoise, counts[0])
+        latents, maps = run_pass(big, enlarged, hires_steps, req.hires_denoise, first)
     pixels = base.decode_latents(latents)
     images = [
         ((p.permute(1, 2, 0).cpu().numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8) for p in pixels
@@ -460,17 +454,13 @@ def generate(
     return GenerationResult(req, images, maps, prompt, seeds, time.perf_counter() - started, latents.cpu())
 
 
-def _latent_hw(base: BaseModel, size: tuple[int, int]) -> tuple[int, int]:
-    return size[0] // base.vae_scale_factor, size[1] // base.vae_scale_factor
-
-
 def _enlarge(
     base: BaseModel, latents: torch.Tensor, size: tuple[int, int], how: HiresUpscaler, seeds: list[int]
 ) -> torch.Tensor:
     """The hires fix's enlargement of first-pass ``latents`` to images of ``size`` (H, W). The
     image upscaler encodes sample i with seed i."""
     if how is HiresUpscaler.LATENT:
-        return F.interpolate(latents.float(), size=_latent_hw(base, size), mode="bilinear").to(latents.dtype)
+        return F.interpolate(latents.float(), size=base.latent_size(size), mode="bilinear").to(latents.dtype)
     pixels = F.interpolate(base.decode_latents(latents), size=size, mode="bicubic", antialias=True)
     return base.encode_images(pixels.clamp(-1, 1).to(base.dtype), _generators(seeds, latents.device))
 

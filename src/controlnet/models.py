@@ -109,6 +109,15 @@ class BaseModel:
         """Pixels per latent cell along a side (8 for every SD family)."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    @property
+    def native_size(self) -> int:
+        """The side in pixels the UNet was made for (its latent sample size, in pixels)."""
+        return int(self.unet.config.sample_size * self.vae_scale_factor)
+
+    def latent_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(h, w) of the latents of images of ``size`` (H, W)."""
+        return size[0] // self.vae_scale_factor, size[1] // self.vae_scale_factor
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> BaseModel:
         """Move every part (the VAE stays float32 when ``dtype`` is float16: SD's VAE overflows in fp16)."""
         for name, m in self.modules().items():
@@ -170,7 +179,7 @@ class BaseModel:
         out1 = self.text_encoder(ids, output_hidden_states=True)
         out2 = self.text_encoder_2(ids_2.to(self.device), output_hidden_states=True)
         context = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
-        h, w = size or (self.unet.config.sample_size * self.vae_scale_factor,) * 2
+        h, w = size or (self.native_size,) * 2
         # original size, crop top-left, target size (SDXL micro-conditioning)
         time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=self.device, dtype=self.dtype).repeat(
             len(ids), 1

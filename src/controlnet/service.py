@@ -164,7 +164,7 @@ class Service:
                 controlnet_name=f"ControlNet {name} ({path})",
                 base_name=f"the base model {self.base}",
             )
-        return int(base.unet.config.sample_size * base.vae_scale_factor)
+        return base.native_size
 
     def controlnet_path(self, name: str | None) -> str:
         """The file of the ControlNet called ``name`` (None: the first one the server was given)."""
@@ -263,12 +263,10 @@ class Service:
         checks and every limit. ValueError naming the parameter and the limit otherwise. The one
         place limits are enforced, for the web app and the API alike."""
         lim = self.limits
-        if request.steps > lim.max_steps:
-            raise ValueError(f"steps={request.steps} is over this server's limit of {lim.max_steps}")
-        if request.hires_steps is not None and request.hires_steps > lim.max_steps:
-            raise ValueError(
-                f"hires_steps={request.hires_steps} is over this server's limit of {lim.max_steps}"
-            )
+        for name in ("steps", "hires_steps"):
+            steps = getattr(request, name)
+            if steps is not None and steps > lim.max_steps:
+                raise ValueError(f"{name}={steps} is over this server's limit of {lim.max_steps}")
         if request.num_samples > lim.max_samples:
             raise ValueError(
                 f"num_samples={request.num_samples} is over this server's limit of {lim.max_samples}"

@@ -96,7 +96,7 @@ class ControlValidator:
 
         cond = as_condition(batch["cond"]).to(base.dtype)
         size = tuple(cond.shape[-2:])
-        latent = (size[0] // base.vae_scale_factor, size[1] // base.vae_scale_factor)
+        latent = base.latent_size(size)  # type: ignore[arg-type]
         emb = base.encode_prompt(batch["prompt"], size=size)  # type: ignore[arg-type]
         neg = base.encode_prompt([self.negative_prompt] * n, size=size)  # type: ignore[arg-type]
         seeds = [self.seed + i for i in range(n)]
@@ -169,7 +169,7 @@ class ImageValidator:
                 m.eval()
             prompts = [it["prompt"] for it in self.items]
             size = targets[0].shape[:2]
-            latent = (size[0] // base.vae_scale_factor, size[1] // base.vae_scale_factor)
+            latent = base.latent_size(size)  # type: ignore[arg-type]
             out = denoise(
                 base,
                 base.encode_prompt(prompts),
