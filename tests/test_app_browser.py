@@ -100,6 +100,20 @@ def stroke(page, editor: str) -> None:
     page.wait_for_timeout(300)
 
 
+def set_number(page, elem: str, value: str) -> None:
+    """Type ``value`` into the number box of ``#elem`` and see that it holds. A slider mounted by
+    opening its accordion takes its initial value a frame or two after it appears, which can undo
+    what was typed in that window; typing again then sticks."""
+    box = page.locator(f"#{elem} input").first
+    for _ in range(5):
+        box.fill(value)
+        box.press("Enter")
+        page.wait_for_timeout(200)
+        if box.input_value() == value:
+            return
+    raise AssertionError(f"#{elem} does not keep {value!r}: it shows {box.input_value()!r}")
+
+
 def fetch(url: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(httpx.get(url, timeout=30).content)))
 
@@ -135,9 +149,7 @@ def test_the_web_app_in_a_browser(page, served, tmp_path):
 
     # generate: an image in the gallery, and the sidecar records what the page asked for
     for elem, value in (("steps", "2"), ("resolution", "64"), ("seed", "11")):
-        box = page.locator(f"#{elem} input").first
-        box.fill(value)
-        box.press("Enter")
+        set_number(page, elem, value)
     page.click("#generate")
     page.locator("#gallery img").first.wait_for()
     record = wait_for_sidecars(out, 1, page)
@@ -151,10 +163,8 @@ def test_the_web_app_in_a_browser(page, served, tmp_path):
 
     # the hires fix: the same request, refined at twice the size
     page.get_by_text("Hires fix", exact=True).click()
-    scale = page.locator("#hires-scale input").first
     for value, n in (("2", 2), ("1", None)):  # on, generate; then off again for what follows
-        scale.fill(value)
-        scale.press("Enter")
+        set_number(page, "hires-scale", value)
         if n:
             page.click("#generate")
             record = wait_for_sidecars(out, n, page)
