@@ -269,3 +269,11 @@ def test_folders_pair_by_position_and_bad_batches_stop_before_any_work(files, tm
     (tmp_path / "empty").mkdir()
     a[a.index(str(frames))] = str(tmp_path / "empty")
     assert main(a) == 2 and "no images in this folder" in capsys.readouterr().err
+
+
+def test_sampler_choices_are_the_samplers():
+    """--sampler offers exactly the samplers generation knows (spelled out so --help stays light)."""
+    from controlnet.cli import SAMPLERS
+    from controlnet.sampling import Sampler
+
+    assert SAMPLERS == tuple(s.value for s in Sampler)

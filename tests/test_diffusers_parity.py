@@ -13,7 +13,7 @@ from PIL import Image
 from controlnet import Family
 from controlnet.formats import Format, save_controlnet
 from controlnet.generate import ControlRequest, GenerationRequest, generate
-from controlnet.sampling import initial_noise
+from controlnet.sampling import Sampler, initial_noise, step_generators
 from tiny import make_base, make_controlnet
 
 # SD's released scheduler config (what StableDiffusionPipeline.from_pretrained reads)
@@ -26,14 +26,27 @@ SD_SCHEDULE = {
 
 
 def their_scheduler(sampler: str, prediction_type: str):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
+    """The scheduler diffusers' documentation maps each A1111 sampler name to."""
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+        UniPCMultistepScheduler,
+    )
 
     common = {**SD_SCHEDULE, "prediction_type": prediction_type}
-    if sampler == "ddim":
-        return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    if sampler == "unipc":
-        return UniPCMultistepScheduler(**common)
-    return DPMSolverMultistepScheduler(**common, use_karras_sigmas=True)
+    return {
+        "ddim": lambda: DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+        "unipc": lambda: UniPCMultistepScheduler(**common),
+        "dpmpp-2m": lambda: DPMSolverMultistepScheduler(**common),
+        "dpmpp-2m-karras": lambda: DPMSolverMultistepScheduler(**common, use_karras_sigmas=True),
+        "dpmpp-2m-sde-karras": lambda: DPMSolverMultistepScheduler(
+            **common, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True
+        ),
+        "euler": lambda: EulerDiscreteScheduler(**common),
+        "euler-a": lambda: EulerAncestralDiscreteScheduler(**common),
+    }[sampler]()
 
 
 def their_pipeline(base, controlnets, sampler: str):
@@ -70,18 +83,16 @@ def control_images(tmp_path, size: int) -> list[str]:
 
 @pytest.mark.parametrize(
     "family, sampler",
-    [
-        (Family.SD1, "ddim"),
-        (Family.SD2, "ddim"),
-        (Family.SDXL, "ddim"),
-        (Family.SD1, "unipc"),
-        (Family.SD1, "dpmpp-2m-karras"),
-    ],
+    [(f, "ddim") for f in Family]
+    + [(Family.SD1, s.value) for s in Sampler if s is not Sampler.DDIM]
+    + [(Family.SD2, "euler-a"), (Family.SD1, "ddim-eta")],
     ids=lambda v: getattr(v, "value", v),
 )
 def test_generation_equals_diffusers_controlnet_pipeline(family, sampler, tmp_path, monkeypatch):
     """Two ControlNets of different strengths and step windows, classifier-free guidance with a
-    negative prompt, several samples: the final latents agree to float32 rounding."""
+    negative prompt, several samples: the final latents agree to float32 rounding. The samplers
+    that draw noise at each step draw it from the same generators."""
+    sampler, eta = ("ddim", 0.7) if sampler == "ddim-eta" else (sampler, 0.0)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     base = make_base(family)
     if family is Family.SD2:
@@ -103,6 +114,7 @@ def test_generation_equals_diffusers_controlnet_pipeline(family, sampler, tmp_pa
             for img, s, w in zip(images, strengths, windows)
         ],
         sampler=sampler,
+        eta=eta,
         steps=steps,
         guidance=7.5,
         seed=seed,
@@ -113,7 +125,8 @@ def test_generation_equals_diffusers_controlnet_pipeline(family, sampler, tmp_pa
 
     pipe = their_pipeline(base, folders, sampler)
     shape = (n, base.unet.config.in_channels, *base.latent_size((size, size)))
-    noise = initial_noise(shape, [seed + i for i in range(n)], torch.device("cpu"), torch.float32)
+    seeds = [seed + i for i in range(n)]
+    noise = initial_noise(shape, seeds, torch.device("cpu"), torch.float32)
     with torch.no_grad():
         theirs = pipe(
             prompt="a red square",
@@ -125,6 +138,8 @@ def test_generation_equals_diffusers_controlnet_pipeline(family, sampler, tmp_pa
             guidance_scale=7.5,
             num_images_per_prompt=n,
             latents=noise,
+            generator=step_generators(seeds),
+            eta=eta,
             controlnet_conditioning_scale=strengths,
             control_guidance_start=[w[0] for w in windows],
             control_guidance_end=[w[1] for w in windows],

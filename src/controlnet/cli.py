@@ -537,6 +537,8 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 _GENERATE_OUT = "outputs/generate"
+#: ``controlnet.sampling.Sampler``'s names, spelled out so that ``--help`` needs no diffusers import
+SAMPLERS = ("ddim", "unipc", "dpmpp-2m", "dpmpp-2m-karras", "dpmpp-2m-sde-karras", "euler", "euler-a")
 _GUIDANCE_HELP = "classifier-free guidance scale (default 9; 1.5 for the bundled model, used without --base)"
 
 
@@ -598,7 +600,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     )
     s = p.add_argument_group("sampling")
     s.add_argument("--base", help="base model file or folder (default: the bundled model)")
-    s.add_argument("--sampler", default="ddim", choices=["ddim", "unipc", "dpmpp-2m-karras", "euler-a"])
+    s.add_argument("--sampler", default="ddim", choices=SAMPLERS)
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     s.add_argument("--steps", type=int, default=20)
     s.add_argument("--guidance", type=float, help=_GUIDANCE_HELP)

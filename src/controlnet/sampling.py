@@ -22,6 +22,7 @@ from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
     UniPCMultistepScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -41,14 +42,20 @@ __all__ = [
     "initial_noise",
     "make_scheduler",
     "mask_to_latent",
+    "step_generators",
     "steps_run",
 ]
 
 
 class Sampler(Enum):
+    """The samplers, named as the A1111 web UI names them (one model call per step each)."""
+
     DDIM = "ddim"
     UNIPC = "unipc"
+    DPMPP_2M = "dpmpp-2m"
     DPMPP_2M_KARRAS = "dpmpp-2m-karras"
+    DPMPP_2M_SDE_KARRAS = "dpmpp-2m-sde-karras"
+    EULER = "euler"
     EULER_A = "euler-a"
 
     @classmethod
@@ -74,10 +81,16 @@ def make_scheduler(sampler: Sampler | str, schedule: dict[str, Any]) -> Schedule
         )
     if sampler is Sampler.UNIPC:
         return UniPCMultistepScheduler(**common)
-    if sampler is Sampler.DPMPP_2M_KARRAS:
+    if sampler in (Sampler.DPMPP_2M, Sampler.DPMPP_2M_KARRAS, Sampler.DPMPP_2M_SDE_KARRAS):
+        sde = sampler is Sampler.DPMPP_2M_SDE_KARRAS
         return DPMSolverMultistepScheduler(
-            **common, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True
+            **common,
+            algorithm_type="sde-dpmsolver++" if sde else "dpmsolver++",
+            solver_order=2,
+            use_karras_sigmas=sampler is not Sampler.DPMPP_2M,
         )
+    if sampler is Sampler.EULER:
+        return EulerDiscreteScheduler(**common)
     return EulerAncestralDiscreteScheduler(**common)
 
 
@@ -165,6 +178,12 @@ def initial_noise(
     return torch.stack(noise).to(device=device, dtype=dtype)
 
 
+def step_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """CPU generators of the noise the stochastic samplers (Euler a, DPM++ 2M SDE, DDIM with eta)
+    draw at each step: one per sample, apart from the initial noise's."""
+    return [torch.Generator().manual_seed(s + 1_000_003) for s in seeds]
+
+
 @dataclass
 class DenoiseResult:
     latents: torch.Tensor
@@ -236,8 +255,7 @@ def denoise(
 
     shape = (batch, base.unet.config.in_channels, *latent_size)
     noise = initial_noise(shape, seeds, device, torch.float32)
-    generators = [torch.Generator().manual_seed(s + 1_000_003) for s in seeds]  # scheduler noise
-    step_kwargs = _step_kwargs(scheduler, eta, generators)
+    step_kwargs = _step_kwargs(scheduler, eta, step_generators(seeds))
     source = None
     latents = noise * scheduler.init_noise_sigma
     if init_latents is not None:
