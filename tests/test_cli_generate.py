@@ -276,4 +276,4 @@ def test_sampler_choices_are_the_samplers():
     from controlnet.cli import SAMPLERS
     from controlnet.sampling import Sampler
 
-    assert SAMPLERS == tuple(s.value for s in Sampler)
+    assert tuple(s.value for s in Sampler) == SAMPLERS

@@ -178,6 +178,36 @@ def test_ssim_identical_maps_and_a_known_constant_pair():
     assert ssim(x, y) == pytest.approx((2 * 100 * 150 + C1) / (100**2 + 150**2 + C1), rel=1e-9)
 
 
+def reference_ssim(x: np.ndarray, y: np.ndarray) -> float:
+    """Wang et al. (2004) as their reference code computes it, window by window: an 11x11
+    Gaussian of sigma 1.5 summing to 1, placed only where it fits inside the maps, L = 255."""
+    r = np.arange(11) - 5
+    w = np.exp(-(r[:, None] ** 2 + r[None] ** 2) / (2 * 1.5**2))
+    w /= w.sum()
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    scores = []
+    for i in range(x.shape[0] - 10):
+        for j in range(x.shape[1] - 10):
+            a, b = x[i : i + 11, j : j + 11], y[i : i + 11, j : j + 11]
+            ma, mb = (w * a).sum(), (w * b).sum()
+            va, vb = (w * (a - ma) ** 2).sum(), (w * (b - mb) ** 2).sum()
+            cov = (w * (a - ma) * (b - mb)).sum()
+            scores.append((2 * ma * mb + c1) * (2 * cov + c2) / ((ma**2 + mb**2 + c1) * (va + vb + c2)))
+    return float(np.mean(scores))
+
+
+def test_ssim_is_the_reference_definition():
+    rng = np.random.default_rng(4)
+    a = cv2.GaussianBlur(rng.uniform(0, 255, (40, 33)), (0, 0), 2)
+    for b in (a + rng.normal(0, 10, a.shape), 255 - a, np.roll(a, 3, 1), rng.uniform(0, 255, a.shape)):
+        assert ssim(a, b) == pytest.approx(reference_ssim(a, b), abs=1e-9)
+
+
+def test_ssim_refuses_maps_smaller_than_its_window():
+    with pytest.raises(ValueError, match=r"ssim: maps of \(10, 40\) are smaller than its 11x11 window"):
+        ssim(np.zeros((10, 40)), np.zeros((10, 40)))
+
+
 def test_ssim_falls_with_disagreement():
     rng = np.random.default_rng(1)
     a = cv2.GaussianBlur(rng.uniform(0, 255, (48, 48)), (0, 0), 2)

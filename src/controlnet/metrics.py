@@ -33,6 +33,8 @@ __all__ = [
 #: CIEDE2000 distance within which a region's colour counts as the prompt's colour: about five
 #: just-noticeable differences, and below the 15 that separates every fill50k colour pair.
 COLOUR_TOLERANCE = 10.0
+#: SSIM's Gaussian window: side and sigma (Wang et al. 2004)
+SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
 
 
 def _same_shape(what: str, a: tuple[int, ...], b: tuple[int, ...]) -> None:
@@ -98,18 +100,25 @@ def edge_f1(
     return {"precision": precision, "recall": recall, "f1": f1}
 
 
-def ssim(a: np.ndarray, b: np.ndarray, window: float = 1.5) -> float:
-    """Mean structural similarity of two grey maps (H, W) in [0, 255] (Gaussian window, the
-    standard constants K1 = 0.01, K2 = 0.03)."""
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean structural similarity of two grey maps (H, W) in [0, 255] (RGB maps are read as the
+    mean of their channels), as Wang et al. (2004) define and compute it: an 11x11 Gaussian window
+    of sigma 1.5, placed only where it fits inside the maps, K1 = 0.01, K2 = 0.03, L = 255."""
     x, y = (np.asarray(v, np.float64) if v.ndim == 2 else np.asarray(v, np.float64).mean(-1) for v in (a, b))
     _same_shape("ssim", np.shape(x), np.shape(y))
+    if min(x.shape) < SSIM_WINDOW:
+        raise ValueError(f"ssim: maps of {x.shape} are smaller than its {SSIM_WINDOW}x{SSIM_WINDOW} window")
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    r = np.arange(SSIM_WINDOW) - SSIM_WINDOW // 2
+    g = np.exp(-(r**2) / (2 * SSIM_SIGMA**2))
+    g /= g.sum()
+    cut = SSIM_WINDOW // 2
 
-    def blur(z: np.ndarray) -> np.ndarray:
-        return cv2.GaussianBlur(z, (0, 0), window)
+    def mean(z: np.ndarray) -> np.ndarray:  # the weighted mean under each window that fits
+        return cv2.sepFilter2D(z, cv2.CV_64F, g, g)[cut:-cut, cut:-cut]
 
-    mx, my = blur(x), blur(y)
-    vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    mx, my = mean(x), mean(y)
+    vx, vy, cxy = mean(x * x) - mx * mx, mean(y * y) - my * my, mean(x * y) - mx * my
     s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
     return float(s.mean())
 
