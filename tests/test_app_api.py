@@ -226,6 +226,7 @@ BAD_GENERATE = [
     ("seed", {"seed": -5}, 400, ["seed must be between 0"]),
     ("prompt syntax", {"prompt_syntax": "a1111"}, 400, ["unknown prompt syntax 'a1111'", "weighted, plain"]),
     ("eta", {"eta": -1}, 400, ["eta must be in [0, 1]"]),
+    ("clip skip", {"clip_skip": 5}, 400, ["clip_skip must be between 1 and the text encoder's 2 layers"]),
     (
         "mask size",
         {"init_image": b64(square()), "mask": b64(square(32)[..., 0])},

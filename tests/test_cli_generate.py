@@ -197,6 +197,17 @@ def test_prompt_syntax_flag_reaches_the_sidecar_and_the_images(files, tmp_path):
     assert not np.array_equal(outs["weighted"], outs["plain"])  # the emphasis was read, or not
 
 
+def test_clip_skip_flag_reaches_the_sidecar_and_the_images(files, tmp_path):
+    outs = {}
+    for skip in ("1", "2"):
+        out = tmp_path / skip
+        assert main(args(files, "--clip-skip", skip, "--seed", "1", "--out", str(out))) == 0
+        record = json.loads(next(out.glob("*.json")).read_text())
+        assert record["request"]["clip_skip"] == int(skip)
+        outs[skip] = np.asarray(Image.open(out / record["outputs"]["images"][0]["file"]))
+    assert not np.array_equal(outs["1"], outs["2"])  # another layer of the text encoder was read
+
+
 def _frames(folder, names):
     """Square maps whose square moves right frame by frame."""
     folder.mkdir()

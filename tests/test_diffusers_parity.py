@@ -81,18 +81,26 @@ def control_images(tmp_path, size: int) -> list[str]:
     return paths
 
 
+CASES = [
+    *[(f, "ddim", {}) for f in Family],
+    *[(Family.SD1, s.value, {}) for s in Sampler if s is not Sampler.DDIM],
+    (Family.SD2, "euler-a", {}),
+    (Family.SD1, "ddim", {"eta": 0.7}),
+    (Family.SD1, "ddim", {"clip_skip": 2}),
+]
+
+
 @pytest.mark.parametrize(
-    "family, sampler",
-    [(f, "ddim") for f in Family]
-    + [(Family.SD1, s.value) for s in Sampler if s is not Sampler.DDIM]
-    + [(Family.SD2, "euler-a"), (Family.SD1, "ddim-eta")],
-    ids=lambda v: getattr(v, "value", v),
+    "family, sampler, options",
+    CASES,
+    ids=[f"{f.value}-{s}" + "".join(f"-{k}-{v}" for k, v in o.items()) for f, s, o in CASES],
 )
-def test_generation_equals_diffusers_controlnet_pipeline(family, sampler, tmp_path, monkeypatch):
+def test_generation_equals_diffusers_controlnet_pipeline(family, sampler, options, tmp_path, monkeypatch):
     """Two ControlNets of different strengths and step windows, classifier-free guidance with a
     negative prompt, several samples: the final latents agree to float32 rounding. The samplers
-    that draw noise at each step draw it from the same generators."""
-    sampler, eta = ("ddim", 0.7) if sampler == "ddim-eta" else (sampler, 0.0)
+    that draw noise at each step draw it from the same generators. Clip skip counts as the A1111
+    web UI does: diffusers' ``clip_skip`` is one less."""
+    eta, clip_skip = options.get("eta", 0.0), options.get("clip_skip", 1)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     base = make_base(family)
     if family is Family.SD2:
@@ -109,6 +117,7 @@ def test_generation_equals_diffusers_controlnet_pipeline(family, sampler, tmp_pa
         added_prompt="",
         negative_prompt="blurry",
         prompt_syntax="plain",
+        clip_skip=clip_skip,
         controls=[
             ControlRequest(img, strength=s, start=w[0], end=w[1])
             for img, s, w in zip(images, strengths, windows)
@@ -124,13 +133,24 @@ def test_generation_equals_diffusers_controlnet_pipeline(family, sampler, tmp_pa
     ours = generate(request, base, cns, progress=False).latents
 
     pipe = their_pipeline(base, folders, sampler)
+    if not hasattr(base.text_encoder, "text_model"):
+        # diffusers' clip skip reads text_encoder.text_model, which transformers 5's CLIPTextModel
+        # no longer has (its layers sit on the model itself): point it there, unregistered
+        object.__setattr__(base.text_encoder, "text_model", base.text_encoder)
     shape = (n, base.unet.config.in_channels, *base.latent_size((size, size)))
     seeds = [seed + i for i in range(n)]
     noise = initial_noise(shape, seeds, torch.device("cpu"), torch.float32)
+    negative = {"negative_prompt": "blurry"}
     with torch.no_grad():
+        if clip_skip > 1:
+            # diffusers skips layers for the prompt only (the A1111 web UI and we: for both), so
+            # its negative embeddings are its own encoding of the negative text as a prompt
+            negative = {
+                "negative_prompt_embeds": pipe.encode_prompt("blurry", "cpu", 1, False, clip_skip=1)[0]
+            }
         theirs = pipe(
             prompt="a red square",
-            negative_prompt="blurry",
+            **negative,
             image=[Image.open(p) for p in images],
             height=size,
             width=size,
@@ -140,6 +160,7 @@ def test_generation_equals_diffusers_controlnet_pipeline(family, sampler, tmp_pa
             latents=noise,
             generator=step_generators(seeds),
             eta=eta,
+            clip_skip=clip_skip - 1 or None,
             controlnet_conditioning_scale=strengths,
             control_guidance_start=[w[0] for w in windows],
             control_guidance_end=[w[1] for w in windows],

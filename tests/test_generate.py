@@ -254,6 +254,8 @@ def test_output_size_keeps_aspect_on_multiples_of_64():
         ({"mask": "small"}, r"mask .* is 32x32 but the init image .* is 64x64"),
         ({"denoise": 0.0}, r"denoise must be in \(0, 1\]"),
         ({"eta": 1.5}, r"eta must be in \[0, 1\], got 1.5"),
+        ({"clip_skip": 0}, "clip_skip must be >= 1"),
+        ({"clip_skip": 3}, "clip_skip must be between 1 and the text encoder's 2 layers, got 3"),
         ({"prompt_syntax": "a1111"}, "unknown prompt syntax 'a1111'; expected one of: weighted, plain"),
         ({"hires_scale": 5.0}, "hires_scale must be between 1 [(]off[)] and 4, got 5.0"),
         ({"hires_scale": 0.5}, "hires_scale must be between 1 [(]off[)] and 4, got 0.5"),

@@ -23,6 +23,30 @@ def test_base_is_locked_and_encodes_prompts(family):
         assert base.unet(lat, 10, emb.context, added_cond_kwargs=emb.added).sample.shape == lat.shape
 
 
+def test_clip_skip_reads_an_earlier_layer_through_the_final_norm():
+    base = make_base()
+    ids = base.tokenize(["a red circle", "a blue square"])
+    enc = base.text_encoder
+    out = enc(ids, output_hidden_states=True)
+    assert torch.equal(base.encode_tokens(ids).context, out.last_hidden_state)  # 1: the last layer
+    norm = getattr(enc, "text_model", enc).final_layer_norm
+    skipped = base.with_clip_skip(2).encode_tokens(ids).context
+    torch.testing.assert_close(skipped, norm(out.hidden_states[-2]), rtol=0, atol=0)
+    assert not torch.allclose(skipped, out.last_hidden_state, atol=1e-2)
+    assert base.with_clip_skip(2).unet is base.unet and base.clip_skip == 1  # a view, not a copy
+    with pytest.raises(
+        ValueError, match="clip_skip must be between 1 and the text encoder's 2 layers, got 3"
+    ):
+        base.with_clip_skip(3)
+
+
+@pytest.mark.parametrize("family", [Family.SD2, Family.SDXL], ids=lambda f: f.value)
+def test_clip_skip_is_refused_where_the_layer_is_fixed(family):
+    with pytest.raises(ValueError, match=f"clip_skip applies to SD1.x text encoders; this {family.value}"):
+        make_base(family).with_clip_skip(2)
+    assert make_base(family).with_clip_skip(1).clip_skip == 1
+
+
 def test_same_prompt_same_embedding_and_repeat_order():
     base = make_base()
     a = base.encode_prompt(["x", "y"])

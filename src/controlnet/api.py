@@ -69,6 +69,7 @@ class GenerateBody(BaseModel):
     added_prompt: str = _D.added_prompt
     negative_prompt: str = _D.negative_prompt
     prompt_syntax: str = _D.prompt_syntax
+    clip_skip: int = _D.clip_skip
     sampler: str = _D.sampler
     eta: float = _D.eta
     steps: int = _D.steps

@@ -360,6 +360,14 @@ def build_ui(service: Service) -> gr.Blocks:
                         "plain: the text as it is, cut after 75 tokens",
                         elem_id="prompt-syntax",
                     )
+                    clip_skip = gr.Slider(
+                        1,
+                        12,
+                        value=d.clip_skip,
+                        step=1,
+                        label="Clip skip",
+                        info="the text encoder layer read, from the end (SD1.x models; 1: the last)",
+                    )
                     with gr.Row():
                         steps = gr.Slider(
                             1,
@@ -403,6 +411,7 @@ def build_ui(service: Service) -> gr.Blocks:
                 info = gr.Markdown(elem_id="info")
 
         globals_ = [prompt, editor, denoise, mask_blur, overlay, setting, sampler, added, negative, syntax]
+        globals_ += [clip_skip]
         globals_ += [steps, guidance, eta, seed, samples, resolution, resize_mode]
         globals_ += [hires_scale, hires_denoise, hires_steps, hires_upscaler]
 
@@ -434,6 +443,7 @@ def build_ui(service: Service) -> gr.Blocks:
                     added_prompt=data[added],
                     negative_prompt=data[negative],
                     prompt_syntax=data[syntax],
+                    clip_skip=int(data[clip_skip]),
                     sampler=data[sampler],
                     eta=float(data[eta]),
                     steps=int(data[steps]),

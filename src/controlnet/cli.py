@@ -479,6 +479,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         controls=controls,
         prompt_setting=args.prompt_setting,
         prompt_syntax=args.prompt_syntax,
+        clip_skip=args.clip_skip,
         captioner=args.captioner,
         base=args.base,
         sampler=args.sampler,
@@ -597,6 +598,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         choices=["weighted", "plain"],
         help="weighted (default): (emphasis), [less], (words:1.5), BREAK and prompts past 75 tokens, "
         "as in the A1111 web UI; plain: the text as it is, cut after 75 tokens",
+    )
+    g.add_argument(
+        "--clip-skip",
+        type=int,
+        default=1,
+        help="read the text encoder's Nth layer from the end, as the A1111 web UI's Clip skip "
+        "(SD1.x models; default 1: the last)",
     )
     s = p.add_argument_group("sampling")
     s.add_argument("--base", help="base model file or folder (default: the bundled model)")

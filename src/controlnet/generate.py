@@ -118,6 +118,7 @@ class GenerationRequest:
     added_prompt: str = DEFAULT_ADDED_PROMPT
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
     prompt_syntax: str = PromptSyntax.WEIGHTED.value  # emphasis brackets and long prompts, or plain
+    clip_skip: int = 1  # the text encoder layer read, from the end (SD1.x; 1: the last)
     base: str | None = None
     sampler: str = Sampler.DDIM.value
     eta: float = 0.0
@@ -172,6 +173,10 @@ class GenerationRequest:
         setting = _parse_enum(PromptSetting, self.prompt_setting, "prompt setting")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.clip_skip < 1:
+            raise ValueError(
+                f"clip_skip must be >= 1 (1: the text encoder's last layer), got {self.clip_skip}"
+            )
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
         if self.guidance < 0:
@@ -363,6 +368,7 @@ def generate(
     request.validate()
     if len(controlnets) != len(request.controls):
         raise ValueError(f"{len(request.controls)} controls but {len(controlnets)} ControlNets")
+    base = base.with_clip_skip(request.clip_skip)
     from .formats import check_compatible
 
     for i, (c, cn) in enumerate(zip(request.controls, controlnets)):

@@ -73,11 +73,16 @@ class BaseModel:
     schedule: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SCHEDULE))
     text_encoder_2: CLIPTextModelWithProjection | None = None
     tokenizer_2: CLIPTokenizer | None = None
+    #: read the text encoder's ``clip_skip``-th layer from the end (1: the last), then its final
+    #: layer norm: the A1111 web UI's "Clip skip" (diffusers' ``clip_skip`` is this minus 1). SD1.x
+    #: only: SD2.x and SDXL read a fixed penultimate layer, and the web UI ignores it for them too.
+    clip_skip: int = 1
 
     def __post_init__(self) -> None:
         self._token_memo: dict[int, dict[str, torch.Tensor]] = {}
         if self.family is Family.SDXL and (self.text_encoder_2 is None or self.tokenizer_2 is None):
             raise ValueError("an SDXL base model needs text_encoder_2 and tokenizer_2")
+        self.check_clip_skip(self.clip_skip)
         for m in self.modules().values():
             m.requires_grad_(False).eval()
 
@@ -172,7 +177,12 @@ class BaseModel:
         """Token ids (B, 77) of the text encoder (and ``ids_2`` of SDXL's second) -> UNet context."""
         ids = ids.to(self.device)
         if self.family is not Family.SDXL:
-            return PromptEmbeddings(self.text_encoder(ids).last_hidden_state.to(self.dtype))
+            if self.clip_skip == 1:
+                return PromptEmbeddings(self.text_encoder(ids).last_hidden_state.to(self.dtype))
+            hidden = self.text_encoder(ids, output_hidden_states=True).hidden_states[-self.clip_skip]
+            # transformers 4 nests the layers under .text_model; 5 holds them directly
+            norm = getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm
+            return PromptEmbeddings(norm(hidden).to(self.dtype))
         assert self.text_encoder_2 is not None
         if ids_2 is None:
             raise ValueError("an SDXL model needs the token ids of its second text encoder too")
@@ -216,3 +226,20 @@ class BaseModel:
 
     def with_schedule(self, **overrides: Any) -> BaseModel:
         return replace(self, schedule={**self.schedule, **overrides})
+
+    def check_clip_skip(self, clip_skip: int) -> None:
+        """ValueError unless this model can read its text encoder ``clip_skip`` layers from the end."""
+        if clip_skip != 1 and self.family is not Family.SD1:
+            raise ValueError(
+                f"clip_skip applies to SD1.x text encoders; this {self.family.value} model reads a fixed "
+                f"penultimate layer (got clip_skip {clip_skip}; use 1)"
+            )
+        layers = self.text_encoder.config.num_hidden_layers
+        if not 1 <= clip_skip <= layers:
+            raise ValueError(
+                f"clip_skip must be between 1 and the text encoder's {layers} layers, got {clip_skip}"
+            )
+
+    def with_clip_skip(self, clip_skip: int) -> BaseModel:
+        """The same modules, reading prompts from another text encoder layer."""
+        return self if clip_skip == self.clip_skip else replace(self, clip_skip=clip_skip)

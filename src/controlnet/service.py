@@ -26,7 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before 3.11
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -35,6 +35,9 @@ from .bundled import BUNDLED_SETTINGS, model_settings
 from .generate import GenerationRequest, final_size
 from .imageio import MAX_PIXELS, read_image, read_mask, save_png
 from .limits import Limits
+
+if TYPE_CHECKING:
+    from .models import BaseModel
 
 __all__ = ["BusyError", "Job", "Limits", "Output", "ServeConfig", "Service", "UploadTooLarge"]
 
@@ -133,7 +136,9 @@ class Service:
         self.controlnets = _unique_names(controlnets)
         GenerationRequest(dtype=config.dtype).validate()  # a bad dtype fails at start, not later
         self.cache = cache or ModelCache(size=len(controlnets) + 1)
-        self.native_size = self._load_models()
+        base_model = self._load_models()
+        self.native_size = base_model.native_size
+        self._check_clip_skip = base_model.check_clip_skip
 
         self._tmp = Path(tempfile.mkdtemp(prefix="controlnet-serve-"))
         root = Path(config.out_dir) if config.out_dir else self._tmp
@@ -149,9 +154,9 @@ class Service:
         self._closed = False
 
     # ------------------------------------------------------------------ models
-    def _load_models(self) -> int:
+    def _load_models(self) -> BaseModel:
         """Load every model once (into the cache), check the ControlNets fit the base, and return
-        the base's native image size (pixels, the short side when no resolution is asked for)."""
+        the base."""
         from .formats import check_compatible
         from .generate import _DTYPES
 
@@ -164,7 +169,7 @@ class Service:
                 controlnet_name=f"ControlNet {name} ({path})",
                 base_name=f"the base model {self.base}",
             )
-        return base.native_size
+        return base
 
     def controlnet_path(self, name: str | None) -> str:
         """The file of the ControlNet called ``name`` (None: the first one the server was given)."""
@@ -290,6 +295,7 @@ class Service:
         )
         try:
             request.validate()
+            self._check_clip_skip(request.clip_skip)
         except ValueError as e:  # name uploads by their field, not by their file on this server
             message = str(e)
             for name, path in _upload_fields(request).items():
