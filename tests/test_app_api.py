@@ -364,6 +364,25 @@ def test_a_server_of_the_bundled_model_fills_in_its_settings(client):
             assert {k: request[k] for k in want} == want
 
 
+def test_a_server_vae_decodes_every_generation(server, client, tmp_path):
+    """`serve --vae`: the server's VAE decodes every request (a field clients cannot set)."""
+    from tiny import make_vae
+
+    base, cns = server.files
+    make_vae(seed=5).save_pretrained(tmp_path / "vae")
+    with start(
+        ServeConfig(base=base, controlnets=tuple(cns), vae=str(tmp_path / "vae"), limits=LIMITS)
+    ) as srv:
+        r = httpx.post(f"{srv.url}/api/generate", json=gen(), timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["sidecar"]["request"]["vae"] == str(tmp_path / "vae")
+        other = decode(r.json()["images"][0])
+    own = client.post("/api/generate", json=gen())
+    assert own.json()["sidecar"]["request"]["vae"] is None
+    assert not np.array_equal(decode(own.json()["images"][0]), other)
+    assert client.post("/api/generate", json=gen(vae="x")).status_code == 422
+
+
 def test_uploads_are_stored_once_and_cleaned_up_with_the_server(tmp_path):
     base, cns = model_files(tmp_path)
     service = Service(ServeConfig(base=base, controlnets=(cns[0],)))

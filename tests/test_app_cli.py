@@ -56,6 +56,9 @@ def test_bad_model_files_and_settings(capsys, models, tmp_path):
     assert "limit max_steps must be > 0" in serve_error(
         capsys, "--base", base, "--controlnet", cn, "--max-steps", "0"
     )
+    (tmp_path / "vae.safetensors").write_text("not weights")
+    err = serve_error(capsys, "--base", base, "--controlnet", cn, "--vae", str(tmp_path / "vae.safetensors"))
+    assert "vae.safetensors" in err  # a bad VAE stops the start, naming the file
 
 
 def test_a_busy_port_is_a_clear_error(capsys, models):

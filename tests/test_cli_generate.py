@@ -208,6 +208,37 @@ def test_clip_skip_flag_reaches_the_sidecar_and_the_images(files, tmp_path):
     assert not np.array_equal(outs["1"], outs["2"])  # another layer of the text encoder was read
 
 
+def test_vae_flag_decodes_with_that_vae_and_replays(files, tmp_path, capsys):
+    from dataclasses import replace
+
+    from controlnet.formats import load_base
+    from controlnet.formats.original import VAE, base_tensors
+    from tiny import make_vae, released_file
+
+    base = load_base(files / "base.safetensors")
+    tensors = base_tensors(replace(base, vae=make_vae(seed=5)))
+    vae = released_file(
+        tmp_path / "vae.safetensors",
+        {k[len(VAE) :]: v for k, v in tensors.items() if k.startswith(VAE)},
+        "safetensors",
+    )
+    images = {}
+    for name, extra in (("own", ()), ("other", ("--vae", str(vae)))):
+        out = tmp_path / name
+        assert main(args(files, "--seed", "2", "--out", str(out), *extra)) == 0
+        record = json.loads(next(out.glob("*.json")).read_text())
+        images[name] = np.asarray(Image.open(out / record["outputs"]["images"][0]["file"]))
+    assert record["request"]["vae"] == str(vae) and "vae" in record["inputs"]
+    assert not np.array_equal(images["own"], images["other"])  # the same latents, decoded otherwise
+    sidecar = next((tmp_path / "other").glob("*.json"))
+    assert (
+        main(["generate", "--from-sidecar", str(sidecar), "--out", str(tmp_path / "again"), "--quiet"]) == 0
+    )
+    assert "bit-identical" in capsys.readouterr().out
+    assert main(args(files, "--out", str(tmp_path / "o"), "--vae", str(tmp_path / "none.pt"))) == 2
+    assert "none.pt does not exist" in capsys.readouterr().err
+
+
 def _frames(folder, names):
     """Square maps whose square moves right frame by frame."""
     folder.mkdir()

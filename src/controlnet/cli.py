@@ -482,6 +482,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         clip_skip=args.clip_skip,
         captioner=args.captioner,
         base=args.base,
+        vae=args.vae,
         sampler=args.sampler,
         eta=args.eta,
         steps=args.steps,
@@ -538,6 +539,7 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 _GENERATE_OUT = "outputs/generate"
+_VAE_HELP = "a VAE file or folder to use in place of the base model's (original or diffusers layout)"
 #: ``controlnet.sampling.Sampler``'s names, spelled out so that ``--help`` needs no diffusers import
 SAMPLERS = ("ddim", "unipc", "dpmpp-2m", "dpmpp-2m-karras", "dpmpp-2m-sde-karras", "euler", "euler-a")
 _GUIDANCE_HELP = "classifier-free guidance scale (default 9; 1.5 for the bundled model, used without --base)"
@@ -608,6 +610,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     )
     s = p.add_argument_group("sampling")
     s.add_argument("--base", help="base model file or folder (default: the bundled model)")
+    s.add_argument("--vae", help=_VAE_HELP)
     s.add_argument("--sampler", default="ddim", choices=SAMPLERS)
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     s.add_argument("--steps", type=int, default=20)
@@ -934,6 +937,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         device=_device(args),
         dtype=args.dtype,
         captioner=args.captioner,
+        vae=args.vae,
         out_dir=args.out,
         limits=limits,
     )
@@ -955,6 +959,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s; 0: any free port)")
     p.add_argument("--base", help="base model file or folder (default: the bundled model)")
+    p.add_argument("--vae", help=_VAE_HELP)
     p.add_argument(
         "--controlnet",
         action="append",

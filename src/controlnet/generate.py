@@ -120,6 +120,7 @@ class GenerationRequest:
     prompt_syntax: str = PromptSyntax.WEIGHTED.value  # emphasis brackets and long prompts, or plain
     clip_skip: int = 1  # the text encoder layer read, from the end (SD1.x; 1: the last)
     base: str | None = None
+    vae: str | None = None  # a VAE file or folder used in place of the base model's
     sampler: str = Sampler.DDIM.value
     eta: float = 0.0
     steps: int = 20
@@ -221,6 +222,8 @@ class GenerationRequest:
                 raise FileNotFoundError(f"control {i}: ControlNet {c.controlnet} does not exist")
         if self.base is not None and not Path(self.base).exists():
             raise FileNotFoundError(f"base model {self.base} does not exist")
+        if self.vae is not None and not Path(self.vae).exists():
+            raise FileNotFoundError(f"VAE {self.vae} does not exist")
         if self.mask is not None and self.init_image is None:
             raise ValueError("a mask needs an init image (the picture whose unmasked region is kept)")
         if self.init_image is not None:

@@ -240,6 +240,10 @@ class BaseModel:
                 f"clip_skip must be between 1 and the text encoder's {layers} layers, got {clip_skip}"
             )
 
+    def with_vae(self, vae: AutoencoderKL) -> BaseModel:
+        """The same model decoding and encoding with another VAE (a fine-tuned one, say)."""
+        return replace(self, vae=vae)
+
     def with_clip_skip(self, clip_skip: int) -> BaseModel:
         """The same modules, reading prompts from another text encoder layer."""
         return self if clip_skip == self.clip_skip else replace(self, clip_skip=clip_skip)

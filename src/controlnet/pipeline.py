@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
 from .bundled import BUNDLED_BASE, BUNDLED_CONTROLNET, bundled_path
@@ -67,6 +68,20 @@ class ModelCache:
 
         return self._get("base", path, dtype, device, lambda: load_base(path, dtype=dtype).to(device, dtype))
 
+    def vae(self, path: str, base: BaseModel, base_path: str, device: str) -> AutoencoderKL:
+        """The VAE at ``path`` read into the architecture of ``base``'s (from ``base_path``), in
+        the base's VAE dtype."""
+        from .formats import load_vae
+
+        dtype = base.vae.dtype
+        return self._get(
+            f"vae for {base_path}",
+            path,
+            dtype,
+            device,
+            lambda: load_vae(path, like=base.vae, dtype=dtype).to(device).eval(),
+        )
+
     def controlnet(self, path: str, dtype: torch.dtype, device: str) -> ControlNet:
         from .formats import load_controlnet
 
@@ -105,6 +120,8 @@ def _load_and_generate(
     cache = cache or _DEFAULT_CACHE
     dtype = _DTYPES[request.dtype]
     base = cache.base(request.base, dtype, request.device)  # type: ignore[arg-type]
+    if request.vae is not None:
+        base = base.with_vae(cache.vae(request.vae, base, request.base, request.device))  # type: ignore[arg-type]
     controlnets = [cache.controlnet(c.controlnet, dtype, request.device) for c in request.controls]  # type: ignore[arg-type]
     result = generate(request, base, controlnets, progress=progress, callback=callback)
     sidecar = None

@@ -67,6 +67,7 @@ class ServeConfig:
     device: str = "cpu"
     dtype: str = "float32"
     captioner: str | None = None
+    vae: str | None = None  # used in place of the base model's VAE
     out_dir: str | None = None
     limits: Limits = field(default_factory=Limits)
 
@@ -135,7 +136,7 @@ class Service:
         self.defaults = GenerationRequest(**model_settings(config.base))
         self.controlnets = _unique_names(controlnets)
         GenerationRequest(dtype=config.dtype).validate()  # a bad dtype fails at start, not later
-        self.cache = cache or ModelCache(size=len(controlnets) + 1)
+        self.cache = cache or ModelCache(size=len(controlnets) + 1 + (config.vae is not None))
         base_model = self._load_models()
         self.native_size = base_model.native_size
         self._check_clip_skip = base_model.check_clip_skip
@@ -162,6 +163,8 @@ class Service:
 
         dtype, device = _DTYPES[self.config.dtype], self.config.device
         base = self.cache.base(self.base, dtype, device)
+        if self.config.vae is not None:  # read now: a bad file stops the server from starting
+            self.cache.vae(self.config.vae, base, self.base, device)
         for name, path in self.controlnets.items():
             check_compatible(
                 self.cache.controlnet(path, dtype, device),
@@ -291,6 +294,7 @@ class Service:
             device=self.config.device,
             dtype=self.config.dtype,
             captioner=self.config.captioner,
+            vae=self.config.vae,
             fast=False,
         )
         try:

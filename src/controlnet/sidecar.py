@@ -30,6 +30,8 @@ def input_files(request: GenerationRequest) -> dict[str, str]:
     files: dict[str, str] = {}
     if request.base:
         files["base"] = request.base
+    if request.vae:
+        files["vae"] = request.vae
     for i, c in enumerate(request.controls):
         files[f"controls[{i}].image"] = c.image
         if c.controlnet:

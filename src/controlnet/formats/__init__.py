@@ -4,6 +4,7 @@
   ControlNet v1.0 (base + control) and v1.1 (control only, optional ``.yaml``) files.
 - diffusers: ControlNet folders (``config.json`` + weights) and pipeline folders.
 - controlnet (ours): one safetensors file with its architecture in the metadata.
+- vae: standalone VAE files and folders, read into a base model's VAE architecture.
 
 Every load verifies every key and shape before assigning tensors to modules built on the meta
 device (no second copy in memory); every write is atomic. See docs/formats.md.
@@ -20,6 +21,7 @@ from .tools import (
     inspect_checkpoint,
     transfer_controlnet,
 )
+from .vae import load_vae
 
 __all__ = [
     "BaseConfig",
@@ -35,6 +37,7 @@ __all__ = [
     "load_base",
     "load_controlnet",
     "load_unet",
+    "load_vae",
     "save_base",
     "save_controlnet",
     "transfer_controlnet",
