@@ -1,8 +1,9 @@
-"""Inductor and cuDNN settings (coordinate-descent tuning, matmul autotuning), and fused attention
-projections, against the batch-8 steps of profile_kernels.py: the ``--fast`` generation step
-(UNet + one ControlNet on the CFG batch of 16, compiled) and the compiled training step
-(reduce-overhead). Each variant is compiled afresh in this process and timed against the base of
-the same process; the generation outputs of every variant are compared with the base's.
+"""Inductor and cuDNN settings (coordinate-descent tuning, matmul autotuning, frozen weights), and
+fused attention projections, against the batch-8 steps of profile_kernels.py: the ``--fast``
+generation step (UNet + one ControlNet on the CFG batch of 16, compiled) and the compiled training
+step (reduce-overhead). Each variant is compiled afresh in this process and timed against the base
+of the same process: the generation variants captured as CUDA graphs and timed in turn, round
+after round, their outputs compared with the base's; the training variants one after the other.
 
 SD1.5 architecture, random weights, bf16, 512 px.
 
@@ -14,6 +15,7 @@ SD1.5 architecture, random weights, bf16, 512 px.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 import traceback
@@ -30,6 +32,8 @@ import profile_train
 from common import cuda_time, environment, table, write_json
 from profile_kernels import generation_step
 
+from controlnet.fastpath import GraphCache
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -37,6 +41,7 @@ class Variant:
     cudnn_benchmark: bool = False
     fuse_qkv: bool = False  # q, k, v projections as one matmul (generation only)
     autotune_gemm: bool = False  # inductor picks each matmul's kernel (cuBLAS or its own Triton) by timing
+    freeze: bool = False  # inductor's freezing: weights compiled in as constants (generation only)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -45,14 +50,17 @@ VARIANTS: dict[str, Variant] = {
     "cudnn.benchmark": Variant(cudnn_benchmark=True),
     "coordinate descent": Variant(descent=True),
     "max-autotune matmuls": Variant(autotune_gemm=True),
+    "freezing": Variant(freeze=True),
 }
 
 
 def _settings(v: Variant) -> None:
+    """Forget what was compiled before; settings for the next compile."""
     torch._dynamo.reset()
     inductor_config.coordinate_descent_tuning = v.descent
     inductor_config.max_autotune_gemm = v.autotune_gemm
     inductor_config.max_autotune_gemm_backends = "ATEN,TRITON"
+    inductor_config.freezing = v.freeze
     torch.backends.cudnn.benchmark = v.cudnn_benchmark
 
 
@@ -65,6 +73,46 @@ def timed(build: Callable[[], Callable[[], Any]], reps: int) -> tuple[dict[str, 
     first = time.perf_counter() - t0
     ms = 1e3 * cuda_time(step, warmup=3, reps=reps)
     return {"ms": ms, "first_s": first, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}, out
+
+
+def generation_levers(names: list[str], batch: int, rounds: int = 7, reps: int = 10) -> list[dict[str, Any]]:
+    """Each variant's generation step compiled afresh and captured as a CUDA graph, as ``--fast``
+    replays it, then all of them timed in turn, ``rounds`` times: drift of the machine over the
+    minutes the compiles take (single figures move by 7% between processes) falls on every variant
+    alike. ms: the median over the rounds. Dynamo is reset before each compile (without it, a
+    setting that leaves its guards as they were would reuse the code compiled before); the graphs
+    captured before keep running, which the end checks: each replays its first output again."""
+    steps, rows, firsts, base_out = {}, {}, {}, None
+    for name in names:
+        v = VARIANTS[name]
+        _settings(v)
+        t0 = time.perf_counter()
+        try:
+            step = generation_step(batch, False, v.fuse_qkv)
+            graphs = GraphCache(torch.device("cuda"))
+            steps[name] = lambda step=step, graphs=graphs: graphs.run("step", lambda _: step(), {})
+            out = steps[name]().float().cpu()
+        except Exception:  # a lever that fails is a result too; the others still run
+            rows[name] = {"step": "gen", "variant": name, "error": traceback.format_exc()[-1500:]}
+            steps.pop(name, None)
+            continue
+        rows[name] = {"step": "gen", "variant": name, "first_s": time.perf_counter() - t0}
+        firsts[name] = out
+        if base_out is None:
+            base_out = out
+        else:
+            rows[name]["max_abs_diff_to_base"] = float((out - base_out).abs().max())
+        print(rows[name], flush=True)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            times[name].append(1e3 * cuda_time(step, warmup=1, reps=reps))
+    for name, step in steps.items():
+        rows[name]["ms"] = statistics.median(times[name])
+        rows[name]["ms_rounds"] = times[name]
+        rows[name]["replays_first_output"] = torch.equal(step().float().cpu(), firsts[name])
+    _settings(VARIANTS["base"])
+    return list(rows.values())
 
 
 def main() -> None:
@@ -83,24 +131,21 @@ def main() -> None:
     chosen = {"base", *(args.variant or VARIANTS)}
     res: dict[str, Any] = {"env": environment(), "command": " ".join(sys.argv), "batch": args.batch}
     rows: list[dict[str, Any]] = []
-    base_out = None
     for part in parts:
-        for name, v in VARIANTS.items():
-            if name not in chosen or (part == "train" and v.fuse_qkv):
-                continue  # fused projections: training's attention modules are the same as generation's
-            _settings(v)
+        names = [
+            n for n, v in VARIANTS.items() if n in chosen and (part == "gen" or not (v.fuse_qkv or v.freeze))
+        ]
+        # training: its attention modules are generation's (fused projections), it never freezes
+        if part == "gen":
+            rows += generation_levers(names, args.batch)
+            write_json(args.out, {**res, "rows": rows})
+            continue
+        for name in names:
+            _settings(VARIANTS[name])
             torch.cuda.reset_peak_memory_stats()
             try:
-                if part == "gen":
-                    row, out = timed(lambda v=v: generation_step(args.batch, False, v.fuse_qkv), reps=10)
-                    out = out.float().cpu()
-                    if name == "base":
-                        base_out = out
-                    elif base_out is not None:
-                        row["max_abs_diff_to_base"] = float((out - base_out).abs().max())
-                else:
-                    row, _ = timed(lambda: profile_train.bare_step(args.batch, compile="reduce-overhead"), 20)
-                    row["samples_per_s"] = 1e3 * args.batch / row["ms"]
+                row, _ = timed(lambda: profile_train.bare_step(args.batch, compile="reduce-overhead"), 20)
+                row["samples_per_s"] = 1e3 * args.batch / row["ms"]
             except Exception:  # a lever that fails is a result too; the others still run
                 row = {"error": traceback.format_exc()[-1500:]}
             rows.append({"step": part, "variant": name, **row})
@@ -108,7 +153,8 @@ def main() -> None:
             write_json(args.out, {**res, "rows": rows})
             torch.cuda.empty_cache()
     _settings(VARIANTS["base"])
-    print(table(rows, ["step", "variant", "ms", "first_s", "peak_gib", "max_abs_diff_to_base"]))
+    cols = ["step", "variant", "ms", "first_s", "peak_gib", "max_abs_diff_to_base", "replays_first_output"]
+    print(table(rows, cols))
 
 
 if __name__ == "__main__":
