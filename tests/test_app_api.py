@@ -383,6 +383,26 @@ def test_a_server_vae_decodes_every_generation(server, client, tmp_path):
     assert client.post("/api/generate", json=gen(vae="x")).status_code == 422
 
 
+def test_server_loras_are_merged_into_every_generation(server, client, tmp_path):
+    """`serve --lora FILE:SCALE`: merged into the served base for every request (a field clients
+    cannot set), recorded in each sidecar."""
+    from controlnet.formats import load_base
+    from tiny import lora_file
+
+    base, cns = server.files
+    lora = str(lora_file(tmp_path / "style.safetensors", load_base(base).unet))
+    with start(ServeConfig(base=base, controlnets=tuple(cns), loras=((lora, 2.0),), limits=LIMITS)) as srv:
+        r = httpx.post(f"{srv.url}/api/generate", json=gen(), timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["sidecar"]["request"]["loras"] == [{"path": lora, "scale": 2.0}]
+        styled = decode(r.json()["images"][0])
+    own = client.post("/api/generate", json=gen())
+    assert own.json()["sidecar"]["request"]["loras"] == []
+    assert not np.array_equal(decode(own.json()["images"][0]), styled)
+    refused = client.post("/api/generate", json=gen(loras=[{"path": lora}]))
+    assert refused.status_code == 422 and "set by the server" in refused.text
+
+
 def test_uploads_are_stored_once_and_cleaned_up_with_the_server(tmp_path):
     base, cns = model_files(tmp_path)
     service = Service(ServeConfig(base=base, controlnets=(cns[0],)))

@@ -59,6 +59,11 @@ def test_bad_model_files_and_settings(capsys, models, tmp_path):
     (tmp_path / "vae.safetensors").write_text("not weights")
     err = serve_error(capsys, "--base", base, "--controlnet", cn, "--vae", str(tmp_path / "vae.safetensors"))
     assert "vae.safetensors" in err  # a bad VAE stops the start, naming the file
+    (tmp_path / "style.safetensors").write_text("not weights")
+    err = serve_error(
+        capsys, "--base", base, "--controlnet", cn, "--lora", f"{tmp_path / 'style.safetensors'}:0.5"
+    )
+    assert "style.safetensors" in err  # so does a bad LoRA
 
 
 def test_a_busy_port_is_a_clear_error(capsys, models):

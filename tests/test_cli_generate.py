@@ -239,6 +239,39 @@ def test_vae_flag_decodes_with_that_vae_and_replays(files, tmp_path, capsys):
     assert "none.pt does not exist" in capsys.readouterr().err
 
 
+def test_lora_flag_merges_a_lora_and_replays(files, tmp_path, capsys):
+    """`--lora FILE:SCALE`: merged into the base for that run (scale 0: the base itself), recorded
+    in the sidecar with its file's hash, replayed bit for bit; a bad file fails naming it."""
+    import torch
+    from safetensors.torch import save_file
+
+    from controlnet.formats import load_base
+    from tiny import lora_file
+
+    lora = lora_file(tmp_path / "style.safetensors", load_base(files / "base.safetensors").unet)
+    images = {}
+    for name, extra in (("none", ()), ("zero", ("--lora", f"{lora}:0")), ("lora", ("--lora", f"{lora}:1.5"))):
+        out = tmp_path / name
+        assert main(args(files, "--seed", "2", "--out", str(out), *extra)) == 0
+        record = json.loads(next(out.glob("*.json")).read_text())
+        images[name] = np.asarray(Image.open(out / record["outputs"]["images"][0]["file"]))
+    assert (
+        record["request"]["loras"] == [{"path": str(lora), "scale": 1.5}] and "loras[0]" in record["inputs"]
+    )
+    assert np.array_equal(images["none"], images["zero"])
+    assert not np.array_equal(images["none"], images["lora"])
+    sidecar = next((tmp_path / "lora").glob("*.json"))
+    assert (
+        main(["generate", "--from-sidecar", str(sidecar), "--out", str(tmp_path / "again"), "--quiet"]) == 0
+    )
+    assert "bit-identical" in capsys.readouterr().out
+    assert main(args(files, "--out", str(tmp_path / "o"), "--lora", str(tmp_path / "none.safetensors"))) == 2
+    assert "LoRA" in (err := capsys.readouterr().err) and "none.safetensors does not exist" in err
+    save_file({"conv_in.weight": torch.zeros(2)}, str(tmp_path / "bad.safetensors"))
+    assert main(args(files, "--out", str(tmp_path / "o"), "--lora", str(tmp_path / "bad.safetensors"))) == 2
+    assert "bad.safetensors: not a LoRA file" in capsys.readouterr().err
+
+
 def _frames(folder, names):
     """Square maps whose square moves right frame by frame."""
     folder.mkdir()

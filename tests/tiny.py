@@ -152,6 +152,28 @@ def released_file(path, tensors: dict, kind: str = "pth"):
     return path
 
 
+#: UNet layers a test LoRA changes: a projection convolution (SD1) or linear layer, and a
+#: cross-attention projection
+LORA_LAYERS = ("mid_block.attentions.0.proj_out", "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v")
+
+
+def lora_file(path, unet: UNet2DConditionModel, seed: int = 0, layers=LORA_LAYERS):
+    """A kohya-layout LoRA file (rank 2, no alpha) changing ``unet``'s ``layers``."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for path_in_unet in layers:
+        weight = unet.get_submodule(path_in_unet).weight
+        down, up = torch.randn(2, weight.shape[1], generator=g), torch.randn(weight.shape[0], 2, generator=g)
+        if weight.ndim == 4:  # a 1x1 convolution
+            down, up = down[..., None, None], up[..., None, None]
+        name = "lora_unet_" + path_in_unet.replace(".", "_")
+        tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"] = down, up
+    save_file(tensors, str(path))
+    return path
+
+
 def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
     """Same keys, and every tensor bitwise equal with the same dtype."""
     sa, sb = a.state_dict(), b.state_dict()

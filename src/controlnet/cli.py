@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -435,7 +436,7 @@ def _per_control(values: list, n: int, flag: str, default: object) -> list:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import ControlRequest, GenerationRequest
+    from .generate import ControlRequest, GenerationRequest, LoraRequest
     from .pipeline import run_batch
 
     if args.from_sidecar:
@@ -483,6 +484,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         captioner=args.captioner,
         base=args.base,
         vae=args.vae,
+        loras=[LoraRequest(path, scale) for path, scale in args.lora or ()],
         sampler=args.sampler,
         eta=args.eta,
         steps=args.steps,
@@ -540,6 +542,21 @@ def _replay(args: argparse.Namespace) -> int:
 
 _GENERATE_OUT = "outputs/generate"
 _VAE_HELP = "a VAE file or folder to use in place of the base model's (original or diffusers layout)"
+_LORA_HELP = (
+    "a LoRA file (kohya/A1111 or diffusers/PEFT layout) merged into the base model, SCALE times "
+    "(default 1); repeat for several"
+)
+_LORA_SPEC = re.compile(r"^(?P<path>.+):(?P<scale>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)$")
+
+
+def lora_arg(text: str) -> tuple[str, float]:
+    """``FILE`` or ``FILE:SCALE`` -> (file, scale); a name that exists as written is a file, whole."""
+    m = _LORA_SPEC.match(text)
+    if m is None or Path(text).exists():
+        return text, 1.0
+    return m["path"], float(m["scale"])
+
+
 #: ``controlnet.sampling.Sampler``'s names, spelled out so that ``--help`` needs no diffusers import
 SAMPLERS = ("ddim", "unipc", "dpmpp-2m", "dpmpp-2m-karras", "dpmpp-2m-sde-karras", "euler", "euler-a")
 _GUIDANCE_HELP = "classifier-free guidance scale (default 9; 1.5 for the bundled model, used without --base)"
@@ -611,6 +628,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     s = p.add_argument_group("sampling")
     s.add_argument("--base", help="base model file or folder (default: the bundled model)")
     s.add_argument("--vae", help=_VAE_HELP)
+    s.add_argument("--lora", action="append", type=lora_arg, metavar="FILE[:SCALE]", help=_LORA_HELP)
     s.add_argument("--sampler", default="ddim", choices=SAMPLERS)
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     s.add_argument("--steps", type=int, default=20)
@@ -938,6 +956,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         captioner=args.captioner,
         vae=args.vae,
+        loras=tuple(args.lora or ()),
         out_dir=args.out,
         limits=limits,
     )
@@ -960,6 +979,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s; 0: any free port)")
     p.add_argument("--base", help="base model file or folder (default: the bundled model)")
     p.add_argument("--vae", help=_VAE_HELP)
+    p.add_argument("--lora", action="append", type=lora_arg, metavar="FILE[:SCALE]", help=_LORA_HELP)
     p.add_argument(
         "--controlnet",
         action="append",

@@ -12,6 +12,7 @@ model trained at the smaller size would not draw all at once.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -44,6 +45,7 @@ __all__ = [
     "GenerationRequest",
     "GenerationResult",
     "HiresUpscaler",
+    "LoraRequest",
     "PromptSetting",
     "final_size",
     "generate",
@@ -109,6 +111,14 @@ class ControlRequest:
 
 
 @dataclass
+class LoraRequest:
+    """A LoRA file merged into the base model's weights, ``scale`` times (1: as trained)."""
+
+    path: str
+    scale: float = 1.0
+
+
+@dataclass
 class GenerationRequest:
     """Every parameter of a generation. Paths are strings; ``seed`` None draws one (recorded)."""
 
@@ -121,6 +131,7 @@ class GenerationRequest:
     clip_skip: int = 1  # the text encoder layer read, from the end (SD1.x; 1: the last)
     base: str | None = None
     vae: str | None = None  # a VAE file or folder used in place of the base model's
+    loras: list[LoraRequest] = field(default_factory=list)  # merged into the base model, in order
     sampler: str = Sampler.DDIM.value
     eta: float = 0.0
     steps: int = 20
@@ -162,7 +173,13 @@ class GenerationRequest:
             if set(c) - ck:
                 raise ValueError(f"control {i}: unknown parameters {sorted(set(c) - ck)}")
             controls.append(ControlRequest(**c))
-        return cls(controls=controls, **d)
+        loras = []
+        for i, lora in enumerate(d.pop("loras", [])):
+            lk = {f.name for f in fields(LoraRequest)}
+            if set(lora) - lk:
+                raise ValueError(f"loras[{i}]: unknown parameters {sorted(set(lora) - lk)}")
+            loras.append(LoraRequest(**lora))
+        return cls(controls=controls, loras=loras, **d)
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
@@ -224,6 +241,11 @@ class GenerationRequest:
             raise FileNotFoundError(f"base model {self.base} does not exist")
         if self.vae is not None and not Path(self.vae).exists():
             raise FileNotFoundError(f"VAE {self.vae} does not exist")
+        for i, lora in enumerate(self.loras):
+            if not Path(lora.path).exists():
+                raise FileNotFoundError(f"LoRA {lora.path} does not exist")
+            if not math.isfinite(lora.scale):
+                raise ValueError(f"loras[{i}]: scale must be a finite number, got {lora.scale}")
         if self.mask is not None and self.init_image is None:
             raise ValueError("a mask needs an init image (the picture whose unmasked region is kept)")
         if self.init_image is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -63,10 +63,22 @@ class ModelCache:
                 self._items.popitem(last=False)
         return value
 
-    def base(self, path: str, dtype: torch.dtype, device: str) -> BaseModel:
-        from .formats import load_base
+    def base(
+        self, path: str, dtype: torch.dtype, device: str, loras: Sequence[tuple[str, float]] = ()
+    ) -> BaseModel:
+        """The base model at ``path``; with ``loras`` ((file, scale) pairs), a copy of its own with
+        them merged into its weights (kept beside the plain one, keyed by the files and scales)."""
+        from .formats import load_base, merge_loras
 
-        return self._get("base", path, dtype, device, lambda: load_base(path, dtype=dtype).to(device, dtype))
+        def load() -> BaseModel:
+            base = load_base(path, dtype=dtype).to(device, dtype)
+            merge_loras(base, loras)
+            return base
+
+        if not loras:
+            return self._get("base", path, dtype, device, load)
+        merged = "; ".join(f"{Path(p).resolve()}@{Path(p).stat().st_mtime_ns} x {s!r}" for p, s in loras)
+        return self._get(f"base with LoRAs {merged}", path, dtype, device, load)
 
     def vae(self, path: str, base: BaseModel, base_path: str, device: str) -> AutoencoderKL:
         """The VAE at ``path`` read into the architecture of ``base``'s (from ``base_path``), in
@@ -119,7 +131,8 @@ def _load_and_generate(
     request = resolve_paths(request)
     cache = cache or _DEFAULT_CACHE
     dtype = _DTYPES[request.dtype]
-    base = cache.base(request.base, dtype, request.device)  # type: ignore[arg-type]
+    loras = [(lora.path, lora.scale) for lora in request.loras]
+    base = cache.base(request.base, dtype, request.device, loras)  # type: ignore[arg-type]
     if request.vae is not None:
         base = base.with_vae(cache.vae(request.vae, base, request.base, request.device))  # type: ignore[arg-type]
     controlnets = [cache.controlnet(c.controlnet, dtype, request.device) for c in request.controls]  # type: ignore[arg-type]

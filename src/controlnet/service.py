@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from .bundled import BUNDLED_SETTINGS, model_settings
-from .generate import GenerationRequest, final_size
+from .generate import GenerationRequest, LoraRequest, final_size
 from .imageio import MAX_PIXELS, read_image, read_mask, save_png
 from .limits import Limits
 
@@ -68,6 +68,7 @@ class ServeConfig:
     dtype: str = "float32"
     captioner: str | None = None
     vae: str | None = None  # used in place of the base model's VAE
+    loras: tuple[tuple[str, float], ...] = ()  # (file, scale): merged into the base model
     out_dir: str | None = None
     limits: Limits = field(default_factory=Limits)
 
@@ -162,7 +163,8 @@ class Service:
         from .generate import _DTYPES
 
         dtype, device = _DTYPES[self.config.dtype], self.config.device
-        base = self.cache.base(self.base, dtype, device)
+        # LoRAs are read and merged now: a bad file stops the server from starting
+        base = self.cache.base(self.base, dtype, device, self.config.loras)
         if self.config.vae is not None:  # read now: a bad file stops the server from starting
             self.cache.vae(self.config.vae, base, self.base, device)
         for name, path in self.controlnets.items():
@@ -295,6 +297,7 @@ class Service:
             dtype=self.config.dtype,
             captioner=self.config.captioner,
             vae=self.config.vae,
+            loras=[LoraRequest(path, scale) for path, scale in self.config.loras],
             fast=False,
         )
         try:

@@ -1,7 +1,8 @@
 """What a generation leaves on disk: its images, a grid, and a JSON sidecar to replay it from.
 
 The sidecar holds the request as run (seed resolved), the full prompt, and the SHA-256 of every
-file the result depends on (base model, ControlNets, condition and init images, mask, captioner).
+file the result depends on (base model, VAE, LoRAs, ControlNets, condition and init images,
+mask, captioner).
 Replaying checks those digests first, so a changed file is an error, not a silent different image.
 """
 
@@ -32,6 +33,8 @@ def input_files(request: GenerationRequest) -> dict[str, str]:
         files["base"] = request.base
     if request.vae:
         files["vae"] = request.vae
+    for i, lora in enumerate(request.loras):
+        files[f"loras[{i}]"] = lora.path
     for i, c in enumerate(request.controls):
         files[f"controls[{i}].image"] = c.image
         if c.controlnet:

@@ -5,6 +5,7 @@
 - diffusers: ControlNet folders (``config.json`` + weights) and pipeline folders.
 - controlnet (ours): one safetensors file with its architecture in the metadata.
 - vae: standalone VAE files and folders, read into a base model's VAE architecture.
+- lora: LoRA files (kohya / A1111 and diffusers / PEFT layouts) merged into a base model.
 
 Every load verifies every key and shape before assigning tensors to modules built on the meta
 device (no second copy in memory); every write is atomic. See docs/formats.md.
@@ -13,6 +14,7 @@ device (no second copy in memory); every write is atomic. See docs/formats.md.
 from .api import Detected, Format, detect, load_base, load_controlnet, load_unet, save_base, save_controlnet
 from .build import BaseConfig
 from .checkpoint import CheckpointError
+from .lora import merge_loras, read_lora
 from .tools import (
     Inspection,
     check_compatible,
@@ -38,6 +40,8 @@ __all__ = [
     "load_controlnet",
     "load_unet",
     "load_vae",
+    "merge_loras",
+    "read_lora",
     "save_base",
     "save_controlnet",
     "transfer_controlnet",

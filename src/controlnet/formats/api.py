@@ -23,6 +23,7 @@ from . import original as orig
 from . import ours
 from .build import BaseConfig, Loader, build_unet, make_base
 from .checkpoint import CheckpointError, TensorFile, list_keys, open_tensors
+from .lora import is_lora_key
 
 __all__ = [
     "Detected",
@@ -88,6 +89,11 @@ def detect(path: PathLike) -> Detected:
         return Detected(path, Format.ORIGINAL, kinds, layout, tf)
     if "controlnet_cond_embedding.conv_in.weight" in tf:
         return Detected(path, Format.DIFFUSERS, (CONTROLNET,), "bare ControlNet weights, no config.json", tf)
+    if any(is_lora_key(k) for k in tf):
+        raise CheckpointError(
+            f"{path}: a LoRA file, not a model: merge it into a base model with --lora "
+            "(see docs/formats.md, LoRA files)"
+        )
     raise CheckpointError(
         f"{path}: unknown checkpoint layout (no control_model.*, model.diffusion_model.*, "
         f"controlnet_cond_embedding.* or our metadata); first keys: {list_keys(list(tf)[:5], 5)}"
