@@ -232,3 +232,68 @@ def test_model_commands_given_a_lora_file_say_what_it_is(tmp_path):
         CheckpointError, match=r"style\.safetensors: a LoRA file, not a model: merge it .* --lora"
     ):
         detect(path)
+
+
+@pytest.mark.parametrize(
+    ("family", "layout"), [(Family.SD1, "kohya"), (Family.SDXL, "kohya"), (Family.SD1, "peft")]
+)
+def test_merges_equal_diffusers_load_lora_weights_and_fuse_lora(tmp_path, family, layout):
+    """The same file through diffusers' own loader (kohya conversion, PEFT layers, fuse_lora):
+    the same weights. The SDXL file names the UNet's layers as SDXL LoRAs do (original names)."""
+    import copy
+
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    base = make_base(family)
+    names = layer_names(base)
+    if layout == "kohya":
+        unet_prefix = "lora_unet_input_blocks_" if family is Family.SDXL else "lora_unet_down_blocks_"
+        picked = [k for k in names if k.startswith(unet_prefix) and "attn" in k][:6]
+        # whole encoder layers: diffusers' converter wants every projection of a layer
+        picked += [k for k in names if k.startswith(("lora_te_", "lora_te1_")) and "layers_0_" in k]
+        picked += [k for k in names if k.startswith("lora_te2_") and "layers_1_" in k]
+    else:
+        picked = [k for k in names if k.startswith("unet.down_blocks.1.attentions.0") and ".attn" in k][:6]
+        picked += [k for k in names if k.startswith("text_encoder.") and ".layers.0." in k]
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name in picked:
+        w = names[name].weight
+        down = torch.randn(2, *w.shape[1:], generator=g)
+        up = 0.1 * torch.randn(w.shape[0], 2, *([1, 1] if w.ndim == 4 else []), generator=g)
+        if layout == "kohya":
+            kohya(tensors, name, down, up, alpha=3.0)
+        else:
+            tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"] = down, up
+    path = save(tmp_path / "lora.safetensors", tensors)
+
+    parts = {"vae": base.vae, "unet": base.unet, "text_encoder": base.text_encoder}
+    kw = {k: copy.deepcopy(v) for k, v in parts.items()}
+    if family is Family.SDXL:
+        kw["text_encoder_2"] = copy.deepcopy(base.text_encoder_2)
+        pipe = StableDiffusionXLPipeline(
+            tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, scheduler=DDIMScheduler(), **kw
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            tokenizer=base.tokenizer,
+            scheduler=DDIMScheduler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            **kw,
+        )
+    pipe.load_lora_weights(str(path))
+    pipe.fuse_lora(lora_scale=0.7)
+    pipe.unload_lora_weights()  # the PEFT layers go, the fused weights stay
+
+    before = states(base)
+    merge_loras(base, [(path, 0.7)])
+    after = states(base)
+    assert sum(not torch.equal(after[k], before[k]) for k in after) == len(picked)
+    for part in [p for p in ("unet", "text_encoder", "text_encoder_2") if hasattr(pipe, p)]:
+        theirs = getattr(pipe, part).state_dict()
+        ours = getattr(base, part).state_dict()
+        assert ours.keys() == theirs.keys()
+        for k in ours:
+            torch.testing.assert_close(ours[k], theirs[k], rtol=0, atol=1e-6, msg=f"{part}.{k}")
