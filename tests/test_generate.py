@@ -420,3 +420,12 @@ def test_hires_sidecar_replays_bit_for_bit_and_older_sidecars_read_as_off(models
     old = read_sidecar(sidecar).request
     assert old.hires_scale == 1.0
     assert generate(old, base, [cn], progress=False).images[0].shape == (64, 64, 3)
+
+
+def test_a1111_lora_tags_in_prompts_are_refused_with_where_loras_go():
+    """A `<lora:name:weight>` tag would be read as words; the error says to pass the file."""
+    with pytest.raises(ValueError, match=r"prompt: '<lora:ink:0\.6>' is the A1111 .* --lora FILE:0\.6"):
+        GenerationRequest(prompt="a castle, <lora:ink:0.6>").validate()
+    with pytest.raises(ValueError, match=r"negative_prompt: '<lyco:blur>' is the A1111"):
+        GenerationRequest(negative_prompt="<lyco:blur>, lowres").validate()
+    GenerationRequest(prompt="a <red> car, (sharp:1.2)").validate()  # other angle brackets are words

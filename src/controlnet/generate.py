@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -79,6 +80,10 @@ class HiresUpscaler(Enum):
 
 #: the largest enlargement of the hires fix
 MAX_HIRES_SCALE = 4.0
+
+
+#: the A1111 web UI's LoRA tags in a prompt: <lora:name:scale>, <lyco:...>, <locon:...>
+_NETWORK_TAG = re.compile(r"<(?:lora|lyco|locon):[^:>]+(?::(?P<scale>[^:>]*))?[^>]*>", re.IGNORECASE)
 
 
 def _parse_enum(enum: type[Enum], value: Any, what: str) -> Any:
@@ -189,6 +194,13 @@ class GenerationRequest:
         _parse_enum(ResizeMode, self.resize_mode, "resize mode")
         _parse_enum(PromptSyntax, self.prompt_syntax, "prompt syntax")
         setting = _parse_enum(PromptSetting, self.prompt_setting, "prompt setting")
+        for name in ("prompt", "added_prompt", "negative_prompt"):
+            tag = _NETWORK_TAG.search(getattr(self, name))
+            if tag:  # it would be read as words: say where LoRAs go instead
+                raise ValueError(
+                    f"{name}: {tag[0]!r} is the A1111 web UI's LoRA tag, which prompts here do not "
+                    f"read; merge the file with --lora FILE:{tag['scale'] or 1} (the API: serve --lora)"
+                )
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.clip_skip < 1:
