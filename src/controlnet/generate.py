@@ -123,6 +123,14 @@ class LoraRequest:
     scale: float = 1.0
 
 
+def _nested(cls: type, d: dict[str, Any], where: str) -> Any:
+    """``cls(**d)`` for a part of a request read from JSON, naming ``where`` unknown keys are."""
+    unknown = set(d) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"{where}: unknown parameters {sorted(unknown)}")
+    return cls(**d)
+
+
 @dataclass
 class GenerationRequest:
     """Every parameter of a generation. Paths are strings; ``seed`` None draws one (recorded)."""
@@ -172,18 +180,8 @@ class GenerationRequest:
         if unknown:
             raise ValueError(f"unknown generation parameters {sorted(unknown)}")
         d = dict(d)
-        controls = []
-        for i, c in enumerate(d.pop("controls", [])):
-            ck = {f.name for f in fields(ControlRequest)}
-            if set(c) - ck:
-                raise ValueError(f"control {i}: unknown parameters {sorted(set(c) - ck)}")
-            controls.append(ControlRequest(**c))
-        loras = []
-        for i, lora in enumerate(d.pop("loras", [])):
-            lk = {f.name for f in fields(LoraRequest)}
-            if set(lora) - lk:
-                raise ValueError(f"loras[{i}]: unknown parameters {sorted(set(lora) - lk)}")
-            loras.append(LoraRequest(**lora))
+        controls = [_nested(ControlRequest, c, f"control {i}") for i, c in enumerate(d.pop("controls", []))]
+        loras = [_nested(LoraRequest, x, f"loras[{i}]") for i, x in enumerate(d.pop("loras", []))]
         return cls(controls=controls, loras=loras, **d)
 
     # ------------------------------------------------------------------ checks
