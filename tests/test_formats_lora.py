@@ -213,7 +213,7 @@ def test_bad_files_are_refused_whole_and_named(tmp_path):
     refused({"lora_unet_y.lora_down.weight": torch.zeros(2, 4)}, r"'lora_unet_y\.lora_down\.weight' has no")
     refused(
         {"model.diffusion_model.conv_in.weight": torch.zeros(2)},
-        r"not a LoRA file: keys without a LoRA layer",
+        r"keys that belong to no LoRA layer \(refused rather than merged in part\): model\.diffusion",
     )
     refused({}, "scale must be a finite number", scale=math.nan)
     down, up = lowrank(*to_q.weight.shape)

@@ -102,11 +102,13 @@ def read_lora(path: str | Path) -> list[LoraLayer]:
             _check_factors(tf, name, down, up)
             layers.append(LoraLayer(name, down, up, alpha))
             used.update(k for k in (key, up_key, alpha_key) if k in tf)
+    if not layers:
+        raise CheckpointError(f"{tf.path}: not a LoRA file: no lora_down/lora_A weights")
     left = set(tf.keys()) - used
-    if not layers or left:
+    if left:
         raise CheckpointError(
-            f"{tf.path}: not a LoRA file: "
-            + (f"keys without a LoRA layer: {list_keys(left)}" if layers else "no lora_down/lora_A weights")
+            f"{tf.path}: keys that belong to no LoRA layer (refused rather than merged in part): "
+            f"{list_keys(left)}"
         )
     return layers
 
