@@ -64,15 +64,15 @@ def _settings(v: Variant) -> None:
     torch.backends.cudnn.benchmark = v.cudnn_benchmark
 
 
-def timed(build: Callable[[], Callable[[], Any]], reps: int) -> tuple[dict[str, float], Any]:
+def timed(build: Callable[[], Callable[[], Any]], reps: int) -> dict[str, float]:
     """Build a step, run it once (the compile), then its median time over ``reps``."""
     t0 = time.perf_counter()
     step = build()
-    out = step()
+    step()
     torch.cuda.synchronize()
     first = time.perf_counter() - t0
     ms = 1e3 * cuda_time(step, warmup=3, reps=reps)
-    return {"ms": ms, "first_s": first, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}, out
+    return {"ms": ms, "first_s": first, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
 def generation_levers(names: list[str], batch: int, rounds: int = 7, reps: int = 10) -> list[dict[str, Any]]:
@@ -144,7 +144,7 @@ def main() -> None:
             _settings(VARIANTS[name])
             torch.cuda.reset_peak_memory_stats()
             try:
-                row, _ = timed(lambda: profile_train.bare_step(args.batch, compile="reduce-overhead"), 20)
+                row = timed(lambda: profile_train.bare_step(args.batch, compile="reduce-overhead"), 20)
                 row["samples_per_s"] = 1e3 * args.batch / row["ms"]
             except Exception:  # a lever that fails is a result too; the others still run
                 row = {"error": traceback.format_exc()[-1500:]}

@@ -72,7 +72,8 @@ class ModelCache:
 
         def load() -> BaseModel:
             base = load_base(path, dtype=dtype).to(device, dtype)
-            merge_loras(base, loras)
+            if loras:  # (its table of layer names walks the whole model)
+                merge_loras(base, loras)
             return base
 
         if not loras:
