@@ -112,10 +112,11 @@ def test_generation_equals_diffusers_controlnet_pipeline(family, sampler, option
     # windows on whole steps of 4, where every convention of "start/end fraction" agrees
     windows = [(0.0, 0.5), (0.25, 1.0)]
     strengths = [0.8, 1.3]
+    prompt, negative_text, guidance = "a red square", "blurry", 7.5  # told to both sides alike
     request = GenerationRequest(
-        prompt="a red square",
+        prompt=prompt,
         added_prompt="",
-        negative_prompt="blurry",
+        negative_prompt=negative_text,
         prompt_syntax="plain",
         clip_skip=clip_skip,
         controls=[
@@ -125,7 +126,7 @@ def test_generation_equals_diffusers_controlnet_pipeline(family, sampler, option
         sampler=sampler,
         eta=eta,
         steps=steps,
-        guidance=7.5,
+        guidance=guidance,
         seed=seed,
         num_samples=n,
         resolution=size,
@@ -140,22 +141,22 @@ def test_generation_equals_diffusers_controlnet_pipeline(family, sampler, option
     shape = (n, base.unet.config.in_channels, *base.latent_size((size, size)))
     seeds = [seed + i for i in range(n)]
     noise = initial_noise(shape, seeds, torch.device("cpu"), torch.float32)
-    negative = {"negative_prompt": "blurry"}
+    negative = {"negative_prompt": negative_text}
     with torch.no_grad():
         if clip_skip > 1:
             # diffusers skips layers for the prompt only (the A1111 web UI and we: for both), so
             # its negative embeddings are its own encoding of the negative text as a prompt
             negative = {
-                "negative_prompt_embeds": pipe.encode_prompt("blurry", "cpu", 1, False, clip_skip=1)[0]
+                "negative_prompt_embeds": pipe.encode_prompt(negative_text, "cpu", 1, False, clip_skip=1)[0]
             }
         theirs = pipe(
-            prompt="a red square",
+            prompt=prompt,
             **negative,
             image=[Image.open(p) for p in images],
             height=size,
             width=size,
             num_inference_steps=steps,
-            guidance_scale=7.5,
+            guidance_scale=guidance,
             num_images_per_prompt=n,
             latents=noise,
             generator=step_generators(seeds),

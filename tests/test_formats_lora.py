@@ -13,23 +13,7 @@ from controlnet import Family
 from controlnet.families import unet_config
 from controlnet.formats import CheckpointError, merge_loras, read_lora
 from controlnet.formats.lora import layer_names
-from tiny import make_base
-
-
-def lowrank(
-    out: int, inp: int, rank: int = 2, k: int = 0, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(down, up) factors of a rank-``rank`` update of an (out, inp) weight; ``k``: a k x k conv's."""
-    g = torch.Generator().manual_seed(seed)
-    down = torch.randn(rank, inp, k, k, generator=g) if k else torch.randn(rank, inp, generator=g)
-    up = torch.randn(out, rank, 1, 1, generator=g) if k else torch.randn(out, rank, generator=g)
-    return down, up
-
-
-def kohya(tensors: dict, name: str, down, up, alpha: float | None = None) -> None:
-    tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"] = down, up
-    if alpha is not None:
-        tensors[f"{name}.alpha"] = torch.tensor(alpha)
+from tiny import kohya, lowrank, lowrank_like, make_base
 
 
 def save(path, tensors: dict):
@@ -255,12 +239,10 @@ def test_merges_equal_diffusers_load_lora_weights_and_fuse_lora(tmp_path, family
     else:
         picked = [k for k in names if k.startswith("unet.down_blocks.1.attentions.0") and ".attn" in k][:6]
         picked += [k for k in names if k.startswith("text_encoder.") and ".layers.0." in k]
-    g = torch.Generator().manual_seed(0)
     tensors = {}
-    for name in picked:
-        w = names[name].weight
-        down = torch.randn(2, *w.shape[1:], generator=g)
-        up = 0.1 * torch.randn(w.shape[0], 2, *([1, 1] if w.ndim == 4 else []), generator=g)
+    for i, name in enumerate(picked):
+        down, up = lowrank_like(names[name].weight, seed=i)
+        up = 0.1 * up
         if layout == "kohya":
             kohya(tensors, name, down, up, alpha=3.0)
         else:

@@ -157,19 +157,37 @@ def released_file(path, tensors: dict, kind: str = "pth"):
 LORA_LAYERS = ("mid_block.attentions.0.proj_out", "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v")
 
 
+def lowrank(
+    out: int, inp: int, rank: int = 2, k: int = 0, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down, up) factors of a rank-``rank`` update of an (out, inp) weight; ``k``: a k x k conv's."""
+    g = torch.Generator().manual_seed(seed)
+    down = torch.randn(rank, inp, k, k, generator=g) if k else torch.randn(rank, inp, generator=g)
+    up = torch.randn(out, rank, 1, 1, generator=g) if k else torch.randn(out, rank, generator=g)
+    return down, up
+
+
+def lowrank_like(weight: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`lowrank` factors in the layout a LoRA file gives ``weight``'s layer (a linear or a
+    k x k convolution)."""
+    return lowrank(weight.shape[0], weight.shape[1], k=weight.shape[-1] if weight.ndim == 4 else 0, seed=seed)
+
+
+def kohya(tensors: dict, name: str, down, up, alpha: float | None = None) -> None:
+    """Add a layer's factors (and alpha) to ``tensors`` under kohya's key names."""
+    tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"] = down, up
+    if alpha is not None:
+        tensors[f"{name}.alpha"] = torch.tensor(alpha)
+
+
 def lora_file(path, unet: UNet2DConditionModel, seed: int = 0, layers=LORA_LAYERS):
     """A kohya-layout LoRA file (rank 2, no alpha) changing ``unet``'s ``layers``."""
     from safetensors.torch import save_file
 
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for path_in_unet in layers:
-        weight = unet.get_submodule(path_in_unet).weight
-        down, up = torch.randn(2, weight.shape[1], generator=g), torch.randn(weight.shape[0], 2, generator=g)
-        if weight.ndim == 4:  # a 1x1 convolution
-            down, up = down[..., None, None], up[..., None, None]
-        name = "lora_unet_" + path_in_unet.replace(".", "_")
-        tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"] = down, up
+    tensors: dict = {}
+    for j, layer in enumerate(layers):
+        name = "lora_unet_" + layer.replace(".", "_")
+        kohya(tensors, name, *lowrank_like(unet.get_submodule(layer).weight, seed + j))
     save_file(tensors, str(path))
     return path
 
