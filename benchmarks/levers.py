@@ -41,6 +41,9 @@ class Variant:
     cudnn_benchmark: bool = False
     fuse_qkv: bool = False  # q, k, v projections as one matmul (generation only)
     autotune_gemm: bool = False  # inductor picks each matmul's kernel (cuBLAS or its own Triton) by timing
+    # with autotune_gemm, the convolutions' candidates too: "ATEN,TRITON" also times inductor's own
+    # convolution kernels (a compile of over 20 minutes), "ATEN" leaves them to cuDNN
+    conv_backends: str = "ATEN,TRITON"
     freeze: bool = False  # inductor's freezing: weights compiled in as constants (generation only)
 
 
@@ -50,6 +53,7 @@ VARIANTS: dict[str, Variant] = {
     "cudnn.benchmark": Variant(cudnn_benchmark=True),
     "coordinate descent": Variant(descent=True),
     "max-autotune matmuls": Variant(autotune_gemm=True),
+    "max-autotune matmuls, cuDNN convolutions": Variant(autotune_gemm=True, conv_backends="ATEN"),
     "freezing": Variant(freeze=True),
 }
 
@@ -60,6 +64,7 @@ def _settings(v: Variant) -> None:
     inductor_config.coordinate_descent_tuning = v.descent
     inductor_config.max_autotune_gemm = v.autotune_gemm
     inductor_config.max_autotune_gemm_backends = "ATEN,TRITON"
+    inductor_config.max_autotune_conv_backends = v.conv_backends
     inductor_config.freezing = v.freeze
     torch.backends.cudnn.benchmark = v.cudnn_benchmark
 
