@@ -199,3 +199,49 @@ def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
     for k in sa:
         assert sa[k].dtype == sb[k].dtype, (k, sa[k].dtype, sb[k].dtype)
         assert torch.equal(sa[k], sb[k]), k
+
+
+def control_lora_tensors(
+    unet: UNet2DConditionModel, seed: int = 0, whole=(), left_out=(), factored_biases: bool = True
+) -> dict:
+    """A Control-LoRA's tensors for ``unet``, in the layout Stability AI's files have: a trained
+    ControlNet (random hint encoder and zero convs, every other tensor of the copy moved a little),
+    each convolution and linear weight of the copy as rank-2 ``.down`` / ``.up`` factors of its
+    change, every other tensor whole. ``whole``: weights given whole instead; ``left_out``: tensors
+    left out (the base UNet's own are used); ``factored_biases=False`` gives the layers given as
+    factors the base's biases, unchanged."""
+    from controlnet.formats.control_lora import MARKER
+    from controlnet.formats.original import CONTROL, controlnet_tensors
+
+    cn = make_controlnet(unet, open_zero=True, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    out = {MARKER: torch.tensor([])}
+    new_parts = ("input_hint_block.", "zero_convs.", "middle_block_out.")
+    copied = {k.removeprefix(CONTROL): t for k, t in controlnet_tensors(cn).items()}
+    for key, t in copied.items():
+        key = key.removeprefix(CONTROL)
+        if key in left_out:
+            continue
+        layer = key.removesuffix(".weight")
+        if (
+            key.endswith(".weight")
+            and t.ndim in (2, 4)
+            and key not in whole
+            and not key.startswith(new_parts)
+        ):
+            down, up = lowrank_like(t, seed=int(torch.randint(0, 2**30, (1,), generator=g)))
+            out[layer + ".down"], out[layer + ".up"] = 0.1 * down, 0.1 * up
+        else:
+            out[key] = t + 0.1 * torch.randn(t.shape, generator=g)
+    if not factored_biases:
+        for key in [k.removesuffix(".down") + ".bias" for k in out if k.endswith(".down")]:
+            if key in out:
+                out[key] = copied[key]
+    return out
+
+
+def control_lora_file(path, unet: UNet2DConditionModel, seed: int = 0, **kw):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in control_lora_tensors(unet, seed, **kw).items()}, str(path))
+    return path

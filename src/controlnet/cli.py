@@ -326,7 +326,13 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from .formats import convert
 
     paths = convert(
-        args.src, args.dst, args.to, part=args.part, dtype=_dtype(args.dtype), overwrite=args.force
+        args.src,
+        args.dst,
+        args.to,
+        part=args.part,
+        dtype=_dtype(args.dtype),
+        overwrite=args.force,
+        base=args.base,
     )
     _print_written(paths, args.to)
     return 0
@@ -341,6 +347,9 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         "--part", choices=("controlnet", "base"), help="of a file holding both (default: controlnet)"
     )
     p.add_argument("--dtype", choices=_DTYPES, help="cast floating-point tensors (default: keep)")
+    p.add_argument(
+        "--base", help="IN a Control-LoRA: the base model it is built on (written out as a whole ControlNet)"
+    )
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(handler=_cmd_convert)
 
@@ -577,7 +586,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         default=[],
         help="condition map, or raw image with --preprocess; a folder: one generation per image",
     )
-    c.add_argument("--controlnet", action="append", default=[], help="ControlNet file or folder")
+    c.add_argument(
+        "--controlnet",
+        action="append",
+        default=[],
+        help="ControlNet file or folder (a Control-LoRA is built on the base)",
+    )
     c.add_argument(
         "--preprocess", action="append", default=[], help="annotator to run on the image ('none': ready map)"
     )
@@ -867,7 +881,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     cn = (
         None
         if args.no_controlnet
-        else load_controlnet(req.controls[0].controlnet, dtype=torch.float32).to(device)
+        else load_controlnet(req.controls[0].controlnet, dtype=torch.float32, base_unet=base.unet).to(device)
     )
     guidance = model_settings(args.base).get("guidance", EvalConfig.guidance)
     cfg = EvalConfig(

@@ -41,12 +41,19 @@ def resolve_paths(request: GenerationRequest) -> GenerationRequest:
     return replace(request, base=base, controls=controls)
 
 
+def _stamp(path: str) -> str:
+    """A file's version: its resolved path and modification time."""
+    p = Path(path)
+    return f"{p.resolve()}@{p.stat().st_mtime_ns}"
+
+
 class ModelCache:
     """Loaded models by (path, mtime, dtype, device), least recently used dropped beyond ``size``."""
 
     def __init__(self, size: int = 4) -> None:
         self.size = size
         self._items: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+        self._needs_base: dict[str, bool] = {}  # file version -> is a Control-LoRA
         self._lock = threading.Lock()
 
     def _get(self, kind: str, path: str, dtype: torch.dtype, device: str, load: Callable[[], Any]) -> Any:
@@ -76,10 +83,14 @@ class ModelCache:
                 merge_loras(base, loras)
             return base
 
+        return self._get(self.base_label(loras), path, dtype, device, load)
+
+    @staticmethod
+    def base_label(loras: Sequence[tuple[str, float]] = ()) -> str:
+        """The cache's kind of entry for a base model loaded with ``loras`` (its key: with the path)."""
         if not loras:
-            return self._get("base", path, dtype, device, load)
-        merged = "; ".join(f"{Path(p).resolve()}@{Path(p).stat().st_mtime_ns} x {s!r}" for p, s in loras)
-        return self._get(f"base with LoRAs {merged}", path, dtype, device, load)
+            return "base"
+        return "base with LoRAs " + "; ".join(f"{_stamp(p)} x {s!r}" for p, s in loras)
 
     def vae(self, path: str, base: BaseModel, base_path: str, device: str) -> AutoencoderKL:
         """The VAE at ``path`` read into the architecture of ``base``'s (from ``base_path``), in
@@ -95,11 +106,37 @@ class ModelCache:
             lambda: load_vae(path, like=base.vae, dtype=dtype).to(device).eval(),
         )
 
-    def controlnet(self, path: str, dtype: torch.dtype, device: str) -> ControlNet:
-        from .formats import load_controlnet
+    def controlnet(
+        self,
+        path: str,
+        dtype: torch.dtype,
+        device: str,
+        base: BaseModel | None = None,
+        base_key: tuple[str, Sequence[tuple[str, float]]] | None = None,
+    ) -> ControlNet:
+        """The ControlNet at ``path``. A Control-LoRA is built on ``base``'s UNet and kept per
+        base: ``base_key`` is the (path, LoRAs) ``base`` was loaded with."""
+        from .formats import load_controlnet, needs_base
 
+        stamp = _stamp(path)
+        if stamp not in self._needs_base:  # once per file version (a pickled file is read whole)
+            self._needs_base[stamp] = needs_base(path)
+        if not self._needs_base[stamp]:
+            return self._get(
+                "controlnet",
+                path,
+                dtype,
+                device,
+                lambda: load_controlnet(path, dtype=dtype).to(device).eval(),
+            )
+        if base is None or base_key is None:
+            raise ValueError(f"{path}: a Control-LoRA is built on a base model; none was given")
         return self._get(
-            "controlnet", path, dtype, device, lambda: load_controlnet(path, dtype=dtype).to(device).eval()
+            f"control-lora on {_stamp(base_key[0])} {self.base_label(base_key[1])}",
+            path,
+            dtype,
+            device,
+            lambda: load_controlnet(path, dtype=dtype, base_unet=base.unet).to(device).eval(),
         )
 
 
@@ -136,7 +173,10 @@ def _load_and_generate(
     base = cache.base(request.base, dtype, request.device, loras)  # type: ignore[arg-type]
     if request.vae is not None:
         base = base.with_vae(cache.vae(request.vae, base, request.base, request.device))  # type: ignore[arg-type]
-    controlnets = [cache.controlnet(c.controlnet, dtype, request.device) for c in request.controls]  # type: ignore[arg-type]
+    controlnets = [
+        cache.controlnet(c.controlnet, dtype, request.device, base, (request.base, loras))  # type: ignore[arg-type]
+        for c in request.controls
+    ]
     result = generate(request, base, controlnets, progress=progress, callback=callback)
     sidecar = None
     if out_dir is not None:

@@ -92,7 +92,7 @@ def _controlnet(spec: RunSpec, base: BaseModel) -> torch.nn.Module:
     from .formats import check_compatible, load_controlnet
 
     if spec.init_controlnet is not None:
-        cn = load_controlnet(spec.init_controlnet, dtype=torch.float32)
+        cn = load_controlnet(spec.init_controlnet, dtype=torch.float32, base_unet=base.unet)
         check_compatible(cn, base, controlnet_name=spec.init_controlnet, base_name=spec.base)
         return cn
     hint = ControlNetConfig(global_pool=spec.global_pool)

@@ -6,12 +6,23 @@
 - controlnet (ours): one safetensors file with its architecture in the metadata.
 - vae: standalone VAE files and folders, read into a base model's VAE architecture.
 - lora: LoRA files (kohya / A1111 and diffusers / PEFT layouts) merged into a base model.
+- control_lora: Control-LoRA files, ControlNets stored as low-rank changes to a base UNet.
 
 Every load verifies every key and shape before assigning tensors to modules built on the meta
 device (no second copy in memory); every write is atomic. See docs/formats.md.
 """
 
-from .api import Detected, Format, detect, load_base, load_controlnet, load_unet, save_base, save_controlnet
+from .api import (
+    Detected,
+    Format,
+    detect,
+    load_base,
+    load_controlnet,
+    load_unet,
+    needs_base,
+    save_base,
+    save_controlnet,
+)
 from .build import BaseConfig
 from .checkpoint import CheckpointError
 from .lora import merge_loras, read_lora
@@ -41,6 +52,7 @@ __all__ = [
     "load_unet",
     "load_vae",
     "merge_loras",
+    "needs_base",
     "read_lora",
     "save_base",
     "save_controlnet",

@@ -18,6 +18,7 @@ from diffusers import UNet2DConditionModel
 from ..controlnet import ControlNet, ControlNetConfig
 from ..families import Family
 from ..models import BaseModel
+from . import control_lora as clora
 from . import diffusers as dif
 from . import original as orig
 from . import ours
@@ -32,6 +33,7 @@ __all__ = [
     "load_base",
     "load_controlnet",
     "load_unet",
+    "needs_base",
     "save_base",
     "save_controlnet",
 ]
@@ -50,13 +52,15 @@ class Format(Enum):
 
 @dataclass
 class Detected:
-    """What a path holds. ``kinds`` lists 'controlnet' and/or 'base'; ``layout`` is for people."""
+    """What a path holds. ``kinds`` lists 'controlnet' and/or 'base'; ``layout`` is for people.
+    ``control_lora``: a Control-LoRA (original names), read only, built on a base model's UNet."""
 
     path: Path
     format: Format
     kinds: tuple[str, ...]
     layout: str
     tensors: TensorFile | None = field(default=None, repr=False)  # None for folders
+    control_lora: bool = False
 
 
 def detect(path: PathLike) -> Detected:
@@ -87,6 +91,9 @@ def detect(path: PathLike) -> Detected:
         else:
             layout = "Stable Diffusion single file"
         return Detected(path, Format.ORIGINAL, kinds, layout, tf)
+    if clora.is_control_lora(tf):
+        layout = "Control-LoRA: low-rank changes to a base UNet"
+        return Detected(path, Format.ORIGINAL, (CONTROLNET,), layout, tf, control_lora=True)
     if "controlnet_cond_embedding.conv_in.weight" in tf:
         return Detected(path, Format.DIFFUSERS, (CONTROLNET,), "bare ControlNet weights, no config.json", tf)
     if any(is_lora_key(k) for k in tf):
@@ -114,15 +121,26 @@ def load_controlnet(
     dtype: torch.dtype | None = None,
     unet_config: dict[str, Any] | None = None,
     config: ControlNetConfig | None = None,
+    base_unet: UNet2DConditionModel | None = None,
 ) -> ControlNet:
     """Load a ControlNet from any supported file or folder.
 
     ``dtype`` casts floating-point tensors (default: as stored). ``unet_config`` / ``config``
     describe the architecture of files that carry none (original-layout or bare diffusers-layout
     weights) when it is not a released SD1.x/SD2.x/SDXL size; files we wrote carry their own.
+    ``base_unet``: the UNet the ControlNet will run beside, which a Control-LoRA is built on
+    (required for one; a whole ControlNet does not read it).
     """
     d = detect(path)
     _need(d, CONTROLNET)
+    if d.control_lora:
+        assert d.tensors is not None
+        if base_unet is None:
+            raise CheckpointError(
+                f"{d.path}: a Control-LoRA stores a ControlNet as changes to its base model's UNet: "
+                "load it with the base model (convert: --base)"
+            )
+        return clora.load_control_lora(d.tensors, base_unet, dtype=dtype)
     if d.format is Format.CONTROLNET:
         assert d.tensors is not None
         return ours.load_controlnet(d.tensors, dtype=dtype)
@@ -132,6 +150,11 @@ def load_controlnet(
     if d.tensors is not None:
         return dif.load_controlnet_file(d.tensors, unet_config=unet_config, config=config, dtype=dtype)
     return dif.load_controlnet(d.path, dtype=dtype)
+
+
+def needs_base(path: PathLike) -> bool:
+    """Whether the ControlNet at ``path`` is built on a base model's UNet (a Control-LoRA)."""
+    return detect(path).control_lora
 
 
 def _base_loader(

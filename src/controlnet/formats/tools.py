@@ -15,6 +15,7 @@ from diffusers import UNet2DConditionModel
 from ..controlnet import ControlNet, ControlNetConfig
 from ..families import Family, family_of_unet_config
 from ..models import BaseModel
+from . import control_lora as clora
 from . import diffusers as dif
 from . import original as orig
 from . import ours
@@ -182,15 +183,22 @@ def convert(
     part: str | None = None,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
+    base: PathLike | BaseModel | UNet2DConditionModel | None = None,
 ) -> list[Path]:
     """Rewrite ``src`` in format ``to`` at ``dst``; returns the paths written. ``part`` picks
-    'controlnet' or 'base' from a file that holds both (default: the ControlNet)."""
+    'controlnet' or 'base' from a file that holds both (default: the ControlNet). A Control-LoRA
+    is built on ``base`` (its UNet, the model the ControlNet is for) and written whole."""
     d = detect(src)
     part = part or (CONTROLNET if CONTROLNET in d.kinds else BASE)
     if part not in d.kinds:
         raise CheckpointError(f"{src}: holds no {part} (it holds {' and '.join(d.kinds)})")
+    if base is not None and not d.control_lora:
+        raise CheckpointError(f"{src}: a base model is given, but only a Control-LoRA is built on one")
     if part == CONTROLNET:
-        return save_controlnet(load_controlnet(src, dtype=dtype), dst, to, overwrite=overwrite)
+        unet = None if base is None else _unet_arg(base, dtype)
+        return save_controlnet(
+            load_controlnet(src, dtype=dtype, base_unet=unet), dst, to, overwrite=overwrite
+        )
     return save_base(load_base(src, dtype=dtype), dst, to, overwrite=overwrite)
 
 
@@ -276,6 +284,9 @@ def inspect_checkpoint(path: PathLike) -> Inspection:
         assert base_cfg is not None
         params = {p: _count(tf, tf.with_prefix(p + ".")) for p in ours.PARTS if tf.with_prefix(p + ".")}
         return Inspection(d.path, d.format, d.layout, base_cfg.family.label, params, _dtypes([tf]))
+    if d.control_lora:
+        assert tf is not None
+        return _inspect_control_lora(d.path, d.layout, tf)
     if d.format is Format.ORIGINAL:
         assert tf is not None
         return _inspect_original(d.path, d.layout, tf)
@@ -307,6 +318,28 @@ def _inspect_original(path: Path, layout: str, tf: TensorFile) -> Inspection:
             options = _options(*orig.controlnet_arch(tf), residuals)
         except CheckpointError as e:
             notes.append(f"ControlNet architecture not recognised: {e}")
+    return Inspection(path, Format.ORIGINAL, layout, family, params, _dtypes([tf]), options, notes)
+
+
+def _inspect_control_lora(path: Path, layout: str, tf: TensorFile) -> Inspection:
+    try:
+        family = clora.family_of(tf).label
+    except CheckpointError:
+        family = "unknown"
+    layers = clora.low_rank_layers(tf)
+    ranks = sorted({tf.shapes[down][0] for down, _ in layers.values()})
+    residuals = len(numbered(tf.shapes, r"zero_convs\.(\d+)\.0\.weight")) + 1
+    notes = [
+        f"{len(layers)} layers as low-rank changes (rank {', '.join(map(str, ranks)) or '-'}) to the "
+        "base UNet's weights; tensors the file lacks are the base UNet's: load it with its base model"
+    ]
+    options = None
+    try:
+        config = clora.hint_config(tf)
+        options = {k: v for k, v in _options({}, config, residuals).items() if k != "in_channels"}
+    except CheckpointError as e:
+        notes.append(f"ControlNet architecture not recognised: {e}")
+    params = {"controlnet (as stored)": _count(tf, [k for k in tf if k != clora.MARKER])}
     return Inspection(path, Format.ORIGINAL, layout, family, params, _dtypes([tf]), options, notes)
 
 
