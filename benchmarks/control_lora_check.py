@@ -29,7 +29,8 @@ from controlnet.formats import load_base, load_controlnet
 from controlnet.formats.control_lora import MARKER
 from controlnet.formats.ldm import controlnet_rule
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: the short names this script takes and records -> `controlnet generate --dtype` / torch's names
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def write_control_lora(path: Path) -> int:
@@ -67,10 +68,9 @@ def weights(clora: Path, dtype: torch.dtype, device: str) -> dict[str, float]:
 
 
 def images(controlnet: Path | None, cond: Path, dtype: str, device: str, out: Path) -> np.ndarray:
-    names = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
     cmd = [sys.executable, "-m", "controlnet.cli", "generate", "--image", str(cond)]
     cmd += ["--prompt", "gold circle with navy background", "--seed", "1", "--num-samples", "4"]
-    cmd += ["--device", device, "--dtype", names[dtype], "--out", str(out), "--quiet"]
+    cmd += ["--device", device, "--dtype", DTYPES[dtype], "--out", str(out), "--quiet"]
     cmd += ["--controlnet", str(controlnet)] if controlnet else []
     subprocess.run(cmd, check=True)
     record = json.loads(next(out.glob("*.json")).read_text())
@@ -93,7 +93,10 @@ def main() -> None:
         ImageDraw.Draw(cond).ellipse((30, 30, 98, 98), outline="white", width=3)
         cond.save(d / "cond.png")
         for dtype in ("fp32", args.dtype):
-            row = {"dtype": dtype, **weights(d / "clora.safetensors", DTYPES[dtype], args.device)}
+            row = {
+                "dtype": dtype,
+                **weights(d / "clora.safetensors", getattr(torch, DTYPES[dtype]), args.device),
+            }
             whole = images(None, d / "cond.png", dtype, args.device, d / f"whole-{dtype}")
             built = images(d / "clora.safetensors", d / "cond.png", dtype, args.device, d / f"built-{dtype}")
             diff = np.abs(whole - built)

@@ -57,8 +57,7 @@ class ModelCache:
         self._lock = threading.Lock()
 
     def _get(self, kind: str, path: str, dtype: torch.dtype, device: str, load: Callable[[], Any]) -> Any:
-        p = Path(path)
-        key = (kind, str(p.resolve()), p.stat().st_mtime_ns, dtype, device)
+        key = (kind, _stamp(path), dtype, device)
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
@@ -111,11 +110,10 @@ class ModelCache:
         path: str,
         dtype: torch.dtype,
         device: str,
-        base: BaseModel | None = None,
-        base_key: tuple[str, Sequence[tuple[str, float]]] | None = None,
+        base: tuple[str, Sequence[tuple[str, float]]] | None = None,
     ) -> ControlNet:
-        """The ControlNet at ``path``. A Control-LoRA is built on ``base``'s UNet and kept per
-        base: ``base_key`` is the (path, LoRAs) ``base`` was loaded with."""
+        """The ControlNet at ``path``. A Control-LoRA is built on the UNet of the base model
+        ``base`` names, (path, LoRAs) as :meth:`base` takes them, and kept per base."""
         from .formats import load_controlnet, needs_base
 
         stamp = _stamp(path)
@@ -129,14 +127,16 @@ class ModelCache:
                 device,
                 lambda: load_controlnet(path, dtype=dtype).to(device).eval(),
             )
-        if base is None or base_key is None:
+        if base is None:
             raise ValueError(f"{path}: a Control-LoRA is built on a base model; none was given")
+        base_path, loras = base
+
+        def load() -> ControlNet:
+            unet = self.base(base_path, dtype, device, loras).unet  # a hit: the caller loaded it
+            return load_controlnet(path, dtype=dtype, base_unet=unet).to(device).eval()
+
         return self._get(
-            f"control-lora on {_stamp(base_key[0])} {self.base_label(base_key[1])}",
-            path,
-            dtype,
-            device,
-            lambda: load_controlnet(path, dtype=dtype, base_unet=base.unet).to(device).eval(),
+            f"control-lora on {_stamp(base_path)} {self.base_label(loras)}", path, dtype, device, load
         )
 
 
@@ -174,7 +174,7 @@ def _load_and_generate(
     if request.vae is not None:
         base = base.with_vae(cache.vae(request.vae, base, request.base, request.device))  # type: ignore[arg-type]
     controlnets = [
-        cache.controlnet(c.controlnet, dtype, request.device, base, (request.base, loras))  # type: ignore[arg-type]
+        cache.controlnet(c.controlnet, dtype, request.device, (request.base, loras))  # type: ignore[arg-type]
         for c in request.controls
     ]
     result = generate(request, base, controlnets, progress=progress, callback=callback)

@@ -169,7 +169,7 @@ class Service:
             self.cache.vae(self.config.vae, base, self.base, device)
         for name, path in self.controlnets.items():
             check_compatible(
-                self.cache.controlnet(path, dtype, device, base, (self.base, self.config.loras)),
+                self.cache.controlnet(path, dtype, device, (self.base, self.config.loras)),
                 base,
                 controlnet_name=f"ControlNet {name} ({path})",
                 base_name=f"the base model {self.base}",

@@ -19,7 +19,6 @@ stray key, a factor that does not fit or a missing hint encoder is refused whole
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -31,6 +30,7 @@ from .build import build_controlnet, family_from_context, hint_config_from_shape
 from .checkpoint import CheckpointError, TensorFile, list_keys
 from .keymap import Rule, shapes_of
 from .ldm import controlnet_rule
+from .lora import LoraLayer, fits_weight, is_product
 
 __all__ = ["MARKER", "family_of", "hint_config", "is_control_lora", "load_control_lora", "low_rank_layers"]
 
@@ -102,8 +102,8 @@ def load_control_lora(
         t = r.to_model(tf.get(file_key)).to(device) if file_key in tf else base[r.ours]
         name = file_key.removesuffix(".weight")
         if name in layers and file_key.endswith(".weight"):
-            down, up = (tf.get(k).to(device, torch.float32) for k in layers[name])
-            t = t.float() + (up.flatten(1) @ down.flatten(1)).reshape(t.shape)
+            down, up = (tf.get(k).to(device) for k in layers[name])
+            t = t.float() + LoraLayer(name, down, up, alpha=None).delta(t.shape)
         # always a copy: the ControlNet must not share the UNet's storage
         state[r.ours] = t.to(dtype=dtype, copy=True) if t.is_floating_point() else t.clone()
     cn.load_state_dict(state, assign=True)
@@ -153,15 +153,7 @@ def _verify(
         if r is None:
             continue
         d, u, w = tf.shapes[down], tf.shapes[up], shapes[r.ours]
-        fits = (
-            len(d) in (2, 4)
-            and len(u) == len(d)
-            and u[1] == d[0]
-            and tuple(u[2:]) in ((), (1, 1))
-            and u[0] == w[0]
-            and u[0] * math.prod(d[1:]) == math.prod(w)
-        )
-        if not fits:
+        if not (is_product(d, u) and tuple(u[2:]) in ((), (1, 1)) and fits_weight(d, u, w)):
             mismatched.append(f"{name}: factors {tuple(d)} (down), {tuple(u)} (up) for a weight {tuple(w)}")
         if name + ".weight" in tf:
             problems.append(f"{name}: given both whole and as factors")

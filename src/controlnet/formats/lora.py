@@ -33,7 +33,7 @@ from .build import text_key_prefix
 from .checkpoint import CheckpointError, TensorFile, list_keys, open_tensors
 from .ldm import unet_rule
 
-__all__ = ["LoraLayer", "is_lora_key", "layer_names", "merge_loras", "read_lora"]
+__all__ = ["LoraLayer", "fits_weight", "is_lora_key", "is_product", "layer_names", "merge_loras", "read_lora"]
 
 #: key endings of the two factors, (down, up), by layout
 _FACTORS = (
@@ -113,8 +113,19 @@ def read_lora(path: str | Path) -> list[LoraLayer]:
     return layers
 
 
+def is_product(down: Sequence[int], up: Sequence[int]) -> bool:
+    """Whether factors of shapes ``down`` (rank, in[, k, k]) and ``up`` (out, rank[, ...]) multiply."""
+    return len(down) in (2, 4) and len(up) == len(down) and up[1] == down[0]
+
+
+def fits_weight(down: Sequence[int], up: Sequence[int], weight: Sequence[int]) -> bool:
+    """Whether the product of factors of these shapes, flattened as :meth:`LoraLayer.delta` takes
+    it, is an update of a weight of shape ``weight``."""
+    return up[0] == weight[0] and up[0] * math.prod(down[1:]) == math.prod(weight)
+
+
 def _check_factors(tf: TensorFile, name: str, down: torch.Tensor, up: torch.Tensor) -> None:
-    if down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[1] != down.shape[0]:
+    if not is_product(down.shape, up.shape):
         raise CheckpointError(
             f"{tf.path}: layer {name!r}: factors of shapes {tuple(down.shape)} (down) and "
             f"{tuple(up.shape)} (up) do not make a low-rank product"
@@ -176,7 +187,7 @@ def merge_loras(base: BaseModel, loras: Sequence[tuple[str | Path, float]]) -> i
         for layer in layers:
             module = targets[layer.name]
             weight = module.weight
-            if layer.up.shape[0] * _fan_in(layer) != weight.numel() or layer.up.shape[0] != weight.shape[0]:
+            if not fits_weight(layer.down.shape, layer.up.shape, weight.shape):
                 raise CheckpointError(
                     f"{path}: layer {layer.name!r} makes a {layer.up.shape[0]} x {_fan_in(layer)} update, "
                     f"but the model's weight there is {tuple(weight.shape)}"
