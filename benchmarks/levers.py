@@ -1,9 +1,10 @@
-"""Inductor and cuDNN settings (coordinate-descent tuning, matmul autotuning, frozen weights), and
-fused attention projections, against the batch-8 steps of profile_kernels.py: the ``--fast``
-generation step (UNet + one ControlNet on the CFG batch of 16, compiled) and the compiled training
-step (reduce-overhead). Each variant is compiled afresh in this process and timed against the base
-of the same process: the generation variants captured as CUDA graphs and timed in turn, round
-after round, their outputs compared with the base's; the training variants one after the other.
+"""Inductor and cuDNN settings (coordinate-descent tuning, matmul autotuning, frozen weights, tiling
+and fusion choices), fused attention projections and the channels-last GroupNorm, against the
+batch-8 steps of profile_kernels.py: the ``--fast`` generation step (UNet + one ControlNet on the
+CFG batch of 16, compiled) and the compiled training step (reduce-overhead). Each variant is
+compiled afresh in this process and timed against the base of the same process: the generation
+variants captured as CUDA graphs and timed in turn, round after round, their outputs compared with
+the base's; the training variants one after the other.
 
 SD1.5 architecture, random weights, bf16, 512 px.
 
@@ -15,6 +16,7 @@ SD1.5 architecture, random weights, bf16, 512 px.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -37,35 +39,55 @@ from controlnet.fastpath import GraphCache
 
 @dataclass(frozen=True)
 class Variant:
-    descent: bool = False  # inductor's coordinate-descent tuning of its Triton kernels
+    inductor: tuple[tuple[str, Any], ...] = ()  # inductor settings (dotted names) for the compile
     cudnn_benchmark: bool = False
     fuse_qkv: bool = False  # q, k, v projections as one matmul (generation only)
-    autotune_gemm: bool = False  # inductor picks each matmul's kernel (cuBLAS or its own Triton) by timing
-    # with autotune_gemm, the convolutions' candidates too: "ATEN,TRITON" also times inductor's own
-    # convolution kernels (a compile of over 20 minutes), "ATEN" leaves them to cuDNN
-    conv_backends: str = "ATEN,TRITON"
-    freeze: bool = False  # inductor's freezing: weights compiled in as constants (generation only)
+    channels_last_norm: bool = False  # training's channels-last GroupNorm (generation only)
 
+    @property
+    def generation_only(self) -> bool:
+        """Training's attention modules are generation's (so no fused projections), it never
+        freezes its weights, and it always normalises channels-last."""
+        return self.fuse_qkv or self.channels_last_norm or ("freezing", True) in self.inductor
+
+
+#: inductor's matmul autotuning: each matmul's kernel (cuBLAS or inductor's own Triton template,
+#: into which it can fuse the elementwise work around it) picked by timing the candidates
+_AUTOTUNE = (("max_autotune_gemm", True), ("max_autotune_gemm_backends", "ATEN,TRITON"))
 
 VARIANTS: dict[str, Variant] = {
     "base": Variant(),
     "fused qkv": Variant(fuse_qkv=True),
     "cudnn.benchmark": Variant(cudnn_benchmark=True),
-    "coordinate descent": Variant(descent=True),
-    "max-autotune matmuls": Variant(autotune_gemm=True),
-    "max-autotune matmuls, cuDNN convolutions": Variant(autotune_gemm=True, conv_backends="ATEN"),
-    "freezing": Variant(freeze=True),
+    # inductor's coordinate-descent tuning of its Triton kernels
+    "coordinate descent": Variant(inductor=(("coordinate_descent_tuning", True),)),
+    # with the convolutions' candidates too (inductor's default): a compile of over 20 minutes
+    "max-autotune matmuls": Variant(inductor=_AUTOTUNE),
+    "max-autotune matmuls, cuDNN convolutions": Variant(
+        inductor=(*_AUTOTUNE, ("max_autotune_conv_backends", "ATEN"))
+    ),
+    # weights compiled in as constants, so that work on them is folded at compile time
+    "freezing": Variant(inductor=(("freezing", True),)),
+    "channels-last GroupNorm": Variant(channels_last_norm=True),
+    # pointwise kernels and reductions tiled over two or three dimensions where their inputs and
+    # outputs are in different layouts (a channels-last tensor read in NCHW order)
+    "n-d tiling": Variant(inductor=(("triton.prefer_nd_tiling", True), ("triton.tile_reductions", True))),
+    # fusion of kernels that share inputs even without a producer-consumer edge between them
+    "aggressive fusion": Variant(inductor=(("aggressive_fusion", True),)),
+    # each fusion decision that may not pay kept only if its fused kernel times faster
+    "benchmark fusion": Variant(inductor=(("benchmark_fusion", True),)),
 }
+
+_INDUCTOR_DEFAULTS = inductor_config.get_config_copy()
 
 
 def _settings(v: Variant) -> None:
     """Forget what was compiled before; settings for the next compile."""
     torch._dynamo.reset()
-    inductor_config.coordinate_descent_tuning = v.descent
-    inductor_config.max_autotune_gemm = v.autotune_gemm
-    inductor_config.max_autotune_gemm_backends = "ATEN,TRITON"
-    inductor_config.max_autotune_conv_backends = v.conv_backends
-    inductor_config.freezing = v.freeze
+    inductor_config.load_config(_INDUCTOR_DEFAULTS)
+    for name, value in v.inductor:
+        *path, attr = name.split(".")
+        setattr(functools.reduce(getattr, path, inductor_config), attr, value)
     torch.backends.cudnn.benchmark = v.cudnn_benchmark
 
 
@@ -93,7 +115,7 @@ def generation_levers(names: list[str], batch: int, rounds: int = 7, reps: int =
         _settings(v)
         t0 = time.perf_counter()
         try:
-            step = generation_step(batch, False, v.fuse_qkv)
+            step = generation_step(batch, False, v.fuse_qkv, v.channels_last_norm)
             graphs = GraphCache(torch.device("cuda"))
             steps[name] = lambda step=step, graphs=graphs: graphs.run("step", lambda _: step(), {})
             out = steps[name]().float().cpu()
@@ -137,10 +159,7 @@ def main() -> None:
     res: dict[str, Any] = {"env": environment(), "command": " ".join(sys.argv), "batch": args.batch}
     rows: list[dict[str, Any]] = []
     for part in parts:
-        names = [
-            n for n, v in VARIANTS.items() if n in chosen and (part == "gen" or not (v.fuse_qkv or v.freeze))
-        ]
-        # training: its attention modules are generation's (fused projections), it never freezes
+        names = [n for n, v in VARIANTS.items() if n in chosen and (part == "gen" or not v.generation_only)]
         if part == "gen":
             rows += generation_levers(names, args.batch)
             write_json(args.out, {**res, "rows": rows})

@@ -6,7 +6,12 @@ UNet's largest shape with its head size of 40 against 64.
 SD1.5 architecture, random weights, bf16, 512 px. The steps run compiled without CUDA graphs so
 that the profiler sees each kernel; the sums are GPU time, not wall time.
 
+``--bandwidth`` instead times each of inductor's own (Triton) kernels of one step alone, with the
+bytes it reads and writes, through inductor's bandwidth profiler: how far the elementwise and
+normalisation work is from the GPU's memory bandwidth, kernel by kernel.
+
     python benchmarks/profile_kernels.py --out results/kernels   # about 7 min on an H100
+    python benchmarks/profile_kernels.py --out results/kernels --bandwidth gen   # a few minutes
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import profile_train
 from common import cuda_time, environment, sd15, table, write_json
 
+from controlnet.channels_last_norm import use_channels_last_group_norm
 from controlnet.control import Control, control_scales, controlled_unet_forward
 from controlnet.fastpath import compile_modules
 
@@ -75,6 +81,41 @@ def kernel_profile(step: Callable[[], Any], out: Path, n: int = 2) -> dict[str, 
     return {**ordered, "total": sum(kinds.values())}
 
 
+def bandwidth_profile(build: Callable[[], Callable[[], Any]]) -> list[dict[str, Any]]:
+    """Each inductor Triton kernel that one call of the step built by ``build`` runs: its calls,
+    milliseconds per call (timed alone), gigabytes read and written per call and the GB/s that
+    makes, longest total first. Inductor's bandwidth profiler is switched on for the compile
+    (``build`` must compile lazily, as torch.compile does) and the numbers it collects per
+    compiled graph are gathered; it times each kernel on its first call, so the step's results
+    are not to be used."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor.runtime import triton_heuristics
+
+    calls: list[tuple[float, float, float, str]] = []
+    end_graph = triton_heuristics.end_graph
+    triton_heuristics.end_graph = lambda output_file: calls.extend(triton_heuristics.collected_calls)
+    inductor_config.profile_bandwidth = True
+    try:
+        step = build()
+        step()  # compiles, and times every kernel once
+        torch.cuda.synchronize()
+        calls.clear()
+        step()
+        torch.cuda.synchronize()
+    finally:
+        inductor_config.profile_bandwidth = False
+        triton_heuristics.end_graph = end_graph
+    kernels: dict[str, dict[str, Any]] = {}
+    for ms, gb, _, name in calls:
+        k = kernels.setdefault(name, {"kernel": name, "calls": 0, "ms_per_call": ms, "gb_per_call": gb})
+        k["calls"] += 1
+    rows = sorted(kernels.values(), key=lambda k: -k["calls"] * k["ms_per_call"])
+    for k in rows:
+        k["total_ms"] = k["calls"] * k["ms_per_call"]
+        k["gb_per_s"] = k["gb_per_call"] / (k["ms_per_call"] / 1e3)
+    return rows
+
+
 def fuse_qkv_projections(module: torch.nn.Module) -> int:
     """Merge the q, k and v projections of every diffusers attention in ``module`` into one
     linear layer (k and v for cross-attention) and switch it to the fused processor; the number of
@@ -90,15 +131,19 @@ def fuse_qkv_projections(module: torch.nn.Module) -> int:
     return n
 
 
-def generation_step(batch: int, smoke: bool, fuse_qkv: bool = False) -> Callable[[], torch.Tensor]:
+def generation_step(
+    batch: int, smoke: bool, fuse_qkv: bool = False, channels_last_norm: bool = False
+) -> Callable[[], torch.Tensor]:
     """One compiled denoising step of UNet + ControlNet on a CFG batch of ``2 * batch``; it
     returns the UNet's output. ``fuse_qkv`` first merges each attention's projections into one
-    matmul."""
+    matmul; ``channels_last_norm`` normalises with training's channels-last GroupNorm."""
     dev = "cpu" if smoke else "cuda"
     base, cns = sd15(dev, torch.float32 if smoke else torch.bfloat16, n_controlnets=1, smoke=smoke)
-    if fuse_qkv:
-        for m in (base.unet, cns[0]):
+    for m in (base.unet, cns[0]):
+        if fuse_qkv:
             fuse_qkv_projections(m)
+        if channels_last_norm:
+            use_channels_last_group_norm(m)
     if not smoke:
         compile_modules([base.unet, cns[0]])
     g = torch.Generator().manual_seed(0)
@@ -146,10 +191,31 @@ def main() -> None:
     p.add_argument("--out", default="results/kernels")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: check the script")
+    p.add_argument(
+        "--bandwidth",
+        choices=("gen", "train"),
+        action="append",
+        help="instead: each inductor kernel's time and GB/s in this step (CUDA only)",
+    )
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res: dict[str, Any] = {"env": environment(), "command": " ".join(sys.argv), "batch": args.batch}
+    if args.bandwidth:
+        builds = {
+            "gen": lambda: generation_step(args.batch, False),
+            "train": lambda: profile_train.bare_step(args.batch, compile="default"),
+        }
+        for part in args.bandwidth:
+            rows = bandwidth_profile(builds[part])
+            ms, gb = sum(r["total_ms"] for r in rows), sum(r["calls"] * r["gb_per_call"] for r in rows)
+            res[part] = {"total_ms": ms, "total_gb": gb, "kernels": rows}
+            write_json(out / "bandwidth.json", res)
+            print(f"{part}: {len(rows)} kernels, {ms:.2f} ms, {gb:.2f} GB, {1e3 * gb / ms:.0f} GB/s overall")
+            print(table(rows[:40], ["kernel", "calls", "ms_per_call", "gb_per_call", "gb_per_s", "total_ms"]))
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
+        return
     rows: list[dict[str, Any]] = []
 
     def profiled(name: str, step: Callable[[], Any], file: str) -> None:
