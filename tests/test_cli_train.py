@@ -4,6 +4,7 @@ bundled model, at smoke scale on the CPU; and train's bad input."""
 import json
 
 import pytest
+import torch
 
 from controlnet import Family
 from controlnet.cli import main
@@ -136,6 +137,46 @@ def test_eval_writes_a_report(chain, tmp_path):
     assert main([*args, "--no-controlnet", "--out", str(tmp_path / "ev2")]) == 0
     assert "free_colour_ok" in json.loads((tmp_path / "ev2/results.json").read_text())["summary"]
     assert res["config"]["guidance"] == 9.0  # a named base: SD's default
+
+
+def test_train_and_eval_build_a_control_lora_on_their_base(chain, tmp_path):
+    """A Control-LoRA (low-rank changes to a base UNet) given to `train --init-controlnet` or to
+    `eval --controlnet` is built on that command's --base: training starts from the same weights,
+    and eval scores the same images, as with the file converted whole."""
+    from tiny import control_lora_file
+
+    base = chain / "base/final/base.safetensors"
+    clora = control_lora_file(tmp_path / "clora.safetensors", load_base(base).unet, seed=5)
+    whole = load_controlnet(clora, base_unet=load_base(base).unet)
+    save_controlnet(whole, tmp_path / "whole.safetensors")
+
+    data = ["--data", str(chain / "data"), "--base", str(base)]
+    ev = ["eval", *data, "--n", "2", "--steps", "2", "--batch", "2", "--quiet"]
+    scores = []
+    for cn in ("clora", "whole"):
+        assert (
+            main([*ev, "--controlnet", str(tmp_path / f"{cn}.safetensors"), "--out", str(tmp_path / cn)]) == 0
+        )
+        scores.append(json.loads((tmp_path / cn / "results.json").read_text())["per_sample"])
+    assert scores[0] == scores[1]
+
+    # one step at a learning rate too small to move a float32 weight: the run's export is its start
+    args = [
+        "train",
+        *data,
+        "--init-controlnet",
+        str(clora),
+        "--out",
+        str(tmp_path / "run"),
+        "--cpu",
+        "--quiet",
+    ]
+    assert main([*args, "--steps", "1", "--batch-size", "8", "--lr", "1e-30"]) == 0
+    started = load_controlnet(tmp_path / "run/final/controlnet.safetensors").state_dict()
+    expected = whole.state_dict()
+    assert started.keys() == expected.keys()
+    for key, t in expected.items():
+        torch.testing.assert_close(started[key], t, rtol=0, atol=1e-20, msg=key)
 
 
 def test_eval_of_the_bundled_model_uses_its_guidance(chain, tmp_path):
