@@ -32,6 +32,7 @@ def their_scheduler(sampler: str, prediction_type: str):
         DPMSolverMultistepScheduler,
         EulerAncestralDiscreteScheduler,
         EulerDiscreteScheduler,
+        LCMScheduler,
         UniPCMultistepScheduler,
     )
 
@@ -46,6 +47,8 @@ def their_scheduler(sampler: str, prediction_type: str):
         ),
         "euler": lambda: EulerDiscreteScheduler(**common),
         "euler-a": lambda: EulerAncestralDiscreteScheduler(**common),
+        # LCMScheduler.from_config(SD's config), as diffusers' LCM-LoRA guide sets it
+        "lcm": lambda: LCMScheduler(**common, clip_sample=False, set_alpha_to_one=False, steps_offset=1),
     }[sampler]()
 
 

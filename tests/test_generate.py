@@ -245,6 +245,11 @@ def test_output_size_keeps_aspect_on_multiples_of_64():
     [
         ({"steps": 0}, "steps must be >= 1"),
         ({"sampler": "plms"}, "unknown sampler 'plms'"),
+        ({"sampler": "lcm", "steps": 51}, "steps: the lcm sampler takes at most 50 steps .*, got 51"),
+        (
+            {"sampler": "lcm", "hires_scale": 2.0, "hires_steps": 60},
+            "hires_steps: the lcm sampler takes at most 50 steps .*, got 60",
+        ),
         ({"controls": "neg"}, "control 0: strength must be >= 0"),
         ({"controls": "window"}, "control 0: start 0.9 is after end 0.1"),
         ({"controls": "mode"}, "unknown control 0 mode 'loud'"),

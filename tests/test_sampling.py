@@ -138,6 +138,9 @@ def test_bad_arguments(world):
         run(world, steps=0)
     with pytest.raises(ValueError, match="unknown sampler 'plms'"):
         run(world, sampler="plms")
+    run(world, sampler="lcm", steps=50)  # its whole distillation schedule
+    with pytest.raises(ValueError, match="the lcm sampler takes at most 50 steps"):
+        run(world, sampler="lcm", steps=51)
     with pytest.raises(ValueError, match="strength must be >= 0"):
         unit(world, strength=-1)
     with pytest.raises(ValueError, match=r"start 0\.8 is after its end 0\.2"):

@@ -567,7 +567,7 @@ def lora_arg(text: str) -> tuple[str, float]:
 
 
 #: ``controlnet.sampling.Sampler``'s names, spelled out so that ``--help`` needs no diffusers import
-SAMPLERS = ("ddim", "unipc", "dpmpp-2m", "dpmpp-2m-karras", "dpmpp-2m-sde-karras", "euler", "euler-a")
+SAMPLERS = ("ddim", "unipc", "dpmpp-2m", "dpmpp-2m-karras", "dpmpp-2m-sde-karras", "euler", "euler-a", "lcm")
 _GUIDANCE_HELP = "classifier-free guidance scale (default 9; 1.5 for the bundled model, used without --base)"
 
 

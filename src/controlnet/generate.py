@@ -35,7 +35,7 @@ from .fastpath import compile_modules
 from .imageio import read_image, read_mask
 from .models import BaseModel
 from .prompts import PromptSyntax, encode_guided
-from .sampling import ControlUnit, Sampler, denoise, mask_to_latent, steps_run
+from .sampling import ControlUnit, Sampler, check_steps, denoise, mask_to_latent, steps_run
 
 __all__ = [
     "DEFAULT_ADDED_PROMPT",
@@ -188,7 +188,7 @@ class GenerationRequest:
     def validate(self) -> None:
         """Check everything that can be checked without a model; raise ValueError/FileNotFoundError
         naming the parameter (or file) and what was expected."""
-        _parse_enum(Sampler, self.sampler, "sampler")
+        sampler = _parse_enum(Sampler, self.sampler, "sampler")
         _parse_enum(ResizeMode, self.resize_mode, "resize mode")
         _parse_enum(PromptSyntax, self.prompt_syntax, "prompt syntax")
         setting = _parse_enum(PromptSetting, self.prompt_setting, "prompt setting")
@@ -199,8 +199,7 @@ class GenerationRequest:
                     f"{name}: {tag[0]!r} is the A1111 web UI's LoRA tag, which prompts here do not "
                     f"read; merge the file with --lora FILE:{tag['scale'] or 1} (the API: serve --lora)"
                 )
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        check_steps(sampler, self.steps)
         if self.clip_skip < 1:
             raise ValueError(
                 f"clip_skip must be >= 1 (1: the text encoder's last layer), got {self.clip_skip}"
@@ -278,6 +277,8 @@ class GenerationRequest:
             raise ValueError(f"hires_denoise must be in (0, 1], got {self.hires_denoise}")
         if self.hires_steps is not None and self.hires_steps < 1:
             raise ValueError(f"hires_steps must be >= 1 (or none: steps), got {self.hires_steps}")
+        if self.hires_steps is not None:
+            check_steps(self.sampler, self.hires_steps, "hires_steps")
         if self.hires_scale > 1.0 and self.init_image is not None:
             raise ValueError(
                 "hires_scale is for text-to-image generations; with an init image, ask for the size "

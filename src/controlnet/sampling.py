@@ -23,6 +23,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
     UniPCMultistepScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -34,10 +35,12 @@ from .fastpath import compile_modules, has_own_graphs, step_graphs, weights_key
 from .models import BaseModel, PromptEmbeddings
 
 __all__ = [
+    "MAX_LCM_STEPS",
     "ControlUnit",
     "DenoiseResult",
     "PreparedControl",
     "Sampler",
+    "check_steps",
     "denoise",
     "initial_noise",
     "make_scheduler",
@@ -48,7 +51,9 @@ __all__ = [
 
 
 class Sampler(Enum):
-    """The samplers, named as the A1111 web UI names them (one model call per step each)."""
+    """The samplers, named as the A1111 web UI names them (one model call per step each). LCM is
+    for models distilled to take few steps (an LCM-LoRA merged with ``--lora``): 2-8 steps,
+    guidance 1-2."""
 
     DDIM = "ddim"
     UNIPC = "unipc"
@@ -57,6 +62,7 @@ class Sampler(Enum):
     DPMPP_2M_SDE_KARRAS = "dpmpp-2m-sde-karras"
     EULER = "euler"
     EULER_A = "euler-a"
+    LCM = "lcm"
 
     @classmethod
     def parse(cls, value: str | Sampler) -> Sampler:
@@ -67,6 +73,22 @@ class Sampler(Enum):
         except ValueError:
             names = ", ".join(s.value for s in cls)
             raise ValueError(f"unknown sampler {value!r}; expected one of: {names}") from None
+
+
+#: the most steps the LCM sampler takes: its timesteps are picked from the 50-step schedule the
+#: consistency models were distilled on (diffusers' ``original_inference_steps``)
+MAX_LCM_STEPS = 50
+
+
+def check_steps(sampler: Sampler | str, steps: int, name: str = "steps") -> None:
+    """A ValueError naming ``name`` unless ``sampler`` can run ``steps`` steps."""
+    if steps < 1:
+        raise ValueError(f"{name} must be >= 1, got {steps}")
+    if Sampler.parse(sampler) is Sampler.LCM and steps > MAX_LCM_STEPS:
+        raise ValueError(
+            f"{name}: the lcm sampler takes at most {MAX_LCM_STEPS} steps (its timesteps come from the "
+            f"{MAX_LCM_STEPS}-step schedule the model was distilled on), got {steps}"
+        )
 
 
 def make_scheduler(sampler: Sampler | str, schedule: dict[str, Any]) -> SchedulerMixin:
@@ -91,6 +113,9 @@ def make_scheduler(sampler: Sampler | str, schedule: dict[str, Any]) -> Schedule
         )
     if sampler is Sampler.EULER:
         return EulerDiscreteScheduler(**common)
+    if sampler is Sampler.LCM:
+        # as diffusers' LCM pipelines make it from SD's released scheduler config
+        return LCMScheduler(**common, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     return EulerAncestralDiscreteScheduler(**common)
 
 
@@ -237,8 +262,7 @@ def denoise(
             effect elsewhere, nor with networks compiled in reduce-overhead mode); the results are
             the same either way.
     """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    check_steps(sampler, steps)
     if not 0.0 < denoise_strength <= 1.0:
         raise ValueError(f"denoise strength must be in (0, 1], got {denoise_strength}")
     if mask is not None and init_latents is None:
