@@ -354,6 +354,13 @@ def test_sampler_choices_are_the_samplers():
     assert tuple(s.value for s in Sampler) == SAMPLERS
 
 
+def test_timestep_spacing_choices_are_the_spacings():
+    from controlnet.cli import SPACINGS
+    from controlnet.sampling import TimestepSpacing
+
+    assert tuple(s.value for s in TimestepSpacing) == SPACINGS
+
+
 def test_a_control_lora_is_built_on_the_runs_base(files, tmp_path, capsys):
     """`--controlnet` a Control-LoRA: built on the run's base model, LoRAs merged in, so its
     images equal those of the whole ControlNet that `convert --base` makes from that base; the

@@ -22,11 +22,13 @@ SD_SCHEDULE = {
     "beta_start": 0.00085,
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
 }
 
 
-def their_scheduler(sampler: str, prediction_type: str):
-    """The scheduler diffusers' documentation maps each A1111 sampler name to."""
+def their_scheduler(sampler: str, prediction_type: str, spacing: str = "default"):
+    """The scheduler diffusers' documentation maps each A1111 sampler name to; ``spacing`` other
+    than "default" sets its ``timestep_spacing``."""
     from diffusers import (
         DDIMScheduler,
         DPMSolverMultistepScheduler,
@@ -37,8 +39,10 @@ def their_scheduler(sampler: str, prediction_type: str):
     )
 
     common = {**SD_SCHEDULE, "prediction_type": prediction_type}
+    if spacing != "default":
+        common["timestep_spacing"] = spacing
     return {
-        "ddim": lambda: DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+        "ddim": lambda: DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False),
         "unipc": lambda: UniPCMultistepScheduler(**common),
         "dpmpp-2m": lambda: DPMSolverMultistepScheduler(**common),
         "dpmpp-2m-karras": lambda: DPMSolverMultistepScheduler(**common, use_karras_sigmas=True),
@@ -48,11 +52,11 @@ def their_scheduler(sampler: str, prediction_type: str):
         "euler": lambda: EulerDiscreteScheduler(**common),
         "euler-a": lambda: EulerAncestralDiscreteScheduler(**common),
         # LCMScheduler.from_config(SD's config), as diffusers' LCM-LoRA guide sets it
-        "lcm": lambda: LCMScheduler(**common, clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+        "lcm": lambda: LCMScheduler(**common, clip_sample=False, set_alpha_to_one=False),
     }[sampler]()
 
 
-def their_pipeline(base, controlnets, sampler: str):
+def their_pipeline(base, controlnets, sampler: str, spacing: str = "default"):
     from diffusers import (
         ControlNetModel,
         StableDiffusionControlNetPipeline,
@@ -61,7 +65,7 @@ def their_pipeline(base, controlnets, sampler: str):
     from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
     nets = MultiControlNetModel([ControlNetModel.from_pretrained(f).eval() for f in controlnets])
-    scheduler = their_scheduler(sampler, base.schedule["prediction_type"])
+    scheduler = their_scheduler(sampler, base.schedule["prediction_type"], spacing)
     parts = {"vae": base.vae, "text_encoder": base.text_encoder, "tokenizer": base.tokenizer}
     parts.update(unet=base.unet, controlnet=nets, scheduler=scheduler)
     if base.family is Family.SDXL:
@@ -90,6 +94,9 @@ CASES = [
     (Family.SD2, "euler-a", {}),
     (Family.SD1, "ddim", {"eta": 0.7}),
     (Family.SD1, "ddim", {"clip_skip": 2}),
+    *[(Family.SD1, s, {"timestep_spacing": "trailing"}) for s in ("ddim", "euler", "euler-a")],
+    (Family.SD1, "dpmpp-2m", {"timestep_spacing": "leading"}),
+    (Family.SD1, "unipc", {"timestep_spacing": "trailing"}),
 ]
 
 
@@ -104,6 +111,7 @@ def test_generation_equals_diffusers_controlnet_pipeline(family, sampler, option
     that draw noise at each step draw it from the same generators. Clip skip counts as the A1111
     web UI does: diffusers' ``clip_skip`` is one less."""
     eta, clip_skip = options.get("eta", 0.0), options.get("clip_skip", 1)
+    spacing = options.get("timestep_spacing", "default")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     base = make_base(family)
     if family is Family.SD2:
@@ -127,6 +135,7 @@ def test_generation_equals_diffusers_controlnet_pipeline(family, sampler, option
             for img, s, w in zip(images, strengths, windows)
         ],
         sampler=sampler,
+        timestep_spacing=spacing,
         eta=eta,
         steps=steps,
         guidance=guidance,
@@ -136,7 +145,7 @@ def test_generation_equals_diffusers_controlnet_pipeline(family, sampler, option
     )
     ours = generate(request, base, cns, progress=False).latents
 
-    pipe = their_pipeline(base, folders, sampler)
+    pipe = their_pipeline(base, folders, sampler, spacing)
     if not hasattr(base.text_encoder, "text_model"):
         # diffusers' clip skip reads text_encoder.text_model, which transformers 5's CLIPTextModel
         # no longer has (its layers sit on the model itself): point it there, unregistered

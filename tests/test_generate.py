@@ -245,6 +245,11 @@ def test_output_size_keeps_aspect_on_multiples_of_64():
     [
         ({"steps": 0}, "steps must be >= 1"),
         ({"sampler": "plms"}, "unknown sampler 'plms'"),
+        ({"timestep_spacing": "sgm"}, "unknown timestep spacing 'sgm'; expected one of: default, leading"),
+        (
+            {"sampler": "dpmpp-2m-karras", "timestep_spacing": "trailing"},
+            "timestep_spacing 'trailing': the dpmpp-2m-karras sampler places its steps by Karras'",
+        ),
         ({"sampler": "lcm", "steps": 51}, "steps: the lcm sampler takes at most 50 steps .*, got 51"),
         (
             {"sampler": "lcm", "hires_scale": 2.0, "hires_steps": 60},

@@ -138,6 +138,10 @@ def test_bad_arguments(world):
         run(world, steps=0)
     with pytest.raises(ValueError, match="unknown sampler 'plms'"):
         run(world, sampler="plms")
+    with pytest.raises(ValueError, match="dpmpp-2m-sde-karras sampler places its steps by Karras"):
+        run(world, sampler="dpmpp-2m-sde-karras", timestep_spacing="leading")
+    with pytest.raises(ValueError, match="the lcm sampler takes its steps from the 50-step schedule"):
+        run(world, sampler="lcm", timestep_spacing="trailing")
     run(world, sampler="lcm", steps=50)  # its whole distillation schedule
     with pytest.raises(ValueError, match="the lcm sampler takes at most 50 steps"):
         run(world, sampler="lcm", steps=51)

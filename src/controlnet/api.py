@@ -71,6 +71,7 @@ class GenerateBody(BaseModel):
     prompt_syntax: str = _D.prompt_syntax
     clip_skip: int = _D.clip_skip
     sampler: str = _D.sampler
+    timestep_spacing: str = _D.timestep_spacing
     eta: float = _D.eta
     steps: int = _D.steps
     guidance: float = _D.guidance

@@ -27,7 +27,7 @@ from .generate import (
     resolve_prompt,
 )
 from .prompts import CHUNK_TOKENS, PromptSyntax, token_count
-from .sampling import Sampler
+from .sampling import Sampler, TimestepSpacing
 from .service import BusyError, Service
 
 __all__ = ["build_ui", "checked_upload", "control_annotators", "param_widget"]
@@ -350,6 +350,12 @@ def build_ui(service: Service) -> gr.Blocks:
                             [s.value for s in PromptSetting], value=d.prompt_setting, label="Prompt setting"
                         )
                         sampler = gr.Dropdown([s.value for s in Sampler], value=d.sampler, label="Sampler")
+                        spacing = gr.Dropdown(
+                            [s.value for s in TimestepSpacing],
+                            value=d.timestep_spacing,
+                            label="Timestep spacing",
+                            info="trailing: SGM Uniform, for few-step models",
+                        )
                     added = gr.Textbox(value=d.added_prompt, label="Added prompt")
                     negative = gr.Textbox(value=d.negative_prompt, label="Negative prompt")
                     syntax = gr.Radio(
@@ -410,7 +416,8 @@ def build_ui(service: Service) -> gr.Blocks:
                 )
                 info = gr.Markdown(elem_id="info")
 
-        globals_ = [prompt, editor, denoise, mask_blur, overlay, setting, sampler, added, negative, syntax]
+        globals_ = [prompt, editor, denoise, mask_blur, overlay, setting, sampler, spacing, added, negative]
+        globals_ += [syntax]
         globals_ += [clip_skip]
         globals_ += [steps, guidance, eta, seed, samples, resolution, resize_mode]
         globals_ += [hires_scale, hires_denoise, hires_steps, hires_upscaler]
@@ -445,6 +452,7 @@ def build_ui(service: Service) -> gr.Blocks:
                     prompt_syntax=data[syntax],
                     clip_skip=int(data[clip_skip]),
                     sampler=data[sampler],
+                    timestep_spacing=data[spacing],
                     eta=float(data[eta]),
                     steps=int(data[steps]),
                     guidance=float(data[guidance]),

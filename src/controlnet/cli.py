@@ -495,6 +495,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         vae=args.vae,
         loras=[LoraRequest(path, scale) for path, scale in args.lora or ()],
         sampler=args.sampler,
+        timestep_spacing=args.timestep_spacing,
         eta=args.eta,
         steps=args.steps,
         seed=args.seed,
@@ -568,6 +569,8 @@ def lora_arg(text: str) -> tuple[str, float]:
 
 #: ``controlnet.sampling.Sampler``'s names, spelled out so that ``--help`` needs no diffusers import
 SAMPLERS = ("ddim", "unipc", "dpmpp-2m", "dpmpp-2m-karras", "dpmpp-2m-sde-karras", "euler", "euler-a", "lcm")
+#: ``controlnet.sampling.TimestepSpacing``'s names, likewise
+SPACINGS = ("default", "leading", "linspace", "trailing")
 _GUIDANCE_HELP = "classifier-free guidance scale (default 9; 1.5 for the bundled model, used without --base)"
 
 
@@ -644,6 +647,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--vae", help=_VAE_HELP)
     s.add_argument("--lora", action="append", type=lora_arg, metavar="FILE[:SCALE]", help=_LORA_HELP)
     s.add_argument("--sampler", default="ddim", choices=SAMPLERS)
+    s.add_argument(
+        "--timestep-spacing",
+        default="default",
+        choices=SPACINGS,
+        help="which timesteps the steps visit (default: the sampler's own; trailing: the A1111 web "
+        "UI's SGM Uniform, for few-step models such as SDXL-Turbo and -Lightning)",
+    )
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     s.add_argument("--steps", type=int, default=20)
     s.add_argument("--guidance", type=float, help=_GUIDANCE_HELP)

@@ -35,7 +35,16 @@ from .fastpath import compile_modules
 from .imageio import read_image, read_mask
 from .models import BaseModel
 from .prompts import PromptSyntax, encode_guided
-from .sampling import ControlUnit, Sampler, check_steps, denoise, mask_to_latent, steps_run
+from .sampling import (
+    ControlUnit,
+    Sampler,
+    TimestepSpacing,
+    check_spacing,
+    check_steps,
+    denoise,
+    mask_to_latent,
+    steps_run,
+)
 
 __all__ = [
     "DEFAULT_ADDED_PROMPT",
@@ -146,6 +155,7 @@ class GenerationRequest:
     vae: str | None = None  # a VAE file or folder used in place of the base model's
     loras: list[LoraRequest] = field(default_factory=list)  # merged into the base model, in order
     sampler: str = Sampler.DDIM.value
+    timestep_spacing: str = TimestepSpacing.DEFAULT.value  # leading / linspace / trailing
     eta: float = 0.0
     steps: int = 20
     guidance: float = 9.0
@@ -189,6 +199,7 @@ class GenerationRequest:
         """Check everything that can be checked without a model; raise ValueError/FileNotFoundError
         naming the parameter (or file) and what was expected."""
         sampler = _parse_enum(Sampler, self.sampler, "sampler")
+        check_spacing(sampler, _parse_enum(TimestepSpacing, self.timestep_spacing, "timestep spacing"))
         _parse_enum(ResizeMode, self.resize_mode, "resize mode")
         _parse_enum(PromptSyntax, self.prompt_syntax, "prompt syntax")
         setting = _parse_enum(PromptSetting, self.prompt_setting, "prompt setting")
@@ -466,6 +477,7 @@ def generate(
             uncond_emb.repeat(n) if uncond_emb is not None else None,
             units,
             sampler=req.sampler,
+            timestep_spacing=req.timestep_spacing,
             steps=steps,
             guidance=req.guidance,
             eta=req.eta,

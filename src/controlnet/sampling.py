@@ -40,6 +40,8 @@ __all__ = [
     "DenoiseResult",
     "PreparedControl",
     "Sampler",
+    "TimestepSpacing",
+    "check_spacing",
     "check_steps",
     "denoise",
     "initial_noise",
@@ -66,18 +68,61 @@ class Sampler(Enum):
 
     @classmethod
     def parse(cls, value: str | Sampler) -> Sampler:
-        if isinstance(value, Sampler):
-            return value
-        try:
-            return cls(value)
-        except ValueError:
-            names = ", ".join(s.value for s in cls)
-            raise ValueError(f"unknown sampler {value!r}; expected one of: {names}") from None
+        return _parse(cls, value, "sampler")
+
+
+#: the samplers that place their steps by Karras' noise levels, whatever the timestep spacing
+_KARRAS = (Sampler.DPMPP_2M_KARRAS, Sampler.DPMPP_2M_SDE_KARRAS)
 
 
 #: the most steps the LCM sampler takes: its timesteps are picked from the 50-step schedule the
 #: consistency models were distilled on (diffusers' ``original_inference_steps``)
 MAX_LCM_STEPS = 50
+
+
+class TimestepSpacing(Enum):
+    """Which timesteps of the training schedule the steps visit (diffusers' ``timestep_spacing``).
+    DEFAULT: each sampler's own, as SD's released scheduler config sets it up (DDIM: leading;
+    UniPC, DPM++ 2M, Euler and Euler a: linspace). TRAILING ends on the schedule's last timestep, the A1111 web
+    UI's "SGM Uniform": what few-step models such as SDXL-Turbo and SDXL-Lightning expect. The
+    Karras samplers and LCM place their steps themselves and take DEFAULT only."""
+
+    DEFAULT = "default"
+    LEADING = "leading"
+    LINSPACE = "linspace"
+    TRAILING = "trailing"
+
+    @classmethod
+    def parse(cls, value: str | TimestepSpacing) -> TimestepSpacing:
+        return _parse(cls, value, "timestep spacing")
+
+
+def _parse(cls: type[Enum], value: Any, what: str) -> Any:
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls(value)
+    except ValueError:
+        names = ", ".join(s.value for s in cls)
+        raise ValueError(f"unknown {what} {value!r}; expected one of: {names}") from None
+
+
+def check_spacing(sampler: Sampler | str, spacing: TimestepSpacing | str) -> None:
+    """A ValueError unless ``sampler`` can take ``spacing``: the Karras samplers and LCM place
+    their steps themselves."""
+    sampler, spacing = Sampler.parse(sampler), TimestepSpacing.parse(spacing)
+    if spacing is TimestepSpacing.DEFAULT:
+        return
+    if sampler in _KARRAS:
+        raise ValueError(
+            f"timestep_spacing {spacing.value!r}: the {sampler.value} sampler places its steps by "
+            "Karras' noise levels; for steps spaced otherwise, use dpmpp-2m"
+        )
+    if sampler is Sampler.LCM:
+        raise ValueError(
+            f"timestep_spacing {spacing.value!r}: the lcm sampler takes its steps from the "
+            f"{MAX_LCM_STEPS}-step schedule the model was distilled on"
+        )
 
 
 def check_steps(sampler: Sampler | str, steps: int, name: str = "steps") -> None:
@@ -91,16 +136,23 @@ def check_steps(sampler: Sampler | str, steps: int, name: str = "steps") -> None
         )
 
 
-def make_scheduler(sampler: Sampler | str, schedule: dict[str, Any]) -> SchedulerMixin:
-    """A fresh diffusers scheduler for ``sampler`` over the model's training noise schedule."""
-    sampler = Sampler.parse(sampler)
+def make_scheduler(
+    sampler: Sampler | str,
+    schedule: dict[str, Any],
+    spacing: TimestepSpacing | str = TimestepSpacing.DEFAULT,
+) -> SchedulerMixin:
+    """A fresh diffusers scheduler for ``sampler`` over the model's training noise schedule, its
+    steps spaced by ``spacing``."""
+    check_spacing(sampler, spacing)
+    sampler, spacing = Sampler.parse(sampler), TimestepSpacing.parse(spacing)
     common = {k: schedule[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")}
     common["prediction_type"] = schedule.get("prediction_type", "epsilon")
+    common["steps_offset"] = 1  # SD's released config (it moves leading timesteps only)
+    if spacing is not TimestepSpacing.DEFAULT:
+        common["timestep_spacing"] = spacing.value
     if sampler is Sampler.DDIM:
-        # SD's released DDIM: leading spacing with offset 1, no clipping, final alpha from step 0
-        return DDIMScheduler(
-            **common, clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading"
-        )
+        # SD's released DDIM: (by default) leading spacing, no clipping, final alpha from step 0
+        return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False)
     if sampler is Sampler.UNIPC:
         return UniPCMultistepScheduler(**common)
     if sampler in (Sampler.DPMPP_2M, Sampler.DPMPP_2M_KARRAS, Sampler.DPMPP_2M_SDE_KARRAS):
@@ -115,7 +167,7 @@ def make_scheduler(sampler: Sampler | str, schedule: dict[str, Any]) -> Schedule
         return EulerDiscreteScheduler(**common)
     if sampler is Sampler.LCM:
         # as diffusers' LCM pipelines make it from SD's released scheduler config
-        return LCMScheduler(**common, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        return LCMScheduler(**common, clip_sample=False, set_alpha_to_one=False)
     return EulerAncestralDiscreteScheduler(**common)
 
 
@@ -230,6 +282,7 @@ def denoise(
     controls: Sequence[ControlUnit],
     *,
     sampler: Sampler | str = Sampler.DDIM,
+    timestep_spacing: TimestepSpacing | str = TimestepSpacing.DEFAULT,
     steps: int = 20,
     guidance: float = 9.0,
     eta: float = 0.0,
@@ -269,7 +322,7 @@ def denoise(
         raise ValueError("a mask needs an init image (the source whose unmasked region is kept)")
     batch, device, dtype = len(seeds), base.device, base.dtype
     use_cfg = uncond is not None and guidance != 1.0
-    scheduler = make_scheduler(sampler, base.schedule)
+    scheduler = make_scheduler(sampler, base.schedule, timestep_spacing)
     scheduler.set_timesteps(steps, device=device)
     first = steps - steps_run(steps, denoise_strength) if init_latents is not None else 0
     timesteps = scheduler.timesteps[first * scheduler.order :]
