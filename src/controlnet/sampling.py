@@ -83,9 +83,10 @@ MAX_LCM_STEPS = 50
 class TimestepSpacing(Enum):
     """Which timesteps of the training schedule the steps visit (diffusers' ``timestep_spacing``).
     DEFAULT: each sampler's own, as SD's released scheduler config sets it up (DDIM: leading;
-    UniPC, DPM++ 2M, Euler and Euler a: linspace). TRAILING ends on the schedule's last timestep, the A1111 web
-    UI's "SGM Uniform": what few-step models such as SDXL-Turbo and SDXL-Lightning expect. The
-    Karras samplers and LCM place their steps themselves and take DEFAULT only."""
+    UniPC, DPM++ 2M, Euler and Euler a: linspace). TRAILING ends on the schedule's last
+    timestep, the A1111 web UI's "SGM Uniform": what few-step models such as SDXL-Turbo and
+    SDXL-Lightning expect. The Karras samplers and LCM place their steps themselves and take
+    DEFAULT only."""
 
     DEFAULT = "default"
     LEADING = "leading"
