@@ -22,6 +22,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
+from .choices import parse_choice
 from .controlnet import ControlNet
 from .fastpath import run_concurrently
 from .unet_halves import halves
@@ -50,13 +51,7 @@ class ControlMode(Enum):
 
     @classmethod
     def parse(cls, value: str | ControlMode) -> ControlMode:
-        if isinstance(value, ControlMode):
-            return value
-        try:
-            return cls(value)
-        except ValueError:
-            names = ", ".join(m.value for m in cls)
-            raise ValueError(f"unknown control mode {value!r}; expected one of: {names}") from None
+        return parse_choice(cls, value, "control mode")
 
     @property
     def soft(self) -> bool:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from .annotators import get as _get_annotator
 from .annotators.utils import ResizeMode, condition_tensor, fill_box, fit_to, model_size, resize_to
+from .choices import parse_choice
 from .control import ControlMode
 from .controlnet import ControlNet
 from .fastpath import compile_modules
@@ -93,15 +94,6 @@ MAX_HIRES_SCALE = 4.0
 
 #: the A1111 web UI's LoRA tags in a prompt: <lora:name:scale>, <lyco:...>, <locon:...>
 _NETWORK_TAG = re.compile(r"<(?:lora|lyco|locon):[^:>]+(?::(?P<scale>[^:>]*))?[^>]*>", re.IGNORECASE)
-
-
-def _parse_enum(enum: type[Enum], value: Any, what: str) -> Any:
-    try:
-        return enum(value)
-    except ValueError:
-        raise ValueError(
-            f"unknown {what} {value!r}; expected one of: {', '.join(e.value for e in enum)}"
-        ) from None
 
 
 @dataclass
@@ -198,11 +190,11 @@ class GenerationRequest:
     def validate(self) -> None:
         """Check everything that can be checked without a model; raise ValueError/FileNotFoundError
         naming the parameter (or file) and what was expected."""
-        sampler = _parse_enum(Sampler, self.sampler, "sampler")
-        check_spacing(sampler, _parse_enum(TimestepSpacing, self.timestep_spacing, "timestep spacing"))
-        _parse_enum(ResizeMode, self.resize_mode, "resize mode")
-        _parse_enum(PromptSyntax, self.prompt_syntax, "prompt syntax")
-        setting = _parse_enum(PromptSetting, self.prompt_setting, "prompt setting")
+        sampler = parse_choice(Sampler, self.sampler, "sampler")
+        check_spacing(sampler, parse_choice(TimestepSpacing, self.timestep_spacing, "timestep spacing"))
+        parse_choice(ResizeMode, self.resize_mode, "resize mode")
+        parse_choice(PromptSyntax, self.prompt_syntax, "prompt syntax")
+        setting = parse_choice(PromptSetting, self.prompt_setting, "prompt setting")
         for name in ("prompt", "added_prompt", "negative_prompt"):
             tag = _NETWORK_TAG.search(getattr(self, name))
             if tag:  # it would be read as words: say where LoRAs go instead
@@ -245,7 +237,7 @@ class GenerationRequest:
                 )
             if c.start > c.end:
                 raise ValueError(f"control {i}: start {c.start} is after end {c.end}")
-            _parse_enum(ControlMode, c.mode, f"control {i} mode")
+            parse_choice(ControlMode, c.mode, f"control {i} mode")
             read_image(c.image)  # readable, an image, not huge
             if c.preprocess is not None:
                 ann = _get_annotator(c.preprocess)
@@ -279,7 +271,7 @@ class GenerationRequest:
                     )
 
     def _validate_hires(self) -> None:
-        _parse_enum(HiresUpscaler, self.hires_upscaler, "hires upscaler")
+        parse_choice(HiresUpscaler, self.hires_upscaler, "hires upscaler")
         if not 1.0 <= self.hires_scale <= MAX_HIRES_SCALE:
             raise ValueError(
                 f"hires_scale must be between 1 (off) and {MAX_HIRES_SCALE:g}, got {self.hires_scale}"

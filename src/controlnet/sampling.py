@@ -29,6 +29,7 @@ from diffusers import (
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from tqdm.auto import tqdm
 
+from .choices import parse_choice
 from .control import Control, ControlMode, control_scales, controlled_unet_forward
 from .controlnet import ControlNet
 from .fastpath import compile_modules, has_own_graphs, step_graphs, weights_key
@@ -68,7 +69,7 @@ class Sampler(Enum):
 
     @classmethod
     def parse(cls, value: str | Sampler) -> Sampler:
-        return _parse(cls, value, "sampler")
+        return parse_choice(cls, value, "sampler")
 
 
 #: the samplers that place their steps by Karras' noise levels, whatever the timestep spacing
@@ -95,17 +96,7 @@ class TimestepSpacing(Enum):
 
     @classmethod
     def parse(cls, value: str | TimestepSpacing) -> TimestepSpacing:
-        return _parse(cls, value, "timestep spacing")
-
-
-def _parse(cls: type[Enum], value: Any, what: str) -> Any:
-    if isinstance(value, cls):
-        return value
-    try:
-        return cls(value)
-    except ValueError:
-        names = ", ".join(s.value for s in cls)
-        raise ValueError(f"unknown {what} {value!r}; expected one of: {names}") from None
+        return parse_choice(cls, value, "timestep spacing")
 
 
 def check_spacing(sampler: Sampler | str, spacing: TimestepSpacing | str) -> None:
