@@ -123,6 +123,30 @@ def test_masked_editing_keeps_the_unmasked_pixels(client):
     assert not np.array_equal(out[:, 32:], init[:, 32:])
 
 
+def test_a_control_region_mask_is_an_upload_like_the_others(client, server, tmp_path):
+    """``region_mask`` is stored as a mask and gives what the library gives with the same file."""
+    region = np.zeros((64, 64), np.uint8)
+    region[:, :32] = 255
+    r = client.post(
+        "/api/generate", json=gen(controls=[{"image": b64(square()), "region_mask": b64(region)}])
+    )
+    assert r.status_code == 200, r.text
+    base, cns = server.files
+    (tmp_path / "sq.png").write_bytes(png_bytes(square()))
+    (tmp_path / "region.png").write_bytes(png_bytes(region))
+    control = ControlRequest(
+        image=str(tmp_path / "sq.png"), controlnet=cns[0], region_mask=str(tmp_path / "region.png")
+    )
+    request = GenerationRequest(
+        prompt="a square", controls=[control], base=base, steps=2, resolution=64, seed=7
+    )
+    np.testing.assert_array_equal(decode(r.json()["images"][0]), run(request, progress=False)[0].images[0])
+    r = client.post(
+        "/api/generate", json=gen(controls=[{"image": b64(square()), "region_mask": b64(b"GIF89a x")}])
+    )
+    assert r.status_code == 400 and "controls[0].region_mask: not" in r.json()["error"], r.text
+
+
 def test_preprocess_gives_the_annotators_map(client):
     r = client.post(
         "/api/preprocess",

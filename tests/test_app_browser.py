@@ -171,6 +171,19 @@ def test_the_web_app_in_a_browser(page, served, tmp_path):
             assert record["request"]["hires_scale"] == 2.0
             assert Image.open(out / record["outputs"]["images"][0]["file"]).size == (128, 128)
 
+    # a region mask: stored as a mask upload and read by the generation (the sidecar names it)
+    region = np.zeros((64, 64), np.uint8)
+    region[:, :32] = 255
+    Image.fromarray(region).save(tmp_path / "region.png")
+    page.get_by_text("Region mask", exact=True).click()
+    page.locator("#control-0-region input[type=file]").set_input_files(str(tmp_path / "region.png"))
+    page.locator("#control-0-region img").first.wait_for()
+    page.click("#generate")
+    record = wait_for_sidecars(out, 3, page)
+    stored = record["request"]["controls"][0]["region_mask"]
+    assert stored and record["inputs"]["controls[0].region_mask"]["path"] == stored
+    np.testing.assert_array_equal(np.asarray(Image.open(stored)), region)
+
     # a file that is not an image: a one-line message naming the input
     (tmp_path / "notes.png").write_text("these are not pixels")
     page.locator("#control-0-image input[type=file]").set_input_files(str(tmp_path / "notes.png"))
@@ -198,7 +211,7 @@ def test_the_web_app_in_a_browser(page, served, tmp_path):
     stroke(page, "#init-image")
     page.locator("#prompt-syntax").get_by_text("plain", exact=True).click()
     page.click("#generate")
-    record = wait_for_sidecars(out, 3, page)
+    record = wait_for_sidecars(out, 4, page)
     req = record["request"]
     assert req["controls"][0]["preprocess"] == "scribble" and req["denoise"] == 0.75
     assert req["prompt_syntax"] == "plain"
@@ -220,14 +233,14 @@ def test_the_web_app_in_a_browser(page, served, tmp_path):
     inpaint_map = fetch(preview.get_attribute("src"))
     assert inpaint_map.shape[2] == 4 and abs((inpaint_map[..., 3] == 0).mean() - mask.mean()) < 0.05
     page.click("#generate")
-    record = wait_for_sidecars(out, 4, page)
+    record = wait_for_sidecars(out, 5, page)
     assert record["request"]["controls"][0]["preprocess"] == "inpaint" and record["request"]["mask"]
 
     assert "internal error" not in toasts(page)
     assert httpx.get(f"{url}/api/health").json()["queue"] == {
         "waiting": 0,
         "running": 0,
-        "done": 4,
+        "done": 5,
         "failed": 0,
         "max_concurrent": 1,
     }

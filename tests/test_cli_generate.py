@@ -82,6 +82,19 @@ def test_generate_writes_images_grid_and_a_replayable_sidecar(files, tmp_path, c
     assert all(np.array_equal(a, np.asarray(Image.open(b))) for a, b in zip(first, again))
 
 
+def test_region_masks_are_given_per_control_and_recorded(files, tmp_path):
+    """--region-mask repeats per control ('none': everywhere); the sidecar records the file it read."""
+    region = np.zeros((64, 64), np.uint8)
+    region[:, :32] = 255
+    Image.fromarray(region).save(tmp_path / "left.png")
+    two = ["--image", str(files / "cond.png"), "--seed", "3", "--out", str(tmp_path / "out")]
+    assert main(args(files, *two, "--region-mask", str(tmp_path / "left.png"), "--region-mask", "none")) == 0
+    record = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+    assert [c["region_mask"] for c in record["request"]["controls"]] == [str(tmp_path / "left.png"), None]
+    assert record["inputs"]["controls[0].region_mask"]["path"] == str(tmp_path / "left.png")
+    assert "controls[1].region_mask" not in record["inputs"]
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

@@ -55,6 +55,35 @@ def test_strength_zero_gives_the_base_output(family):
     assert not torch.equal(fwd(unet, inputs, [Control(cns[0], hints[0], [1.0] * cns[0].num_residuals)]), base)
 
 
+def test_a_region_keeps_the_residuals_to_it(family):
+    """A region multiplies each residual by its share of every cell: all ones changes nothing, all
+    zeros gives the base output, and a half region zeroes the residuals outside it (cells on the
+    border get the share they cover)."""
+    unet, cns, inputs, hints = setup(family, n=1)
+    cn, hint = cns[0], hints[0]
+    scales = [1.0] * cn.num_residuals
+    h, w = inputs["sample"].shape[-2:]
+    args = (inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"])
+    kw = {"added_cond_kwargs": inputs.get("added_cond_kwargs")}
+    with torch.no_grad():
+        plain = control_residuals([Control(cn, hint, scales)], *args, **kw)
+        ones = control_residuals([Control(cn, hint, scales, region=torch.ones(1, 1, h, w))], *args, **kw)
+        left = torch.zeros(1, 1, h, w)
+        left[..., : w // 2] = 1
+        half = control_residuals([Control(cn, hint, scales, region=left)], *args, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(plain, ones))
+    for full, cut in zip(plain, half):
+        cells = cut.shape[-1]
+        if cells > 1:  # the grid splits at the region's edge
+            assert torch.equal(cut[..., : cells // 2], full[..., : cells // 2])
+            assert torch.equal(cut[..., cells // 2 :], torch.zeros_like(cut[..., cells // 2 :]))
+        else:  # one cell: half of it is covered
+            torch.testing.assert_close(cut, full * 0.5)
+    assert torch.equal(
+        fwd(unet, inputs, [Control(cn, hint, scales, region=torch.zeros(1, 1, h, w))]), fwd(unet, inputs, [])
+    )
+
+
 def test_strength_zero_does_not_run_the_controlnet():
     unet, cns, inputs, hints = setup(n=1)
     calls = []

@@ -69,6 +69,30 @@ def test_same_seed_same_images_and_strength_zero_equals_no_control(models, files
     assert a.images[0].shape == (128, 128, 3) and a.conditions[0].shape == (128, 128, 3)
 
 
+def test_a_region_mask_keeps_a_control_to_its_white_pixels(models, files, tmp_path):
+    """A white region mask changes nothing, a black one is no control; the mask is fitted to the
+    output like the condition (here: half the width, a different size from the output)."""
+    base, cn = models
+    masks = {}
+    for name, value in (("white", 255), ("black", 0), ("left", None)):
+        arr = np.zeros((32, 48), np.uint8)
+        arr[:, :24] = 255
+        masks[name] = str(tmp_path / f"{name}.png")
+        Image.fromarray(np.full((32, 48), value, np.uint8) if value is not None else arr).save(masks[name])
+
+    def images(**kw):
+        controls = [ControlRequest(files["cond"], **kw)] if kw.get("region_mask") != "off" else []
+        return generate(request(files, controls=controls), base, [cn] * len(controls), progress=False).images[
+            0
+        ]
+
+    plain = images()
+    assert np.array_equal(images(region_mask=masks["white"]), plain)
+    assert np.array_equal(images(region_mask=masks["black"]), images(region_mask="off"))
+    left = images(region_mask=masks["left"])
+    assert not np.array_equal(left, plain) and not np.array_equal(left, images(region_mask="off"))
+
+
 def test_batches_use_consecutive_seeds(models, files):
     base, cn = models
     res = generate(request(files, num_samples=3), base, [cn], progress=False)
@@ -260,6 +284,7 @@ def test_output_size_keeps_aspect_on_multiples_of_64():
         ({"controls": "mode"}, "unknown control 0 mode 'loud'"),
         ({"controls": "bad"}, r"cannot read .*notes.png as an image"),
         ({"controls": "missing"}, r"no such image: .*nothing.png"),
+        ({"controls": "region"}, r"control 0: region mask: no such image: .*nowhere.png"),
         ({"mask": "mask"}, "a mask needs an init image"),
         ({"mask": "small"}, r"mask .* is 32x32 but the init image .* is 64x64"),
         ({"denoise": 0.0}, r"denoise must be in \(0, 1\]"),
@@ -289,6 +314,8 @@ def test_bad_requests_fail_before_model_work(models, files, tmp_path, change, me
         kw["controls"] = [ControlRequest(files["bad"])]
     elif kw.get("controls") == "missing":
         kw["controls"] = [ControlRequest(str(tmp_path / "nothing.png"))]
+    elif kw.get("controls") == "region":
+        kw["controls"] = [ControlRequest(files["cond"], region_mask=str(tmp_path / "nowhere.png"))]
     if kw.get("mask") == "small":
         Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "small.png")
         kw.update(mask=str(tmp_path / "small.png"), init_image=files["init"])

@@ -133,6 +133,35 @@ def test_every_sampler_runs_and_reproduces(world, sampler):
     assert torch.isfinite(a.latents).all() and torch.equal(a.latents, b.latents)
 
 
+def test_a_region_reaches_the_step_graphs_as_an_input(world):
+    """A control's region is fed to the cached step graphs through their inputs (a graph must not
+    keep the first generation's region): cached equals eager, another region in the same cache
+    gives its own result, and a region of ones equals none."""
+    from controlnet.fastpath import release_graphs, step_graphs
+
+    base = world[0]
+    release_graphs(base.unet)
+    left, right = torch.zeros(1, 1, 64, 64), torch.zeros(1, 1, 64, 64)
+    left[..., :32], right[..., 32:] = 1, 1
+    out = {}
+    for name, region in (
+        ("left", left),
+        ("right", right),
+        ("ones", torch.ones(1, 1, 64, 64)),
+        ("none", None),
+    ):
+        eager = run(world, [unit(world, region=region)], cuda_graphs=False).latents
+        cached = run(world, [unit(world, region=region)], cuda_graphs=True).latents
+        assert torch.equal(eager, cached), name
+        out[name] = eager
+    assert torch.equal(out["ones"], out["none"])
+    assert not torch.equal(out["left"], out["right"]) and not torch.equal(out["left"], out["none"])
+    keys = [k for k in step_graphs(base.unet, base.device).entries]
+    assert any("region0" in str(k) for k in keys)
+    with pytest.raises(ValueError, match=r"a control region must be \(1, 1, H, W\), got \(64, 64\)"):
+        unit(world, region=torch.ones(64, 64))
+
+
 def test_bad_arguments(world):
     with pytest.raises(ValueError, match="steps must be >= 1"):
         run(world, steps=0)

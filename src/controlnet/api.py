@@ -56,6 +56,7 @@ class ControlBody(BaseModel):
     end: float = _C.end
     mode: str = _C.mode
     guess_mode: bool = _C.guess_mode
+    region_mask: str | None = _C.region_mask
 
 
 class GenerateBody(BaseModel):
@@ -144,14 +145,21 @@ def _file_b64(path: Any) -> str:
 # ---------------------------------------------------------------------------- building requests
 def build_request(service: Service, body: GenerateBody) -> GenerationRequest:
     """Store the body's images and make the :class:`GenerationRequest` (not yet checked)."""
-    controls = [
-        ControlRequest(
-            **c.model_dump(exclude={"image", "controlnet"}),
-            image=service.store_image(decode_image(c.image, f"controls[{i}].image"), f"controls[{i}].image"),
-            controlnet=service.controlnet_path(c.controlnet),
+    controls = []
+    for i, c in enumerate(body.controls):
+        region = None
+        if c.region_mask is not None:
+            what = f"controls[{i}].region_mask"
+            region = service.store_image(decode_image(c.region_mask, what), what, mask=True)
+        what = f"controls[{i}].image"
+        controls.append(
+            ControlRequest(
+                **c.model_dump(exclude={"image", "controlnet", "region_mask"}),
+                image=service.store_image(decode_image(c.image, what), what),
+                controlnet=service.controlnet_path(c.controlnet),
+                region_mask=region,
+            )
         )
-        for i, c in enumerate(body.controls)
-    ]
     fields = body.model_dump(exclude={"controls", "init_image", "mask"})
     for name in fields.keys() - body.model_fields_set:  # not sent: the default for the served model
         fields[name] = getattr(service.defaults, name)

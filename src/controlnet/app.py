@@ -126,6 +126,7 @@ class Unit:
     end: gr.Slider
     mode: gr.Radio
     guess_mode: gr.Checkbox
+    region: gr.Image
 
     @property
     def widgets(self) -> list[gr.components.Component]:
@@ -142,6 +143,7 @@ class Unit:
             self.end,
             self.mode,
             self.guess_mode,
+            self.region,
             *[w for ws in self.params.values() for w in ws.values()],
         ]
 
@@ -226,6 +228,15 @@ def _unit(service: Service, i: int, default_annotator: str) -> Unit:
                 info="balanced, my prompt is more important, ControlNet is more important",
             )
             guess_mode = gr.Checkbox(value=False, label="Guess mode (no prompt needed)")
+        with gr.Accordion("Region mask", open=False):
+            region = gr.Image(
+                type="filepath",
+                image_mode=None,
+                sources=["upload", "clipboard"],
+                label="Where this control acts: white (or opaque) pixels; none: everywhere",
+                elem_id=f"{pre}-region",
+            )
+            checked_upload(region, f"control {i + 1} region mask")
     return Unit(
         index=i,
         enabled=enabled,
@@ -245,6 +256,7 @@ def _unit(service: Service, i: int, default_annotator: str) -> Unit:
         end=end,
         mode=mode,
         guess_mode=guess_mode,
+        region=region,
     )
 
 
@@ -254,6 +266,14 @@ def _user_error(e: BaseException) -> gr.Error:
         return gr.Error(str(e))
     log.exception("web app request failed")
     return gr.Error(f"internal error: {type(e).__name__}: {e}")
+
+
+def _unit_region(service: Service, unit: Unit, data: dict) -> str | None:
+    """The unit's region mask, checked and stored as a mask; None when there is none."""
+    upload = data[unit.region]
+    if isinstance(upload, Unreadable):
+        raise ValueError(upload.message)
+    return service.store_image(upload, f"control {unit.index + 1} region mask", mask=True) if upload else None
 
 
 def _unit_image(service: Service, unit: Unit, data: dict) -> str:
@@ -440,6 +460,7 @@ def build_ui(service: Service) -> gr.Blocks:
                             end=float(data[u.end]),
                             mode=data[u.mode],
                             guess_mode=bool(data[u.guess_mode]),
+                            region_mask=_unit_region(service, u, data),
                         )
                     )
                 init, mask = _editor_images(service, data[editor])

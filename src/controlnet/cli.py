@@ -458,6 +458,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         "start": _per_control(args.start, n, "--start", 0.0),
         "end": _per_control(args.end, n, "--end", 1.0),
         "mode": _per_control(args.mode, n, "--mode", "balanced"),
+        "region_mask": _per_control(args.region_mask, n, "--region-mask", None),
     }
     params = _control_params(args.param, n)
     controls = [
@@ -465,7 +466,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             image=img,
             params=params[i],
             guess_mode=args.guess_mode,
-            **{k: (None if k == "preprocess" and v == "none" else v) for k, v in zip(cols, vals)},
+            **{
+                k: (None if k in ("preprocess", "region_mask") and v == "none" else v)
+                for k, v in zip(cols, vals)
+            },
         )
         for i, (img, vals) in enumerate(zip(args.image, zip(*cols.values())))
     ]
@@ -609,6 +613,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         "--end", action="append", type=float, default=[], help="last fraction of steps (default 1)"
     )
     c.add_argument("--mode", action="append", default=[], help="balanced | prompt | controlnet")
+    c.add_argument(
+        "--region-mask",
+        action="append",
+        default=[],
+        metavar="IMAGE",
+        help="where the control acts: white (or opaque) pixels ('none': everywhere, the default)",
+    )
     c.add_argument(
         "--guess-mode", action="store_true", help="ControlNet is more important, for every control"
     )

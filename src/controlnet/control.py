@@ -19,6 +19,7 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from torch import nn
 
@@ -99,12 +100,17 @@ class Control:
         whole batch, or the conditional half when ``conditional_only``), or 1 (broadcast).
     scales: one multiplier per residual (see :func:`control_scales`).
     conditional_only: run on the conditional half of a CFG batch only.
+    region: where the control acts, (1, 1, h, w) weights in [0, 1] over the latent (None:
+        everywhere; the A1111 extension's "effective region mask"). Each residual is multiplied by
+        it, averaged over the residual's cells (area resizing), so a control with several others
+        can be kept to part of the image.
     """
 
     controlnet: ControlNet
     hint: torch.Tensor
     scales: Sequence[float]
     conditional_only: bool = False
+    region: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if len(self.scales) != self.controlnet.num_residuals:
@@ -144,9 +150,17 @@ def _residual_fns(
             res = [torch.cat([torch.zeros_like(r), r]) for r in res]
         else:
             res = c.controlnet(sample, timestep, encoder_hidden_states, c.hint, added_cond_kwargs)
-        return [(r if s == 1.0 else r * s).to(sample.dtype) for r, s in zip(res, c.scales)]
+        res = [(r if s == 1.0 else r * s).to(sample.dtype) for r, s in zip(res, c.scales)]
+        return res if c.region is None else [r * _region_at(c.region, r) for r in res]
 
     return [partial(scaled, c) for c in controls if c.active]
+
+
+def _region_at(region: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``region`` averaged over the cells of ``residual``'s grid, in its dtype."""
+    if region.shape[-2:] != residual.shape[-2:]:
+        region = F.interpolate(region.float(), size=residual.shape[-2:], mode="area")
+    return region.to(residual.dtype)
 
 
 def _summed(each: Sequence[list[torch.Tensor]]) -> list[torch.Tensor]:

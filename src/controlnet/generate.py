@@ -103,6 +103,8 @@ class ControlRequest:
     image: a ready condition map, or a raw image when ``preprocess`` names an annotator.
     controlnet: a ControlNet file or folder (None: the bundled ControlNet).
     params: annotator parameters.
+    region_mask: an image, white (or opaque) where this control acts; None: everywhere. It is
+        fitted to the output like the condition (padding: outside the region).
     """
 
     image: str
@@ -114,6 +116,7 @@ class ControlRequest:
     end: float = 1.0
     mode: str = ControlMode.BALANCED.value
     guess_mode: bool = False
+    region_mask: str | None = None
 
 
 @dataclass
@@ -239,6 +242,11 @@ class GenerationRequest:
                 raise ValueError(f"control {i}: start {c.start} is after end {c.end}")
             parse_choice(ControlMode, c.mode, f"control {i} mode")
             read_image(c.image)  # readable, an image, not huge
+            if c.region_mask is not None:
+                try:
+                    read_mask(c.region_mask)
+                except (ValueError, FileNotFoundError) as e:
+                    raise type(e)(f"control {i}: region mask: {e}") from None
             if c.preprocess is not None:
                 ann = _get_annotator(c.preprocess)
                 ann.check_params(c.params)
@@ -454,9 +462,19 @@ def generate(
         for c, cn in zip(req.controls, controlnets):
             cond_map, cond = _prepare_condition(c, size, mode, pixel_mask)
             maps.append(cond_map[..., :3])
+            region = None
+            if c.region_mask is not None:
+                region = torch.from_numpy(fit_to(read_mask(c.region_mask), size, mode, fill=0.0))[None, None]
             units.append(
                 ControlUnit(
-                    cn, cond, c.strength, c.start, c.end, ControlMode(c.mode), guess_mode=c.guess_mode
+                    cn,
+                    cond,
+                    c.strength,
+                    c.start,
+                    c.end,
+                    ControlMode(c.mode),
+                    guess_mode=c.guess_mode,
+                    region=region,
                 )
             )
         negative = req.negative_prompt if req.guidance != 1.0 else None

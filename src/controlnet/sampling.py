@@ -172,6 +172,8 @@ class ControlUnit:
     start, end: the fraction of the denoising steps it runs in: step i of N runs it when
         start <= i / N < end.
     mode: balanced / prompt / controlnet; ``guess_mode`` is "controlnet is more important".
+    region: (1, 1, H, W) weights in [0, 1] at the output size: where the control acts (None:
+        everywhere).
     """
 
     controlnet: ControlNet
@@ -182,6 +184,7 @@ class ControlUnit:
     mode: ControlMode | str = ControlMode.BALANCED
     guess_mode: bool = False
     only_mid: bool = False
+    region: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.mode = ControlMode.CONTROLNET if self.guess_mode else ControlMode.parse(self.mode)
@@ -191,6 +194,8 @@ class ControlUnit:
             raise ValueError(f"control start/end must be fractions in [0, 1], got {self.start}, {self.end}")
         if self.start > self.end:
             raise ValueError(f"control start {self.start} is after its end {self.end}")
+        if self.region is not None and (self.region.ndim != 4 or self.region.shape[:2] != (1, 1)):
+            raise ValueError(f"a control region must be (1, 1, H, W), got {tuple(self.region.shape)}")
 
     @property
     def conditional_only(self) -> bool:
@@ -211,6 +216,7 @@ class PreparedControl:
     scales: list[float]
     hint_one_half: torch.Tensor  # batch of one CFG half (or 1)
     hint_both_halves: torch.Tensor  # batch of both halves (or 1)
+    region: torch.Tensor | None = None  # at the hint's (the latent's) size
 
     @classmethod
     @torch.no_grad()
@@ -227,7 +233,11 @@ class PreparedControl:
         cn = unit.controlnet
         assert isinstance(unit.mode, ControlMode)
         scales = control_scales(cn.num_residuals, unit.strength, unit.mode, only_mid=unit.only_mid)
-        return cls(unit, scales, hint, both)
+        region = None
+        if unit.region is not None:
+            region = F.interpolate(unit.region.float(), size=hint.shape[-2:], mode="area")
+            region = region.to(device=device, dtype=dtype)
+        return cls(unit, scales, hint, both, region)
 
     def at(self, step: int, total: int, cfg: bool) -> Control | None:
         """The control to apply at ``step`` of ``total``, or None when it must not run."""
@@ -235,7 +245,7 @@ class PreparedControl:
             return None
         cond_only = self.unit.conditional_only and cfg
         hint = self.hint_one_half if cond_only or not cfg else self.hint_both_halves
-        return Control(self.unit.controlnet, hint, self.scales, conditional_only=cond_only)
+        return Control(self.unit.controlnet, hint, self.scales, cond_only, self.region)
 
 
 def initial_noise(
@@ -364,7 +374,10 @@ def denoise(
                 x,
                 inputs["t"],
                 inputs["context"],
-                [replace(c, hint=inputs[f"hint{j}"]) for j, c in enumerate(active)],
+                [
+                    replace(c, hint=inputs[f"hint{j}"], region=inputs.get(f"region{j}"))
+                    for j, c in enumerate(active)
+                ],
                 cfg_batch=use_cfg,
                 added_cond_kwargs=added,
                 concurrent=concurrent,
@@ -393,6 +406,7 @@ def denoise(
         x = scheduler.scale_model_input(latents, t_host).to(dtype)
         inputs = {"x": x, "t": t, **per_generation}
         inputs.update({f"hint{j}": c.hint for j, c in enumerate(active)})
+        inputs.update({f"region{j}": c.region for j, c in enumerate(active) if c.region is not None})
         fn = model_call(active)
         eps = graphs.run((graph_key, *key), fn, inputs) if graphs is not None else fn(inputs)
         latents = scheduler.step(eps, t_host, latents, **step_kwargs).prev_sample

@@ -483,6 +483,9 @@ def _upload_fields(request: GenerationRequest) -> dict[str, str]:
     """The stored upload behind each image field of ``request``."""
     fields = {k: v for k in ("init_image", "mask") if (v := getattr(request, k))}
     fields.update({f"controls[{i}].image": c.image for i, c in enumerate(request.controls)})
+    fields.update(
+        {f"controls[{i}].region_mask": c.region_mask for i, c in enumerate(request.controls) if c.region_mask}
+    )
     return fields
 
 

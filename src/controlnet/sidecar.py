@@ -39,6 +39,8 @@ def input_files(request: GenerationRequest) -> dict[str, str]:
         files[f"controls[{i}].image"] = c.image
         if c.controlnet:
             files[f"controls[{i}].controlnet"] = c.controlnet
+        if c.region_mask:
+            files[f"controls[{i}].region_mask"] = c.region_mask
     for name in ("init_image", "mask", "captioner"):
         if getattr(request, name):
             files[name] = getattr(request, name)
