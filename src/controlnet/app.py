@@ -159,6 +159,14 @@ def _param_value(p: Param, value: Any) -> Any:
     return value
 
 
+def _upload(label: str, elem_id: str, what: str) -> gr.Image:
+    """An image upload (a file path for the handlers), checked as :func:`checked_upload` says."""
+    image = gr.Image(
+        type="filepath", image_mode=None, sources=["upload", "clipboard"], label=label, elem_id=elem_id
+    )
+    return checked_upload(image, what)
+
+
 def _unit(service: Service, i: int, default_annotator: str) -> Unit:
     names = control_annotators()
     pre = f"control-{i}"
@@ -177,14 +185,7 @@ def _unit(service: Service, i: int, default_annotator: str) -> Unit:
                 # visibility is switched on these boxes, never on the widgets: a widget that gets an
                 # update is replaced in the session by a plain copy (see checked_upload)
                 with gr.Group() as upload_box:
-                    image = gr.Image(
-                        type="filepath",
-                        image_mode=None,
-                        sources=["upload", "clipboard"],
-                        label="Image or condition map",
-                        elem_id=f"{pre}-image",
-                    )
-                    checked_upload(image, f"control {i + 1} image")
+                    image = _upload("Image or condition map", f"{pre}-image", f"control {i + 1} image")
                 with gr.Group(visible=False) as draw_box:
                     sketch = gr.Sketchpad(
                         type="numpy",
@@ -229,14 +230,8 @@ def _unit(service: Service, i: int, default_annotator: str) -> Unit:
             )
             guess_mode = gr.Checkbox(value=False, label="Guess mode (no prompt needed)")
         with gr.Accordion("Region mask", open=False):
-            region = gr.Image(
-                type="filepath",
-                image_mode=None,
-                sources=["upload", "clipboard"],
-                label="Where this control acts: white (or opaque) pixels; none: everywhere",
-                elem_id=f"{pre}-region",
-            )
-            checked_upload(region, f"control {i + 1} region mask")
+            label = "Where this control acts: white (or opaque) pixels; none: everywhere"
+            region = _upload(label, f"{pre}-region", f"control {i + 1} region mask")
     return Unit(
         index=i,
         enabled=enabled,
