@@ -145,31 +145,26 @@ def _file_b64(path: Any) -> str:
 # ---------------------------------------------------------------------------- building requests
 def build_request(service: Service, body: GenerateBody) -> GenerationRequest:
     """Store the body's images and make the :class:`GenerationRequest` (not yet checked)."""
-    controls = []
-    for i, c in enumerate(body.controls):
-        region = None
-        if c.region_mask is not None:
-            what = f"controls[{i}].region_mask"
-            region = service.store_image(decode_image(c.region_mask, what), what, mask=True)
-        what = f"controls[{i}].image"
-        controls.append(
-            ControlRequest(
-                **c.model_dump(exclude={"image", "controlnet", "region_mask"}),
-                image=service.store_image(decode_image(c.image, what), what),
-                controlnet=service.controlnet_path(c.controlnet),
-                region_mask=region,
-            )
+
+    def stored(value: str | None, what: str, *, mask: bool = False) -> Any:
+        """The upload ``value`` (base64) decoded, checked and stored: its path; None for None."""
+        return None if value is None else service.store_image(decode_image(value, what), what, mask=mask)
+
+    controls = [
+        ControlRequest(
+            **c.model_dump(exclude={"image", "controlnet", "region_mask"}),
+            image=stored(c.image, f"controls[{i}].image"),
+            controlnet=service.controlnet_path(c.controlnet),
+            region_mask=stored(c.region_mask, f"controls[{i}].region_mask", mask=True),
         )
+        for i, c in enumerate(body.controls)
+    ]
     fields = body.model_dump(exclude={"controls", "init_image", "mask"})
     for name in fields.keys() - body.model_fields_set:  # not sent: the default for the served model
         fields[name] = getattr(service.defaults, name)
     if fields["seed"] == -1:
         fields["seed"] = None
-    images = {}
-    for name in ("init_image", "mask"):
-        value = getattr(body, name)
-        if value is not None:
-            images[name] = service.store_image(decode_image(value, name), name, mask=name == "mask")
+    images = {name: stored(getattr(body, name), name, mask=name == "mask") for name in ("init_image", "mask")}
     return GenerationRequest(controls=controls, **fields, **images)
 
 

@@ -432,8 +432,7 @@ def build_ui(service: Service) -> gr.Blocks:
                 info = gr.Markdown(elem_id="info")
 
         globals_ = [prompt, editor, denoise, mask_blur, overlay, setting, sampler, spacing, added, negative]
-        globals_ += [syntax]
-        globals_ += [clip_skip]
+        globals_ += [syntax, clip_skip]
         globals_ += [steps, guidance, eta, seed, samples, resolution, resize_mode]
         globals_ += [hires_scale, hires_denoise, hires_steps, hires_upscaler]
 

@@ -480,12 +480,14 @@ def _bundled(bundled_path: Callable[[str], Path], name: str, flag: str) -> Path:
 
 
 def _upload_fields(request: GenerationRequest) -> dict[str, str]:
-    """The stored upload behind each image field of ``request``."""
-    fields = {k: v for k in ("init_image", "mask") if (v := getattr(request, k))}
-    fields.update({f"controls[{i}].image": c.image for i, c in enumerate(request.controls)})
-    fields.update(
-        {f"controls[{i}].region_mask": c.region_mask for i, c in enumerate(request.controls) if c.region_mask}
-    )
+    """The stored upload behind each image field of ``request``: the images among the files the
+    sidecar records, by the same names; the request's own first (an upload stored once may be
+    named by several fields: a message names it by the first)."""
+    from .sidecar import input_files
+
+    files = input_files(request)
+    fields = {k: files[k] for k in ("init_image", "mask") if k in files}
+    fields.update({k: v for k, v in files.items() if k.endswith((".image", ".region_mask"))})
     return fields
 
 

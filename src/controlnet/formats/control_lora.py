@@ -30,7 +30,7 @@ from .build import build_controlnet, family_from_context, hint_config_from_shape
 from .checkpoint import CheckpointError, TensorFile, list_keys
 from .keymap import Rule, shapes_of
 from .ldm import controlnet_rule
-from .lora import LoraLayer, fits_weight, is_product
+from .lora import LoraLayer, fits_weight, is_pointwise, is_product
 
 __all__ = ["MARKER", "family_of", "hint_config", "is_control_lora", "load_control_lora", "low_rank_layers"]
 
@@ -153,7 +153,7 @@ def _verify(
         if r is None:
             continue
         d, u, w = tf.shapes[down], tf.shapes[up], shapes[r.ours]
-        if not (is_product(d, u) and tuple(u[2:]) in ((), (1, 1)) and fits_weight(d, u, w)):
+        if not (is_product(d, u) and is_pointwise(u) and fits_weight(d, u, w)):
             mismatched.append(f"{name}: factors {tuple(d)} (down), {tuple(u)} (up) for a weight {tuple(w)}")
         if name + ".weight" in tf:
             problems.append(f"{name}: given both whole and as factors")

@@ -33,7 +33,16 @@ from .build import text_key_prefix
 from .checkpoint import CheckpointError, TensorFile, list_keys, open_tensors
 from .ldm import unet_rule
 
-__all__ = ["LoraLayer", "fits_weight", "is_lora_key", "is_product", "layer_names", "merge_loras", "read_lora"]
+__all__ = [
+    "LoraLayer",
+    "fits_weight",
+    "is_lora_key",
+    "is_pointwise",
+    "is_product",
+    "layer_names",
+    "merge_loras",
+    "read_lora",
+]
 
 #: key endings of the two factors, (down, up), by layout
 _FACTORS = (
@@ -118,6 +127,12 @@ def is_product(down: Sequence[int], up: Sequence[int]) -> bool:
     return len(down) in (2, 4) and len(up) == len(down) and up[1] == down[0]
 
 
+def is_pointwise(up: Sequence[int]) -> bool:
+    """Whether an up factor of shape ``up`` (out, rank[, k, k]) is a linear or 1x1 one, as the
+    product :meth:`LoraLayer.delta` takes needs."""
+    return tuple(up[2:]) in ((), (1, 1))
+
+
 def fits_weight(down: Sequence[int], up: Sequence[int], weight: Sequence[int]) -> bool:
     """Whether the product of factors of these shapes, flattened as :meth:`LoraLayer.delta` takes
     it, is an update of a weight of shape ``weight``."""
@@ -130,7 +145,7 @@ def _check_factors(tf: TensorFile, name: str, down: torch.Tensor, up: torch.Tens
             f"{tf.path}: layer {name!r}: factors of shapes {tuple(down.shape)} (down) and "
             f"{tuple(up.shape)} (up) do not make a low-rank product"
         )
-    if up.ndim == 4 and up.shape[2:] != (1, 1):
+    if not is_pointwise(up.shape):
         raise CheckpointError(f"{tf.path}: layer {name!r}: the up factor must be 1x1, got {tuple(up.shape)}")
 
 
