@@ -96,6 +96,22 @@ def test_generate_with_the_hires_fix(client):
     assert out["sidecar"]["request"]["hires_scale"] == 2
 
 
+def test_vae_tiling_is_a_request_field_the_library_reads_alike(client, server, tmp_path):
+    r = client.post("/api/generate", json=gen(resolution=128, vae_tiling=True))  # the VAE's tile: 64 px
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["sidecar"]["request"]["vae_tiling"] is True and "offload" in out["sidecar"]["request"]
+    base, cns = server.files
+    (tmp_path / "sq.png").write_bytes(png_bytes(square()))
+    control = ControlRequest(image=str(tmp_path / "sq.png"), controlnet=cns[0], preprocess="canny")
+    request = GenerationRequest(
+        prompt="a square", controls=[control], base=base, steps=2, resolution=128, seed=7, vae_tiling=True
+    )
+    np.testing.assert_array_equal(decode(out["images"][0]), run(request, progress=False)[0].images[0])
+    plain = client.post("/api/generate", json=gen(resolution=128)).json()
+    assert not np.array_equal(decode(plain["images"][0]), decode(out["images"][0]))
+
+
 def test_generate_with_two_controls_and_a_named_controlnet(client):
     body = gen(
         controls=[{"image": b64(square())}, {"image": b64(square()), "controlnet": "second", "end": 0.5}]

@@ -426,13 +426,15 @@ def test_hires_fix_starts_from_the_enlarged_first_pass(models, files, upscaler):
         {},
         {"hires_scale": 2.0},
         {"hires_scale": 2.0, "hires_upscaler": "image"},
+        {"hires_scale": 2.0, "hires_upscaler": "image", "vae_tiling": True},
         {"init_image": "init", "denoise": 0.5},
     ],
 )
 def test_a_batch_sample_is_the_single_generation_of_its_seed(models, files, kind):
     """Sample i of seed s is the image a single generation of seed s + i makes (up to the last
     bit of float arithmetic that batched CPU kernels order differently: 1 level), in text to
-    image, both hires upscalers and img2img (whose VAE posterior draw is the sample's too)."""
+    image, both hires upscalers (the image one with the VAE in tiles too) and img2img (whose VAE
+    posterior draw is the sample's too)."""
     base, cn = models
     kind = {k: files[v] if k == "init_image" else v for k, v in kind.items()}
     batch = generate(request(files, num_samples=2, **kind), base, [cn], progress=False)

@@ -91,6 +91,7 @@ class GenerateBody(BaseModel):
     hires_denoise: float = _D.hires_denoise
     hires_steps: int | None = _D.hires_steps
     hires_upscaler: str = _D.hires_upscaler
+    vae_tiling: bool = _D.vae_tiling
 
 
 #: GenerationRequest fields the server sets itself; a client sending one gets a 422.

@@ -359,6 +359,13 @@ def build_ui(service: Service) -> gr.Blocks:
                     hires_upscaler = gr.Radio(
                         [u.value for u in HiresUpscaler], value=d.hires_upscaler, label="Upscaler"
                     )
+                    vae_tiling = gr.Checkbox(
+                        value=d.vae_tiling,
+                        label="Tiled VAE",
+                        info="images larger than the VAE's tile are encoded and decoded in tiles: "
+                        "less memory, faint seams possible",
+                        elem_id="vae-tiling",
+                    )
                 with gr.Accordion("Settings", open=True):
                     with gr.Row():
                         setting = gr.Radio(
@@ -434,7 +441,7 @@ def build_ui(service: Service) -> gr.Blocks:
         globals_ = [prompt, editor, denoise, mask_blur, overlay, setting, sampler, spacing, added, negative]
         globals_ += [syntax, clip_skip]
         globals_ += [steps, guidance, eta, seed, samples, resolution, resize_mode]
-        globals_ += [hires_scale, hires_denoise, hires_steps, hires_upscaler]
+        globals_ += [hires_scale, hires_denoise, hires_steps, hires_upscaler, vae_tiling]
 
         def generate(data: dict, progress: gr.Progress = gr.Progress()) -> tuple[Any, Any, str]:  # noqa: B008
             try:
@@ -484,6 +491,7 @@ def build_ui(service: Service) -> gr.Blocks:
                     hires_denoise=float(data[hires_denoise]),
                     hires_steps=int(data[hires_steps]) or None,
                     hires_upscaler=data[hires_upscaler],
+                    vae_tiling=bool(data[vae_tiling]),
                 )
 
                 def show(step: int, total: int) -> None:

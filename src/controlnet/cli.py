@@ -520,6 +520,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=_device(args),
         fast=args.fast,
+        offload=args.offload,
+        vae_tiling=args.vae_tiling,
     )
     done = run_batch(request, args.out, progress=not args.quiet)
     result, sidecar = done[0]
@@ -555,6 +557,7 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 _GENERATE_OUT = "outputs/generate"
+_OFFLOAD_HELP = "keep the text encoders and the VAE in CPU memory, on the GPU only while they run"
 _VAE_HELP = "a VAE file or folder to use in place of the base model's (original or diffusers layout)"
 _LORA_HELP = (
     "a LoRA file (kohya/A1111 or diffusers/PEFT layout) merged into the base model, SCALE times "
@@ -703,6 +706,19 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     s.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     s.add_argument("--fast", action="store_true", help="compile the networks: slow first call, faster after")
+    m = p.add_argument_group("memory (for GPUs the model barely fits)")
+    m.add_argument(
+        "--offload",
+        action="store_true",
+        help=_OFFLOAD_HELP,
+    )
+    m.add_argument(
+        "--vae-tiling",
+        action="store_true",
+        help="encode and decode images larger than the VAE's tile (the sample size in its config: "
+        "512 px for SD1.x, 1024 for SDXL) in overlapping tiles: memory bounded by the tile, faint "
+        "seams possible",
+    )
     p.add_argument("--out", default=_GENERATE_OUT, help="output folder (default: %(default)s)")
     p.add_argument("--from-sidecar", help="replay a generation from its JSON sidecar, bit for bit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -989,6 +1005,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         controlnets=tuple(args.controlnet),
         device=_device(args),
         dtype=args.dtype,
+        offload=args.offload,
         captioner=args.captioner,
         vae=args.vae,
         loras=tuple(args.lora or ()),
@@ -1023,6 +1040,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--offload", action="store_true", help=_OFFLOAD_HELP)
     p.add_argument("--captioner", help="local BLIP captioner folder, for the 'auto' prompt setting")
     p.add_argument("--out", help="keep results and their inputs here (default: a temporary folder)")
     g = p.add_argument_group("limits per request")

@@ -169,6 +169,8 @@ class GenerationRequest:
     dtype: str = "float32"
     device: str = "cpu"
     fast: bool = False  # compile the networks (slow first call; CUDA graphs are on for CUDA anyway)
+    offload: bool = False  # text encoders and VAE in CPU memory, on the GPU only while they run
+    vae_tiling: bool = False  # encode and decode images larger than the VAE's tile in tiles
     hires_scale: float = 1.0  # > 1: a second pass at this many times the size (the hires fix)
     hires_denoise: float = 0.7  # the second pass's img2img strength
     hires_steps: int | None = None  # the second pass's steps before denoise (None: steps)
@@ -221,6 +223,11 @@ class GenerationRequest:
             raise ValueError(f"eta must be in [0, 1], got {self.eta}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; expected one of: {', '.join(_DTYPES)}")
+        if self.offload and self.device.split(":")[0] == "cpu":
+            raise ValueError(
+                "offload keeps the text encoders and the VAE in CPU memory while a GPU runs the "
+                f"UNet; it needs a GPU device, got device {self.device!r}"
+            )
         for name in ("resolution", "width", "height"):
             v = getattr(self, name)
             if v is not None and not 64 <= v <= 4096:
@@ -429,7 +436,7 @@ def generate(
     req = GenerationRequest.from_dict({**request.to_dict(), "seed": seed})
     started = time.perf_counter()
     dtype = _DTYPES[req.dtype]
-    base.to(req.device, dtype)
+    base.to(req.device, dtype, offload=req.offload)
     for cn in controlnets:
         cn.to(req.device, dtype).eval()
 
@@ -441,7 +448,9 @@ def generate(
     if req.init_image is not None:
         init = fit_to(read_image(req.init_image), size, mode)
         pixels = torch.from_numpy(init).permute(2, 0, 1)[None].float().to(req.device) / 127.5 - 1.0
-        init_latents = base.encode_images(pixels.to(dtype), _generators(seeds, req.device))
+        init_latents = base.encode_images(
+            pixels.to(dtype), _generators(seeds, req.device), tiled=req.vae_tiling
+        )
         if req.mask is not None:
             pixel_mask = fit_to(read_mask(req.mask), size, mode, fill=1.0)  # padding: regenerated
             mask = mask_to_latent(torch.from_numpy(pixel_mask)[None, None], base.latent_size(size))
@@ -507,9 +516,10 @@ def generate(
     if req.fast:  # the decoder is a VAE forward of its own: compiled, it takes a third of the time
         compile_modules([base.vae.decoder])
     if hires:
-        enlarged = _enlarge(base, latents, big, HiresUpscaler(req.hires_upscaler), seeds)
+        how = HiresUpscaler(req.hires_upscaler)
+        enlarged = _enlarge(base, latents, big, how, seeds, tiled=req.vae_tiling)
         latents, maps = run_pass(big, enlarged, hires_steps, req.hires_denoise, first)
-    pixels = base.decode_latents(latents)
+    pixels = base.decode_latents(latents, tiled=req.vae_tiling)
     images = [
         ((p.permute(1, 2, 0).cpu().numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8) for p in pixels
     ]
@@ -519,14 +529,23 @@ def generate(
 
 
 def _enlarge(
-    base: BaseModel, latents: torch.Tensor, size: tuple[int, int], how: HiresUpscaler, seeds: list[int]
+    base: BaseModel,
+    latents: torch.Tensor,
+    size: tuple[int, int],
+    how: HiresUpscaler,
+    seeds: list[int],
+    *,
+    tiled: bool = False,
 ) -> torch.Tensor:
     """The hires fix's enlargement of first-pass ``latents`` to images of ``size`` (H, W). The
-    image upscaler encodes sample i with seed i."""
+    image upscaler encodes sample i with seed i (``tiled``: the VAE works in tiles)."""
     if how is HiresUpscaler.LATENT:
         return F.interpolate(latents.float(), size=base.latent_size(size), mode="bilinear").to(latents.dtype)
-    pixels = F.interpolate(base.decode_latents(latents), size=size, mode="bicubic", antialias=True)
-    return base.encode_images(pixels.clamp(-1, 1).to(base.dtype), _generators(seeds, latents.device))
+    pixels = F.interpolate(
+        base.decode_latents(latents, tiled=tiled), size=size, mode="bicubic", antialias=True
+    )
+    generators = _generators(seeds, latents.device)
+    return base.encode_images(pixels.clamp(-1, 1).to(base.dtype), generators, tiled=tiled)
 
 
 def _generators(seeds: list[int], device: str | torch.device) -> list[torch.Generator]:

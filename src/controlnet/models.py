@@ -10,19 +10,21 @@ a :class:`BaseModel` and never ask which family or size it is.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .families import Family
 from .tokenizer import MAX_LENGTH
 
-__all__ = ["DEFAULT_SCHEDULE", "BaseModel", "PromptEmbeddings"]
+__all__ = ["DEFAULT_SCHEDULE", "OFFLOADED", "BaseModel", "PromptEmbeddings"]
 
 #: The noise schedule every SD family was trained with (diffusers scheduler keyword arguments).
 DEFAULT_SCHEDULE: dict[str, Any] = {
@@ -32,6 +34,10 @@ DEFAULT_SCHEDULE: dict[str, Any] = {
     "beta_schedule": "scaled_linear",
     "prediction_type": "epsilon",
 }
+
+#: The parts that run once per generation, before the steps (the text encoders) or around them
+#: (the VAE): what offloading keeps in CPU memory while the UNet and ControlNets run.
+OFFLOADED = ("vae", "text_encoder", "text_encoder_2")
 
 
 @dataclass
@@ -123,16 +129,40 @@ class BaseModel:
         """(h, w) of the latents of images of ``size`` (H, W)."""
         return size[0] // self.vae_scale_factor, size[1] // self.vae_scale_factor
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> BaseModel:
-        """Move every part (the VAE stays float32 when ``dtype`` is float16: SD's VAE overflows in fp16)."""
+    def to(
+        self,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        offload: bool = False,
+    ) -> BaseModel:
+        """Move every part (the VAE stays float32 when ``dtype`` is float16: SD's VAE overflows in
+        fp16). ``offload``: the text encoders and the VAE (:data:`OFFLOADED`) go to CPU memory
+        instead, and visit the UNet's device only while they run (:meth:`visiting`)."""
         for name, m in self.modules().items():
             d = torch.float32 if (name == "vae" and dtype == torch.float16) else dtype
+            where = "cpu" if offload and name in OFFLOADED else device
             current = next(m.parameters())
             if d is not None and d == current.dtype:
                 d = None  # diffusers warns on every dtype cast, even a no-op one
-            if d is not None or (device is not None and torch.device(device) != current.device):
-                m.to(device=device, dtype=d)
+            if d is not None or (where is not None and torch.device(where) != current.device):
+                m.to(device=where, dtype=d)
         return self
+
+    @contextlib.contextmanager
+    def visiting(self, *names: str) -> Iterator[None]:
+        """Within the block, the named parts (keys of :meth:`modules`) that live elsewhere than the
+        UNet (offloaded: :meth:`to`) are on the UNet's device; afterwards they go back."""
+        mods = self.modules()
+        away = [(mods[n], next(mods[n].parameters()).device) for n in names if n in mods]
+        away = [(m, home) for m, home in away if home != self.device]
+        for m, _ in away:
+            m.to(self.device)
+        try:
+            yield
+        finally:
+            for m, home in away:
+                m.to(home)
 
     def parameter_counts(self) -> dict[str, int]:
         return {name: sum(p.numel() for p in m.parameters()) for name, m in self.modules().items()}
@@ -175,6 +205,12 @@ class BaseModel:
         self, ids: torch.Tensor, ids_2: torch.Tensor | None = None, *, size: tuple[int, int] | None = None
     ) -> PromptEmbeddings:
         """Token ids (B, 77) of the text encoder (and ``ids_2`` of SDXL's second) -> UNet context."""
+        with self.visiting("text_encoder", "text_encoder_2"):
+            return self._encode_tokens(ids, ids_2, size)
+
+    def _encode_tokens(
+        self, ids: torch.Tensor, ids_2: torch.Tensor | None, size: tuple[int, int] | None
+    ) -> PromptEmbeddings:
         ids = ids.to(self.device)
         if self.family is not Family.SDXL:
             if self.clip_skip == 1:
@@ -201,13 +237,19 @@ class BaseModel:
     # ------------------------------------------------------------------ images
     @torch.no_grad()
     def encode_images(
-        self, images: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None
+        self,
+        images: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        *,
+        tiled: bool = False,
     ) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/8, W/8), sampled from the
         posterior (``generator`` makes it reproducible). A list of generators gives one sample per
         generator, sample i drawn by generator i exactly as alone; one image (B = 1) is then
-        encoded once and shared by all."""
-        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        encoded once and shared by all. ``tiled``: images larger than the VAE's tile (its config's
+        sample size) are encoded in overlapping tiles (:meth:`_vae_moments`)."""
+        with self.visiting("vae"):
+            dist = DiagonalGaussianDistribution(self._vae_moments(images.to(self.vae.dtype), tiled))
         if not isinstance(generator, list):
             return (dist.sample(generator) * self.latent_scale).to(self.dtype)
         if len(images) not in (1, len(generator)):
@@ -218,10 +260,29 @@ class BaseModel:
         noise = randn_tensor(shape, generator=generator, device=dist.mean.device, dtype=dist.mean.dtype)
         return ((dist.mean + dist.std * noise) * self.latent_scale).to(self.dtype)
 
+    def _vae_moments(self, images: torch.Tensor, tiled: bool) -> torch.Tensor:
+        """The VAE encoder's posterior moments of ``images`` (:func:`_one_at_a_time`)."""
+        vae = self.vae
+
+        def whole(x: torch.Tensor) -> torch.Tensor:
+            return vae.encode(x).latent_dist.parameters
+
+        return _one_at_a_time(images, vae.tile_sample_min_size, whole, vae._tiled_encode if tiled else None)
+
     @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> images (B, 3, H, W) in [-1, 1] (clamped)."""
-        images = self.vae.decode(latents.to(self.vae.dtype) / self.latent_scale).sample
+    def decode_latents(self, latents: torch.Tensor, *, tiled: bool = False) -> torch.Tensor:
+        """Scaled latents -> images (B, 3, H, W) in [-1, 1] (clamped), one image at a time (the
+        VAE's memory does not grow with the batch). ``tiled``: latents larger than the VAE's tile
+        (its config's sample size, in latent cells) are decoded in overlapping tiles, blended where
+        they overlap (diffusers' tiling: memory bounded by the tile, at the risk of faint seams)."""
+        vae = self.vae
+        with self.visiting("vae"):
+            images = _one_at_a_time(
+                latents.to(vae.dtype) / self.latent_scale,
+                vae.tile_latent_min_size,
+                lambda z: vae.decode(z).sample,
+                (lambda z: vae.tiled_decode(z).sample) if tiled else None,
+            )
         return images.clamp(-1, 1).float()
 
     def with_schedule(self, **overrides: Any) -> BaseModel:
@@ -247,3 +308,18 @@ class BaseModel:
     def with_clip_skip(self, clip_skip: int) -> BaseModel:
         """The same modules, reading prompts from another text encoder layer."""
         return self if clip_skip == self.clip_skip else replace(self, clip_skip=clip_skip)
+
+
+def _one_at_a_time(
+    x: torch.Tensor,
+    tile: int,
+    whole: Callable[[torch.Tensor], torch.Tensor],
+    in_tiles: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> torch.Tensor:
+    """``whole`` of each image of the batch ``x`` in turn, concatenated: the VAE's memory is one
+    image's, not the batch's. With ``in_tiles``, an image larger than ``tile`` along a side goes
+    to it instead (diffusers' tiling: overlapping tiles of that size, blended where they overlap)."""
+    out = []
+    for xi in x.split(1):
+        out.append(in_tiles(xi) if in_tiles is not None and max(xi.shape[-2:]) > tile else whole(xi))
+    return torch.cat(out)

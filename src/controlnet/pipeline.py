@@ -70,14 +70,22 @@ class ModelCache:
         return value
 
     def base(
-        self, path: str, dtype: torch.dtype, device: str, loras: Sequence[tuple[str, float]] = ()
+        self,
+        path: str,
+        dtype: torch.dtype,
+        device: str,
+        loras: Sequence[tuple[str, float]] = (),
+        *,
+        offload: bool = False,
     ) -> BaseModel:
         """The base model at ``path``; with ``loras`` ((file, scale) pairs), a copy of its own with
-        them merged into its weights (kept beside the plain one, keyed by the files and scales)."""
+        them merged into its weights (kept beside the plain one, keyed by the files and scales).
+        ``offload``: a model loaded now keeps its text encoders and VAE in CPU memory
+        (:meth:`BaseModel.to`; a generation places the parts as its request says)."""
         from .formats import load_base, merge_loras
 
         def load() -> BaseModel:
-            base = load_base(path, dtype=dtype).to(device, dtype)
+            base = load_base(path, dtype=dtype).to(device, dtype, offload=offload)
             if loras:  # (its table of layer names walks the whole model)
                 merge_loras(base, loras)
             return base
@@ -91,18 +99,21 @@ class ModelCache:
             return "base"
         return "base with LoRAs " + "; ".join(f"{_stamp(p)} x {s!r}" for p, s in loras)
 
-    def vae(self, path: str, base: BaseModel, base_path: str, device: str) -> AutoencoderKL:
+    def vae(
+        self, path: str, base: BaseModel, base_path: str, device: str, *, offload: bool = False
+    ) -> AutoencoderKL:
         """The VAE at ``path`` read into the architecture of ``base``'s (from ``base_path``), in
-        the base's VAE dtype."""
+        the base's VAE dtype (``offload``: a VAE loaded now stays in CPU memory)."""
         from .formats import load_vae
 
         dtype = base.vae.dtype
+        where = "cpu" if offload else device
         return self._get(
             f"vae for {base_path}",
             path,
             dtype,
             device,
-            lambda: load_vae(path, like=base.vae, dtype=dtype).to(device).eval(),
+            lambda: load_vae(path, like=base.vae, dtype=dtype).to(where).eval(),
         )
 
     def controlnet(
@@ -170,9 +181,11 @@ def _load_and_generate(
     cache = cache or _DEFAULT_CACHE
     dtype = _DTYPES[request.dtype]
     loras = [(lora.path, lora.scale) for lora in request.loras]
-    base = cache.base(request.base, dtype, request.device, loras)  # type: ignore[arg-type]
+    offload = request.offload
+    base = cache.base(request.base, dtype, request.device, loras, offload=offload)  # type: ignore[arg-type]
     if request.vae is not None:
-        base = base.with_vae(cache.vae(request.vae, base, request.base, request.device))  # type: ignore[arg-type]
+        vae = cache.vae(request.vae, base, request.base, request.device, offload=offload)  # type: ignore[arg-type]
+        base = base.with_vae(vae)
     controlnets = [
         cache.controlnet(c.controlnet, dtype, request.device, (request.base, loras))  # type: ignore[arg-type]
         for c in request.controls

@@ -66,6 +66,7 @@ class ServeConfig:
     controlnets: tuple[str, ...] = ()
     device: str = "cpu"
     dtype: str = "float32"
+    offload: bool = False  # text encoders and VAE in CPU memory, on the GPU only while they run
     captioner: str | None = None
     vae: str | None = None  # used in place of the base model's VAE
     loras: tuple[tuple[str, float], ...] = ()  # (file, scale): merged into the base model
@@ -136,7 +137,8 @@ class Service:
         #: model's settings where it is the model served
         self.defaults = GenerationRequest(**model_settings(config.base))
         self.controlnets = _unique_names(controlnets)
-        GenerationRequest(dtype=config.dtype).validate()  # a bad dtype fails at start, not later
+        # a bad dtype, or offloading on the CPU, fails at start, not later
+        GenerationRequest(dtype=config.dtype, device=config.device, offload=config.offload).validate()
         self.cache = cache or ModelCache(size=len(controlnets) + 1 + (config.vae is not None))
         base_model = self._load_models()
         self.native_size = base_model.native_size
@@ -164,9 +166,10 @@ class Service:
 
         dtype, device = _DTYPES[self.config.dtype], self.config.device
         # LoRAs are read and merged now: a bad file stops the server from starting
-        base = self.cache.base(self.base, dtype, device, self.config.loras)
+        offload = self.config.offload
+        base = self.cache.base(self.base, dtype, device, self.config.loras, offload=offload)
         if self.config.vae is not None:  # read now: a bad file stops the server from starting
-            self.cache.vae(self.config.vae, base, self.base, device)
+            self.cache.vae(self.config.vae, base, self.base, device, offload=offload)
         for name, path in self.controlnets.items():
             check_compatible(
                 self.cache.controlnet(path, dtype, device, (self.base, self.config.loras)),
@@ -295,6 +298,7 @@ class Service:
             base=self.base,
             device=self.config.device,
             dtype=self.config.dtype,
+            offload=self.config.offload,
             captioner=self.config.captioner,
             vae=self.config.vae,
             loras=[LoraRequest(path, scale) for path, scale in self.config.loras],
