@@ -363,7 +363,7 @@ def build_ui(service: Service) -> gr.Blocks:
                         value=d.vae_tiling,
                         label="Tiled VAE",
                         info="images larger than the VAE's tile are encoded and decoded in tiles: "
-                        "less memory, faint seams possible",
+                        "less memory; colours can shift and seams show",
                         elem_id="vae-tiling",
                     )
                 with gr.Accordion("Settings", open=True):

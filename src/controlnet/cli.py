@@ -716,8 +716,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         "--vae-tiling",
         action="store_true",
         help="encode and decode images larger than the VAE's tile (the sample size in its config: "
-        "512 px for SD1.x, 1024 for SDXL) in overlapping tiles: memory bounded by the tile, faint "
-        "seams possible",
+        "512 px for SD1.x, 1024 for SDXL) in overlapping tiles: memory bounded by the tile; "
+        "colours can shift and seams show",
     )
     p.add_argument("--out", default=_GENERATE_OUT, help="output folder (default: %(default)s)")
     p.add_argument("--from-sidecar", help="replay a generation from its JSON sidecar, bit for bit")

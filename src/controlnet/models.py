@@ -274,7 +274,7 @@ class BaseModel:
         """Scaled latents -> images (B, 3, H, W) in [-1, 1] (clamped), one image at a time (the
         VAE's memory does not grow with the batch). ``tiled``: latents larger than the VAE's tile
         (its config's sample size, in latent cells) are decoded in overlapping tiles, blended where
-        they overlap (diffusers' tiling: memory bounded by the tile, at the risk of faint seams)."""
+        they overlap (diffusers' tiling: memory bounded by the tile, at the risk of seams)."""
         vae = self.vae
         with self.visiting("vae"):
             images = _one_at_a_time(
