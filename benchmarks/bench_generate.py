@@ -23,7 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import cuda_time, environment, matmul_peak_tflops, sd15, table, write_json
+from common import cuda_time, diffusers_controlnet, environment, matmul_peak_tflops, sd15, table, write_json
 
 from controlnet.control import Control, control_scales, controlled_unet_forward
 from controlnet.fastpath import compile_modules, release_graphs
@@ -74,20 +74,12 @@ def ours(
 
 def peer_pipeline(base, cns):
     from diffusers import (
-        ControlNetModel,
         DDIMScheduler,
         MultiControlNetModel,
         StableDiffusionControlNetPipeline,
     )
 
-    def to_diffusers(cn):
-        d = ControlNetModel.from_unet(
-            base.unet, conditioning_embedding_out_channels=cn.config.hint_block_channels
-        )
-        d.load_state_dict(cn.state_dict())  # identical key names: a strict load
-        return d.to(base.device, base.dtype)
-
-    dcns = [to_diffusers(cn) for cn in cns]
+    dcns = [diffusers_controlnet(base.unet, cn) for cn in cns]
     sched = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,

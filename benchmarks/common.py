@@ -83,6 +83,18 @@ def sd15(
     return base, cns
 
 
+def diffusers_controlnet(unet: UNet2DConditionModel, cn: ControlNet) -> torch.nn.Module:
+    """Diffusers' ``ControlNetModel`` holding ``cn``'s weights (our state-dict keys are its keys: a
+    strict load), on ``cn``'s device and dtype, for the peer's pipelines."""
+    from diffusers import ControlNetModel
+
+    theirs = ControlNetModel.from_unet(
+        unet, conditioning_embedding_out_channels=cn.config.hint_block_channels
+    )
+    theirs.load_state_dict(cn.state_dict())
+    return theirs.to(cn.device, cn.dtype).eval()
+
+
 def cuda_time(fn: Callable[[], Any], warmup: int = 2, reps: int = 5) -> float:
     """Median wall time of ``fn`` in seconds, synchronising the GPU around each run."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)

@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import environment, open_zero, table, write_json
+from common import diffusers_controlnet, environment, open_zero, table, write_json
 
 from controlnet import Family
 from controlnet.controlnet import ControlNet, ControlNetConfig
@@ -204,13 +204,9 @@ def main() -> None:
         agreement[f"vae_tiling_vs_default_mean_abs_diff_{size}"] = float(tiled_diff.mean())
 
     if args.peer:
-        from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionXLControlNetPipeline
+        from diffusers import DDIMScheduler, StableDiffusionXLControlNetPipeline
 
-        theirs = ControlNetModel.from_unet(
-            base.unet, conditioning_embedding_out_channels=cn.config.hint_block_channels
-        )
-        theirs.load_state_dict(cn.state_dict())  # identical key names: a strict load
-        theirs = theirs.to(device, dtype).eval()
+        theirs = diffusers_controlnet(base.unet, cn)
         del cn
         pipe = StableDiffusionXLControlNetPipeline(
             vae=base.vae,
