@@ -707,11 +707,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     s.add_argument("--fast", action="store_true", help="compile the networks: slow first call, faster after")
     m = p.add_argument_group("memory (for GPUs the model barely fits)")
-    m.add_argument(
-        "--offload",
-        action="store_true",
-        help=_OFFLOAD_HELP,
-    )
+    m.add_argument("--offload", action="store_true", help=_OFFLOAD_HELP)
     m.add_argument(
         "--vae-tiling",
         action="store_true",

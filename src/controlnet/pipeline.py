@@ -99,21 +99,18 @@ class ModelCache:
             return "base"
         return "base with LoRAs " + "; ".join(f"{_stamp(p)} x {s!r}" for p, s in loras)
 
-    def vae(
-        self, path: str, base: BaseModel, base_path: str, device: str, *, offload: bool = False
-    ) -> AutoencoderKL:
+    def vae(self, path: str, base: BaseModel, base_path: str, device: str) -> AutoencoderKL:
         """The VAE at ``path`` read into the architecture of ``base``'s (from ``base_path``), in
-        the base's VAE dtype (``offload``: a VAE loaded now stays in CPU memory)."""
+        the base's VAE dtype."""
         from .formats import load_vae
 
         dtype = base.vae.dtype
-        where = "cpu" if offload else device
         return self._get(
             f"vae for {base_path}",
             path,
             dtype,
             device,
-            lambda: load_vae(path, like=base.vae, dtype=dtype).to(where).eval(),
+            lambda: load_vae(path, like=base.vae, dtype=dtype).to(device).eval(),
         )
 
     def controlnet(
@@ -181,11 +178,10 @@ def _load_and_generate(
     cache = cache or _DEFAULT_CACHE
     dtype = _DTYPES[request.dtype]
     loras = [(lora.path, lora.scale) for lora in request.loras]
-    offload = request.offload
-    base = cache.base(request.base, dtype, request.device, loras, offload=offload)  # type: ignore[arg-type]
+    base = cache.base(request.base, dtype, request.device, loras, offload=request.offload)  # type: ignore[arg-type]
     if request.vae is not None:
-        vae = cache.vae(request.vae, base, request.base, request.device, offload=offload)  # type: ignore[arg-type]
-        base = base.with_vae(vae)
+        # (a VAE is small: generate() places it, offloaded or not)
+        base = base.with_vae(cache.vae(request.vae, base, request.base, request.device))  # type: ignore[arg-type]
     controlnets = [
         cache.controlnet(c.controlnet, dtype, request.device, (request.base, loras))  # type: ignore[arg-type]
         for c in request.controls

@@ -166,10 +166,9 @@ class Service:
 
         dtype, device = _DTYPES[self.config.dtype], self.config.device
         # LoRAs are read and merged now: a bad file stops the server from starting
-        offload = self.config.offload
-        base = self.cache.base(self.base, dtype, device, self.config.loras, offload=offload)
+        base = self.cache.base(self.base, dtype, device, self.config.loras, offload=self.config.offload)
         if self.config.vae is not None:  # read now: a bad file stops the server from starting
-            self.cache.vae(self.config.vae, base, self.base, device, offload=offload)
+            self.cache.vae(self.config.vae, base, self.base, device)
         for name, path in self.controlnets.items():
             check_compatible(
                 self.cache.controlnet(path, dtype, device, (self.base, self.config.loras)),
