@@ -1,6 +1,6 @@
 """Multi-GPU training: samples/s per GPU on 1, 2, 4 and 8 GPUs against one GPU.
 
-Our real training loop (``controlnet.train.train``, DDP through accelerate) under torchrun, one
+Our real training loop (``controlnet.training.train.train``, DDP through accelerate) under torchrun, one
 process per GPU, each at batch 8 at 512 px on the SD1.5 architecture, exactly the ControlNet row
 of bench_train.py; the global batch grows with the GPU count. Scaling efficiency at N GPUs is
 (samples/s at N) / (N x samples/s at 1).

@@ -1,7 +1,7 @@
 """Training speed and memory: our loop against diffusers' train_controlnet.py recipe.
 
 SD1.5 architecture, random weights, batch 8 at 512 px (64x64 latents), bf16 mixed precision. Our
-numbers come from the real ``controlnet.train.train`` loop on batches of cached latents and prompt
+numbers come from the real ``controlnet.training.train.train`` loop on batches of cached latents and prompt
 embeddings (the recipe's timing likewise starts from latents and embeddings); the peer is the
 recipe's step (frozen bf16 UNet, fp32 diffusers ControlNetModel under autocast, AdamW) in this
 same process. Also our full-UNet fine-tuning step, the paper's reference for ControlNet's cost.
@@ -28,9 +28,9 @@ from torch.utils.data import Dataset
 sys.path.insert(0, str(Path(__file__).parent))
 from common import cuda_time, environment, open_zero, sd15, table, write_json
 
-from controlnet.models import PromptEmbeddings
-from controlnet.objectives import BaseObjective, ControlNetObjective
-from controlnet.train import TrainConfig, train
+from controlnet.families.sd.base import PromptEmbeddings
+from controlnet.training.objectives import BaseObjective, ControlNetObjective
+from controlnet.training.train import TrainConfig, train
 
 
 class CachedLike(Dataset):

@@ -21,9 +21,9 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from controlnet import ControlNet, ControlNetConfig, Family, unet_config
-from controlnet.families import tiny_unet_config
-from controlnet.models import BaseModel
-from controlnet.tokenizer import clip_tokenizer
+from controlnet.families.sd.base import BaseModel
+from controlnet.families.sd.configs import tiny_unet_config
+from controlnet.text.tokenizer import clip_tokenizer
 
 SD_VAE = {
     "in_channels": 3,

@@ -34,7 +34,7 @@ import profile_train
 from common import cuda_time, environment, table, write_json
 from profile_kernels import generation_step
 
-from controlnet.fastpath import GraphCache
+from controlnet.model.fastpath import GraphCache
 
 
 @dataclass(frozen=True)

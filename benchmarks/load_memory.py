@@ -30,9 +30,9 @@ PROBE = r"""
 import gc, json, os, re, sys, time
 import torch
 from controlnet import Family
-from controlnet.controlnet import ControlNetConfig
+from controlnet.families.sd.controlnet import ControlNetConfig
 from controlnet.formats import BaseConfig, load_base, load_controlnet
-from controlnet.tokenizer import clip_tokenizer
+from controlnet.text.tokenizer import clip_tokenizer
 
 def status(field):
     return int(re.search(field + r":\s+(\d+) kB", open("/proc/self/status").read())[1]) * 1024

@@ -36,13 +36,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import diffusers_controlnet, environment, open_zero, table, write_json
 
 from controlnet import Family
-from controlnet.controlnet import ControlNet, ControlNetConfig
-from controlnet.families import tiny_unet_config, unet_config, vae_config
-from controlnet.fastpath import release_graphs
+from controlnet.families.sd.base import BaseModel
+from controlnet.families.sd.configs import tiny_unet_config, unet_config, vae_config
+from controlnet.families.sd.controlnet import ControlNet, ControlNetConfig
 from controlnet.formats.build import TEXT_FIELDS, BaseConfig
-from controlnet.generate import ControlRequest, GenerationRequest, generate
-from controlnet.models import BaseModel
-from controlnet.tokenizer import clip_tokenizer
+from controlnet.generation.generate import ControlRequest, GenerationRequest, generate
+from controlnet.model.fastpath import release_graphs
+from controlnet.text.tokenizer import clip_tokenizer
 
 STEPS, GUIDANCE, PROMPT = 8, 7.0, "a house by a lake, evening light"
 GIB = 2**30

@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_train
 from common import cuda_time, environment, sd15, table, write_json
 
-from controlnet.control import Control, control_scales, controlled_unet_forward
-from controlnet.fastpath import compile_modules
-from controlnet.models import PromptEmbeddings
-from controlnet.objectives import BaseObjective, ControlNetObjective, StepNoise, as_condition
+from controlnet.families.sd.base import PromptEmbeddings
+from controlnet.model.control import Control, control_scales, controlled_unet_forward
+from controlnet.model.fastpath import compile_modules
+from controlnet.training.objectives import BaseObjective, ControlNetObjective, StepNoise, as_condition
 
 
 def _setup(

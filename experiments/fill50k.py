@@ -224,13 +224,13 @@ def evaluate_claims(work: Path, names: list[str] | None = None) -> None:
     import torch
     from safetensors.torch import load_file
 
-    from controlnet.ablations import ConcatUNet, LiteControlNet
-    from controlnet.controlnet import ControlNetConfig
     from controlnet.data import open_dataset
-    from controlnet.evaluate import EvalConfig, evaluate, write_report
+    from controlnet.evaluation.evaluate import EvalConfig, evaluate, write_report
+    from controlnet.families.sd.controlnet import ControlNetConfig
     from controlnet.formats import load_base, load_controlnet
-    from controlnet.recipes import architecture
-    from controlnet.sampling import denoise
+    from controlnet.generation.sampling import denoise
+    from controlnet.training.ablations import ConcatUNet, LiteControlNet
+    from controlnet.training.recipes import architecture
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base = load_base(work / "base/final/base.safetensors").to(device)
@@ -326,9 +326,9 @@ def stage_ceiling(work: Path) -> None:
     import torch
 
     from controlnet.data import open_dataset
-    from controlnet.evaluate import fill50k_scores
+    from controlnet.evaluation.evaluate import fill50k_scores
     from controlnet.formats import load_base
-    from controlnet.validation import to_uint8
+    from controlnet.imageio import to_uint8
 
     base = load_base(work / "base/final/base.safetensors", dtype=torch.float32)
     test = open_dataset(work / "fill50k-test")
@@ -410,11 +410,11 @@ def stage_identity(work: Path) -> None:
     """Claim 1: with its zero convolutions at zero, the controlled model's samples ARE the base's."""
     import numpy as np
 
-    from controlnet.controlnet import ControlNet, ControlNetConfig
     from controlnet.data import open_dataset
-    from controlnet.evaluate import EvalConfig, evaluate
+    from controlnet.evaluation.evaluate import EvalConfig, evaluate
+    from controlnet.families.sd.controlnet import ControlNet, ControlNetConfig
     from controlnet.formats import load_base
-    from controlnet.recipes import architecture
+    from controlnet.training.recipes import architecture
 
     base = load_base(work / "base/final/base.safetensors")
     test = open_dataset(work / "fill50k-test")

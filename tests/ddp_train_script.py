@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from circles import Circles
-from controlnet.objectives import ControlNetObjective
-from controlnet.train import TrainConfig, train
+from controlnet.training.objectives import ControlNetObjective
+from controlnet.training.train import TrainConfig, train
 from tiny import make_base, make_controlnet
 
 out, batch = Path(sys.argv[1]), int(sys.argv[2])

@@ -4,10 +4,10 @@ import torch
 
 from circles import Circles
 from controlnet import Control, ControlledUNet, ControlNet, Family, control_scales, controlled_unet_forward
-from controlnet.ablations import ConcatObjective, ConcatUNet, LiteControlNet, gaussian_connections
-from controlnet.families import unet_config
-from controlnet.objectives import ControlNetObjective
-from controlnet.train import train
+from controlnet.families.sd.configs import unet_config
+from controlnet.training.ablations import ConcatObjective, ConcatUNet, LiteControlNet, gaussian_connections
+from controlnet.training.objectives import ControlNetObjective
+from controlnet.training.train import train
 from test_train import config
 from tiny import cond_image, make_base, make_controlnet, unet_inputs
 

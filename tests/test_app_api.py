@@ -16,14 +16,14 @@ import pytest
 from PIL import Image
 
 from controlnet.annotators import annotate
-from controlnet.api import SERVER_FIELDS, ControlBody, GenerateBody
 from controlnet.bundled import BUNDLED_SETTINGS
-from controlnet.generate import ControlRequest, GenerationRequest
+from controlnet.generation.generate import ControlRequest, GenerationRequest
+from controlnet.generation.pipeline import run
 from controlnet.imageio import read_image
-from controlnet.limits import Limits
-from controlnet.pipeline import run
-from controlnet.server import start
-from controlnet.service import ServeConfig, Service
+from controlnet.serving.api import SERVER_FIELDS, ControlBody, GenerateBody
+from controlnet.serving.limits import Limits
+from controlnet.serving.server import start
+from controlnet.serving.service import ServeConfig, Service
 from serving import b64, bomb_png, decode, model_files, png_bytes, square
 
 LIMITS = Limits(max_megapixels=0.1, max_upload_megapixels=0.1, max_upload_mb=1, max_steps=5, max_samples=2)

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from controlnet.channels_last_norm import ChannelsLastGroupNorm, use_channels_last_group_norm
-from controlnet.fastpath import compile_modules
+from controlnet.model.channels_last_norm import ChannelsLastGroupNorm, use_channels_last_group_norm
+from controlnet.model.fastpath import compile_modules
 
 
 def pair(groups: int = 4, channels: int = 16) -> tuple[nn.GroupNorm, ChannelsLastGroupNorm]:

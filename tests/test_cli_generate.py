@@ -174,7 +174,7 @@ def test_the_bundled_model_runs_with_its_own_settings_unless_told_otherwise(file
     words, negative prompt and guidance 9 are not its defaults; flags still win; a named base keeps
     SD's defaults."""
     from controlnet.bundled import BUNDLED_GUIDANCE
-    from controlnet.generate import DEFAULT_ADDED_PROMPT, DEFAULT_NEGATIVE_PROMPT
+    from controlnet.generation.generate import DEFAULT_ADDED_PROMPT, DEFAULT_NEGATIVE_PROMPT
 
     def settings(*extra):
         out = tmp_path / f"o{len(list(tmp_path.iterdir()))}"
@@ -361,15 +361,15 @@ def test_folders_pair_by_position_and_bad_batches_stop_before_any_work(files, tm
 
 def test_sampler_choices_are_the_samplers():
     """--sampler offers exactly the samplers generation knows (spelled out so --help stays light)."""
+    from controlnet.choices import Sampler
     from controlnet.cli import SAMPLERS
-    from controlnet.sampling import Sampler
 
     assert tuple(s.value for s in Sampler) == SAMPLERS
 
 
 def test_timestep_spacing_choices_are_the_spacings():
+    from controlnet.choices import TimestepSpacing
     from controlnet.cli import SPACINGS
-    from controlnet.sampling import TimestepSpacing
 
     assert tuple(s.value for s in TimestepSpacing) == SPACINGS
 

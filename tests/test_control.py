@@ -11,7 +11,7 @@ from controlnet import (
     control_scales,
     controlled_unet_forward,
 )
-from controlnet.control import soft_scales
+from controlnet.model.control import soft_scales
 from tiny import cond_image, make_controlnet, make_unet, unet_inputs
 
 

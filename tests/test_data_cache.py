@@ -11,7 +11,7 @@ from controlnet.data import cache as cache_module
 from controlnet.data.cache import CachedDataset, CacheMismatchError, base_digest, build_cache, sample_latents
 from controlnet.data.datasets import open_dataset
 from controlnet.data.fill50k import generate
-from controlnet.objectives import as_condition
+from controlnet.training.objectives import as_condition
 from tiny import make_base
 
 

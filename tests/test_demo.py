@@ -8,7 +8,7 @@ from PIL import Image
 from controlnet.bundled import BUNDLED_GUIDANCE
 from controlnet.cli import main
 from controlnet.demo import builtin_outline, run_demo
-from controlnet.metrics import fill_outline
+from controlnet.evaluation.metrics import fill_outline
 
 
 def test_builtin_outline_is_a_closed_circle_outline():

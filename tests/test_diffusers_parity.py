@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 
 from controlnet import Family
+from controlnet.choices import Sampler
 from controlnet.formats import Format, save_controlnet
-from controlnet.generate import ControlRequest, GenerationRequest, generate
-from controlnet.sampling import Sampler, initial_noise, step_generators
+from controlnet.generation.generate import ControlRequest, GenerationRequest, generate
+from controlnet.generation.sampling import initial_noise, step_generators
 from tiny import make_base, make_controlnet
 
 # SD's released scheduler config (what StableDiffusionPipeline.from_pretrained reads)

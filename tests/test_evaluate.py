@@ -13,9 +13,16 @@ from PIL import Image
 from controlnet import Family
 from controlnet.data import generate, open_dataset, read_samples, render_sample, shape_masks
 from controlnet.data.colors import color_distance, rgb
-from controlnet.evaluate import EvalConfig, EvalResult, evaluate, fill50k_scorer, prompt_colours, write_report
-from controlnet.metrics import COLOUR_TOLERANCE, edge_f1, ssim
-from controlnet.validation import to_uint8
+from controlnet.evaluation.evaluate import (
+    EvalConfig,
+    EvalResult,
+    evaluate,
+    fill50k_scorer,
+    prompt_colours,
+    write_report,
+)
+from controlnet.evaluation.metrics import COLOUR_TOLERANCE, edge_f1, ssim
+from controlnet.imageio import to_uint8
 from tiny import make_base, make_controlnet
 
 FILL50K_KEYS = {

@@ -152,7 +152,7 @@ def test_a_file_for_another_family_or_without_a_base_is_refused(tmp_path):
     any tensor is read: the base here is a real-size SD1.5 UNet on the meta device."""
     from diffusers import UNet2DConditionModel
 
-    from controlnet.families import unet_config
+    from controlnet.families.sd.configs import unet_config
 
     to_k = "input_blocks.4.1.transformer_blocks.0.attn2.to_k"
     path = save(

@@ -10,7 +10,7 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 
 from controlnet import Family
-from controlnet.families import unet_config
+from controlnet.families.sd.configs import unet_config
 from controlnet.formats import CheckpointError, merge_loras, read_lora
 from controlnet.formats.lora import layer_names
 from tiny import kohya, lowrank, lowrank_like, make_base

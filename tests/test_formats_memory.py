@@ -10,11 +10,11 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from controlnet import ControlNet, Family
-from controlnet.families import tiny_unet_config
+from controlnet.families.sd.base import BaseModel
+from controlnet.families.sd.configs import tiny_unet_config
 from controlnet.formats import BaseConfig, Format, save_controlnet
 from controlnet.formats.original import base_tensors, controlnet_tensors
-from controlnet.models import BaseModel
-from controlnet.tokenizer import clip_tokenizer
+from controlnet.text.tokenizer import clip_tokenizer
 from tiny import make_text_encoder, make_vae, released_file
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from controlnet import ControlNet, ControlNetConfig, Family
-from controlnet.families import unet_config
+from controlnet.families.sd.base import BaseModel
+from controlnet.families.sd.configs import unet_config
 from controlnet.formats import BaseConfig
 from controlnet.formats import diffusers as dif
 from controlnet.formats import original as orig
 from controlnet.formats.build import build_text_encoder, build_unet, build_vae, make_base
 from controlnet.formats.checkpoint import TensorFile
-from controlnet.models import BaseModel
-from controlnet.tokenizer import clip_tokenizer
+from controlnet.text.tokenizer import clip_tokenizer
 from tiny import schedule_buffers
 
 DATA = Path(__file__).parent / "data"

@@ -10,14 +10,14 @@ from PIL import Image
 
 from controlnet import Family
 from controlnet.annotators.utils import model_size
-from controlnet.generate import (
+from controlnet.generation.generate import (
     PAPER_DEFAULT_PROMPT,
     ControlRequest,
     GenerationRequest,
     generate,
     resolve_prompt,
 )
-from controlnet.sidecar import read_sidecar, verify_inputs, write_outputs
+from controlnet.generation.sidecar import read_sidecar, verify_inputs, write_outputs
 from tiny import make_base, make_controlnet
 
 
@@ -112,7 +112,7 @@ def test_prompt_settings(files):
 
 
 def test_missing_captioner_weights_is_a_clear_error(tmp_path):
-    from controlnet.captioner import Captioner
+    from controlnet.generation.captioner import Captioner
 
     with pytest.raises(FileNotFoundError, match=r"has no config\.json: download a BLIP captioning model"):
         Captioner(tmp_path)

@@ -9,9 +9,9 @@ from PIL import Image
 
 from controlnet import Family
 from controlnet.cli import main
-from controlnet.generate import GenerationRequest
-from controlnet.models import OFFLOADED
-from controlnet.service import ServeConfig, Service
+from controlnet.families.sd.base import OFFLOADED
+from controlnet.generation.generate import GenerationRequest
+from controlnet.serving.service import ServeConfig, Service
 from tiny import make_base, make_controlnet
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from controlnet.data.colors import color_distance, rgb
 from controlnet.data.fill50k import Sample, Shape, render_sample, sample_params, shape_masks
-from controlnet.metrics import (
+from controlnet.evaluation.metrics import (
     COLOUR_TOLERANCE,
     edge_f1,
     fill_outline,

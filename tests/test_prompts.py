@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from controlnet import Family
-from controlnet.prompts import (
+from controlnet.text.prompts import (
     CHUNK_TOKENS,
     EMPHASIS,
     encode_guided,
@@ -14,7 +14,7 @@ from controlnet.prompts import (
     prompt_chunks,
     token_count,
 )
-from controlnet.tokenizer import clip_tokenizer
+from controlnet.text.tokenizer import clip_tokenizer
 from tiny import make_base
 
 

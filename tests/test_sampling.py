@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from controlnet import Family
-from controlnet.control import Control
-from controlnet.sampling import ControlUnit, Sampler, denoise
+from controlnet.choices import Sampler
+from controlnet.generation.sampling import ControlUnit, denoise
+from controlnet.model.control import Control
 from tiny import make_base, make_controlnet
 
 LAT = (8, 8)
@@ -61,7 +62,7 @@ def test_window_runs_only_its_steps_and_equals_scale_zero_outside(world, monkeyp
     windowed = run(world, [unit(world, start=0.25, end=0.75)], steps=8)
     assert len(calls) == 4 and windowed.control_calls == {0: 4}  # steps 2..5 of 8
     # Force the ControlNet to run at every step, with all-zero scales outside the window.
-    from controlnet import sampling
+    from controlnet.generation import sampling
 
     original = sampling.PreparedControl.at
 
@@ -137,7 +138,7 @@ def test_a_region_reaches_the_step_graphs_as_an_input(world):
     """A control's region is fed to the cached step graphs through their inputs (a graph must not
     keep the first generation's region): cached equals eager, another region in the same cache
     gives its own result, and a region of ones equals none."""
-    from controlnet.fastpath import release_graphs, step_graphs
+    from controlnet.model.fastpath import release_graphs, step_graphs
 
     base = world[0]
     release_graphs(base.unet)
@@ -186,7 +187,7 @@ def test_step_graphs_equal_eager_and_are_captured_once_across_generations(world)
     """On CPU the cache runs the step on its static buffers: the GPU path's plumbing, minus the
     graph. Graphs are kept on the UNet: later generations with other prompts, seeds and condition
     images replay them; other scales or moved weights get graphs of their own."""
-    from controlnet.fastpath import release_graphs, step_graphs
+    from controlnet.model.fastpath import release_graphs, step_graphs
 
     base, cns = world[0], world[1]
     release_graphs(base.unet)
@@ -230,7 +231,7 @@ def test_step_graphs_equal_eager_and_are_captured_once_across_generations(world)
 def test_compile_modes_and_who_replays_its_own_graphs():
     """A module compiled in reduce-overhead mode replays inductor's CUDA graphs, so the sampler must
     not capture its own graph around it; the default mode leaves graphing to the sampler."""
-    from controlnet.fastpath import compile_modules, has_own_graphs
+    from controlnet.model.fastpath import compile_modules, has_own_graphs
 
     fused, graphed = torch.nn.Conv2d(4, 4, 1), torch.nn.Conv2d(4, 4, 1)
     compile_modules([fused])
@@ -245,7 +246,7 @@ def test_compile_modes_and_who_replays_its_own_graphs():
 def test_networks_that_replay_their_own_graphs_run_one_after_the_other(world, monkeypatch):
     """Networks compiled in reduce-overhead mode (training's) share inductor's one-stream memory
     pool, so the sampler does not put them on side streams; the latents are the same either way."""
-    import controlnet.sampling as sampling
+    import controlnet.generation.sampling as sampling
 
     seen = []
     real = sampling.controlled_unet_forward

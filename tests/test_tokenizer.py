@@ -1,7 +1,7 @@
 """The offline CLIP tokenizer gives the reference token ids of each family."""
 
 from controlnet import Family
-from controlnet.tokenizer import MAX_LENGTH, clip_tokenizer
+from controlnet.text.tokenizer import MAX_LENGTH, clip_tokenizer
 
 # Reference ids of OpenAI's CLIP tokenizer for "a photo of a cat".
 CAT = [49406, 320, 1125, 539, 320, 2368, 49407]

@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from circles import Circles
-from controlnet.objectives import ControlNetObjective, StepNoise, decoder_parameters
-from controlnet.train import TrainConfig, train
-from controlnet.train_state import latest_checkpoint, load_checkpoint
+from controlnet.training.checkpoints import latest_checkpoint, load_checkpoint
+from controlnet.training.objectives import ControlNetObjective, StepNoise, decoder_parameters
+from controlnet.training.train import TrainConfig, train
 from tiny import make_base, make_controlnet
 
 HERE = Path(__file__).parent
@@ -94,7 +94,7 @@ def test_compiled_training_switches_group_norms_and_trains_the_same(tmp_path, mo
     """--compile switches the networks' GroupNorms to the channels-last formulation (the compiler
     itself is stubbed out: CPU compilation of a training step takes minutes); the switched
     networks in channels-last memory train to the same weights as the plain ones."""
-    from controlnet.channels_last_norm import ChannelsLastGroupNorm
+    from controlnet.model.channels_last_norm import ChannelsLastGroupNorm
 
     _, plain = setup()
     train(config(tmp_path, "plain", steps=2), plain, Circles(8))
@@ -177,7 +177,7 @@ def test_a_failed_checkpoint_write_leaves_no_partial_checkpoint(tmp_path, monkey
     run = tmp_path / "run"
     train(config(tmp_path, steps=2, checkpoint_every=2), obj, Circles(8))
     assert latest_checkpoint(run).name == "checkpoint-00000002"
-    import controlnet.train_state as ts
+    import controlnet.training.checkpoints as ts
 
     real = ts.save_safetensors
 
@@ -217,7 +217,7 @@ def test_bad_empty_prompt_probability():
 
 
 def test_base_model_stages_train_their_parts_only(tmp_path):
-    from controlnet.objectives import BaseObjective, VaeObjective
+    from controlnet.training.objectives import BaseObjective, VaeObjective
 
     base = make_base()
     frozen = {"unet": digest(base.unet), "text_encoder": digest(base.text_encoder)}
@@ -238,7 +238,7 @@ def test_base_model_stages_train_their_parts_only(tmp_path):
 
 @pytest.mark.parametrize("precision", ["no", "bf16"])  # bf16: a float32 ControlNet beside a bf16 base
 def test_validation_writes_grids_scores_and_the_convergence_step(tmp_path, precision):
-    from controlnet.validation import ControlValidator
+    from controlnet.training.validation import ControlValidator
 
     calls = []
 
@@ -271,7 +271,7 @@ def test_validation_writes_grids_scores_and_the_convergence_step(tmp_path, preci
 
 def _spoil_sample(monkeypatch, index: int, value: float):
     """Make validation's sampler return sample ``index`` filled with ``value``; returns the real one."""
-    import controlnet.validation as validation
+    import controlnet.training.validation as validation
 
     real = validation.denoise
 
@@ -286,7 +286,7 @@ def _spoil_sample(monkeypatch, index: int, value: float):
 
 def test_validation_warns_of_samples_that_are_not_finite(tmp_path, monkeypatch):
     """A sample that came out NaN is named, not only drawn black."""
-    import controlnet.validation as validation
+    import controlnet.training.validation as validation
 
     real = _spoil_sample(monkeypatch, 0, float("nan"))
     _, obj = setup()
@@ -304,8 +304,8 @@ def test_base_model_validation_reconstructs_or_samples_and_restores_training_mod
     """The VAE stage is scored by reconstruction PSNR, the base stage by samples from the held-out
     prompts alone; both draw a grid, hand the networks back in training mode, and name samples that
     are not finite."""
-    import controlnet.validation as validation
-    from controlnet.objectives import BaseObjective, VaeObjective
+    import controlnet.training.validation as validation
+    from controlnet.training.objectives import BaseObjective, VaeObjective
 
     base, data = make_base(), Circles(6)
     val = validation.ImageValidator(data, 2, steps=2)
@@ -325,7 +325,7 @@ def test_base_model_validation_reconstructs_or_samples_and_restores_training_mod
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero_on_a_cosine():
-    from controlnet.train import lr_factor
+    from controlnet.training.train import lr_factor
 
     cfg = TrainConfig(out="unused", steps=110, warmup_steps=10, lr_schedule="cosine")
     warm = [lr_factor(cfg, s, 110) for s in range(10)]

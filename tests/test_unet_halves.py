@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from controlnet import Control, Family, control_scales, controlled_unet_forward
-from controlnet.unet_halves import decoder_half, encoder_half
+from controlnet.families.sd.halves import decoder_half, encoder_half
 from tiny import cond_image, make_controlnet, make_unet, unet_inputs
 
 

@@ -6,7 +6,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from controlnet import ControlNet, ControlNetConfig, Family
-from controlnet.families import tiny_unet_config
+from controlnet.families.sd.configs import tiny_unet_config
 
 LATENT = 8  # latent side; condition images are 8x larger
 CROSS = 16
@@ -92,8 +92,8 @@ def make_text_encoder(hidden: int = CROSS, *, projection: bool = False, seed: in
 
 def make_base(family: Family = Family.SD1, seed: int = 0):
     """A complete tiny base model of ``family`` (random weights)."""
-    from controlnet.models import BaseModel
-    from controlnet.tokenizer import clip_tokenizer
+    from controlnet.families.sd.base import BaseModel
+    from controlnet.text.tokenizer import clip_tokenizer
 
     if family is Family.SDXL:
         # context = both encoders' hidden states concatenated; pooled = the second's projection

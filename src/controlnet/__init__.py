@@ -1,7 +1,7 @@
 """ControlNet for Stable Diffusion-family models (Zhang & Agrawala, ICCV 2023).
 
 Public API: the model (:class:`ControlNet`), the generic controlled block, and how residuals
-enter a locked UNet (:mod:`controlnet.control`). Names are imported on first use, so commands
+enter a locked UNet (:mod:`controlnet.model.control`). Names are imported on first use, so commands
 that need no model (data generation, ``--help``) do not pay for importing torch and diffusers.
 """
 
@@ -13,23 +13,23 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Control": "control",
-    "ControlMode": "control",
-    "ControlledUNet": "control",
-    "control_residuals": "control",
-    "control_scales": "control",
-    "controlled_unet_forward": "control",
-    "soft_scales": "control",
-    "ControlNet": "controlnet",
-    "ControlNetConfig": "controlnet",
-    "HintEncoder": "controlnet",
-    "Family": "families",
-    "unet_config": "families",
-    "ControlledBlock": "zero",
-    "Layout": "zero",
-    "zero_conv": "zero",
-    "zero_linear": "zero",
-    "zero_module": "zero",
+    "Control": "model.control",
+    "ControlMode": "choices",
+    "ControlledUNet": "model.control",
+    "control_residuals": "model.control",
+    "control_scales": "model.control",
+    "controlled_unet_forward": "model.control",
+    "soft_scales": "model.control",
+    "ControlNet": "families.sd.controlnet",
+    "ControlNetConfig": "families.sd.controlnet",
+    "HintEncoder": "families.sd.controlnet",
+    "Family": "families.sd.configs",
+    "unet_config": "families.sd.configs",
+    "ControlledBlock": "model.zero",
+    "Layout": "model.zero",
+    "zero_conv": "model.zero",
+    "zero_linear": "model.zero",
+    "zero_module": "model.zero",
 }
 
 __all__ = [
@@ -64,15 +64,15 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    from .control import (
+    from .choices import ControlMode
+    from .families.sd.configs import Family, unet_config
+    from .families.sd.controlnet import ControlNet, ControlNetConfig, HintEncoder
+    from .model.control import (
         Control,
         ControlledUNet,
-        ControlMode,
         control_residuals,
         control_scales,
         controlled_unet_forward,
         soft_scales,
     )
-    from .controlnet import ControlNet, ControlNetConfig, HintEncoder
-    from .families import Family, unet_config
-    from .zero import ControlledBlock, Layout, zero_conv, zero_linear, zero_module
+    from .model.zero import ControlledBlock, Layout, zero_conv, zero_linear, zero_module

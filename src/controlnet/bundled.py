@@ -33,7 +33,7 @@ BUNDLED_SETTINGS = {"guidance": BUNDLED_GUIDANCE, "added_prompt": "", "negative_
 def model_settings(base: str | None) -> dict[str, Any]:
     """The generation settings a run starts from, before the user's own: the bundled model's
     (:data:`BUNDLED_SETTINGS`) when no base model is named, since the bundled one then runs; none
-    for a named base (SD's defaults, :class:`~controlnet.generate.GenerationRequest`'s)."""
+    for a named base (SD's defaults, :class:`~controlnet.generation.generate.GenerationRequest`'s)."""
     return dict(BUNDLED_SETTINGS) if base is None else {}
 
 

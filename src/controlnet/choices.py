@@ -1,12 +1,29 @@
-"""Names users give for a choice (a sampler, a control mode, ...) read into its enum, with an error
-that names the setting and lists what it takes."""
+"""The named settings users choose from (a sampler, a control mode, a dtype, ...), in one place.
+
+Each is an Enum whose values are what users type, what the sidecar stores and what the API
+accepts; :func:`parse_choice` reads a name into its member with an error that names the setting
+and lists what it takes. This module imports nothing heavy, so that the command line's help can be
+built from the request schema without loading torch or diffusers. What a choice does lives with
+the code that does it (the schedulers in :mod:`controlnet.generation.sampling`, control scales in
+:mod:`controlnet.model.control`).
+"""
 
 from __future__ import annotations
 
 from enum import Enum
 from typing import Any, TypeVar
 
-__all__ = ["parse_choice"]
+__all__ = [
+    "ControlMode",
+    "DType",
+    "HiresUpscaler",
+    "PromptSetting",
+    "PromptSyntax",
+    "ResizeMode",
+    "Sampler",
+    "TimestepSpacing",
+    "parse_choice",
+]
 
 E = TypeVar("E", bound=Enum)
 
@@ -19,3 +36,119 @@ def parse_choice(enum: type[E], value: Any, what: str) -> E:
     except ValueError:
         names = ", ".join(str(e.value) for e in enum)
         raise ValueError(f"unknown {what} {value!r}; expected one of: {names}") from None
+
+
+class DType(Enum):
+    """The floating-point types weights and activations are held in: one vocabulary for
+    generation, conversion and training. The short names of other tools (fp32, fp16, bf16, and
+    accelerate's "no" for full precision) are read as their members."""
+
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+
+    @classmethod
+    def _missing_(cls, value: object) -> DType | None:
+        aliases = {"fp32": "float32", "no": "float32", "fp16": "float16", "bf16": "bfloat16"}
+        return cls(aliases[value]) if isinstance(value, str) and value in aliases else None
+
+    @classmethod
+    def parse(cls, value: str | DType) -> DType:
+        return parse_choice(cls, value, "dtype")
+
+    @property
+    def torch(self):  # -> torch.dtype (torch is imported when it is asked for)
+        import torch
+
+        return getattr(torch, self.value)
+
+    @property
+    def accelerate(self) -> str:
+        """accelerate's name for mixed precision in this type ("no": full precision)."""
+        return {"float32": "no", "float16": "fp16", "bfloat16": "bf16"}[self.value]
+
+
+class Sampler(Enum):
+    """The samplers, named as the A1111 web UI names them (one model call per step each). LCM is
+    for models distilled to take few steps (an LCM-LoRA merged with ``--lora``): 2-8 steps,
+    guidance 1-2."""
+
+    DDIM = "ddim"
+    UNIPC = "unipc"
+    DPMPP_2M = "dpmpp-2m"
+    DPMPP_2M_KARRAS = "dpmpp-2m-karras"
+    DPMPP_2M_SDE_KARRAS = "dpmpp-2m-sde-karras"
+    EULER = "euler"
+    EULER_A = "euler-a"
+    LCM = "lcm"
+
+    @classmethod
+    def parse(cls, value: str | Sampler) -> Sampler:
+        return parse_choice(cls, value, "sampler")
+
+
+class TimestepSpacing(Enum):
+    """Which timesteps of the training schedule the steps visit (diffusers' ``timestep_spacing``).
+    DEFAULT: each sampler's own, as SD's released scheduler config sets it up (DDIM: leading;
+    UniPC, DPM++ 2M, Euler and Euler a: linspace). TRAILING ends on the schedule's last
+    timestep, the A1111 web UI's "SGM Uniform": what few-step models such as SDXL-Turbo and
+    SDXL-Lightning expect. The Karras samplers and LCM place their steps themselves and take
+    DEFAULT only."""
+
+    DEFAULT = "default"
+    LEADING = "leading"
+    LINSPACE = "linspace"
+    TRAILING = "trailing"
+
+    @classmethod
+    def parse(cls, value: str | TimestepSpacing) -> TimestepSpacing:
+        return parse_choice(cls, value, "timestep spacing")
+
+
+class ControlMode(Enum):
+    """The three control modes users know from the A1111 extension."""
+
+    BALANCED = "balanced"  # flat scales, control on both CFG halves
+    PROMPT = "prompt"  # "My prompt is more important": soft scales, both halves
+    CONTROLNET = "controlnet"  # "ControlNet is more important": soft scales, conditional half only
+
+    @classmethod
+    def parse(cls, value: str | ControlMode) -> ControlMode:
+        return parse_choice(cls, value, "control mode")
+
+    @property
+    def soft(self) -> bool:
+        return self is not ControlMode.BALANCED
+
+    @property
+    def conditional_only(self) -> bool:
+        return self is ControlMode.CONTROLNET
+
+
+class ResizeMode(Enum):
+    """How an image of another aspect ratio than the output is fitted to it."""
+
+    STRETCH = "stretch"  # each side scaled on its own: nothing lost, shapes distorted
+    CROP = "crop"  # scaled to cover the output, the centre kept: nothing distorted, edges lost
+    FILL = "fill"  # scaled to fit inside, centred on a padded canvas: nothing lost or distorted
+
+
+class PromptSyntax(str, Enum):
+    WEIGHTED = "weighted"  # emphasis brackets, BREAK, chunks of 75 tokens
+    PLAIN = "plain"  # the text as it is, cut after 75 tokens
+
+
+class PromptSetting(Enum):
+    """The paper's four prompt settings (section 4)."""
+
+    USER = "user"  # the user's prompt
+    NONE = "none"  # the empty prompt
+    DEFAULT = "default"  # "a professional, detailed, high-quality image"
+    AUTO = "auto"  # a caption of the condition's source image, from a local BLIP-style captioner
+
+
+class HiresUpscaler(Enum):
+    """How the hires fix enlarges the first pass."""
+
+    LATENT = "latent"  # the latents, bilinearly: no VAE round trip; wants denoise >= 0.5
+    IMAGE = "image"  # the decoded pixels (bicubic, antialiased), encoded again: keeps more at low denoise

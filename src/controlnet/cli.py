@@ -355,7 +355,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
-    from .controlnet import ControlNetConfig
+    from .families.sd.controlnet import ControlNetConfig
     from .formats import init_controlnet, load_base, save_controlnet
 
     base = load_base(args.base, dtype=_dtype(args.dtype)) if args.with_base else args.base
@@ -445,8 +445,8 @@ def _per_control(values: list, n: int, flag: str, default: object) -> list:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import ControlRequest, GenerationRequest, LoraRequest
-    from .pipeline import run_batch
+    from .generation.generate import ControlRequest, GenerationRequest, LoraRequest
+    from .generation.pipeline import run_batch
 
     if args.from_sidecar:
         return _replay(args)
@@ -537,8 +537,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _replay(args: argparse.Namespace) -> int:
 
-    from .pipeline import run
-    from .sidecar import read_sidecar, verify_inputs
+    from .generation.pipeline import run
+    from .generation.sidecar import read_sidecar, verify_inputs
 
     record = read_sidecar(args.from_sidecar)
     verify_inputs(record)
@@ -574,9 +574,9 @@ def lora_arg(text: str) -> tuple[str, float]:
     return m["path"], float(m["scale"])
 
 
-#: ``controlnet.sampling.Sampler``'s names, spelled out so that ``--help`` needs no diffusers import
+#: the samplers' names (generation.sampling.Sampler's), spelled out: --help imports no diffusers
 SAMPLERS = ("ddim", "unipc", "dpmpp-2m", "dpmpp-2m-karras", "dpmpp-2m-sde-karras", "euler", "euler-a", "lcm")
-#: ``controlnet.sampling.TimestepSpacing``'s names, likewise
+#: ``controlnet.generation.sampling.TimestepSpacing``'s names, likewise
 SPACINGS = ("default", "leading", "linspace", "trailing")
 _GUIDANCE_HELP = "classifier-free guidance scale (default 9; 1.5 for the bundled model, used without --base)"
 
@@ -733,8 +733,8 @@ def _kv_params(values: list[str]) -> dict[str, str]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .recipes import RunSpec, run_training
-    from .train import TrainConfig
+    from .training.recipes import RunSpec, run_training
+    from .training.train import TrainConfig
 
     params = _kv_params(args.annotator_param)
     if args.annotator and params:
@@ -898,10 +898,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from .bundled import model_settings
     from .data import open_dataset
-    from .evaluate import EvalConfig, evaluate, write_report
+    from .evaluation.evaluate import EvalConfig, evaluate, write_report
     from .formats import load_controlnet
-    from .generate import ControlRequest, GenerationRequest
-    from .pipeline import ModelCache, resolve_paths
+    from .generation.generate import ControlRequest, GenerationRequest
+    from .generation.pipeline import ModelCache, resolve_paths
 
     req = resolve_paths(
         GenerationRequest(
@@ -984,9 +984,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ImportError:
         raise ValueError(_APP_MISSING) from None
 
-    from .limits import Limits
-    from .server import serve
-    from .service import ServeConfig
+    from .serving.limits import Limits
+    from .serving.server import serve
+    from .serving.service import ServeConfig
 
     limits = Limits(
         max_megapixels=args.max_megapixels,
@@ -1013,7 +1013,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
-    from .limits import Limits
+    from .serving.limits import Limits
 
     d = Limits()
     p = sub.add_parser(

@@ -3,7 +3,7 @@
 An outline (a built-in circle, or the user's drawing: white lines on black) goes through the same
 loaders and pipeline as any Stable Diffusion model; the demo writes the grid (condition | samples)
 with each sample and its JSON sidecar, and prints how well the samples follow the condition and
-the prompt's colours (the fill50k scores of :mod:`controlnet.evaluate`).
+the prompt's colours (the fill50k scores of :mod:`controlnet.evaluation.evaluate`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import numpy as np
 
 from .bundled import BUNDLED_GUIDANCE, BUNDLED_SETTINGS
 from .data.fill50k import Sample, Shape, line_width_for, render_sample
-from .generate import ControlRequest, GenerationRequest
+from .evaluation.metrics import COLOUR_TOLERANCE, fill_outline
+from .generation.generate import ControlRequest, GenerationRequest
 from .imageio import read_image, save_png
-from .metrics import COLOUR_TOLERANCE, fill_outline
 
 __all__ = ["DEMO_PROMPT", "DemoResult", "builtin_outline", "run_demo"]
 
@@ -70,7 +70,7 @@ def run_demo(
 
     ``base`` / ``controlnet`` default to the bundled files. Prints the grid's path and the scores.
     """
-    from .pipeline import run
+    from .generation.pipeline import run
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,7 +108,7 @@ def run_demo(
 def _scores(images: list[np.ndarray], cond: np.ndarray, prompt: str) -> tuple[float, float | None]:
     """Mean IoU and colour accuracy; for a prompt that names no fill50k colours, the IoU of the
     pixels unlike the background (the border's median colour) with the outline's region."""
-    from .evaluate import fill50k_scores, prompt_colours
+    from .evaluation.evaluate import fill50k_scores, prompt_colours
 
     if not fill_outline(cond).any():
         print("note: the condition holds no closed outline; the IoU compares against an empty shape")

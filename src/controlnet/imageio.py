@@ -10,9 +10,13 @@ import tempfile
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -27,6 +31,7 @@ __all__ = [
     "read_mask",
     "save_png",
     "sha256_file",
+    "to_uint8",
     "write_image",
 ]
 
@@ -208,3 +213,13 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
             while block := fh.read(chunk):
                 h.update(block)
     return h.hexdigest()
+
+
+def to_uint8(x: torch.Tensor, lo: float = -1.0) -> np.ndarray:
+    """(3, H, W) tensor in [lo, 1] (or already uint8) -> (H, W, 3) uint8."""
+    import torch
+
+    if x.dtype == torch.uint8:
+        return x.permute(1, 2, 0).cpu().numpy()
+    x = (x.detach().float().cpu().clamp(lo, 1) - lo) / (1 - lo)
+    return (x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)

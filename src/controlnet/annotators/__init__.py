@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ..choices import ResizeMode
 from . import (
     canny,
     color,
@@ -26,7 +27,7 @@ from . import (
     lineart,
     lines,
     normal,
-    pose,
+    openpose,
     scribble,
     segmentation,
     shuffle,
@@ -39,7 +40,7 @@ from .normal import depth_to_normal, normals_to_rgb
 from .pose import Person, draw_pose, people_from_openpose_json
 from .registry import Annotator, Param, ParamType
 from .segmentation import colors_to_labels, labels_to_colors
-from .utils import ResizeMode, condition_tensor, fit_to, hwc3, resize_for_detection, resize_for_model
+from .utils import condition_tensor, fit_to, hwc3, resize_for_detection, resize_for_model
 
 __all__ = [
     "ANNOTATORS",
@@ -68,7 +69,7 @@ __all__ = [
 ]
 
 _MODULES = (canny, lines, softedge, hed, scribble, lineart, shuffle, tile, color, inpaint, simple)
-_MODULES += (pose, segmentation, depth, normal)
+_MODULES += (openpose, segmentation, depth, normal)
 
 ANNOTATORS: dict[str, Annotator] = {a.name: a for m in _MODULES for a in m.ENTRIES}
 

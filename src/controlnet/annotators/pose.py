@@ -1,5 +1,5 @@
-"""OpenPose keypoints: the data, the renderer of the released annotator, OpenPose JSON in and out,
-and the learned body estimator's registry entry.
+"""OpenPose keypoints: the data, the renderer of the released annotator, and OpenPose JSON in and
+out (the learned body estimator is :mod:`.pose_net`, its annotator :mod:`.openpose`).
 
 Keypoints are stored resolution-free, as the v1.1 annotator does: x and y are fractions of the
 image width and height, with a confidence; confidence <= 0 means "not detected". Layouts:
@@ -26,8 +26,6 @@ from typing import Any
 
 import cv2
 import numpy as np
-
-from .registry import Annotator, Param, ParamType
 
 __all__ = [
     "BODY_COLORS",
@@ -243,30 +241,3 @@ def people_to_openpose_json(people: Sequence[Person], width: int, height: int) -
             for p in people
         ],
     }
-
-
-def openpose(image: np.ndarray, weights: str = "body_pose_model.pth") -> np.ndarray:
-    """HxWx3 uint8 photo -> HxWx3 uint8 OpenPose body map (learned estimator, user weights)."""
-    from .pose_net import estimate_body
-
-    people = estimate_body(image, weights)
-    return draw_pose(people, image.shape[0], image.shape[1])
-
-
-ENTRIES = (
-    Annotator(
-        name="openpose",
-        description="OpenPose body keypoints (COCO-18) by the released body network, drawn as v1.1 does",
-        fn=openpose,
-        params=(
-            Param(
-                "weights",
-                ParamType.STR,
-                "body_pose_model.pth",
-                "body_pose_model.pth (lllyasviel/Annotators): file name in the annotator folder, or a path",
-            ),
-        ),
-        needs_weights=True,
-        nearest=True,
-    ),
-)

@@ -15,14 +15,13 @@ Conventions (those of the released ControlNet apps):
 
 from __future__ import annotations
 
-from enum import Enum
-
 import cv2
 import numpy as np
 import torch
 
+from ..choices import ResizeMode
+
 __all__ = [
-    "ResizeMode",
     "condition_tensor",
     "fill_box",
     "fit_to",
@@ -86,14 +85,6 @@ def resize_for_model(image: np.ndarray, resolution: int, nearest: bool = False) 
     INTER_NEAREST. An alpha channel (inpainting masks) is always resized with nearest.
     """
     return resize_to(image, model_size(image.shape[0], image.shape[1], resolution), nearest)
-
-
-class ResizeMode(Enum):
-    """How an image of another aspect ratio than the output is fitted to it."""
-
-    STRETCH = "stretch"  # each side scaled on its own: nothing lost, shapes distorted
-    CROP = "crop"  # scaled to cover the output, the centre kept: nothing distorted, edges lost
-    FILL = "fill"  # scaled to fit inside, centred on a padded canvas: nothing lost or distorted
 
 
 def fill_box(image_hw: tuple[int, int], size: tuple[int, int]) -> tuple[int, int, int, int]:

@@ -37,8 +37,8 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
 from .. import __version__
+from ..families.sd.base import BaseModel, PromptEmbeddings
 from ..imageio import atomic_write_bytes
-from ..models import BaseModel, PromptEmbeddings
 from .datasets import ControlDataset
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 A base model's architecture is a :class:`BaseConfig` (UNet, VAE, text encoder(s), schedule). It
 comes, in this order, from our own metadata in the file, from the caller, or from the family
-configs that ship in :mod:`controlnet.families`, the family being read off tensor shapes. Modules
+configs that ship in :mod:`controlnet.families.sd.configs`, the family being read off tensor shapes. Modules
 are built on the meta device (no memory, no random init) and filled by
 :func:`~controlnet.formats.keymap.load_into`.
 """
@@ -20,10 +20,10 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from ..controlnet import ControlNet, ControlNetConfig
-from ..families import Family, family_of_unet_config, text_encoder_config, unet_config, vae_config
-from ..models import DEFAULT_SCHEDULE, BaseModel
-from ..tokenizer import clip_tokenizer
+from ..families.sd.base import DEFAULT_SCHEDULE, BaseModel
+from ..families.sd.configs import Family, family_of_unet_config, text_encoder_config, unet_config, vae_config
+from ..families.sd.controlnet import ControlNet, ControlNetConfig
+from ..text.tokenizer import clip_tokenizer
 from .checkpoint import CheckpointError, TensorFile
 
 __all__ = [

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from diffusers import UNet2DConditionModel
 
-from ..controlnet import ControlNet, ControlNetConfig
-from ..families import Family, family_of_unet_config
+from ..families.sd.configs import Family, family_of_unet_config
+from ..families.sd.controlnet import ControlNet, ControlNetConfig
 from .build import build_controlnet, family_from_context, hint_config_from_shapes, numbered
 from .checkpoint import CheckpointError, TensorFile, list_keys
 from .keymap import Rule, shapes_of

@@ -29,11 +29,11 @@ from typing import Any
 import diffusers
 import torch
 
-from ..controlnet import ControlNet, ControlNetConfig
-from ..families import Family
-from ..families import unet_config as family_unet_config
-from ..models import DEFAULT_SCHEDULE, BaseModel
-from ..tokenizer import _vocab_and_merges
+from ..families.sd.base import DEFAULT_SCHEDULE, BaseModel
+from ..families.sd.configs import Family
+from ..families.sd.configs import unet_config as family_unet_config
+from ..families.sd.controlnet import ControlNet, ControlNetConfig
+from ..text.tokenizer import _vocab_and_merges
 from .build import (
     TEXT_FIELDS,
     UNET_FIELDS,

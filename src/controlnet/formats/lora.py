@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..models import BaseModel
+from ..families.sd.base import BaseModel
 from .build import text_key_prefix
 from .checkpoint import CheckpointError, TensorFile, list_keys, open_tensors
 from .ldm import unet_rule

@@ -28,10 +28,10 @@ from typing import Any
 import torch
 import yaml
 
-from ..controlnet import ControlNet, ControlNetConfig
-from ..families import Family, family_of_unet_config
-from ..families import unet_config as family_unet
-from ..models import BaseModel
+from ..families.sd.base import BaseModel
+from ..families.sd.configs import Family, family_of_unet_config
+from ..families.sd.configs import unet_config as family_unet
+from ..families.sd.controlnet import ControlNet, ControlNetConfig
 from .build import (
     BaseConfig,
     Loader,

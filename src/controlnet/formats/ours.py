@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from ..controlnet import ControlNet
-from ..models import BaseModel
+from ..families.sd.base import BaseModel
+from ..families.sd.controlnet import ControlNet
 from .build import (
     FORMAT_VERSION,
     META_FORMAT,

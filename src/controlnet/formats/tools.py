@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from diffusers import UNet2DConditionModel
 
-from ..controlnet import ControlNet, ControlNetConfig
-from ..families import Family, family_of_unet_config
-from ..models import BaseModel
+from ..families.sd.base import BaseModel
+from ..families.sd.configs import Family, family_of_unet_config
+from ..families.sd.controlnet import ControlNet, ControlNetConfig
 from . import control_lora as clora
 from . import diffusers as dif
 from . import original as orig

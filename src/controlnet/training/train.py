@@ -26,10 +26,9 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from .fastpath import check_compile_mode, compile_modules, has_own_graphs
-from .objectives import Objective, StepNoise
-from .plots import line_plot
-from .train_state import (
+from ..model.fastpath import check_compile_mode, compile_modules, has_own_graphs
+from ..plots import line_plot
+from .checkpoints import (
     EMA,
     TrainState,
     latest_checkpoint,
@@ -37,6 +36,7 @@ from .train_state import (
     prune_checkpoints,
     save_checkpoint,
 )
+from .objectives import Objective, StepNoise
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
 
@@ -486,6 +486,6 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    from .imageio import atomic_write_bytes
+    from ..imageio import atomic_write_bytes
 
     atomic_write_bytes(path, (json.dumps(data, indent=1, default=str) + "\n").encode())

@@ -18,7 +18,6 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -27,25 +26,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .annotators import get as _get_annotator
-from .annotators.utils import ResizeMode, condition_tensor, fill_box, fit_to, model_size, resize_to
-from .choices import parse_choice
-from .control import ControlMode
-from .controlnet import ControlNet
-from .fastpath import compile_modules
-from .imageio import read_image, read_mask
-from .models import BaseModel
-from .prompts import PromptSyntax, encode_guided
-from .sampling import (
-    ControlUnit,
+from ..annotators import get as _get_annotator
+from ..annotators.utils import condition_tensor, fill_box, fit_to, model_size, resize_to
+from ..choices import (
+    ControlMode,
+    HiresUpscaler,
+    PromptSetting,
+    PromptSyntax,
+    ResizeMode,
     Sampler,
     TimestepSpacing,
-    check_spacing,
-    check_steps,
-    denoise,
-    mask_to_latent,
-    steps_run,
+    parse_choice,
 )
+from ..families.sd.base import BaseModel
+from ..families.sd.controlnet import ControlNet
+from ..imageio import read_image, read_mask
+from ..model.fastpath import compile_modules
+from ..text.prompts import encode_guided
+from .sampling import ControlUnit, check_spacing, check_steps, denoise, mask_to_latent, steps_run
 
 __all__ = [
     "DEFAULT_ADDED_PROMPT",
@@ -55,9 +53,7 @@ __all__ = [
     "ControlRequest",
     "GenerationRequest",
     "GenerationResult",
-    "HiresUpscaler",
     "LoraRequest",
-    "PromptSetting",
     "final_size",
     "generate",
 ]
@@ -70,22 +66,6 @@ DEFAULT_NEGATIVE_PROMPT = (
 #: The paper's "default prompt" setting.
 PAPER_DEFAULT_PROMPT = "a professional, detailed, high-quality image"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class PromptSetting(Enum):
-    """The paper's four prompt settings (section 4)."""
-
-    USER = "user"  # the user's prompt
-    NONE = "none"  # the empty prompt
-    DEFAULT = "default"  # "a professional, detailed, high-quality image"
-    AUTO = "auto"  # a caption of the condition's source image, from a local BLIP-style captioner
-
-
-class HiresUpscaler(Enum):
-    """How the hires fix enlarges the first pass."""
-
-    LATENT = "latent"  # the latents, bilinearly: no VAE round trip; wants denoise >= 0.5
-    IMAGE = "image"  # the decoded pixels (bicubic, antialiased), encoded again: keeps more at low denoise
 
 
 #: the largest enlargement of the hires fix
@@ -423,7 +403,7 @@ def generate(
     if len(controlnets) != len(request.controls):
         raise ValueError(f"{len(request.controls)} controls but {len(controlnets)} ControlNets")
     base = base.with_clip_skip(request.clip_skip)
-    from .formats import check_compatible
+    from ..formats import check_compatible
 
     for i, (c, cn) in enumerate(zip(request.controls, controlnets)):
         check_compatible(

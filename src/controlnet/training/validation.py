@@ -16,23 +16,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .fastpath import release_graphs
-from .imageio import make_grid, save_png
+from ..generation.sampling import ControlUnit, denoise
+from ..imageio import make_grid, save_png, to_uint8
+from ..model.fastpath import release_graphs
 from .objectives import ControlNetObjective, StepNoise, as_condition
-from .sampling import ControlUnit, denoise
 
-__all__ = ["ControlValidator", "Scorer", "to_uint8"]
+__all__ = ["ControlValidator", "ImageValidator", "Scorer"]
 
 #: (generated images, their held-out items) -> named scores, higher is better.
 Scorer = Callable[[list[np.ndarray], list[dict[str, Any]]], dict[str, float]]
-
-
-def to_uint8(x: torch.Tensor, lo: float = -1.0) -> np.ndarray:
-    """(3, H, W) tensor in [lo, 1] (or already uint8) -> (H, W, 3) uint8."""
-    if x.dtype == torch.uint8:
-        return x.permute(1, 2, 0).cpu().numpy()
-    x = (x.detach().float().cpu().clamp(lo, 1) - lo) / (1 - lo)
-    return (x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
 def _warn_if_not_finite(latents: torch.Tensor, step: int) -> None:
@@ -197,9 +189,9 @@ class ImageValidator:
 
 def _prompt_colour_scores(images: list[np.ndarray], prompts: list[str]) -> dict[str, float]:
     """Mean prompt-colour accuracy of prompt-only samples when the prompts are fill50k's."""
-    from .data.colors import rgb
-    from .data.fill50k import parse_prompt
-    from .evaluate import prompt_colours
+    from ..data.colors import rgb
+    from ..data.fill50k import parse_prompt
+    from ..evaluation.evaluate import prompt_colours
 
     rows = []
     for img, p in zip(images, prompts):

@@ -2,7 +2,7 @@
 
 Resolves the model paths (the bundled model when none is given), loads each model once per
 process (kept in a small cache keyed by path, modification time, dtype and device), runs
-:func:`controlnet.generate.generate` and writes the images, grid and sidecar. A request whose
+:func:`controlnet.generation.generate.generate` and writes the images, grid and sidecar. A request whose
 images name folders (video frames, a set of maps) is a batch: :func:`run_batch` runs one
 generation per image, each with its own sidecar.
 """
@@ -21,11 +21,11 @@ import torch
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
-from .bundled import BUNDLED_BASE, BUNDLED_CONTROLNET, bundled_path
-from .controlnet import ControlNet
+from ..bundled import BUNDLED_BASE, BUNDLED_CONTROLNET, bundled_path
+from ..families.sd.base import BaseModel
+from ..families.sd.controlnet import ControlNet
+from ..imageio import list_images
 from .generate import _DTYPES, GenerationRequest, GenerationResult, draw_seed, generate
-from .imageio import list_images
-from .models import BaseModel
 
 __all__ = ["ModelCache", "expand_folders", "resolve_paths", "run", "run_batch"]
 
@@ -82,7 +82,7 @@ class ModelCache:
         them merged into its weights (kept beside the plain one, keyed by the files and scales).
         ``offload``: a model loaded now keeps its text encoders and VAE in CPU memory
         (:meth:`BaseModel.to`; a generation places the parts as its request says)."""
-        from .formats import load_base, merge_loras
+        from ..formats import load_base, merge_loras
 
         def load() -> BaseModel:
             base = load_base(path, dtype=dtype).to(device, dtype, offload=offload)
@@ -102,7 +102,7 @@ class ModelCache:
     def vae(self, path: str, base: BaseModel, base_path: str, device: str) -> AutoencoderKL:
         """The VAE at ``path`` read into the architecture of ``base``'s (from ``base_path``), in
         the base's VAE dtype."""
-        from .formats import load_vae
+        from ..formats import load_vae
 
         dtype = base.vae.dtype
         return self._get(
@@ -122,7 +122,7 @@ class ModelCache:
     ) -> ControlNet:
         """The ControlNet at ``path``. A Control-LoRA is built on the UNet of the base model
         ``base`` names, (path, LoRAs) as :meth:`base` takes them, and kept per base."""
-        from .formats import load_controlnet, needs_base
+        from ..formats import load_controlnet, needs_base
 
         stamp = _stamp(path)
         if stamp not in self._needs_base:  # once per file version (a pickled file is read whole)

@@ -13,7 +13,6 @@ import inspect
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from enum import Enum
 from typing import Any
 
 import torch
@@ -29,19 +28,17 @@ from diffusers import (
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from tqdm.auto import tqdm
 
-from .choices import parse_choice
-from .control import Control, ControlMode, control_scales, controlled_unet_forward
-from .controlnet import ControlNet
-from .fastpath import compile_modules, has_own_graphs, step_graphs, weights_key
-from .models import BaseModel, PromptEmbeddings
+from ..choices import ControlMode, Sampler, TimestepSpacing
+from ..families.sd.base import BaseModel, PromptEmbeddings
+from ..families.sd.controlnet import ControlNet
+from ..model.control import Control, control_scales, controlled_unet_forward
+from ..model.fastpath import compile_modules, has_own_graphs, step_graphs, weights_key
 
 __all__ = [
     "MAX_LCM_STEPS",
     "ControlUnit",
     "DenoiseResult",
     "PreparedControl",
-    "Sampler",
-    "TimestepSpacing",
     "check_spacing",
     "check_steps",
     "denoise",
@@ -53,25 +50,6 @@ __all__ = [
 ]
 
 
-class Sampler(Enum):
-    """The samplers, named as the A1111 web UI names them (one model call per step each). LCM is
-    for models distilled to take few steps (an LCM-LoRA merged with ``--lora``): 2-8 steps,
-    guidance 1-2."""
-
-    DDIM = "ddim"
-    UNIPC = "unipc"
-    DPMPP_2M = "dpmpp-2m"
-    DPMPP_2M_KARRAS = "dpmpp-2m-karras"
-    DPMPP_2M_SDE_KARRAS = "dpmpp-2m-sde-karras"
-    EULER = "euler"
-    EULER_A = "euler-a"
-    LCM = "lcm"
-
-    @classmethod
-    def parse(cls, value: str | Sampler) -> Sampler:
-        return parse_choice(cls, value, "sampler")
-
-
 #: the samplers that place their steps by Karras' noise levels, whatever the timestep spacing
 _KARRAS = (Sampler.DPMPP_2M_KARRAS, Sampler.DPMPP_2M_SDE_KARRAS)
 
@@ -79,24 +57,6 @@ _KARRAS = (Sampler.DPMPP_2M_KARRAS, Sampler.DPMPP_2M_SDE_KARRAS)
 #: the most steps the LCM sampler takes: its timesteps are picked from the 50-step schedule the
 #: consistency models were distilled on (diffusers' ``original_inference_steps``)
 MAX_LCM_STEPS = 50
-
-
-class TimestepSpacing(Enum):
-    """Which timesteps of the training schedule the steps visit (diffusers' ``timestep_spacing``).
-    DEFAULT: each sampler's own, as SD's released scheduler config sets it up (DDIM: leading;
-    UniPC, DPM++ 2M, Euler and Euler a: linspace). TRAILING ends on the schedule's last
-    timestep, the A1111 web UI's "SGM Uniform": what few-step models such as SDXL-Turbo and
-    SDXL-Lightning expect. The Karras samplers and LCM place their steps themselves and take
-    DEFAULT only."""
-
-    DEFAULT = "default"
-    LEADING = "leading"
-    LINSPACE = "linspace"
-    TRAILING = "trailing"
-
-    @classmethod
-    def parse(cls, value: str | TimestepSpacing) -> TimestepSpacing:
-        return parse_choice(cls, value, "timestep spacing")
 
 
 def check_spacing(sampler: Sampler | str, spacing: TimestepSpacing | str) -> None:

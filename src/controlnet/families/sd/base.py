@@ -21,8 +21,8 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .families import Family
-from .tokenizer import MAX_LENGTH
+from ...text.tokenizer import MAX_LENGTH
+from .configs import Family
 
 __all__ = ["DEFAULT_SCHEDULE", "OFFLOADED", "BaseModel", "PromptEmbeddings"]
 
@@ -193,7 +193,7 @@ class BaseModel:
         self, prompts: Sequence[str], *, size: tuple[int, int] | None = None
     ) -> PromptEmbeddings:
         """Prompts -> UNet context, each cut to the encoder's 77-token window (prompt syntax and
-        longer prompts: :mod:`controlnet.prompts`). ``size`` (height, width) of the image feeds
+        longer prompts: :mod:`controlnet.text.prompts`). ``size`` (height, width) of the image feeds
         SDXL's time ids."""
         if isinstance(prompts, str):
             prompts = [prompts]

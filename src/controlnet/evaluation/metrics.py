@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from .data.colors import delta_e, srgb_to_lab
+from ..data.colors import delta_e, srgb_to_lab
 
 __all__ = [
     "COLOUR_TOLERANCE",

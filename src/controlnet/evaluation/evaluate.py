@@ -1,6 +1,6 @@
 """Controllability, measured: generate for a set of conditions and prompts, score every output.
 
-Metrics (see :mod:`controlnet.metrics` for the per-image measures):
+Metrics (see :mod:`controlnet.evaluation.metrics` for the per-image measures):
 - ``fill50k``: IoU of the generated shape with the condition's (the filled outline), and colour
   accuracy of the shape and of the background against the prompt's named colours.
 - ``edges``: F1 of Canny edges re-extracted from the output against the condition's edges.
@@ -23,13 +23,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .controlnet import ControlNet
-from .generate import PAPER_DEFAULT_PROMPT
-from .imageio import atomic_write_bytes, make_grid, save_png
+from ..families.sd.base import BaseModel
+from ..families.sd.controlnet import ControlNet
+from ..generation.generate import PAPER_DEFAULT_PROMPT
+from ..generation.sampling import ControlUnit, denoise
+from ..imageio import atomic_write_bytes, make_grid, save_png, to_uint8
 from .metrics import COLOUR_TOLERANCE, edge_f1, mean_iou, rmse, shape_and_colour, ssim
-from .models import BaseModel
-from .sampling import ControlUnit, denoise
-from .validation import to_uint8
 
 __all__ = [
     "EvalConfig",
@@ -86,7 +85,7 @@ def prompt_colours(
     shape the median of the pixels far from it. With ``condition``, also ``free_iou``: the IoU of
     those far pixels with the condition's region, which measures shape following whatever colours
     the model chose (the no-prompt setting)."""
-    from .data.colors import delta_e, srgb_to_lab
+    from ..data.colors import delta_e, srgb_to_lab
 
     lab = srgb_to_lab(image)
     border = np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]])
@@ -116,8 +115,8 @@ def fill50k_scorer(images: list[np.ndarray], items: list[dict[str, Any]]) -> dic
 def fill50k_scores(image: np.ndarray, cond: np.ndarray, prompt: str) -> dict[str, float]:
     """One output's fill50k scores against its outline and its prompt's colours (a ValueError for
     a prompt that is not of the fill50k form)."""
-    from .data.colors import rgb
-    from .data.fill50k import parse_prompt
+    from ..data.colors import rgb
+    from ..data.fill50k import parse_prompt
 
     colour, _, background = parse_prompt(prompt)
     s = shape_and_colour(image, cond, rgb(colour), rgb(background))
@@ -148,7 +147,7 @@ def _score(
         return {"ssim": ssim(extracted, cond)}
     if metric is Metric.DEPTH:
         return {"depth_rmse": rmse(extracted.mean(-1), cond.mean(-1))}
-    from .annotators.segmentation import colors_to_labels
+    from ..annotators.segmentation import colors_to_labels
 
     pred, truth = colors_to_labels(extracted), colors_to_labels(cond)
     return {"miou": mean_iou(pred, truth, num_classes=int(max(pred.max(), truth.max())) + 1)}
@@ -193,7 +192,7 @@ def evaluate(
             raise ValueError(
                 f"metric {metric.value} needs the annotator that made the condition maps (--annotator)"
             )
-        from .annotators import get
+        from ..annotators import get
 
         a = get(cfg.annotator)
         params = a.check_params(cfg.annotator_params)
@@ -238,8 +237,8 @@ def evaluate(
             if conditioned:
                 row.update(_score(metric, img, cmap, it["prompt"], ann))
             if metric is Metric.FILL50K:
-                from .data.colors import rgb
-                from .data.fill50k import parse_prompt
+                from ..data.colors import rgb
+                from ..data.fill50k import parse_prompt
 
                 colour, _, background = parse_prompt(it["prompt"])
                 row.update(prompt_colours(img, rgb(colour), rgb(background), cmap if conditioned else None))

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from .formats.checkpoint import save_safetensors
-from .imageio import atomic_write_bytes
+from ..formats.checkpoint import save_safetensors
+from ..imageio import atomic_write_bytes
 
 __all__ = [
     "EMA",

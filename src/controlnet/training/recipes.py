@@ -2,7 +2,7 @@
 and the final export. ``controlnet train`` is a thin shell over :func:`run_training`.
 
 Objectives: ``controlnet`` (the paper), the ablation variants ``gaussian``, ``lite`` and
-``concat`` (see :mod:`controlnet.ablations`), and the two stages of a base model trained from
+``concat`` (see :mod:`controlnet.training.ablations`), and the two stages of a base model trained from
 scratch, ``vae`` and ``base`` (how the bundled model was made).
 """
 
@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from .controlnet import ControlNet, ControlNetConfig
-from .models import BaseModel
+from ..families.sd.base import BaseModel
+from ..families.sd.controlnet import ControlNet, ControlNetConfig
+from ..text.prompts import CHUNK_TOKENS, long_prompts
 from .objectives import BaseObjective, ControlNetObjective, Objective, VaeObjective
-from .prompts import CHUNK_TOKENS, long_prompts
 from .train import TrainConfig, TrainResult, train
 from .validation import ControlValidator, ImageValidator
 
@@ -75,8 +75,8 @@ def architecture(name_or_path: str) -> dict[str, Any]:
 
 
 def load_or_build_base(spec: RunSpec, seed: int) -> BaseModel:
-    from .formats import load_base
-    from .formats.build import BaseConfig, fresh_base
+    from ..formats import load_base
+    from ..formats.build import BaseConfig, fresh_base
 
     if spec.base is not None:
         return load_base(spec.base, dtype=torch.float32)
@@ -88,8 +88,8 @@ def load_or_build_base(spec: RunSpec, seed: int) -> BaseModel:
 
 
 def _controlnet(spec: RunSpec, base: BaseModel) -> torch.nn.Module:
+    from ..formats import check_compatible, load_controlnet
     from .ablations import LiteControlNet, gaussian_connections
-    from .formats import check_compatible, load_controlnet
 
     if spec.init_controlnet is not None:
         cn = load_controlnet(spec.init_controlnet, dtype=torch.float32, base_unet=base.unet)
@@ -133,7 +133,7 @@ def _objective(spec: RunSpec, base: BaseModel) -> Objective:
 
 
 def _dataset(spec: RunSpec, base: BaseModel, objective: Objective, device: str) -> Any:
-    from .data import open_dataset
+    from ..data import open_dataset
 
     dataset = open_dataset(
         spec.data,
@@ -152,7 +152,7 @@ def _dataset(spec: RunSpec, base: BaseModel, objective: Objective, device: str) 
         return dataset
     if spec.objective == "vae":
         raise ValueError("the vae objective trains on pixels: a latent cache (--cache) does not apply")
-    from .data import CachedDataset, build_cache
+    from ..data import CachedDataset, build_cache
 
     build_cache(dataset, base, spec.cache, device=device, batch_size=64)
     needs_cond = spec.objective in _CONTROL_OBJECTIVES
@@ -192,7 +192,7 @@ def _latent_scale(base: BaseModel, dataset: Any, n: int = 512) -> float:
 
 
 def _exporter(spec: RunSpec, base: BaseModel, dataset: Any) -> Any:
-    from .formats import save_base, save_controlnet
+    from ..formats import save_base, save_controlnet
 
     def export(objective: Objective, ema: dict[str, torch.Tensor] | None, out: Path) -> list[Path]:
         out.mkdir(parents=True, exist_ok=True)
@@ -226,7 +226,7 @@ def _exporter(spec: RunSpec, base: BaseModel, dataset: Any) -> Any:
 
 
 def _validator(spec: RunSpec, dataset: Any, count: int) -> Any:
-    from .evaluate import fill50k_scorer
+    from ..evaluation.evaluate import fill50k_scorer
 
     scorer = None
     if _is_fill50k(dataset):
@@ -239,7 +239,7 @@ def _validator(spec: RunSpec, dataset: Any, count: int) -> Any:
 
 
 def _is_fill50k(dataset: Any) -> bool:
-    from .data.fill50k import parse_prompt
+    from ..data.fill50k import parse_prompt
 
     try:
         parse_prompt(dataset.prompt(len(dataset) - 1))

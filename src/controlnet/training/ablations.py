@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from .controlnet import ControlNet, ControlNetConfig, HintEncoder, residual_channels
-from .models import BaseModel
+from ..families.sd.base import BaseModel
+from ..families.sd.controlnet import ControlNet, ControlNetConfig, HintEncoder, residual_channels
+from ..model.zero import zero_conv
 from .objectives import DiffusionInputs, Objective, StepNoise, as_condition
-from .zero import zero_conv
 
 __all__ = ["ConcatObjective", "ConcatUNet", "LiteControlNet", "gaussian_connections"]
 

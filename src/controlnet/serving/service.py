@@ -1,7 +1,7 @@
 """The serving core that the web app and the HTTP API share: models, limits, uploads, one worker.
 
-Both shells (:mod:`controlnet.app`, :mod:`controlnet.api`) turn what a user sent into a
-:class:`~controlnet.generate.GenerationRequest` and hand it to :class:`Service`. The service owns
+Both shells (:mod:`controlnet.serving.app`, :mod:`controlnet.serving.api`) turn what a user sent into a
+:class:`~controlnet.generation.generate.GenerationRequest` and hand it to :class:`Service`. The service owns
 everything that must be the same for both:
 
 - the models, loaded once at start (a clear error when a file is missing or the ControlNets do not
@@ -31,13 +31,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from .bundled import BUNDLED_SETTINGS, model_settings
-from .generate import GenerationRequest, LoraRequest, final_size
-from .imageio import MAX_PIXELS, read_image, read_mask, save_png
+from ..bundled import BUNDLED_SETTINGS, model_settings
+from ..generation.generate import GenerationRequest, LoraRequest, final_size
+from ..imageio import MAX_PIXELS, read_image, read_mask, save_png
 from .limits import Limits
 
 if TYPE_CHECKING:
-    from .models import BaseModel
+    from ..families.sd.base import BaseModel
 
 __all__ = ["BusyError", "Job", "Limits", "Output", "ServeConfig", "Service", "UploadTooLarge"]
 
@@ -120,8 +120,8 @@ class Service:
     """
 
     def __init__(self, config: ServeConfig, cache: Any = None) -> None:
-        from .bundled import BUNDLED_BASE, BUNDLED_CONTROLNET, bundled_path
-        from .pipeline import ModelCache
+        from ..bundled import BUNDLED_BASE, BUNDLED_CONTROLNET, bundled_path
+        from ..generation.pipeline import ModelCache
 
         self.config = config
         self.limits = config.limits
@@ -161,8 +161,8 @@ class Service:
     def _load_models(self) -> BaseModel:
         """Load every model once (into the cache), check the ControlNets fit the base, and return
         the base."""
-        from .formats import check_compatible
-        from .generate import _DTYPES
+        from ..formats import check_compatible
+        from ..generation.generate import _DTYPES
 
         dtype, device = _DTYPES[self.config.dtype], self.config.device
         # LoRAs are read and merged now: a bad file stops the server from starting
@@ -267,7 +267,7 @@ class Service:
     # ------------------------------------------------------------------ requests and limits
     def output_size(self, request: GenerationRequest) -> tuple[int, int]:
         """(H, W) of the images ``request`` will make, hires fix included
-        (:func:`controlnet.generate.final_size`)."""
+        (:func:`controlnet.generation.generate.final_size`)."""
         return final_size(request, self.native_size)
 
     def check(self, request: GenerationRequest) -> GenerationRequest:
@@ -357,7 +357,7 @@ class Service:
         return self._worker.submit(fn).result()
 
     def _run(self, request: GenerationRequest, job: Job) -> Output:
-        from .pipeline import run
+        from ..generation.pipeline import run
 
         with self._lock:
             self._waiting -= 1
@@ -405,8 +405,8 @@ class Service:
     ) -> np.ndarray:
         """The condition map of a stored image (see :func:`controlnet.annotators.prepare_condition`).
         Annotators that load weights run on the worker, since they use the device too."""
-        from . import annotators as A
-        from .annotators.utils import model_size
+        from .. import annotators as A
+        from ..annotators.utils import model_size
 
         annotator = A.get(name)
         params = annotator.check_params(params)
@@ -486,7 +486,7 @@ def _upload_fields(request: GenerationRequest) -> dict[str, str]:
     """The stored upload behind each image field of ``request``: the images among the files the
     sidecar records, by the same names; the request's own first (an upload stored once may be
     named by several fields: a message names it by the first)."""
-    from .sidecar import input_files
+    from ..generation.sidecar import input_files
 
     files = input_files(request)
     fields = {k: files[k] for k in ("init_image", "mask") if k in files}

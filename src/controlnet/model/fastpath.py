@@ -25,8 +25,8 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
+from ..families.sd.halves import compile_halves
 from .channels_last_norm import use_channels_last_group_norm
-from .unet_halves import compile_halves
 
 __all__ = [
     "COMPILE_MODES",
@@ -139,9 +139,9 @@ def compile_modules(modules: Iterable[nn.Module], mode: str = "default", *, trai
     :class:`GraphCache` capture the compiled kernels (inductor's own graphs are not used); it
     fuses the elementwise work and compiles SD1.5 in about a minute. "reduce-overhead" lets
     inductor replay its own CUDA graphs (training, where a step's backward runs too). A UNet's
-    halves (:mod:`controlnet.unet_halves`) are compiled too; torch.compile works on first call, so
+    halves (:mod:`controlnet.families.sd.halves`) are compiled too; torch.compile works on first call, so
     only what runs is compiled. ``training``: GroupNorm layers become
-    :class:`~controlnet.channels_last_norm.ChannelsLastGroupNorm` (fewer layout copies in the
+    :class:`~controlnet.model.channels_last_norm.ChannelsLastGroupNorm` (fewer layout copies in the
     backward pass); generation keeps the native op, which is as fast in a forward pass."""
     check_compile_mode(mode)
     for m in modules:

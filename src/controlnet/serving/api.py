@@ -3,7 +3,7 @@
 Routes (all JSON; images are base64-encoded PNG, or any image format, plain or as a data URL):
 
 - ``POST /api/generate``: a generation request (the fields of
-  :class:`~controlnet.generate.GenerationRequest` that a client may choose; controls name a
+  :class:`~controlnet.generation.generate.GenerationRequest` that a client may choose; controls name a
   ControlNet of the server). Returns the images, the condition maps, the seeds, the full prompt and
   the JSON sidecar of the run.
 - ``POST /api/preprocess``: an annotator name, its parameters and an image -> the condition map.
@@ -32,7 +32,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .generate import ControlRequest, GenerationRequest
+from ..generation.generate import ControlRequest, GenerationRequest
 from .service import BusyError, Service, UploadTooLarge
 
 __all__ = ["ControlBody", "GenerateBody", "PreprocessBody", "create_api", "decode_image", "encode_png"]
@@ -252,7 +252,7 @@ def create_api(service: Service) -> FastAPI:
 
     @api.get("/api/annotators")
     async def annotators() -> JSONResponse:
-        from .annotators import ANNOTATORS
+        from ..annotators import ANNOTATORS
 
         return JSONResponse([_describe(a) for a in sorted(ANNOTATORS.values(), key=lambda a: a.name)])
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from .. import __version__
+from ..imageio import atomic_write_bytes, make_grid, save_png, sha256_file
 from .generate import GenerationRequest, GenerationResult
-from .imageio import atomic_write_bytes, make_grid, save_png, sha256_file
 
 __all__ = ["Record", "input_files", "read_sidecar", "verify_inputs", "write_outputs"]
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from enum import Enum
 from functools import partial
 from typing import Any
 
@@ -23,15 +22,14 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from .choices import parse_choice
-from .controlnet import ControlNet
+from ..choices import ControlMode
+from ..families.sd.controlnet import ControlNet
+from ..families.sd.halves import halves
 from .fastpath import run_concurrently
-from .unet_halves import halves
 
 __all__ = [
     "SOFT_DECAY",
     "Control",
-    "ControlMode",
     "ControlledUNet",
     "control_residuals",
     "control_scales",
@@ -41,26 +39,6 @@ __all__ = [
 
 #: Per-level decay of the "soft" (guess mode) scales: scale_i = s * 0.825 ** (n - 1 - i).
 SOFT_DECAY = 0.825
-
-
-class ControlMode(Enum):
-    """The three control modes users know from the A1111 extension."""
-
-    BALANCED = "balanced"  # flat scales, control on both CFG halves
-    PROMPT = "prompt"  # "My prompt is more important": soft scales, both halves
-    CONTROLNET = "controlnet"  # "ControlNet is more important": soft scales, conditional half only
-
-    @classmethod
-    def parse(cls, value: str | ControlMode) -> ControlMode:
-        return parse_choice(cls, value, "control mode")
-
-    @property
-    def soft(self) -> bool:
-        return self is not ControlMode.BALANCED
-
-    @property
-    def conditional_only(self) -> bool:
-        return self is ControlMode.CONTROLNET
 
 
 def soft_scales(count: int, strength: float = 1.0) -> list[float]:
@@ -207,7 +185,7 @@ def controlled_unet_forward(
 
     ``concurrent``: the UNet's encoder half and each ControlNet run on parallel CUDA streams (none
     of them needs another's output), then the UNet's decoder half takes the residuals
-    (:mod:`controlnet.unet_halves`); the operations, and so the results, are the same as in the
+    (:mod:`controlnet.families.sd.halves`); the operations, and so the results, are the same as in the
     plain order, in which the UNet's forward takes them as ``down_block_additional_residuals`` /
     ``mid_block_additional_residual``.
     """

@@ -1,6 +1,6 @@
 """What a training run trains and the loss it takes (paper section 3.3).
 
-The training loop (:mod:`controlnet.train`) is the same for every objective: it feeds batches,
+The training loop (:mod:`controlnet.training.train`) is the same for every objective: it feeds batches,
 steps the optimizer and keeps checkpoints. An objective is a module whose ``forward(batch, noise)``
 returns the loss, and which says which of its modules are trained and saved.
 
@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from torch import nn
 
-from .control import ControlledUNet
-from .controlnet import ControlNet
-from .models import BaseModel, PromptEmbeddings
+from ..families.sd.base import BaseModel, PromptEmbeddings
+from ..families.sd.controlnet import ControlNet
+from ..model.control import ControlledUNet
 
 __all__ = [
     "BaseObjective",

@@ -15,7 +15,7 @@ from importlib import resources
 
 from transformers import CLIPTokenizer
 
-from .families import Family
+from ..families.sd.configs import Family
 
 __all__ = ["MAX_LENGTH", "clip_tokenizer"]
 

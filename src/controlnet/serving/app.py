@@ -1,7 +1,7 @@
 """The web app: one Gradio page for every condition, up to three control units, img2img and masks.
 
-A thin shell: widgets in, a :class:`~controlnet.generate.GenerationRequest` out, handed to the
-:class:`~controlnet.service.Service` that the HTTP API uses too (same limits, same single worker).
+A thin shell: widgets in, a :class:`~controlnet.generation.generate.GenerationRequest` out, handed to the
+:class:`~controlnet.serving.service.Service` that the HTTP API uses too (same limits, same single worker).
 The annotator parameter widgets are made from the registry's typed :class:`Param` records, so a new
 annotator appears here without a change to this file.
 """
@@ -16,18 +16,18 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
-from .annotators import ANNOTATORS, Annotator, Param, ParamType, ResizeMode, hwc3
-from .control import ControlMode
-from .generate import (
-    MAX_HIRES_SCALE,
-    ControlRequest,
-    GenerationRequest,
+from ..annotators import ANNOTATORS, Annotator, Param, ParamType, hwc3
+from ..choices import (
+    ControlMode,
     HiresUpscaler,
     PromptSetting,
-    resolve_prompt,
+    PromptSyntax,
+    ResizeMode,
+    Sampler,
+    TimestepSpacing,
 )
-from .prompts import CHUNK_TOKENS, PromptSyntax, token_count
-from .sampling import Sampler, TimestepSpacing
+from ..generation.generate import MAX_HIRES_SCALE, ControlRequest, GenerationRequest, resolve_prompt
+from ..text.prompts import CHUNK_TOKENS, token_count
 from .service import BusyError, Service
 
 __all__ = ["build_ui", "checked_upload", "control_annotators", "param_widget"]
@@ -571,8 +571,8 @@ def _wire_unit(service: Service, u: Unit, resolution: gr.Slider, editor: gr.Imag
             image = _unit_image(service, u, data)
             res = int(data[resolution])
             if name == NONE:  # a ready map: shown at the size the model gets it, alpha kept
-                from .annotators import resize_for_model
-                from .imageio import read_image
+                from ..annotators import resize_for_model
+                from ..imageio import read_image
 
                 return resize_for_model(read_image(image, alpha=True), res)
             mask = None

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from .unet_halves import embed_time, encode
-from .zero import zero_conv
+from ...model.zero import zero_conv
+from .halves import embed_time, encode
 
 __all__ = ["ControlNet", "ControlNetConfig", "HintEncoder", "residual_channels"]
 
@@ -139,7 +139,7 @@ class ControlNet(nn.Module):
 
     Build it with :meth:`from_unet` (exact copy of a locked UNet) or :meth:`from_config`
     (architecture only, for loading weights). ``forward`` returns the residuals; how they enter
-    the locked UNet (scales, modes, several ControlNets) is :mod:`controlnet.control`.
+    the locked UNet (scales, modes, several ControlNets) is :mod:`controlnet.model.control`.
     """
 
     def __init__(self, unet: UNet2DConditionModel, config: ControlNetConfig | None = None) -> None:

@@ -30,18 +30,17 @@ import re
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 
-from .families import Family
-from .models import BaseModel, PromptEmbeddings
+from ..choices import PromptSyntax
+from ..families.sd.base import BaseModel, PromptEmbeddings
+from ..families.sd.configs import Family
 from .tokenizer import MAX_LENGTH, clip_tokenizer
 
 __all__ = [
     "CHUNK_TOKENS",
     "EMPHASIS",
-    "PromptSyntax",
     "TokenChunk",
     "encode_guided",
     "encode_prompts",
@@ -57,11 +56,6 @@ EMPHASIS = 1.1
 CHUNK_TOKENS = MAX_LENGTH - 2
 #: a full chunk ends at a comma at most this many tokens back
 COMMA_BACKTRACK = 20
-
-
-class PromptSyntax(str, Enum):
-    WEIGHTED = "weighted"  # emphasis brackets, BREAK, chunks of 75 tokens
-    PLAIN = "plain"  # the text as it is, cut after 75 tokens
 
 
 _TOKENS = re.compile(

@@ -1,0 +1,1 @@
+"""How well outputs follow their condition: per-image metrics and the evaluation of a data set."""

@@ -1,0 +1,1 @@
+"""``controlnet serve``: the shared serving core, the HTTP JSON API, the web app and the server."""
