@@ -155,7 +155,7 @@ def decode_ms(base) -> float:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--peer", action="store_true", help="also time diffusers' pipeline (eager)")
     p.add_argument("--peer-compile", action="store_true", help="also time diffusers with torch.compile")
     p.add_argument("--fast", action="store_true", help="also time our --fast path (torch.compile)")
@@ -174,7 +174,7 @@ def main() -> None:
     dev = "cpu" if args.smoke else "cuda"
     if args.smoke:
         SIZE = 64
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = getattr(torch, args.dtype)
     res: dict[str, Any] = {"env": environment(), "dtype": args.dtype, "command": " ".join(sys.argv)}
     res["matmul_peak_tflops"] = matmul_peak_tflops(dtype=dtype)
     rows: list[dict[str, Any]] = []

@@ -94,7 +94,7 @@ def ours(
             steps=steps,
             batch_size=batch,
             lr=1e-5,
-            mixed_precision="bf16",
+            mixed_precision="bfloat16",
             compile=compile is not None,
             compile_mode=compile or "default",  # (not used when eager)
             gradient_checkpointing=checkpointing,

@@ -3,8 +3,8 @@ change of each copied layer's weight, down = the identity), loaded back on that 
 and the images `controlnet generate` makes with it, against the bundled ControlNet itself, in
 float32 and in a half precision.
 
-    python benchmarks/control_lora_check.py --device cuda --dtype bf16 --out results/control-lora.json
-    python benchmarks/control_lora_check.py --device cpu --dtype bf16   # minutes on 2 cores
+    python benchmarks/control_lora_check.py --device cuda --dtype bfloat16 --out results/control-lora.json
+    python benchmarks/control_lora_check.py --device cpu --dtype bfloat16   # minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -28,9 +28,6 @@ from controlnet.bundled import BUNDLED_BASE, BUNDLED_CONTROLNET, bundled_path
 from controlnet.formats import load_base, load_controlnet
 from controlnet.formats.control_lora import MARKER
 from controlnet.formats.ldm import controlnet_rule
-
-#: the short names this script takes and records -> `controlnet generate --dtype` / torch's names
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def write_control_lora(path: Path) -> int:
@@ -70,7 +67,7 @@ def weights(clora: Path, dtype: torch.dtype, device: str) -> dict[str, float]:
 def images(controlnet: Path | None, cond: Path, dtype: str, device: str, out: Path) -> np.ndarray:
     cmd = [sys.executable, "-m", "controlnet.cli", "generate", "--image", str(cond)]
     cmd += ["--prompt", "gold circle with navy background", "--seed", "1", "--num-samples", "4"]
-    cmd += ["--device", device, "--dtype", DTYPES[dtype], "--out", str(out), "--quiet"]
+    cmd += ["--device", device, "--dtype", dtype, "--out", str(out), "--quiet"]
     cmd += ["--controlnet", str(controlnet)] if controlnet else []
     subprocess.run(cmd, check=True)
     record = json.loads(next(out.glob("*.json")).read_text())
@@ -82,7 +79,9 @@ def images(controlnet: Path | None, cond: Path, dtype: str, device: str, out: Pa
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=("fp16", "bf16"), default="bf16", help="the half precision to check")
+    p.add_argument(
+        "--dtype", choices=("float16", "bfloat16"), default="bfloat16", help="the half precision to check"
+    )
     p.add_argument("--out", default="results/control-lora.json")
     args = p.parse_args()
     res: dict = {"env": environment(), "command": " ".join(sys.argv), "rows": []}
@@ -92,10 +91,10 @@ def main() -> None:
         cond = Image.new("RGB", (128, 128))
         ImageDraw.Draw(cond).ellipse((30, 30, 98, 98), outline="white", width=3)
         cond.save(d / "cond.png")
-        for dtype in ("fp32", args.dtype):
+        for dtype in ("float32", args.dtype):
             row = {
                 "dtype": dtype,
-                **weights(d / "clora.safetensors", getattr(torch, DTYPES[dtype]), args.device),
+                **weights(d / "clora.safetensors", getattr(torch, dtype), args.device),
             }
             whole = images(None, d / "cond.png", dtype, args.device, d / f"whole-{dtype}")
             built = images(d / "clora.safetensors", d / "cond.png", dtype, args.device, d / f"built-{dtype}")

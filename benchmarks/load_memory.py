@@ -6,7 +6,7 @@ model the way the app does (architecture inferred from shapes, no config), touch
 and reports the resident set's peak. The issue's bar: no more than ~1.3x the file.
 
     .venv/bin/python benchmarks/load_memory.py                    # SD1.5, fp32, .ckpt and .safetensors
-    .venv/bin/python benchmarks/load_memory.py --table tests/data/sd21_controlldm_keys.json --dtype fp16
+    .venv/bin/python benchmarks/load_memory.py --table tests/data/sd21_controlldm_keys.json --dtype float16
 
 Needs Linux (/proc/self/status) and about 2x the file in free disk and memory.
 """
@@ -77,7 +77,7 @@ import torch
 from safetensors.torch import save_file
 
 table, out, dtype, kind = sys.argv[1:5]
-dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+dtype = getattr(torch, dtype)
 g = torch.Generator().manual_seed(0)
 tensors = {}
 for key, shape in json.loads(open(table).read()).items():
@@ -97,7 +97,7 @@ else:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--table", default=str(ROOT / "tests/data/sd15_controlldm_keys.json"))
-    ap.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    ap.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     ap.add_argument("--kinds", default="ckpt,safetensors", help="comma-separated: ckpt, safetensors")
     ap.add_argument("--dir", help="where to write the files (default: a temporary folder, removed after)")
     args = ap.parse_args()

@@ -40,7 +40,9 @@ from controlnet.families.sd.base import BaseModel
 from controlnet.families.sd.configs import tiny_unet_config, unet_config, vae_config
 from controlnet.families.sd.controlnet import ControlNet, ControlNetConfig
 from controlnet.formats.build import TEXT_FIELDS, BaseConfig
-from controlnet.generation.generate import ControlRequest, GenerationRequest, generate
+from controlnet.generation.check import check
+from controlnet.generation.generate import generate
+from controlnet.generation.request import ControlRequest, GenerationRequest
 from controlnet.model.fastpath import release_graphs
 from controlnet.text.tokenizer import clip_tokenizer
 
@@ -171,7 +173,7 @@ def main() -> None:
             )
             release_graphs(base.unet)  # each row captures its own step graphs, in its own memory
             base.to(device, dtype, offload=bool(opts.get("offload")))
-            m = measure(lambda request=request: generate(request, base, [cn], progress=False), cuda)
+            m = measure(lambda request=request: generate(check(request), base, [cn], progress=False), cuda)
             if batch == 1:
                 images[label, size] = np.stack(m["out"].images)
             record(f"ours, {label}", size, batch, m)

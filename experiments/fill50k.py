@@ -61,7 +61,7 @@ S: dict[str, Any] = {
     # the bundled ControlNet trained further on the same base (``bundle --more``): IoU was still rising
     "cn_continue": "--steps 3000 --batch-size 256 --lr 1e-4 --warmup-steps 100 --lr-schedule cosine "
     "--noise-offset 0.25",
-    "device": "--mixed-precision bf16 --num-workers 8",
+    "device": "--mixed-precision bfloat16 --num-workers 8",
     "validate_every": 50,
     "threshold": 0.6,
     "cache_workers": 8,
@@ -76,7 +76,7 @@ SMOKE = {
     "base_fourth": "--steps 4 --batch-size 8 --lr 2e-4 --lr-schedule cosine --noise-offset 0.25",
     "cn": "--steps 4 --batch-size 8 --lr 1e-4 --noise-offset 0.25", "cn_more": "--steps 4 --batch-size 8 --lr 1e-4",
     "cn_rebase": "--steps 4 --batch-size 8 --lr 1e-4 --lr-schedule cosine --noise-offset 0.25",
-    "cn_continue": "--steps 4 --batch-size 8 --lr 1e-4 --lr-schedule cosine --noise-offset 0.25", "device": "--cpu --mixed-precision no --num-workers 0",
+    "cn_continue": "--steps 4 --batch-size 8 --lr 1e-4 --lr-schedule cosine --noise-offset 0.25", "device": "--cpu --mixed-precision float32 --num-workers 0",
     "validate_every": 2, "parallel_workers": 0, "cache_workers": 0,
 }  # fmt: skip
 VARIANTS = {  # name: (data set, extra options)

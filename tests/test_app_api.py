@@ -17,8 +17,9 @@ from PIL import Image
 
 from controlnet.annotators import annotate
 from controlnet.bundled import BUNDLED_SETTINGS
-from controlnet.generation.generate import ControlRequest, GenerationRequest
+from controlnet.generation.check import check
 from controlnet.generation.pipeline import run
+from controlnet.generation.request import ControlRequest, GenerationRequest
 from controlnet.imageio import read_image
 from controlnet.serving.api import SERVER_FIELDS, ControlBody, GenerateBody
 from controlnet.serving.limits import Limits
@@ -82,7 +83,7 @@ def test_generate_returns_what_the_library_makes(client, server, tmp_path):
     request = GenerationRequest(
         prompt="a square", controls=[control], base=base, steps=2, resolution=64, seed=7, num_samples=2
     )
-    result, _ = run(request, progress=False)
+    result, _ = run(check(request), progress=False)
     for ours, lib in zip(images, result.images):
         np.testing.assert_array_equal(ours, lib)
 
@@ -107,7 +108,7 @@ def test_vae_tiling_is_a_request_field_the_library_reads_alike(client, server, t
     request = GenerationRequest(
         prompt="a square", controls=[control], base=base, steps=2, resolution=128, seed=7, vae_tiling=True
     )
-    np.testing.assert_array_equal(decode(out["images"][0]), run(request, progress=False)[0].images[0])
+    np.testing.assert_array_equal(decode(out["images"][0]), run(check(request), progress=False)[0].images[0])
     plain = client.post("/api/generate", json=gen(resolution=128)).json()
     assert not np.array_equal(decode(plain["images"][0]), decode(out["images"][0]))
 
@@ -156,7 +157,9 @@ def test_a_control_region_mask_is_an_upload_like_the_others(client, server, tmp_
     request = GenerationRequest(
         prompt="a square", controls=[control], base=base, steps=2, resolution=64, seed=7
     )
-    np.testing.assert_array_equal(decode(r.json()["images"][0]), run(request, progress=False)[0].images[0])
+    np.testing.assert_array_equal(
+        decode(r.json()["images"][0]), run(check(request), progress=False)[0].images[0]
+    )
     r = client.post(
         "/api/generate", json=gen(controls=[{"image": b64(square()), "region_mask": b64(b"GIF89a x")}])
     )
@@ -204,7 +207,7 @@ def test_an_inpainting_map_from_preprocess_is_fed_back_with_its_mask(client, ser
         resolution=64,
         seed=7,
     )
-    result, _ = run(request, progress=False)
+    result, _ = run(check(request), progress=False)
     np.testing.assert_array_equal(ours, result.images[0])
 
 
@@ -449,7 +452,9 @@ def test_uploads_are_stored_once_and_cleaned_up_with_the_server(tmp_path):
     a = service.store_image(png_bytes(square()), "x")
     assert service.store_image(square(), "y") == a  # same pixels, same file
     np.testing.assert_array_equal(read_image(a), square())
-    assert service.output_size(GenerationRequest(controls=[ControlRequest(image=a)], resolution=128)) == (
+    assert service.output_size(
+        check(GenerationRequest(controls=[ControlRequest(image=a)], resolution=128))
+    ) == (
         128,
         128,
     )

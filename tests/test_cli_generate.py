@@ -1,6 +1,7 @@
 """`controlnet generate` from files: models in our format, outputs, replay, bad input."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,7 +175,7 @@ def test_the_bundled_model_runs_with_its_own_settings_unless_told_otherwise(file
     words, negative prompt and guidance 9 are not its defaults; flags still win; a named base keeps
     SD's defaults."""
     from controlnet.bundled import BUNDLED_GUIDANCE
-    from controlnet.generation.generate import DEFAULT_ADDED_PROMPT, DEFAULT_NEGATIVE_PROMPT
+    from controlnet.generation.request import DEFAULT_ADDED_PROMPT, DEFAULT_NEGATIVE_PROMPT
 
     def settings(*extra):
         out = tmp_path / f"o{len(list(tmp_path.iterdir()))}"
@@ -359,19 +360,25 @@ def test_folders_pair_by_position_and_bad_batches_stop_before_any_work(files, tm
     assert main(a) == 2 and "no images in this folder" in capsys.readouterr().err
 
 
-def test_sampler_choices_are_the_samplers():
-    """--sampler offers exactly the samplers generation knows (spelled out so --help stays light)."""
-    from controlnet.choices import Sampler
-    from controlnet.cli import SAMPLERS
+def _offered(flag: str) -> tuple[str, ...]:
+    """The choices ``controlnet generate --help`` shows for ``flag``."""
+    from controlnet.cli import build_parser
 
-    assert tuple(s.value for s in Sampler) == SAMPLERS
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["generate"]
+    return tuple(sub._option_string_actions[flag].metavar.strip("{}").split(","))
+
+
+def test_sampler_choices_are_the_samplers():
+    """--sampler offers exactly the samplers generation knows (derived from the schema's enum)."""
+    from controlnet.choices import Sampler
+
+    assert tuple(s.value for s in Sampler) == _offered("--sampler")
 
 
 def test_timestep_spacing_choices_are_the_spacings():
     from controlnet.choices import TimestepSpacing
-    from controlnet.cli import SPACINGS
 
-    assert tuple(s.value for s in TimestepSpacing) == SPACINGS
+    assert tuple(s.value for s in TimestepSpacing) == _offered("--timestep-spacing")
 
 
 def test_a_control_lora_is_built_on_the_runs_base(files, tmp_path, capsys):
@@ -407,3 +414,26 @@ def test_a_control_lora_is_built_on_the_runs_base(files, tmp_path, capsys):
         main(["generate", "--from-sidecar", str(sidecar), "--out", str(tmp_path / "again"), "--quiet"]) == 0
     )
     assert "bit-identical" in capsys.readouterr().out
+
+
+def test_a_sidecar_written_before_the_request_schema_replays_bit_for_bit(tmp_path, monkeypatch, capsys):
+    """tests/data/sidecar-v1 was written by the generation code of 2026-11 (before the request
+    became a schema): the bundled model, two controls with windows, modes and a region mask, a
+    weighted prompt, euler-a, two samples. Its images must come out the same, bit for bit."""
+    import shutil
+
+    import torch
+
+    fixture = tmp_path / "fixture"
+    shutil.copytree(Path(__file__).parent / "data" / "sidecar-v1", fixture)
+    monkeypatch.chdir(fixture)  # its image paths are relative, as typed
+    recorded = json.loads((fixture / "sidecar.json").read_text())["outputs"]["images"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # as it was written: a thread count can change the last bit
+    try:
+        rc = main(["generate", "--from-sidecar", "sidecar.json", "--out", str(tmp_path / "out"), "--quiet"])
+    finally:
+        torch.set_num_threads(threads)
+    assert "bit-identical" in capsys.readouterr().out and rc == 0
+    replayed = json.loads(next((tmp_path / "out").glob("*.json")).read_text())["outputs"]["images"]
+    assert [i["sha256"] for i in replayed] == [i["sha256"] for i in recorded]

@@ -13,7 +13,9 @@ from PIL import Image
 from controlnet import Family
 from controlnet.choices import Sampler
 from controlnet.formats import Format, save_controlnet
-from controlnet.generation.generate import ControlRequest, GenerationRequest, generate
+from controlnet.generation.check import check
+from controlnet.generation.generate import generate
+from controlnet.generation.request import ControlRequest, GenerationRequest
 from controlnet.generation.sampling import initial_noise, step_generators
 from tiny import make_base, make_controlnet
 
@@ -144,7 +146,7 @@ def test_generation_equals_diffusers_controlnet_pipeline(family, sampler, option
         num_samples=n,
         resolution=size,
     )
-    ours = generate(request, base, cns, progress=False).latents
+    ours = generate(check(request), base, cns, progress=False).latents
 
     pipe = their_pipeline(base, folders, sampler, spacing)
     if not hasattr(base.text_encoder, "text_model"):
@@ -184,6 +186,6 @@ def test_generation_equals_diffusers_controlnet_pipeline(family, sampler, option
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
     # the controls matter here: without them the result is far from this one
     plain = generate(
-        GenerationRequest(**{**request.__dict__, "controls": []}), base, [], progress=False
+        check(GenerationRequest(**{**request.__dict__, "controls": []})), base, [], progress=False
     ).latents
     assert (plain - theirs).abs().max() > 100 * 1e-4

@@ -10,13 +10,9 @@ from PIL import Image
 
 from controlnet import Family
 from controlnet.annotators.utils import model_size
-from controlnet.generation.generate import (
-    PAPER_DEFAULT_PROMPT,
-    ControlRequest,
-    GenerationRequest,
-    generate,
-    resolve_prompt,
-)
+from controlnet.generation.check import check
+from controlnet.generation.generate import generate, resolve_prompt
+from controlnet.generation.request import PAPER_DEFAULT_PROMPT, ControlRequest, GenerationRequest
 from controlnet.generation.sidecar import read_sidecar, verify_inputs, write_outputs
 from tiny import make_base, make_controlnet
 
@@ -53,16 +49,16 @@ def request(files, **kw):
 
 def test_same_seed_same_images_and_strength_zero_equals_no_control(models, files):
     base, cn = models
-    a = generate(request(files, resolution=None), base, [cn], progress=False)
-    b = generate(request(files, resolution=None), base, [cn], progress=False)
+    a = generate(check(request(files, resolution=None)), base, [cn], progress=False)
+    b = generate(check(request(files, resolution=None)), base, [cn], progress=False)
     assert all(np.array_equal(x, y) for x, y in zip(a.images, b.images))
     zero = generate(
-        request(files, resolution=None, controls=[ControlRequest(files["cond"], strength=0.0)]),
+        check(request(files, resolution=None, controls=[ControlRequest(files["cond"], strength=0.0)])),
         base,
         [cn],
         progress=False,
     )
-    none = generate(request(files, resolution=None, controls=[]), base, [], progress=False)
+    none = generate(check(request(files, resolution=None, controls=[])), base, [], progress=False)
     assert np.array_equal(zero.images[0], none.images[0])
     assert not np.array_equal(a.images[0], none.images[0])
     # no resolution given: the model's native size (tiny UNet: 16 latents * 8)
@@ -82,9 +78,9 @@ def test_a_region_mask_keeps_a_control_to_its_white_pixels(models, files, tmp_pa
 
     def images(**kw):
         controls = [ControlRequest(files["cond"], **kw)] if kw.get("region_mask") != "off" else []
-        return generate(request(files, controls=controls), base, [cn] * len(controls), progress=False).images[
-            0
-        ]
+        return generate(
+            check(request(files, controls=controls)), base, [cn] * len(controls), progress=False
+        ).images[0]
 
     plain = images()
     assert np.array_equal(images(region_mask=masks["white"]), plain)
@@ -95,7 +91,7 @@ def test_a_region_mask_keeps_a_control_to_its_white_pixels(models, files, tmp_pa
 
 def test_batches_use_consecutive_seeds(models, files):
     base, cn = models
-    res = generate(request(files, num_samples=3), base, [cn], progress=False)
+    res = generate(check(request(files, num_samples=3)), base, [cn], progress=False)
     assert res.seeds == [11, 12, 13] and len(res.images) == 3
     assert not np.array_equal(res.images[0], res.images[1])
 
@@ -108,7 +104,7 @@ def test_prompt_settings(files):
     auto = request(files, prompt_setting="auto", captioner="folder", added_prompt="")
     assert resolve_prompt(auto, caption=lambda img: f"a {img.shape[1]}px picture") == "a 64px picture"
     with pytest.raises(ValueError, match="needs a captioner folder"):
-        request(files, prompt_setting="auto").validate()
+        check(request(files, prompt_setting="auto"))
 
 
 def test_missing_captioner_weights_is_a_clear_error(tmp_path):
@@ -121,7 +117,7 @@ def test_missing_captioner_weights_is_a_clear_error(tmp_path):
 def test_masked_editing_keeps_the_unmasked_region(models, files):
     base, cn = models
     req = request(files, init_image=files["init"], mask=files["mask"], overlay=False)
-    res = generate(req, base, [cn], progress=False)
+    res = generate(check(req), base, [cn], progress=False)
     init = np.array(Image.open(files["init"]))
     pixels = torch.from_numpy(init).permute(2, 0, 1)[None].float() / 127.5 - 1
     source = base.encode_images(pixels, torch.Generator().manual_seed(11))
@@ -131,7 +127,7 @@ def test_masked_editing_keeps_the_unmasked_region(models, files):
 
     # with the default paste-back, every kept pixel is the source's; the edit stays in the mask
     pasted = generate(
-        request(files, init_image=files["init"], mask=files["mask"]), base, [cn], progress=False
+        check(request(files, init_image=files["init"], mask=files["mask"])), base, [cn], progress=False
     )
     assert np.array_equal(pasted.images[0][:, 24:], init[:, 24:])
     assert not np.array_equal(pasted.images[0][:, :20], init[:, :20])
@@ -141,10 +137,10 @@ def test_masked_editing_keeps_the_unmasked_region(models, files):
 def test_img2img_with_low_denoise_stays_near_the_init(models, files):
     base, cn = models
     near = generate(
-        request(files, init_image=files["init"], denoise=0.2, steps=10), base, [cn], progress=False
+        check(request(files, init_image=files["init"], denoise=0.2, steps=10)), base, [cn], progress=False
     )
     far = generate(
-        request(files, init_image=files["init"], denoise=1.0, steps=10), base, [cn], progress=False
+        check(request(files, init_image=files["init"], denoise=1.0, steps=10)), base, [cn], progress=False
     )
     init = np.asarray(Image.open(files["init"])).astype(float)
     assert np.abs(near.images[0] - init).mean() < np.abs(far.images[0] - init).mean()
@@ -154,7 +150,7 @@ def test_sidecar_replay_is_bit_identical(models, files, tmp_path):
     base, cn = models
     req = request(files, num_samples=2)
     req.seed = None  # drawn, then recorded
-    first = generate(req, base, [cn], progress=False)
+    first = generate(check(req), base, [cn], progress=False)
     sidecar = write_outputs(first, tmp_path / "out")
     record = read_sidecar(sidecar)
     assert record.request.seed == first.seeds[0]
@@ -162,7 +158,7 @@ def test_sidecar_replay_is_bit_identical(models, files, tmp_path):
     data = json.loads(sidecar.read_text())
     assert data["prompt"] == first.prompt and len(data["outputs"]["images"]) == 2
     verify_inputs(record)
-    again = generate(record.request, base, [cn], progress=False)
+    again = generate(check(record.request), base, [cn], progress=False)
     assert all(np.array_equal(x, y) for x, y in zip(first.images, again.images))
     saved = np.asarray(Image.open(sidecar.parent / data["outputs"]["images"][1]["file"]))
     assert np.array_equal(saved, again.images[1])
@@ -193,13 +189,15 @@ def test_inpainting_map_reaches_the_model_with_minus_one_on_masked_pixels(models
     seen, handle = _hints(cn)
     try:
         ready_map = ControlRequest(str(tmp_path / "inpaint.png"))
-        ready = generate(request(files, controls=[ready_map]), base, [cn], progress=False)
+        ready = generate(check(request(files, controls=[ready_map])), base, [cn], progress=False)
         annotated = generate(
-            request(
-                files,
-                controls=[ControlRequest(files["init"], preprocess="inpaint")],
-                init_image=files["init"],
-                mask=files["mask"],
+            check(
+                request(
+                    files,
+                    controls=[ControlRequest(files["init"], preprocess="inpaint")],
+                    init_image=files["init"],
+                    mask=files["mask"],
+                )
             ),
             base,
             [cn],
@@ -216,7 +214,7 @@ def test_inpainting_map_reaches_the_model_with_minus_one_on_masked_pixels(models
     assert annotated.conditions[0].shape == (64, 64, 3)
     # without a mask the annotator has nothing to read: refused before any model work
     with pytest.raises(ValueError, match="control 0: annotator inpaint needs a mask"):
-        request(files, controls=[ControlRequest(files["init"], preprocess="inpaint")]).validate()
+        check(request(files, controls=[ControlRequest(files["init"], preprocess="inpaint")]))
 
 
 def test_resize_modes_fit_every_image_of_the_request_alike(models, tmp_path):
@@ -239,7 +237,7 @@ def test_resize_modes_fit_every_image_of_the_request_alike(models, tmp_path):
     def run(mode, **kw):
         kw.setdefault("controls", [ControlRequest(paths["wide"])])
         req = GenerationRequest(prompt="x", steps=2, seed=3, width=64, height=64, resize_mode=mode, **kw)
-        return generate(req, base, [cn] * len(kw["controls"]), progress=False)
+        return generate(check(req), base, [cn] * len(kw["controls"]), progress=False)
 
     for mode in ("stretch", "crop", "fill"):
         assert np.array_equal(run(mode).conditions[0], fit_to(wide, (64, 64), mode))
@@ -253,7 +251,7 @@ def test_resize_modes_fit_every_image_of_the_request_alike(models, tmp_path):
     assert np.abs(out[:16].astype(int) - padding).mean() > 10  # generated anew
 
     with pytest.raises(ValueError, match="unknown resize mode 'zoom'; expected one of: stretch, crop, fill"):
-        GenerationRequest(resize_mode="zoom").validate()
+        check(GenerationRequest(resize_mode="zoom"))
     # sidecars written before resize modes existed replay as they ran: stretched
     assert GenerationRequest.from_dict({"prompt": "x"}).resize_mode == "stretch"
 
@@ -326,7 +324,7 @@ def test_bad_requests_fail_before_model_work(models, files, tmp_path, change, me
     calls = []
     handle = base.unet.conv_in.register_forward_hook(lambda *a: calls.append(1))  # whole or in halves
     with pytest.raises((ValueError, FileNotFoundError), match=message):
-        generate(request(files, **kw), base, [cn], progress=False)
+        generate(check(request(files, **kw)), base, [cn], progress=False)
     handle.remove()
     assert calls == []
 
@@ -339,10 +337,10 @@ def test_a_generation_reads_the_whole_long_prompt(models, files, tmp_path):
     seen = []  # the context the UNet's first cross-attention reads
     handle = to_k.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape[:2])))
     try:
-        weighted = generate(req, base, [cn], progress=False)
+        weighted = generate(check(req), base, [cn], progress=False)
         req.prompt_syntax = "plain"
         with pytest.warns(UserWarning, match="is cut off"):
-            plain = generate(req, base, [cn], progress=False)
+            plain = generate(check(req), base, [cn], progress=False)
     finally:
         handle.remove()
     # the CFG batch (prompt and negative, brought to one length): all 3 chunks, or the one window
@@ -363,7 +361,7 @@ def test_controlnet_of_another_family_is_refused_before_model_work(models, files
     sd2 = make_controlnet(make_base(Family.SD2).unet)
     sd2.unet_config["cross_attention_dim"] = 1024  # as a real SD2 ControlNet would record
     with pytest.raises(ValueError, match=r"control 0's ControlNet .*SD2.* does not fit the base model"):
-        generate(request(files), base, [sd2], progress=False)
+        generate(check(request(files)), base, [sd2], progress=False)
 
 
 def test_hires_fix_refines_an_enlarged_first_pass_with_controls_at_the_larger_size(models, files):
@@ -375,7 +373,7 @@ def test_hires_fix_refines_an_enlarged_first_pass_with_controls_at_the_larger_si
     )
     calls = []
     res = generate(
-        request(files, hires_scale=2.0, steps=4, hires_steps=6, hires_denoise=0.5, guidance=1.0),
+        check(request(files, hires_scale=2.0, steps=4, hires_steps=6, hires_denoise=0.5, guidance=1.0)),
         base,
         [cn],
         progress=False,
@@ -393,7 +391,7 @@ def test_hires_fix_refines_an_enlarged_first_pass_with_controls_at_the_larger_si
 
 def test_hires_pass_has_its_own_progress_bar(models, files, capsys):
     base, cn = models
-    generate(request(files, hires_scale=2.0, steps=2), base, [cn], progress=True)
+    generate(check(request(files, hires_scale=2.0, steps=2)), base, [cn], progress=True)
     err = capsys.readouterr().err
     assert "denoising: " in err and "hires pass: " in err
 
@@ -403,7 +401,7 @@ def test_hires_fix_starts_from_the_enlarged_first_pass(models, files, upscaler):
     """The second pass is img2img from the enlarged first pass: a light touch stays near the
     enlargement alone, a full denoise draws something else."""
     base, cn = models
-    first = generate(request(files, steps=10), base, [cn], progress=False)
+    first = generate(check(request(files, steps=10)), base, [cn], progress=False)
     if upscaler == "latent":
         latents = F.interpolate(first.latents, size=(16, 16), mode="bilinear")
     else:  # the pixels enlarged, then back to latents (the test model's VAE is random: not an identity)
@@ -413,7 +411,7 @@ def test_hires_fix_starts_from_the_enlarged_first_pass(models, files, upscaler):
 
     def hires(strength):
         req = request(files, steps=10, hires_scale=2.0, hires_denoise=strength, hires_upscaler=upscaler)
-        return generate(req, base, [cn], progress=False).images[0].astype(float)
+        return generate(check(req), base, [cn], progress=False).images[0].astype(float)
 
     light, full = hires(0.1), hires(1.0)
     assert light.shape == full.shape == (128, 128, 3)
@@ -437,8 +435,8 @@ def test_a_batch_sample_is_the_single_generation_of_its_seed(models, files, kind
     posterior draw is the sample's too)."""
     base, cn = models
     kind = {k: files[v] if k == "init_image" else v for k, v in kind.items()}
-    batch = generate(request(files, num_samples=2, **kind), base, [cn], progress=False)
-    alone = generate(request(files, seed=12, **kind), base, [cn], progress=False)
+    batch = generate(check(request(files, num_samples=2, **kind)), base, [cn], progress=False)
+    alone = generate(check(request(files, seed=12, **kind)), base, [cn], progress=False)
     assert batch.seeds == [11, 12]
     assert np.abs(batch.images[1].astype(int) - alone.images[0]).max() <= 1
 
@@ -446,10 +444,13 @@ def test_a_batch_sample_is_the_single_generation_of_its_seed(models, files, kind
 def test_hires_sidecar_replays_bit_for_bit_and_older_sidecars_read_as_off(models, files, tmp_path):
     base, cn = models
     first = generate(
-        request(files, hires_scale=1.5, hires_upscaler="image", hires_steps=4), base, [cn], progress=False
+        check(request(files, hires_scale=1.5, hires_upscaler="image", hires_steps=4)),
+        base,
+        [cn],
+        progress=False,
     )
     sidecar = write_outputs(first, tmp_path / "out")
-    again = generate(read_sidecar(sidecar).request, base, [cn], progress=False)
+    again = generate(check(read_sidecar(sidecar).request), base, [cn], progress=False)
     assert first.images[0].shape == (128, 128, 3)  # 64 * 1.5 = 96, to the nearest multiple of 64 (halves up)
     assert np.array_equal(first.images[0], again.images[0])
     data = json.loads(sidecar.read_text())
@@ -458,13 +459,13 @@ def test_hires_sidecar_replays_bit_for_bit_and_older_sidecars_read_as_off(models
     sidecar.write_text(json.dumps(data))
     old = read_sidecar(sidecar).request
     assert old.hires_scale == 1.0
-    assert generate(old, base, [cn], progress=False).images[0].shape == (64, 64, 3)
+    assert generate(check(old), base, [cn], progress=False).images[0].shape == (64, 64, 3)
 
 
 def test_a1111_lora_tags_in_prompts_are_refused_with_where_loras_go():
     """A `<lora:name:weight>` tag would be read as words; the error says to pass the file."""
     with pytest.raises(ValueError, match=r"prompt: '<lora:ink:0\.6>' is the A1111 .* --lora FILE:0\.6"):
-        GenerationRequest(prompt="a castle, <lora:ink:0.6>").validate()
+        check(GenerationRequest(prompt="a castle, <lora:ink:0.6>"))
     with pytest.raises(ValueError, match=r"negative_prompt: '<lyco:blur>' is the A1111"):
-        GenerationRequest(negative_prompt="<lyco:blur>, lowres").validate()
-    GenerationRequest(prompt="a <red> car, (sharp:1.2)").validate()  # other angle brackets are words
+        check(GenerationRequest(negative_prompt="<lyco:blur>, lowres"))
+    check(GenerationRequest(prompt="a <red> car, (sharp:1.2)"))  # other angle brackets are words

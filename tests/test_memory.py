@@ -10,7 +10,8 @@ from PIL import Image
 from controlnet import Family
 from controlnet.cli import main
 from controlnet.families.sd.base import OFFLOADED
-from controlnet.generation.generate import GenerationRequest
+from controlnet.generation.check import check
+from controlnet.generation.request import GenerationRequest
 from controlnet.serving.service import ServeConfig, Service
 from tiny import make_base, make_controlnet
 
@@ -107,8 +108,8 @@ def test_a_part_on_the_unets_device_does_not_move_for_its_visit(base):
 
 def test_offload_needs_a_gpu(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"offload .* needs a GPU device, got device 'cpu'"):
-        GenerationRequest(offload=True, device="cpu").validate()
-    GenerationRequest(offload=True, device="cuda:1").validate()  # checked before any model exists
+        check(GenerationRequest(offload=True, device="cpu"))
+    check(GenerationRequest(offload=True, device="cuda:1"))  # checked before any model exists
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "c.png")
     cli = ["generate", "--image", str(tmp_path / "c.png"), "--offload", "--device", "cpu", "--quiet"]
     assert main([*cli, "--out", str(tmp_path / "o")]) == 2

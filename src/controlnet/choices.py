@@ -1,11 +1,11 @@
 """The named settings users choose from (a sampler, a control mode, a dtype, ...), in one place.
 
-Each is an Enum whose values are what users type, what the sidecar stores and what the API
-accepts; :func:`parse_choice` reads a name into its member with an error that names the setting
-and lists what it takes. This module imports nothing heavy, so that the command line's help can be
-built from the request schema without loading torch or diffusers. What a choice does lives with
-the code that does it (the schedulers in :mod:`controlnet.generation.sampling`, control scales in
-:mod:`controlnet.model.control`).
+Each is a string Enum (a member equals its value) whose values are what users type, what the
+sidecar stores and what the API accepts; :func:`parse_choice` reads a name into its member with an
+error that names the setting and lists what it takes. This module imports nothing heavy, so that
+the command line's help can be built from the request schema without loading torch or diffusers.
+What a choice does lives with the code that does it (the schedulers in
+:mod:`controlnet.generation.sampling`, control scales in :mod:`controlnet.model.control`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def parse_choice(enum: type[E], value: Any, what: str) -> E:
         raise ValueError(f"unknown {what} {value!r}; expected one of: {names}") from None
 
 
-class DType(Enum):
+class DType(str, Enum):
     """The floating-point types weights and activations are held in: one vocabulary for
     generation, conversion and training. The short names of other tools (fp32, fp16, bf16, and
     accelerate's "no" for full precision) are read as their members."""
@@ -68,7 +68,7 @@ class DType(Enum):
         return {"float32": "no", "float16": "fp16", "bfloat16": "bf16"}[self.value]
 
 
-class Sampler(Enum):
+class Sampler(str, Enum):
     """The samplers, named as the A1111 web UI names them (one model call per step each). LCM is
     for models distilled to take few steps (an LCM-LoRA merged with ``--lora``): 2-8 steps,
     guidance 1-2."""
@@ -87,7 +87,7 @@ class Sampler(Enum):
         return parse_choice(cls, value, "sampler")
 
 
-class TimestepSpacing(Enum):
+class TimestepSpacing(str, Enum):
     """Which timesteps of the training schedule the steps visit (diffusers' ``timestep_spacing``).
     DEFAULT: each sampler's own, as SD's released scheduler config sets it up (DDIM: leading;
     UniPC, DPM++ 2M, Euler and Euler a: linspace). TRAILING ends on the schedule's last
@@ -105,7 +105,7 @@ class TimestepSpacing(Enum):
         return parse_choice(cls, value, "timestep spacing")
 
 
-class ControlMode(Enum):
+class ControlMode(str, Enum):
     """The three control modes users know from the A1111 extension."""
 
     BALANCED = "balanced"  # flat scales, control on both CFG halves
@@ -125,7 +125,7 @@ class ControlMode(Enum):
         return self is ControlMode.CONTROLNET
 
 
-class ResizeMode(Enum):
+class ResizeMode(str, Enum):
     """How an image of another aspect ratio than the output is fitted to it."""
 
     STRETCH = "stretch"  # each side scaled on its own: nothing lost, shapes distorted
@@ -138,7 +138,7 @@ class PromptSyntax(str, Enum):
     PLAIN = "plain"  # the text as it is, cut after 75 tokens
 
 
-class PromptSetting(Enum):
+class PromptSetting(str, Enum):
     """The paper's four prompt settings (section 4)."""
 
     USER = "user"  # the user's prompt
@@ -147,7 +147,7 @@ class PromptSetting(Enum):
     AUTO = "auto"  # a caption of the condition's source image, from a local BLIP-style captioner
 
 
-class HiresUpscaler(Enum):
+class HiresUpscaler(str, Enum):
     """How the hires fix enlarges the first pass."""
 
     LATENT = "latent"  # the latents, bilinearly: no VAE round trip; wants denoise >= 0.5

@@ -18,8 +18,8 @@ import numpy as np
 from .bundled import BUNDLED_GUIDANCE, BUNDLED_SETTINGS
 from .data.fill50k import Sample, Shape, line_width_for, render_sample
 from .evaluation.metrics import COLOUR_TOLERANCE, fill_outline
-from .generation.generate import ControlRequest, GenerationRequest
-from .imageio import read_image, save_png
+from .generation.request import ControlRequest, GenerationRequest
+from .imageio import save_png
 
 __all__ = ["DEMO_PROMPT", "DemoResult", "builtin_outline", "run_demo"]
 
@@ -70,15 +70,12 @@ def run_demo(
 
     ``base`` / ``controlnet`` default to the bundled files. Prints the grid's path and the scores.
     """
+    from .generation.check import check
     from .generation.pipeline import run
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if image is None:
-        cond_path = save_png(builtin_outline(), out / "outline.png")
-    else:
-        cond_path = Path(image)
-        read_image(cond_path)  # a clear error now for a missing or unreadable file
+    cond_path = save_png(builtin_outline(), out / "outline.png") if image is None else Path(image)
     request = GenerationRequest(
         prompt=prompt,
         controls=[ControlRequest(image=str(cond_path), controlnet=controlnet)],
@@ -89,9 +86,10 @@ def run_demo(
         num_samples=samples,
         resolution=DEMO_SIZE if image is None else None,
     )
+    checked = check(request)  # a clear error now for a missing or unreadable file
     print(f"controlnet demo: {samples} samples, {steps} DDIM steps, guidance {guidance:g}, prompt {prompt!r}")
     start = time.perf_counter()
-    result, sidecar = run(request, out, progress=progress)
+    result, sidecar = run(checked, out, progress=progress)
     seconds = time.perf_counter() - start
     assert sidecar is not None
     grid = sidecar.parent / json.loads(sidecar.read_text())["outputs"]["grid"]

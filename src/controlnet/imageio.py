@@ -24,9 +24,11 @@ __all__ = [
     "atomic_write_bytes",
     "check_output_path",
     "encode_png_fast",
+    "flatten_alpha",
     "give_default_mode",
     "list_images",
     "make_grid",
+    "probe_image",
     "read_image",
     "read_mask",
     "save_png",
@@ -61,7 +63,7 @@ def list_images(folder: str | Path) -> list[Path]:
     )
 
 
-def _open(path: str | Path) -> Image.Image:
+def _open(path: str | Path, *, decode: bool = True) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such image: {path}")
@@ -71,10 +73,18 @@ def _open(path: str | Path) -> Image.Image:
             raise ValueError(
                 f"{path}: image is {img.width}x{img.height}, over the {MAX_PIXELS:,}-pixel limit"
             )
-        img.load()
+        if decode:
+            img.load()
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read {path} as an image ({e})") from None
     return img
+
+
+def probe_image(path: str | Path) -> tuple[int, int]:
+    """(H, W) of an image file from its header alone (no pixels decoded); the errors of
+    :func:`read_image` for a missing file, one that is not an image, or one that is too large."""
+    with _open(path, decode=False) as img:
+        return img.height, img.width
 
 
 def read_image(path: str | Path, *, alpha: bool = False) -> np.ndarray:
@@ -83,12 +93,19 @@ def read_image(path: str | Path, *, alpha: bool = False) -> np.ndarray:
     (H, W, 4) RGBA, its alpha kept (condition maps: alpha 0 marks pixels without a condition)."""
     img = _open(path)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        if alpha:
-            return np.asarray(rgba, dtype=np.uint8).copy()
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, rgba)
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.uint8).copy()
+        return rgba if alpha else flatten_alpha(rgba)
     return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+
+
+def flatten_alpha(image: np.ndarray) -> np.ndarray:
+    """An (H, W, 4) RGBA uint8 image composited over white, as (H, W, 3) RGB; other images as
+    they are."""
+    if image.ndim != 3 or image.shape[2] != 4:
+        return image
+    rgba = Image.fromarray(image, "RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"), dtype=np.uint8).copy()
 
 
 def read_mask(path: str | Path) -> np.ndarray:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..families.sd.base import BaseModel
 from ..families.sd.controlnet import ControlNet
-from ..generation.generate import PAPER_DEFAULT_PROMPT
+from ..generation.request import PAPER_DEFAULT_PROMPT
 from ..generation.sampling import ControlUnit, denoise
 from ..imageio import atomic_write_bytes, make_grid, save_png, to_uint8
 from .metrics import COLOUR_TOLERANCE, edge_f1, mean_iou, rmse, shape_and_colour, ssim

@@ -1,25 +1,18 @@
-"""The whole controllable text-to-image job: a request in, images and a replayable record out.
+"""The whole controllable text-to-image job: a checked request in, images out.
 
-A :class:`GenerationRequest` holds every parameter as plain data (paths, numbers, names), so it
-is checked in full before any model work, written to a JSON sidecar beside the images, and
-replayed from that sidecar bit for bit. :func:`generate` runs it on loaded models.
-
-A request with ``hires_scale`` > 1 runs the A1111 web UI's "hires fix": the first pass makes the
-images at the requested size, they are enlarged (their latents, or their pixels re-encoded), and a
-second, img2img pass at the larger size with the controls detected afresh there adds the detail a
-model trained at the smaller size would not draw all at once.
+:func:`generate` runs a :class:`~controlnet.generation.check.CheckedRequest` on loaded models:
+it prepares each control's condition at the output size (running its annotator), encodes the
+prompts, denoises (a hires fix adds a second, img2img pass at a larger size, with the controls
+prepared afresh there), decodes, and pastes the kept pixels of a masked edit back. It reads no
+file and checks nothing of the request again: :func:`~controlnet.generation.check.check` did.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -27,261 +20,25 @@ import torch
 import torch.nn.functional as F
 
 from ..annotators import get as _get_annotator
-from ..annotators.utils import condition_tensor, fill_box, fit_to, model_size, resize_to
-from ..choices import (
-    ControlMode,
-    HiresUpscaler,
-    PromptSetting,
-    PromptSyntax,
-    ResizeMode,
-    Sampler,
-    TimestepSpacing,
-    parse_choice,
-)
+from ..annotators.utils import condition_tensor, fill_box, fit_to, resize_to
+from ..choices import ControlMode, HiresUpscaler, PromptSetting, ResizeMode
 from ..families.sd.base import BaseModel
 from ..families.sd.controlnet import ControlNet
-from ..imageio import read_image, read_mask
+from ..imageio import flatten_alpha, read_image
 from ..model.fastpath import compile_modules
 from ..text.prompts import encode_guided
-from .sampling import ControlUnit, check_spacing, check_steps, denoise, mask_to_latent, steps_run
+from .check import CheckedRequest
+from .request import PAPER_DEFAULT_PROMPT, ControlRequest, GenerationRequest
+from .sampling import ControlUnit, denoise, mask_to_latent, steps_run
+from .sizes import final_size, first_image, output_size
 
 __all__ = [
-    "DEFAULT_ADDED_PROMPT",
-    "DEFAULT_NEGATIVE_PROMPT",
-    "MAX_HIRES_SCALE",
-    "PAPER_DEFAULT_PROMPT",
-    "ControlRequest",
-    "GenerationRequest",
     "GenerationResult",
-    "LoraRequest",
-    "final_size",
+    "draw_seed",
     "generate",
+    "overlay",
+    "resolve_prompt",
 ]
-
-DEFAULT_ADDED_PROMPT = "best quality, extremely detailed"
-DEFAULT_NEGATIVE_PROMPT = (
-    "longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, cropped, "
-    "worst quality, low quality"
-)
-#: The paper's "default prompt" setting.
-PAPER_DEFAULT_PROMPT = "a professional, detailed, high-quality image"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-#: the largest enlargement of the hires fix
-MAX_HIRES_SCALE = 4.0
-
-
-#: the A1111 web UI's LoRA tags in a prompt: <lora:name:scale>, <lyco:...>, <locon:...>
-_NETWORK_TAG = re.compile(r"<(?:lora|lyco|locon):[^:>]+(?::(?P<scale>[^:>]*))?[^>]*>", re.IGNORECASE)
-
-
-@dataclass
-class ControlRequest:
-    """One control unit as plain data.
-
-    image: a ready condition map, or a raw image when ``preprocess`` names an annotator.
-    controlnet: a ControlNet file or folder (None: the bundled ControlNet).
-    params: annotator parameters.
-    region_mask: an image, white (or opaque) where this control acts; None: everywhere. It is
-        fitted to the output like the condition (padding: outside the region).
-    """
-
-    image: str
-    controlnet: str | None = None
-    preprocess: str | None = None
-    params: dict[str, Any] = field(default_factory=dict)
-    strength: float = 1.0
-    start: float = 0.0
-    end: float = 1.0
-    mode: str = ControlMode.BALANCED.value
-    guess_mode: bool = False
-    region_mask: str | None = None
-
-
-@dataclass
-class LoraRequest:
-    """A LoRA file merged into the base model's weights, ``scale`` times (1: as trained)."""
-
-    path: str
-    scale: float = 1.0
-
-
-def _nested(cls: type, d: dict[str, Any], where: str) -> Any:
-    """``cls(**d)`` for a part of a request read from JSON, naming ``where`` unknown keys are."""
-    unknown = set(d) - {f.name for f in fields(cls)}
-    if unknown:
-        raise ValueError(f"{where}: unknown parameters {sorted(unknown)}")
-    return cls(**d)
-
-
-@dataclass
-class GenerationRequest:
-    """Every parameter of a generation. Paths are strings; ``seed`` None draws one (recorded)."""
-
-    prompt: str = ""
-    controls: list[ControlRequest] = field(default_factory=list)
-    prompt_setting: str = PromptSetting.USER.value
-    added_prompt: str = DEFAULT_ADDED_PROMPT
-    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
-    prompt_syntax: str = PromptSyntax.WEIGHTED.value  # emphasis brackets and long prompts, or plain
-    clip_skip: int = 1  # the text encoder layer read, from the end (SD1.x; 1: the last)
-    base: str | None = None
-    vae: str | None = None  # a VAE file or folder used in place of the base model's
-    loras: list[LoraRequest] = field(default_factory=list)  # merged into the base model, in order
-    sampler: str = Sampler.DDIM.value
-    timestep_spacing: str = TimestepSpacing.DEFAULT.value  # leading / linspace / trailing
-    eta: float = 0.0
-    steps: int = 20
-    guidance: float = 9.0
-    seed: int | None = None
-    num_samples: int = 1
-    resolution: int | None = None  # short side; None: the base model's native size
-    width: int | None = None
-    height: int | None = None
-    resize_mode: str = ResizeMode.STRETCH.value  # how images of another aspect fit the output
-    init_image: str | None = None
-    denoise: float = 1.0
-    mask: str | None = None
-    mask_blur: int = 4  # feather (px) of the paste-back of the source's unmasked pixels
-    overlay: bool = True  # paste the source's unmasked pixels back after decoding
-    captioner: str | None = None
-    dtype: str = "float32"
-    device: str = "cpu"
-    fast: bool = False  # compile the networks (slow first call; CUDA graphs are on for CUDA anyway)
-    offload: bool = False  # text encoders and VAE in CPU memory, on the GPU only while they run
-    vae_tiling: bool = False  # encode and decode images larger than the VAE's tile in tiles
-    hires_scale: float = 1.0  # > 1: a second pass at this many times the size (the hires fix)
-    hires_denoise: float = 0.7  # the second pass's img2img strength
-    hires_steps: int | None = None  # the second pass's steps before denoise (None: steps)
-    hires_upscaler: str = HiresUpscaler.LATENT.value
-
-    # ------------------------------------------------------------------ (de)serialisation
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GenerationRequest:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown generation parameters {sorted(unknown)}")
-        d = dict(d)
-        controls = [_nested(ControlRequest, c, f"control {i}") for i, c in enumerate(d.pop("controls", []))]
-        loras = [_nested(LoraRequest, x, f"loras[{i}]") for i, x in enumerate(d.pop("loras", []))]
-        return cls(controls=controls, loras=loras, **d)
-
-    # ------------------------------------------------------------------ checks
-    def validate(self) -> None:
-        """Check everything that can be checked without a model; raise ValueError/FileNotFoundError
-        naming the parameter (or file) and what was expected."""
-        sampler = parse_choice(Sampler, self.sampler, "sampler")
-        check_spacing(sampler, parse_choice(TimestepSpacing, self.timestep_spacing, "timestep spacing"))
-        parse_choice(ResizeMode, self.resize_mode, "resize mode")
-        parse_choice(PromptSyntax, self.prompt_syntax, "prompt syntax")
-        setting = parse_choice(PromptSetting, self.prompt_setting, "prompt setting")
-        for name in ("prompt", "added_prompt", "negative_prompt"):
-            tag = _NETWORK_TAG.search(getattr(self, name))
-            if tag:  # it would be read as words: say where LoRAs go instead
-                raise ValueError(
-                    f"{name}: {tag[0]!r} is the A1111 web UI's LoRA tag, which prompts here do not "
-                    f"read; merge the file with --lora FILE:{tag['scale'] or 1} (the API: serve --lora)"
-                )
-        check_steps(sampler, self.steps)
-        if self.clip_skip < 1:
-            raise ValueError(
-                f"clip_skip must be >= 1 (1: the text encoder's last layer), got {self.clip_skip}"
-            )
-        if self.num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
-        if self.guidance < 0:
-            raise ValueError(f"guidance must be >= 0, got {self.guidance}")
-        if not 0.0 < self.denoise <= 1.0:
-            raise ValueError(f"denoise must be in (0, 1], got {self.denoise}")
-        self._validate_hires()
-        if not 0.0 <= self.eta <= 1.0:  # outside [0, 1] DDIM's noise is undefined: NaN images
-            raise ValueError(f"eta must be in [0, 1], got {self.eta}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; expected one of: {', '.join(_DTYPES)}")
-        if self.offload and self.device.split(":")[0] == "cpu":
-            raise ValueError(
-                "offload keeps the text encoders and the VAE in CPU memory while a GPU runs the "
-                f"UNet; it needs a GPU device, got device {self.device!r}"
-            )
-        for name in ("resolution", "width", "height"):
-            v = getattr(self, name)
-            if v is not None and not 64 <= v <= 4096:
-                raise ValueError(f"{name} must be between 64 and 4096 pixels, got {v}")
-        if self.mask_blur < 0:
-            raise ValueError(f"mask_blur must be >= 0 pixels, got {self.mask_blur}")
-        if (self.width is None) != (self.height is None):
-            raise ValueError("give both width and height, or neither")
-        if setting is PromptSetting.AUTO and not self.captioner:
-            raise ValueError("prompt setting 'auto' needs a captioner folder (--captioner)")
-        for i, c in enumerate(self.controls):
-            if c.strength < 0:
-                raise ValueError(f"control {i}: strength must be >= 0, got {c.strength}")
-            if not (0 <= c.start <= 1 and 0 <= c.end <= 1):
-                raise ValueError(
-                    f"control {i}: start/end must be fractions in [0, 1], got {c.start}, {c.end}"
-                )
-            if c.start > c.end:
-                raise ValueError(f"control {i}: start {c.start} is after end {c.end}")
-            parse_choice(ControlMode, c.mode, f"control {i} mode")
-            read_image(c.image)  # readable, an image, not huge
-            if c.region_mask is not None:
-                try:
-                    read_mask(c.region_mask)
-                except (ValueError, FileNotFoundError) as e:
-                    raise type(e)(f"control {i}: region mask: {e}") from None
-            if c.preprocess is not None:
-                ann = _get_annotator(c.preprocess)
-                ann.check_params(c.params)
-                if "mask" in ann.inputs and self.mask is None:
-                    raise ValueError(
-                        f"control {i}: annotator {ann.name} needs a mask; it reads the request's "
-                        "mask (white = regenerate), which needs an init image too"
-                    )
-            if c.controlnet is not None and not Path(c.controlnet).exists():
-                raise FileNotFoundError(f"control {i}: ControlNet {c.controlnet} does not exist")
-        if self.base is not None and not Path(self.base).exists():
-            raise FileNotFoundError(f"base model {self.base} does not exist")
-        if self.vae is not None and not Path(self.vae).exists():
-            raise FileNotFoundError(f"VAE {self.vae} does not exist")
-        for i, lora in enumerate(self.loras):
-            if not Path(lora.path).exists():
-                raise FileNotFoundError(f"LoRA {lora.path} does not exist")
-            if not math.isfinite(lora.scale):
-                raise ValueError(f"loras[{i}]: scale must be a finite number, got {lora.scale}")
-        if self.mask is not None and self.init_image is None:
-            raise ValueError("a mask needs an init image (the picture whose unmasked region is kept)")
-        if self.init_image is not None:
-            init = read_image(self.init_image)
-            if self.mask is not None:
-                mask = read_mask(self.mask)
-                if mask.shape != init.shape[:2]:
-                    raise ValueError(
-                        f"mask {self.mask} is {mask.shape[1]}x{mask.shape[0]} but the init image "
-                        f"{self.init_image} is {init.shape[1]}x{init.shape[0]}; they must match"
-                    )
-
-    def _validate_hires(self) -> None:
-        parse_choice(HiresUpscaler, self.hires_upscaler, "hires upscaler")
-        if not 1.0 <= self.hires_scale <= MAX_HIRES_SCALE:
-            raise ValueError(
-                f"hires_scale must be between 1 (off) and {MAX_HIRES_SCALE:g}, got {self.hires_scale}"
-            )
-        if not 0.0 < self.hires_denoise <= 1.0:
-            raise ValueError(f"hires_denoise must be in (0, 1], got {self.hires_denoise}")
-        if self.hires_steps is not None and self.hires_steps < 1:
-            raise ValueError(f"hires_steps must be >= 1 (or none: steps), got {self.hires_steps}")
-        if self.hires_steps is not None:
-            check_steps(self.sampler, self.hires_steps, "hires_steps")
-        if self.hires_scale > 1.0 and self.init_image is not None:
-            raise ValueError(
-                "hires_scale is for text-to-image generations; with an init image, ask for the size "
-                "itself (resolution, or width and height)"
-            )
 
 
 @dataclass
@@ -297,16 +54,21 @@ class GenerationResult:
 
 # ---------------------------------------------------------------------- conditions
 def _prepare_condition(
-    c: ControlRequest, size_hw: tuple[int, int], mode: ResizeMode, mask: np.ndarray | None = None
+    c: ControlRequest,
+    image: np.ndarray,
+    size_hw: tuple[int, int],
+    mode: ResizeMode,
+    mask: np.ndarray | None = None,
 ) -> tuple[np.ndarray, torch.Tensor]:
-    """The control's map at the output size, fitted by ``mode``, and the model's tensor of it. A
-    ready map keeps its alpha channel (an inpainting map's alpha-0 pixels become -1); an annotator
-    that takes a mask (inpaint) gets ``mask``, the request's mask at the output size."""
+    """The control's map at the output size, fitted by ``mode``, and the model's tensor of it.
+    ``image``: the control's image as read (RGBA when the file has transparency). A ready map keeps
+    its alpha channel (an inpainting map's alpha-0 pixels become -1); an annotator that takes a mask
+    (inpaint) gets ``mask``, the request's mask at the output size."""
     if c.preprocess is None:
-        cond_map = fit_to(read_image(c.image, alpha=True), size_hw, mode)
+        cond_map = fit_to(image, size_hw, mode)
         return cond_map, condition_tensor(cond_map)
     ann = _get_annotator(c.preprocess)
-    image = read_image(c.image)
+    image = flatten_alpha(image)
     # detect at the size the image takes in the output (as the released apps detected at the output
     # size), so edge widths etc. match the model's view; with FILL the map itself is padded after
     if mode is ResizeMode.FILL:
@@ -323,51 +85,23 @@ def _prepare_condition(
     return cond_map, condition_tensor(cond_map, invert=ann.model_invert)
 
 
-def _first_image(req: GenerationRequest) -> str | None:
-    """The image that sets the output's aspect (and is captioned): the init image, else control 0's."""
-    return req.init_image or (req.controls[0].image if req.controls else None)
-
-
-def output_size(req: GenerationRequest, native: int) -> tuple[int, int]:
-    """(H, W) of the images ``req`` makes: an explicit width and height (multiples of 64), else the
-    first image's aspect with the short side at the resolution (default ``native``), else square."""
-    from PIL import Image
-
-    if req.width is not None and req.height is not None:
-        return max(64, round(req.height / 64) * 64), max(64, round(req.width / 64) * 64)
-    side = req.resolution or native
-    first = _first_image(req)
-    if first is None:
-        return side, side
-    with Image.open(first) as img:  # the header is enough: read_image never rotates
-        w, h = img.size
-    return model_size(h, w, side)
-
-
-def final_size(req: GenerationRequest, native: int) -> tuple[int, int]:
-    """(H, W) of the images ``req`` returns: :func:`output_size`, enlarged by the hires fix (to the
-    nearest multiples of 64) when it is on."""
-    h, w = output_size(req, native)
-    if req.hires_scale == 1.0:
-        return h, w
-    h, w = (max(64, int(v * req.hires_scale / 64 + 0.5) * 64) for v in (h, w))  # halves up
-    if max(h, w) > 4096:
-        raise ValueError(
-            f"hires_scale {req.hires_scale:g} would make {w}x{h} images; the sides must stay within "
-            "4096 pixels"
-        )
-    return h, w
-
-
-def resolve_prompt(req: GenerationRequest, caption: Callable[[np.ndarray], str] | None = None) -> str:
-    """The text the encoder reads under the request's prompt setting, with the added prompt."""
+def resolve_prompt(
+    req: GenerationRequest,
+    caption: Callable[[np.ndarray], str] | None = None,
+    source: np.ndarray | None = None,
+) -> str:
+    """The text the encoder reads under the request's prompt setting, with the added prompt.
+    ``source``: the image the 'auto' setting captions (default: the request's first image, read
+    from its file)."""
     setting = PromptSetting(req.prompt_setting)
     if setting is PromptSetting.NONE:
         return ""  # the paper's no-prompt setting: nothing at all, not even the added prompt
     if setting is PromptSetting.DEFAULT:
         text = PAPER_DEFAULT_PROMPT
     elif setting is PromptSetting.AUTO:
-        source = _first_image(req)
+        path = req.init_image or (req.controls[0].image if req.controls else None)
+        if source is None and path is not None:
+            source = read_image(path)
         if source is None:
             raise ValueError(
                 "prompt setting 'auto' needs an image to caption (a control image or init image)"
@@ -376,7 +110,7 @@ def resolve_prompt(req: GenerationRequest, caption: Callable[[np.ndarray], str] 
             from .captioner import Captioner
 
             caption = Captioner(req.captioner)  # type: ignore[arg-type]
-        text = caption(read_image(source))
+        text = caption(source)
     else:
         text = req.prompt
     return ", ".join(p for p in (text.strip(), req.added_prompt.strip()) if p)
@@ -390,7 +124,7 @@ def draw_seed() -> int:
 
 @torch.no_grad()
 def generate(
-    request: GenerationRequest,
+    checked: CheckedRequest,
     base: BaseModel,
     controlnets: Sequence[ControlNet],
     *,
@@ -398,10 +132,13 @@ def generate(
     callback: Callable[[int, int], None] | None = None,
     caption: Callable[[np.ndarray], str] | None = None,
 ) -> GenerationResult:
-    """Run ``request`` on loaded models (``controlnets[i]`` serves ``request.controls[i]``)."""
-    request.validate()
+    """Run a checked request on loaded models (``controlnets[i]`` serves control i)."""
+    if not isinstance(checked, CheckedRequest):
+        raise TypeError("generate() takes a checked request: generate(check(request), ...)")
+    request = checked.request
     if len(controlnets) != len(request.controls):
         raise ValueError(f"{len(request.controls)} controls but {len(controlnets)} ControlNets")
+    base.check_clip_skip(request.clip_skip)
     base = base.with_clip_skip(request.clip_skip)
     from ..formats import check_compatible
 
@@ -413,29 +150,31 @@ def generate(
             base_name=f"the base model {request.base or '(bundled)'}",
         )
     seed = request.seed if request.seed is not None else draw_seed()
-    req = GenerationRequest.from_dict({**request.to_dict(), "seed": seed})
+    req = replace(request, seed=seed)
     started = time.perf_counter()
-    dtype = _DTYPES[req.dtype]
+    dtype = req.dtype.torch
     base.to(req.device, dtype, offload=req.offload)
     for cn in controlnets:
         cn.to(req.device, dtype).eval()
 
-    size, big = output_size(req, base.native_size), final_size(req, base.native_size)
+    size, big = output_size(checked, base.native_size), final_size(checked, base.native_size)
 
-    mode = ResizeMode(req.resize_mode)
+    mode = req.resize_mode
     seeds = [seed + i for i in range(req.num_samples)]
     init_latents = mask = init = pixel_mask = None
     if req.init_image is not None:
-        init = fit_to(read_image(req.init_image), size, mode)
+        init = fit_to(checked.image("init_image"), size, mode)
         pixels = torch.from_numpy(init).permute(2, 0, 1)[None].float().to(req.device) / 127.5 - 1.0
         init_latents = base.encode_images(
             pixels.to(dtype), _generators(seeds, req.device), tiled=req.vae_tiling
         )
         if req.mask is not None:
-            pixel_mask = fit_to(read_mask(req.mask), size, mode, fill=1.0)  # padding: regenerated
+            pixel_mask = fit_to(checked.images["mask"], size, mode, fill=1.0)  # padding: regenerated
             mask = mask_to_latent(torch.from_numpy(pixel_mask)[None, None], base.latent_size(size))
 
-    prompt = resolve_prompt(req, caption)
+    captioned = first_image(checked)
+    source = checked.image(captioned) if captioned is not None else None
+    prompt = resolve_prompt(req, caption, source)
     hires = req.hires_scale > 1.0
     hires_steps = req.hires_steps or req.steps
     # one progress count over both passes
@@ -448,12 +187,14 @@ def generate(
         """Denoise at ``size`` (H, W) from ``init`` latents (None: noise) with the controls
         prepared at that size; the latents and the condition maps fed to the model."""
         maps, units = [], []
-        for c, cn in zip(req.controls, controlnets):
-            cond_map, cond = _prepare_condition(c, size, mode, pixel_mask)
+        for i, (c, cn) in enumerate(zip(req.controls, controlnets)):
+            image = checked.images[f"controls[{i}].image"]
+            cond_map, cond = _prepare_condition(c, image, size, mode, pixel_mask)
             maps.append(cond_map[..., :3])
             region = None
             if c.region_mask is not None:
-                region = torch.from_numpy(fit_to(read_mask(c.region_mask), size, mode, fill=0.0))[None, None]
+                region_mask = checked.images[f"controls[{i}].region_mask"]
+                region = torch.from_numpy(fit_to(region_mask, size, mode, fill=0.0))[None, None]
             units.append(
                 ControlUnit(
                     cn,
@@ -496,8 +237,7 @@ def generate(
     if req.fast:  # the decoder is a VAE forward of its own: compiled, it takes a third of the time
         compile_modules([base.vae.decoder])
     if hires:
-        how = HiresUpscaler(req.hires_upscaler)
-        enlarged = _enlarge(base, latents, big, how, seeds, tiled=req.vae_tiling)
+        enlarged = _enlarge(base, latents, big, req.hires_upscaler, seeds, tiled=req.vae_tiling)
         latents, maps = run_pass(big, enlarged, hires_steps, req.hires_denoise, first)
     pixels = base.decode_latents(latents, tiled=req.vae_tiling)
     images = [

@@ -4,11 +4,13 @@ Resolves the model paths (the bundled model when none is given), loads each mode
 process (kept in a small cache keyed by path, modification time, dtype and device), runs
 :func:`controlnet.generation.generate.generate` and writes the images, grid and sidecar. A request whose
 images name folders (video frames, a set of maps) is a batch: :func:`run_batch` runs one
-generation per image, each with its own sidecar.
+generation per image, each with its own sidecar. :func:`run` takes a checked request
+(:func:`controlnet.generation.check.check`); :func:`run_batch` checks what it runs.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 from collections import OrderedDict
@@ -24,8 +26,10 @@ from tqdm.auto import tqdm
 from ..bundled import BUNDLED_BASE, BUNDLED_CONTROLNET, bundled_path
 from ..families.sd.base import BaseModel
 from ..families.sd.controlnet import ControlNet
-from ..imageio import list_images
-from .generate import _DTYPES, GenerationRequest, GenerationResult, draw_seed, generate
+from ..imageio import list_images, probe_image
+from .check import CheckedRequest, check, image_inputs
+from .generate import GenerationResult, draw_seed, generate
+from .request import GenerationRequest
 
 __all__ = ["ModelCache", "expand_folders", "resolve_paths", "run", "run_batch"]
 
@@ -152,31 +156,20 @@ _DEFAULT_CACHE = ModelCache()
 
 
 def run(
-    request: GenerationRequest,
+    checked: CheckedRequest,
     out_dir: str | Path | None = None,
     *,
     cache: ModelCache | None = None,
     progress: bool = True,
     callback: Callable[[int, int], None] | None = None,
-) -> tuple[GenerationResult, Path | None]:
-    """Check, load, generate and (with ``out_dir``) write; return the result and the sidecar path."""
-    request.validate()  # everything that needs no model, before loading anything
-    return _load_and_generate(request, out_dir, cache=cache, progress=progress, callback=callback)
-
-
-def _load_and_generate(
-    request: GenerationRequest,
-    out_dir: str | Path | None,
-    *,
-    cache: ModelCache | None,
-    progress: bool,
-    callback: Callable[[int, int], None] | None = None,
     label: str | None = None,
 ) -> tuple[GenerationResult, Path | None]:
-    """:func:`run` after its checks (``label`` goes into the output names)."""
-    request = resolve_paths(request)
+    """Load the models a checked request names (the bundled ones where it names none), generate
+    and (with ``out_dir``) write the images, grid and sidecar; return the result and the sidecar's
+    path. ``label`` goes into the output names."""
+    request = resolve_paths(checked.request)
     cache = cache or _DEFAULT_CACHE
-    dtype = _DTYPES[request.dtype]
+    dtype = request.dtype.torch
     loras = [(lora.path, lora.scale) for lora in request.loras]
     base = cache.base(request.base, dtype, request.device, loras, offload=request.offload)  # type: ignore[arg-type]
     if request.vae is not None:
@@ -186,7 +179,8 @@ def _load_and_generate(
         cache.controlnet(c.controlnet, dtype, request.device, (request.base, loras))  # type: ignore[arg-type]
         for c in request.controls
     ]
-    result = generate(request, base, controlnets, progress=progress, callback=callback)
+    checked = replace(checked, request=request)
+    result = generate(checked, base, controlnets, progress=progress, callback=callback)
     sidecar = None
     if out_dir is not None:
         from .sidecar import write_outputs
@@ -195,42 +189,40 @@ def _load_and_generate(
     return result, sidecar
 
 
-def _image_inputs(request: GenerationRequest) -> list[tuple[str, str]]:
-    """(parameter, path) of every image the request reads."""
-    named = [(f"controls[{i}].image", c.image) for i, c in enumerate(request.controls)]
-    return named + [(n, getattr(request, n)) for n in ("init_image", "mask") if getattr(request, n)]
-
-
 def expand_folders(request: GenerationRequest) -> list[tuple[str | None, GenerationRequest]]:
     """One (label, request) per batch item. Each image parameter that names a folder takes its
     images in natural name order, folders paired image by image (they must hold as many); a file
     serves every item. Items share the request's seed (one is drawn when it gives none), so that
     frames of a video differ by their inputs only; the label is the first folder's file name. A
     request without folders is the one item ``(None, request)``."""
-    folders = {name: list_images(path) for name, path in _image_inputs(request) if Path(path).is_dir()}
+    inputs = {name: path for name, (path, _) in image_inputs(request).items()}
+    folders = {name: list_images(path) for name, path in inputs.items() if Path(path).is_dir()}
     if not folders:
         return [(None, request)]
     counts = {len(files) for files in folders.values()}
     if len(counts) > 1:
-        listed = ", ".join(
-            f"{name} {path} holds {len(folders[name])}"
-            for name, path in _image_inputs(request)
-            if name in folders
-        )
+        listed = ", ".join(f"{name} {inputs[name]} holds {len(folders[name])}" for name in folders)
         raise ValueError(f"folders are paired image by image but hold different numbers of images: {listed}")
     seed = request.seed if request.seed is not None else draw_seed()
     first = next(iter(folders.values()))
-    items = []
-    for k, labelled in enumerate(first):
-        controls = [
-            replace(c, image=str(folders[f"controls[{i}].image"][k]))
-            if f"controls[{i}].image" in folders
-            else c
-            for i, c in enumerate(request.controls)
-        ]
-        files = {n: str(folders[n][k]) for n in ("init_image", "mask") if n in folders}
-        items.append((labelled.stem, replace(request, controls=controls, seed=seed, **files)))
-    return items
+    return [
+        (labelled.stem, with_inputs(request, {n: str(paths[k]) for n, paths in folders.items()}, seed=seed))
+        for k, labelled in enumerate(first)
+    ]
+
+
+def with_inputs(request: GenerationRequest, inputs: dict[str, str], **changes: Any) -> GenerationRequest:
+    """``request`` with the image inputs named in ``inputs`` (as :func:`image_inputs` names them)
+    set to other files, and other fields changed as ``changes`` says."""
+    controls = list(request.controls)
+    for name, path in inputs.items():
+        m = re.fullmatch(r"controls\[(\d+)\]\.(\w+)", name)
+        if m:
+            i = int(m[1])
+            controls[i] = replace(controls[i], **{m[2]: path})
+        else:
+            changes[name] = path
+    return replace(request, controls=controls, **changes)
 
 
 def run_batch(
@@ -240,27 +232,41 @@ def run_batch(
     cache: ModelCache | None = None,
     progress: bool = True,
 ) -> list[tuple[GenerationResult, Path]]:
-    """:func:`run` for each item of :func:`expand_folders`, writing each item's outputs under
-    ``out_dir``. Every item is checked before the first is generated, so a bad frame stops the
-    batch before any work; with ``progress`` a bar (items, ETA) and a line per item go to stderr."""
+    """Check ``request`` and run it: once, or for each item of :func:`expand_folders`, writing
+    each item's outputs under ``out_dir``. Nothing is generated until the first item has passed
+    its check and every other item's images have been found readable (their headers), so a bad
+    frame stops the batch before any work; each item's images are then read once, by its check,
+    just before it runs. With ``progress`` a bar (items, ETA) and a line per item go to stderr."""
     items = expand_folders(request)
-    for label, item in items:
-        try:
-            item.validate()
-        except (ValueError, FileNotFoundError) as e:
-            if label is None:
-                raise
-            raise type(e)(f"batch item {label}: {e}") from None
-    done: list[tuple[GenerationResult, Path]] = []
     batch = items[0][0] is not None
+    checked = [_labelled(label, check, item) for label, item in items[:1]]
+    for label, item in items[1:]:
+        _labelled(label, probe_inputs, item)
+    done: list[tuple[GenerationResult, Path]] = []
     bar = tqdm(items, desc="batch", unit="generation", disable=not (progress and batch), file=sys.stderr)
-    for label, item in bar:
-        # checked above: straight to the models
-        result, sidecar = _load_and_generate(
-            item, out_dir, cache=cache, progress=progress and not batch, label=label
+    for k, (label, item) in enumerate(bar):
+        item_checked = checked[0] if k == 0 else _labelled(label, check, item)
+        result, sidecar = run(
+            item_checked, out_dir, cache=cache, progress=progress and not batch, label=label
         )
         assert sidecar is not None
         done.append((result, sidecar))
         if progress and batch:
             bar.write(f"{label}: {sidecar.name} ({result.seconds:.1f} s)", file=sys.stderr)
     return done
+
+
+def _labelled(label: str | None, fn: Callable[[GenerationRequest], Any], item: GenerationRequest) -> Any:
+    """``fn(item)``, its errors prefixed with the batch item's label (when it has one)."""
+    try:
+        return fn(item)
+    except (ValueError, FileNotFoundError) as e:
+        if label is None:
+            raise
+        raise type(e)(f"batch item {label}: {e}") from None
+
+
+def probe_inputs(request: GenerationRequest) -> None:
+    """Every image the request reads exists and is an image (its header, no pixels decoded)."""
+    for path, _ in image_inputs(request).values():
+        probe_image(path)

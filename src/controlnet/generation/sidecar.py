@@ -19,7 +19,9 @@ import torch
 
 from .. import __version__
 from ..imageio import atomic_write_bytes, make_grid, save_png, sha256_file
-from .generate import GenerationRequest, GenerationResult
+from ..schema import Kind, files
+from .generate import GenerationResult
+from .request import GenerationRequest
 
 __all__ = ["Record", "input_files", "read_sidecar", "verify_inputs", "write_outputs"]
 
@@ -27,24 +29,8 @@ SIDECAR_FORMAT = "controlnet-generation/1"
 
 
 def input_files(request: GenerationRequest) -> dict[str, str]:
-    """Every file the request reads, by the parameter that names it."""
-    files: dict[str, str] = {}
-    if request.base:
-        files["base"] = request.base
-    if request.vae:
-        files["vae"] = request.vae
-    for i, lora in enumerate(request.loras):
-        files[f"loras[{i}]"] = lora.path
-    for i, c in enumerate(request.controls):
-        files[f"controls[{i}].image"] = c.image
-        if c.controlnet:
-            files[f"controls[{i}].controlnet"] = c.controlnet
-        if c.region_mask:
-            files[f"controls[{i}].region_mask"] = c.region_mask
-    for name in ("init_image", "mask", "captioner"):
-        if getattr(request, name):
-            files[name] = getattr(request, name)
-    return files
+    """Every file the request reads, by the parameter that names it ("base", "controls[0].image")."""
+    return files(request, (Kind.MODEL, Kind.IMAGE, Kind.MASK, Kind.FILE))
 
 
 def _next_prefix(out_dir: Path, seed: int, label: str | None) -> str:

@@ -30,74 +30,59 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from ..generation.generate import ControlRequest, GenerationRequest
+from ..generation.request import ControlRequest, GenerationRequest
+from ..schema import Kind, Owner, enum_of, field_names, params, part_type
 from .service import BusyError, Service, UploadTooLarge
 
 __all__ = ["ControlBody", "GenerateBody", "PreprocessBody", "create_api", "decode_image", "encode_png"]
 
 log = logging.getLogger(__name__)
-_D = GenerationRequest()
-_C = ControlRequest(image="")
 
 
-class ControlBody(BaseModel):
-    """One control unit. ``image``: base64 image; ``controlnet``: a name from ``/api/health``
-    (null: the server's first ControlNet); ``preprocess``: an annotator, or null for a ready map."""
+def _body(cls: type, name: str, doc: str, parts: dict[str, type[BaseModel]]) -> type[BaseModel]:
+    """The API body of a request dataclass, from its schema: every field a client may set (the
+    server sets the rest), images as base64 text, models by the names the server offers, choices
+    by their values, defaults the dataclass's; nested parts (controls) as the bodies in
+    ``parts``. Types are checked here (a wrong one: 422); values, bounds and limits by the one
+    check of the request (400)."""
+    fields: dict[str, Any] = {}
+    for fname, (f, spec, tp) in params(cls).items():
+        if spec.owner is Owner.SERVER:
+            continue
+        default = Field(default_factory=f.default_factory) if callable(f.default_factory) else f.default
+        if default is dataclasses.MISSING:
+            default = ...
+        enum = enum_of(tp)
+        if spec.kind is Kind.PARTS:
+            tp, default = list[parts[fname]], Field(default_factory=list)
+        elif enum is not None:
+            tp, default = str, default.value
+        elif spec.kind in (Kind.IMAGE, Kind.MASK, Kind.MODEL):
+            tp = str if default is ... else str | None
+        fields[fname] = (tp, default)
+    config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    return create_model(name, __config__=config, __doc__=doc, __module__=__name__, **fields)
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    image: str
-    controlnet: str | None = None
-    preprocess: str | None = None
-    params: dict[str, Any] = Field(default_factory=dict)
-    strength: float = _C.strength
-    start: float = _C.start
-    end: float = _C.end
-    mode: str = _C.mode
-    guess_mode: bool = _C.guess_mode
-    region_mask: str | None = _C.region_mask
 
-
-class GenerateBody(BaseModel):
-    """A generation request. Images (``init_image``, ``mask``, each control's ``image``) are base64.
-    ``seed``: null or -1 draws one (returned)."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    prompt: str = _D.prompt
-    controls: list[ControlBody] = Field(default_factory=list)
-    prompt_setting: str = _D.prompt_setting
-    added_prompt: str = _D.added_prompt
-    negative_prompt: str = _D.negative_prompt
-    prompt_syntax: str = _D.prompt_syntax
-    clip_skip: int = _D.clip_skip
-    sampler: str = _D.sampler
-    timestep_spacing: str = _D.timestep_spacing
-    eta: float = _D.eta
-    steps: int = _D.steps
-    guidance: float = _D.guidance
-    seed: int | None = _D.seed
-    num_samples: int = _D.num_samples
-    resolution: int | None = _D.resolution
-    width: int | None = _D.width
-    height: int | None = _D.height
-    resize_mode: str = _D.resize_mode
-    init_image: str | None = _D.init_image
-    denoise: float = _D.denoise
-    mask: str | None = _D.mask
-    mask_blur: int = _D.mask_blur
-    overlay: bool = _D.overlay
-    hires_scale: float = _D.hires_scale
-    hires_denoise: float = _D.hires_denoise
-    hires_steps: int | None = _D.hires_steps
-    hires_upscaler: str = _D.hires_upscaler
-    vae_tiling: bool = _D.vae_tiling
-
+ControlBody = _body(
+    ControlRequest,
+    "ControlBody",
+    "One control unit. ``image``: base64 image; ``controlnet``: a name from ``/api/health`` "
+    "(null: the server's first ControlNet); ``preprocess``: an annotator, or null for a ready map.",
+    {},
+)
+GenerateBody = _body(
+    GenerationRequest,
+    "GenerateBody",
+    "A generation request. Images (``init_image``, ``mask``, each control's ``image`` and "
+    "``region_mask``) are base64. ``seed``: null or -1 draws one (returned).",
+    {"controls": ControlBody},
+)
 
 #: GenerationRequest fields the server sets itself; a client sending one gets a 422.
-SERVER_FIELDS = frozenset(
-    {f.name for f in dataclasses.fields(GenerationRequest)} - set(GenerateBody.model_fields)
-)
+SERVER_FIELDS = frozenset(field_names(GenerationRequest, lambda spec: spec.owner is Owner.SERVER))
 
 
 class PreprocessBody(BaseModel):
@@ -144,29 +129,34 @@ def _file_b64(path: Any) -> str:
 
 
 # ---------------------------------------------------------------------------- building requests
-def build_request(service: Service, body: GenerateBody) -> GenerationRequest:
-    """Store the body's images and make the :class:`GenerationRequest` (not yet checked)."""
-
-    def stored(value: str | None, what: str, *, mask: bool = False) -> Any:
-        """The upload ``value`` (base64) decoded, checked and stored: its path; None for None."""
-        return None if value is None else service.store_image(decode_image(value, what), what, mask=mask)
-
-    controls = [
-        ControlRequest(
-            **c.model_dump(exclude={"image", "controlnet", "region_mask"}),
-            image=stored(c.image, f"controls[{i}].image"),
-            controlnet=service.controlnet_path(c.controlnet),
-            region_mask=stored(c.region_mask, f"controls[{i}].region_mask", mask=True),
-        )
-        for i, c in enumerate(body.controls)
-    ]
-    fields = body.model_dump(exclude={"controls", "init_image", "mask"})
+def build_request(service: Service, body: Any) -> GenerationRequest:
+    """Store the body's images and make the :class:`GenerationRequest` (not yet checked): fields
+    not sent take the served model's defaults; a seed of -1 draws one."""
+    fields = _values(service, GenerationRequest, body, "")
     for name in fields.keys() - body.model_fields_set:  # not sent: the default for the served model
         fields[name] = getattr(service.defaults, name)
     if fields["seed"] == -1:
         fields["seed"] = None
-    images = {name: stored(getattr(body, name), name, mask=name == "mask") for name in ("init_image", "mask")}
-    return GenerationRequest(controls=controls, **fields, **images)
+    return GenerationRequest(**fields)
+
+
+def _values(service: Service, cls: type, body: BaseModel, where: str) -> dict[str, Any]:
+    """The fields of ``cls`` from an API body, as the schema says to read each: uploads decoded,
+    checked and stored (their paths), ControlNets by name (their files), parts part by part."""
+    values: dict[str, Any] = {}
+    for name, (_, spec, tp) in params(cls).items():
+        if name not in type(body).model_fields:
+            continue
+        value, what = getattr(body, name), f"{where}.{name}" if where else name
+        if spec.kind in (Kind.IMAGE, Kind.MASK) and value is not None:
+            value = service.store_image(decode_image(value, what), what, mask=spec.kind is Kind.MASK)
+        elif spec.kind is Kind.MODEL:
+            value = service.controlnet_path(value)
+        elif spec.kind is Kind.PARTS:
+            part = part_type(tp)
+            value = [part(**_values(service, part, item, f"{name}[{i}]")) for i, item in enumerate(value)]
+        values[name] = value
+    return values
 
 
 # ---------------------------------------------------------------------------- the app

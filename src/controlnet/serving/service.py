@@ -32,7 +32,10 @@ import numpy as np
 from PIL import Image
 
 from ..bundled import BUNDLED_SETTINGS, model_settings
-from ..generation.generate import GenerationRequest, LoraRequest, final_size
+from ..choices import DType
+from ..generation.check import CheckedRequest, check
+from ..generation.request import GenerationRequest, LoraRequest
+from ..generation.sizes import final_size
 from ..imageio import MAX_PIXELS, read_image, read_mask, save_png
 from .limits import Limits
 
@@ -40,10 +43,6 @@ if TYPE_CHECKING:
     from ..families.sd.base import BaseModel
 
 __all__ = ["BusyError", "Job", "Limits", "Output", "ServeConfig", "Service", "UploadTooLarge"]
-
-
-#: Seeds a browser's numbers hold exactly (2**53 - 1), less room for one seed per sample.
-MAX_SEED = 2**53 - 1 - 1024
 
 
 class UploadTooLarge(ValueError):
@@ -65,7 +64,7 @@ class ServeConfig:
     base: str | None = None
     controlnets: tuple[str, ...] = ()
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: DType = DType.FLOAT32
     offload: bool = False  # text encoders and VAE in CPU memory, on the GPU only while they run
     captioner: str | None = None
     vae: str | None = None  # used in place of the base model's VAE
@@ -138,7 +137,7 @@ class Service:
         self.defaults = GenerationRequest(**model_settings(config.base))
         self.controlnets = _unique_names(controlnets)
         # a bad dtype, or offloading on the CPU, fails at start, not later
-        GenerationRequest(dtype=config.dtype, device=config.device, offload=config.offload).validate()
+        check(GenerationRequest(dtype=config.dtype, device=config.device, offload=config.offload))
         self.cache = cache or ModelCache(size=len(controlnets) + 1 + (config.vae is not None))
         base_model = self._load_models()
         self.native_size = base_model.native_size
@@ -162,9 +161,8 @@ class Service:
         """Load every model once (into the cache), check the ControlNets fit the base, and return
         the base."""
         from ..formats import check_compatible
-        from ..generation.generate import _DTYPES
 
-        dtype, device = _DTYPES[self.config.dtype], self.config.device
+        dtype, device = DType.parse(self.config.dtype).torch, self.config.device
         # LoRAs are read and merged now: a bad file stops the server from starting
         base = self.cache.base(self.base, dtype, device, self.config.loras, offload=self.config.offload)
         if self.config.vae is not None:  # read now: a bad file stops the server from starting
@@ -265,21 +263,23 @@ class Service:
         return str(path)
 
     # ------------------------------------------------------------------ requests and limits
-    def output_size(self, request: GenerationRequest) -> tuple[int, int]:
-        """(H, W) of the images ``request`` will make, hires fix included
+    def output_size(self, checked: CheckedRequest) -> tuple[int, int]:
+        """(H, W) of the images a checked request will make, hires fix included
         (:func:`controlnet.generation.generate.final_size`)."""
-        return final_size(request, self.native_size)
+        return final_size(checked, self.native_size)
 
-    def check(self, request: GenerationRequest) -> GenerationRequest:
-        """The request with the server's settings filled in, checked in full: the request's own
-        checks and every limit. ValueError naming the parameter and the limit otherwise. The one
-        place limits are enforced, for the web app and the API alike."""
+    def check(self, request: GenerationRequest) -> CheckedRequest:
+        """The request with the server's settings filled in, checked once, in full: this server's
+        limits, then the request's own check (:func:`controlnet.generation.check.check`), then
+        what depends on the models served (the text encoder's layers, the output size). The one
+        place limits are enforced, for the web app and the API alike. ValueError naming the
+        parameter and the limit otherwise; uploads are named by their field, not by their file."""
         lim = self.limits
         for name in ("steps", "hires_steps"):
             steps = getattr(request, name)
-            if steps is not None and steps > lim.max_steps:
+            if isinstance(steps, int) and steps > lim.max_steps:
                 raise ValueError(f"{name}={steps} is over this server's limit of {lim.max_steps}")
-        if request.num_samples > lim.max_samples:
+        if isinstance(request.num_samples, int) and request.num_samples > lim.max_samples:
             raise ValueError(
                 f"num_samples={request.num_samples} is over this server's limit of {lim.max_samples}"
             )
@@ -287,8 +287,6 @@ class Service:
             raise ValueError(
                 f"{len(request.controls)} controls is over this server's limit of {lim.max_controls}"
             )
-        if request.seed is not None and not 0 <= request.seed <= MAX_SEED:
-            raise ValueError(f"seed must be between 0 and {MAX_SEED} (or -1/none for a random one)")
         for i, c in enumerate(request.controls):
             if c.controlnet not in self.controlnets.values():
                 raise ValueError(f"control {i}: ControlNet must be one of: {', '.join(self.controlnets)}")
@@ -304,27 +302,28 @@ class Service:
             fast=False,
         )
         try:
-            request.validate()
-            self._check_clip_skip(request.clip_skip)
+            checked = check(request)
+            self._check_clip_skip(checked.request.clip_skip)
         except ValueError as e:  # name uploads by their field, not by their file on this server
             message = str(e)
             for name, path in _upload_fields(request).items():
                 message = message.replace(path, name)
             raise ValueError(message) from None
-        h, w = self.output_size(request)
+        h, w = self.output_size(checked)
         if _megapixels(h, w) > lim.max_megapixels:
             raise ValueError(
                 f"the output would be {w}x{h} ({_megapixels(h, w):.2f} megapixels), over this server's "
                 f"limit of {lim.max_megapixels:g} megapixels: lower resolution (or width/height, or "
                 "hires_scale)"
             )
-        return request
+        return checked
 
     # ------------------------------------------------------------------ the worker
     def submit(self, request: GenerationRequest) -> Job:
-        """Check ``request`` and queue it; the job's future gives an :class:`Output`. Raises
-        ValueError for a bad request and BusyError when the queue is full (nothing is queued)."""
-        request = self.check(request)
+        """Check ``request`` (:meth:`check`) and queue it; the job's future gives an
+        :class:`Output`. Raises ValueError for a bad request and BusyError when the queue is full
+        (nothing is queued)."""
+        checked = self.check(request)
         with self._lock:
             if self._closed:
                 raise BusyError("the server is shutting down")
@@ -335,7 +334,7 @@ class Service:
                 )
             self._waiting += 1
         job = Job()
-        job.future = self._worker.submit(self._run, request, job)
+        job.future = self._worker.submit(self._run, checked, job)
         return job
 
     def generate(
@@ -356,7 +355,7 @@ class Service:
         may use the device, such as learned annotators."""
         return self._worker.submit(fn).result()
 
-    def _run(self, request: GenerationRequest, job: Job) -> Output:
+    def _run(self, checked: CheckedRequest, job: Job) -> Output:
         from ..generation.pipeline import run
 
         with self._lock:
@@ -368,7 +367,7 @@ class Service:
             def callback(step: int, total: int) -> None:
                 job.step, job.total = step, total
 
-            result, sidecar = run(request, self.out_dir, cache=self.cache, progress=False, callback=callback)
+            result, sidecar = run(checked, self.out_dir, cache=self.cache, progress=False, callback=callback)
             assert sidecar is not None
             record = json.loads(sidecar.read_text())
             output = Output(
@@ -452,7 +451,7 @@ class Service:
             "status": "ok",
             "queue": queue,
             "device": self.config.device,
-            "dtype": self.config.dtype,
+            "dtype": DType.parse(self.config.dtype).value,
             "controlnets": list(self.controlnets),
             "native_size": self.native_size,
             "defaults": {k: getattr(self.defaults, k) for k in BUNDLED_SETTINGS},  # model-dependent

@@ -26,6 +26,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from ..choices import DType
 from ..model.fastpath import check_compile_mode, compile_modules, has_own_graphs
 from ..plots import line_plot
 from .checkpoints import (
@@ -60,7 +61,8 @@ class TrainConfig:
     warmup_steps: int = 0
     lr_schedule: str = "constant"  # constant | cosine (to zero at the last step, after the warm-up)
     max_grad_norm: float | None = None
-    mixed_precision: str = "no"  # no | bf16 | fp16
+    #: the frozen parts' dtype, and autocast's (float32: full precision); bf16, fp16, no are read too
+    mixed_precision: DType | str = DType.FLOAT32
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the networks (a slow first step, faster later ones)
     compile_mode: str = "default"  # fastpath.COMPILE_MODES; "reduce-overhead" also graphs the steps
@@ -97,8 +99,13 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {v}")
         if self.lr <= 0 or self.decoder_lr <= 0:
             raise ValueError(f"learning rates must be > 0, got lr={self.lr}, decoder_lr={self.decoder_lr}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        try:
+            self.mixed_precision = DType.parse(self.mixed_precision)
+        except ValueError:
+            names = ", ".join(d.value for d in DType)
+            raise ValueError(
+                f"mixed_precision must be one of {names}, got {self.mixed_precision!r}"
+            ) from None
         check_compile_mode(self.compile_mode, "compile_mode")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
@@ -257,7 +264,8 @@ def train(
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state(reset_partial_state=False)
-    accel = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
+    precision = DType.parse(cfg.mixed_precision)
+    accel = accelerator or Accelerator(mixed_precision=precision.accelerate, cpu=cfg.cpu)
     rank, world, device = accel.process_index, accel.num_processes, accel.device
     main = accel.is_main_process
     run_dir = Path(cfg.out)
@@ -277,7 +285,7 @@ def train(
         )
     total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch  # type: ignore[operator]
 
-    weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.mixed_precision]
+    weight_dtype = precision.torch
     objective.prepare(device, weight_dtype)
     if cfg.gradient_checkpointing:
         objective.enable_gradient_checkpointing()
