@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import cuda_time, diffusers_controlnet, environment, matmul_peak_tflops, sd15, table, write_json
 
 from controlnet.families.sd.base import PromptEmbeddings
-from controlnet.generation.sampling import ControlUnit, denoise, initial_noise
+from controlnet.generation.denoiser import ControlUnit
+from controlnet.generation.sampling import denoise, initial_noise
 from controlnet.model.control import Control, control_scales, controlled_unet_forward
 from controlnet.model.fastpath import compile_modules, release_graphs
 

@@ -180,7 +180,7 @@ def test_evaluate_scores_each_output_against_its_own_item(models, dataset, monke
         calls.append((tuple(cond.shape), list(seeds), latent_size))
         return torch.stack([torch.full((4, *latent_size), float(s)) for s in seeds])
 
-    def decode_latents(latents):
+    def decode_latents(latents, **_):
         return torch.stack([dataset[int(s) - CFG.seed]["target"] for s in latents[:, 0, 0, 0]])
 
     monkeypatch.setattr(base, "decode_latents", decode_latents)
@@ -281,3 +281,32 @@ def test_write_report_without_examples_writes_no_image(result, tmp_path):
     write_report(bare, tmp_path)
     assert json.loads((tmp_path / "results.json").read_text())["summary"] == result.summary
     assert not (tmp_path / "examples.png").exists()
+
+
+def test_evaluation_measures_exactly_what_generate_makes(models, dataset, tmp_path):
+    """One generation path: an item's evaluated image equals ``controlnet generate``'s for its
+    condition, prompt and seed with the same settings, pixel for pixel."""
+    from controlnet.generation.check import check
+    from controlnet.generation.generate import generate as run_generation
+    from controlnet.generation.request import ControlRequest, GenerationRequest
+
+    base, cn = models
+    cfg = dataclasses.replace(CFG, n=2, batch=1, negative_prompt="lowres", guidance=4.0, sampler="euler-a")
+    evaluated = evaluate(base, cn, dataset, cfg, progress=False)
+    for k, row in enumerate(evaluated.per_sample):
+        item = dataset[row["index"]]
+        cond = tmp_path / f"cond{k}.png"
+        Image.fromarray(to_uint8(item["cond"], lo=0.0)).save(cond)
+        request = GenerationRequest(
+            prompt=item["prompt"],
+            added_prompt="",
+            negative_prompt=cfg.negative_prompt,
+            controls=[ControlRequest(str(cond), strength=cfg.strength)],
+            sampler=cfg.sampler,
+            steps=cfg.steps,
+            guidance=cfg.guidance,
+            seed=row["seed"],
+            resolution=item["cond"].shape[-1],
+        )
+        made = run_generation(check(request), base, [cn], progress=False).images[0]
+        np.testing.assert_array_equal(evaluated.examples[k][1], made)

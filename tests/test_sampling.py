@@ -5,7 +5,8 @@ import torch
 
 from controlnet import Family
 from controlnet.choices import Sampler
-from controlnet.generation.sampling import ControlUnit, denoise
+from controlnet.generation.denoiser import ControlUnit
+from controlnet.generation.sampling import denoise
 from controlnet.model.control import Control
 from tiny import make_base, make_controlnet
 
@@ -246,16 +247,16 @@ def test_compile_modes_and_who_replays_its_own_graphs():
 def test_networks_that_replay_their_own_graphs_run_one_after_the_other(world, monkeypatch):
     """Networks compiled in reduce-overhead mode (training's) share inductor's one-stream memory
     pool, so the sampler does not put them on side streams; the latents are the same either way."""
-    import controlnet.generation.sampling as sampling
+    import controlnet.generation.denoiser as denoiser
 
     seen = []
-    real = sampling.controlled_unet_forward
+    real = denoiser.controlled_unet_forward
 
     def spy(*args, **kw):
         seen.append(kw["concurrent"])
         return real(*args, **kw)
 
-    monkeypatch.setattr(sampling, "controlled_unet_forward", spy)
+    monkeypatch.setattr(denoiser, "controlled_unet_forward", spy)
     plain = run(world, [unit(world)], steps=2, cuda_graphs=False)
     assert seen == [True, True]
     monkeypatch.setattr(world[0].unet, "_controlnet_compiled", "reduce-overhead", raising=False)
@@ -263,3 +264,61 @@ def test_networks_that_replay_their_own_graphs_run_one_after_the_other(world, mo
     own = run(world, [unit(world)], steps=2, cuda_graphs=False)
     assert seen == [False, False]
     torch.testing.assert_close(own.latents, plain.latents, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------- the loop and its callable
+def test_the_loop_calls_any_model_callable_once_per_step():
+    """sample() is a plain loop over ``model(x, t, step)``: any callable will do."""
+    from controlnet.families.sd.base import DEFAULT_SCHEDULE
+    from controlnet.generation.sampling import make_scheduler, sample
+
+    scheduler = make_scheduler(Sampler.DDIM, DEFAULT_SCHEDULE)
+    scheduler.set_timesteps(5)
+    seen = []
+
+    def model(x, t, step):
+        seen.append((tuple(x.shape), float(t), step))
+        return torch.zeros_like(x)
+
+    latents = torch.ones(2, 4, *LAT)
+    out = sample(
+        model, scheduler, latents, scheduler.timesteps, dtype=torch.float32, step_kwargs={}, progress=False
+    )
+    assert [s for *_, s in seen] == [0, 1, 2, 3, 4]
+    assert [t for _, t, _ in seen] == [float(t) for t in scheduler.timesteps]
+    assert out.shape == latents.shape and torch.isfinite(out).all()
+
+
+def test_guidance_wraps_the_controlled_model(world):
+    """Guided(model, g) at g = 0 is the unconditional prediction and at g = 1 the conditional one:
+    classifier-free guidance is a wrapper around the callable, not part of the loop."""
+    from controlnet.families.sd.base import PromptEmbeddings
+    from controlnet.generation.denoiser import ControlledDenoiser, Guided, PreparedControl
+
+    base, _, cond, uncond, _ = world
+    prepared = [PreparedControl.build(unit(world), 1, base.device, base.dtype)]
+    both = ControlledDenoiser(base, prepared, PromptEmbeddings.cat([uncond, cond]), 4, cfg_batch=True)
+    x, t = torch.randn(1, 4, *LAT, generator=torch.Generator().manual_seed(1)), torch.tensor(500.0)
+    for g, alone in ((0.0, uncond), (1.0, cond)):
+        half = ControlledDenoiser(base, prepared, alone, 4, cfg_batch=False)
+        torch.testing.assert_close(Guided(both, g)(x, t, 0), half(x, t, 0), rtol=1e-5, atol=1e-5)
+
+
+def test_graphed_steps_replay_the_same_computation_per_active_set(world):
+    """Graphed(model) computes what the model computes (on a CPU: from its static buffers), one
+    cache entry per distinct set of active controls."""
+    from controlnet.families.sd.base import PromptEmbeddings
+    from controlnet.generation.denoiser import ControlledDenoiser, Graphed, Guided, PreparedControl
+    from controlnet.model.fastpath import GraphCache
+
+    base, _, cond, uncond, _ = world
+    prepared = [PreparedControl.build(unit(world, end=0.5), 1, base.device, base.dtype)]
+    model = Guided(
+        ControlledDenoiser(base, prepared, PromptEmbeddings.cat([uncond, cond]), 4, cfg_batch=True), 7.5
+    )
+    graphs = GraphCache(torch.device("cpu"))
+    graphed = Graphed(model, graphs, "key")
+    x = torch.randn(1, 4, *LAT, generator=torch.Generator().manual_seed(2))
+    for step in range(4):  # the control acts in steps 0-1, not in 2-3
+        assert torch.equal(graphed(x, torch.tensor(300.0), step), model(x, torch.tensor(300.0), step))
+    assert graphs.captures == 2

@@ -273,14 +273,14 @@ def _spoil_sample(monkeypatch, index: int, value: float):
     """Make validation's sampler return sample ``index`` filled with ``value``; returns the real one."""
     import controlnet.training.validation as validation
 
-    real = validation.denoise
+    real = validation.render
 
     def broken(*args, **kw):
         out = real(*args, **kw)
         out.latents[index] = value
         return out
 
-    monkeypatch.setattr(validation, "denoise", broken)
+    monkeypatch.setattr(validation, "render", broken)
     return real
 
 
@@ -294,7 +294,7 @@ def test_validation_warns_of_samples_that_are_not_finite(tmp_path, monkeypatch):
     with pytest.warns(RuntimeWarning, match="step 5: 1 of 2 samples are not finite"):
         val(obj, 5, tmp_path)
     assert (tmp_path / "samples" / "step-00000005.png").is_file()
-    monkeypatch.setattr(validation, "denoise", real)
+    monkeypatch.setattr(validation, "render", real)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         val(obj, 6, tmp_path)  # finite samples: no warning

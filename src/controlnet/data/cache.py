@@ -218,7 +218,7 @@ def _encode_all(
     for batch in loader:
         target = batch["target"].to(base.device, base.vae.dtype)
         h, w = target.shape[-2:]
-        dist = base.vae.encode(target).latent_dist
+        dist = base.posterior(target, per_image=False)
         new = [p for p in dict.fromkeys(batch["prompt"]) if (p, h, w) not in table]
         if new:
             for p in new:

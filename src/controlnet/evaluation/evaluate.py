@@ -25,8 +25,10 @@ from tqdm.auto import tqdm
 
 from ..families.sd.base import BaseModel
 from ..families.sd.controlnet import ControlNet
-from ..generation.request import PAPER_DEFAULT_PROMPT
-from ..generation.sampling import ControlUnit, denoise
+from ..generation.denoiser import ControlUnit
+from ..generation.generate import resolve_prompt
+from ..generation.render import Sampling, render, to_images
+from ..generation.request import GenerationRequest
 from ..imageio import atomic_write_bytes, make_grid, save_png, to_uint8
 from .metrics import COLOUR_TOLERANCE, edge_f1, mean_iou, rmse, shape_and_colour, ssim
 
@@ -154,11 +156,18 @@ def _score(
 
 
 def _prompt(setting: str, prompt: str) -> str:
-    return {"user": prompt, "none": "", "default": PAPER_DEFAULT_PROMPT}[setting]
+    """The text generation reads for an item's prompt under ``setting`` (no added prompt)."""
+    return resolve_prompt(GenerationRequest(prompt=prompt, prompt_setting=setting, added_prompt=""))
 
 
-#: (prompt embeddings, negative embeddings, condition batch, seeds, latent size) -> latents; for
-#: models that take their condition another way than a ControlNet (the ``concat`` ablation).
+def _with_condition(sample_fn: SampleFn, cond: torch.Tensor) -> Any:
+    """``sample_fn`` given the batch's conditions, as the one generation path calls it."""
+    return lambda emb, neg, seeds, latent_size: sample_fn(emb, neg, cond, seeds, latent_size)
+
+
+#: (prompt embeddings, negative embeddings (None at guidance 1), condition batch, seeds, latent size)
+#: -> latents; for models that take their condition another way than a ControlNet (the ``concat``
+#: ablation).
 SampleFn = Callable[[Any, Any, torch.Tensor, list[int], tuple[int, int]], torch.Tensor]
 
 
@@ -208,28 +217,21 @@ def evaluate(
         items = [dataset[i] for i in range(start, min(n, start + cfg.batch))]
         prompts = [_prompt(cfg.prompt_setting, it["prompt"]) for it in items]
         cond = torch.stack([it["cond"] for it in items]).to(base.device, base.dtype)
-        size = tuple(cond.shape[-2:])
-        latent = base.latent_size(size)  # type: ignore[arg-type]
-        emb = base.encode_prompt(prompts, size=size)  # type: ignore[arg-type]
-        neg = base.encode_prompt([cfg.negative_prompt] * len(items), size=size)  # type: ignore[arg-type]
         seeds = [cfg.seed + start + i for i in range(len(items))]
-        if sample_fn is not None:
-            latents = sample_fn(emb, neg, cond, seeds, latent)
-        else:
-            units = [] if controlnet is None else [ControlUnit(controlnet, cond, cfg.strength)]
-            latents = denoise(
-                base,
-                emb,
-                neg,
-                units,
-                sampler=cfg.sampler,
-                steps=cfg.steps,
-                guidance=cfg.guidance,
-                seeds=seeds,
-                latent_size=latent,
-                progress=False,
-            ).latents
-        images = [to_uint8(x) for x in base.decode_latents(latents)]
+        units = [] if controlnet is None else [ControlUnit(controlnet, cond, cfg.strength)]
+        fn = None if sample_fn is None else _with_condition(sample_fn, cond)
+        out = render(
+            base,
+            units,
+            prompts,
+            [cfg.negative_prompt] * len(items),
+            seeds,
+            tuple(cond.shape[-2:]),  # type: ignore[arg-type]
+            Sampling(cfg.sampler, steps=cfg.steps, guidance=cfg.guidance),
+            sample_fn=fn,
+            progress=False,
+        )
+        images = to_images(base, out.latents)
         for it, img, seed in zip(items, images, seeds):
             cmap = to_uint8(it["cond"], lo=0.0)
             row: dict[str, Any] = {"index": int(it["index"]), "seed": seed, "prompt": it["prompt"]}

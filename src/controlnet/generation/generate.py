@@ -26,10 +26,11 @@ from ..families.sd.base import BaseModel
 from ..families.sd.controlnet import ControlNet
 from ..imageio import flatten_alpha, read_image
 from ..model.fastpath import compile_modules
-from ..text.prompts import encode_guided
 from .check import CheckedRequest
+from .denoiser import ControlUnit
+from .render import Sampling, render, to_images
 from .request import PAPER_DEFAULT_PROMPT, ControlRequest, GenerationRequest
-from .sampling import ControlUnit, denoise, mask_to_latent, steps_run
+from .sampling import mask_to_latent, steps_run
 from .sizes import final_size, first_image, output_size
 
 __all__ = [
@@ -207,22 +208,18 @@ def generate(
                     region=region,
                 )
             )
-        negative = req.negative_prompt if req.guidance != 1.0 else None
-        cond_emb, uncond_emb = encode_guided(base, prompt, negative, size=size, syntax=req.prompt_syntax)
         n = req.num_samples
         step_callback = None if callback is None else lambda i, _: callback(done + i, total)
-        out = denoise(
+        out = render(
             base,
-            cond_emb.repeat(n),
-            uncond_emb.repeat(n) if uncond_emb is not None else None,
             units,
-            sampler=req.sampler,
-            timestep_spacing=req.timestep_spacing,
+            [prompt] * n,
+            [req.negative_prompt] * n,
+            seeds,
+            size,
+            Sampling.of(req),
+            syntax=req.prompt_syntax,
             steps=steps,
-            guidance=req.guidance,
-            eta=req.eta,
-            seeds=seeds,
-            latent_size=base.latent_size(size),
             init_latents=init,
             denoise_strength=strength,
             mask=mask,
@@ -239,10 +236,7 @@ def generate(
     if hires:
         enlarged = _enlarge(base, latents, big, req.hires_upscaler, seeds, tiled=req.vae_tiling)
         latents, maps = run_pass(big, enlarged, hires_steps, req.hires_denoise, first)
-    pixels = base.decode_latents(latents, tiled=req.vae_tiling)
-    images = [
-        ((p.permute(1, 2, 0).cpu().numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8) for p in pixels
-    ]
+    images = to_images(base, latents, tiled=req.vae_tiling)
     if pixel_mask is not None and req.overlay:
         images = [overlay(img, init, pixel_mask, req.mask_blur) for img in images]  # type: ignore[arg-type]
     return GenerationResult(req, images, maps, prompt, seeds, time.perf_counter() - started, latents.cpu())

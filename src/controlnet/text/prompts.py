@@ -258,17 +258,30 @@ def _encode_chunks(
 
 def encode_guided(
     base: BaseModel,
-    prompt: str,
-    negative: str | None,
+    prompts: Sequence[str] | str,
+    negatives: Sequence[str] | str | None,
     *,
     size: tuple[int, int] | None = None,
     syntax: PromptSyntax | str = PromptSyntax.WEIGHTED,
 ) -> tuple[PromptEmbeddings, PromptEmbeddings | None]:
-    """The prompt's and (when guidance needs it) the negative prompt's embeddings, of equal length.
-    Each is encoded on its own, as a batch of one."""
-    if negative is None or PromptSyntax(syntax) is PromptSyntax.PLAIN:
-        uncond = None if negative is None else encode_prompts(base, [negative], size=size, syntax=syntax)
-        return encode_prompts(base, [prompt], size=size, syntax=syntax), uncond
-    chunks = [prompt_chunks(base.tokenizer, t) for t in (prompt, negative)]
-    n = max(len(c) for c in chunks)
-    return _encode_chunks(base, [chunks[0]], size, n), _encode_chunks(base, [chunks[1]], size, n)
+    """The embeddings of each sample's prompt and (when guidance needs them: not None) its negative
+    prompt, all of one length (a string: one sample). Each distinct text is encoded once: the
+    distinct prompts in one batch, the distinct negative prompts in another; samples sharing a
+    text share its rows."""
+    prompts = [prompts] if isinstance(prompts, str) else prompts
+    negatives = [negatives] if isinstance(negatives, str) else negatives
+    texts = [list(dict.fromkeys(prompts)), list(dict.fromkeys(negatives)) if negatives is not None else []]
+    if PromptSyntax(syntax) is PromptSyntax.PLAIN:
+        encoded = [encode_prompts(base, t, size=size, syntax=syntax) if t else None for t in texts]
+    else:
+        chunks = [[prompt_chunks(base.tokenizer, t) for t in side] for side in texts]
+        n = max(len(c) for side in chunks for c in side)
+        encoded = [_encode_chunks(base, side, size, n) if side else None for side in chunks]
+
+    def rows(emb: PromptEmbeddings | None, distinct: list[str], wanted: Sequence[str]) -> PromptEmbeddings:
+        assert emb is not None
+        index = [distinct.index(t) for t in wanted]
+        return emb.select(index)
+
+    cond = rows(encoded[0], texts[0], prompts)
+    return cond, (rows(encoded[1], texts[1], negatives) if negatives is not None else None)

@@ -147,9 +147,9 @@ class DiffusionInputs:
             mean, std = batch["latent_mean"].float(), batch["latent_std"].float()
         else:
             with torch.no_grad():
-                dist = self.base.vae.encode(batch["target"].to(self.base.vae.dtype)).latent_dist
+                dist = self.base.posterior(batch["target"], per_image=False)
             mean, std = dist.mean.float(), dist.std.float()
-        return (mean + std * noise.randn(*mean.shape[1:])) * self.base.latent_scale
+        return self.base.scaled_sample(mean, std, noise.randn(*mean.shape[1:]))
 
     def prompts(self, prompts: Sequence[str], noise: StepNoise) -> list[str]:
         """Replace each prompt by "" with the empty-prompt probability (paper: 50%)."""
@@ -275,6 +275,7 @@ class VaeObjective(Objective):
 
     def __init__(self, base: BaseModel, *, kl_weight: float = 1e-4) -> None:
         super().__init__()
+        self.base = base
         self.vae = base.vae.requires_grad_(True).train()
         self.kl_weight = kl_weight
 
@@ -289,7 +290,7 @@ class VaeObjective(Objective):
 
     def forward(self, batch: dict[str, Any], noise: StepNoise) -> torch.Tensor:
         x = batch["target"].float()
-        post = self.vae.encode(x).latent_dist
+        post = self.base.posterior(x, per_image=False)
         z = post.mean + post.std * noise.randn(*post.mean.shape[1:])
         rec = self.vae.decode(z).sample
         kl = post.kl().sum() / x.numel()

@@ -187,7 +187,7 @@ def _latent_scale(base: BaseModel, dataset: Any, n: int = 512) -> float:
     zs = []
     for chunk in np.array_split(idx, max(1, len(idx) // 32)):
         x = torch.stack([dataset[int(i)]["target"] for i in chunk]).to(device)
-        zs.append(base.vae.encode(x).latent_dist.mean.float().cpu())
+        zs.append(base.posterior(x, per_image=False).mean.float().cpu())
     return float(1.0 / torch.cat(zs).std())
 
 

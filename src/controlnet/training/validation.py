@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..generation.sampling import ControlUnit, denoise
+from ..generation.denoiser import ControlUnit
+from ..generation.render import Sampling, render, to_images
 from ..imageio import make_grid, save_png, to_uint8
 from ..model.fastpath import release_graphs
 from .objectives import ControlNetObjective, StepNoise, as_condition
@@ -87,26 +88,19 @@ class ControlValidator:
         scores: dict[str, float] = {"val_loss": float(np.mean(losses))}
 
         cond = as_condition(batch["cond"]).to(base.dtype)
-        size = tuple(cond.shape[-2:])
-        latent = base.latent_size(size)  # type: ignore[arg-type]
-        emb = base.encode_prompt(batch["prompt"], size=size)  # type: ignore[arg-type]
-        neg = base.encode_prompt([self.negative_prompt] * n, size=size)  # type: ignore[arg-type]
-        seeds = [self.seed + i for i in range(n)]
-        out = denoise(
+        out = render(
             base,
-            emb,
-            neg,
             [ControlUnit(cn, cond)],
-            sampler=self.sampler,
-            steps=self.steps,
-            guidance=self.guidance,
-            seeds=seeds,
-            latent_size=latent,
+            batch["prompt"],
+            [self.negative_prompt] * n,
+            [self.seed + i for i in range(n)],
+            tuple(cond.shape[-2:]),  # type: ignore[arg-type]
+            Sampling(self.sampler, steps=self.steps, guidance=self.guidance),
             progress=False,
         )
         release_graphs(base.unet)  # the step graphs' memory goes back to training
         _warn_if_not_finite(out.latents, step)
-        images = [to_uint8(x) for x in base.decode_latents(out.latents)]
+        images = to_images(base, out.latents)
         if "target" in batch:
             targets = [to_uint8(t) for t in batch["target"]]
         else:  # a latent cache holds no pixels: show the decoded posterior mean
@@ -148,7 +142,7 @@ class ImageValidator:
             was = vae.training
             vae.eval()
             x = torch.stack([it["target"] for it in self.items]).to(next(vae.parameters()).device)
-            rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+            rec = vae.decode(objective.base.posterior(x, per_image=False).mean).sample.clamp(-1, 1)
             vae.train(was)
             outs = [to_uint8(r) for r in rec]
             mse = float(((rec.float() - x.float()) ** 2).mean())
@@ -160,24 +154,21 @@ class ImageValidator:
             for m in mods:
                 m.eval()
             prompts = [it["prompt"] for it in self.items]
-            size = targets[0].shape[:2]
-            latent = base.latent_size(size)  # type: ignore[arg-type]
-            out = denoise(
+            out = render(
                 base,
-                base.encode_prompt(prompts),
-                base.encode_prompt([""] * len(prompts)),
                 [],
-                steps=self.steps,
-                guidance=self.guidance,
-                latent_size=latent,
+                prompts,
+                [""] * len(prompts),
+                [self.seed + i for i in range(len(prompts))],
+                targets[0].shape[:2],
+                Sampling(steps=self.steps, guidance=self.guidance),
                 progress=False,
-                seeds=[self.seed + i for i in range(len(prompts))],
             )
             release_graphs(base.unet)
             _warn_if_not_finite(out.latents, step)
             for m, w in zip(mods, was):
                 m.train(w)
-            outs = [to_uint8(x) for x in base.decode_latents(out.latents)]
+            outs = to_images(base, out.latents)
             scores = _prompt_colour_scores(outs, prompts)
         else:
             return {}

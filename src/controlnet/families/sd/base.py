@@ -63,8 +63,13 @@ class PromptEmbeddings:
 
     def repeat(self, n: int) -> PromptEmbeddings:
         """Each row repeated ``n`` times in a row (prompt i -> samples i*n .. i*n+n-1)."""
-        added = None if self.added is None else {k: v.repeat_interleave(n, 0) for k, v in self.added.items()}
-        return PromptEmbeddings(self.context.repeat_interleave(n, 0), added)
+        return self.select([i for i in range(len(self)) for _ in range(n)])
+
+    def select(self, rows: Sequence[int]) -> PromptEmbeddings:
+        """The embeddings of ``rows``, in that order (a row may be taken several times)."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.context.device)
+        added = None if self.added is None else {k: v[index] for k, v in self.added.items()}
+        return PromptEmbeddings(self.context[index], added)
 
 
 @dataclass
@@ -235,6 +240,24 @@ class BaseModel:
         )
 
     # ------------------------------------------------------------------ images
+    def posterior(
+        self, images: torch.Tensor, *, tiled: bool = False, per_image: bool = True
+    ) -> DiagonalGaussianDistribution:
+        """The VAE's posterior over the (unscaled) latents of images (B, 3, H, W) in [-1, 1]: the
+        one place images are encoded (generation, training, caches, validation). ``per_image``:
+        one image at a time (the VAE's memory is one image's); False: the batch at once (training
+        steps). ``tiled``: images larger than the VAE's tile (its config's sample size) are
+        encoded in overlapping tiles (:meth:`_vae_moments`). Gradients flow when enabled."""
+        images = images.to(self.vae.dtype)
+        with self.visiting("vae"):
+            if not per_image and not tiled:
+                return self.vae.encode(images).latent_dist
+            return DiagonalGaussianDistribution(self._vae_moments(images, tiled))
+
+    def scaled_sample(self, mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Latents the UNet reads: a posterior sample ``mean + std * noise``, scaled."""
+        return (mean + std * noise) * self.latent_scale
+
     @torch.no_grad()
     def encode_images(
         self,
@@ -246,19 +269,20 @@ class BaseModel:
         """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/8, W/8), sampled from the
         posterior (``generator`` makes it reproducible). A list of generators gives one sample per
         generator, sample i drawn by generator i exactly as alone; one image (B = 1) is then
-        encoded once and shared by all. ``tiled``: images larger than the VAE's tile (its config's
-        sample size) are encoded in overlapping tiles (:meth:`_vae_moments`)."""
-        with self.visiting("vae"):
-            dist = DiagonalGaussianDistribution(self._vae_moments(images.to(self.vae.dtype), tiled))
+        encoded once and shared by all. ``tiled``: as :meth:`posterior`."""
+        dist = self.posterior(images, tiled=tiled)
         if not isinstance(generator, list):
-            return (dist.sample(generator) * self.latent_scale).to(self.dtype)
+            noise = randn_tensor(
+                dist.mean.shape, generator=generator, device=dist.mean.device, dtype=dist.mean.dtype
+            )
+            return self.scaled_sample(dist.mean, dist.std, noise).to(self.dtype)
         if len(images) not in (1, len(generator)):
             raise ValueError(
                 f"{len(generator)} generators for {len(images)} images: expected one image or one each"
             )
         shape = (len(generator), *dist.mean.shape[1:])
         noise = randn_tensor(shape, generator=generator, device=dist.mean.device, dtype=dist.mean.dtype)
-        return ((dist.mean + dist.std * noise) * self.latent_scale).to(self.dtype)
+        return self.scaled_sample(dist.mean, dist.std, noise).to(self.dtype)
 
     def _vae_moments(self, images: torch.Tensor, tiled: bool) -> torch.Tensor:
         """The VAE encoder's posterior moments of ``images`` (:func:`_one_at_a_time`)."""
