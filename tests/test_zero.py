@@ -1,5 +1,7 @@
 """The generic controlled block: y = F(x) + Z2(F_copy(x + Z1(c)))."""
 
+import copy
+
 import hypothesis.strategies as st
 import pytest
 import torch
@@ -7,6 +9,7 @@ from hypothesis import given, settings
 from torch import nn
 
 from controlnet import ControlledBlock, Layout, zero_conv, zero_linear
+from controlnet.model.zero import ControlledCopy
 
 
 class ConvBlock(nn.Module):
@@ -99,3 +102,78 @@ def test_zero_layers_are_zero_and_shaped():
     assert conv.weight.shape == (5, 3, 1, 1) and lin.weight.shape == (2, 4)
     assert conv(torch.randn(1, 3, 4, 4)).abs().sum() == 0
     assert zero_conv(2, 2, 3)(torch.randn(1, 2, 5, 5)).shape == (1, 2, 5, 5)
+
+
+class _BlocksCopy(ControlledCopy):
+    """A copy of the first blocks of a token network, each block's output a residual: the shape
+    of a transformer ControlNet, on the same generic controlled copy as the UNet's."""
+
+    def __init__(self, blocks: torch.nn.ModuleList, width: int, cond_width: int) -> None:
+        super().__init__()
+        self.blocks = copy.deepcopy(blocks).requires_grad_(True)
+        self.cond_embedder = zero_linear(cond_width, width)
+        self.zero_outs = torch.nn.ModuleList(zero_linear(width, width) for _ in blocks)
+
+    def condition_layer(self):
+        return self.cond_embedder
+
+    def output_layers(self):
+        return list(self.zero_outs)
+
+    def copy_forward(self, h):
+        outs = []
+        for block in self.blocks:
+            h = block(h)
+            outs.append(h)
+        return outs
+
+
+def test_the_generic_copy_wraps_transformer_blocks_and_starts_from_the_base():
+    """The formula's multi-output form around transformer blocks: at initialisation every residual
+    is exactly zero, so a base that adds residual i to its block i's output is unchanged; one step
+    opens the connections while the base stays locked."""
+    torch.manual_seed(0)
+    width = 16
+    base = torch.nn.ModuleList(
+        torch.nn.TransformerEncoderLayer(width, 2, 32, dropout=0.0, batch_first=True) for _ in range(3)
+    ).requires_grad_(False)
+    control = _BlocksCopy(base[:2], width, cond_width=5)
+    x, c = torch.randn(2, 7, width), torch.randn(2, 7, 5)
+
+    def run(residuals):
+        h = x
+        for i, block in enumerate(base):
+            h = block(h)
+            if i < len(residuals):
+                h = h + residuals[i]
+        return h
+
+    residuals = control.residuals(x, control.embed_condition(c))
+    assert all(torch.equal(r, torch.zeros_like(r)) for r in residuals)
+    assert torch.equal(run(residuals), run([]))
+    run(control.residuals(x, control.embed_condition(c))).square().mean().backward()
+    assert all(z.weight.grad is not None and z.weight.grad.abs().sum() > 0 for z in control.zero_outs)
+    assert all(p.grad is None for p in base.parameters())
+
+
+def test_the_unet_controlnet_runs_the_generic_formula(monkeypatch):
+    """The production ControlNet computes its residuals through ControlledCopy.residuals."""
+    from controlnet.families.sd.configs import Family
+    from tiny import cond_image, make_controlnet, make_unet, unet_inputs
+
+    unet = make_unet(Family.SD1)
+    cn = make_controlnet(unet, open_zero=True)
+    calls = []
+    real = ControlledCopy.residuals
+
+    def spy(self, x, condition, *args, **kwargs):
+        calls.append(type(self).__name__)
+        return real(self, x, condition, *args, **kwargs)
+
+    monkeypatch.setattr(ControlledCopy, "residuals", spy)
+    inputs = unet_inputs(unet)
+    out = cn(
+        inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"], cn.encode_hint(cond_image())
+    )
+    assert calls == ["ControlNet"] and len(out) == cn.num_residuals
+    assert isinstance(cn, ControlledCopy) and cn.zero_convs()[1:] == cn.output_layers()

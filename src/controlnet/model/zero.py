@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ControlledBlock", "Layout", "zero_conv", "zero_linear", "zero_module"]
+__all__ = ["ControlledBlock", "ControlledCopy", "Layout", "zero_conv", "zero_linear", "zero_module"]
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -69,7 +69,48 @@ def _zero_layer(layout: Layout, cin: int, cout: int, like: torch.Tensor | None) 
     return zero_conv(cin, cout, **kw) if layout is Layout.IMAGE else zero_linear(cin, cout, **kw)
 
 
-class ControlledBlock(nn.Module):
+class ControlledCopy(nn.Module):
+    """The trainable side of the formula, for a copy with one output or many:
+
+        r_i = Z_out_i( F_copy(x + Z_in(c))_i )
+
+    Each residual ``r_i`` is added by the locked network to its own output i (a UNet's skips and
+    middle block, a transformer's block outputs): y_i + r_i. At initialisation every Z_out is zero,
+    so every r_i is exactly 0 and the locked network's output is unchanged.
+
+    A subclass says where the parts live - their attribute names are its checkpoint's keys - by
+    :meth:`condition_layer` (Z_in, the condition's way in; for images a small encoder whose last
+    layer is zero), :meth:`output_layers` (one Z_out per output) and :meth:`copy_forward`
+    (F_copy from its input to its outputs). :meth:`embed_condition` is computed once per
+    condition; :meth:`residuals` runs the copy.
+    """
+
+    def condition_layer(self) -> nn.Module:
+        raise NotImplementedError
+
+    def output_layers(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def copy_forward(self, h: torch.Tensor, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def embed_condition(self, c: torch.Tensor) -> torch.Tensor:
+        """Z_in(c): the condition's features, to be added to the copy's input."""
+        return self.condition_layer()(c)
+
+    def residuals(
+        self, x: torch.Tensor, condition: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> list[torch.Tensor]:
+        """Z_out_i(F_copy(x + condition)_i) for each output i, ``condition`` from
+        :meth:`embed_condition`; extra arguments (a time embedding, a text context) go to the copy."""
+        outputs = self.copy_forward(x + condition, *args, **kwargs)
+        layers = self.output_layers()
+        if len(outputs) != len(layers):
+            raise ValueError(f"the copy gave {len(outputs)} outputs for {len(layers)} zero layers")
+        return [z(o) for z, o in zip(layers, outputs)]
+
+
+class ControlledBlock(ControlledCopy):
     """Wrap any block F with a trainable copy and two zero layers: F(x) + Z2(F_copy(x + Z1(c))).
 
     Args:
@@ -100,6 +141,16 @@ class ControlledBlock(nn.Module):
         self.zero_in = _zero_layer(layout, cond_channels, channels, like)
         self.zero_out = _zero_layer(layout, out_channels, out_channels, like)
 
+    def condition_layer(self) -> nn.Module:
+        return self.zero_in
+
+    def output_layers(self) -> list[nn.Module]:
+        return [self.zero_out]
+
+    def copy_forward(self, h: torch.Tensor, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
+        return [self.copy(h, *args, **kwargs)]
+
     def forward(self, x: torch.Tensor, c: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         y = self.block(x, *args, **kwargs)
-        return y + self.zero_out(self.copy(x + self.zero_in(c), *args, **kwargs))
+        (r,) = self.residuals(x, self.embed_condition(c), *args, **kwargs)
+        return y + r

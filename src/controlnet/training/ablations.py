@@ -22,7 +22,7 @@ from torch import nn
 
 from ..families.sd.base import BaseModel
 from ..families.sd.controlnet import ControlNet, ControlNetConfig, HintEncoder, residual_channels
-from ..model.zero import zero_conv
+from ..model.zero import ControlledCopy, zero_conv
 from .objectives import DiffusionInputs, Objective, StepNoise, as_condition
 
 __all__ = ["ConcatObjective", "ConcatUNet", "LiteControlNet", "gaussian_connections"]
@@ -39,11 +39,12 @@ def gaussian_connections(controlnet: ControlNet, std: float = 0.02, seed: int = 
     return controlnet
 
 
-class LiteControlNet(nn.Module):
+class LiteControlNet(ControlledCopy):
     """ControlNet-lite: hint encoder + latent input conv, then ONE narrow conv per residual (a
     quarter of the UNet's width, stride 2 where the UNet halves its resolution) instead of the
-    trainable encoder copy; zero convs widen each to the UNet's channels. It returns residuals of
-    the same shapes as :class:`ControlNet`, so injection is unchanged."""
+    trainable encoder copy; zero convs widen each to the UNet's channels. The same formula with
+    another F (:class:`~controlnet.model.zero.ControlledCopy`): it returns residuals of the same
+    shapes as :class:`ControlNet`, so injection is unchanged."""
 
     def __init__(self, unet: UNet2DConditionModel, config: ControlNetConfig | None = None) -> None:
         super().__init__()
@@ -73,6 +74,16 @@ class LiteControlNet(nn.Module):
     num_residuals = ControlNet.num_residuals
     zero_convs = ControlNet.zero_convs
     encode_hint = ControlNet.encode_hint
+    condition_layer = ControlNet.condition_layer
+    output_layers = ControlNet.output_layers
+
+    def copy_forward(self, h: torch.Tensor) -> list[torch.Tensor]:
+        """One narrow conv per residual level, then the middle's."""
+        feats = []
+        for conv in self.convs:
+            h = F.silu(conv(h))
+            feats.append(h)
+        return [*feats, F.silu(self.mid(h))]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -89,14 +100,7 @@ class LiteControlNet(nn.Module):
     ) -> list[torch.Tensor]:
         # like ControlNet.forward: its inputs take its own dtype (a float32 copy trains next to a
         # bfloat16 UNet)
-        h = self.conv_in(sample.to(self.dtype)) + hint.to(self.dtype)
-        feats = []
-        for conv in self.convs:
-            h = F.silu(conv(h))
-            feats.append(h)
-        out = [z(f) for z, f in zip(self.controlnet_down_blocks, feats)]
-        out.append(self.controlnet_mid_block(F.silu(self.mid(h))))
-        return out
+        return self.residuals(self.conv_in(sample.to(self.dtype)), hint.to(self.dtype))
 
 
 class ConcatUNet(nn.Module):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from ...model.zero import zero_conv
+from ...model.zero import ControlledCopy, zero_conv
 from .halves import embed_time, encode
 
 __all__ = ["ControlNet", "ControlNetConfig", "HintEncoder", "residual_channels"]
@@ -134,8 +134,10 @@ def residual_channels(unet: UNet2DConditionModel) -> list[int]:
     return chans
 
 
-class ControlNet(nn.Module):
-    """Trainable copy of a UNet's encoder + hint encoder + zero convolutions.
+class ControlNet(ControlledCopy):
+    """Trainable copy of a UNet's encoder + hint encoder + zero convolutions: the paper's
+    controlled block (:class:`~controlnet.model.zero.ControlledCopy`) around the whole encoder,
+    with the hint encoder as Z_in and one zero conv per skip and for the middle block as Z_out.
 
     Build it with :meth:`from_unet` (exact copy of a locked UNet) or :meth:`from_config`
     (architecture only, for loading weights). ``forward`` returns the residuals; how they enter
@@ -208,13 +210,28 @@ class ControlNet(nn.Module):
     def device(self) -> torch.device:
         return self.conv_in.weight.device
 
+    # ---------------------------------------------------------------- the formula's parts
+    def condition_layer(self) -> nn.Module:
+        return self.controlnet_cond_embedding
+
+    def output_layers(self) -> list[nn.Module]:
+        return [*self.controlnet_down_blocks, self.controlnet_mid_block]
+
+    def copy_forward(
+        self,
+        h: torch.Tensor,
+        emb: torch.Tensor,
+        context: torch.Tensor,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+    ) -> list[torch.Tensor]:
+        """The copied encoder from its input conv's output (the hint added): every skip, then the
+        middle block's output."""
+        h, skips = encode(self, h, emb, context, cross_attention_kwargs)
+        return [*skips, h]
+
     def zero_convs(self) -> list[nn.Module]:
         """The 14 zero-initialised layers (hint encoder's last conv, encoder residuals, middle)."""
-        return [
-            self.controlnet_cond_embedding.conv_out,
-            *self.controlnet_down_blocks,
-            self.controlnet_mid_block,
-        ]
+        return [self.condition_layer().conv_out, *self.output_layers()]
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute each copied block's activations in the backward pass instead of storing them."""
@@ -233,7 +250,7 @@ class ControlNet(nn.Module):
             raise ValueError(
                 f"condition must have shape (B, {self.config.hint_channels}, H, W), got {tuple(cond.shape)}"
             )
-        return self.controlnet_cond_embedding(cond.to(self.dtype))
+        return self.embed_condition(cond.to(self.dtype))
 
     def forward(
         self,
@@ -264,10 +281,7 @@ class ControlNet(nn.Module):
                 k: v.to(dtype) if v.is_floating_point() else v for k, v in added_cond_kwargs.items()
             }
         emb = embed_time(self, sample, timestep, added_cond_kwargs)
-        h = self.conv_in(sample) + hint
-        h, skips = encode(self, h, emb, encoder_hidden_states, cross_attention_kwargs)
-        out = [zc(s) for zc, s in zip(self.controlnet_down_blocks, skips)]
-        out.append(self.controlnet_mid_block(h))
+        out = self.residuals(self.conv_in(sample), hint, emb, encoder_hidden_states, cross_attention_kwargs)
         if self.config.global_pool:
             out = [r.mean(dim=(2, 3), keepdim=True) for r in out]
         return out
