@@ -25,10 +25,11 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).parent))
 from common import cuda_time, diffusers_controlnet, environment, matmul_peak_tflops, sd15, table, write_json
 
-from controlnet.families.sd.base import PromptEmbeddings
+from controlnet.families.protocol import PromptEmbeddings
+from controlnet.families.sd.forward import controlled_unet_forward
 from controlnet.generation.denoiser import ControlUnit
 from controlnet.generation.sampling import denoise, initial_noise
-from controlnet.model.control import Control, control_scales, controlled_unet_forward
+from controlnet.model.control import Control, control_scales
 from controlnet.model.fastpath import compile_modules, release_graphs
 
 STEPS, GUIDANCE, SIZE = 20, 9.0, 512

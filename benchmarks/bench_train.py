@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 sys.path.insert(0, str(Path(__file__).parent))
 from common import cuda_time, environment, open_zero, sd15, table, write_json
 
-from controlnet.families.sd.base import PromptEmbeddings
+from controlnet.families.protocol import PromptEmbeddings
 from controlnet.training.objectives import BaseObjective, ControlNetObjective
 from controlnet.training.train import TrainConfig, train
 

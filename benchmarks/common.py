@@ -21,7 +21,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from controlnet import ControlNet, ControlNetConfig, Family, unet_config
-from controlnet.families.sd.base import BaseModel
+from controlnet.families.sd.base import UNetBase
 from controlnet.families.sd.configs import tiny_unet_config
 from controlnet.text.tokenizer import clip_tokenizer
 
@@ -56,7 +56,7 @@ SMOKE = {
 
 def sd15(
     device: str, dtype: torch.dtype, n_controlnets: int = 1, seed: int = 0, smoke: bool = False
-) -> tuple[BaseModel, list[ControlNet]]:
+) -> tuple[UNetBase, list[ControlNet]]:
     """An SD1.5-shaped base model (a 1-layer text encoder: prompts are pre-encoded in timings) and
     ControlNets copied from its UNet, random weights, on ``device`` in ``dtype``."""
     torch.manual_seed(seed)
@@ -79,7 +79,7 @@ def sd15(
         )
         open_zero(cn, seed + 1 + i)
         cns.append(cn.to(dtype).eval())
-    base = BaseModel(Family.SD1, unet, vae, text, clip_tokenizer(Family.SD1)).to(device, dtype)
+    base = UNetBase(Family.SD1, unet, vae, text, clip_tokenizer(Family.SD1)).to(device, dtype)
     return base, cns
 
 

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import diffusers_controlnet, environment, open_zero, table, write_json
 
 from controlnet import Family
-from controlnet.families.sd.base import BaseModel
+from controlnet.families.sd.base import UNetBase
 from controlnet.families.sd.configs import tiny_unet_config, unet_config, vae_config
 from controlnet.families.sd.controlnet import ControlNet, ControlNetConfig
 from controlnet.formats.build import TEXT_FIELDS, BaseConfig
@@ -50,7 +50,7 @@ STEPS, GUIDANCE, PROMPT = 8, 7.0, "a house by a lake, evening light"
 GIB = 2**30
 
 
-def sdxl(device: str, dtype: torch.dtype, smoke: bool) -> tuple[BaseModel, ControlNet]:
+def sdxl(device: str, dtype: torch.dtype, smoke: bool) -> tuple[UNetBase, ControlNet]:
     """An SDXL base model of the released shapes (tiny with ``smoke``) and a ControlNet copied from
     its UNet, random weights, on ``device`` in ``dtype``."""
     torch.manual_seed(0)
@@ -74,7 +74,7 @@ def sdxl(device: str, dtype: torch.dtype, smoke: bool) -> tuple[BaseModel, Contr
         te2 = CLIPTextModelWithProjection(
             CLIPTextConfig(**{k: v for k, v in te_cfgs[1].items() if k in TEXT_FIELDS})
         )
-    base = BaseModel(
+    base = UNetBase(
         Family.SDXL,
         unet,
         vae,

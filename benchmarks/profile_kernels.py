@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import profile_train
 from common import cuda_time, environment, sd15, table, write_json
 
+from controlnet.families.sd.forward import controlled_unet_forward
 from controlnet.model.channels_last_norm import use_channels_last_group_norm
-from controlnet.model.control import Control, control_scales, controlled_unet_forward
+from controlnet.model.control import Control, control_scales
 from controlnet.model.fastpath import compile_modules
 
 #: (kind, substrings of a kernel's name), first match wins

@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_train
 from common import cuda_time, environment, sd15, table, write_json
 
-from controlnet.families.sd.base import PromptEmbeddings
-from controlnet.model.control import Control, control_scales, controlled_unet_forward
+from controlnet.families.protocol import PromptEmbeddings
+from controlnet.families.sd.forward import controlled_unet_forward
+from controlnet.model.control import Control, control_scales
 from controlnet.model.fastpath import compile_modules
 from controlnet.training.objectives import BaseObjective, ControlNetObjective, StepNoise, as_condition
 

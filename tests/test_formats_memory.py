@@ -10,7 +10,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from controlnet import ControlNet, Family
-from controlnet.families.sd.base import BaseModel
+from controlnet.families.sd.base import UNetBase
 from controlnet.families.sd.configs import tiny_unet_config
 from controlnet.formats import BaseConfig, Format, save_controlnet
 from controlnet.formats.original import base_tensors, controlnet_tensors
@@ -35,7 +35,7 @@ def test_loading_a_v10_file_holds_no_second_copy(tmp_path):
     cfg.update(block_out_channels=[64, 128, 256, 256], norm_num_groups=16, attention_head_dim=4)
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**cfg)
-    base = BaseModel(Family.SD1, unet, make_vae(), make_text_encoder(), clip_tokenizer(Family.SD1))
+    base = UNetBase(Family.SD1, unet, make_vae(), make_text_encoder(), clip_tokenizer(Family.SD1))
     cn = ControlNet.from_unet(unet)
     files = {
         "safetensors": save_controlnet(cn, tmp_path / "v10.safetensors", Format.ORIGINAL, base=base)[0],

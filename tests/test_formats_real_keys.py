@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from controlnet import ControlNet, ControlNetConfig, Family
-from controlnet.families.sd.base import BaseModel
+from controlnet.families.sd.base import UNetBase
 from controlnet.families.sd.configs import unet_config
 from controlnet.formats import BaseConfig
 from controlnet.formats import diffusers as dif
@@ -78,9 +78,9 @@ def test_every_real_key_maps_to_a_parameter_of_the_same_shape(name, family):
 
 
 @pytest.fixture(scope="module")
-def meta_sdxl() -> tuple[BaseModel, ControlNet]:
+def meta_sdxl() -> tuple[UNetBase, ControlNet]:
     cfg = BaseConfig.for_family(Family.SDXL)
-    base = BaseModel(
+    base = UNetBase(
         Family.SDXL,
         build_unet(cfg.unet),
         build_vae(cfg.vae),

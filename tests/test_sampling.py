@@ -247,16 +247,16 @@ def test_compile_modes_and_who_replays_its_own_graphs():
 def test_networks_that_replay_their_own_graphs_run_one_after_the_other(world, monkeypatch):
     """Networks compiled in reduce-overhead mode (training's) share inductor's one-stream memory
     pool, so the sampler does not put them on side streams; the latents are the same either way."""
-    import controlnet.generation.denoiser as denoiser
+    import controlnet.families.sd.forward as forward
 
     seen = []
-    real = denoiser.controlled_unet_forward
+    real = forward.controlled_unet_forward
 
     def spy(*args, **kw):
         seen.append(kw["concurrent"])
         return real(*args, **kw)
 
-    monkeypatch.setattr(denoiser, "controlled_unet_forward", spy)
+    monkeypatch.setattr(forward, "controlled_unet_forward", spy)
     plain = run(world, [unit(world)], steps=2, cuda_graphs=False)
     assert seen == [True, True]
     monkeypatch.setattr(world[0].unet, "_controlnet_compiled", "reduce-overhead", raising=False)
@@ -270,7 +270,8 @@ def test_networks_that_replay_their_own_graphs_run_one_after_the_other(world, mo
 def test_the_loop_calls_any_model_callable_once_per_step():
     """sample() is a plain loop over ``model(x, t, step)``: any callable will do."""
     from controlnet.families.sd.base import DEFAULT_SCHEDULE
-    from controlnet.generation.sampling import make_scheduler, sample
+    from controlnet.families.sd.schedulers import make_scheduler
+    from controlnet.generation.sampling import sample
 
     scheduler = make_scheduler(Sampler.DDIM, DEFAULT_SCHEDULE)
     scheduler.set_timesteps(5)
@@ -292,7 +293,7 @@ def test_the_loop_calls_any_model_callable_once_per_step():
 def test_guidance_wraps_the_controlled_model(world):
     """Guided(model, g) at g = 0 is the unconditional prediction and at g = 1 the conditional one:
     classifier-free guidance is a wrapper around the callable, not part of the loop."""
-    from controlnet.families.sd.base import PromptEmbeddings
+    from controlnet.families.protocol import PromptEmbeddings
     from controlnet.generation.denoiser import ControlledDenoiser, Guided, PreparedControl
 
     base, _, cond, uncond, _ = world
@@ -307,7 +308,7 @@ def test_guidance_wraps_the_controlled_model(world):
 def test_graphed_steps_replay_the_same_computation_per_active_set(world):
     """Graphed(model) computes what the model computes (on a CPU: from its static buffers), one
     cache entry per distinct set of active controls."""
-    from controlnet.families.sd.base import PromptEmbeddings
+    from controlnet.families.protocol import PromptEmbeddings
     from controlnet.generation.denoiser import ControlledDenoiser, Graphed, Guided, PreparedControl
     from controlnet.model.fastpath import GraphCache
 

@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from circles import Circles
+from controlnet.families.sd.forward import decoder_parameters
 from controlnet.training.checkpoints import latest_checkpoint, load_checkpoint
-from controlnet.training.objectives import ControlNetObjective, StepNoise, decoder_parameters
+from controlnet.training.objectives import ControlNetObjective, StepNoise
 from controlnet.training.train import TrainConfig, train
 from tiny import make_base, make_controlnet
 

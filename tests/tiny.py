@@ -92,13 +92,13 @@ def make_text_encoder(hidden: int = CROSS, *, projection: bool = False, seed: in
 
 def make_base(family: Family = Family.SD1, seed: int = 0):
     """A complete tiny base model of ``family`` (random weights)."""
-    from controlnet.families.sd.base import BaseModel
+    from controlnet.families.sd.base import UNetBase
     from controlnet.text.tokenizer import clip_tokenizer
 
     if family is Family.SDXL:
         # context = both encoders' hidden states concatenated; pooled = the second's projection
         unet = UNet2DConditionModel(**tiny_unet_config(family, cross_attention_dim=2 * CROSS)).eval()
-        return BaseModel(
+        return UNetBase(
             family,
             unet,
             make_vae(seed),
@@ -107,7 +107,7 @@ def make_base(family: Family = Family.SD1, seed: int = 0):
             text_encoder_2=make_text_encoder(projection=True, seed=seed + 1),
             tokenizer_2=clip_tokenizer(family, second=True),
         )
-    return BaseModel(
+    return UNetBase(
         family, make_unet(family, seed), make_vae(seed), make_text_encoder(seed=seed), clip_tokenizer(family)
     )
 

@@ -15,10 +15,10 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Control": "model.control",
     "ControlMode": "choices",
-    "ControlledUNet": "model.control",
+    "ControlledUNet": "families.sd.forward",
     "control_residuals": "model.control",
     "control_scales": "model.control",
-    "controlled_unet_forward": "model.control",
+    "controlled_unet_forward": "families.sd.forward",
     "soft_scales": "model.control",
     "ControlNet": "families.sd.controlnet",
     "ControlNetConfig": "families.sd.controlnet",
@@ -67,12 +67,6 @@ if TYPE_CHECKING:
     from .choices import ControlMode
     from .families.sd.configs import Family, unet_config
     from .families.sd.controlnet import ControlNet, ControlNetConfig, HintEncoder
-    from .model.control import (
-        Control,
-        ControlledUNet,
-        control_residuals,
-        control_scales,
-        controlled_unet_forward,
-        soft_scales,
-    )
+    from .families.sd.forward import ControlledUNet, controlled_unet_forward
+    from .model.control import Control, control_residuals, control_scales, soft_scales
     from .model.zero import ControlledBlock, Layout, zero_conv, zero_linear, zero_module

@@ -14,6 +14,7 @@ from enum import Enum
 from typing import Any, TypeVar
 
 __all__ = [
+    "MAX_LCM_STEPS",
     "ControlMode",
     "DType",
     "HiresUpscaler",
@@ -22,6 +23,8 @@ __all__ = [
     "ResizeMode",
     "Sampler",
     "TimestepSpacing",
+    "check_spacing",
+    "check_steps",
     "parse_choice",
 ]
 
@@ -152,3 +155,39 @@ class HiresUpscaler(str, Enum):
 
     LATENT = "latent"  # the latents, bilinearly: no VAE round trip; wants denoise >= 0.5
     IMAGE = "image"  # the decoded pixels (bicubic, antialiased), encoded again: keeps more at low denoise
+
+
+#: the most steps the LCM sampler takes: its timesteps are picked from the 50-step schedule the
+#: consistency models were distilled on (diffusers' ``original_inference_steps``)
+MAX_LCM_STEPS = 50
+#: the samplers that place their steps by Karras' noise levels, whatever the timestep spacing
+_KARRAS = (Sampler.DPMPP_2M_KARRAS, Sampler.DPMPP_2M_SDE_KARRAS)
+
+
+def check_spacing(sampler: Sampler | str, spacing: TimestepSpacing | str) -> None:
+    """A ValueError unless ``sampler`` can take ``spacing``: the Karras samplers and LCM place
+    their steps themselves."""
+    sampler, spacing = Sampler.parse(sampler), TimestepSpacing.parse(spacing)
+    if spacing is TimestepSpacing.DEFAULT:
+        return
+    if sampler in _KARRAS:
+        raise ValueError(
+            f"timestep_spacing {spacing.value!r}: the {sampler.value} sampler places its steps by "
+            "Karras' noise levels; for steps spaced otherwise, use dpmpp-2m"
+        )
+    if sampler is Sampler.LCM:
+        raise ValueError(
+            f"timestep_spacing {spacing.value!r}: the lcm sampler takes its steps from the "
+            f"{MAX_LCM_STEPS}-step schedule the model was distilled on"
+        )
+
+
+def check_steps(sampler: Sampler | str, steps: int, name: str = "steps") -> None:
+    """A ValueError naming ``name`` unless ``sampler`` can run ``steps`` steps."""
+    if steps < 1:
+        raise ValueError(f"{name} must be >= 1, got {steps}")
+    if Sampler.parse(sampler) is Sampler.LCM and steps > MAX_LCM_STEPS:
+        raise ValueError(
+            f"{name}: the lcm sampler takes at most {MAX_LCM_STEPS} steps (its timesteps come from the "
+            f"{MAX_LCM_STEPS}-step schedule the model was distilled on), got {steps}"
+        )

@@ -181,7 +181,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from ..bundled import model_settings
     from ..data import open_dataset
     from ..evaluation.evaluate import EvalConfig, evaluate, write_report
-    from ..formats import load_controlnet
     from ..generation.pipeline import ModelCache, resolve_paths
     from ..generation.request import ControlRequest, GenerationRequest
 
@@ -192,12 +191,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         )
     )
     device = common.device(args)
-    base = ModelCache().base(req.base, torch.float32, device)  # type: ignore[arg-type]
-    cn = (
-        None
-        if args.no_controlnet
-        else load_controlnet(req.controls[0].controlnet, dtype=torch.float32, base_unet=base.unet).to(device)
-    )
+    cache = ModelCache()
+    base = cache.base(req.base, torch.float32, device)  # type: ignore[arg-type]
+    cn = None
+    if not args.no_controlnet:  # (a Control-LoRA is built on the base just loaded)
+        cn = cache.controlnet(req.controls[0].controlnet, torch.float32, device, (req.base, ()))  # type: ignore[arg-type]
     guidance = model_settings(args.base).get("guidance", EvalConfig.guidance)
     cfg = EvalConfig(
         n=args.n,

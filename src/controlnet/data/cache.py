@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
 from .. import __version__
-from ..families.sd.base import BaseModel, PromptEmbeddings
+from ..families.protocol import BaseModel, PromptEmbeddings
 from ..imageio import atomic_write_bytes
 from .datasets import ControlDataset
 

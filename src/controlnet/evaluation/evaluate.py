@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..families.sd.base import BaseModel
+from ..families.protocol import BaseModel
 from ..families.sd.controlnet import ControlNet
 from ..generation.denoiser import ControlUnit
 from ..generation.generate import resolve_prompt

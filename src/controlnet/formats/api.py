@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from diffusers import UNet2DConditionModel
 
-from ..families.sd.base import BaseModel
+from ..families.sd.base import UNetBase
 from ..families.sd.configs import Family
 from ..families.sd.controlnet import ControlNet, ControlNetConfig
 from . import control_lora as clora
@@ -177,7 +177,7 @@ def load_base(
     dtype: torch.dtype | None = None,
     config: BaseConfig | None = None,
     family: Family | None = None,
-) -> BaseModel:
+) -> UNetBase:
     """Load a base model (UNet, VAE, text encoder(s), offline tokenizer(s), schedule) from an
     original single file (also a v1.0 ControlNet file's base part), a diffusers pipeline folder or
     our format. ``config`` gives the architecture of an original-layout file that is not a
@@ -203,7 +203,7 @@ def save_controlnet(
     path: PathLike,
     fmt: Format | str = Format.CONTROLNET,
     *,
-    base: BaseModel | None = None,
+    base: UNetBase | None = None,
     overwrite: bool = False,
 ) -> list[Path]:
     """Write ``cn`` in ``fmt`` atomically; returns the paths written. ``base`` (original format
@@ -220,7 +220,7 @@ def save_controlnet(
 
 
 def save_base(
-    base: BaseModel, path: PathLike, fmt: Format | str = Format.CONTROLNET, *, overwrite: bool = False
+    base: UNetBase, path: PathLike, fmt: Format | str = Format.CONTROLNET, *, overwrite: bool = False
 ) -> list[Path]:
     """Write a base model in ``fmt`` atomically (see docs/formats.md for what the original layout
     of an SD2.x model lacks)."""

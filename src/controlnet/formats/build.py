@@ -20,7 +20,8 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from ..families.sd.base import DEFAULT_SCHEDULE, BaseModel
+from ..families.sd.base import DEFAULT_SCHEDULE, UNetBase
+from ..families.sd.compat import UNET_FIELDS
 from ..families.sd.configs import Family, family_of_unet_config, text_encoder_config, unet_config, vae_config
 from ..families.sd.controlnet import ControlNet, ControlNetConfig
 from ..text.tokenizer import clip_tokenizer
@@ -55,38 +56,6 @@ TEXT_FIELDS = (
     "pad_token_id",
 )
 _CONTEXT_DIMS = {768: Family.SD1, 1024: Family.SD2, 2048: Family.SDXL}
-#: The UNet config fields a ControlNet depends on (its encoder half): diffusers' ControlNetModel
-#: takes exactly these, and a ControlNet fits a UNet when they agree.
-UNET_FIELDS = (
-    "in_channels",
-    "flip_sin_to_cos",
-    "freq_shift",
-    "down_block_types",
-    "mid_block_type",
-    "only_cross_attention",
-    "block_out_channels",
-    "layers_per_block",
-    "downsample_padding",
-    "mid_block_scale_factor",
-    "act_fn",
-    "norm_num_groups",
-    "norm_eps",
-    "cross_attention_dim",
-    "transformer_layers_per_block",
-    "encoder_hid_dim",
-    "encoder_hid_dim_type",
-    "attention_head_dim",
-    "num_attention_heads",
-    "use_linear_projection",
-    "class_embed_type",
-    "addition_embed_type",
-    "addition_time_embed_dim",
-    "num_class_embeds",
-    "upcast_attention",
-    "resnet_time_scale_shift",
-    "projection_class_embeddings_input_dim",
-    "addition_embed_type_num_heads",
-)
 
 
 def public_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -125,7 +94,7 @@ class BaseConfig:
         return cls(family, unet_config(family), vae_config(family), te, te2)
 
     @classmethod
-    def of(cls, base: BaseModel) -> BaseConfig:
+    def of(cls, base: UNetBase) -> BaseConfig:
         te2 = None if base.text_encoder_2 is None else text_config_of(base.text_encoder_2)
         return cls(
             base.family,
@@ -212,13 +181,13 @@ def text_key_prefix(model: torch.nn.Module) -> str:
 Loader = Callable[[str, torch.nn.Module], torch.nn.Module]
 
 
-def make_base(config: BaseConfig, load: Loader) -> BaseModel:
+def make_base(config: BaseConfig, load: Loader) -> UNetBase:
     """Build every part of ``config`` on the meta device, fill each with ``load(part, module)``
     and bundle them with the family's offline tokenizers."""
     te2 = None
     if config.text_encoder_2 is not None:
         te2 = load("text_encoder_2", build_text_encoder(config.text_encoder_2))
-    return BaseModel(
+    return UNetBase(
         config.family,
         load("unet", build_unet(config.unet)),
         load("vae", build_vae(config.vae)),
@@ -230,7 +199,7 @@ def make_base(config: BaseConfig, load: Loader) -> BaseModel:
     )
 
 
-def fresh_base(config: BaseConfig, seed: int = 0) -> BaseModel:
+def fresh_base(config: BaseConfig, seed: int = 0) -> UNetBase:
     """A base model of ``config``'s architecture with freshly initialised weights (the start of
     training one from scratch, as the bundled model was)."""
     torch.manual_seed(seed)
@@ -238,7 +207,7 @@ def fresh_base(config: BaseConfig, seed: int = 0) -> BaseModel:
     arch = (config.text_encoder.get("architectures") or ["CLIPTextModel"])[0]
     if arch != "CLIPTextModel" or config.text_encoder_2 is not None:
         raise ValueError("a fresh base model needs one CLIPTextModel text encoder (SD1.x/SD2.x style)")
-    return BaseModel(
+    return UNetBase(
         config.family,
         UNet2DConditionModel(**_known_kwargs(UNet2DConditionModel, config.unet)),
         AutoencoderKL(**_known_kwargs(AutoencoderKL, config.vae)),
@@ -304,7 +273,7 @@ def controlnet_metadata(unet_config: Mapping[str, Any], config: ControlNetConfig
     }
 
 
-def base_metadata(base: BaseModel) -> dict[str, str]:
+def base_metadata(base: UNetBase) -> dict[str, str]:
     return {"family": base.family.value, "base_config": BaseConfig.of(base).to_json()}
 
 

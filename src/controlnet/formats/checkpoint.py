@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..errors import CheckpointError
 from ..imageio import give_default_mode
 
 __all__ = [
@@ -56,11 +57,6 @@ _ST_DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
-
-
-class CheckpointError(ValueError):
-    """A weight file that cannot be used as asked: unreadable, of an unknown format, with missing,
-    unexpected or mis-shaped keys, or of another model family. The message names the file."""
 
 
 def list_keys(keys: list[str] | set[str], limit: int = 20) -> str:

@@ -29,7 +29,7 @@ from typing import Any
 import diffusers
 import torch
 
-from ..families.sd.base import DEFAULT_SCHEDULE, BaseModel
+from ..families.sd.base import DEFAULT_SCHEDULE, UNetBase
 from ..families.sd.configs import Family
 from ..families.sd.configs import unet_config as family_unet_config
 from ..families.sd.controlnet import ControlNet, ControlNetConfig
@@ -252,7 +252,7 @@ def base_loader(
     return config, load
 
 
-def _write_tokenizer(base: BaseModel, folder: Path, second: bool) -> None:
+def _write_tokenizer(base: UNetBase, folder: Path, second: bool) -> None:
     """The tokenizer as transformers 5 saves it, plus vocab.json / merges.txt for readers that
     build the BPE tokenizer from those two files (transformers 4.x, other tools)."""
     tok = base.tokenizer_2 if second else base.tokenizer
@@ -265,7 +265,7 @@ def _write_tokenizer(base: BaseModel, folder: Path, second: bool) -> None:
     (folder / "special_tokens_map.json").write_text(dump_json({**specials, "pad_token": tok.pad_token}))
 
 
-def save_base(base: BaseModel, folder: Path, *, overwrite: bool = False) -> list[Path]:
+def save_base(base: UNetBase, folder: Path, *, overwrite: bool = False) -> list[Path]:
     xl = base.family is Family.SDXL
     index: dict[str, Any] = {
         "unet": ["diffusers", "UNet2DConditionModel"],

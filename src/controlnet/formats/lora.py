@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..families.sd.base import BaseModel
+from ..families.sd.base import UNetBase
 from .build import text_key_prefix
 from .checkpoint import CheckpointError, TensorFile, list_keys, open_tensors
 from .ldm import unet_rule
@@ -153,7 +153,7 @@ def _kohya(path: str) -> str:
     return path.replace(".", "_")
 
 
-def layer_names(base: BaseModel) -> dict[str, nn.Module]:
+def layer_names(base: UNetBase) -> dict[str, nn.Module]:
     """Every name a LoRA file may give a layer of ``base``, and the layer."""
     names: dict[str, nn.Module] = {}
     unet = base.unet
@@ -183,7 +183,7 @@ def layer_names(base: BaseModel) -> dict[str, nn.Module]:
     return names
 
 
-def merge_loras(base: BaseModel, loras: Sequence[tuple[str | Path, float]]) -> int:
+def merge_loras(base: UNetBase, loras: Sequence[tuple[str | Path, float]]) -> int:
     """Add each LoRA ``(path, scale)`` into ``base``'s weights, in place; the number of layers
     changed. Every file is read and every layer checked against ``base`` first, so an error
     leaves the weights as they were."""

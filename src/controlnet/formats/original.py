@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import yaml
 
-from ..families.sd.base import BaseModel
+from ..families.sd.base import UNetBase
 from ..families.sd.configs import Family, family_of_unet_config
 from ..families.sd.configs import unet_config as family_unet
 from ..families.sd.controlnet import ControlNet, ControlNetConfig
@@ -282,7 +282,7 @@ def base_loader(
 
 
 # ------------------------------------------------------------------------------------ writing
-def base_tensors(base: BaseModel) -> dict[str, torch.Tensor]:
+def base_tensors(base: UNetBase) -> dict[str, torch.Tensor]:
     """A base model's tensors under the original names. SD2.x's last OpenCLIP layer and
     ``text_projection`` are not part of our model, so they are not written."""
     config = BaseConfig.of(base)
@@ -336,7 +336,7 @@ def _cldm_yaml(unet_config: dict[str, Any], config: ControlNetConfig) -> str:
 
 
 def save_controlnet(
-    cn: ControlNet, path: Path, *, base: BaseModel | None = None, overwrite: bool = False
+    cn: ControlNet, path: Path, *, base: UNetBase | None = None, overwrite: bool = False
 ) -> list[Path]:
     """``control_model.*`` (a v1.1-style file), or with ``base`` a whole v1.0-style file.
     Returns the paths written (the weights, and the ``.yaml`` for a global-pooling model)."""
@@ -353,7 +353,7 @@ def save_controlnet(
     return outputs
 
 
-def save_base(base: BaseModel, path: Path, *, overwrite: bool = False) -> list[Path]:
+def save_base(base: UNetBase, path: Path, *, overwrite: bool = False) -> list[Path]:
     with atomic_outputs(path, overwrite=overwrite) as tmp:
         save_safetensors(base_tensors(base), tmp[0], base_metadata(base))
     return [path]

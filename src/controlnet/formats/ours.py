@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..families.sd.base import BaseModel
+from ..families.sd.base import UNetBase
 from ..families.sd.controlnet import ControlNet
 from .build import (
     FORMAT_VERSION,
@@ -110,7 +110,7 @@ def _prefix(part: str, module: torch.nn.Module) -> str:
     return f"{part}." + (text_key_prefix(module) if part.startswith("text_encoder") else "")
 
 
-def save_base(base: BaseModel, path: Path, *, overwrite: bool = False) -> list[Path]:
+def save_base(base: UNetBase, path: Path, *, overwrite: bool = False) -> list[Path]:
     tensors: dict[str, torch.Tensor] = {}
     for part, module in base.modules().items():
         tensors.update({_prefix(part, module) + k: v for k, v in module.state_dict().items()})

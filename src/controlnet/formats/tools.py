@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from diffusers import UNet2DConditionModel
 
-from ..families.sd.base import BaseModel
+from ..families.sd.base import UNetBase
+from ..families.sd.compat import check_compatible
 from ..families.sd.configs import Family, family_of_unet_config
 from ..families.sd.controlnet import ControlNet, ControlNetConfig
 from . import control_lora as clora
@@ -31,7 +32,6 @@ from .api import (
     save_controlnet,
 )
 from .build import (
-    UNET_FIELDS,
     build_controlnet,
     family_from_context,
     numbered,
@@ -53,49 +53,6 @@ PathLike = str | os.PathLike
 
 
 # ------------------------------------------------------------------------------------ compatibility
-def _norm(v: Any) -> Any:
-    return list(v) if isinstance(v, (list, tuple)) else v
-
-
-def _unet_of(model: BaseModel | UNet2DConditionModel) -> UNet2DConditionModel:
-    return model.unet if isinstance(model, BaseModel) else model
-
-
-def _unet_config_of(model: BaseModel | UNet2DConditionModel | ControlNet) -> dict[str, Any]:
-    if isinstance(model, ControlNet):
-        return dict(model.unet_config)
-    return dict(_unet_of(model).config)
-
-
-def _describe(config: dict[str, Any]) -> str:
-    return f"{family_of_unet_config(config).label}, cross-attention {config.get('cross_attention_dim')}"
-
-
-def check_compatible(
-    controlnet: ControlNet,
-    base: BaseModel | UNet2DConditionModel | ControlNet,
-    *,
-    controlnet_name: str | None = None,
-    base_name: str | None = None,
-) -> None:
-    """Raise a :class:`CheckpointError` naming both models unless ``controlnet`` was made for a
-    UNet of ``base``'s architecture (every field of the UNet's encoder half agrees). ``base`` may
-    be another ControlNet: several ControlNets used together must fit one base."""
-    theirs = _unet_config_of(base)
-    differ = [
-        f"{f} {_norm(controlnet.unet_config.get(f))!r} vs {_norm(theirs.get(f))!r}"
-        for f in UNET_FIELDS
-        if _norm(controlnet.unet_config.get(f)) != _norm(theirs.get(f))
-    ]
-    if differ:
-        cn = controlnet_name or "the ControlNet"
-        bm = base_name or "the base model"
-        raise CheckpointError(
-            f"{cn} ({_describe(controlnet.unet_config)}) does not fit {bm} ({_describe(theirs)}): "
-            + "; ".join(differ)
-        )
-
-
 def _check_same_unet(a: UNet2DConditionModel, b: UNet2DConditionModel, a_name: str, b_name: str) -> None:
     sa = {k: v.shape for k, v in a.state_dict().items()}
     sb = {k: v.shape for k, v in b.state_dict().items()}
@@ -117,14 +74,14 @@ def _label(x: object, default: str) -> str:
 
 
 def _unet_arg(
-    x: PathLike | BaseModel | UNet2DConditionModel, dtype: torch.dtype | None = None
+    x: PathLike | UNetBase | UNet2DConditionModel, dtype: torch.dtype | None = None
 ) -> UNet2DConditionModel:
     """The UNet of a base model given as a file or folder (only the UNet is loaded) or as a model."""
-    return load_unet(x, dtype=dtype) if _is_path(x) else _unet_of(x)  # type: ignore[arg-type]
+    return load_unet(x, dtype=dtype) if _is_path(x) else getattr(x, "unet", x)
 
 
 def init_controlnet(
-    base: PathLike | BaseModel | UNet2DConditionModel,
+    base: PathLike | UNetBase | UNet2DConditionModel,
     *,
     config: ControlNetConfig | None = None,
     seed: int = 0,
@@ -141,8 +98,8 @@ def init_controlnet(
 
 def transfer_controlnet(
     control: PathLike | ControlNet,
-    from_base: PathLike | BaseModel | UNet2DConditionModel,
-    to_base: PathLike | BaseModel | UNet2DConditionModel,
+    from_base: PathLike | UNetBase | UNet2DConditionModel,
+    to_base: PathLike | UNetBase | UNet2DConditionModel,
 ) -> ControlNet:
     """Move a ControlNet trained on ``from_base`` (A) to ``to_base`` (B), a model of the same
     architecture: ``new = control + (B - A)`` on every tensor that has a twin in the UNet (the
@@ -183,7 +140,7 @@ def convert(
     part: str | None = None,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
-    base: PathLike | BaseModel | UNet2DConditionModel | None = None,
+    base: PathLike | UNetBase | UNet2DConditionModel | None = None,
 ) -> list[Path]:
     """Rewrite ``src`` in format ``to`` at ``dst``; returns the paths written. ``part`` picks
     'controlnet' or 'base' from a file that holds both (default: the ControlNet). A Control-LoRA

@@ -18,19 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..choices import PromptSetting, Sampler, TimestepSpacing
+from ..choices import PromptSetting, check_spacing, check_steps
 from ..imageio import flatten_alpha, read_image, read_mask
 from ..schema import Kind, check_fields, files
 from .request import MAX_SIDE, GenerationRequest
 from .sizes import enlarged_size
 
-__all__ = ["MAX_LCM_STEPS", "CheckedRequest", "check", "check_spacing", "check_steps", "image_inputs"]
+__all__ = ["CheckedRequest", "check", "image_inputs"]
 
-#: the most steps the LCM sampler takes: its timesteps are picked from the 50-step schedule the
-#: consistency models were distilled on (diffusers' ``original_inference_steps``)
-MAX_LCM_STEPS = 50
-#: the samplers that place their steps by Karras' noise levels, whatever the timestep spacing
-_KARRAS = (Sampler.DPMPP_2M_KARRAS, Sampler.DPMPP_2M_SDE_KARRAS)
 #: the A1111 web UI's LoRA tags in a prompt: <lora:name:scale>, <lyco:...>, <locon:...>
 _NETWORK_TAG = re.compile(r"<(?:lora|lyco|locon):[^:>]+(?::(?P<scale>[^:>]*))?[^>]*>", re.IGNORECASE)
 
@@ -54,35 +49,6 @@ def image_inputs(request: GenerationRequest) -> dict[str, tuple[str, Kind]]:
     """Every image the request reads: input name -> (path, IMAGE or MASK)."""
     kinds = files(request, (Kind.IMAGE, Kind.MASK), with_kind=True)
     return {name: (path, kind) for name, (path, kind) in kinds.items()}
-
-
-def check_spacing(sampler: Sampler | str, spacing: TimestepSpacing | str) -> None:
-    """A ValueError unless ``sampler`` can take ``spacing``: the Karras samplers and LCM place
-    their steps themselves."""
-    sampler, spacing = Sampler.parse(sampler), TimestepSpacing.parse(spacing)
-    if spacing is TimestepSpacing.DEFAULT:
-        return
-    if sampler in _KARRAS:
-        raise ValueError(
-            f"timestep_spacing {spacing.value!r}: the {sampler.value} sampler places its steps by "
-            "Karras' noise levels; for steps spaced otherwise, use dpmpp-2m"
-        )
-    if sampler is Sampler.LCM:
-        raise ValueError(
-            f"timestep_spacing {spacing.value!r}: the lcm sampler takes its steps from the "
-            f"{MAX_LCM_STEPS}-step schedule the model was distilled on"
-        )
-
-
-def check_steps(sampler: Sampler | str, steps: int, name: str = "steps") -> None:
-    """A ValueError naming ``name`` unless ``sampler`` can run ``steps`` steps."""
-    if steps < 1:
-        raise ValueError(f"{name} must be >= 1, got {steps}")
-    if Sampler.parse(sampler) is Sampler.LCM and steps > MAX_LCM_STEPS:
-        raise ValueError(
-            f"{name}: the lcm sampler takes at most {MAX_LCM_STEPS} steps (its timesteps come from the "
-            f"{MAX_LCM_STEPS}-step schedule the model was distilled on), got {steps}"
-        )
 
 
 def check(request: GenerationRequest) -> CheckedRequest:

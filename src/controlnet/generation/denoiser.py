@@ -23,11 +23,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..choices import ControlMode
-from ..families.sd.base import BaseModel, PromptEmbeddings
-from ..families.sd.controlnet import ControlNet
-from ..model.control import Control, control_scales, controlled_unet_forward
+from ..families.protocol import BaseModel, PromptEmbeddings
+from ..model.control import Control, control_scales
 from ..model.fastpath import GraphCache
 
 __all__ = ["ControlUnit", "ControlledDenoiser", "Graphed", "Guided", "PreparedControl", "StepModel"]
@@ -48,7 +48,7 @@ class ControlUnit:
         everywhere).
     """
 
-    controlnet: ControlNet
+    controlnet: nn.Module  # a ControlNet of the base's family
     condition: torch.Tensor
     strength: float = 1.0
     start: float = 0.0
@@ -187,14 +187,13 @@ class ControlledDenoiser(StepModel):
             for j, (k, only, scales) in enumerate(key)  # type: ignore[misc, arg-type]
         ]
         added = {k[6:]: v for k, v in inputs.items() if k.startswith("added.")} or None
-        return controlled_unet_forward(
-            self.base.unet,
+        return self.base.predict(
             inputs["x"],
             inputs["t"],
             inputs["context"],
             controls,
+            added=added,
             cfg_batch=self.cfg_batch,
-            added_cond_kwargs=added,
             concurrent=self.concurrent,
         ).float()
 

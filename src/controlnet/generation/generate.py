@@ -22,10 +22,9 @@ import torch.nn.functional as F
 from ..annotators import get as _get_annotator
 from ..annotators.utils import condition_tensor, fill_box, fit_to, resize_to
 from ..choices import ControlMode, HiresUpscaler, PromptSetting, ResizeMode
-from ..families.sd.base import BaseModel
+from ..families.protocol import BaseModel
 from ..families.sd.controlnet import ControlNet
 from ..imageio import flatten_alpha, read_image
-from ..model.fastpath import compile_modules
 from .check import CheckedRequest
 from .denoiser import ControlUnit
 from .render import Sampling, render, to_images
@@ -141,12 +140,9 @@ def generate(
         raise ValueError(f"{len(request.controls)} controls but {len(controlnets)} ControlNets")
     base.check_clip_skip(request.clip_skip)
     base = base.with_clip_skip(request.clip_skip)
-    from ..formats import check_compatible
-
     for i, (c, cn) in enumerate(zip(request.controls, controlnets)):
-        check_compatible(
+        base.check_controlnet(
             cn,
-            base,
             controlnet_name=f"control {i}'s ControlNet {c.controlnet or '(bundled)'}",
             base_name=f"the base model {request.base or '(bundled)'}",
         )
@@ -232,7 +228,7 @@ def generate(
 
     latents, maps = run_pass(size, init_latents, req.steps, req.denoise, 0)
     if req.fast:  # the decoder is a VAE forward of its own: compiled, it takes a third of the time
-        compile_modules([base.vae.decoder])
+        base.compile(vae=True)
     if hires:
         enlarged = _enlarge(base, latents, big, req.hires_upscaler, seeds, tiled=req.vae_tiling)
         latents, maps = run_pass(big, enlarged, hires_steps, req.hires_denoise, first)

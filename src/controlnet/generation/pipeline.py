@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
+from .. import families
 from ..bundled import BUNDLED_BASE, BUNDLED_CONTROLNET, bundled_path
-from ..families.sd.base import BaseModel
-from ..families.sd.controlnet import ControlNet
+from ..families.protocol import BaseModel
 from ..imageio import list_images, probe_image
 from .check import CheckedRequest, check, image_inputs
 from .generate import GenerationResult, draw_seed, generate
@@ -86,12 +85,11 @@ class ModelCache:
         them merged into its weights (kept beside the plain one, keyed by the files and scales).
         ``offload``: a model loaded now keeps its text encoders and VAE in CPU memory
         (:meth:`BaseModel.to`; a generation places the parts as its request says)."""
-        from ..formats import load_base, merge_loras
 
         def load() -> BaseModel:
-            base = load_base(path, dtype=dtype).to(device, dtype, offload=offload)
+            base = families.load_base(path, dtype=dtype).to(device, dtype, offload=offload)
             if loras:  # (its table of layer names walks the whole model)
-                merge_loras(base, loras)
+                families.merge_loras(base, loras)
             return base
 
         return self._get(self.base_label(loras), path, dtype, device, load)
@@ -103,18 +101,15 @@ class ModelCache:
             return "base"
         return "base with LoRAs " + "; ".join(f"{_stamp(p)} x {s!r}" for p, s in loras)
 
-    def vae(self, path: str, base: BaseModel, base_path: str, device: str) -> AutoencoderKL:
+    def vae(self, path: str, base: BaseModel, base_path: str, device: str) -> torch.nn.Module:
         """The VAE at ``path`` read into the architecture of ``base``'s (from ``base_path``), in
         the base's VAE dtype."""
-        from ..formats import load_vae
-
-        dtype = base.vae.dtype
         return self._get(
             f"vae for {base_path}",
             path,
-            dtype,
+            base.dtype,
             device,
-            lambda: load_vae(path, like=base.vae, dtype=dtype).to(device).eval(),
+            lambda: families.load_vae(path, base=base).to(device).eval(),
         )
 
     def controlnet(
@@ -123,29 +118,27 @@ class ModelCache:
         dtype: torch.dtype,
         device: str,
         base: tuple[str, Sequence[tuple[str, float]]] | None = None,
-    ) -> ControlNet:
-        """The ControlNet at ``path``. A Control-LoRA is built on the UNet of the base model
+    ) -> torch.nn.Module:
+        """The ControlNet at ``path``. A Control-LoRA is built on the network of the base model
         ``base`` names, (path, LoRAs) as :meth:`base` takes them, and kept per base."""
-        from ..formats import load_controlnet, needs_base
-
         stamp = _stamp(path)
         if stamp not in self._needs_base:  # once per file version (a pickled file is read whole)
-            self._needs_base[stamp] = needs_base(path)
+            self._needs_base[stamp] = families.needs_base(path)
         if not self._needs_base[stamp]:
             return self._get(
                 "controlnet",
                 path,
                 dtype,
                 device,
-                lambda: load_controlnet(path, dtype=dtype).to(device).eval(),
+                lambda: families.load_controlnet(path, dtype=dtype).to(device).eval(),
             )
         if base is None:
             raise ValueError(f"{path}: a Control-LoRA is built on a base model; none was given")
         base_path, loras = base
 
-        def load() -> ControlNet:
-            unet = self.base(base_path, dtype, device, loras).unet  # a hit: the caller loaded it
-            return load_controlnet(path, dtype=dtype, base_unet=unet).to(device).eval()
+        def load() -> torch.nn.Module:
+            network = self.base(base_path, dtype, device, loras).denoiser  # a hit: the caller loaded it
+            return families.load_controlnet(path, dtype=dtype, base_network=network).to(device).eval()
 
         return self._get(
             f"control-lora on {_stamp(base_path)} {self.base_label(loras)}", path, dtype, device, load

@@ -19,9 +19,8 @@ import numpy as np
 import torch
 
 from ..choices import PromptSyntax, Sampler, TimestepSpacing
-from ..families.sd.base import BaseModel, PromptEmbeddings
+from ..families.protocol import BaseModel, PromptEmbeddings
 from ..imageio import to_uint8
-from ..text.prompts import encode_guided
 from .denoiser import ControlUnit
 from .sampling import DenoiseResult, denoise
 
@@ -76,7 +75,7 @@ def render(
     :func:`~controlnet.generation.sampling.denoise` (progress, callback, compile, ...).
     """
     guided = sampling.guidance != 1.0
-    cond, uncond = encode_guided(base, prompts, negatives if guided else None, size=size, syntax=syntax)
+    cond, uncond = base.encode_prompts(prompts, negatives if guided else None, size=size, syntax=syntax)
     latent_size = base.latent_size(size)
     if sample_fn is not None:
         if units:

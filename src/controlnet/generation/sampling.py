@@ -19,68 +19,23 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    LCMScheduler,
-    UniPCMultistepScheduler,
-)
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from tqdm.auto import tqdm
 
-from ..choices import Sampler, TimestepSpacing
-from ..families.sd.base import BaseModel, PromptEmbeddings
+from ..choices import Sampler, TimestepSpacing, check_steps
+from ..families.protocol import BaseModel, PromptEmbeddings
 from ..model.fastpath import compile_modules, has_own_graphs, step_graphs, weights_key
-from .check import check_spacing, check_steps
 from .denoiser import ControlledDenoiser, ControlUnit, Graphed, Guided, PreparedControl, StepModel
 
 __all__ = [
     "DenoiseResult",
     "denoise",
     "initial_noise",
-    "make_scheduler",
     "mask_to_latent",
     "sample",
     "step_generators",
     "steps_run",
 ]
-
-
-def make_scheduler(
-    sampler: Sampler | str,
-    schedule: dict[str, Any],
-    spacing: TimestepSpacing | str = TimestepSpacing.DEFAULT,
-) -> SchedulerMixin:
-    """A fresh diffusers scheduler for ``sampler`` over the model's training noise schedule, its
-    steps spaced by ``spacing``."""
-    check_spacing(sampler, spacing)
-    sampler, spacing = Sampler.parse(sampler), TimestepSpacing.parse(spacing)
-    common = {k: schedule[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")}
-    common["prediction_type"] = schedule.get("prediction_type", "epsilon")
-    common["steps_offset"] = 1  # SD's released config (it moves leading timesteps only)
-    if spacing is not TimestepSpacing.DEFAULT:
-        common["timestep_spacing"] = spacing.value
-    if sampler is Sampler.DDIM:
-        # SD's released DDIM: (by default) leading spacing, no clipping, final alpha from step 0
-        return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False)
-    if sampler is Sampler.UNIPC:
-        return UniPCMultistepScheduler(**common)
-    if sampler in (Sampler.DPMPP_2M, Sampler.DPMPP_2M_KARRAS, Sampler.DPMPP_2M_SDE_KARRAS):
-        sde = sampler is Sampler.DPMPP_2M_SDE_KARRAS
-        return DPMSolverMultistepScheduler(
-            **common,
-            algorithm_type="sde-dpmsolver++" if sde else "dpmsolver++",
-            solver_order=2,
-            use_karras_sigmas=sampler is not Sampler.DPMPP_2M,
-        )
-    if sampler is Sampler.EULER:
-        return EulerDiscreteScheduler(**common)
-    if sampler is Sampler.LCM:
-        # as diffusers' LCM pipelines make it from SD's released scheduler config
-        return LCMScheduler(**common, clip_sample=False, set_alpha_to_one=False)
-    return EulerAncestralDiscreteScheduler(**common)
 
 
 def initial_noise(
@@ -160,7 +115,7 @@ def denoise(
         raise ValueError("a mask needs an init image (the source whose unmasked region is kept)")
     batch, device, dtype = len(seeds), base.device, base.dtype
     use_cfg = uncond is not None and guidance != 1.0
-    scheduler = make_scheduler(sampler, base.schedule, timestep_spacing)
+    scheduler = base.scheduler(sampler, timestep_spacing)
     scheduler.set_timesteps(steps, device=device)
     first = steps - steps_run(steps, denoise_strength) if init_latents is not None else 0
     timesteps = scheduler.timesteps[first * scheduler.order :]
@@ -168,7 +123,7 @@ def denoise(
         scheduler.set_begin_index(first * scheduler.order)
     total = len(timesteps)
 
-    shape = (batch, base.unet.config.in_channels, *latent_size)
+    shape = (batch, base.latent_channels, *latent_size)
     noise = initial_noise(shape, seeds, device, torch.float32)
     latents = noise * scheduler.init_noise_sigma
     keep = None
@@ -181,9 +136,10 @@ def denoise(
                 mask.to(device=device, dtype=torch.float32), source, noise, scheduler, timesteps
             )
 
-    networks = [base.unet, *(u.controlnet for u in controls)]
+    networks = [base.denoiser, *(u.controlnet for u in controls)]
     if compile:
-        compile_modules(networks)
+        base.compile()
+        compile_modules(networks[1:])
     own_graphs = has_own_graphs(networks)
     # networks that replay inductor's CUDA graphs (compiled for training in reduce-overhead mode)
     # allocate from one memory pool that inductor fills from a single stream; side streams are
@@ -197,7 +153,7 @@ def denoise(
     if (cuda_graphs if cuda_graphs is not None else device.type == "cuda") and not own_graphs:
         # what a step's graph depends on besides its inputs and plan: weights, guidance, streams
         key = (weights_key(networks), use_cfg, guidance, concurrent)
-        model = Graphed(model, step_graphs(base.unet, device), key)
+        model = Graphed(model, step_graphs(base.denoiser, device), key)
 
     start = time.perf_counter()
     latents = sample(

@@ -1,8 +1,9 @@
-"""How ControlNet residuals enter the locked UNet: scales, control modes, several ControlNets.
+"""Control residuals for any family: scales, control modes, regions, several ControlNets summed.
 
-The locked UNet adds residual i to its i-th skip connection before the decoder concatenates it,
-and the last residual to the middle block's output (diffusers' ``down_block_additional_residuals``
-/ ``mid_block_additional_residual``). Each ControlNet's residuals are multiplied by its own
+A ControlNet of any family is called as ``controlnet(sample, timestep, context, hint, added)`` and
+returns one residual per output of its trainable copy; the family's base model adds residual i to
+its own output i (:meth:`controlnet.families.protocol.BaseModel.predict`; for the UNets,
+:mod:`controlnet.families.sd.forward`). Each ControlNet's residuals are multiplied by its own
 per-residual scales; the residuals of several ControlNets are summed with no other weighting.
 
 With classifier-free guidance the batch is ``[unconditional; conditional]``. Some controls run
@@ -19,22 +20,19 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
 from torch import nn
 
 from ..choices import ControlMode
-from ..families.sd.controlnet import ControlNet
-from ..families.sd.halves import halves
 from .fastpath import run_concurrently
 
 __all__ = [
     "SOFT_DECAY",
     "Control",
-    "ControlledUNet",
     "control_residuals",
     "control_scales",
-    "controlled_unet_forward",
+    "residual_functions",
     "soft_scales",
+    "sum_residuals",
 ]
 
 #: Per-level decay of the "soft" (guess mode) scales: scale_i = s * 0.825 ** (n - 1 - i).
@@ -84,7 +82,7 @@ class Control:
         can be kept to part of the image.
     """
 
-    controlnet: ControlNet
+    controlnet: nn.Module
     hint: torch.Tensor
     scales: Sequence[float]
     conditional_only: bool = False
@@ -108,7 +106,7 @@ def _half(x: Any, half: int) -> Any:
     return x
 
 
-def _residual_fns(
+def residual_functions(
     controls: Sequence[Control],
     sample: torch.Tensor,
     timestep: torch.Tensor | float | int,
@@ -141,7 +139,7 @@ def _region_at(region: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     return region.to(residual.dtype)
 
 
-def _summed(each: Sequence[list[torch.Tensor]]) -> list[torch.Tensor]:
+def sum_residuals(each: Sequence[list[torch.Tensor]]) -> list[torch.Tensor]:
     total = each[0]
     for res in each[1:]:
         total = [a + b for a, b in zip(total, res)]
@@ -164,79 +162,7 @@ def control_residuals(
     ``conditional_only`` run on the second half only (zero residuals on the first).
     ``concurrent`` runs several ControlNets on parallel CUDA streams (same results).
     """
-    fns = _residual_fns(controls, sample, timestep, encoder_hidden_states, cfg_batch, added_cond_kwargs)
+    fns = residual_functions(controls, sample, timestep, encoder_hidden_states, cfg_batch, added_cond_kwargs)
     if not fns:
         return None
-    return _summed(run_concurrently(fns, sample.device) if concurrent else [fn() for fn in fns])
-
-
-def controlled_unet_forward(
-    unet: UNet2DConditionModel,
-    sample: torch.Tensor,
-    timestep: torch.Tensor | float | int,
-    encoder_hidden_states: torch.Tensor,
-    controls: Sequence[Control] = (),
-    *,
-    cfg_batch: bool = False,
-    added_cond_kwargs: Mapping[str, torch.Tensor] | None = None,
-    concurrent: bool = False,
-) -> torch.Tensor:
-    """The locked UNet's noise prediction with the controls' residuals injected.
-
-    ``concurrent``: the UNet's encoder half and each ControlNet run on parallel CUDA streams (none
-    of them needs another's output), then the UNet's decoder half takes the residuals
-    (:mod:`controlnet.families.sd.halves`); the operations, and so the results, are the same as in the
-    plain order, in which the UNet's forward takes them as ``down_block_additional_residuals`` /
-    ``mid_block_additional_residual``.
-    """
-    added = dict(added_cond_kwargs) if added_cond_kwargs is not None else None
-    fns = _residual_fns(controls, sample, timestep, encoder_hidden_states, cfg_batch, added)
-    if concurrent and fns:
-        encoder, decoder = halves(unet)
-        features, *each = run_concurrently(
-            [partial(encoder, sample, timestep, encoder_hidden_states, added), *fns], sample.device
-        )
-        return decoder(features, encoder_hidden_states, _summed(each))
-    kwargs: dict[str, Any] = {}
-    if fns:
-        res = _summed([fn() for fn in fns])
-        kwargs = {
-            "down_block_additional_residuals": tuple(res[:-1]),
-            "mid_block_additional_residual": res[-1],
-        }
-    return unet(
-        sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False, **kwargs
-    )[0]
-
-
-class ControlledUNet(nn.Module):
-    """A locked UNet with one trainable ControlNet: the model the training loss is taken on.
-
-    The UNet's parameters are frozen. Its encoder therefore builds no autograd state (none of its
-    inputs needs a gradient), while the loss's gradient flows through the decoder into the
-    residuals and on into the ControlNet.
-    """
-
-    def __init__(
-        self, unet: UNet2DConditionModel, controlnet: ControlNet, *, only_mid_control: bool = False
-    ) -> None:
-        super().__init__()
-        self.unet = unet.requires_grad_(False)
-        self.controlnet = controlnet
-        self.only_mid_control = only_mid_control
-
-    def forward(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        cond: torch.Tensor,
-        strength: float = 1.0,
-        added_cond_kwargs: Mapping[str, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """Noise prediction for latents (B, C, h, w) with condition images (B, hint_channels, H, W)."""
-        scales = control_scales(self.controlnet.num_residuals, strength, only_mid=self.only_mid_control)
-        control = Control(self.controlnet, self.controlnet.encode_hint(cond), scales)
-        return controlled_unet_forward(
-            self.unet, sample, timestep, encoder_hidden_states, [control], added_cond_kwargs=added_cond_kwargs
-        )
+    return sum_residuals(run_concurrently(fns, sample.device) if concurrent else [fn() for fn in fns])

@@ -22,10 +22,8 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
 
 import torch
-from diffusers import UNet2DConditionModel
 from torch import nn
 
-from ..families.sd.halves import compile_halves
 from .channels_last_norm import use_channels_last_group_norm
 
 __all__ = [
@@ -138,9 +136,10 @@ def compile_modules(modules: Iterable[nn.Module], mode: str = "default", *, trai
     the tensor-core convolution kernels prefer. In the default mode the CUDA graphs of
     :class:`GraphCache` capture the compiled kernels (inductor's own graphs are not used); it
     fuses the elementwise work and compiles SD1.5 in about a minute. "reduce-overhead" lets
-    inductor replay its own CUDA graphs (training, where a step's backward runs too). A UNet's
-    halves (:mod:`controlnet.families.sd.halves`) are compiled too; torch.compile works on first call, so
-    only what runs is compiled. ``training``: GroupNorm layers become
+    inductor replay its own CUDA graphs (training, where a step's backward runs too); torch.compile
+    works on first call, so only what runs is compiled (a family compiles the parts its network
+    runs in besides: :meth:`~controlnet.families.protocol.BaseModel.compile`). ``training``:
+    GroupNorm layers become
     :class:`~controlnet.model.channels_last_norm.ChannelsLastGroupNorm` (fewer layout copies in the
     backward pass); generation keeps the native op, which is as fast in a forward pass."""
     check_compile_mode(mode)
@@ -151,8 +150,6 @@ def compile_modules(modules: Iterable[nn.Module], mode: str = "default", *, trai
             use_channels_last_group_norm(m)
         m.to(memory_format=torch.channels_last)
         m.forward = torch.compile(m.forward, mode=mode, dynamic=False)  # type: ignore[method-assign]
-        if isinstance(m, UNet2DConditionModel):  # the halves that run beside ControlNets
-            compile_halves(m, mode)
         m._controlnet_compiled = mode  # type: ignore[attr-defined]
 
 

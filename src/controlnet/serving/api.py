@@ -34,7 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from ..generation.request import ControlRequest, GenerationRequest
 from ..schema import Kind, Owner, enum_of, field_names, params, part_type
-from .service import BusyError, Service, UploadTooLarge
+from .service import BusyError, Service
+from .uploads import UploadTooLarge
 
 __all__ = ["ControlBody", "GenerateBody", "PreprocessBody", "create_api", "decode_image", "encode_png"]
 

@@ -15,12 +15,10 @@ everything that must be the same for both:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
 import threading
-import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before 3.11
@@ -36,17 +34,14 @@ from ..choices import DType
 from ..generation.check import CheckedRequest, check
 from ..generation.request import GenerationRequest, LoraRequest
 from ..generation.sizes import final_size
-from ..imageio import MAX_PIXELS, read_image, read_mask, save_png
+from ..imageio import read_image, read_mask
 from .limits import Limits
+from .uploads import Uploads, megapixels
 
 if TYPE_CHECKING:
-    from ..families.sd.base import BaseModel
+    from ..families.protocol import BaseModel
 
-__all__ = ["BusyError", "Job", "Limits", "Output", "ServeConfig", "Service", "UploadTooLarge"]
-
-
-class UploadTooLarge(ValueError):
-    """An upload over a size limit (HTTP 413)."""
+__all__ = ["BusyError", "Job", "Limits", "Output", "ServeConfig", "Service"]
 
 
 class BusyError(RuntimeError):
@@ -94,10 +89,6 @@ class Job:
     future: Future = field(default_factory=Future)
     step: int = 0
     total: int = 0
-
-
-def _megapixels(h: int, w: int) -> float:
-    return h * w / 1e6
 
 
 def _unique_names(paths: list[str]) -> dict[str, str]:
@@ -150,6 +141,7 @@ class Service:
         self.incoming_dir = self._tmp / "incoming"
         for d in (self.out_dir, self.upload_dir, self.incoming_dir):
             d.mkdir(parents=True, exist_ok=True)
+        self.uploads = Uploads(self.limits, self.upload_dir, self.incoming_dir)
 
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="controlnet-worker")
         self._lock = threading.Lock()
@@ -160,17 +152,14 @@ class Service:
     def _load_models(self) -> BaseModel:
         """Load every model once (into the cache), check the ControlNets fit the base, and return
         the base."""
-        from ..formats import check_compatible
-
         dtype, device = DType.parse(self.config.dtype).torch, self.config.device
         # LoRAs are read and merged now: a bad file stops the server from starting
         base = self.cache.base(self.base, dtype, device, self.config.loras, offload=self.config.offload)
         if self.config.vae is not None:  # read now: a bad file stops the server from starting
             self.cache.vae(self.config.vae, base, self.base, device)
         for name, path in self.controlnets.items():
-            check_compatible(
+            base.check_controlnet(
                 self.cache.controlnet(path, dtype, device, (self.base, self.config.loras)),
-                base,
                 controlnet_name=f"ControlNet {name} ({path})",
                 base_name=f"the base model {self.base}",
             )
@@ -186,81 +175,8 @@ class Service:
 
     # ------------------------------------------------------------------ uploads
     def store_image(self, source: bytes | str | Path | np.ndarray, what: str, *, mask: bool = False) -> str:
-        """Check an uploaded image and store it as a PNG; return its path (the same pixels give the
-        same file). ``source``: the file's bytes, a file path, or an (H, W[, C]) uint8 array.
-        ``what`` names the input in messages. ``mask``: read it as a mask (white or opaque =
-        regenerate) and store it as a grey image. Other images keep their alpha channel: readers
-        composite it (photos) or honour it (inpainting condition maps).
-
-        Raises UploadTooLarge over a size limit, ValueError for anything that is not a readable
-        image. The messages name ``what`` and the limit, never a server path.
-        """
-        if isinstance(source, np.ndarray):
-            return self._store_array(_as_uint8(source, what), what)
-        limit_bytes = int(self.limits.max_upload_mb * 1e6)
-        tmp = None
-        if isinstance(source, bytes):
-            if len(source) > limit_bytes:
-                raise UploadTooLarge(
-                    f"{what}: the file is {len(source) / 1e6:.1f} MB, over the limit of "
-                    f"{self.limits.max_upload_mb:g} MB"
-                )
-            tmp = self.incoming_dir / uuid.uuid4().hex
-            tmp.write_bytes(source)
-            path = tmp
-        else:
-            path = Path(source)
-            if not path.is_file():
-                raise ValueError(f"{what}: no image was given")
-            if path.stat().st_size > limit_bytes:
-                raise UploadTooLarge(
-                    f"{what}: the file is {path.stat().st_size / 1e6:.1f} MB, over the limit of "
-                    f"{self.limits.max_upload_mb:g} MB"
-                )
-        try:
-            self._check_pixels(path, what)
-            try:
-                array = read_mask(path) if mask else read_image(path, alpha=True)
-            except ValueError as e:  # imageio's checks: not an image, corrupt, too many pixels
-                reason = _strip(e, path).removeprefix("cannot read the upload as an image (").rstrip(")")
-                raise ValueError(f"{what}: not a readable image ({reason})") from None
-        finally:
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
-        if mask:
-            array = (array * 255).round().astype(np.uint8)
-        return self._store_array(array, what)
-
-    def _check_pixels(self, path: Path, what: str) -> None:
-        """The size from the header alone, before any pixels are decoded."""
-        limit = self.limits.max_upload_megapixels
-        try:
-            with Image.open(path) as img:
-                w, h = img.size
-        except Image.DecompressionBombError:
-            raise UploadTooLarge(
-                f"{what}: the image has too many pixels (limit {limit:g} megapixels)"
-            ) from None
-        except Exception as e:  # PIL raises many kinds for data that is not an image
-            raise ValueError(f"{what}: not an image ({type(e).__name__}: {_strip(e, path)})") from None
-        if _megapixels(h, w) > limit or w * h > MAX_PIXELS:
-            raise UploadTooLarge(
-                f"{what}: the image is {w}x{h} ({_megapixels(h, w):.1f} megapixels), over the limit of "
-                f"{limit:g} megapixels"
-            )
-
-    def _store_array(self, array: np.ndarray, what: str) -> str:
-        h, w = array.shape[:2]
-        if _megapixels(h, w) > self.limits.max_upload_megapixels:
-            raise UploadTooLarge(
-                f"{what}: the image is {w}x{h} ({_megapixels(h, w):.1f} megapixels), over the limit of "
-                f"{self.limits.max_upload_megapixels:g} megapixels"
-            )
-        digest = hashlib.sha256(f"{array.shape}{array.dtype}".encode() + array.tobytes()).hexdigest()
-        path = self.upload_dir / f"{digest[:24]}.png"
-        if not path.exists():
-            save_png(array, path)
-        return str(path)
+        """An upload checked and stored as a PNG: its path (:meth:`Uploads.store`)."""
+        return self.uploads.store(source, what, mask=mask)
 
     # ------------------------------------------------------------------ requests and limits
     def output_size(self, checked: CheckedRequest) -> tuple[int, int]:
@@ -310,9 +226,9 @@ class Service:
                 message = message.replace(path, name)
             raise ValueError(message) from None
         h, w = self.output_size(checked)
-        if _megapixels(h, w) > lim.max_megapixels:
+        if megapixels(h, w) > lim.max_megapixels:
             raise ValueError(
-                f"the output would be {w}x{h} ({_megapixels(h, w):.2f} megapixels), over this server's "
+                f"the output would be {w}x{h} ({megapixels(h, w):.2f} megapixels), over this server's "
                 f"limit of {lim.max_megapixels:g} megapixels: lower resolution (or width/height, or "
                 "hires_scale)"
             )
@@ -417,9 +333,9 @@ class Service:
         if resolution is not None:
             with Image.open(image) as img:
                 h, w = model_size(img.height, img.width, resolution)
-            if _megapixels(h, w) > self.limits.max_megapixels:
+            if megapixels(h, w) > self.limits.max_megapixels:
                 raise ValueError(
-                    f"the map would be {w}x{h} ({_megapixels(h, w):.2f} megapixels), over this server's "
+                    f"the map would be {w}x{h} ({megapixels(h, w):.2f} megapixels), over this server's "
                     f"limit of {self.limits.max_megapixels:g} megapixels: lower resolution"
                 )
         extra = {"mask": read_mask(mask)} if mask is not None else {}
@@ -491,22 +407,3 @@ def _upload_fields(request: GenerationRequest) -> dict[str, str]:
     fields = {k: files[k] for k in ("init_image", "mask") if k in files}
     fields.update({k: v for k, v in files.items() if k.endswith((".image", ".region_mask"))})
     return fields
-
-
-def _strip(error: BaseException, path: Path) -> str:
-    """An error's message without the server-side path it may quote."""
-    return str(error).replace(str(path), "the upload").replace(path.name, "the upload")
-
-
-def _as_uint8(array: np.ndarray, what: str) -> np.ndarray:
-    if array.dtype == bool:
-        array = array.astype(np.uint8) * 255
-    elif array.dtype != np.uint8:
-        if array.dtype.kind == "f" and array.size and float(np.nanmax(array)) <= 1.0:
-            array = array * 255.0
-        array = np.clip(np.nan_to_num(array), 0, 255).round().astype(np.uint8)
-    if array.ndim == 3 and array.shape[2] == 1:
-        array = array[..., 0]
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)) or array.size == 0:
-        raise ValueError(f"{what}: not an image (array of shape {array.shape})")
-    return array

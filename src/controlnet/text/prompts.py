@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from ..choices import PromptSyntax
-from ..families.sd.base import BaseModel, PromptEmbeddings
+from ..families.protocol import BaseModel, PromptEmbeddings
 from ..families.sd.configs import Family
 from .tokenizer import MAX_LENGTH, clip_tokenizer
 

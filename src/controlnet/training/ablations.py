@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from ..families.sd.base import BaseModel
+from ..families.protocol import BaseModel
 from ..families.sd.controlnet import ControlNet, ControlNetConfig, HintEncoder, residual_channels
 from ..model.zero import ControlledCopy, zero_conv
 from .objectives import DiffusionInputs, Objective, StepNoise, as_condition

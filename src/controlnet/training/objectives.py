@@ -18,12 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
 from torch import nn
 
-from ..families.sd.base import BaseModel, PromptEmbeddings
+from ..families.protocol import BaseModel, PromptEmbeddings
 from ..families.sd.controlnet import ControlNet
-from ..model.control import ControlledUNet
 
 __all__ = [
     "BaseObjective",
@@ -33,7 +31,6 @@ __all__ = [
     "StepNoise",
     "VaeObjective",
     "as_condition",
-    "decoder_parameters",
 ]
 
 
@@ -137,7 +134,7 @@ class DiffusionInputs:
         #: with SD's schedules the last timestep still carries the image's mean colour, so a model
         #: trained on plain noise reads its colours from the starting noise instead of the prompt
         self.noise_offset = noise_offset
-        self.scheduler = DDPMScheduler(**{k: v for k, v in base.schedule.items()})
+        self.scheduler = base.noise_scheduler()
         #: the empty prompt's embeddings, when batches carry cached ones (``CachedDataset.empty``)
         self.empty: PromptEmbeddings | None = None
 
@@ -208,12 +205,6 @@ def as_condition(cond: torch.Tensor) -> torch.Tensor:
     return cond.float() / 255.0 if cond.dtype == torch.uint8 else cond
 
 
-def decoder_parameters(unet: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """The UNet decoder (up blocks and output layers): what ``sd_locked=False`` also trains."""
-    prefixes = ("up_blocks.", "conv_norm_out.", "conv_out.")
-    return [(n, p) for n, p in unet.named_parameters() if n.startswith(prefixes)]
-
-
 class ControlNetObjective(Objective):
     """The paper's loss, E||eps - eps_theta(z_t, t, c_text, c_image)||^2, training the ControlNet
     (and, with ``sd_locked=False``, the UNet decoder too)."""
@@ -229,10 +220,10 @@ class ControlNetObjective(Objective):
         noise_offset: float = 0.0,
     ) -> None:
         super().__init__()
-        self.model = ControlledUNet(base.unet, controlnet, only_mid_control=only_mid_control)
+        self.model = base.controlled(controlnet, only_mid_control=only_mid_control)
         self.sd_locked = sd_locked
         if not sd_locked:
-            for _, p in decoder_parameters(base.unet):
+            for _, p in base.decoder_parameters():
                 p.requires_grad_(True)
         self.inputs = DiffusionInputs(base, empty_prompt_prob, noise_offset)
 
@@ -252,7 +243,7 @@ class ControlNetObjective(Objective):
     def param_groups(self, lr: float, decoder_lr: float) -> list[dict[str, Any]]:
         groups: list[dict[str, Any]] = [{"params": list(self.model.controlnet.parameters()), "lr": lr}]
         if not self.sd_locked:
-            groups.append({"params": [p for _, p in decoder_parameters(self.model.unet)], "lr": decoder_lr})
+            groups.append({"params": [p for _, p in self.inputs.base.decoder_parameters()], "lr": decoder_lr})
         return groups
 
     def prepare(self, device: torch.device, weight_dtype: torch.dtype) -> None:

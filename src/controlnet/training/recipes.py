@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ..families.sd.base import BaseModel
-from ..families.sd.controlnet import ControlNet, ControlNetConfig
+from ..families.protocol import BaseModel
+from ..families.sd.controlnet import ControlNetConfig
 from ..text.prompts import CHUNK_TOKENS, long_prompts
 from .objectives import BaseObjective, ControlNetObjective, Objective, VaeObjective
 from .train import TrainConfig, TrainResult, train
@@ -88,12 +88,12 @@ def load_or_build_base(spec: RunSpec, seed: int) -> BaseModel:
 
 
 def _controlnet(spec: RunSpec, base: BaseModel) -> torch.nn.Module:
-    from ..formats import check_compatible, load_controlnet
+    from .. import families
     from .ablations import LiteControlNet, gaussian_connections
 
     if spec.init_controlnet is not None:
-        cn = load_controlnet(spec.init_controlnet, dtype=torch.float32, base_unet=base.unet)
-        check_compatible(cn, base, controlnet_name=spec.init_controlnet, base_name=spec.base)
+        cn = families.load_controlnet(spec.init_controlnet, dtype=torch.float32, base_network=base.denoiser)
+        base.check_controlnet(cn, controlnet_name=spec.init_controlnet, base_name=str(spec.base))
         return cn
     hint = ControlNetConfig(global_pool=spec.global_pool)
     arch = architecture(spec.arch) if spec.arch is not None else {}
@@ -103,7 +103,7 @@ def _controlnet(spec: RunSpec, base: BaseModel) -> torch.nn.Module:
         hint = ControlNetConfig.from_dict({**hint.to_dict(), "hint_channels": spec.hint_channels})
     if spec.objective == "lite":
         return LiteControlNet(base.unet, hint)
-    cn = ControlNet.from_unet(base.unet, hint)
+    cn = base.new_controlnet(hint)
     return gaussian_connections(cn) if spec.objective == "gaussian" else cn
 
 

@@ -98,7 +98,7 @@ class ControlValidator:
             Sampling(self.sampler, steps=self.steps, guidance=self.guidance),
             progress=False,
         )
-        release_graphs(base.unet)  # the step graphs' memory goes back to training
+        release_graphs(base.denoiser)  # the step graphs' memory goes back to training
         _warn_if_not_finite(out.latents, step)
         images = to_images(base, out.latents)
         if "target" in batch:
@@ -164,7 +164,7 @@ class ImageValidator:
                 Sampling(steps=self.steps, guidance=self.guidance),
                 progress=False,
             )
-            release_graphs(base.unet)
+            release_graphs(base.denoiser)
             _warn_if_not_finite(out.latents, step)
             for m, w in zip(mods, was):
                 m.train(w)

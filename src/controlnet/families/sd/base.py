@@ -4,27 +4,36 @@ Everything that differs between families at run time lives here: how prompts bec
 context (SD1.x: last hidden state; SD2.x: the penultimate OpenCLIP layer, which the 23-layer
 text model's last hidden state already is; SDXL: the penultimate layers of both encoders,
 concatenated, plus the second encoder's pooled projection and the size/crop ids), and how images
-become latents. Loading from files is :mod:`controlnet.formats`; the sampler and the trainer take
-a :class:`BaseModel` and never ask which family or size it is.
+become latents, and the UNet families' side of the family protocol (schedulers, the UNet's
+prediction with ControlNet residuals, the ControlNet that fits it). Loading from files is
+:mod:`controlnet.formats`; the sampler and the trainer take any
+:class:`~controlnet.families.protocol.BaseModel` and never ask which family or size it is.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from ...choices import PromptSyntax, Sampler, TimestepSpacing
 from ...text.tokenizer import MAX_LENGTH
+from ..protocol import PromptEmbeddings
 from .configs import Family
 
-__all__ = ["DEFAULT_SCHEDULE", "OFFLOADED", "BaseModel", "PromptEmbeddings"]
+if TYPE_CHECKING:
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+    from ...model.control import Control
+
+__all__ = ["DEFAULT_SCHEDULE", "OFFLOADED", "UNetBase"]
 
 #: The noise schedule every SD family was trained with (diffusers scheduler keyword arguments).
 DEFAULT_SCHEDULE: dict[str, Any] = {
@@ -41,40 +50,9 @@ OFFLOADED = ("vae", "text_encoder", "text_encoder_2")
 
 
 @dataclass
-class PromptEmbeddings:
-    """What the UNet reads from a batch of prompts.
-
-    context: (B, 77, D) cross-attention context.
-    added: SDXL's ``added_cond_kwargs`` ({'text_embeds': (B, 1280), 'time_ids': (B, 6)}) or None.
-    """
-
-    context: torch.Tensor
-    added: dict[str, torch.Tensor] | None = None
-
-    def __len__(self) -> int:
-        return self.context.shape[0]
-
-    @staticmethod
-    def cat(parts: Sequence[PromptEmbeddings]) -> PromptEmbeddings:
-        added = None
-        if parts[0].added is not None:
-            added = {k: torch.cat([p.added[k] for p in parts]) for k in parts[0].added}  # type: ignore[index]
-        return PromptEmbeddings(torch.cat([p.context for p in parts]), added)
-
-    def repeat(self, n: int) -> PromptEmbeddings:
-        """Each row repeated ``n`` times in a row (prompt i -> samples i*n .. i*n+n-1)."""
-        return self.select([i for i in range(len(self)) for _ in range(n)])
-
-    def select(self, rows: Sequence[int]) -> PromptEmbeddings:
-        """The embeddings of ``rows``, in that order (a row may be taken several times)."""
-        index = torch.tensor(rows, dtype=torch.long, device=self.context.device)
-        added = None if self.added is None else {k: v[index] for k, v in self.added.items()}
-        return PromptEmbeddings(self.context[index], added)
-
-
-@dataclass
-class BaseModel:
-    """A Stable Diffusion-family model, locked (no gradients, eval mode)."""
+class UNetBase:
+    """A Stable Diffusion-family model, locked (no gradients, eval mode): the UNet families'
+    :class:`~controlnet.families.protocol.BaseModel`."""
 
     family: Family
     unet: UNet2DConditionModel
@@ -134,13 +112,96 @@ class BaseModel:
         """(h, w) of the latents of images of ``size`` (H, W)."""
         return size[0] // self.vae_scale_factor, size[1] // self.vae_scale_factor
 
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    # ------------------------------------------------------------------ denoising (the protocol)
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.unet
+
+    def scheduler(
+        self, sampler: Sampler | str, spacing: TimestepSpacing | str = TimestepSpacing.DEFAULT
+    ) -> SchedulerMixin:
+        """A fresh diffusers scheduler over the model's training schedule (:mod:`.schedulers`)."""
+        from .schedulers import make_scheduler
+
+        return make_scheduler(sampler, self.schedule, spacing)
+
+    def noise_scheduler(self) -> DDPMScheduler:
+        """The training-time noising of the model's schedule (epsilon or v prediction)."""
+        return DDPMScheduler(**self.schedule)
+
+    def predict(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        controls: Sequence[Control] = (),
+        *,
+        added: Mapping[str, torch.Tensor] | None = None,
+        cfg_batch: bool = False,
+        concurrent: bool = False,
+    ) -> torch.Tensor:
+        """The UNet's prediction with the controls' residuals on its skips and middle block
+        (:func:`.forward.controlled_unet_forward`)."""
+        from .forward import controlled_unet_forward
+
+        return controlled_unet_forward(
+            self.unet,
+            x,
+            t,
+            context,
+            controls,
+            cfg_batch=cfg_batch,
+            added_cond_kwargs=added,
+            concurrent=concurrent,
+        )
+
+    def compile(self, *, vae: bool = False) -> None:
+        """Compile the UNet, and its halves that run beside ControlNets on side streams
+        (``vae``: the VAE's decoder too, a forward of its own)."""
+        from ...model.fastpath import compile_modules
+        from .halves import compile_halves
+
+        compile_modules([self.unet])
+        compile_halves(self.unet, "default")
+        if vae:
+            compile_modules([self.vae.decoder])
+
+    # ------------------------------------------------------------------ its ControlNets (the protocol)
+    def new_controlnet(self, config: Any = None) -> torch.nn.Module:
+        """A fresh ControlNet: an exact copy of the UNet's encoder, a new hint encoder, zero convs."""
+        from .controlnet import ControlNet
+
+        return ControlNet.from_unet(self.unet, config)
+
+    def check_controlnet(self, controlnet: torch.nn.Module, *, controlnet_name: str, base_name: str) -> None:
+        """ValueError naming both unless ``controlnet`` was made for this UNet's architecture."""
+        from .compat import check_compatible
+
+        check_compatible(controlnet, self, controlnet_name=controlnet_name, base_name=base_name)
+
+    def controlled(self, controlnet: torch.nn.Module, *, only_mid_control: bool = False) -> torch.nn.Module:
+        """The locked UNet with one trainable ControlNet: the module a training loss is taken on."""
+        from .forward import ControlledUNet
+
+        return ControlledUNet(self.unet, controlnet, only_mid_control=only_mid_control)
+
+    def decoder_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The UNet decoder's parameters: what ``sd_locked=False`` trains beside the ControlNet."""
+        from .forward import decoder_parameters
+
+        return decoder_parameters(self.unet)
+
     def to(
         self,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
         offload: bool = False,
-    ) -> BaseModel:
+    ) -> UNetBase:
         """Move every part (the VAE stays float32 when ``dtype`` is float16: SD's VAE overflows in
         fp16). ``offload``: the text encoders and the VAE (:data:`OFFLOADED`) go to CPU memory
         instead, and visit the UNet's device only while they run (:meth:`visiting`)."""
@@ -192,6 +253,20 @@ class BaseModel:
             list(prompts), padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
         ).input_ids
         return ids.to(self.device)
+
+    def encode_prompts(
+        self,
+        prompts: Sequence[str],
+        negatives: Sequence[str] | None,
+        *,
+        size: tuple[int, int] | None = None,
+        syntax: PromptSyntax | str = PromptSyntax.WEIGHTED,
+    ) -> tuple[PromptEmbeddings, PromptEmbeddings | None]:
+        """Each sample's prompt and negative prompt read by the CLIP encoders under the prompt
+        syntax (:func:`controlnet.text.prompts.encode_guided`)."""
+        from ...text.prompts import encode_guided
+
+        return encode_guided(self, prompts, negatives, size=size, syntax=syntax)
 
     @torch.no_grad()
     def encode_prompt(
@@ -309,7 +384,7 @@ class BaseModel:
             )
         return images.clamp(-1, 1).float()
 
-    def with_schedule(self, **overrides: Any) -> BaseModel:
+    def with_schedule(self, **overrides: Any) -> UNetBase:
         return replace(self, schedule={**self.schedule, **overrides})
 
     def check_clip_skip(self, clip_skip: int) -> None:
@@ -325,11 +400,11 @@ class BaseModel:
                 f"clip_skip must be between 1 and the text encoder's {layers} layers, got {clip_skip}"
             )
 
-    def with_vae(self, vae: AutoencoderKL) -> BaseModel:
+    def with_vae(self, vae: AutoencoderKL) -> UNetBase:
         """The same model decoding and encoding with another VAE (a fine-tuned one, say)."""
         return replace(self, vae=vae)
 
-    def with_clip_skip(self, clip_skip: int) -> BaseModel:
+    def with_clip_skip(self, clip_skip: int) -> UNetBase:
         """The same modules, reading prompts from another text encoder layer."""
         return self if clip_skip == self.clip_skip else replace(self, clip_skip=clip_skip)
 

@@ -1,0 +1,196 @@
+"""What generation, training and the shells need from a base model: one protocol for every family.
+
+A family (the SD UNets today; transformer families next) is a plug-in: a class that implements
+:class:`BaseModel` (its networks, text encoders, VAE and scheduler family behind these methods),
+its configs, its checkpoint layouts, and a :class:`~controlnet.families.Family` entry in the
+registry. Nothing above the families asks which family a model is: generation calls
+``base.encode_prompts``, ``base.scheduler``, ``base.predict`` and the VAE methods; the command
+line, the API and the web app only name files, which the registry loads.
+
+Latents are always (B, C, h, w) here; a family whose network reads tokens (2x2-packed latents,
+rotary positions) packs and unpacks inside :meth:`BaseModel.predict` and its ControlNet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+    from ..choices import PromptSyntax, Sampler, TimestepSpacing
+    from ..model.control import Control
+
+__all__ = ["BaseModel", "PromptEmbeddings"]
+
+
+@dataclass
+class PromptEmbeddings:
+    """What a denoising network reads from a batch of prompts.
+
+    context: (B, L, D) the text tokens it attends to.
+    added: further conditions by name, batch B first (SDXL's pooled text embedding and size ids;
+        a transformer's pooled projection), or None.
+    """
+
+    context: torch.Tensor
+    added: dict[str, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return self.context.shape[0]
+
+    @staticmethod
+    def cat(parts: Sequence[PromptEmbeddings]) -> PromptEmbeddings:
+        added = None
+        if parts[0].added is not None:
+            added = {k: torch.cat([p.added[k] for p in parts]) for k in parts[0].added}  # type: ignore[index]
+        return PromptEmbeddings(torch.cat([p.context for p in parts]), added)
+
+    def repeat(self, n: int) -> PromptEmbeddings:
+        """Each row repeated ``n`` times in a row (prompt i -> samples i*n .. i*n+n-1)."""
+        return self.select([i for i in range(len(self)) for _ in range(n)])
+
+    def select(self, rows: Sequence[int]) -> PromptEmbeddings:
+        """The embeddings of ``rows``, in that order (a row may be taken several times)."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.context.device)
+        added = None if self.added is None else {k: v[index] for k, v in self.added.items()}
+        return PromptEmbeddings(self.context[index], added)
+
+
+@runtime_checkable
+class BaseModel(Protocol):
+    """A locked text-to-image model, as generation and training use it.
+
+    ``family`` names the family and variant (an Enum member: ``.value`` for files, ``.label`` for
+    people).
+    """
+
+    family: Any
+
+    # ---------------------------------------------------------------- placement
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def to(self, device: Any = None, dtype: torch.dtype | None = None, *, offload: bool = False) -> BaseModel:
+        """Move every part (``offload``: the parts that run once per generation stay in CPU memory
+        and visit the device while they run)."""
+        ...
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Every network by name."""
+        ...
+
+    # ---------------------------------------------------------------- geometry
+    @property
+    def native_size(self) -> int:
+        """The side in pixels the model was made for."""
+        ...
+
+    @property
+    def latent_channels(self) -> int: ...
+
+    @property
+    def latent_scale(self) -> float: ...
+
+    def latent_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(h, w) of the latents of images of ``size`` (H, W)."""
+        ...
+
+    # ---------------------------------------------------------------- text
+    def encode_prompts(
+        self,
+        prompts: Sequence[str],
+        negatives: Sequence[str] | None,
+        *,
+        size: tuple[int, int] | None = None,
+        syntax: PromptSyntax | str = ...,
+    ) -> tuple[PromptEmbeddings, PromptEmbeddings | None]:
+        """Each sample's prompt and (not None: guidance needs them) negative prompt, of one length."""
+        ...
+
+    def encode_prompt(
+        self, prompts: Sequence[str], *, size: tuple[int, int] | None = None
+    ) -> PromptEmbeddings:
+        """Each prompt as training reads it: the text as it is, in the encoder's window."""
+        ...
+
+    def check_clip_skip(self, clip_skip: int) -> None:
+        """ValueError unless the model can read its text encoder ``clip_skip`` layers from the end."""
+        ...
+
+    def with_clip_skip(self, clip_skip: int) -> BaseModel: ...
+
+    # ---------------------------------------------------------------- images
+    def posterior(self, images: torch.Tensor, *, tiled: bool = False, per_image: bool = True) -> Any:
+        """The VAE's posterior over the latents of images in [-1, 1] (``.mean``, ``.std``)."""
+        ...
+
+    def scaled_sample(self, mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor) -> torch.Tensor: ...
+
+    def encode_images(
+        self, images: torch.Tensor, generator: Any = None, *, tiled: bool = False
+    ) -> torch.Tensor: ...
+
+    def decode_latents(self, latents: torch.Tensor, *, tiled: bool = False) -> torch.Tensor: ...
+
+    def with_vae(self, vae: nn.Module) -> BaseModel: ...
+
+    # ---------------------------------------------------------------- denoising
+    @property
+    def denoiser(self) -> nn.Module:
+        """The network that runs every step (what is compiled, and what keeps the step graphs)."""
+        ...
+
+    def scheduler(self, sampler: Sampler | str, spacing: TimestepSpacing | str) -> SchedulerMixin:
+        """A fresh scheduler of the model's family for ``sampler``, its steps spaced by ``spacing``."""
+        ...
+
+    def predict(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        controls: Sequence[Control] = (),
+        *,
+        added: Mapping[str, torch.Tensor] | None = None,
+        cfg_batch: bool = False,
+        concurrent: bool = False,
+    ) -> torch.Tensor:
+        """The network's prediction for latents ``x`` at timestep ``t`` with the controls' residuals
+        injected (``cfg_batch``: the batch is [unconditional; conditional] halves)."""
+        ...
+
+    def compile(self, *, vae: bool = False) -> None:
+        """Compile the network that runs every step (``vae``: the VAE's decoder too)."""
+        ...
+
+    # ---------------------------------------------------------------- its ControlNets
+    def new_controlnet(self, config: Any = None) -> nn.Module:
+        """A fresh ControlNet for this model: its trainable copy equals the model's part exactly."""
+        ...
+
+    def check_controlnet(self, controlnet: nn.Module, *, controlnet_name: str, base_name: str) -> None:
+        """ValueError naming both unless ``controlnet`` was made for this model's architecture."""
+        ...
+
+    # ---------------------------------------------------------------- training
+    def controlled(self, controlnet: nn.Module, *, only_mid_control: bool = False) -> nn.Module:
+        """The locked network with one trainable ControlNet: the module a training loss is taken on,
+        called as ``(latents, timesteps, context, condition images, added_cond_kwargs=)``."""
+        ...
+
+    def decoder_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The locked network's parameters that training may unlock (``sd_locked=False``)."""
+        ...
+
+    def noise_scheduler(self) -> Any:
+        """The training-time noising (``add_noise``; the regression target's rule)."""
+        ...
