@@ -4,8 +4,8 @@ Each is a string Enum (a member equals its value) whose values are what users ty
 sidecar stores and what the API accepts; :func:`parse_choice` reads a name into its member with an
 error that names the setting and lists what it takes. This module imports nothing heavy, so that
 the command line's help can be built from the request schema without loading torch or diffusers.
-What a choice does lives with the code that does it (the schedulers in
-:mod:`controlnet.generation.sampling`, control scales in :mod:`controlnet.model.control`).
+What a choice does lives with the code that does it (a family's schedulers, e.g.
+:mod:`controlnet.families.sd.schedulers`; control scales in :mod:`controlnet.model.control`).
 """
 
 from __future__ import annotations

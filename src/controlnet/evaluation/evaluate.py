@@ -24,11 +24,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..families.protocol import BaseModel
-from ..families.sd.controlnet import ControlNet
 from ..generation.denoiser import ControlUnit
 from ..generation.generate import resolve_prompt
-from ..generation.render import Sampling, render, to_images
 from ..generation.request import GenerationRequest
+from ..generation.sampling import Sampling, render, to_images
 from ..imageio import atomic_write_bytes, make_grid, save_png, to_uint8
 from .metrics import COLOUR_TOLERANCE, edge_f1, mean_iou, rmse, shape_and_colour, ssim
 
@@ -174,7 +173,7 @@ SampleFn = Callable[[Any, Any, torch.Tensor, list[int], tuple[int, int]], torch.
 @torch.no_grad()
 def evaluate(
     base: BaseModel,
-    controlnet: ControlNet | None,
+    controlnet: torch.nn.Module | None,
     dataset: Any,
     cfg: EvalConfig,
     *,

@@ -23,13 +23,11 @@ from ..annotators import get as _get_annotator
 from ..annotators.utils import condition_tensor, fill_box, fit_to, resize_to
 from ..choices import ControlMode, HiresUpscaler, PromptSetting, ResizeMode
 from ..families.protocol import BaseModel
-from ..families.sd.controlnet import ControlNet
 from ..imageio import flatten_alpha, read_image
 from .check import CheckedRequest
 from .denoiser import ControlUnit
-from .render import Sampling, render, to_images
 from .request import PAPER_DEFAULT_PROMPT, ControlRequest, GenerationRequest
-from .sampling import mask_to_latent, steps_run
+from .sampling import Sampling, mask_to_latent, render, steps_run, to_images
 from .sizes import final_size, first_image, output_size
 
 __all__ = [
@@ -126,7 +124,7 @@ def draw_seed() -> int:
 def generate(
     checked: CheckedRequest,
     base: BaseModel,
-    controlnets: Sequence[ControlNet],
+    controlnets: Sequence[torch.nn.Module],
     *,
     progress: bool = True,
     callback: Callable[[int, int], None] | None = None,

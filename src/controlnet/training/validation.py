@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..generation.denoiser import ControlUnit
-from ..generation.render import Sampling, render, to_images
+from ..generation.sampling import Sampling, render, to_images
 from ..imageio import make_grid, save_png, to_uint8
 from ..model.fastpath import release_graphs
 from .objectives import ControlNetObjective, StepNoise, as_condition
