@@ -214,3 +214,36 @@ def test_the_check_names_the_input_that_does_not_read(images, tmp_path):
         req = _request(images)
         req.controls[1].controlnet = "nowhere.safetensors"
         check(req)
+
+
+def test_every_field_has_a_flag_whose_help_shows_its_default():
+    """The command line is derived from the schema: each field a user sets from it has a flag, and
+    ``--help`` gives every default (a flag that takes no value is off unless given)."""
+    from controlnet.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["generate"]
+    flags = sub._option_string_actions
+    for cls in (GenerationRequest, ControlRequest):
+        for name, (field, spec, tp) in params(cls).items():
+            if not spec.cli:
+                continue
+            flag = spec.flag or "--" + name.replace("_", "-")
+            if tp is bool and field.default is True:
+                flag = "--no-" + flag[2:]
+            assert flag in flags, f"{cls.__name__}.{name} has no flag {flag}"
+            action = flags[flag]
+            required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+            if action.nargs != 0 and not required and name != "params":
+                assert "default" in action.help, f"{flag}'s help does not show its default"
+
+
+def test_the_api_field_tables_in_the_docs_are_the_schemas():
+    """docs/app.md's request fields are written from the schema (`python tools/request_docs.py`)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "request_docs.py"
+    spec = importlib.util.spec_from_file_location("request_docs", path)
+    docs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(docs)
+    assert docs.block() == docs.generated()

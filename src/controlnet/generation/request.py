@@ -72,14 +72,16 @@ class ControlRequest:
     )
     controlnet: str | None = param(
         None,
-        help="ControlNet file or folder (a Control-LoRA is built on the base; default: the bundled one)",
+        help="the ControlNet: a file or folder (a Control-LoRA is built on the base; default: the "
+        "bundled one), or in the API a name from /api/health (default: the server's first)",
         label="ControlNet",
         kind=Kind.MODEL,
         group="controls",
     )
     preprocess: str | None = param(
         None,
-        help="the annotator to run on the image ('none': the image is a ready condition map)",
+        help="the annotator to run on the image (none: the image is a ready condition map, whose "
+        "alpha-0 pixels, as in an inpaint map, reach the model as -1; inpaint reads the mask)",
         label="Annotator",
         group="controls",
     )
@@ -117,7 +119,7 @@ class ControlRequest:
     )
     mode: ControlMode = param(
         ControlMode.BALANCED,
-        help="balanced | prompt (my prompt is more important) | controlnet (ControlNet is more important)",
+        help="balanced, prompt (my prompt is more important) or controlnet (ControlNet is more important)",
         label="Control mode",
         group="controls",
     )
@@ -129,7 +131,7 @@ class ControlRequest:
     )
     region_mask: str | None = param(
         None,
-        help="where the control acts: white (or opaque) pixels ('none': everywhere); fitted to the "
+        help="where the control acts: white (or opaque) pixels (none: everywhere); fitted to the "
         "output like the condition, its padding outside the region",
         label="Region mask",
         kind=Kind.MASK,
@@ -164,7 +166,8 @@ class GenerationRequest:
     )
     prompt_setting: PromptSetting = param(
         PromptSetting.USER,
-        help="the paper's settings: the user prompt, none, the default prompt, or auto (a caption)",
+        help="the paper's settings: the user prompt, none, the default prompt, or auto (a caption of "
+        "the first image; needs a captioner)",
         label="Prompt setting",
         group="prompt",
     )
@@ -219,11 +222,17 @@ class GenerationRequest:
         flag="--lora",
         group="models",
     )
-    sampler: Sampler = param(Sampler.DDIM, help="the sampler", label="Sampler", group="sampling")
+    sampler: Sampler = param(
+        Sampler.DDIM,
+        help="the sampler, named as the A1111 web UI names it (lcm, for few-step models: at most 50 steps)",
+        label="Sampler",
+        group="sampling",
+    )
     timestep_spacing: TimestepSpacing = param(
         TimestepSpacing.DEFAULT,
-        help="which timesteps the steps visit (default: the sampler's own; trailing: the A1111 web "
-        "UI's SGM Uniform, for few-step models such as SDXL-Turbo and -Lightning)",
+        help="which timesteps the steps visit (default: the sampler's own, DDIM leading and the "
+        "others linspace; trailing: the A1111 web UI's SGM Uniform, for few-step models such as "
+        "SDXL-Turbo and -Lightning; the Karras samplers and lcm take default only)",
         label="Timestep spacing",
         group="sampling",
     )
@@ -253,7 +262,7 @@ class GenerationRequest:
         label="Seed",
         minimum=0,
         maximum=MAX_SEED,
-        bounds=f"between 0 and {MAX_SEED} (or none for a random one)",
+        bounds=f"between 0 and {MAX_SEED}",
         group="sampling",
     )
     num_samples: int = param(
@@ -261,7 +270,8 @@ class GenerationRequest:
     )
     resolution: int | None = param(
         None,
-        help="the short side in pixels (default: the model's native size)",
+        help="the short side in pixels, the sides rounded to multiples of 64 (default: the model's "
+        "native size)",
         label="Resolution (short side)",
         minimum=64,
         maximum=MAX_SIDE,
@@ -270,7 +280,7 @@ class GenerationRequest:
     )
     width: int | None = param(
         None,
-        help="the width in pixels (with --height)",
+        help="the width in pixels (with the height)",
         minimum=64,
         maximum=MAX_SIDE,
         unit="pixels",
@@ -278,7 +288,7 @@ class GenerationRequest:
     )
     height: int | None = param(
         None,
-        help="the height in pixels (with --width)",
+        help="the height in pixels (with the width)",
         minimum=64,
         maximum=MAX_SIDE,
         unit="pixels",
@@ -310,7 +320,7 @@ class GenerationRequest:
     )
     mask: str | None = param(
         None,
-        help="white = regenerate, black = keep the init image",
+        help="white (or opaque) = regenerate, black = keep the init image, of the init image's size",
         label="Mask",
         kind=Kind.MASK,
         group="img2img",
@@ -368,7 +378,8 @@ class GenerationRequest:
     )
     hires_scale: float = param(
         1.0,
-        help="the hires fix: enlarge by this much and refine in a second, img2img pass",
+        help="the hires fix: above 1, a second, img2img pass at this many times the size (sides to "
+        "the nearest multiples of 64); text to image only",
         label="Upscale by (1: off)",
         minimum=1.0,
         maximum=MAX_HIRES_SCALE,
@@ -387,7 +398,7 @@ class GenerationRequest:
     )
     hires_steps: int | None = param(
         None,
-        help="the second pass's schedule length (default: steps)",
+        help="the second pass's schedule length, of which it runs the last hires_denoise (default: steps)",
         label="Hires steps (0: as Steps)",
         minimum=1,
         maximum=MAX_STEPS,
@@ -395,7 +406,8 @@ class GenerationRequest:
     )
     hires_upscaler: HiresUpscaler = param(
         HiresUpscaler.LATENT,
-        help="latent (resize the latents) | image (decode, resize the pixels, encode)",
+        help="latent: the first pass's latents enlarged bilinearly; image: its images decoded, "
+        "enlarged (bicubic) and encoded again",
         label="Upscaler",
         group="hires",
     )
