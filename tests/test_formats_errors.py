@@ -197,3 +197,28 @@ def test_no_lenient_loading_anywhere():
     assert not [p for p, text in code.items() if re.search(r"strict\s*=\s*False", text)]
     calls = [(p, m) for p, text in code.items() for m in re.findall(r"torch\.load\([^)]*\)", text)]
     assert calls and all("weights_only=True" in m for _, m in calls)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_weights_that_are_not_finite_are_refused_naming_the_tensor(cn, tmp_path, value, capsys):
+    def spoil(t):
+        t["control_model.zero_convs.2.0.weight"][0, 0, 0, 0] = value
+
+    path = original_file(tmp_path / "spoiled.safetensors", cn, spoil)
+    with pytest.raises(
+        CheckpointError, match=r"spoiled\.safetensors: tensor 'control_model\.zero_convs\.2\.0\.weight'"
+    ):
+        load_controlnet(path)
+    out = tmp_path / "out.safetensors"
+    assert main(["convert", str(path), str(out), "--to", "controlnet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "NaN or infinite values" in err and len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_a_base_model_with_a_weight_that_is_not_finite_is_refused(tmp_path):
+    base = make_base(Family.SD1)
+    with torch.no_grad():
+        base.unet.conv_out.bias[0] = float("nan")
+    save_base(base, tmp_path / "base.safetensors")
+    with pytest.raises(CheckpointError, match=r"base\.safetensors: tensor '[^']*conv_out\.bias' holds NaN"):
+        load_base(tmp_path / "base.safetensors")

@@ -359,3 +359,45 @@ def test_noise_offset_shifts_each_image_channel_by_a_constant():
     assert spreads[0.0] < 0.2 < 0.4 < spreads[0.5] < 0.6
     with pytest.raises(ValueError, match="noise offset"):
         ControlNetObjective(base, make_controlnet(base.unet), noise_offset=-0.1)
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"lr": float("nan")}, "learning rates must be > 0, got lr=nan"),
+        ({"lr": float("inf")}, "lr must be a finite number, got inf"),
+        ({"decoder_lr": float("nan")}, "learning rates must be > 0"),
+        ({"weight_decay": float("nan")}, "weight_decay must be a finite number"),
+        ({"max_grad_norm": float("inf")}, "max_grad_norm must be a finite number"),
+        ({"max_grad_norm": 0.0}, "max_grad_norm must be > 0"),
+        ({"ema_decay": 1.5}, "ema_decay must be in (0, 1)"),
+    ],
+)
+def test_settings_that_are_not_finite_numbers_are_refused(tmp_path, kw, message):
+    with pytest.raises(ValueError, match=None) as e:
+        config(tmp_path, **kw).validate()
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("log_every", [1, 100])  # caught by the logged loss, or at the checkpoint
+def test_a_run_whose_loss_turns_nan_stops_and_keeps_its_good_checkpoint(tmp_path, monkeypatch, log_every):
+    from controlnet.training.train import TrainingDiverged
+
+    _, obj = setup()
+    real, calls = type(obj).forward, []
+
+    def turning(self, batch, noise):  # one call per step: from the fourth step on, a loss of NaN
+        calls.append(1)
+        loss = real(self, batch, noise)
+        return loss * float("nan") if len(calls) > 3 else loss
+
+    monkeypatch.setattr(type(obj), "forward", turning)
+    cfg = config(tmp_path, steps=8, checkpoint_every=2, log_every=log_every)
+    with pytest.raises(TrainingDiverged, match=r"step 4: the (loss|weights) (is|are) not finite") as e:
+        train(cfg, obj, Circles(40))
+    assert "checkpoint-00000002" in str(e.value)
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-00000002"]
+    kept = load_checkpoint(latest_checkpoint(run))
+    assert kept.state.step == 2 and all(torch.isfinite(t).all() for t in kept.trainable.values())
+    assert not (run / "final").exists()

@@ -35,10 +35,13 @@ __all__ = [
     "Owner",
     "Param",
     "check_fields",
+    "enum_of",
+    "field_names",
     "files",
     "from_dict",
     "param",
     "params",
+    "part_type",
     "to_dict",
 ]
 

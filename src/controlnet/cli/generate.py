@@ -74,7 +74,7 @@ def _help(name: str, spec: Param, field: Any) -> str:
         return text  # a value that must be given
     default = _default(field)
     if name in BUNDLED_SETTINGS:
-        return f"{text} (default: {_shown(default)}; {_shown(BUNDLED_SETTINGS[name])} for the bundled model)"
+        return common.model_default_help(name, text)
     if name == "device":
         return f"{text} (default: cuda when available, else cpu)"
     if "default:" in text:  # the help says what the default means

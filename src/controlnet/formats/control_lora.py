@@ -28,7 +28,7 @@ from ..families.sd.configs import Family, family_of_unet_config
 from ..families.sd.controlnet import ControlNet, ControlNetConfig
 from .build import build_controlnet, family_from_context, hint_config_from_shapes, numbered
 from .checkpoint import CheckpointError, TensorFile, list_keys
-from .keymap import Rule, shapes_of
+from .keymap import Rule, finite, shapes_of
 from .ldm import controlnet_rule
 from .lora import LoraLayer, fits_weight, is_pointwise, is_product
 
@@ -99,10 +99,10 @@ def load_control_lora(
     state: dict[str, torch.Tensor] = {}
     for file_key, r in rules.items():
         # the file's tensor, else (checked: the UNet has a twin) the UNet's own
-        t = r.to_model(tf.get(file_key)).to(device) if file_key in tf else base[r.ours]
+        t = r.to_model(finite(tf.get(file_key), tf, file_key)).to(device) if file_key in tf else base[r.ours]
         name = file_key.removesuffix(".weight")
         if name in layers and file_key.endswith(".weight"):
-            down, up = (tf.get(k).to(device) for k in layers[name])
+            down, up = (finite(tf.get(k), tf, k).to(device) for k in layers[name])
             t = t.float() + LoraLayer(name, down, up, alpha=None).delta(t.shape)
         # always a copy: the ControlNet must not share the UNet's storage
         state[r.ours] = t.to(dtype=dtype, copy=True) if t.is_floating_point() else t.clone()

@@ -18,7 +18,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, TensorFile, list_keys
 
-__all__ = ["Op", "Rule", "identity_rules", "load_into", "shapes_of", "to_file"]
+__all__ = ["Op", "Rule", "finite", "identity_rules", "load_into", "shapes_of", "to_file"]
 
 
 class Op(Enum):
@@ -93,6 +93,17 @@ def _verify(
         raise CheckpointError(f"{tf.path}: {what}: " + "; ".join(problems))
 
 
+def finite(tensor: torch.Tensor, tf: TensorFile, key: str) -> torch.Tensor:
+    """``tensor`` (``key`` of ``tf``), unless it holds NaN or inf: a model's weights are finite, and
+    one that is not would only draw black images or train to NaN (tensors of the meta device,
+    which hold no values, pass)."""
+    if tensor.is_floating_point() and not tensor.is_meta and not bool(torch.isfinite(tensor).all()):
+        raise CheckpointError(
+            f"{tf.path}: tensor {key!r} holds NaN or infinite values; weights must be finite"
+        )
+    return tensor
+
+
 def load_into(
     module: nn.Module,
     tf: TensorFile,
@@ -115,7 +126,7 @@ def load_into(
     state: dict[str, torch.Tensor] = {}
     for r in rules:
         if r.file not in cache:
-            cache[r.file] = tf.get(r.file)
+            cache[r.file] = finite(tf.get(r.file), tf, r.file)
         t = r.to_model(cache[r.file])
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)

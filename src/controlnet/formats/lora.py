@@ -31,6 +31,7 @@ from torch import nn
 from ..families.sd.base import UNetBase
 from .build import text_key_prefix
 from .checkpoint import CheckpointError, TensorFile, list_keys, open_tensors
+from .keymap import finite
 from .ldm import unet_rule
 
 __all__ = [
@@ -107,7 +108,7 @@ def read_lora(path: str | Path) -> list[LoraLayer]:
                 raise CheckpointError(f"{tf.path}: {key!r} has no {up_key!r} beside it")
             alpha_key = name + ".alpha"
             alpha = float(tf.get(alpha_key).float()) if alpha_key in tf else None
-            down, up = tf.get(key), tf.get(up_key)
+            down, up = finite(tf.get(key), tf, key), finite(tf.get(up_key), tf, up_key)
             _check_factors(tf, name, down, up)
             layers.append(LoraLayer(name, down, up, alpha))
             used.update(k for k in (key, up_key, alpha_key) if k in tf)

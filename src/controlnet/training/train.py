@@ -39,7 +39,7 @@ from .checkpoints import (
 from .logs import Metrics
 from .objectives import Objective, StepNoise
 
-__all__ = ["TrainConfig", "TrainResult", "train"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "train"]
 
 Validator = Callable[[Objective, int, Path], dict[str, float]]
 Exporter = Callable[[Objective, "dict[str, torch.Tensor] | None", Path], list[Path]]
@@ -97,8 +97,18 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
-        if self.lr <= 0 or self.decoder_lr <= 0:
+        if not (self.lr > 0 and self.decoder_lr > 0):  # (NaN is no learning rate either)
             raise ValueError(f"learning rates must be > 0, got lr={self.lr}, decoder_lr={self.decoder_lr}")
+        for name in ("lr", "decoder_lr", "weight_decay", "max_grad_norm", "ema_decay", "score_threshold"):
+            v = getattr(self, name)
+            if v is not None and not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         try:
             self.mixed_precision = DType.parse(self.mixed_precision)
         except ValueError:
@@ -122,6 +132,11 @@ def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
         span = max(1, total - cfg.warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * (step - cfg.warmup_steps) / span))
     return 1.0
+
+
+class TrainingDiverged(ValueError):
+    """A run whose loss or weights stopped being finite; nothing past the last good checkpoint
+    was kept."""
 
 
 @dataclass
@@ -307,6 +322,8 @@ class _Run:
         peak memory."""
         mean_loss = self.accel.reduce(torch.stack(self.window).mean(), reduction="mean").item()
         self.window.clear()
+        if not math.isfinite(mean_loss):
+            self.stop(f"the loss is not finite ({mean_loss})")
         now = time.perf_counter()
         sps = (self.state.step - self.mark_step) * self.global_batch * self.cfg.grad_accum / (now - self.mark)
         self.mark, self.mark_step = now, self.state.step
@@ -342,6 +359,7 @@ class _Run:
     def checkpoint(self) -> None:
         """An atomic checkpoint of everything a resume needs; the oldest beyond ``keep_checkpoints``
         go."""
+        self.check_finite()
         if self.main:
             save_checkpoint(
                 self.run_dir,
@@ -356,6 +374,26 @@ class _Run:
             _write_json(self.run_dir / "run.json", {**info, "converged_at": self.converged_at})
         self.accel.wait_for_everyone()
 
+    def check_finite(self) -> None:
+        """Stop (:meth:`stop`) before a checkpoint or an export would keep weights that are not
+        finite, so that every checkpoint a run leaves holds finite weights."""
+        bad = next((n for n, p in self.named.items() if not bool(torch.isfinite(p).all())), None)
+        if bad is not None:
+            self.stop(f"the weights are not finite ({bad} holds NaN or inf)")
+
+    def stop(self, what: str) -> None:
+        """End the run with a message saying at which step ``what`` happened and which checkpoint
+        to go back to (every one written holds finite weights)."""
+        self.bar.close()
+        last = latest_checkpoint(self.run_dir)
+        kept = (
+            f"the newest checkpoint, {last.name}, holds finite weights" if last else "no checkpoint was kept"
+        )
+        raise TrainingDiverged(
+            f"step {self.state.step}: {what}; training stopped ({kept}: lower --lr, or clip gradients "
+            "with --max-grad-norm, and run again)"
+        )
+
     def finish(self, exporter: Exporter | None) -> TrainResult:
         """The final export (the EMA weights, when kept), the curves and the run's record."""
         self.bar.close()
@@ -364,6 +402,7 @@ class _Run:
         done = (state.step - self.start_step) * self.global_batch * self.cfg.grad_accum
         sps = done / seconds if seconds > 0 else math.nan
         exported: list[Path] = []
+        self.check_finite()
         if self.main and exporter is not None:
             ema = self.ema.state_dict() if self.ema is not None else None
             exported = exporter(self.objective, ema, run_dir / "final")
