@@ -222,3 +222,18 @@ def test_a_base_model_with_a_weight_that_is_not_finite_is_refused(tmp_path):
     save_base(base, tmp_path / "base.safetensors")
     with pytest.raises(CheckpointError, match=r"base\.safetensors: tensor '[^']*conv_out\.bias' holds NaN"):
         load_base(tmp_path / "base.safetensors")
+
+
+def test_a_safetensors_file_whose_header_length_begins_like_a_pickle_is_read_as_safetensors(tmp_path):
+    """The first byte of a safetensors file is its header's length, little-endian: 0x80 there is
+    a length, not the pickle marker it also is."""
+    from controlnet.formats.checkpoint import open_tensors
+
+    for pad in range(300):  # find a header whose length's low byte is 0x80
+        path = tmp_path / "file.safetensors"
+        save_file({"w" * (pad + 1): torch.zeros(1)}, str(path))
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("no header length ending in 0x80 was made")
+    assert open_tensors(path).kind == "safetensors"

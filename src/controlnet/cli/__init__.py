@@ -7,6 +7,7 @@ and their handlers. Handlers import what they need when they run, so ``--help`` 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -31,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in _COMMANDS:
         module.add(sub)
+    for p in [parser, *sub.choices.values()]:  # before or after the command's name
+        p.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error"
+        )
     return parser
 
 
@@ -43,6 +48,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return handler(args)
-    except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
-        print(f"controlnet {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"controlnet {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # whoever read the output stopped reading (``| head``): no more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"controlnet {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2 if isinstance(e, (ValueError, FileNotFoundError)) else 1
+
+
+def _one_line(e: Exception) -> str:
+    """A user error's message (one line, naming what was wrong), or, for anything else, the
+    exception's first line and where to see the rest."""
+    text = str(e).strip()
+    if isinstance(e, (ValueError, FileNotFoundError)):
+        return " ".join(text.split("\n"))
+    first = text.splitlines()[0] if text else ""
+    return f"internal error: {type(e).__name__}: {first} (run again with --debug for the traceback)"

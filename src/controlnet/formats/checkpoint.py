@@ -123,14 +123,17 @@ def _sniff(path: Path) -> str:
         raise CheckpointError(f"{path}: the file is empty")
     with path.open("rb") as f:
         head = f.read(9)
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
-        return "torch"
-    if len(head) == 9:
+    # safetensors first: its header's length, little-endian, may begin with the byte 0x80 that
+    # also begins a pickle, but a pickle never has '{' as its ninth byte after such a length
+    pickled = head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+    if len(head) == 9 and head[8:9] == b"{":
         n = int.from_bytes(head[:8], "little")
-        if head[8:9] == b"{" and 0 < n <= size - 8:
+        if 0 < n <= size - 8:
             return "safetensors"
-        if head[8:9] == b"{":
+        if not pickled:
             raise CheckpointError(f"{path}: truncated or corrupt safetensors file (header of {n} bytes)")
+    if pickled:
+        return "torch"
     raise CheckpointError(
         f"{path}: unknown file format (neither safetensors nor a torch checkpoint; first bytes {head[:8]!r})"
     )
@@ -165,6 +168,9 @@ def _unpickling_reason(e: Exception) -> str:
 
 def _open_torch(path: Path) -> TensorFile:
     def load(mmap: bool) -> Any:
+        if path.suffix == ".safetensors":  # torch reads a path by its name: a renamed pickle by hand
+            with path.open("rb") as f:
+                return torch.load(f, map_location="cpu", weights_only=True)
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
     try:
@@ -179,7 +185,7 @@ def _open_torch(path: Path) -> TensorFile:
             f"{path}: the pickle holds objects other than plain tensors, refused "
             f"({_unpickling_reason(e)}); save its state dict alone with the tool that made it"
         ) from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, SafetensorError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path}: truncated or corrupt torch checkpoint ({first})") from e
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
