@@ -252,3 +252,25 @@ def test_train_reports_captions_the_text_window_cuts(chain, tmp_path, capsys):
     distinct = len({r["prompt"] for r in rows})
     assert f"1 of {distinct} distinct captions in {data} are longer than the text encoder's 75 tokens" in out
     assert "the longest, 229 tokens: 'detail 0, detail 1," in out
+
+
+def test_train_starts_from_its_seed_and_keeps_earlier_runs(chain, tmp_path, capsys):
+    """The fresh ControlNet's new layers come from --seed (two runs of one seed start alike, of
+    another seed not); a second run into a used folder is refused unless --overwrite."""
+    args = ["train", "--base", str(chain / "base/final/base.safetensors"), "--arch", "fill50k-tiny"]
+    args += ["--data", str(chain / "data"), *COMMON, "--steps", "1", "--validation-count", "0"]
+    args += ["--export", "controlnet"]
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        assert main([*args, "--seed", seed, "--out", str(tmp_path / name)]) == 0
+    a, b, c = (load_controlnet(tmp_path / n / "final" / "controlnet.safetensors").state_dict() for n in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    capsys.readouterr()
+    assert main([*args, "--seed", "1", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "holds an earlier training run" in err and len(err.strip().splitlines()) == 1, err
+    a_again = load_controlnet(tmp_path / "a" / "final" / "controlnet.safetensors").state_dict()
+    assert all(torch.equal(a[k], a_again[k]) for k in a)  # the refused run touched nothing
+    assert main([*args, "--seed", "1", "--out", str(tmp_path / "a"), "--overwrite"]) == 0
+    a_new = load_controlnet(tmp_path / "a" / "final" / "controlnet.safetensors").state_dict()
+    assert all(torch.equal(c[k], a_new[k]) for k in c)

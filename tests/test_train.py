@@ -194,6 +194,39 @@ def test_a_failed_checkpoint_write_leaves_no_partial_checkpoint(tmp_path, monkey
     assert latest_checkpoint(run).name == "checkpoint-00000002"
 
 
+def test_a_fresh_run_never_mixes_with_an_earlier_one_in_its_folder(tmp_path):
+    run = tmp_path / "run"
+    _, obj = setup()
+    train(config(tmp_path, steps=4, checkpoint_every=2), obj, Circles(8))
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    _, again = setup()
+    with pytest.raises(ValueError, match=r"holds an earlier training run .*--resume.*--overwrite.*--out"):
+        train(config(tmp_path, steps=2, checkpoint_every=2), again, Circles(8))
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before  # nothing touched
+    # overwrite removes the earlier run: its step-4 checkpoint and its metrics beyond step 2 go
+    train(config(tmp_path, steps=2, checkpoint_every=2, overwrite=True), again, Circles(8))
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-00000002"]
+    assert [r[0] for r in loss_rows(run)] == ["1", "2"]
+    # a folder with other files (not a run) is no earlier run
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    train(config(tmp_path, "other", steps=1), setup()[1], Circles(8))
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "pickle"])
+def test_a_damaged_checkpoint_is_named_on_resume(tmp_path, damage):
+    _, obj = setup()
+    train(config(tmp_path, steps=2, checkpoint_every=2), obj, Circles(8))
+    opt = tmp_path / "run" / "checkpoint-00000002" / "optimizer.safetensors"
+    if damage == "truncate":
+        opt.write_bytes(opt.read_bytes()[: opt.stat().st_size // 2])
+    else:
+        torch.save({"state": {}}, opt)
+    with pytest.raises(ValueError, match=r"checkpoint-00000002: corrupt checkpoint"):
+        train(config(tmp_path, steps=4, checkpoint_every=2, resume=True), obj, Circles(8))
+
+
 @pytest.mark.parametrize(
     ("kw", "message"),
     [

@@ -64,6 +64,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         log_every=args.log_every,
         num_workers=args.num_workers,
         resume=args.resume,
+        overwrite=args.overwrite,
         cpu=args.cpu,
         progress=not args.quiet,
     )
@@ -170,6 +171,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="formats of the final ControlNet: controlnet,diffusers,original",
     )
     p.add_argument("--resume", action="store_true", help="continue from the run folder's newest checkpoint")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in a run folder that holds an earlier run, removing its files "
+        "(without it such a folder is refused)",
+    )
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=_cmd_train)

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..formats.checkpoint import save_safetensors
@@ -33,6 +34,7 @@ __all__ = [
     "latest_checkpoint",
     "load_checkpoint",
     "prune_checkpoints",
+    "run_files",
     "save_checkpoint",
 ]
 
@@ -206,11 +208,22 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         trainable = load_file(str(path / "trainable.safetensors"))
         opt = _join_optimizer_state(load_file(str(path / "optimizer.safetensors")), meta["optimizer"])
         ema = load_file(str(path / "ema.safetensors")) if (path / "ema.safetensors").is_file() else None
-    except (json.JSONDecodeError, KeyError, OSError, RuntimeError) as e:  # safetensors raises these
+    except (json.JSONDecodeError, KeyError, OSError, RuntimeError, SafetensorError) as e:
         raise ValueError(f"{path}: corrupt checkpoint ({e})") from None
     return Checkpoint(
         path, TrainState(**meta["train_state"]), trainable, opt, meta["config"], ema, meta["rng"]
     )
+
+
+#: what a training run writes in its folder (and what starting it afresh removes)
+RUN_FILES = ("run.json", "metrics.csv", "latest", "loss.png", "scores.png", "tensorboard", "samples", "final")
+
+
+def run_files(run_dir: str | Path) -> list[Path]:
+    """The files and folders of a training run in ``run_dir`` (none: no run was started there)."""
+    run_dir = Path(run_dir)
+    named = [run_dir / n for n in RUN_FILES if (run_dir / n).exists()]
+    return named + sorted(run_dir.glob(f"{_PREFIX}*")) + sorted(run_dir.glob(f".{_PREFIX}*.tmp-*"))
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int) -> None:

@@ -22,7 +22,7 @@ from ..families.protocol import BaseModel
 from ..families.sd.controlnet import ControlNetConfig
 from ..text.prompts import CHUNK_TOKENS, long_prompts
 from .objectives import BaseObjective, ControlNetObjective, Objective, VaeObjective
-from .train import TrainConfig, TrainResult, train
+from .train import TrainConfig, TrainResult, check_out, train
 from .validation import ControlValidator, ImageValidator
 
 __all__ = ["OBJECTIVES", "RunSpec", "architecture", "load_or_build_base", "run_training"]
@@ -254,8 +254,11 @@ def run_training(spec: RunSpec, cfg: TrainConfig) -> TrainResult:
         bad = [f for f in spec.export if f not in ("controlnet", "diffusers", "original")]
         if bad:
             raise ValueError(f"unknown export format(s) {bad}; expected controlnet, diffusers or original")
+    check_out(cfg)  # before the base loads and the data is cached
     base = load_or_build_base(spec, cfg.seed)
-    objective = _objective(spec, base)
+    with torch.random.fork_rng(devices=[]):  # new layers (condition encoder, extra channels) drawn
+        torch.manual_seed(cfg.seed)  # from the run's seed: two runs of one seed start alike
+        objective = _objective(spec, base)
     device = "cpu" if cfg.cpu or not torch.cuda.is_available() else "cuda"
     dataset = _dataset(spec, base, objective, device)
     cfg.extra = {**cfg.extra, "spec": asdict(spec)}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -34,12 +35,13 @@ from .checkpoints import (
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
+    run_files,
     save_checkpoint,
 )
 from .logs import Metrics
 from .objectives import Objective, StepNoise
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "train"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "check_out", "train"]
 
 Validator = Callable[[Objective, int, Path], dict[str, float]]
 Exporter = Callable[[Objective, "dict[str, torch.Tensor] | None", Path], list[Path]]
@@ -77,6 +79,7 @@ class TrainConfig:
     log_every: int = 10
     num_workers: int = 0
     resume: bool = False
+    overwrite: bool = False  # start afresh in a folder that holds an earlier run (removing it)
     save_checkpoints: bool = True  # off only for throughput measurements
     cpu: bool = False
     progress: bool = True
@@ -172,6 +175,19 @@ def train(
     return run.finish(exporter)
 
 
+def check_out(cfg: TrainConfig) -> None:
+    """Refuse to start a fresh run in a folder that holds an earlier one (its metrics, checkpoints
+    and export would be overwritten, and a later --resume would continue a mix of both), unless
+    ``cfg`` says to resume it or to overwrite it."""
+    earlier = [] if cfg.resume or cfg.overwrite else run_files(cfg.out)
+    if earlier:
+        names = ", ".join(p.name for p in earlier[:4]) + (", ..." if len(earlier) > 4 else "")
+        raise ValueError(
+            f"{cfg.out} holds an earlier training run ({names}): continue it with --resume, "
+            "start afresh with --overwrite (which removes it), or give another --out"
+        )
+
+
 class _Run:
     """One training run: set up from its config (resumed from its newest checkpoint when asked),
     then advanced by :meth:`step`, with :meth:`log`, :meth:`validate` and :meth:`checkpoint` on
@@ -198,6 +214,8 @@ class _Run:
         self.rank, world, self.device = accel.process_index, accel.num_processes, accel.device
         self.main = accel.is_main_process
         self.run_dir = Path(cfg.out)
+        if not cfg.resume:
+            self._claim()
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -266,6 +284,15 @@ class _Run:
         self.mark, self.mark_step = self.started, self.state.step  # throughput: per logging window
         self.window: list[torch.Tensor] = []
         self.last: dict[str, float] = {}
+
+    def _claim(self) -> None:
+        """A fresh run may not mix with an earlier one in its folder: refused (:func:`check_out`),
+        or with ``overwrite`` the earlier run's files are removed first."""
+        check_out(self.cfg)
+        if self.main:
+            for path in run_files(self.run_dir):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        self.accel.wait_for_everyone()
 
     def _resume(self, optimizer: torch.optim.Optimizer) -> TrainState:
         """The state of the run folder's newest checkpoint, its weights, optimizer, EMA and random
