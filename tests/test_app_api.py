@@ -3,6 +3,7 @@ gets a clear error (never a 500), concurrent requests are queued and all answere
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import threading
@@ -119,12 +120,8 @@ def test_generate_with_two_controls_and_a_named_controlnet(client):
     )
     r = client.post("/api/generate", json=body)
     assert r.status_code == 200, r.text
-    assert [
-        c["controlnet"].endswith("second.safetensors") for c in r.json()["sidecar"]["request"]["controls"]
-    ] == [
-        False,
-        True,
-    ]
+    # the sidecar names each ControlNet as clients do, by the server's name for it
+    assert [c["controlnet"] for c in r.json()["sidecar"]["request"]["controls"]] == ["edges", "second"]
 
 
 def test_masked_editing_keeps_the_unmasked_pixels(client):
@@ -310,7 +307,11 @@ BAD_PREPROCESS = [
     ({"annotator": "inpaint"}, 400, "needs a mask"),
     ({"annotator": "canny", "image": b64(b"GIF89a broken")}, 400, "image: not"),
     ({"annotator": "canny", "resolution": 384}, 400, "0.1 megapixels"),
-    ({"annotator": "depth_midas", "params": {"weights": "missing-folder"}}, 400, "weights not found"),
+    (
+        {"annotator": "depth_midas", "params": {"weights": "missing-folder"}},
+        400,
+        "offers no annotator weights",
+    ),
     ({"image": b64(square())}, 422, "annotator: Field required"),
 ]
 
@@ -418,7 +419,7 @@ def test_a_server_vae_decodes_every_generation(server, client, tmp_path):
     ) as srv:
         r = httpx.post(f"{srv.url}/api/generate", json=gen(), timeout=120)
         assert r.status_code == 200, r.text
-        assert r.json()["sidecar"]["request"]["vae"] == str(tmp_path / "vae")
+        assert r.json()["sidecar"]["request"]["vae"] == "vae"  # its name: no server path
         other = decode(r.json()["images"][0])
     own = client.post("/api/generate", json=gen())
     assert own.json()["sidecar"]["request"]["vae"] is None
@@ -437,7 +438,7 @@ def test_server_loras_are_merged_into_every_generation(server, client, tmp_path)
     with start(ServeConfig(base=base, controlnets=tuple(cns), loras=((lora, 2.0),), limits=LIMITS)) as srv:
         r = httpx.post(f"{srv.url}/api/generate", json=gen(), timeout=120)
         assert r.status_code == 200, r.text
-        assert r.json()["sidecar"]["request"]["loras"] == [{"path": lora, "scale": 2.0}]
+        assert r.json()["sidecar"]["request"]["loras"] == [{"path": "style.safetensors", "scale": 2.0}]
         styled = decode(r.json()["images"][0])
     own = client.post("/api/generate", json=gen())
     assert own.json()["sidecar"]["request"]["loras"] == []
@@ -516,3 +517,76 @@ def test_readme_shell_example_runs(server, tmp_path):
     assert done.returncode == 0, done.stderr
     assert '"status":"ok"' in done.stdout
     assert Image.open(tmp_path / "canny.png").size == Image.open(tmp_path / "result.png").size == (128, 128)
+
+
+def _strings(value):
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+    elif isinstance(value, str):
+        yield value
+
+
+def test_responses_name_no_server_path(client, server):
+    """A sidecar in a response names the uploads relative to the output folder and the models by
+    the server's names for them: nothing of the server's file system."""
+    body = gen(init_image=b64(square()), denoise=0.5)
+    r = client.post("/api/generate", json=body)
+    assert r.status_code == 200, r.text
+    record = r.json()["sidecar"]
+    base = server.files[0]
+    texts = list(_strings(record))
+    assert not [t for t in texts if t.startswith("/") or str(Path(base).parent) in t]
+    assert record["inputs"]["init_image"]["path"].startswith("uploads/")
+    assert record["request"]["controls"][0]["controlnet"] == "edges"
+    # and the sidecar on the server replays from there, whatever the working folder
+    sidecar = sorted(server.service.out_dir.glob("*.json"))[-1]
+    assert json.loads(sidecar.read_text())["inputs"]["init_image"]["path"].startswith("uploads/")
+
+
+def test_annotator_weights_are_chosen_by_name_never_by_path(server, tmp_path, monkeypatch):
+    """Learned annotators use the weights the server offers (its annotator folder and
+    serve --annotator-weights), by name. A path answers the same whether or not the file exists,
+    so nothing of the server's files is revealed; a bad weights file is a 400, not a 500."""
+    import torch
+
+    from controlnet.annotators.hed import HEDNet
+
+    monkeypatch.setenv("CONTROLNET_ANNOTATOR_DIR", str(tmp_path / "annotators"))
+    good = tmp_path / "hed-good.pth"
+    torch.save(HEDNet().state_dict(), good)
+    bad = tmp_path / "hed-bad.safetensors"
+    bad.write_bytes(b"not a safetensors file at all")
+    base, cns = server.files
+    config = ServeConfig(
+        base=base, controlnets=tuple(cns), limits=LIMITS, annotator_weights=(str(good), str(bad))
+    )
+    with start(config) as srv, httpx.Client(base_url=srv.url, timeout=120) as c:
+        listed = {a["name"]: a["weights"] for a in c.get("/api/annotators").json()}
+        assert listed["hed"] == ["hed-good.pth", "hed-bad.safetensors"] and listed["canny"] == []
+
+        def pre(weights):
+            body = {"annotator": "hed", "image": b64(square()), "params": {"weights": weights}}
+            return c.post("/api/preprocess", json=body)
+
+        r = pre("hed-good.pth")
+        assert r.status_code == 200, r.text
+        paths = ["/etc/passwd", str(good), "/no/such/file", "../hed-good.pth"]
+        answers = [pre(w) for w in paths]
+        assert {a.status_code for a in answers} == {400}
+        texts = [a.json()["error"] for a in answers]
+        assert "offers no annotator weights named '/etc/passwd'" in texts[0]
+        # the same answer for a readable file, a server file, a missing one and a relative path
+        assert len({t.replace(repr(w), "W") for t, w in zip(texts, paths)}) == 1
+        r = pre("hed-bad.safetensors")
+        assert r.status_code == 400 and "hed-bad.safetensors" in r.json()["error"], r.text
+        assert c.get("/api/health").json()["queue"]["failed"] == 0
+        # a generation's annotator, likewise
+        body = gen(
+            controls=[{"image": b64(square()), "preprocess": "hed", "params": {"weights": "/etc/passwd"}}]
+        )
+        r = c.post("/api/generate", json=body)
+        assert r.status_code == 400 and "controls[0].params.weights" in r.json()["error"]

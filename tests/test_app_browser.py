@@ -181,8 +181,8 @@ def test_the_web_app_in_a_browser(page, served, tmp_path):
     page.click("#generate")
     record = wait_for_sidecars(out, 3, page)
     stored = record["request"]["controls"][0]["region_mask"]
-    assert stored and record["inputs"]["controls[0].region_mask"]["path"] == stored
-    np.testing.assert_array_equal(np.asarray(Image.open(stored)), region)
+    assert stored.startswith("uploads/") and record["inputs"]["controls[0].region_mask"]["path"] == stored
+    np.testing.assert_array_equal(np.asarray(Image.open(out / stored)), region)  # relative to the sidecar
 
     # a file that is not an image: a one-line message naming the input
     (tmp_path / "notes.png").write_text("these are not pixels")
@@ -215,8 +215,8 @@ def test_the_web_app_in_a_browser(page, served, tmp_path):
     req = record["request"]
     assert req["controls"][0]["preprocess"] == "scribble" and req["denoise"] == 0.75
     assert req["prompt_syntax"] == "plain"
-    mask = np.asarray(Image.open(req["mask"])) > 127
-    np.testing.assert_array_equal(np.asarray(Image.open(req["init_image"])), init)
+    mask = np.asarray(Image.open(out / req["mask"])) > 127
+    np.testing.assert_array_equal(np.asarray(Image.open(out / req["init_image"])), init)
     assert 0 < mask.mean() < 1  # some pixels painted, some kept
     result = np.asarray(Image.open(out / record["outputs"]["images"][0]["file"]))
     np.testing.assert_array_equal(result[~mask], init[~mask])  # every kept pixel is the init image's

@@ -64,6 +64,10 @@ def test_bad_model_files_and_settings(capsys, models, tmp_path):
         capsys, "--base", base, "--controlnet", cn, "--lora", f"{tmp_path / 'style.safetensors'}:0.5"
     )
     assert "style.safetensors" in err  # so does a bad LoRA
+    err = serve_error(
+        capsys, "--base", base, "--controlnet", cn, "--annotator-weights", str(tmp_path / "hed.pth")
+    )
+    assert "annotator weights" in err and "hed.pth" in err  # weights to offer that are not there
 
 
 def test_a_busy_port_is_a_clear_error(capsys, models):

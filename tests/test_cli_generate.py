@@ -437,3 +437,131 @@ def test_a_sidecar_written_before_the_request_schema_replays_bit_for_bit(tmp_pat
     assert "bit-identical" in capsys.readouterr().out and rc == 0
     replayed = json.loads(next((tmp_path / "out").glob("*.json")).read_text())["outputs"]["images"]
     assert [i["sha256"] for i in replayed] == [i["sha256"] for i in recorded]
+
+
+def _one_run(files, out, *extra):
+    assert main(args(files, "--seed", "5", "--out", str(out), *extra)) == 0
+    return next(out.glob("*.json"))
+
+
+def _images(folder):
+    return [np.asarray(Image.open(p)) for p in sorted(folder.glob("*_[0-9].png"))]
+
+
+def test_a_replay_works_from_any_folder_and_checks_what_it_reads(files, tmp_path, monkeypatch, capsys):
+    """Paths typed relative to the working folder are recorded so that a replay from elsewhere
+    reads the same files; a control image path edited in the sidecar, or a file with no recorded
+    digest, is refused before any work."""
+    monkeypatch.chdir(files)
+    sidecar = _one_run(files, tmp_path / "out", "--image", "cond.png")  # relative, as typed
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "--from-sidecar", str(sidecar), "--out", "again", "--quiet"]) == 0
+    assert "bit-identical" in capsys.readouterr().out
+
+    record = json.loads(sidecar.read_text())
+    other = tmp_path / "other.png"
+    Image.fromarray(np.full((64, 64, 3), 255, np.uint8)).save(other)
+    edited = tmp_path / "edited.json"
+    record["request"]["controls"][0]["image"] = str(other)
+    edited.write_text(json.dumps(record))
+    assert main(["generate", "--from-sidecar", str(edited), "--out", "x", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "controls[0].image" in err and "has changed" in err and len(err.splitlines()) == 1
+
+    record = json.loads(sidecar.read_text())
+    del record["inputs"]
+    edited.write_text(json.dumps(record))
+    assert main(["generate", "--from-sidecar", str(edited), "--out", "x", "--quiet"]) == 2
+    assert "has no recorded digest" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_replay_applies_the_flags_given_and_records_them(files, tmp_path, capsys):
+    """--from-sidecar with --seed (or a per-control flag) runs the recorded request with that
+    change, which the new sidecar records; a flag for controls the run did not have is refused."""
+    sidecar = _one_run(files, tmp_path / "out")
+    capsys.readouterr()
+    again = tmp_path / "again"
+    cmd = ["generate", "--from-sidecar", str(sidecar), "--out", str(again), "--quiet"]
+    assert main([*cmd, "--seed", "9", "--strength", "0.5"]) == 0
+    assert "with --seed, --strength changed" in capsys.readouterr().out
+    new = json.loads(next(again.glob("*.json")).read_text())["request"]
+    assert new["seed"] == 9 and new["controls"][0]["strength"] == 0.5 and new["steps"] == 2
+    direct = tmp_path / "direct"
+    assert main(args(files, "--seed", "9", "--strength", "0.5", "--out", str(direct))) == 0
+    assert all(np.array_equal(a, b) for a, b in zip(_images(again), _images(direct), strict=True))
+
+    plain = _one_run(files, tmp_path / "plain", "--image", str(files / "cond.png"))
+    record = json.loads(plain.read_text())
+    record["request"]["controls"] = []
+    record["inputs"] = {k: v for k, v in record["inputs"].items() if not k.startswith("controls")}
+    (tmp_path / "none.json").write_text(json.dumps(record))
+    rc = main(["generate", "--from-sidecar", str(tmp_path / "none.json"), "--strength", "2", "--quiet"])
+    assert rc == 2 and "--strength: the recorded generation has no controls" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"steps": "many"}, "steps"),
+        ({"steps": 2.5}, "steps"),
+        ({"controls": [{"strength": 1.0}]}, "image"),
+        ({"guidance": float("nan")}, "guidance"),
+        ({"num_samples": 1_000_000}, "num_samples"),
+    ],
+)
+def test_a_malformed_sidecar_is_one_line(files, tmp_path, capsys, change, words):
+    sidecar = _one_run(files, tmp_path / "out")
+    record = json.loads(sidecar.read_text())
+    record["request"].update(change)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(record))
+    capsys.readouterr()
+    assert main(["generate", "--from-sidecar", str(bad), "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and str(bad) in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_sidecar_nested_deep_or_not_json_is_one_line(tmp_path, capsys):
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"format": "controlnet-generation/2", "request": ' + "[" * 50_000 + "]" * 50_000 + "}")
+    folder = tmp_path / "folder.json"
+    folder.mkdir()
+    for path in (deep, folder):
+        assert main(["generate", "--from-sidecar", str(path), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert str(path) in err and len(err.splitlines()) == 1
+
+
+def test_a_param_without_an_annotator_is_refused(files, tmp_path, capsys):
+    assert main(args(files, "--param", "low_threshold=50", "--out", str(tmp_path / "o"))) == 2
+    err = capsys.readouterr().err
+    assert "--param low_threshold: control 0 has no annotator" in err and "--preprocess" in err
+
+
+def test_a_replay_finds_moved_models_by_flag_and_still_checks_them(files, tmp_path, capsys):
+    """Models moved (or named by a server's sidecar) are given again by flag: the same content,
+    wherever it lies, replays bit for bit."""
+    import shutil
+
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("base.safetensors", "cn.safetensors"):
+        shutil.copy(files / name, models / name)
+    shutil.copy(files / "cond.png", tmp_path / "cond.png")
+    run = args(models, "--seed", "5", "--out", str(tmp_path / "out"))
+    run[run.index("--image") + 1] = str(tmp_path / "cond.png")
+    assert main(run) == 0
+    sidecar = next((tmp_path / "out").glob("*.json"))
+    moved = tmp_path / "moved"
+    models.rename(moved)
+    capsys.readouterr()
+    cmd = ["generate", "--from-sidecar", str(sidecar), "--quiet", "--out", str(tmp_path / "r")]
+    assert main(cmd) == 2 and "base" in capsys.readouterr().err
+    relocated = ["--base", str(moved / "base.safetensors"), "--controlnet", str(moved / "cn.safetensors")]
+    assert main([*cmd, *relocated]) == 0
+    assert "bit-identical" in capsys.readouterr().out
+    other = ["--base", str(moved / "base.safetensors"), "--controlnet", str(files / "cn.safetensors")]
+    assert main([*cmd, *other]) == 0  # the same bytes, by another path: still the same run
+    assert "bit-identical" in capsys.readouterr().out

@@ -274,3 +274,29 @@ def test_train_starts_from_its_seed_and_keeps_earlier_runs(chain, tmp_path, caps
     assert main([*args, "--seed", "1", "--out", str(tmp_path / "a"), "--overwrite"]) == 0
     a_new = load_controlnet(tmp_path / "a" / "final" / "controlnet.safetensors").state_dict()
     assert all(torch.equal(c[k], a_new[k]) for k in c)
+
+
+def test_resume_reads_the_runs_settings_and_refuses_other_ones(chain, tmp_path, capsys):
+    """`train --out RUN --resume --steps N` continues RUN with the settings its run.json records
+    (no flag repeated) and ends bit for bit where an uninterrupted run ends; a setting given that
+    differs from the recorded one is refused by flag, before any work."""
+    args = ["train", "--base", str(chain / "base/final/base.safetensors"), "--arch", "fill50k-tiny"]
+    args += ["--data", str(chain / "data"), *COMMON, "--validation-count", "0", "--seed", "3"]
+    assert main([*args, "--steps", "4", "--out", str(tmp_path / "whole")]) == 0
+    assert main([*args, "--steps", "2", "--out", str(tmp_path / "part")]) == 0
+    capsys.readouterr()
+    resume = ["train", "--out", str(tmp_path / "part"), "--resume"]
+    assert main([*resume, "--steps", "4", "--lr", "1e-2"]) == 2
+    err = capsys.readouterr().err
+    assert "--lr 0.01 (the run has 0.001)" in err and len(err.strip().splitlines()) == 1, err
+    assert main([*resume, "--steps", "4", "--quiet", "--cpu"]) == 0
+    whole, part = (
+        load_controlnet(tmp_path / n / "final" / "controlnet.safetensors").state_dict()
+        for n in ("whole", "part")
+    )
+    assert all(torch.equal(whole[k], part[k]) for k in whole)
+    assert json.loads((tmp_path / "part" / "run.json").read_text())["config"]["steps"] == 4
+    assert main(["train", "--out", str(tmp_path / "empty"), "--resume"]) == 2
+    assert "no run.json, so no run to resume" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "x"), *COMMON]) == 2
+    assert "--data is required" in capsys.readouterr().err

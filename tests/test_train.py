@@ -434,3 +434,72 @@ def test_a_run_whose_loss_turns_nan_stops_and_keeps_its_good_checkpoint(tmp_path
     kept = load_checkpoint(latest_checkpoint(run))
     assert kept.state.step == 2 and all(torch.isfinite(t).all() for t in kept.trainable.values())
     assert not (run / "final").exists()
+
+
+class Killed(BaseException):
+    """The process's death, as kill -9: raised at one file operation and at every one after it,
+    so no clean-up writes, renames or deletes anything either."""
+
+
+def _killed_at(monkeypatch, kill_at):
+    """Count the operations that write, rename or delete files (checkpoint writes included) and
+    die at the ``kill_at``-th (-1: never); returns the counter."""
+    import controlnet.training.checkpoints as checkpoints
+
+    done = [0]
+
+    def counted(fn):
+        def op(*args, **kw):
+            if kill_at != -1 and done[0] >= kill_at:
+                done[0] += 1
+                raise Killed
+            done[0] += 1
+            return fn(*args, **kw)
+
+        return op
+
+    for owner, name in [
+        (os, "replace"),
+        (os, "rename"),
+        (os, "fsync"),
+        (os, "unlink"),  # what shutil.rmtree calls, file by file: a deletion can stop half-way
+        (os, "rmdir"),
+        (Path, "write_text"),
+        (checkpoints, "save_safetensors"),
+    ]:
+        monkeypatch.setattr(owner, name, counted(getattr(owner, name)))
+    return done
+
+
+def test_a_run_killed_at_any_point_leaves_every_checkpoint_whole(tmp_path, monkeypatch):
+    """A run killed at random points among its file operations (checkpoint writes and deletions
+    included): `latest` and every listed checkpoint load, and a resume ends the run where an
+    uninterrupted one ends."""
+    import random
+
+    def run(name, kill_at, resume=False):
+        with monkeypatch.context() as m:
+            done = _killed_at(m, kill_at)
+            _, obj = setup()
+            cfg = config(tmp_path, name, steps=4, batch_size=2, checkpoint_every=1, keep_checkpoints=2)
+            cfg.resume = resume
+            try:
+                train(cfg, obj, Circles(8))
+            except Killed:
+                return None
+            return done[0]
+
+    ops = run("whole", -1)
+    expected = load_file(str(latest_checkpoint(tmp_path / "whole") / "trainable.safetensors"))
+    seed = random.randrange(2**32)
+    for k in sorted(random.Random(seed).sample(range(ops), 6)):
+        name = f"killed-{k}"
+        assert run(name, k) is None, (seed, k)
+        listed = sorted((tmp_path / name).glob("checkpoint-*"))
+        for c in listed:
+            load_checkpoint(c)  # whole, or not listed
+        latest = latest_checkpoint(tmp_path / name)
+        assert (latest is None) == (listed == []), (seed, k)
+        run(name, -1, resume=True)  # (with no checkpoint yet: from the start)
+        got = load_file(str(latest_checkpoint(tmp_path / name) / "trainable.safetensors"))
+        assert all(torch.equal(got[n], expected[n]) for n in expected), (seed, k)

@@ -12,7 +12,7 @@ is checked against the module's own layout before it is copied (no partial loadi
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import TypeVar
@@ -20,7 +20,15 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-__all__ = ["annotator_dir", "cached", "default_device", "find_weights", "load_state_dict", "load_strict"]
+__all__ = [
+    "annotator_dir",
+    "cached",
+    "default_device",
+    "find_weights",
+    "load_state_dict",
+    "load_strict",
+    "offered_weights",
+]
 
 ENV_DIR = "CONTROLNET_ANNOTATOR_DIR"
 
@@ -58,12 +66,40 @@ def find_weights(value: str, *, what: str, get: str, folder: bool = False) -> Pa
     )
 
 
+def offered_weights(paths: Sequence[str | Path] = ()) -> dict[str, Path]:
+    """The weights a server offers to its clients, by name: every file, and every model folder
+    (one holding a config.json), directly in :func:`annotator_dir`, then each of ``paths`` (the
+    operator's own); a name is the file or folder name. A client chooses among these names and
+    never names a path, so it learns nothing of the server's files."""
+    offered: dict[str, Path] = {}
+    folder = annotator_dir()
+    if folder.is_dir():
+        for entry in sorted(folder.iterdir()):
+            if entry.is_file() or (entry / "config.json").is_file():
+                offered[entry.name] = entry.resolve()
+    given: dict[str, Path] = {}
+    for value in paths:
+        path = Path(value).expanduser()
+        if not (path.is_file() or (path / "config.json").is_file()):
+            raise FileNotFoundError(
+                f"annotator weights {value}: not a file, nor a model folder holding a config.json"
+            )
+        if path.name in given and given[path.name] != path.resolve():
+            raise ValueError(f"annotator weights {value}: a second file named {path.name}; rename one")
+        given[path.name] = path.resolve()
+    return {**offered, **given}
+
+
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file or a torch pickle (read with ``weights_only=True``)."""
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"cannot read {path.name} as a safetensors file ({e})") from None
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a pickle with code in it, or not a torch file at all
@@ -93,13 +129,22 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) ->
 
 def cached(loader: Callable[[str, float], T]) -> Callable[[Path], T]:
     """Memoise a loader by (path, modification time), so a web app loads each model once; a
-    replaced file (or a file replaced inside a model folder) is loaded afresh."""
+    replaced file (or a file replaced inside a model folder) is loaded afresh. Whatever fails in
+    the loader is a ValueError naming the file: weights that cannot be read are bad input."""
     memo = lru_cache(maxsize=4)(loader)
 
     def load(path: Path) -> T:
         path = path.resolve()
         files = [path, *path.iterdir()] if path.is_dir() else [path]
-        return memo(str(path), max(f.stat().st_mtime for f in files))
+        try:
+            return memo(str(path), max(f.stat().st_mtime for f in files))
+        except ValueError as e:
+            raise ValueError(str(e) if path.name in str(e) else f"{path.name}: {e}") from None
+        except (MemoryError, torch.OutOfMemoryError):  # the machine, not the file
+            raise
+        except Exception as e:  # a file the loader does not expect: its error, in one line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise ValueError(f"cannot load weights {path.name} ({type(e).__name__}: {first})") from None
 
     load.cache_clear = memo.cache_clear  # type: ignore[attr-defined]
     return load

@@ -151,8 +151,8 @@ def add(sub: argparse._SubParsersAction) -> None:
             g.add_argument("--no-" + flag[2:], dest=name, action="store_false", help=f"do not {spec.help}")
         elif tp is bool:
             g.add_argument(flag, dest=name, action="store_true", help=spec.help)
-        elif tp is DType:
-            common.add_dtype(g, spec.help, default=default)
+        elif tp is DType:  # no default here, so that a replay can tell a dtype given from none
+            common.add_dtype(g, f"{spec.help} (default: {default.value})")
         else:
             g.add_argument(
                 flag,
@@ -218,13 +218,69 @@ def _controls(args: argparse.Namespace) -> list[ControlRequest]:
     params_ = _control_params(args.param, n)
     controls = []
     for i, image in enumerate(args.image):
-        c = ControlRequest(image=image, params=params_[i], guess_mode=args.guess_mode, **given[i])
-        if c.preprocess is not None:  # annotator parameter values arrive as text: it parses its own
-            from ..annotators import get
-
-            c.params = get(c.preprocess).parse_params([f"{k}={v}" for k, v in c.params.items()])
-        controls.append(c)
+        c = ControlRequest(image=image, guess_mode=args.guess_mode, **given[i])
+        controls.append(dataclasses.replace(c, params=_parsed_params(c, params_[i], i)))
     return controls
+
+
+def _parsed_params(c: ControlRequest, given: dict[str, str], i: int) -> dict[str, Any]:
+    """``--param`` text values for control ``i``, parsed by its annotator, over its own params."""
+    if not given:
+        return c.params
+    if c.preprocess is None:
+        raise ValueError(
+            f"--param {', '.join(given)}: control {i} has no annotator to take it (it reads its "
+            "image as a ready condition map); name one with --preprocess"
+        )
+    from ..annotators import get
+
+    return {**c.params, **get(c.preprocess).parse_params([f"{k}={v}" for k, v in given.items()])}
+
+
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    """The request fields the flags set (for a replay), by field name: a flag with no default
+    given, or a switch turned."""
+    out: dict[str, Any] = {}
+    for name, (field, spec, tp) in params(GenerationRequest).items():
+        if not spec.cli or (spec.kind is Kind.PARTS and name != "loras"):
+            continue
+        value = getattr(args, name)
+        if name == "loras":
+            if value is not None:
+                out[name] = [LoraRequest(path, scale) for path, scale in value]
+        elif tp is bool:
+            if value != _default(field):
+                out[name] = value
+        elif value is not None:
+            out[name] = value
+    return out
+
+
+def _control_overrides(args: argparse.Namespace, controls: list[ControlRequest]) -> tuple[list, list[str]]:
+    """The recorded controls with the per-control flags given applied (one value: every control;
+    else one per control), and the flags given."""
+    n, flags = len(controls), []
+    controls = list(controls)
+    for name, (_, spec, tp) in params(ControlRequest).items():
+        if name == "params":
+            continue
+        values, flag = getattr(args, name), _flag(name, spec)
+        if tp is bool:
+            values = [True] if values else []
+        if not values:
+            continue
+        if n == 0:
+            raise ValueError(f"{flag}: the recorded generation has no controls to change")
+        flags.append(flag)
+        optional = type(None) in typing.get_args(tp)
+        for i, v in enumerate(_per_control(values, n, flag)):
+            v = None if optional and v == "none" else v
+            controls[i] = dataclasses.replace(controls[i], **{name: v})
+    if args.param:
+        flags.append("--param")
+        for i, given in enumerate(_control_params(args.param, n)):
+            controls[i] = dataclasses.replace(controls[i], params=_parsed_params(controls[i], given, i))
+    return controls, flags
 
 
 def request_from_args(args: argparse.Namespace) -> GenerationRequest:
@@ -238,7 +294,7 @@ def request_from_args(args: argparse.Namespace) -> GenerationRequest:
     flags = {
         name: getattr(args, name)
         for name, (_, spec, tp) in params(GenerationRequest).items()
-        if spec.cli and (tp is bool or tp is DType)
+        if spec.cli and (tp is bool or tp is DType) and getattr(args, name) is not None
     }
     loras = [LoraRequest(path, scale) for path, scale in args.loras or ()]
     given["device"] = common.device(args)  # cuda when available
@@ -265,21 +321,38 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
+    """Replay a sidecar: its request, with the flags given applied over it (recorded in the new
+    sidecar). Unless they change the request (a file given elsewhere with the same content, such
+    as a server's model, changes nothing), the images must come out bit-identical."""
     from ..generation.check import check
     from ..generation.pipeline import run
-    from ..generation.sidecar import read_sidecar, verify_inputs
+    from ..generation.sidecar import FILE_KINDS, read_sidecar, verify_inputs
+    from ..schema import map_files
 
     record = read_sidecar(args.from_sidecar)
-    verify_inputs(record)
+    given = _given(args)  # (no --device: the recorded device, not this machine's default)
+    controls, control_flags = _control_overrides(args, record.request.controls)
+    request = dataclasses.replace(record.request, **given, controls=controls)
+    flags = [_flag(name, params(GenerationRequest)[name][1]) for name in given] + control_flags
+    changed = verify_inputs(record, request)  # every file it reads, as recorded (or replaced)
     out = args.out if args.out != OUT else str(Path(args.from_sidecar).parent / "replay")
-    result, sidecar = run(check(record.request), out, progress=not args.quiet)
+    result, sidecar = run(check(request), out, progress=not args.quiet)
+    print(f"replayed {args.from_sidecar}: {len(result.images)} image(s) -> {sidecar}")
+
+    def settings(r: GenerationRequest) -> dict[str, Any]:
+        return map_files(r, FILE_KINDS, lambda *_: "").to_dict()
+
+    if changed or settings(request) != settings(record.request):
+        files = f" (new files: {', '.join(changed)})" if changed else ""
+        print(f"with {', '.join(flags)} changed{files}; the new sidecar records the change")
+        return 0
     new = read_sidecar(sidecar).outputs["images"]
     old = record.outputs.get("images", [])
     same = len(new) == len(old) and all(a["sha256"] == b["sha256"] for a, b in zip(new, old))
-    print(f"replayed {args.from_sidecar}: {len(result.images)} image(s) -> {sidecar}")
     print(
         "images are bit-identical to the recorded ones"
         if same
-        else "WARNING: images differ from the recorded ones (other hardware, library versions or dtype?)"
+        else "WARNING: images differ from the recorded ones (other hardware, library versions, dtype "
+        "or CPU thread count?)"
     )
     return 0 if same else 1

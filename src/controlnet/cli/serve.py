@@ -48,6 +48,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         loras=tuple(args.lora or ()),
         out_dir=args.out,
         limits=limits,
+        annotator_weights=tuple(args.annotator_weights),
     )
     serve(config, host=args.host, port=args.port)  # until Ctrl-C
     return 0
@@ -85,6 +86,14 @@ def add(sub: argparse._SubParsersAction) -> None:
     common.add_dtype(p, "the networks' floating-point type", default=DType.FLOAT32)
     p.add_argument("--offload", action="store_true", help=_help("offload"))
     p.add_argument("--captioner", help="local BLIP captioner folder, for the 'auto' prompt setting")
+    p.add_argument(
+        "--annotator-weights",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a weights file or folder the learned annotators may use, repeatable; clients choose "
+        "it by its name, as they do the files in the annotator folder (they never name a path)",
+    )
     p.add_argument("--out", help="keep results and their inputs here (default: a temporary folder)")
     g = p.add_argument_group("limits per request")
     g.add_argument(

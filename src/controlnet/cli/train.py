@@ -3,78 +3,100 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from ..choices import DType
 from . import common
+
+
+def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The run's settings the flags describe: (RunSpec fields, TrainConfig fields)."""
+    params = common.kv_params(args.annotator_param)
+    if args.annotator and params:
+        from ..annotators import get
+
+        params = get(args.annotator).parse_params([f"{k}={v}" for k, v in params.items()])
+    spec = {
+        "data": args.data,
+        "objective": args.objective,
+        "base": args.base,
+        "arch": args.arch,
+        "init_controlnet": args.init_controlnet,
+        "hint_channels": args.hint_channels,
+        "global_pool": args.global_pool,
+        "sd_locked": args.sd_locked,
+        "only_mid_control": args.only_mid_control,
+        "empty_prompt_prob": args.empty_prompt_prob,
+        "noise_offset": args.noise_offset,
+        "resolution": args.resolution,
+        "annotator": args.annotator,
+        "annotator_params": params,
+        "skip_bad": args.skip_bad,
+        "cache": args.cache,
+        "validation_steps": args.validation_steps,
+        "validation_guidance": args.validation_guidance,
+        "export": args.export.split(",") if args.export else [],
+    }
+    cfg = {
+        name: getattr(args, name)
+        for name in (
+            "steps",
+            "epochs",
+            "batch_size",
+            "grad_accum",
+            "lr",
+            "decoder_lr",
+            "warmup_steps",
+            "lr_schedule",
+            "max_grad_norm",
+            "mixed_precision",
+            "gradient_checkpointing",
+            "compile",
+            "compile_mode",
+            "ema_decay",
+            "seed",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "validate_every",
+            "validation_count",
+            "score_name",
+            "score_threshold",
+            "log_every",
+            "num_workers",
+            "cpu",
+        )
+    }
+    cfg["progress"] = not args.quiet
+    return spec, cfg
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from ..training.recipes import RunSpec, run_training
     from ..training.train import TrainConfig
 
-    params = common.kv_params(args.annotator_param)
-    if args.annotator and params:
-        from ..annotators import get
+    spec, cfg = _settings(args)
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one")
+    if args.resume:  # the run's recorded settings, under the flags given (those that differ
+        from ..training.resume import resumed_settings  # from their defaults)
 
-        params = get(args.annotator).parse_params([f"{k}={v}" for k, v in params.items()])
-    spec = RunSpec(
-        data=args.data,
-        objective=args.objective,
-        base=args.base,
-        arch=args.arch,
-        init_controlnet=args.init_controlnet,
-        hint_channels=args.hint_channels,
-        global_pool=args.global_pool,
-        sd_locked=args.sd_locked,
-        only_mid_control=args.only_mid_control,
-        empty_prompt_prob=args.empty_prompt_prob,
-        noise_offset=args.noise_offset,
-        resolution=args.resolution,
-        annotator=args.annotator,
-        annotator_params=params,
-        skip_bad=args.skip_bad,
-        cache=args.cache,
-        validation_steps=args.validation_steps,
-        validation_guidance=args.validation_guidance,
-        export=args.export.split(",") if args.export else [],
-    )
-    cfg = TrainConfig(
-        out=args.out,
-        steps=args.steps,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        lr=args.lr,
-        decoder_lr=args.decoder_lr,
-        warmup_steps=args.warmup_steps,
-        lr_schedule=args.lr_schedule,
-        max_grad_norm=args.max_grad_norm,
-        mixed_precision=args.mixed_precision,
-        gradient_checkpointing=args.gradient_checkpointing,
-        compile=args.compile,
-        compile_mode=args.compile_mode,
-        ema_decay=args.ema_decay,
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-        keep_checkpoints=args.keep_checkpoints,
-        validate_every=args.validate_every,
-        validation_count=args.validation_count,
-        score_name=args.score_name,
-        score_threshold=args.score_threshold,
-        log_every=args.log_every,
-        num_workers=args.num_workers,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        cpu=args.cpu,
-        progress=not args.quiet,
-    )
-    r = run_training(spec, cfg)
+        d_spec, d_cfg = _settings(args.train_parser.parse_args(["--out", args.out]))
+        given_spec = {k: v for k, v in spec.items() if v != d_spec[k]}
+        given_cfg = {k: v for k, v in cfg.items() if v != d_cfg[k]}
+        run_spec, config = resumed_settings(args.out, given_spec, given_cfg)
+    else:
+        if args.data is None:
+            raise ValueError("--data is required (unless --resume continues a run, which records it)")
+        run_spec = RunSpec(**spec)
+        config = TrainConfig(out=args.out, overwrite=args.overwrite, **cfg)
+    r = run_training(run_spec, config)
     print(
         f"trained {r.state.step} steps ({r.state.samples_seen:,} samples) in {r.seconds:.0f} s, "
         f"{r.samples_per_second:.1f} samples/s; run folder {r.run_dir}"
     )
     if r.converged_at is not None:
-        print(f"sudden convergence: {cfg.score_name} crossed {cfg.score_threshold} at step {r.converged_at}")
+        crossed = f"{config.score_name} crossed {config.score_threshold}"
+        print(f"sudden convergence: {crossed} at step {r.converged_at}")
     for p in r.exported:
         print(f"exported {p}")
     return 0
@@ -89,7 +111,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "folder's newest checkpoint exactly.",
     )
     p.add_argument(
-        "--data", required=True, help="prompt.json folder, metadata.jsonl/.csv folder, or image folder"
+        "--data",
+        help="prompt.json folder, metadata.jsonl/.csv folder, or image folder (with --resume: the run's)",
     )
     p.add_argument("--out", required=True, help="run folder: checkpoints, logs, samples, final export")
     p.add_argument(
@@ -170,7 +193,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         default="controlnet",
         help="formats of the final ControlNet: controlnet,diffusers,original",
     )
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's newest checkpoint")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the run folder's newest checkpoint, with the settings its run.json "
+        "records (flags given may change only --steps/--epochs and how the run reports)",
+    )
     p.add_argument(
         "--overwrite",
         action="store_true",
@@ -179,7 +207,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(handler=_cmd_train)
+    p.set_defaults(handler=_cmd_train, train_parser=p)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:

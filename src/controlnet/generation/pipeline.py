@@ -14,7 +14,7 @@ import re
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -156,10 +156,12 @@ def run(
     progress: bool = True,
     callback: Callable[[int, int], None] | None = None,
     label: str | None = None,
+    names: Mapping[str, str] | None = None,
 ) -> tuple[GenerationResult, Path | None]:
     """Load the models a checked request names (the bundled ones where it names none), generate
     and (with ``out_dir``) write the images, grid and sidecar; return the result and the sidecar's
-    path. ``label`` goes into the output names."""
+    path. ``label`` goes into the output names; ``names`` is how a server names its files in the
+    sidecar (:func:`~controlnet.generation.sidecar.write_outputs`)."""
     request = resolve_paths(checked.request)
     cache = cache or _DEFAULT_CACHE
     dtype = request.dtype.torch
@@ -178,7 +180,7 @@ def run(
     if out_dir is not None:
         from .sidecar import write_outputs
 
-        sidecar = write_outputs(result, out_dir, label=label)
+        sidecar = write_outputs(result, out_dir, label=label, names=names)
     return result, sidecar
 
 

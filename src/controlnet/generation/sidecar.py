@@ -3,7 +3,13 @@
 The sidecar holds the request as run (seed resolved), the full prompt, and the SHA-256 of every
 file the result depends on (base model, VAE, LoRAs, ControlNets, condition and init images,
 mask, captioner).
-Replaying checks those digests first, so a changed file is an error, not a silent different image.
+Replaying checks the digest of every file it reads first, so a changed file is an error, not a
+silent different image.
+
+Paths: a file inside the sidecar's folder is recorded relative to it, any other by its absolute
+path (or, on a server, by the name it offers it under: clients never see the server's paths), so a
+replay works from any working folder and a copied output folder keeps its uploads. Sidecars of the
+first format recorded paths as typed, relative to the working folder of the run.
 """
 
 from __future__ import annotations
@@ -11,7 +17,8 @@ from __future__ import annotations
 import json
 import platform
 import re
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +26,53 @@ import torch
 
 from .. import __version__
 from ..imageio import atomic_write_bytes, make_grid, save_png, sha256_file
-from ..schema import Kind, files
+from ..schema import Kind, check_fields, files, map_files
 from .generate import GenerationResult
 from .request import GenerationRequest
 
 __all__ = ["Record", "input_files", "read_sidecar", "verify_inputs", "write_outputs"]
 
-SIDECAR_FORMAT = "controlnet-generation/1"
+SIDECAR_FORMAT = "controlnet-generation/2"
+#: the first format: paths as typed, relative to the working folder of the run
+SIDECAR_FORMAT_1 = "controlnet-generation/1"
+FILE_KINDS = (Kind.MODEL, Kind.IMAGE, Kind.MASK, Kind.FILE)
+#: a JSON sidecar bigger than this is not one of ours (a request with 100 controls is ~100 kB)
+MAX_SIDECAR_BYTES = 16 * 2**20
 
 
 def input_files(request: GenerationRequest) -> dict[str, str]:
     """Every file the request reads, by the parameter that names it ("base", "controls[0].image")."""
-    return files(request, (Kind.MODEL, Kind.IMAGE, Kind.MASK, Kind.FILE))
+    return files(request, FILE_KINDS)
+
+
+def _recorder(folder: Path, names: Mapping[str, str] | None) -> Callable[[str], str]:
+    """How a path is written into a sidecar in ``folder``: relative to it when inside it, else
+    absolute; with ``names`` (a server's), a path outside the folder by its name there (the
+    file name when it has none)."""
+    root = folder.resolve()
+
+    def record(path: str) -> str:
+        p = Path(path).resolve()
+        if p.is_relative_to(root):
+            return p.relative_to(root).as_posix()
+        if names is not None:
+            return names.get(str(p), p.name)
+        return str(p)
+
+    return record
+
+
+def _recorded_request(req: GenerationRequest, record: Callable[[str], str]) -> GenerationRequest:
+    """``req`` with its file paths as the sidecar records them; annotator weights given as a
+    path too (a bare name is looked up in the annotator folder, and stays as it is)."""
+    req = map_files(req, FILE_KINDS, lambda _, path: record(path))
+    controls = []
+    for c in req.controls:
+        weights = c.params.get("weights")
+        if isinstance(weights, str) and Path(weights).is_absolute():
+            c = replace(c, params={**c.params, "weights": record(weights)})
+        controls.append(c)
+    return replace(req, controls=controls)
 
 
 def _next_prefix(out_dir: Path, seed: int, label: str | None) -> str:
@@ -39,10 +81,17 @@ def _next_prefix(out_dir: Path, seed: int, label: str | None) -> str:
     return f"{prefix}-{re.sub(r'[^A-Za-z0-9._-]+', '_', label)}" if label else prefix
 
 
-def write_outputs(result: GenerationResult, out_dir: str | Path, *, label: str | None = None) -> Path:
+def write_outputs(
+    result: GenerationResult,
+    out_dir: str | Path,
+    *,
+    label: str | None = None,
+    names: Mapping[str, str] | None = None,
+) -> Path:
     """Write ``PREFIX_i.png`` per sample, ``PREFIX_grid.png`` (conditions | samples) and
     ``PREFIX.json``; return the sidecar's path. PREFIX is a running number, the seed and
-    ``label`` (a batch item's input name) when given."""
+    ``label`` (a batch item's input name) when given. ``names``: absolute path -> the name to
+    record instead (a server's; see the module's doc)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     req = result.request
@@ -53,12 +102,13 @@ def write_outputs(result: GenerationResult, out_dir: str | Path, *, label: str |
         path = save_png(img, out / f"{prefix}_{i}.png")
         images.append({"file": path.name, "seed": result.seeds[i], "sha256": sha256_file(path)})
     grid = save_png(make_grid([[*result.conditions, *result.images]]), out / f"{prefix}_grid.png")
+    where = _recorder(out, names)
     record = {
         "format": SIDECAR_FORMAT,
         "controlnet_version": __version__,
-        "request": req.to_dict(),
+        "request": _recorded_request(req, where).to_dict(),
         "prompt": result.prompt,
-        "inputs": {k: {"path": v, "sha256": sha256_file(v)} for k, v in input_files(req).items()},
+        "inputs": {k: {"path": where(v), "sha256": sha256_file(v)} for k, v in input_files(req).items()},
         "outputs": {"images": images, "grid": grid.name},
         "seconds": round(result.seconds, 3),
         "environment": {
@@ -81,32 +131,71 @@ class Record:
 
 
 def read_sidecar(path: str | Path) -> Record:
-    """Parse a sidecar; errors name the file and what is wrong with it."""
+    """Parse a sidecar, its relative paths resolved against its folder (the first format's: as
+    they were typed); errors name the file and what is wrong with it, in one line."""
     path = Path(path)
     try:
+        if path.stat().st_size > MAX_SIDECAR_BYTES:
+            raise ValueError(f"{path}: over {MAX_SIDECAR_BYTES // 2**20} MB, not a generation sidecar")
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such sidecar file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: a folder, not a sidecar file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not a JSON sidecar ({e})") from None
-    if not isinstance(data, dict) or data.get("format") != SIDECAR_FORMAT:
+    except RecursionError:
+        raise ValueError(f"{path}: not a generation sidecar (JSON nested too deep)") from None
+    fmt = data.get("format") if isinstance(data, dict) else None
+    if fmt not in (SIDECAR_FORMAT, SIDECAR_FORMAT_1):
         raise ValueError(f"{path}: not a generation sidecar (expected format {SIDECAR_FORMAT!r})")
     try:
         # written before the field existed: those prompts were read as plain text
         request = GenerationRequest.from_dict({"prompt_syntax": "plain", **data["request"]})
-    except (KeyError, TypeError, ValueError) as e:
+        request = check_fields(request)  # bounds too: nothing out of range reaches any work
+    except KeyError as e:
+        raise ValueError(f"{path}: bad request in sidecar (no field {e})") from None
+    except (TypeError, ValueError, RecursionError) as e:
         raise ValueError(f"{path}: bad request in sidecar ({e})") from None
-    return Record(request, data.get("inputs", {}), data.get("outputs", {}), path)
+    inputs, outputs = data.get("inputs", {}), data.get("outputs", {})
+    if not isinstance(inputs, dict) or not all(
+        isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("sha256"), str)
+        for e in inputs.values()
+    ):
+        raise ValueError(f"{path}: bad inputs in sidecar (expected name -> {{path, sha256}})")
+    if not isinstance(outputs, dict):
+        raise ValueError(f"{path}: bad outputs in sidecar (expected an object)")
+    if fmt == SIDECAR_FORMAT:
+        folder = path.parent
+
+        def here(p: str) -> str:
+            return p if Path(p).is_absolute() else str(folder / p)
+
+        request = map_files(request, FILE_KINDS, lambda _, p: here(p))
+        inputs = {k: {**e, "path": here(e["path"])} for k, e in inputs.items()}
+    return Record(request, inputs, outputs, path)
 
 
-def verify_inputs(record: Record) -> None:
-    """Raise ValueError naming each input file that is missing or no longer has its recorded digest."""
-    problems = []
-    for name, entry in record.inputs.items():
-        p = Path(entry["path"])
-        if not p.exists():
+def verify_inputs(record: Record, request: GenerationRequest | None = None) -> list[str]:
+    """Check every file ``request`` (default: the recorded one) reads against the digest the
+    sidecar records for it: ValueError naming each file that is missing, changed, or has no
+    recorded digest. A file the request names in place of the recorded one (an override) may
+    differ: its input names are returned (the new run records them)."""
+    request = request or record.request
+    recorded = input_files(record.request)
+    problems, changed = [], []
+    for name, p in input_files(request).items():
+        entry = record.inputs.get(name)
+        replaced = recorded.get(name) != p
+        if not Path(p).exists():
             problems.append(f"{name} {p} is missing")
-        elif sha256_file(p) != entry["sha256"]:
-            problems.append(f"{name} {p} has changed since the sidecar was written")
+        elif entry is None and not replaced:
+            problems.append(f"{name} {p} has no recorded digest, so it cannot be checked")
+        elif entry is None or sha256_file(p) != entry["sha256"]:
+            if replaced:
+                changed.append(name)
+            else:
+                problems.append(f"{name} {p} has changed since the sidecar was written")
     if problems:
         raise ValueError(f"{record.path}: cannot replay: " + "; ".join(problems))
+    return changed

@@ -7,7 +7,8 @@ Routes (all JSON; images are base64-encoded PNG, or any image format, plain or a
   ControlNet of the server). Returns the images, the condition maps, the seeds, the full prompt and
   the JSON sidecar of the run.
 - ``POST /api/preprocess``: an annotator name, its parameters and an image -> the condition map.
-- ``GET /api/annotators``: every annotator with its typed parameters.
+- ``GET /api/annotators``: every annotator with its typed parameters (and, for those that need
+  weights, the names of the weights this server offers: a client never names a path).
 - ``GET /api/health``: the server's state (queue, counts, models, limits).
 
 Errors are ``{"error": "..."}`` naming the parameter: 400 for a bad value or a limit, 413 for an
@@ -245,7 +246,9 @@ def create_api(service: Service) -> FastAPI:
     async def annotators() -> JSONResponse:
         from ..annotators import ANNOTATORS
 
-        return JSONResponse([_describe(a) for a in sorted(ANNOTATORS.values(), key=lambda a: a.name)])
+        offered = list(service.annotator_weights)
+        ordered = sorted(ANNOTATORS.values(), key=lambda a: a.name)
+        return JSONResponse([_describe(a, offered) for a in ordered])
 
     @api.post("/api/generate")
     async def generate(request: Request) -> JSONResponse:
@@ -299,11 +302,13 @@ def create_api(service: Service) -> FastAPI:
     return api
 
 
-def _describe(a: Any) -> dict[str, Any]:
+def _describe(a: Any, offered: list[str]) -> dict[str, Any]:
+    """An annotator for clients; one that needs weights lists the names this server offers."""
     return {
         "name": a.name,
         "description": a.description,
         "needs_weights": a.needs_weights,
+        "weights": offered if a.needs_weights else [],
         "inputs": list(a.inputs),
         "model_invert": a.model_invert,
         "params": [

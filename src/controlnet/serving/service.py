@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from ..annotators.weights import offered_weights
 from ..bundled import BUNDLED_SETTINGS, model_settings
 from ..choices import DType
 from ..generation.check import CheckedRequest, check
@@ -66,6 +67,9 @@ class ServeConfig:
     loras: tuple[tuple[str, float], ...] = ()  # (file, scale): merged into the base model
     out_dir: str | None = None
     limits: Limits = field(default_factory=Limits)
+    #: weight files or folders offered to the learned annotators, besides those in the annotator
+    #: folder; clients choose them by name (:func:`controlnet.annotators.weights.offered_weights`)
+    annotator_weights: tuple[str, ...] = ()
 
 
 @dataclass
@@ -127,6 +131,8 @@ class Service:
         #: model's settings where it is the model served
         self.defaults = GenerationRequest(**model_settings(config.base))
         self.controlnets = _unique_names(controlnets)
+        #: the learned annotators' weights, by the names clients give (no client names a path)
+        self.annotator_weights = offered_weights(config.annotator_weights)
         # a bad dtype, or offloading on the CPU, fails at start, not later
         check(GenerationRequest(dtype=config.dtype, device=config.device, offload=config.offload))
         self.cache = cache or ModelCache(size=len(controlnets) + 1 + (config.vae is not None))
@@ -135,9 +141,9 @@ class Service:
         self._check_clip_skip = base_model.check_clip_skip
 
         self._tmp = Path(tempfile.mkdtemp(prefix="controlnet-serve-"))
-        root = Path(config.out_dir) if config.out_dir else self._tmp
-        self.out_dir = root / "outputs" if not config.out_dir else root
-        self.upload_dir = root / "uploads"
+        # uploads inside the output folder: sidecars name them relative to it
+        self.out_dir = Path(config.out_dir) if config.out_dir else self._tmp / "outputs"
+        self.upload_dir = self.out_dir / "uploads"
         self.incoming_dir = self._tmp / "incoming"
         for d in (self.out_dir, self.upload_dir, self.incoming_dir):
             d.mkdir(parents=True, exist_ok=True)
@@ -203,11 +209,16 @@ class Service:
             raise ValueError(
                 f"{len(request.controls)} controls is over this server's limit of {lim.max_controls}"
             )
+        controls = []
         for i, c in enumerate(request.controls):
             if c.controlnet not in self.controlnets.values():
                 raise ValueError(f"control {i}: ControlNet must be one of: {', '.join(self.controlnets)}")
+            if c.preprocess is not None:
+                c = replace(c, params=self.annotator_params(c.preprocess, c.params, f"controls[{i}].params."))
+            controls.append(c)
         request = replace(
             request,
+            controls=controls,
             base=self.base,
             device=self.config.device,
             dtype=self.config.dtype,
@@ -283,7 +294,14 @@ class Service:
             def callback(step: int, total: int) -> None:
                 job.step, job.total = step, total
 
-            result, sidecar = run(checked, self.out_dir, cache=self.cache, progress=False, callback=callback)
+            result, sidecar = run(
+                checked,
+                self.out_dir,
+                cache=self.cache,
+                progress=False,
+                callback=callback,
+                names=self.public_names(),
+            )
             assert sidecar is not None
             record = json.loads(sidecar.read_text())
             output = Output(
@@ -324,7 +342,7 @@ class Service:
         from ..annotators.utils import model_size
 
         annotator = A.get(name)
-        params = annotator.check_params(params)
+        params = self.annotator_params(name, params)
         if mask is not None and "mask" not in annotator.inputs:
             raise ValueError(f"annotator {name} takes no mask")
         for what, value in (("resolution", resolution), ("detect_resolution", detect_resolution)):
@@ -351,6 +369,33 @@ class Service:
             )
 
         return self.run_exclusive(work) if annotator.needs_weights else work()
+
+    def annotator_params(self, name: str, params: dict[str, Any], where: str = "") -> dict[str, Any]:
+        """``params`` of annotator ``name`` checked, with the defaults, and a ``weights`` name
+        turned into the file this server offers by that name. ValueError for a name the server does
+        not offer: a client chooses among the names of :attr:`annotator_weights`, never a path."""
+        from .. import annotators as A
+
+        annotator = A.get(name)
+        params = annotator.check_params(params)
+        if "weights" in params and annotator.needs_weights:
+            value = params["weights"]
+            if value not in self.annotator_weights:
+                offered = ", ".join(self.annotator_weights) or "none"
+                raise ValueError(
+                    f"{where}weights: this server offers no annotator weights named {value!r} "
+                    f"(it offers: {offered}; the server's operator adds more with "
+                    "serve --annotator-weights PATH)"
+                )
+            params["weights"] = str(self.annotator_weights[value])
+        return params
+
+    def public_names(self) -> dict[str, str]:
+        """The server's files as its clients know them (their sidecars name no server path):
+        ControlNets and annotator weights by the names the server offers them under; other
+        files outside the output folder go by their file name."""
+        named = {**self.controlnets, **self.annotator_weights}
+        return {str(Path(p).resolve()): name for name, p in named.items()}
 
     # ------------------------------------------------------------------ state
     def health(self) -> dict[str, Any]:

@@ -98,8 +98,11 @@ class Unit:
         )
 
     def annotator_params(self, data: dict, name: str) -> dict[str, Any]:
+        # (an empty choice of weights is left out: the server then names what it offers)
         return {
-            k: _param_value(ANNOTATORS[name].param(k), data[w]) for k, w in self.params.get(name, {}).items()
+            k: _param_value(ANNOTATORS[name].param(k), data[w])
+            for k, w in self.params.get(name, {}).items()
+            if data[w] is not None
         }
 
 
@@ -116,6 +119,18 @@ def _SPEC(name: str) -> Any:
 def _field(name: str, prefix: str, **kw: Any) -> gr.components.Component:
     """The widget of control field ``name``, its element id prefixed with the unit's."""
     return field_widget(ControlRequest, name, elem_id=f"{prefix}-{name.replace('_', '-')}", **kw)
+
+
+def _weights_widget(service: Service, p: Param, elem_id: str) -> gr.Dropdown:
+    """The choice among the weights this server offers (by name; no path is typed)."""
+    offered = list(service.annotator_weights)
+    return gr.Dropdown(
+        choices=offered,
+        value=p.default if p.default in offered else (offered[0] if offered else None),
+        label=p.name,
+        info=p.help.split(":")[0] + " (the weights this server offers)",
+        elem_id=elem_id,
+    )
 
 
 def unit(service: Service, i: int, default_annotator: str) -> Unit:
@@ -166,7 +181,12 @@ def unit(service: Service, i: int, default_annotator: str) -> Unit:
             if not a.params:
                 continue
             with gr.Group(visible=name == default_annotator) as group:
-                params[name] = {p.name: param_widget(p, f"{pre}-{name}-{p.name}") for p in a.params}
+                params[name] = {
+                    p.name: _weights_widget(service, p, f"{pre}-{name}-{p.name}")
+                    if a.needs_weights and p.name == "weights"
+                    else param_widget(p, f"{pre}-{name}-{p.name}")
+                    for p in a.params
+                }
             groups[name] = group
         with gr.Row():  # the page offers up to 2, the released apps' range (the API takes up to 10)
             strength = _field("strength", pre, maximum=2.0, step=0.05)

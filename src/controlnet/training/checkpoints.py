@@ -5,8 +5,9 @@ A checkpoint is a folder ``checkpoint-00001234/`` holding
     optimizer.safetensors   every optimizer state tensor, keyed by parameter name
     ema.safetensors         the EMA weights, when EMA is on
     state.json              step, data position, config, optimizer hyper-parameters, RNG states
-It is written under a temporary name and renamed when complete, so a killed run never leaves a
-half-written checkpoint; ``latest`` (a one-line file) names the newest complete one.
+It is written under a temporary name and renamed when complete, and an old one is renamed out of
+sight before it is deleted, so a run killed at any point leaves every listed checkpoint whole;
+``latest`` (a one-line file, replaced atomically) names the newest complete one.
 No pickle is written or read.
 """
 
@@ -160,8 +161,8 @@ def save_checkpoint(
         for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # (saved again at this step): out of sight first, then gone
+            _remove(final)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -223,7 +224,8 @@ def run_files(run_dir: str | Path) -> list[Path]:
     """The files and folders of a training run in ``run_dir`` (none: no run was started there)."""
     run_dir = Path(run_dir)
     named = [run_dir / n for n in RUN_FILES if (run_dir / n).exists()]
-    return named + sorted(run_dir.glob(f"{_PREFIX}*")) + sorted(run_dir.glob(f".{_PREFIX}*.tmp-*"))
+    hidden = sorted(run_dir.glob(f".{_PREFIX}*.tmp-*")) + sorted(run_dir.glob(f".{_PREFIX}*.old-*"))
+    return named + sorted(run_dir.glob(f"{_PREFIX}*")) + hidden
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
@@ -231,7 +233,16 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
     run_dir = Path(run_dir)
     done = sorted(p for p in run_dir.glob(f"{_PREFIX}*") if (p / "state.json").is_file())
     for old in done[: max(0, len(done) - keep)]:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in run_dir.glob(f".{_PREFIX}*.tmp-*"):
+        _remove(old)
+    for stale in [*run_dir.glob(f".{_PREFIX}*.tmp-*"), *run_dir.glob(f".{_PREFIX}*.old-*")]:
         if not stale.name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def _remove(checkpoint: Path) -> None:
+    """Delete a checkpoint folder so that a kill at any point leaves it either listed and whole or
+    not listed at all: renamed out of the listing (atomic), then deleted."""
+    gone = checkpoint.with_name(f".{checkpoint.name}.old-{os.getpid()}")
+    shutil.rmtree(gone, ignore_errors=True)
+    os.replace(checkpoint, gone)
+    shutil.rmtree(gone, ignore_errors=True)
