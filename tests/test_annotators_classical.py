@@ -275,3 +275,28 @@ def test_registry_is_complete_and_consistent():
     listing = A.describe()
     assert "canny  (no weights)" in listing and "low_threshold=100" in listing
     assert "hed  (needs weights)" in listing
+
+
+@pytest.mark.parametrize(
+    ("name", "annotator"),
+    [
+        ("control_v11p_sd15_canny", "canny"),
+        ("control_v11f1p_sd15_depth", "depth_midas"),
+        ("control_sd15_openpose", "openpose"),
+        ("control_v11p_sd15_softedge", "softedge"),
+        ("control_v11p_sd15s2_lineart_anime", "lineart"),
+        ("control_v11p_sd15_seg", "segmentation"),
+        ("control_v11p_sd15_normalbae", "normal_midas"),
+        ("control_v11p_sd15_mlsd", "lines"),
+        ("control_v11p_sd15_scribble", "scribble"),
+        ("control_v11e_sd15_shuffle", "shuffle"),
+        ("control_v11f1e_sd15_tile", "tile"),
+        ("control_v11p_sd15_inpaint", "inpaint"),
+        ("fill50k-controlnet", None),  # the bundled model reads outlines as they are
+    ],
+)
+def test_the_annotator_follows_the_controlnets_name(name, annotator):
+    """The web app's units start with the annotator the served ControlNet's condition needs."""
+    from controlnet.annotators import annotator_for
+
+    assert annotator_for(name) == annotator

@@ -59,8 +59,10 @@ def start_serve(args: list[str], log: Path, timeout: float = 120) -> tuple[subpr
 def served(tmp_path_factory):
     d = tmp_path_factory.mktemp("browser")
     base, cns = model_files(d)
+    canny = d / "control_sd15_canny.safetensors"  # named as released: the units start with canny
+    canny.write_bytes(Path(cns[0]).read_bytes())
     out = d / "results"
-    proc, url = start_serve(["--base", base, "--controlnet", cns[0], "--out", str(out)], d / "serve.log")
+    proc, url = start_serve(["--base", base, "--controlnet", str(canny), "--out", str(out)], d / "serve.log")
     yield url, out
     proc.terminate()  # a graceful stop: finishes, removes its temporary folder, exits 0
     assert proc.wait(30) == 0

@@ -43,3 +43,28 @@ def test_a_reader_that_stops_reading_ends_the_command_quietly():
     shell = f"{sys.executable} -m controlnet.cli preprocess --list | head -1"
     done = subprocess.run(["bash", "-c", f"set -o pipefail; {shell}"], capture_output=True, text=True)
     assert done.stdout.count("\n") == 1 and done.stderr == ""
+
+
+def test_cpu_threads_follow_the_free_cores_unless_the_user_chose(monkeypatch):
+    """On a busy machine torch's one thread per core slows CPU work several times over: the
+    command takes the cores the load average leaves free; a thread count the user set is kept."""
+    import os
+
+    from controlnet.cli import common
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    for variable in common.THREAD_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    for load, threads in ((0.2, "8"), (5.4, "3"), (30.0, "1")):
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        common.use_free_cores()
+        assert os.environ["OMP_NUM_THREADS"] == threads
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    common.use_free_cores()
+    assert os.environ["OMP_NUM_THREADS"] == "2"
+    # the command itself starts torch with that count
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    probe = "import controlnet.cli.common as c, torch; c.use_free_cores(); print(torch.get_num_threads())"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1"

@@ -188,6 +188,37 @@ def test_the_bundled_model_runs_with_its_own_settings_unless_told_otherwise(file
     assert settings("--guidance", "3", "--added-prompt", "sharp") == (3.0, "sharp", "")
     base = ("--base", str(files / "base.safetensors"), "--controlnet", str(files / "cn.safetensors"))
     assert settings(*base) == (9.0, DEFAULT_ADDED_PROMPT, DEFAULT_NEGATIVE_PROMPT)
+    # the bundled file named by path, or a copy converted in our format, is the same model: the
+    # settings travel in its metadata
+    from controlnet.bundled import BUNDLED_BASE, BUNDLED_CONTROLNET, bundled_path
+
+    copy = tmp_path / "copy.safetensors"
+    assert (
+        main(
+            [
+                "convert",
+                str(bundled_path(BUNDLED_BASE)),
+                str(copy),
+                "--to",
+                "controlnet",
+                "--dtype",
+                "float32",
+            ]
+        )
+        == 0
+    )
+    for path in (bundled_path(BUNDLED_BASE), copy):
+        named = ("--base", str(path), "--controlnet", str(bundled_path(BUNDLED_CONTROLNET)))
+        assert settings(*named) == (BUNDLED_GUIDANCE, "", "")
+    # and a model of one's own takes settings the same way
+    own = tmp_path / "own.safetensors"
+    cmd = ["convert", str(files / "base.safetensors"), str(own), "--to", "controlnet"]
+    assert main([*cmd, "--settings", '{"guidance": 4.5, "negative_prompt": "blurry"}']) == 0
+    assert settings("--base", str(own), "--controlnet", str(files / "cn.safetensors")) == (
+        4.5,
+        DEFAULT_ADDED_PROMPT,
+        "blurry",
+    )
 
 
 def test_prompt_syntax_flag_reaches_the_sidecar_and_the_images(files, tmp_path):

@@ -60,7 +60,14 @@ def test_canny_resolution_and_params(capsys, photo, tmp_path):
         (["preprocess", "hed", "{photo}", "-o", "{out}"], "ControlNetHED.pth"),
         (["preprocess", "canny", "{photo}", "-o", "{out}", "--mask", "{photo}"], "takes no mask"),
         (["preprocess", "inpaint", "{photo}", "-o", "{out}"], "needs a mask"),
-        (["preprocess", "canny", "{photo}", "-o", "{out}", "--resolution", "10"], "at least 64"),
+        (["preprocess", "canny", "{photo}", "-o", "{out}", "--resolution", "10"], "between 64 and 4096"),
+        (["preprocess", "canny", "{photo}", "-o", "{out}", "--resolution", "100000"], "between 64 and 4096"),
+        (["preprocess", "canny", "{photo}", "-o", "{out}", "--resolution", "4000"], "over the longest side"),
+        (
+            ["preprocess", "canny", "{photo}", "-o", "{out}", "--detect-resolution", "9999"],
+            "detect_resolution",
+        ),
+        (["preprocess", "inpaint", "{photo}", "-o", "{out}", "--mask", "{small}"], "they must match"),
         (["render", "pose", "{text}", "-o", "{out}"], "not OpenPose JSON"),
     ],
 )
@@ -69,7 +76,9 @@ def test_bad_input_is_one_line_exit_2_nothing_written(capsys, photo, tmp_path, m
     text = tmp_path / "notes.txt"
     text.write_text("not an image")
     out = tmp_path / "out.png"
+    Image.fromarray(np.zeros((45, 60), np.uint8)).save(tmp_path / "small.png")
     names = {"photo": photo[0], "out": out, "text": text, "missing": tmp_path / "nope.png", "tmp": tmp_path}
+    names["small"] = tmp_path / "small.png"
     rc, _, err = run(capsys, *[a.format(**names) for a in argv])
     assert rc == 2
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
@@ -145,3 +154,46 @@ def test_a_folder_gives_a_map_per_image_paired_with_a_mask_folder(capsys, tmp_pa
     rc, _, err = run(capsys, "preprocess", "canny", frames, "-o", tmp_path / "x.png")
     assert rc == 2 and "-o names a folder" in err
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.png").exists()
+
+
+def test_detecting_at_another_size_keeps_the_maps_aspect(capsys, tmp_path):
+    """The map's size for the model comes from the photo's, not from the size the annotator ran
+    at: two roundings to multiples of 64 would change the aspect (4:3 -> 5:4)."""
+    img = np.full((300, 400, 3), 230, np.uint8)
+    cv2.rectangle(img, (100, 80), (300, 220), (200, 30, 30), -1)
+    Image.fromarray(img).save(tmp_path / "photo.png")
+    for name, extra in (("direct", []), ("detected", ["--detect-resolution", "256"])):
+        rc, _, _ = run(
+            capsys,
+            "preprocess",
+            "canny",
+            tmp_path / "photo.png",
+            "-o",
+            tmp_path / f"{name}.png",
+            "--resolution",
+            "128",
+            *extra,
+        )
+        assert rc == 0
+    sizes = {Image.open(tmp_path / f"{n}.png").size for n in ("direct", "detected")}
+    assert sizes == {(192, 128)}  # 400x300 at a short side of 128, sides in multiples of 64
+
+
+def test_render_pose_reads_pixels_or_fractions_of_the_canvas(capsys, tmp_path):
+    """Pose editors write pixels or 0-1 fractions of the canvas: both draw the same limb."""
+    drawn = []
+    for name, (a, b) in (
+        ("pixels", ((20, 20), (40, 20))),
+        ("fractions", ((20 / 64, 20 / 48), (40 / 64, 20 / 48))),
+    ):
+        pose = {"canvas_width": 64, "canvas_height": 48, "people": [{"pose_keypoints_2d": [0.0] * 54}]}
+        pose["people"][0]["pose_keypoints_2d"][3:9] = [*a, 1, *b, 1]  # neck, right shoulder
+        (tmp_path / f"{name}.json").write_text(json.dumps(pose))
+        rc, _, _ = run(capsys, "render", "pose", tmp_path / f"{name}.json", "-o", tmp_path / f"{name}.png")
+        assert rc == 0
+        drawn.append(np.asarray(Image.open(tmp_path / f"{name}.png")))
+    assert drawn[0][20, 30].tolist() == [153, 0, 0] and np.array_equal(drawn[0], drawn[1])
+    huge = {"canvas_width": 100000, "canvas_height": 48, "people": []}
+    (tmp_path / "huge.json").write_text(json.dumps(huge))
+    rc, _, err = run(capsys, "render", "pose", tmp_path / "huge.json", "-o", tmp_path / "huge.png")
+    assert rc == 2 and "100000x48 is not 1-4096 pixels a side" in err

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 __all__ = [
     "BUNDLED_BASE",
@@ -17,7 +16,6 @@ __all__ = [
     "BUNDLED_GUIDANCE",
     "BUNDLED_SETTINGS",
     "bundled_path",
-    "model_settings",
 ]
 
 BUNDLED_BASE = "fill50k-base.safetensors"
@@ -26,15 +24,9 @@ BUNDLED_CONTROLNET = "fill50k-controlnet.safetensors"
 #: of fill50k (seed 2, not the test pairs); SD's usual 9 over-drives this small model (model card)
 BUNDLED_GUIDANCE = 1.5
 #: the generation settings that differ from SD's for the bundled model: it was trained on the bare
-#: fill50k prompts (no quality words, no negative prompt)
+#: fill50k prompts (no quality words, no negative prompt). The bundled base file carries them in its
+#: metadata (`controlnet convert --settings`), so they apply however the file is named
 BUNDLED_SETTINGS = {"guidance": BUNDLED_GUIDANCE, "added_prompt": "", "negative_prompt": ""}
-
-
-def model_settings(base: str | None) -> dict[str, Any]:
-    """The generation settings a run starts from, before the user's own: the bundled model's
-    (:data:`BUNDLED_SETTINGS`) when no base model is named, since the bundled one then runs; none
-    for a named base (SD's defaults, :class:`~controlnet.generation.generate.GenerationRequest`'s)."""
-    return dict(BUNDLED_SETTINGS) if base is None else {}
 
 
 def bundled_path(name: str) -> Path:

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 __all__ = [
     "MAX_LCM_STEPS",
+    "MAX_SIDE",
     "ControlMode",
     "DType",
     "HiresUpscaler",
@@ -157,6 +158,9 @@ class HiresUpscaler(str, Enum):
     IMAGE = "image"  # the decoded pixels (bicubic, antialiased), encoded again: keeps more at low denoise
 
 
+#: the longest side of an image, in pixels: of an output, the hires fix's enlargement, a condition
+#: map and an image resized for an annotator
+MAX_SIDE = 4096
 #: the most steps the LCM sampler takes: its timesteps are picked from the 50-step schedule the
 #: consistency models were distilled on (diffusers' ``original_inference_steps``)
 MAX_LCM_STEPS = 50

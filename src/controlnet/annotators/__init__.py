@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..choices import ResizeMode
+from ..choices import MAX_SIDE, ResizeMode
 from . import (
     canny,
     color,
@@ -40,7 +40,15 @@ from .normal import depth_to_normal, normals_to_rgb
 from .pose import Person, draw_pose, people_from_openpose_json
 from .registry import Annotator, Param, ParamType
 from .segmentation import colors_to_labels, labels_to_colors
-from .utils import condition_tensor, fit_to, hwc3, resize_for_detection, resize_for_model
+from .utils import (
+    condition_tensor,
+    fit_to,
+    hwc3,
+    model_size,
+    resize_for_detection,
+    resize_for_model,
+    resize_to,
+)
 
 __all__ = [
     "ANNOTATORS",
@@ -50,7 +58,9 @@ __all__ = [
     "Person",
     "ResizeMode",
     "annotate",
+    "annotator_for",
     "colors_to_labels",
+    "condition_size",
     "condition_tensor",
     "depth_to_map",
     "depth_to_normal",
@@ -104,16 +114,71 @@ def prepare_condition(
 
     The image is resized to ``detect_resolution`` (if given) for the annotator, and the map to
     ``resolution`` (if given) for the model: short side, multiples of 64, nearest-neighbour for
-    label and pose maps. Extra array inputs (the inpainting mask) follow the image's size.
+    label and pose maps; the map's size comes from the photo's, so that resizing for the annotator
+    does not change its aspect. Extra array inputs (the inpainting mask) must be the photo's size,
+    and follow it to the annotator's. Sizes are checked before any work (:func:`condition_size`).
     """
     annotator = get(name)
     image = hwc3(image)
+    if "mask" in params and params["mask"] is not None:
+        mask = np.asarray(params["mask"])
+        if mask.shape[:2] != image.shape[:2]:
+            raise ValueError(
+                f"the mask is {mask.shape[1]}x{mask.shape[0]} but the image is "
+                f"{image.shape[1]}x{image.shape[0]}; they must match"
+            )
+    target = condition_size(image.shape[:2], resolution, "resolution")
     if detect_resolution is not None:
+        condition_size(image.shape[:2], detect_resolution, "detect_resolution")
         image = resize_for_detection(image, detect_resolution)
     cond = annotator(image, **params)
-    if resolution is not None:
-        cond = resize_for_model(cond, resolution, nearest=annotator.nearest)
+    if target is not None:
+        cond = resize_to(cond, target, nearest=annotator.nearest)
     return cond
+
+
+def condition_size(image_hw: tuple[int, int], resolution: int | None, name: str) -> tuple[int, int] | None:
+    """(H, W) of an image of ``image_hw`` resized to ``resolution`` (short side, multiples of 64;
+    None: unchanged); ValueError naming ``name`` for a size under 64 or a side over
+    :data:`~controlnet.choices.MAX_SIDE`."""
+    if resolution is None:
+        return None
+    if not 64 <= resolution <= MAX_SIDE:
+        raise ValueError(f"{name} must be between 64 and {MAX_SIDE} pixels, got {resolution}")
+    h, w = model_size(*image_hw, resolution)
+    if max(h, w) > MAX_SIDE:
+        raise ValueError(
+            f"{name} {resolution} makes this {image_hw[1]}x{image_hw[0]} image {w}x{h}, over the "
+            f"longest side of {MAX_SIDE} pixels"
+        )
+    return h, w
+
+
+#: words in released ControlNet file names (``control_v11p_sd15_canny``, ``...openpose...``) and the
+#: annotator that makes their condition from a photo, in the order they are looked for
+_NAMED = (
+    ("openpose", "openpose"),
+    ("canny", "canny"),
+    ("lineart", "lineart"),
+    ("softedge", "softedge"),
+    ("hed", "hed"),
+    ("scribble", "scribble"),
+    ("mlsd", "lines"),
+    ("normal", "normal_midas"),
+    ("depth", "depth_midas"),
+    ("seg", "segmentation"),
+    ("shuffle", "shuffle"),
+    ("tile", "tile"),
+    ("inpaint", "inpaint"),
+)
+
+
+def annotator_for(model_name: str) -> str | None:
+    """The annotator a ControlNet's condition comes from, read from its name as released
+    ControlNets are named; None when the name says nothing (then an image is taken as a ready
+    map, which is what the bundled model, named for its data, reads)."""
+    words = model_name.lower()
+    return next((annotator for word, annotator in _NAMED if word in words), None)
 
 
 def describe() -> str:

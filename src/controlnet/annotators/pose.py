@@ -27,6 +27,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from ..choices import MAX_SIDE
+
 __all__ = [
     "BODY_COLORS",
     "BODY_LIMBS",
@@ -165,16 +167,19 @@ def draw_pose(
     return canvas
 
 
-def _points(flat: Any, n: int | None, width: int, height: int, key: str) -> np.ndarray | None:
+def _points(flat: Any, n: int | None, key: str) -> np.ndarray | None:
+    """(N, 3) x, y, confidence as written, checked; None when absent."""
     if flat is None or len(flat) == 0:
         return None
-    arr = np.asarray(flat, np.float64)
+    try:
+        arr = np.asarray(flat, np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"OpenPose JSON: {key} must hold numbers") from None
     if arr.ndim != 1 or arr.size % 3 or (n is not None and arr.size != 3 * n):
         raise ValueError(f"OpenPose JSON: {key} must hold x, y, confidence triples ({n or 'any'} points)")
-    pts = arr.reshape(-1, 3).copy()
-    pts[:, 0] /= width
-    pts[:, 1] /= height
-    return pts
+    if not np.isfinite(arr).all():
+        raise ValueError(f"OpenPose JSON: {key} holds a number that is not finite")
+    return arr.reshape(-1, 3).copy()
 
 
 def people_from_openpose_json(
@@ -182,14 +187,15 @@ def people_from_openpose_json(
 ) -> tuple[list[Person], int, int]:
     """Parse OpenPose JSON (a dict or its text) -> (people, width, height).
 
-    Coordinates are pixels. The canvas size comes from ``canvas_width``/``canvas_height`` (as
-    pose editors write them) or from ``width``/``height``; the arguments win when both are given.
-    ``pose_keypoints_2d`` may be COCO-18 (54 numbers) or BODY_25 (75, mapped to COCO-18).
+    Coordinates are pixels, or fractions of the canvas when every visible point lies within 0-1
+    (as some pose editors write them). The canvas size comes from ``canvas_width``/``canvas_height``
+    (as pose editors write them) or from ``width``/``height``; the arguments win when both are
+    given. ``pose_keypoints_2d`` may be COCO-18 (54 numbers) or BODY_25 (75, mapped to COCO-18).
     """
     if isinstance(data, str):
         try:
             data = json.loads(data)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:
             raise ValueError(f"not OpenPose JSON: {e}") from None
     if not isinstance(data, Mapping) or not isinstance(data.get("people"), list):
         raise ValueError("not OpenPose JSON: no 'people' list")
@@ -197,25 +203,40 @@ def people_from_openpose_json(
     height = height or data.get("canvas_height")
     if not width or not height:
         raise ValueError("OpenPose JSON has no canvas_width/canvas_height: give the width and height")
-    width, height = int(width), int(height)
-    people = []
+    try:
+        width, height = int(width), int(height)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(
+            f"OpenPose JSON: the canvas size must be whole numbers, got {width}x{height}"
+        ) from None
+    if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
+        raise ValueError(f"OpenPose JSON: the canvas {width}x{height} is not 1-{MAX_SIDE} pixels a side")
+    keys = {
+        "body": ("pose_keypoints_2d", 18),
+        "left_hand": ("hand_left_keypoints_2d", 21),
+        "right_hand": ("hand_right_keypoints_2d", 21),
+        "face": ("face_keypoints_2d", None),
+    }
+    raw = []
     for entry in data["people"]:
+        if not isinstance(entry, Mapping):
+            raise ValueError("OpenPose JSON: each of 'people' must be an object")
         body = entry.get("pose_keypoints_2d") or None
         if body is not None and len(body) == 75:
             body = np.asarray(body, np.float64).reshape(25, 3)[list(_BODY25_TO_COCO18)].ravel()
-        people.append(
-            Person(
-                body=_points(body, 18, width, height, "pose_keypoints_2d"),
-                left_hand=_points(
-                    entry.get("hand_left_keypoints_2d"), 21, width, height, "hand_left_keypoints_2d"
-                ),
-                right_hand=_points(
-                    entry.get("hand_right_keypoints_2d"), 21, width, height, "hand_right_keypoints_2d"
-                ),
-                face=_points(entry.get("face_keypoints_2d"), None, width, height, "face_keypoints_2d"),
-            )
-        )
-    return people, width, height
+        found = {"body": _points(body, 18, "pose_keypoints_2d")}
+        for part, (key, n) in list(keys.items())[1:]:
+            found[part] = _points(entry.get(key), n, key)
+        raw.append(found)
+    visible = [pts[pts[:, 2] > 0, :2] for found in raw for pts in found.values() if pts is not None]
+    xy = np.concatenate(visible) if visible else np.zeros((0, 2))
+    fractions = xy.size > 0 and float(xy.min()) >= 0 and float(xy.max()) <= 1
+    for found in raw:
+        for pts in found.values():
+            if pts is not None and not fractions:
+                pts[:, 0] /= width
+                pts[:, 1] /= height
+    return [Person(**found) for found in raw], width, height
 
 
 def people_to_openpose_json(people: Sequence[Person], width: int, height: int) -> dict[str, Any]:

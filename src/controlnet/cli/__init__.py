@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from .. import __version__
 from . import conditions, data, demo, files, generate, serve, train
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "entry", "main"]
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -59,6 +59,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"controlnet {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2 if isinstance(e, (ValueError, FileNotFoundError)) else 1
+
+
+def entry() -> int:
+    """The ``controlnet`` command: :func:`main` on the free CPU cores
+    (:func:`~controlnet.cli.common.use_free_cores`)."""
+    from .common import use_free_cores
+
+    use_free_cores()
+    return main()
 
 
 def _one_line(e: Exception) -> str:

@@ -38,9 +38,27 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         dtype=_dtype(args.dtype),
         overwrite=args.force,
         base=args.base,
+        settings=_settings_arg(args.settings),
     )
     common.print_written(paths, args.to)
     return 0
+
+
+def _settings_arg(text: str | None) -> dict | None:
+    """``--settings``: a JSON object of generation settings."""
+    if text is None:
+        return None
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--settings: not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError("--settings: expected a JSON object, such as '{\"guidance\": 1.5}'")
+    from ..generation.defaults import check_settings
+
+    return check_settings(value, "--settings")
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
@@ -54,6 +72,13 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     common.add_dtype(p, "cast floating-point tensors (default: keep)")
     p.add_argument(
         "--base", help="IN a Control-LoRA: the base model it is built on (written out as a whole ControlNet)"
+    )
+    p.add_argument(
+        "--settings",
+        metavar="JSON",
+        help='a base model\'s generation settings, such as \'{"guidance": 1.5, "negative_prompt": ""}\': '
+        "kept in our format's metadata and applied wherever the model is loaded (replacing those "
+        "it carries; '{}' clears them)",
     )
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(handler=_cmd_convert)

@@ -286,7 +286,7 @@ def _control_overrides(args: argparse.Namespace, controls: list[ControlRequest])
 def request_from_args(args: argparse.Namespace) -> GenerationRequest:
     """The request the flags describe: the schema's defaults (the bundled model's own settings
     when it is the model used) under the flags given."""
-    from ..bundled import model_settings
+    from ..generation.defaults import model_settings
 
     given = {
         name: getattr(args, name) for name in _flagged_request_fields() if getattr(args, name) is not None

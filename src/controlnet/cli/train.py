@@ -213,9 +213,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from ..bundled import model_settings
     from ..data import open_dataset
     from ..evaluation.evaluate import EvalConfig, evaluate, write_report
+    from ..generation.defaults import model_settings
     from ..generation.pipeline import ModelCache, resolve_paths
     from ..generation.request import ControlRequest, GenerationRequest
 

@@ -14,7 +14,9 @@ A plug-in module provides:
   one of this family's (headers and key names only, no weights);
 - ``load_base(path, *, dtype)``, ``load_controlnet(path, *, dtype, base_network)``,
   ``needs_base(path)`` (a ControlNet stored as changes to its base: a Control-LoRA);
-- ``load_vae(path, *, base)`` and ``merge_loras(base, loras)`` for the files that modify a base.
+- ``load_vae(path, *, base)`` and ``merge_loras(base, loras)`` for the files that modify a base;
+- optionally ``generation_settings(path) -> dict``: the settings a base model's file carries
+  (guidance, prompts, ...: :mod:`controlnet.generation.defaults`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,16 @@ from typing import Any
 
 from ..errors import CheckpointError
 
-__all__ = ["PLUGINS", "load_base", "load_controlnet", "load_vae", "merge_loras", "needs_base", "plugin_for"]
+__all__ = [
+    "PLUGINS",
+    "generation_settings",
+    "load_base",
+    "load_controlnet",
+    "load_vae",
+    "merge_loras",
+    "needs_base",
+    "plugin_for",
+]
 
 #: family name -> its plug-in module (imported when first needed)
 PLUGINS: dict[str, str] = {"sd": "controlnet.families.sd.plugin"}
@@ -62,6 +73,14 @@ def _plugin_of_model(base: Any) -> ModuleType:
 def load_base(path: str | Path, *, dtype: Any = None) -> Any:
     """The base model at ``path``, of whichever family it is."""
     return plugin_for(path).load_base(path, dtype=dtype)
+
+
+def generation_settings(path: str | Path) -> dict[str, Any]:
+    """The generation settings the base model at ``path`` carries (a family whose files carry
+    none need not say: {})."""
+    plugin = plugin_for(path)
+    read = getattr(plugin, "generation_settings", None)
+    return dict(read(path)) if read is not None else {}
 
 
 def load_controlnet(path: str | Path, *, dtype: Any = None, base_network: Any = None) -> Any:

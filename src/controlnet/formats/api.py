@@ -30,6 +30,7 @@ __all__ = [
     "Detected",
     "Format",
     "detect",
+    "generation_settings",
     "load_base",
     "load_controlnet",
     "load_unet",
@@ -182,7 +183,18 @@ def load_base(
     original single file (also a v1.0 ControlNet file's base part), a diffusers pipeline folder or
     our format. ``config`` gives the architecture of an original-layout file that is not a
     released size; ``family`` overrides the guess for a diffusers folder without a tokenizer."""
-    return make_base(*_base_loader(path, dtype, config, family))
+    base = make_base(*_base_loader(path, dtype, config, family))
+    base.settings = generation_settings(path)
+    return base
+
+
+def generation_settings(path: PathLike) -> dict[str, Any]:
+    """The generation settings the base model at ``path`` carries: our format's metadata (read
+    from the header alone); {} for any other layout, or none recorded."""
+    d = detect(path)
+    if d.format is not Format.CONTROLNET or d.tensors is None or BASE not in d.kinds:
+        return {}
+    return ours.stored_settings(d.tensors)
 
 
 def load_unet(

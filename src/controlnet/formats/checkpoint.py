@@ -283,7 +283,7 @@ def atomic_outputs(*dests: PathLike, overwrite: bool = False) -> Iterator[list[P
     finals = [Path(d) for d in dests]
     for d in finals:
         if d.exists() and not overwrite:
-            raise CheckpointError(f"{d}: already exists (pass overwrite / --force to replace it)")
+            raise CheckpointError(f"{d}: already exists; give --force to replace it")
         if not d.parent.exists():
             raise FileNotFoundError(f"{d.parent}: no such folder for the output")
     tag = uuid.uuid4().hex[:8]

@@ -8,6 +8,8 @@ Metadata (all strings; the JSON ones are objects)::
     unet_config                JSON, diffusers UNet2DConditionModel arguments   (ControlNet)
     controlnet_config          JSON, ControlNetConfig                           (ControlNet)
     base_config                JSON, BaseConfig: unet, vae, text_encoder(_2), schedule (base)
+    generation_settings        JSON, the generation settings the model was made for, such as
+                               {"guidance": 1.5}; they apply wherever it is loaded (base, optional)
 
 A ControlNet's tensors are its state dict as is (diffusers' names). A base model's are under
 ``unet.``, ``vae.``, ``text_encoder.`` and ``text_encoder_2.``, text encoders with the usual
@@ -16,7 +18,9 @@ A ControlNet's tensors are its state dict as is (diffusers' names). A base model
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -38,11 +42,35 @@ from .build import (
 from .checkpoint import CheckpointError, TensorFile, atomic_outputs, list_keys, save_safetensors
 from .keymap import identity_rules, load_into
 
-__all__ = ["BASE", "CONTROLNET", "base_loader", "kind_of", "load_controlnet", "save_base", "save_controlnet"]
+__all__ = [
+    "BASE",
+    "CONTROLNET",
+    "base_loader",
+    "kind_of",
+    "load_controlnet",
+    "save_base",
+    "save_controlnet",
+    "stored_settings",
+]
 
 CONTROLNET = "controlnet"
 BASE = "base"
 PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+META_SETTINGS = "generation_settings"
+
+
+def stored_settings(tf: TensorFile) -> dict[str, Any]:
+    """The generation settings a base model in our format carries ({} when none)."""
+    raw = tf.metadata.get(META_SETTINGS) if kind_of(tf) == BASE else None
+    if raw is None:
+        return {}
+    try:
+        settings = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{tf.path}: metadata entry {META_SETTINGS!r} is not JSON ({e})") from None
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{tf.path}: metadata entry {META_SETTINGS!r} is not a JSON object")
+    return settings
 
 
 def kind_of(tf: TensorFile) -> str | None:
@@ -115,6 +143,8 @@ def save_base(base: UNetBase, path: Path, *, overwrite: bool = False) -> list[Pa
     for part, module in base.modules().items():
         tensors.update({_prefix(part, module) + k: v for k, v in module.state_dict().items()})
     metadata = {META_FORMAT: BASE, META_VERSION: FORMAT_VERSION, **base_metadata(base)}
+    if base.settings:
+        metadata[META_SETTINGS] = json.dumps(base.settings, sort_keys=True)
     with atomic_outputs(path, overwrite=overwrite) as (tmp,):
         save_safetensors(tensors, tmp, metadata)
     return [path]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,14 +142,19 @@ def convert(
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
     base: PathLike | UNetBase | UNet2DConditionModel | None = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> list[Path]:
     """Rewrite ``src`` in format ``to`` at ``dst``; returns the paths written. ``part`` picks
     'controlnet' or 'base' from a file that holds both (default: the ControlNet). A Control-LoRA
-    is built on ``base`` (its UNet, the model the ControlNet is for) and written whole."""
+    is built on ``base`` (its UNet, the model the ControlNet is for) and written whole.
+    ``settings``: a base model's generation settings, replacing those it carries (our format
+    keeps them; the others have no place for them)."""
     d = detect(src)
     part = part or (CONTROLNET if CONTROLNET in d.kinds else BASE)
     if part not in d.kinds:
         raise CheckpointError(f"{src}: holds no {part} (it holds {' and '.join(d.kinds)})")
+    if settings is not None and (part == CONTROLNET or Format(to) is not Format.CONTROLNET):
+        raise ValueError("generation settings go with a base model written in our format (--to controlnet)")
     if base is not None and not d.control_lora:
         raise CheckpointError(f"{src}: a base model is given, but only a Control-LoRA is built on one")
     if part == CONTROLNET:
@@ -156,7 +162,10 @@ def convert(
         return save_controlnet(
             load_controlnet(src, dtype=dtype, base_unet=unet), dst, to, overwrite=overwrite
         )
-    return save_base(load_base(src, dtype=dtype), dst, to, overwrite=overwrite)
+    model = load_base(src, dtype=dtype)
+    if settings is not None:
+        model.settings = dict(settings)
+    return save_base(model, dst, to, overwrite=overwrite)
 
 
 # ------------------------------------------------------------------------------------ inspect

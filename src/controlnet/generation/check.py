@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..choices import PromptSetting, check_spacing, check_steps
+from ..choices import MAX_SIDE, PromptSetting, check_spacing, check_steps
 from ..imageio import flatten_alpha, read_image, read_mask
 from ..schema import Kind, check_fields, files
-from .request import MAX_SIDE, GenerationRequest
+from .request import GenerationRequest
 from .sizes import enlarged_size
 
 __all__ = ["CheckedRequest", "check", "image_inputs"]

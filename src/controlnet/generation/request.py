@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..choices import (
+    MAX_SIDE,
     ControlMode,
     DType,
     HiresUpscaler,
@@ -35,7 +36,6 @@ __all__ = [
     "DEFAULT_NEGATIVE_PROMPT",
     "MAX_HIRES_SCALE",
     "MAX_SEED",
-    "MAX_SIDE",
     "PAPER_DEFAULT_PROMPT",
     "ControlRequest",
     "GenerationRequest",
@@ -51,8 +51,6 @@ DEFAULT_NEGATIVE_PROMPT = (
 PAPER_DEFAULT_PROMPT = "a professional, detailed, high-quality image"
 #: the largest enlargement of the hires fix
 MAX_HIRES_SCALE = 4.0
-#: the longest side of an image, in pixels (of the output, and of the hires fix's enlargement)
-MAX_SIDE = 4096
 #: the largest seed: one a browser's numbers hold exactly (2**53 - 1), less room for one seed per
 #: sample (sample i takes seed + i)
 MAX_SEED = 2**53 - 1 - 1024

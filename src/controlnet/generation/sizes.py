@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..annotators.utils import model_size
-from .request import MAX_SIDE
+from ..choices import MAX_SIDE
 
 if TYPE_CHECKING:
     from .check import CheckedRequest

@@ -16,12 +16,13 @@ from typing import Any
 
 import gradio as gr
 
-from ..choices import PromptSetting, PromptSyntax
+from ..annotators import annotator_for
+from ..choices import MAX_SIDE, PromptSetting, PromptSyntax
 from ..generation.generate import resolve_prompt
-from ..generation.request import MAX_SIDE, GenerationRequest
+from ..generation.request import GenerationRequest
 from ..text.prompts import CHUNK_TOKENS, token_count
 from .service import Service
-from .units import unit, wire_unit
+from .units import NONE, unit, wire_unit
 from .widgets import editor_images, field_value, field_widget, user_error
 
 __all__ = ["build_ui", "prompt_tokens"]
@@ -48,7 +49,9 @@ def build_ui(service: Service) -> gr.Blocks:
                 prompt = field("prompt", lines=2)
                 tokens = gr.Markdown(elem_id="prompt-tokens")
                 with gr.Tabs():
-                    units = [unit(service, i, "canny") for i in range(lim.max_controls)]
+                    # each unit starts with the annotator the first ControlNet's condition needs
+                    first = annotator_for(next(iter(service.controlnets))) or NONE
+                    units = [unit(service, i, first) for i in range(lim.max_controls)]
                 with gr.Accordion("Image to image and masked editing", open=False):
                     editor = gr.ImageEditor(
                         type="numpy",

@@ -30,9 +30,9 @@ import numpy as np
 from PIL import Image
 
 from ..annotators.weights import offered_weights
-from ..bundled import BUNDLED_SETTINGS, model_settings
 from ..choices import DType
 from ..generation.check import CheckedRequest, check
+from ..generation.defaults import MODEL_SETTINGS, model_settings
 from ..generation.request import GenerationRequest, LoraRequest
 from ..generation.sizes import final_size
 from ..imageio import read_image, read_mask
@@ -339,18 +339,16 @@ class Service:
         """The condition map of a stored image (see :func:`controlnet.annotators.prepare_condition`).
         Annotators that load weights run on the worker, since they use the device too."""
         from .. import annotators as A
-        from ..annotators.utils import model_size
 
         annotator = A.get(name)
         params = self.annotator_params(name, params)
         if mask is not None and "mask" not in annotator.inputs:
             raise ValueError(f"annotator {name} takes no mask")
-        for what, value in (("resolution", resolution), ("detect_resolution", detect_resolution)):
-            if value is not None and not 64 <= value <= 4096:
-                raise ValueError(f"{what} must be between 64 and 4096 pixels, got {value}")
+        with Image.open(image) as img:
+            size = (img.height, img.width)
+        A.condition_size(size, detect_resolution, "detect_resolution")  # before any work
         if resolution is not None:
-            with Image.open(image) as img:
-                h, w = model_size(img.height, img.width, resolution)
+            h, w = A.condition_size(size, resolution, "resolution")  # type: ignore[misc]
             if megapixels(h, w) > self.limits.max_megapixels:
                 raise ValueError(
                     f"the map would be {w}x{h} ({megapixels(h, w):.2f} megapixels), over this server's "
@@ -415,7 +413,7 @@ class Service:
             "dtype": DType.parse(self.config.dtype).value,
             "controlnets": list(self.controlnets),
             "native_size": self.native_size,
-            "defaults": {k: getattr(self.defaults, k) for k in BUNDLED_SETTINGS},  # model-dependent
+            "defaults": {k: getattr(self.defaults, k) for k in MODEL_SETTINGS},  # the model's own
             "limits": asdict(self.limits),
         }
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
+import numpy as np
 
 from ..annotators import ANNOTATORS, Annotator, Param, ParamType
 from ..generation.request import ControlRequest
@@ -119,6 +120,22 @@ def _SPEC(name: str) -> Any:
 def _field(name: str, prefix: str, **kw: Any) -> gr.components.Component:
     """The widget of control field ``name``, its element id prefixed with the unit's."""
     return field_widget(ControlRequest, name, elem_id=f"{prefix}-{name.replace('_', '-')}", **kw)
+
+
+def _mask_like(service: Service, mask: str, image: str) -> str:
+    """The painted mask at the size of the unit's image, as a generation fits both to its output."""
+    from PIL import Image
+
+    from ..annotators.utils import resize_to
+    from ..imageio import read_mask
+
+    with Image.open(image) as img:
+        size = (img.height, img.width)
+    m = read_mask(mask)
+    if m.shape[:2] == size:
+        return mask
+    resized = resize_to((m > 0.5).astype(np.uint8) * 255, size, nearest=True)
+    return service.store_image(resized, "mask", mask=True)
 
 
 def _weights_widget(service: Service, p: Param, elem_id: str) -> gr.Dropdown:
@@ -285,6 +302,7 @@ def wire_unit(service: Service, u: Unit, resolution: gr.Slider, editor: gr.Image
                         f"control {u.index + 1}: {name} reads the mask: paint the region to "
                         "regenerate under 'Image to image and masked editing' first"
                     )
+                mask = _mask_like(service, mask, image)
             return service.preprocess(
                 name, image, u.annotator_params(data, name), mask=mask, resolution=res, detect_resolution=res
             )

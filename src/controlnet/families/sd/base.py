@@ -66,6 +66,9 @@ class UNetBase:
     #: layer norm: the A1111 web UI's "Clip skip" (diffusers' ``clip_skip`` is this minus 1). SD1.x
     #: only: SD2.x and SDXL read a fixed penultimate layer, and the web UI ignores it for them too.
     clip_skip: int = 1
+    #: generation settings that belong to this model (guidance, prompts, ...), kept in our format's
+    #: metadata so they apply wherever it is loaded (:mod:`controlnet.formats.ours`)
+    settings: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._token_memo: dict[int, dict[str, torch.Tensor]] = {}

@@ -16,6 +16,7 @@ __all__ = [
     "LABEL",
     "NAME",
     "detect",
+    "generation_settings",
     "load_base",
     "load_controlnet",
     "load_vae",
@@ -31,6 +32,10 @@ BASE = UNetBase
 def detect(path: str | Path) -> str:
     """What the file or folder holds (the format's layout), or CheckpointError."""
     return api.detect(path).layout
+
+
+def generation_settings(path: str | Path) -> dict[str, Any]:
+    return api.generation_settings(path)
 
 
 def load_base(path: str | Path, *, dtype: Any = None) -> UNetBase:
