@@ -590,3 +590,28 @@ def test_annotator_weights_are_chosen_by_name_never_by_path(server, tmp_path, mo
         )
         r = c.post("/api/generate", json=body)
         assert r.status_code == 400 and "controls[0].params.weights" in r.json()["error"]
+
+
+def test_any_json_body_gets_an_answer_never_a_500(client):
+    """Arbitrary JSON at both POST routes (objects with the real field names among others):
+    every answer is a status the docs list, never a 500, and the server keeps serving."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    leaves = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
+    values = st.recursive(
+        leaves,
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    )
+    names = st.sampled_from([*GenerateBody.model_fields, "annotator", "image", "params", "x"])
+    bodies = st.dictionaries(names, values, max_size=5) | values
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(body=bodies, route=st.sampled_from(["/api/generate", "/api/preprocess"]))
+    def check(body, route):
+        r = client.post(route, content=json.dumps(body, allow_nan=True))
+        assert r.status_code in (200, 400, 413, 422, 503), (route, body, r.text)
+        assert r.status_code == 200 or "error" in r.json()
+
+    check()
+    assert client.get("/api/health").json()["queue"]["failed"] == 0
