@@ -118,6 +118,28 @@ def test_long_prompts_are_encoded_chunk_by_chunk(base):
 
 
 def test_emphasis_scales_token_vectors_and_keeps_the_mean(base):
+    # the tiny encoder's final layer norm starts with a zero bias, so its outputs average to
+    # about 0 (a mean with no size to keep); released CLIP's bias is not zero: give it one
+    norms = final_norms(base)
+    saved = [n.bias.detach().clone() for n in norms]
+    with torch.no_grad():
+        for n in norms:
+            n.bias.fill_(0.25)
+    try:
+        check_emphasis_keeps_the_mean(base)
+    finally:
+        with torch.no_grad():
+            for n, b in zip(norms, saved, strict=True):
+                n.bias.copy_(b)
+
+
+def final_norms(base) -> list:
+    """Each text encoder's final layer norm (transformers 5 flattened ``text_model`` away)."""
+    encoders = [e for e in (base.text_encoder, base.text_encoder_2) if e is not None]
+    return [getattr(e, "text_model", e).final_layer_norm for e in encoders]
+
+
+def check_emphasis_keeps_the_mean(base):
     plain = encode_prompts(base, ["a red cat"]).context[0].double()
     emph = encode_prompts(base, ["a (red:1.5) cat"]).context[0].double()
     assert torch.allclose(emph.mean(), plain.mean(), rtol=1e-4)
@@ -126,6 +148,15 @@ def test_emphasis_scales_token_vectors_and_keeps_the_mean(base):
     assert torch.allclose(ratio[[0, 1, 3, 4, 40]], k.expand(5, ratio.shape[1]), rtol=1e-4)
     assert torch.allclose(ratio[2], (1.5 * k).expand(ratio.shape[1]), rtol=1e-4)
     assert not torch.allclose(emph, plain)
+
+
+def test_emphasis_on_a_context_whose_mean_is_zero_stays_finite(base):
+    """Outputs of a zero-bias final layer norm average to ~0: restoring that mean would divide by
+    about zero (inf, NaN images); the scaled context is kept as it is."""
+    assert not any(n.bias.any() for n in final_norms(base))
+    plain = encode_prompts(base, ["a red cat"]).context[0]
+    emph = encode_prompts(base, ["a (red:1.5) cat"]).context[0]
+    assert torch.isfinite(emph).all() and not torch.equal(emph, plain)
 
 
 def test_prompt_and_negative_get_the_same_length(base):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 from .. import __version__
@@ -47,7 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return handler(args)
+        with warnings.catch_warnings():
+            if not getattr(args, "debug", False):
+                warnings.showwarning = _warning_printer(args.command)
+            return handler(args)
     except KeyboardInterrupt:
         print(f"controlnet {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -68,6 +72,15 @@ def entry() -> int:
 
     use_free_cores()
     return main()
+
+
+def _warning_printer(command: str) -> Callable[..., None]:
+    """Warnings as one line on stderr, ``controlnet CMD: warning: ...`` (--debug: Python's own)."""
+
+    def show(message: Warning | str, *args: object, **kwargs: object) -> None:
+        print(f"controlnet {command}: warning: {message}", file=sys.stderr)
+
+    return show
 
 
 def _one_line(e: Exception) -> str:

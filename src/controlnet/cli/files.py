@@ -17,13 +17,25 @@ def _dtype(value):
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from ..formats import inspect_checkpoint
 
-    print("\n".join(inspect_checkpoint(args.file).lines()))
-    return 0
+    found = inspect_checkpoint(args.file, ldm_config=args.config)
+    print("\n".join(found.lines()))
+    return 1 if found.refused else 0
+
+
+_CONFIG_HELP = (
+    "the original YAML (ldm / sgm / cldm) of an original-layout file, for what its tensors do not "
+    "tell (attention heads, ...); default: the same-named .yaml beside it, if any"
+)
 
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("inspect", help="tell what a checkpoint file or folder holds")
+    p = sub.add_parser(
+        "inspect",
+        help="tell what a checkpoint file or folder holds, and whether it loads (exit 1 if a part "
+        "would be refused)",
+    )
     p.add_argument("file", help="weight file (.safetensors, .ckpt, .pth) or diffusers folder")
+    p.add_argument("--config", metavar="YAML", help=_CONFIG_HELP)
     p.set_defaults(handler=_cmd_inspect)
 
 
@@ -39,6 +51,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         overwrite=args.force,
         base=args.base,
         settings=_settings_arg(args.settings),
+        ldm_config=args.config,
     )
     common.print_written(paths, args.to)
     return 0
@@ -80,6 +93,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         "kept in our format's metadata and applied wherever the model is loaded (replacing those "
         "it carries; '{}' clears them)",
     )
+    p.add_argument("--config", metavar="YAML", help=_CONFIG_HELP)
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(handler=_cmd_convert)
 

@@ -23,12 +23,13 @@ from . import diffusers as dif
 from . import original as orig
 from . import ours
 from .build import BaseConfig, Loader, build_unet, make_base
-from .checkpoint import CheckpointError, TensorFile, list_keys, open_tensors
+from .checkpoint import CheckpointError, TensorFile, list_keys, open_tensors, shapes_only
 from .lora import is_lora_key
 
 __all__ = [
     "Detected",
     "Format",
+    "check_loads",
     "detect",
     "generation_settings",
     "load_base",
@@ -123,6 +124,7 @@ def load_controlnet(
     unet_config: dict[str, Any] | None = None,
     config: ControlNetConfig | None = None,
     base_unet: UNet2DConditionModel | None = None,
+    ldm_config: PathLike | None = None,
 ) -> ControlNet:
     """Load a ControlNet from any supported file or folder.
 
@@ -130,10 +132,12 @@ def load_controlnet(
     describe the architecture of files that carry none (original-layout or bare diffusers-layout
     weights) when it is not a released SD1.x/SD2.x/SDXL size; files we wrote carry their own.
     ``base_unet``: the UNet the ControlNet will run beside, which a Control-LoRA is built on
-    (required for one; a whole ControlNet does not read it).
+    (required for one; a whole ControlNet does not read it). ``ldm_config``: the original YAML of
+    an original-layout file, in place of a same-named ``.yaml`` beside it.
     """
     d = detect(path)
     _need(d, CONTROLNET)
+    ldm_config_fits(d, ldm_config)
     if d.control_lora:
         assert d.tensors is not None
         if base_unet is None:
@@ -147,10 +151,24 @@ def load_controlnet(
         return ours.load_controlnet(d.tensors, dtype=dtype)
     if d.format is Format.ORIGINAL:
         assert d.tensors is not None
-        return orig.load_controlnet(d.tensors, unet_config=unet_config, config=config, dtype=dtype)
+        return orig.load_controlnet(
+            d.tensors, unet_config=unet_config, config=config, dtype=dtype, ldm_config=_path(ldm_config)
+        )
     if d.tensors is not None:
         return dif.load_controlnet_file(d.tensors, unet_config=unet_config, config=config, dtype=dtype)
     return dif.load_controlnet(d.path, dtype=dtype)
+
+
+def _path(p: PathLike | None) -> Path | None:
+    return None if p is None else Path(p)
+
+
+def ldm_config_fits(d: Detected, ldm_config: PathLike | None) -> None:
+    if ldm_config is not None and (d.format is not Format.ORIGINAL or d.control_lora):
+        raise CheckpointError(
+            f"{d.path}: an original YAML (--config) describes original-layout files only; this is a "
+            f"{d.layout} ({d.format.value} format), which carries its own architecture"
+        )
 
 
 def needs_base(path: PathLike) -> bool:
@@ -159,16 +177,21 @@ def needs_base(path: PathLike) -> bool:
 
 
 def _base_loader(
-    path: PathLike, dtype: torch.dtype | None, config: BaseConfig | None, family: Family | None
+    path: PathLike,
+    dtype: torch.dtype | None,
+    config: BaseConfig | None,
+    family: Family | None,
+    ldm_config: PathLike | None = None,
 ) -> tuple[BaseConfig, Loader]:
     d = detect(path)
     _need(d, BASE)
+    ldm_config_fits(d, ldm_config)
     if d.format is Format.CONTROLNET:
         assert d.tensors is not None
         return ours.base_loader(d.tensors, dtype=dtype)
     if d.format is Format.ORIGINAL:
         assert d.tensors is not None
-        return orig.base_loader(d.tensors, config=config, dtype=dtype)
+        return orig.base_loader(d.tensors, config=config, dtype=dtype, ldm_config=_path(ldm_config))
     return dif.base_loader(d.path, family=family, dtype=dtype)
 
 
@@ -178,14 +201,39 @@ def load_base(
     dtype: torch.dtype | None = None,
     config: BaseConfig | None = None,
     family: Family | None = None,
+    ldm_config: PathLike | None = None,
 ) -> UNetBase:
     """Load a base model (UNet, VAE, text encoder(s), offline tokenizer(s), schedule) from an
     original single file (also a v1.0 ControlNet file's base part), a diffusers pipeline folder or
-    our format. ``config`` gives the architecture of an original-layout file that is not a
-    released size; ``family`` overrides the guess for a diffusers folder without a tokenizer."""
-    base = make_base(*_base_loader(path, dtype, config, family))
+    our format. An original-layout file's architecture is read off its tensors; ``ldm_config`` (its
+    original YAML) or ``config`` (a whole :class:`BaseConfig`) settle what they cannot tell;
+    ``family`` overrides the guess for a diffusers folder without a tokenizer."""
+    base = make_base(*_base_loader(path, dtype, config, family, ldm_config))
     base.settings = generation_settings(path)
     return base
+
+
+def check_loads(path: PathLike, *, ldm_config: PathLike | None = None) -> dict[str, str | None]:
+    """What each loader says of ``path``, per part it holds ('controlnet', 'base'): None where it
+    loads, else the one-line refusal. Every key and shape is checked and every module built, with
+    no weights read (:func:`~.checkpoint.shapes_only`); a Control-LoRA is checked against its base
+    model when loaded, so it is reported as such."""
+    d = detect(path)
+    out: dict[str, str | None] = {}
+    with shapes_only():
+        for kind in d.kinds:
+            if kind == CONTROLNET and d.control_lora:
+                out[kind] = "checked when loaded with its base model (a Control-LoRA)"
+                continue
+            try:
+                if kind == CONTROLNET:
+                    load_controlnet(path, ldm_config=ldm_config)
+                else:
+                    make_base(*_base_loader(path, None, None, None, ldm_config))
+                out[kind] = None
+            except CheckpointError as e:
+                out[kind] = str(e)
+    return out
 
 
 def generation_settings(path: PathLike) -> dict[str, Any]:
@@ -203,9 +251,10 @@ def load_unet(
     dtype: torch.dtype | None = None,
     config: BaseConfig | None = None,
     family: Family | None = None,
+    ldm_config: PathLike | None = None,
 ) -> UNet2DConditionModel:
     """Only the UNet of a base model (what init and transfer need), locked like in load_base."""
-    cfg, load = _base_loader(path, dtype, config, family)
+    cfg, load = _base_loader(path, dtype, config, family, ldm_config)
     unet = load("unet", build_unet(cfg.unet))
     return unet.requires_grad_(False).eval()
 

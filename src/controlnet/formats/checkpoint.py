@@ -12,7 +12,9 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
+import math
 import os
 import pickle
 import shutil
@@ -37,6 +39,7 @@ __all__ = [
     "open_tensors",
     "read_json",
     "save_safetensors",
+    "shapes_only",
 ]
 
 PathLike = str | os.PathLike
@@ -64,6 +67,22 @@ def list_keys(keys: list[str] | set[str], limit: int = 20) -> str:
     keys = sorted(keys)
     shown = ", ".join(keys[:limit])
     return shown + (f", ... and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+_SHAPES_ONLY = contextvars.ContextVar("shapes_only", default=False)
+#: Under :func:`shapes_only`, tensors of at most this many elements (schedules, markers) are read.
+SMALL_TENSOR = 1 << 16
+
+
+@contextlib.contextmanager
+def shapes_only() -> Iterator[None]:
+    """Within this block every weight is read as an empty tensor of the meta device: the loaders
+    check every key and shape, build every module and read no weights (what ``inspect`` runs)."""
+    token = _SHAPES_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _SHAPES_ONLY.reset(token)
 
 
 class TensorFile:
@@ -103,6 +122,8 @@ class TensorFile:
         return len(self.shapes)
 
     def get(self, key: str) -> torch.Tensor:
+        if _SHAPES_ONLY.get() and math.prod(self.shapes[key]) > SMALL_TENSOR:
+            return torch.empty(self.shapes[key], dtype=self.dtypes[key], device="meta")
         try:
             return self._get(key)
         except (SafetensorError, RuntimeError, OSError) as e:

@@ -31,7 +31,6 @@ import torch
 
 from ..families.sd.base import DEFAULT_SCHEDULE, UNetBase
 from ..families.sd.configs import Family
-from ..families.sd.configs import unet_config as family_unet_config
 from ..families.sd.controlnet import ControlNet, ControlNetConfig
 from ..text.tokenizer import _vocab_and_merges
 from .build import (
@@ -41,7 +40,6 @@ from .build import (
     Loader,
     build_controlnet,
     controlnet_metadata,
-    family_from_context,
     hint_config_from_shapes,
     numbered,
     public_config,
@@ -59,6 +57,7 @@ from .checkpoint import (
     read_json,
     save_safetensors,
 )
+from .infer import unet_config_diffusers_names
 from .keymap import identity_rules, load_into
 
 __all__ = [
@@ -143,8 +142,7 @@ def file_controlnet_arch(
     if stored is not None:
         unet_config, config = unet_config or stored[0], config or stored[1]
     if unet_config is None:
-        unet_config = family_unet_config(family_from_context(tf.shapes, "", str(tf.path)))
-        unet_config["in_channels"] = tf.shapes["conv_in.weight"][1]
+        unet_config = unet_config_diffusers_names(tf.shapes, str(tf.path))
     if config is None:
         blocks = numbered(tf.shapes, r"controlnet_cond_embedding\.blocks\.(\d+)\.weight")
         names = [

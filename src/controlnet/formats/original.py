@@ -14,8 +14,8 @@ One file, parts under prefixes (key names per part are in :mod:`.ldm`):
 Known entries a part holds but our modules do not: CLIP's ``position_ids`` (recomputed),
 OpenCLIP's ``logit_scale`` (contrastive training only), and for SD2.x the last OpenCLIP layer and
 ``text_projection`` (SD2 conditions on the penultimate layer, see families.py). Any other key is an
-error. A v1.1 ControlNet's same-named ``.yaml`` is read for global average pooling (shuffle); a
-base model's for ``parameterization: v``.
+error. The architecture is read off the tensors, with the original YAML (same-named ``.yaml`` or
+``--config``) for what they cannot tell: see :mod:`.infer` and :mod:`.ldm_yaml`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import yaml
 
 from ..families.sd.base import UNetBase
 from ..families.sd.configs import Family, family_of_unet_config
-from ..families.sd.configs import unet_config as family_unet
 from ..families.sd.controlnet import ControlNet, ControlNetConfig
 from .build import (
     BaseConfig,
@@ -38,7 +37,6 @@ from .build import (
     base_metadata,
     build_controlnet,
     controlnet_metadata,
-    family_from_context,
     hint_config_from_shapes,
     numbered,
     stored_base_config,
@@ -46,8 +44,15 @@ from .build import (
     text_key_prefix,
 )
 from .checkpoint import CheckpointError, TensorFile, atomic_outputs, list_keys, save_safetensors
+from .infer import (
+    clip_config,
+    openclip_config,
+    unet_config_original_names,
+    vae_config_original_names,
+)
 from .keymap import Rule, load_into, to_file
 from .ldm import clip_rule, controlnet_rule, openclip_rule, unet_rule, vae_rule
+from .ldm_yaml import LdmOptions, ldm_options
 
 __all__ = [
     "base_loader",
@@ -104,24 +109,6 @@ def _reject_unknown(tf: TensorFile) -> None:
         raise CheckpointError(f"{tf.path}: unexpected keys ({len(unknown)}): {list_keys(unknown)}")
 
 
-def read_sidecar(path: Path) -> dict[str, Any]:
-    """The same-named ``.yaml`` beside a weight file (the v1.1 convention), or {}."""
-    side = path.with_suffix(".yaml")
-    if not side.is_file():
-        return {}
-    try:
-        data = yaml.safe_load(side.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise CheckpointError(f"{side}: not a readable YAML file ({e})") from e
-    return data if isinstance(data, dict) else {}
-
-
-def _dig(d: Any, *path: str) -> Any:
-    for p in path:
-        d = d.get(p) if isinstance(d, dict) else None
-    return d
-
-
 # ------------------------------------------------------------------------------------ ControlNet
 def _hint_blocks(config: ControlNetConfig) -> int:
     return 2 * (len(config.hint_block_channels) - 1)
@@ -134,20 +121,25 @@ def _controlnet_rules(
 
 
 def controlnet_arch(
-    tf: TensorFile, unet_config: dict[str, Any] | None = None, config: ControlNetConfig | None = None
+    tf: TensorFile,
+    unet_config: dict[str, Any] | None = None,
+    config: ControlNetConfig | None = None,
+    ldm_config: Path | None = None,
 ) -> tuple[dict[str, Any], ControlNetConfig]:
     """Architecture of a ``control_model.*`` ControlNet: the caller's, else the one stored in the
-    file's metadata, else the family's UNet (read off shapes) and a hint encoder read off shapes."""
+    file's metadata, else read off the tensors with the original YAML (``ldm_config``, else the
+    same-named ``.yaml``) for what they cannot tell (see :mod:`.infer`)."""
     stored = stored_controlnet_arch(tf)
     if stored is not None:
         unet_config = unet_config or stored[0]
         config = config or stored[1]
+    if unet_config is not None and config is not None:
+        return unet_config, config
+    options = ldm_options(tf.path, ldm_config)
     if unet_config is None:
-        unet_config = family_unet(family_from_context(tf.shapes, CONTROL, str(tf.path)))
-        unet_config["in_channels"] = tf.shapes[CONTROL + "input_blocks.0.0.weight"][1]
+        unet_config = unet_config_original_names(tf.shapes, CONTROL, str(tf.path), options)
     if config is None:
-        pool = _dig(read_sidecar(tf.path), "model", "params", "control_stage_config", "params")
-        pool = bool((pool or {}).get("global_average_pooling", False))
+        pool = bool(options.control.get("global_average_pooling", False))
         idx = numbered(tf.shapes, re.escape(CONTROL) + r"input_hint_block\.(\d+)\.weight")
         if not idx:
             raise CheckpointError(
@@ -163,12 +155,13 @@ def load_controlnet(
     unet_config: dict[str, Any] | None = None,
     config: ControlNetConfig | None = None,
     dtype: torch.dtype | None = None,
+    ldm_config: Path | None = None,
 ) -> ControlNet:
     _reject_unknown(tf)
     keys = tf.with_prefix(CONTROL)
     if not keys:
         raise CheckpointError(f"{tf.path}: holds no ControlNet (no control_model.* keys)")
-    unet_config, config = controlnet_arch(tf, unet_config, config)
+    unet_config, config = controlnet_arch(tf, unet_config, config, ldm_config)
     cn = build_controlnet(unet_config, config)
     load_into(cn, tf, _controlnet_rules(unet_config, config), present=keys, what="ControlNet", dtype=dtype)
     return cn
@@ -217,9 +210,9 @@ def _dropped(part: str, prefix: str, config: BaseConfig) -> Callable[[str], bool
     return lambda k: False
 
 
-def read_schedule(tf: TensorFile, base: dict[str, Any]) -> dict[str, Any]:
+def read_schedule(tf: TensorFile, base: dict[str, Any], options: LdmOptions | None = None) -> dict[str, Any]:
     """The beta range and length from the stored ``betas`` (scaled-linear or linear), and the
-    prediction type from the sidecar ``.yaml`` ('v' for the SD2.x 768-v models)."""
+    prediction type from the original YAML ('v' for the SD2.x 768-v models)."""
     schedule = dict(base)
     if "betas" in tf:
         betas = tf.get("betas").double()
@@ -239,31 +232,70 @@ def read_schedule(tf: TensorFile, base: dict[str, Any]) -> dict[str, Any]:
             beta_end=float(f"{end:.6g}"),
             beta_schedule=kind,
         )
-    if _dig(read_sidecar(tf.path), "model", "params", "parameterization") == "v":
+    if (options or ldm_options(tf.path)).parameterization == "v":
         schedule["prediction_type"] = "v_prediction"
     return schedule
 
 
-def base_config(tf: TensorFile, config: BaseConfig | None = None) -> BaseConfig:
-    """The caller's config, else the one stored in the file, else the family's (from shapes)."""
+def _family(tf: TensorFile, unet: dict[str, Any]) -> Family:
+    """The family by its text encoders (the tokenizer and conditioning follow them), else by the
+    UNet's structure."""
+    if tf.with_prefix(TEXT_XL1) or tf.with_prefix(TEXT_XL2):
+        return Family.SDXL
+    if tf.with_prefix(TEXT_SD2):
+        return Family.SD2
+    if tf.with_prefix(TEXT_SD1):
+        return Family.SD1
+    return family_of_unet_config(unet)
+
+
+def base_config(
+    tf: TensorFile, config: BaseConfig | None = None, ldm_config: Path | None = None
+) -> BaseConfig:
+    """The caller's config, else the one stored in the file, else read off the tensors with the
+    original YAML for what they cannot tell (see :mod:`.infer`)."""
     config = config or stored_base_config(tf)
     if config is not None:
         return config
     if not tf.with_prefix(UNET):
         raise CheckpointError(f"{tf.path}: holds no base model (no model.diffusion_model.* keys)")
-    config = BaseConfig.for_family(family_from_context(tf.shapes, UNET, str(tf.path)))
-    # the one structural variation users have: inpainting UNets read 9 channels
-    config.unet["in_channels"] = tf.shapes.get(UNET + "input_blocks.0.0.weight", (0, 4))[1]
-    config.schedule = read_schedule(tf, config.schedule)
+    where, shapes = str(tf.path), tf.shapes
+    options = ldm_options(tf.path, ldm_config)
+    pooled = shapes.get(TEXT_XL2 + "text_projection", (0, None))[1]
+    unet = unet_config_original_names(shapes, UNET, where, options, pooled=pooled)
+    family = _family(tf, unet)
+    config = BaseConfig.for_family(family)
+    config.unet = unet
+    # a part the file lacks keeps the family's config: loading it names what is missing
+    if tf.with_prefix(VAE):
+        config.vae = vae_config_original_names(shapes, VAE, family, where, options)
+    elif options.scale_factor is not None:
+        config.vae["scaling_factor"] = options.scale_factor
+    first, second = (
+        (TEXT_XL1, TEXT_XL2) if family is Family.SDXL else (_text_prefixes(family)["text_encoder"], None)
+    )
+    if tf.with_prefix(first):
+        config.text_encoder = (
+            openclip_config(shapes, first, family, where, second=False)
+            if _is_openclip(first)
+            else clip_config(shapes, first, family, where)
+        )
+    if second is not None and tf.with_prefix(second):
+        config.text_encoder_2 = openclip_config(shapes, second, family, where, second=True)
+    config.schedule = read_schedule(tf, config.schedule, options)
     return config
 
 
 def base_loader(
-    tf: TensorFile, *, config: BaseConfig | None = None, dtype: torch.dtype | None = None
+    tf: TensorFile,
+    *,
+    config: BaseConfig | None = None,
+    dtype: torch.dtype | None = None,
+    ldm_config: Path | None = None,
 ) -> tuple[BaseConfig, Loader]:
     """The file's base model architecture and a function that fills one part of it."""
     _reject_unknown(tf)
-    config = base_config(tf, config)
+    config = base_config(tf, config, ldm_config)
     prefixes = {"unet": UNET, "vae": VAE, **_text_prefixes(config.family)}
 
     def load(part: str, module: torch.nn.Module) -> torch.nn.Module:

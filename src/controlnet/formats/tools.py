@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,9 @@ from .api import (
     BASE,
     CONTROLNET,
     Format,
+    check_loads,
     detect,
+    ldm_config_fits,
     load_base,
     load_controlnet,
     load_unet,
@@ -34,7 +36,6 @@ from .api import (
 )
 from .build import (
     build_controlnet,
-    family_from_context,
     numbered,
     stored_base_config,
     stored_controlnet_arch,
@@ -143,12 +144,14 @@ def convert(
     overwrite: bool = False,
     base: PathLike | UNetBase | UNet2DConditionModel | None = None,
     settings: Mapping[str, Any] | None = None,
+    ldm_config: PathLike | None = None,
 ) -> list[Path]:
     """Rewrite ``src`` in format ``to`` at ``dst``; returns the paths written. ``part`` picks
     'controlnet' or 'base' from a file that holds both (default: the ControlNet). A Control-LoRA
     is built on ``base`` (its UNet, the model the ControlNet is for) and written whole.
     ``settings``: a base model's generation settings, replacing those it carries (our format
-    keeps them; the others have no place for them)."""
+    keeps them; the others have no place for them). ``ldm_config``: the original YAML of an
+    original-layout ``src`` (for what its tensors do not tell, see :mod:`.infer`)."""
     d = detect(src)
     part = part or (CONTROLNET if CONTROLNET in d.kinds else BASE)
     if part not in d.kinds:
@@ -160,9 +163,12 @@ def convert(
     if part == CONTROLNET:
         unet = None if base is None else _unet_arg(base, dtype)
         return save_controlnet(
-            load_controlnet(src, dtype=dtype, base_unet=unet), dst, to, overwrite=overwrite
+            load_controlnet(src, dtype=dtype, base_unet=unet, ldm_config=ldm_config),
+            dst,
+            to,
+            overwrite=overwrite,
         )
-    model = load_base(src, dtype=dtype)
+    model = load_base(src, dtype=dtype, ldm_config=ldm_config)
     if settings is not None:
         model.settings = dict(settings)
     return save_base(model, dst, to, overwrite=overwrite)
@@ -181,6 +187,12 @@ class Inspection:
     dtypes: dict[str, int]  # dtype -> number of tensors
     controlnet: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    #: part ('controlnet', 'base') -> None where its loader takes it, else the loader's refusal
+    loads: dict[str, str | None] = field(default_factory=dict)
+
+    @property
+    def refused(self) -> bool:
+        return any(v is not None and "Control-LoRA" not in v for v in self.loads.values())
 
     def lines(self) -> list[str]:
         out = [
@@ -194,6 +206,9 @@ class Inspection:
         if self.controlnet:
             out.append("controlnet: " + ", ".join(f"{k}={v}" for k, v in self.controlnet.items()))
         out += [f"note:       {n}" for n in self.notes]
+        for part, problem in self.loads.items():
+            said = "loads (every key and shape checked)" if problem is None else problem
+            out.append(f"check:      {part}: {said}")
         return out
 
 
@@ -216,19 +231,28 @@ def _options(unet_config: dict[str, Any], config: ControlNetConfig, residuals: i
     }
 
 
-def _family_label(tf: TensorFile, prefix: str) -> str:
+def _family_label(tf: TensorFile, read: Callable[[], Family]) -> str:
+    """The family our metadata records, else what ``read`` tells from the tensors, else unknown."""
     stored = tf.metadata.get("family")
     if stored:
         return Family(stored).label
     try:
-        return family_from_context(tf.shapes, prefix, str(tf.path)).label
+        return read().label
     except CheckpointError:
         return "unknown"
 
 
-def inspect_checkpoint(path: PathLike) -> Inspection:
+def inspect_checkpoint(path: PathLike, *, ldm_config: PathLike | None = None) -> Inspection:
     """Describe a checkpoint file or folder: format, family, parts with parameter counts, dtypes,
-    ControlNet options and notes on what loading leaves out."""
+    ControlNet options, notes on what loading leaves out, and what each loader says of it (every
+    key and shape checked, no weights read). ``ldm_config``: an original-layout file's YAML."""
+    ldm_config_fits(detect(path), ldm_config)
+    found = _describe(path, ldm_config)
+    found.loads = check_loads(path, ldm_config=ldm_config)
+    return found
+
+
+def _describe(path: PathLike, ldm_config: PathLike | None) -> Inspection:
     d = detect(path)
     tf = d.tensors
     if d.format is Format.CONTROLNET:
@@ -241,7 +265,7 @@ def inspect_checkpoint(path: PathLike) -> Inspection:
                 d.path,
                 d.format,
                 d.layout,
-                _family_label(tf, ""),
+                Family(tf.metadata["family"]).label,
                 {"controlnet": _count(tf, list(tf))},
                 _dtypes([tf]),
                 _options(*arch, residuals),
@@ -255,11 +279,11 @@ def inspect_checkpoint(path: PathLike) -> Inspection:
         return _inspect_control_lora(d.path, d.layout, tf)
     if d.format is Format.ORIGINAL:
         assert tf is not None
-        return _inspect_original(d.path, d.layout, tf)
+        return _inspect_original(d.path, d.layout, tf, ldm_config)
     return _inspect_diffusers(d.path, d.layout, tf)
 
 
-def _inspect_original(path: Path, layout: str, tf: TensorFile) -> Inspection:
+def _inspect_original(path: Path, layout: str, tf: TensorFile, ldm_config: PathLike | None) -> Inspection:
     params = {
         name: _count(tf, tf.with_prefix(prefix))
         for name, prefix in orig.PREFIXES.items()
@@ -276,12 +300,18 @@ def _inspect_original(path: Path, layout: str, tf: TensorFile) -> Inspection:
         notes.append(
             "SD2.x text encoder: the last OpenCLIP layer and text_projection are not loaded (penultimate)"
         )
-    family = _family_label(tf, orig.UNET if tf.with_prefix(orig.UNET) else orig.CONTROL)
+    yaml = None if ldm_config is None else Path(ldm_config)
+    if tf.with_prefix(orig.UNET):
+        family = _family_label(tf, lambda: orig.base_config(tf, ldm_config=yaml).family)
+    else:
+        family = _family_label(
+            tf, lambda: family_of_unet_config(orig.controlnet_arch(tf, ldm_config=yaml)[0])
+        )
     options = None
     if tf.with_prefix(orig.CONTROL):
         try:
             residuals = len(numbered(tf.shapes, r"control_model\.zero_convs\.(\d+)\.0\.weight")) + 1
-            options = _options(*orig.controlnet_arch(tf), residuals)
+            options = _options(*orig.controlnet_arch(tf, ldm_config=yaml), residuals)
         except CheckpointError as e:
             notes.append(f"ControlNet architecture not recognised: {e}")
     return Inspection(path, Format.ORIGINAL, layout, family, params, _dtypes([tf]), options, notes)
@@ -318,9 +348,8 @@ def _inspect_diffusers(path: Path, layout: str, tf: TensorFile | None) -> Inspec
         except CheckpointError as e:
             options, notes = None, [f"ControlNet architecture not recognised: {e}"]
         params = {"controlnet": _count(tf, list(tf))}
-        return Inspection(
-            path, Format.DIFFUSERS, layout, _family_label(tf, ""), params, _dtypes([tf]), options, notes
-        )
+        family = _family_label(tf, lambda: family_of_unet_config(dif.file_controlnet_arch(tf)[0]))
+        return Inspection(path, Format.DIFFUSERS, layout, family, params, _dtypes([tf]), options, notes)
     if dif.is_controlnet_folder(path):
         unet_config, config = dif.controlnet_arch(read_json(path / "config.json"))
         weights = dif.open_weights(path, dif.WEIGHTS)

@@ -10,7 +10,8 @@ same way:
   ``\\[`` are literal brackets, and a bracket left open applies to the rest of the prompt. The
   encoder's output vectors are scaled by their tokens' weights, then the whole is rescaled to the
   mean it had before, so that emphasis moves attention between words instead of changing the
-  context's overall size.
+  context's overall size (a context whose mean is zero, or changes sign, has no size to restore:
+  it is left scaled, never divided by zero).
 - Long prompts: the tokens are cut into chunks of 75 (a chunk that fills up inside the last 20
   tokens after a comma ends at that comma, so phrases stay whole; the word ``BREAK`` ends a chunk
   where it stands), each chunk is encoded as its own 77-token sequence, and the UNet attends to
@@ -248,7 +249,10 @@ def _encode_chunks(
             z = context[r].float()
             mean = z.mean()
             z = z * weights[r, :, None]
-            context[r] = (z * (mean / z.mean())).to(context.dtype)
+            ratio = mean / z.mean()
+            if not bool(torch.isfinite(ratio)) or ratio <= 0:  # a mean at or through zero: no scale
+                ratio = torch.ones_like(ratio)
+            context[r] = (z * ratio).to(context.dtype)
     context = context.reshape(len(per_prompt), n * MAX_LENGTH, context.shape[-1])
     added = None
     if emb.added is not None:  # pooled vector and time ids of each prompt's first chunk
