@@ -221,10 +221,12 @@ def test_train_bad_input(tmp_path, capsys, chain):
             [*data, *sd1, "--noise-offset", "-1"],
             "noise offset must be >= 0",
         ),
-        (
-            [*data, *sd1, "--compile-mode", "max"],
-            "compile_mode must be one of",
-        ),
+        # settings checked by the training loop are named by their flags, not their Python names
+        ([*data, *sd1, "--compile-mode", "max"], "--compile-mode must be one of"),
+        ([*data, *sd1, "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        ([*data, *sd1, "--keep-checkpoints", "0"], "--keep-checkpoints must be >= 1"),
+        ([*data, *sd1, "--lr", "nan"], "learning rates must be > 0, got --lr=nan, --decoder-lr="),
+        ([*data, *sd1, "--max-grad-norm", "-1"], "--max-grad-norm must be > 0"),
     ]
     for extra, message in cases:
         assert main(["train", "--out", str(tmp_path / "run"), *COMMON, *extra]) == 2, extra

@@ -97,3 +97,92 @@ def test_any_bytes_are_refused_as_a_vae_in_one_line(tmp_path, data):
     with pytest.raises(Exception) as caught:
         load_vae(path, like=_vae())
     _one_line(caught.value)
+
+
+# ------------------------------------------------------------------------------------ more readers
+@SETTINGS
+@given(data=BYTES, suffix=st.sampled_from([".safetensors", ".pt"]))
+def test_any_bytes_are_refused_by_the_lora_reader_in_one_line(tmp_path, data, suffix):
+    from controlnet.formats import read_lora
+
+    path = Path(tempfile.mkdtemp(dir=tmp_path)) / f"lora{suffix}"
+    path.write_bytes(data)
+    try:
+        read_lora(path)  # a header of no tensors is an empty LoRA; anything else is refused
+    except Exception as e:
+        _one_line(e)
+
+
+@SETTINGS
+@given(data=BYTES, suffix=st.sampled_from([".safetensors", ".pth"]))
+def test_any_bytes_are_refused_as_annotator_weights_in_one_line(tmp_path, data, suffix):
+    from controlnet.annotators.hed import HEDNet
+    from controlnet.annotators.weights import load_state_dict, load_strict
+
+    path = Path(tempfile.mkdtemp(dir=tmp_path)) / f"ControlNetHED{suffix}"
+    path.write_bytes(data)
+    with pytest.raises(Exception) as caught:
+        load_strict(HEDNet(), load_state_dict(path), "ControlNetHED.pth (HED)")
+    _one_line(caught.value)
+
+
+#: names a Control-LoRA holds (original layout, low-rank factors beside whole tensors)
+CONTROL_LORA_KEYS = st.sampled_from(
+    [
+        "input_hint_block.0.weight",
+        "input_hint_block.0.bias",
+        "input_hint_block.14.weight",
+        "zero_convs.0.0.weight",
+        "middle_block_out.0.weight",
+        "input_blocks.0.0.weight.down",
+        "input_blocks.0.0.weight.up",
+        "input_blocks.1.0.in_layers.2.weight.down",
+        "input_blocks.1.0.in_layers.2.weight.up",
+        "time_embed.0.weight.down",
+        "time_embed.0.bias",
+        "stray",
+    ]
+)
+SHAPES = st.lists(st.integers(0, 9), min_size=0, max_size=4).map(tuple)
+
+
+@functools.cache
+def _unet():
+    from tiny import make_base
+
+    return make_base().unet
+
+
+@SETTINGS
+@given(tensors=st.dictionaries(CONTROL_LORA_KEYS, SHAPES, max_size=8))
+def test_any_control_lora_is_built_or_refused_in_one_line(tmp_path, tensors):
+    import torch
+    from safetensors.torch import save_file
+
+    path = Path(tempfile.mkdtemp(dir=tmp_path)) / "control-lora.safetensors"
+    save_file(
+        {"lora_controlnet": torch.zeros(1), **{k: torch.zeros(s) for k, s in tensors.items()}}, str(path)
+    )
+    try:
+        load_controlnet(path, base_unet=_unet())
+    except Exception as e:
+        _one_line(e)
+
+
+def test_a_header_that_claims_huge_tensors_allocates_nothing(tmp_path):
+    """A 100-byte file whose header claims 2**40 floats per tensor: refused before any allocation
+    (the process's peak memory does not move by more than the interpreter's noise)."""
+    import resource
+
+    header = {
+        k: {"dtype": "F32", "shape": [1 << 20, 1 << 20], "data_offsets": [0, 1 << 42]} for k in ("a", "b")
+    }
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for name, loader in (("cn", load_controlnet), ("base", load_base)):
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(_safetensors_like(json.dumps(header).encode(), b"\0" * 64))
+        with pytest.raises(Exception) as caught:
+            loader(path)
+        _one_line(caught.value)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 256, grown_mb

@@ -71,6 +71,7 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from ..errors import SettingError
     from ..training.recipes import RunSpec, run_training
     from ..training.train import TrainConfig
 
@@ -89,7 +90,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise ValueError("--data is required (unless --resume continues a run, which records it)")
         run_spec = RunSpec(**spec)
         config = TrainConfig(out=args.out, overwrite=args.overwrite, **cfg)
-    r = run_training(run_spec, config)
+    try:
+        r = run_training(run_spec, config)
+    except SettingError as e:  # a setting's Python name, said as this command's flag
+        raise ValueError(e.spoken(_flags(args.train_parser))) from None
     print(
         f"trained {r.state.step} steps ({r.state.samples_seen:,} samples) in {r.seconds:.0f} s, "
         f"{r.samples_per_second:.1f} samples/s; run folder {r.run_dir}"
@@ -100,6 +104,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     for p in r.exported:
         print(f"exported {p}")
     return 0
+
+
+def _flags(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each option's destination (a setting's name) -> its long flag."""
+    return {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings}
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:

@@ -241,6 +241,12 @@ def hint_config_from_shapes(
 ) -> ControlNetConfig:
     """ControlNetConfig from the hint encoder's conv weights, given in order (first, the pairs
     between, last): each stage's width is the output of its first conv and of each strided conv."""
+    for name in conv_names:
+        shape = shapes[name + ".weight"]
+        if len(shape) != 4 or 0 in shape:
+            raise CheckpointError(
+                f"hint encoder: {name}.weight has shape {tuple(shape)}, expected a kernel (out, in, k, k)"
+            )
     first = shapes[conv_names[0] + ".weight"]
     between = [shapes[n + ".weight"] for n in conv_names[1:-1]]
     if len(between) % 2:

@@ -60,6 +60,12 @@ def _weight_shapes(tf: TensorFile) -> dict[str, tuple[int, ...]]:
     """The whole tensors' shapes, and for each low-rank layer ``<layer>.weight``: (out, in, ...)."""
     shapes = {k: tuple(s) for k, s in tf.shapes.items() if not k.endswith((DOWN, UP)) and k != MARKER}
     for name, (down, up) in low_rank_layers(tf).items():
+        for key in (down, up):
+            if len(tf.shapes[key]) < 2:
+                raise CheckpointError(
+                    f"{tf.path}: {key!r} has shape {tuple(tf.shapes[key])}; a low-rank factor is a matrix "
+                    "or a conv kernel"
+                )
         shapes[name + ".weight"] = (tf.shapes[up][0], *tf.shapes[down][1:])
     return shapes
 

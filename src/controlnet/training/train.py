@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..choices import DType
+from ..errors import SettingError
 from ..model.fastpath import check_compile_mode, compile_modules, has_own_graphs
 from .batches import run_batches
 from .checkpoints import (
@@ -87,7 +88,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         if (self.steps is None) == (self.epochs is None):
-            raise ValueError("give exactly one of steps and epochs")
+            raise SettingError("give exactly one of steps and epochs", "steps", "epochs")
         for name in (
             "steps",
             "epochs",
@@ -99,31 +100,42 @@ class TrainConfig:
         ):
             v = getattr(self, name)
             if v is not None and v < 1:
-                raise ValueError(f"{name} must be >= 1, got {v}")
+                raise SettingError(f"{name} must be >= 1, got {v}", name)
         if not (self.lr > 0 and self.decoder_lr > 0):  # (NaN is no learning rate either)
-            raise ValueError(f"learning rates must be > 0, got lr={self.lr}, decoder_lr={self.decoder_lr}")
+            raise SettingError(
+                f"learning rates must be > 0, got lr={self.lr}, decoder_lr={self.decoder_lr}",
+                "lr",
+                "decoder_lr",
+            )
         for name in ("lr", "decoder_lr", "weight_decay", "max_grad_norm", "ema_decay", "score_threshold"):
             v = getattr(self, name)
             if v is not None and not math.isfinite(v):
-                raise ValueError(f"{name} must be a finite number, got {v}")
+                raise SettingError(f"{name} must be a finite number, got {v}", name)
         if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+            raise SettingError(f"weight_decay must be >= 0, got {self.weight_decay}", "weight_decay")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+            raise SettingError(f"max_grad_norm must be > 0, got {self.max_grad_norm}", "max_grad_norm")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+            raise SettingError(f"ema_decay must be in (0, 1), got {self.ema_decay}", "ema_decay")
         try:
             self.mixed_precision = DType.parse(self.mixed_precision)
         except ValueError:
             names = ", ".join(d.value for d in DType)
-            raise ValueError(
-                f"mixed_precision must be one of {names}, got {self.mixed_precision!r}"
+            raise SettingError(
+                f"mixed_precision must be one of {names}, got {self.mixed_precision!r}", "mixed_precision"
             ) from None
-        check_compile_mode(self.compile_mode, "compile_mode")
+        try:
+            check_compile_mode(self.compile_mode, "compile_mode")
+        except ValueError as e:
+            raise SettingError(str(e), "compile_mode") from None
         if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+            raise SettingError(
+                f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}", "lr_schedule"
+            )
         if self.keep_checkpoints < 1:
-            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+            raise SettingError(
+                f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}", "keep_checkpoints"
+            )
 
 
 def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
