@@ -24,6 +24,21 @@ JSON = st.recursive(
 #: request fields, so that generated objects reach the field checks, not only the unknown-field one
 FIELDS = st.sampled_from([f for f in GenerationRequest.__dataclass_fields__] + ["x"])
 REQUESTS = st.dictionaries(FIELDS, JSON, max_size=6)
+#: no property test may grow the process's peak memory by more than this (a reader that believed
+#: a header's sizes, or a decoder of unbounded nesting, would)
+CEILING_MB = 1024
+
+
+@pytest.fixture(autouse=True)
+def memory_ceiling():
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    yield
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < CEILING_MB, f"peak memory grew by {grown_mb:.0f} MB"
+
+
 SETTINGS = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )

@@ -37,7 +37,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("generation and data", ["generation", "data"]),
     ("family registry", ["families", "families.sd.plugin"]),
     ("checkpoints and conditions", ["formats", "annotators"]),
-    ("model families", ["families.sd", "families.protocol", "text"]),
+    ("model families", ["families.sd", "families.flux", "families.protocol", "text"]),
     ("the method", ["model"]),
     ("foundation", ["", "choices", "schema", "errors", "imageio", "plots", "bundled"]),
 ]

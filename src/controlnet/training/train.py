@@ -48,6 +48,10 @@ Validator = Callable[[Objective, int, Path], dict[str, float]]
 Exporter = Callable[[Objective, "dict[str, torch.Tensor] | None", Path], list[Path]]
 
 
+#: settings that count something: at least 1
+_COUNTS = ("steps", "epochs", "batch_size", "grad_accum", "checkpoint_every", "validate_every", "log_every")
+
+
 @dataclass
 class TrainConfig:
     """Loop settings. ``batch_size`` is per process; the global batch is
@@ -89,24 +93,13 @@ class TrainConfig:
     def validate(self) -> None:
         if (self.steps is None) == (self.epochs is None):
             raise SettingError("give exactly one of steps and epochs", "steps", "epochs")
-        for name in (
-            "steps",
-            "epochs",
-            "batch_size",
-            "grad_accum",
-            "checkpoint_every",
-            "validate_every",
-            "log_every",
-        ):
+        for name in _COUNTS:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise SettingError(f"{name} must be >= 1, got {v}", name)
         if not (self.lr > 0 and self.decoder_lr > 0):  # (NaN is no learning rate either)
-            raise SettingError(
-                f"learning rates must be > 0, got lr={self.lr}, decoder_lr={self.decoder_lr}",
-                "lr",
-                "decoder_lr",
-            )
+            got = f"lr={self.lr}, decoder_lr={self.decoder_lr}"
+            raise SettingError(f"learning rates must be > 0, got {got}", "lr", "decoder_lr")
         for name in ("lr", "decoder_lr", "weight_decay", "max_grad_norm", "ema_decay", "score_threshold"):
             v = getattr(self, name)
             if v is not None and not math.isfinite(v):

@@ -1,0 +1,253 @@
+"""The Flux.1 ControlNet: the paper's controlled copy of the first transformer blocks.
+
+The locked base is diffusers' ``FluxTransformer2DModel`` (19 double-stream blocks, where text and
+image tokens keep their own weights, then 38 single-stream blocks over the joined sequence). The
+ControlNet is our own code on :class:`~controlnet.model.zero.ControlledCopy`:
+
+    r_i = Z_out_i( F_copy(x + Z_in(c))_i )
+
+- ``x``: the noisy latent tokens through a copy of the base's ``x_embedder``; ``c``: the
+  condition image's VAE latents, packed 2x2 like the base's (64 channels per token), through
+  ``controlnet_x_embedder`` (Z_in, a zero-initialised Linear);
+- F_copy: copies of the base's time/text embedders and of its first ``num_layers`` double and
+  ``num_single_layers`` single blocks; its outputs are each copied block's image tokens;
+- Z_out_i: one zero-initialised Linear(inner, inner) per copied block (``controlnet_blocks``,
+  ``controlnet_single_blocks``).
+
+The base adds residual i to the output of its double block j when ``j // ceil(19 / n) == i``
+(the single blocks likewise), which diffusers' transformer does when given the residuals. A
+**Union** ControlNet has ``controlnet_mode_embedder`` (an Embedding of the control modes) whose
+token is put before the text tokens, so one network reads several kinds of condition.
+
+The attribute names are the published files' keys (InstantX, Shakker-Labs, diffusers), so a
+state dict loads as is. A fresh ControlNet (:meth:`FluxControlNet.from_transformer`) leaves the
+base's output bit for bit unchanged: every Z_out is exactly zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from diffusers import FluxTransformer2DModel
+from diffusers.models.embeddings import (
+    CombinedTimestepGuidanceTextProjEmbeddings,
+    CombinedTimestepTextProjEmbeddings,
+    FluxPosEmbed,
+)
+from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+from torch import nn
+
+from ...model.zero import ControlledCopy, zero_linear
+
+__all__ = ["FLUX_FIELDS", "FluxControlNet", "FluxControlNetConfig", "FluxResiduals"]
+
+#: The base transformer's config fields a ControlNet shares (diffusers' names).
+FLUX_FIELDS = (
+    "patch_size",
+    "in_channels",
+    "attention_head_dim",
+    "num_attention_heads",
+    "joint_attention_dim",
+    "pooled_projection_dim",
+    "guidance_embeds",
+    "axes_dims_rope",
+)
+
+
+@dataclass(frozen=True)
+class FluxControlNetConfig:
+    """How much of the base is copied, and the Union's number of control modes (None: one kind
+    of condition)."""
+
+    num_layers: int = 2
+    num_single_layers: int = 0
+    num_mode: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_layers < 0 or self.num_single_layers < 0 or self.num_layers + self.num_single_layers == 0:
+            raise ValueError(
+                f"a Flux ControlNet copies at least one block (num_layers={self.num_layers}, "
+                f"num_single_layers={self.num_single_layers})"
+            )
+        if self.num_mode is not None and self.num_mode < 1:
+            raise ValueError(f"num_mode must be >= 1 or None, got {self.num_mode}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> FluxControlNetConfig:
+        return cls(**{k: d[k] for k in ("num_layers", "num_single_layers", "num_mode") if k in d})
+
+
+@dataclass
+class FluxResiduals:
+    """One ControlNet's residuals for the base's double and single blocks (None: none for them)."""
+
+    double: list[torch.Tensor] | None
+    single: list[torch.Tensor] | None
+
+    def scaled(self, scale: float) -> FluxResiduals:
+        def mul(rs: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+            return None if rs is None else [r * scale for r in rs]
+
+        return FluxResiduals(mul(self.double), mul(self.single))
+
+
+class FluxControlNet(ControlledCopy):
+    """A trainable copy of a Flux transformer's first blocks with zero-initialised connections."""
+
+    def __init__(
+        self,
+        transformer_config: Mapping[str, Any],
+        config: FluxControlNetConfig | None = None,
+        *,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        config = config or FluxControlNetConfig()
+        self.config = config
+        self.transformer_config = {k: transformer_config[k] for k in FLUX_FIELDS if k in transformer_config}
+        t = {**_DEFAULTS, **self.transformer_config}
+        inner = int(t["num_attention_heads"]) * int(t["attention_head_dim"])
+        self.inner_dim = inner
+        with torch.device(device or "cpu"):
+            self.pos_embed = FluxPosEmbed(theta=10000, axes_dim=list(t["axes_dims_rope"]))
+            embed = (
+                CombinedTimestepGuidanceTextProjEmbeddings
+                if t["guidance_embeds"]
+                else CombinedTimestepTextProjEmbeddings
+            )
+            self.time_text_embed = embed(
+                embedding_dim=inner, pooled_projection_dim=t["pooled_projection_dim"]
+            )
+            self.context_embedder = nn.Linear(t["joint_attention_dim"], inner)
+            self.x_embedder = nn.Linear(t["in_channels"], inner)
+            heads, dim = int(t["num_attention_heads"]), int(t["attention_head_dim"])
+            self.transformer_blocks = nn.ModuleList(
+                [
+                    FluxTransformerBlock(dim=inner, num_attention_heads=heads, attention_head_dim=dim)
+                    for _ in range(config.num_layers)
+                ]
+            )
+            self.single_transformer_blocks = nn.ModuleList(
+                [
+                    FluxSingleTransformerBlock(dim=inner, num_attention_heads=heads, attention_head_dim=dim)
+                    for _ in range(config.num_single_layers)
+                ]
+            )
+            self.controlnet_blocks = nn.ModuleList(
+                [zero_linear(inner, inner) for _ in range(config.num_layers)]
+            )
+            self.controlnet_single_blocks = nn.ModuleList(
+                [zero_linear(inner, inner) for _ in range(config.num_single_layers)]
+            )
+            self.controlnet_x_embedder = zero_linear(t["in_channels"], inner)
+            if config.num_mode is not None:
+                self.controlnet_mode_embedder = nn.Embedding(config.num_mode, inner)
+
+    # -------------------------------------------------------------------- construction
+    @classmethod
+    def from_transformer(
+        cls, transformer: FluxTransformer2DModel, config: FluxControlNetConfig | None = None, *, seed: int = 0
+    ) -> FluxControlNet:
+        """A fresh ControlNet for ``transformer``: its embedders and first blocks copied exactly,
+        every zero layer zero, a Union's mode embedding drawn from ``seed`` (the global RNG is
+        left alone). The base's output is unchanged until training opens the zero layers."""
+        config = config or FluxControlNetConfig()
+        have = (len(transformer.transformer_blocks), len(transformer.single_transformer_blocks))
+        if config.num_layers > have[0] or config.num_single_layers > have[1]:
+            raise ValueError(
+                f"cannot copy {config.num_layers} double and {config.num_single_layers} single blocks "
+                f"of a transformer that has {have[0]} and {have[1]}"
+            )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            cn = cls(dict(transformer.config), config)
+        like = transformer.x_embedder.weight
+        cn.to(device=like.device, dtype=like.dtype)
+        state = transformer.state_dict()
+        own = cn.state_dict()
+        copied = {k: state[k].detach().clone() for k in own if k in state and not k.startswith("controlnet_")}
+        cn.load_state_dict(copied, strict=False)
+        return cn
+
+    # -------------------------------------------------------------------- the controlled copy
+    def condition_layer(self) -> nn.Module:
+        return self.controlnet_x_embedder
+
+    def output_layers(self) -> list[nn.Module]:
+        return [*self.controlnet_blocks, *self.controlnet_single_blocks]
+
+    def copy_forward(
+        self,
+        h: torch.Tensor,
+        text: torch.Tensor,
+        temb: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+    ) -> list[torch.Tensor]:
+        outputs = []
+        for block in self.transformer_blocks:
+            text, h = block(hidden_states=h, encoder_hidden_states=text, temb=temb, image_rotary_emb=rotary)
+            outputs.append(h)
+        for block in self.single_transformer_blocks:
+            text, h = block(hidden_states=h, encoder_hidden_states=text, temb=temb, image_rotary_emb=rotary)
+            outputs.append(h)
+        return outputs
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        condition: torch.Tensor,
+        *,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        timestep: torch.Tensor,
+        img_ids: torch.Tensor,
+        txt_ids: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+        mode: torch.Tensor | None = None,
+        scale: float = 1.0,
+    ) -> FluxResiduals:
+        """Residuals for the base's blocks. ``hidden_states``: packed noisy latents (B, L, 64);
+        ``condition``: the packed condition latents, same shape; ``timestep`` in [0, 1] and
+        ``guidance`` as the base takes them (diffusers' convention: both times 1000 inside);
+        ``mode``: (B, 1) control-mode indices of a Union ControlNet."""
+        x = self.x_embedder(hidden_states)
+        c = self.embed_condition(condition)
+        timestep = timestep.to(x.dtype) * 1000
+        if guidance is not None and isinstance(
+            self.time_text_embed, CombinedTimestepGuidanceTextProjEmbeddings
+        ):
+            temb = self.time_text_embed(timestep, guidance.to(x.dtype) * 1000, pooled_projections)
+        else:
+            temb = self.time_text_embed(timestep, pooled_projections)
+        text = self.context_embedder(encoder_hidden_states)
+        if self.config.num_mode is not None:
+            if mode is None:
+                raise ValueError(f"a Union ControlNet needs a control mode (0-{self.config.num_mode - 1})")
+            if bool(((mode < 0) | (mode >= self.config.num_mode)).any()):
+                raise ValueError(f"control mode must be in 0-{self.config.num_mode - 1}, got {mode.tolist()}")
+            text = torch.cat([self.controlnet_mode_embedder(mode), text], dim=1)
+            txt_ids = torch.cat([txt_ids[:1], txt_ids], dim=0)
+        rotary = self.pos_embed(torch.cat([txt_ids, img_ids], dim=0))
+        res = self.residuals(x, c, text, temb, rotary)
+        n = self.config.num_layers
+        out = FluxResiduals(res[:n] or None, res[n:] or None)
+        return out if scale == 1.0 else out.scaled(scale)
+
+
+#: diffusers' FluxTransformer2DModel defaults (Flux.1 at full size), for fields a config omits.
+_DEFAULTS: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": False,
+    "axes_dims_rope": (16, 56, 56),
+}

@@ -1,0 +1,171 @@
+"""The Flux ControlNet (our controlled copy of the first transformer blocks): a fresh one leaves
+the base bit for bit unchanged, the published layout loads key for key and computes what
+diffusers' FluxControlNetModel computes, and the real sizes are the published ones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import FluxControlNetModel, FluxTransformer2DModel
+
+from controlnet.families.flux import FluxControlNet, FluxControlNetConfig
+
+TINY = {
+    "patch_size": 1,
+    "in_channels": 16,
+    "num_layers": 3,
+    "num_single_layers": 4,
+    "attention_head_dim": 8,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 12,
+    "pooled_projection_dim": 10,
+    "guidance_embeds": True,
+    "axes_dims_rope": [2, 2, 4],
+}
+
+
+def tiny_transformer(seed: int = 0) -> FluxTransformer2DModel:
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(**TINY).eval()
+
+
+def inputs(seed: int = 1, batch: int = 2, side: int = 4, text: int = 5) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    tokens = side * side
+    img_ids = torch.zeros(side, side, 3)
+    img_ids[..., 1] = torch.arange(side)[:, None]
+    img_ids[..., 2] = torch.arange(side)[None, :]
+    return {
+        "hidden_states": torch.randn(batch, tokens, TINY["in_channels"], generator=g),
+        "encoder_hidden_states": torch.randn(batch, text, TINY["joint_attention_dim"], generator=g),
+        "pooled_projections": torch.randn(batch, TINY["pooled_projection_dim"], generator=g),
+        "timestep": torch.rand(batch, generator=g),
+        "img_ids": img_ids.reshape(tokens, 3),
+        "txt_ids": torch.zeros(text, 3),
+        "guidance": torch.full((batch,), 3.5),
+    }
+
+
+def condition(seed: int = 2, batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 16, TINY["in_channels"], generator=torch.Generator().manual_seed(seed))
+
+
+def open_zero_layers(cn: torch.nn.Module, seed: int = 3) -> None:
+    """Random weights in every zero-initialised layer, as after training."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in cn.named_parameters():
+            if name.startswith(("controlnet_blocks", "controlnet_single_blocks", "controlnet_x_embedder")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def base_output(transformer, x, res=None) -> torch.Tensor:
+    kw = (
+        {}
+        if res is None
+        else {"controlnet_block_samples": res.double, "controlnet_single_block_samples": res.single}
+    )
+    with torch.no_grad():
+        return transformer(**x, **kw).sample
+
+
+@pytest.mark.parametrize(("double", "single"), [(2, 0), (1, 2), (3, 4)])
+def test_a_fresh_controlnet_leaves_the_base_bit_for_bit(double, single):
+    base = tiny_transformer()
+    cn = FluxControlNet.from_transformer(base, FluxControlNetConfig(double, single))
+    x = inputs()
+    with torch.no_grad():
+        res = cn(condition=condition(), **x)
+    assert all(not r.any() for r in [*(res.double or []), *(res.single or [])])
+    assert torch.equal(base_output(base, x, res), base_output(base, x))
+    # the copy is exact: every shared tensor equals the base's
+    state = base.state_dict()
+    for k, v in cn.state_dict().items():
+        if not k.startswith("controlnet_"):
+            assert torch.equal(v, state[k]), k
+    # once the zero layers open, the residuals reach the base
+    open_zero_layers(cn)
+    with torch.no_grad():
+        res = cn(condition=condition(), **x)
+    assert not torch.equal(base_output(base, x, res), base_output(base, x))
+
+
+def diffusers_twin(cn: FluxControlNet) -> FluxControlNetModel:
+    peer = FluxControlNetModel(
+        **{k: v for k, v in TINY.items() if k not in ("num_layers", "num_single_layers")},
+        num_layers=cn.config.num_layers,
+        num_single_layers=cn.config.num_single_layers,
+        num_mode=cn.config.num_mode,
+    ).eval()
+    peer.load_state_dict(cn.state_dict(), strict=True)
+    return peer
+
+
+@pytest.mark.parametrize("num_mode", [None, 4], ids=["plain", "union"])
+def test_equals_diffusers_flux_controlnet_key_for_key(num_mode):
+    base = tiny_transformer()
+    cn = FluxControlNet.from_transformer(base, FluxControlNetConfig(2, 3, num_mode)).eval()
+    open_zero_layers(cn)
+    peer = diffusers_twin(cn)
+    assert set(peer.state_dict()) == set(cn.state_dict())  # the published layout, as is
+    x = inputs()
+    modes = [0, 3] if num_mode else [None]
+    for m in modes:
+        mode = None if m is None else torch.full((2, 1), m)
+        with torch.no_grad():
+            ours = cn(condition=condition(), mode=mode, scale=0.7, **x)
+            theirs = peer(
+                controlnet_cond=condition(),
+                controlnet_mode=mode,
+                conditioning_scale=0.7,
+                return_dict=False,
+                **x,
+            )
+        for a, b in zip([*ours.double, *ours.single], [*theirs[0], *theirs[1]], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        # and the base reads them the same way
+        torch.testing.assert_close(
+            base_output(base, x, ours),
+            base(**x, controlnet_block_samples=theirs[0], controlnet_single_block_samples=theirs[1]).sample,
+            rtol=1e-5,
+            atol=1e-6,
+        )
+    if num_mode:
+        with torch.no_grad(), pytest.raises(ValueError, match=r"control mode must be in 0-3, got"):
+            cn(condition=condition(), mode=torch.full((2, 1), 4), **x)
+        with torch.no_grad(), pytest.raises(ValueError, match=r"needs a control mode"):
+            cn(condition=condition(), **x)
+
+
+def test_bad_copies_are_refused():
+    base = tiny_transformer()
+    with pytest.raises(
+        ValueError, match=r"cannot copy 4 double and 0 single blocks of a transformer that has 3 and 4"
+    ):
+        FluxControlNet.from_transformer(base, FluxControlNetConfig(4, 0))
+    with pytest.raises(ValueError, match=r"copies at least one block"):
+        FluxControlNetConfig(0, 0)
+
+
+@pytest.mark.parametrize(
+    ("config", "guidance", "expected"),
+    [
+        (FluxControlNetConfig(5, 10, num_mode=10), True, 3_301_956_608),  # InstantX / Shakker Union
+        (FluxControlNetConfig(2, 0), True, 743_790_592),
+        (FluxControlNetConfig(2, 0), False, 743_790_592 - 10_229_760),  # schnell: no guidance input
+    ],
+)
+def test_real_sizes_on_the_meta_device(config, guidance, expected):
+    """Flux.1-dev's ControlNets (diffusers' defaults are its sizes; dev reads a guidance input)."""
+    cn = FluxControlNet({"guidance_embeds": guidance}, config, device="meta")
+    assert sum(p.numel() for p in cn.parameters()) == expected
+    with torch.device("meta"):
+        peer = FluxControlNetModel(
+            num_layers=config.num_layers,
+            num_single_layers=config.num_single_layers,
+            num_mode=config.num_mode,
+            guidance_embeds=guidance,
+        )
+    assert {k: tuple(v.shape) for k, v in cn.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in peer.state_dict().items()
+    }
