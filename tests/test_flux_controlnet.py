@@ -169,3 +169,81 @@ def test_real_sizes_on_the_meta_device(config, guidance, expected):
     assert {k: tuple(v.shape) for k, v in cn.state_dict().items()} == {
         k: tuple(v.shape) for k, v in peer.state_dict().items()
     }
+
+
+# ------------------------------------------------------------------------------------ files
+#: Flux.1's head size and rotary split (what a published file implies), at a width of one head
+FILE_SIZE = {**TINY, "attention_head_dim": 128, "num_attention_heads": 1, "axes_dims_rope": [16, 56, 56]}
+
+
+def file_controlnet(num_mode=None) -> FluxControlNet:
+    torch.manual_seed(4)
+    base = FluxTransformer2DModel(**FILE_SIZE).eval()
+    cn = FluxControlNet.from_transformer(base, FluxControlNetConfig(2, 1, num_mode)).eval()
+    open_zero_layers(cn)
+    return cn
+
+
+def same(a: FluxControlNet, b: FluxControlNet) -> None:
+    assert a.config == b.config
+    assert a.transformer_config == b.transformer_config
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("num_mode", [None, 3], ids=["plain", "union"])
+def test_every_layout_round_trips_bitwise(tmp_path, num_mode):
+    from controlnet.formats import Format, convert, detect, load_controlnet, save_controlnet
+
+    cn = file_controlnet(num_mode)
+    ours = save_controlnet(cn, tmp_path / "cn.safetensors")[0]
+    assert detect(ours).family == "flux" and detect(ours).format is Format.CONTROLNET
+    published = convert(ours, tmp_path / "published.safetensors", "original")[0]
+    d = detect(published)
+    assert (
+        d.format is Format.ORIGINAL
+        and "published layout" in d.layout
+        and not d.tensors.metadata.get("family")
+    )
+    folder = convert(published, tmp_path / "folder", "diffusers")[0]
+    back = convert(folder, tmp_path / "back.safetensors", "controlnet")[0]
+    for path in (ours, published, folder, back):
+        same(cn, load_controlnet(path))
+    # diffusers reads our folder as its own FluxControlNetModel, tensor for tensor
+    peer = FluxControlNetModel.from_pretrained(folder)
+    assert peer.config.num_mode == num_mode and peer.config.num_layers == 2
+    theirs = peer.state_dict()
+    assert all(torch.equal(theirs[k], v) for k, v in cn.state_dict().items())
+
+
+def test_inspect_and_errors(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from controlnet.cli import main
+    from controlnet.formats import CheckpointError, load_controlnet, save_controlnet
+
+    cn = file_controlnet(num_mode=4)
+    path = save_controlnet(cn, tmp_path / "union.safetensors", "original")[0]
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "family:     Flux.1-dev" in out and "union_modes=4" in out and "double_blocks=2" in out
+    assert "check:      controlnet: loads" in out
+
+    state = {k: v.contiguous() for k, v in cn.state_dict().items()}
+    del state["controlnet_blocks.1.bias"]
+    save_file(state, str(tmp_path / "broken.safetensors"))
+    assert main(["inspect", str(tmp_path / "broken.safetensors")]) == 1
+    assert "missing keys (1): controlnet_blocks.1.bias" in capsys.readouterr().out
+    with pytest.raises(CheckpointError, match=r"broken\.safetensors: Flux ControlNet: missing keys"):
+        load_controlnet(tmp_path / "broken.safetensors")
+
+    small = file_controlnet_of_head(8)
+    save_file({k: v.contiguous() for k, v in small.state_dict().items()}, str(tmp_path / "small.safetensors"))
+    with pytest.raises(CheckpointError, match=r"heads of 8 channels, not Flux\.1's 128: the rotary axes"):
+        load_controlnet(tmp_path / "small.safetensors")
+
+
+def file_controlnet_of_head(head: int) -> FluxControlNet:
+    base = FluxTransformer2DModel(**TINY).eval()
+    assert TINY["attention_head_dim"] == head
+    return FluxControlNet.from_transformer(base, FluxControlNetConfig(1, 0))

@@ -15,13 +15,14 @@ from typing import Any
 import torch
 from diffusers import UNet2DConditionModel
 
+from ..families.flux.controlnet import FluxControlNet
 from ..families.sd.base import UNetBase
 from ..families.sd.configs import Family
 from ..families.sd.controlnet import ControlNet, ControlNetConfig
 from . import control_lora as clora
 from . import diffusers as dif
+from . import flux, ours
 from . import original as orig
-from . import ours
 from .build import BaseConfig, Loader, build_unet, make_base
 from .checkpoint import CheckpointError, TensorFile, list_keys, open_tensors, shapes_only
 from .lora import is_lora_key
@@ -63,12 +64,17 @@ class Detected:
     layout: str
     tensors: TensorFile | None = field(default=None, repr=False)  # None for folders
     control_lora: bool = False
+    family: str = "sd"  # the model family: 'sd' (the UNets) or 'flux'
 
 
 def detect(path: PathLike) -> Detected:
     """Tell the format and contents of a file or folder (reads headers and names, no weights)."""
     path = Path(path)
     if path.is_dir():
+        if flux.is_flux_folder(path):
+            return Detected(
+                path, Format.DIFFUSERS, (CONTROLNET,), "Flux ControlNet folder", family=flux.FAMILY
+            )
         if dif.is_controlnet_folder(path):
             return Detected(path, Format.DIFFUSERS, (CONTROLNET,), "ControlNet folder")
         if dif.is_pipeline_folder(path):
@@ -78,6 +84,11 @@ def detect(path: PathLike) -> Detected:
             "with model_index.json)"
         )
     tf = open_tensors(path)
+    if flux.is_flux_file(tf):
+        if ours.kind_of(tf) is not None:
+            return Detected(path, Format.CONTROLNET, (CONTROLNET,), "Flux ControlNet", tf, family=flux.FAMILY)
+        layout = "Flux ControlNet, published layout (InstantX / diffusers names, no config)"
+        return Detected(path, Format.ORIGINAL, (CONTROLNET,), layout, tf, family=flux.FAMILY)
     kind = ours.kind_of(tf)
     if kind is not None:
         what = "ControlNet" if kind == ours.CONTROLNET else "base model"
@@ -125,8 +136,8 @@ def load_controlnet(
     config: ControlNetConfig | None = None,
     base_unet: UNet2DConditionModel | None = None,
     ldm_config: PathLike | None = None,
-) -> ControlNet:
-    """Load a ControlNet from any supported file or folder.
+) -> ControlNet | FluxControlNet:
+    """Load a ControlNet from any supported file or folder (a Flux one too).
 
     ``dtype`` casts floating-point tensors (default: as stored). ``unet_config`` / ``config``
     describe the architecture of files that carry none (original-layout or bare diffusers-layout
@@ -138,6 +149,12 @@ def load_controlnet(
     d = detect(path)
     _need(d, CONTROLNET)
     ldm_config_fits(d, ldm_config)
+    if d.family == flux.FAMILY:
+        return (
+            flux.load_file(d.tensors, dtype=dtype)
+            if d.tensors is not None
+            else flux.load_folder(d.path, dtype=dtype)
+        )
     if d.control_lora:
         assert d.tensors is not None
         if base_unet is None:
@@ -164,7 +181,7 @@ def _path(p: PathLike | None) -> Path | None:
 
 
 def ldm_config_fits(d: Detected, ldm_config: PathLike | None) -> None:
-    if ldm_config is not None and (d.format is not Format.ORIGINAL or d.control_lora):
+    if ldm_config is not None and (d.format is not Format.ORIGINAL or d.control_lora or d.family != "sd"):
         raise CheckpointError(
             f"{d.path}: an original YAML (--config) describes original-layout files only; this is a "
             f"{d.layout} ({d.format.value} format), which carries its own architecture"
@@ -260,7 +277,7 @@ def load_unet(
 
 
 def save_controlnet(
-    cn: ControlNet,
+    cn: ControlNet | FluxControlNet,
     path: PathLike,
     fmt: Format | str = Format.CONTROLNET,
     *,
@@ -271,6 +288,11 @@ def save_controlnet(
     only) embeds a base model, as in the v1.0 files."""
     fmt = Format(fmt)
     path = Path(path)
+    if isinstance(cn, FluxControlNet):
+        if base is not None:
+            raise ValueError("a Flux ControlNet file holds the ControlNet alone")
+        target = path if fmt is Format.DIFFUSERS else _safetensors_path(path)
+        return flux.save(cn, target, fmt.value, overwrite=overwrite)
     if base is not None and fmt is not Format.ORIGINAL:
         raise ValueError("a base model can be embedded in the original format only")
     if fmt is Format.ORIGINAL:

@@ -19,11 +19,12 @@ from ..families.sd.configs import Family, family_of_unet_config
 from ..families.sd.controlnet import ControlNet, ControlNetConfig
 from . import control_lora as clora
 from . import diffusers as dif
+from . import flux, ours
 from . import original as orig
-from . import ours
 from .api import (
     BASE,
     CONTROLNET,
+    Detected,
     Format,
     check_loads,
     detect,
@@ -255,6 +256,8 @@ def inspect_checkpoint(path: PathLike, *, ldm_config: PathLike | None = None) ->
 def _describe(path: PathLike, ldm_config: PathLike | None) -> Inspection:
     d = detect(path)
     tf = d.tensors
+    if d.family == flux.FAMILY:
+        return _inspect_flux(d)
     if d.format is Format.CONTROLNET:
         assert tf is not None
         if ours.CONTROLNET in d.kinds:
@@ -315,6 +318,21 @@ def _inspect_original(path: Path, layout: str, tf: TensorFile, ldm_config: PathL
         except CheckpointError as e:
             notes.append(f"ControlNet architecture not recognised: {e}")
     return Inspection(path, Format.ORIGINAL, layout, family, params, _dtypes([tf]), options, notes)
+
+
+def _inspect_flux(d: Detected) -> Inspection:
+    tf = d.tensors if d.tensors is not None else dif.open_weights(d.path, flux.WEIGHTS)
+    notes: list[str] = []
+    options = None
+    try:
+        arch = flux.arch(tf) if d.tensors is not None else flux.folder_arch(d.path)
+        options = flux.describe(*arch)
+    except CheckpointError as e:
+        notes.append(f"ControlNet architecture not recognised: {e}")
+    label = "Flux.1-dev" if options and options["guidance_input"] else "Flux.1"
+    return Inspection(
+        d.path, d.format, d.layout, label, {"controlnet": _count(tf, list(tf))}, _dtypes([tf]), options, notes
+    )
 
 
 def _inspect_control_lora(path: Path, layout: str, tf: TensorFile) -> Inspection:

@@ -110,7 +110,11 @@ class FluxControlNet(ControlledCopy):
         super().__init__()
         config = config or FluxControlNetConfig()
         self.config = config
-        self.transformer_config = {k: transformer_config[k] for k in FLUX_FIELDS if k in transformer_config}
+        self.transformer_config = {  # JSON-stable: lists, not tuples
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in transformer_config.items()
+            if k in FLUX_FIELDS
+        }
         t = {**_DEFAULTS, **self.transformer_config}
         inner = int(t["num_attention_heads"]) * int(t["attention_head_dim"])
         self.inner_dim = inner
@@ -171,8 +175,12 @@ class FluxControlNet(ControlledCopy):
         cn.to(device=like.device, dtype=like.dtype)
         state = transformer.state_dict()
         own = cn.state_dict()
-        copied = {k: state[k].detach().clone() for k in own if k in state and not k.startswith("controlnet_")}
-        cn.load_state_dict(copied, strict=False)
+        # every tensor with a twin in the base is the base's (the zero layers and the mode
+        # embedding have none and stay as made)
+        own.update(
+            {k: state[k].detach().clone() for k in own if k in state and not k.startswith("controlnet_")}
+        )
+        cn.load_state_dict(own)
         return cn
 
     # -------------------------------------------------------------------- the controlled copy
