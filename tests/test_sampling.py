@@ -297,7 +297,7 @@ def test_guidance_wraps_the_controlled_model(world):
     from controlnet.generation.denoiser import ControlledDenoiser, Guided, PreparedControl
 
     base, _, cond, uncond, _ = world
-    prepared = [PreparedControl.build(unit(world), 1, base.device, base.dtype)]
+    prepared = [PreparedControl.build(unit(world), 1, base.device, base.dtype, base)]
     both = ControlledDenoiser(base, prepared, PromptEmbeddings.cat([uncond, cond]), 4, cfg_batch=True)
     x, t = torch.randn(1, 4, *LAT, generator=torch.Generator().manual_seed(1)), torch.tensor(500.0)
     for g, alone in ((0.0, uncond), (1.0, cond)):
@@ -313,7 +313,7 @@ def test_graphed_steps_replay_the_same_computation_per_active_set(world):
     from controlnet.model.fastpath import GraphCache
 
     base, _, cond, uncond, _ = world
-    prepared = [PreparedControl.build(unit(world, end=0.5), 1, base.device, base.dtype)]
+    prepared = [PreparedControl.build(unit(world, end=0.5), 1, base.device, base.dtype, base)]
     model = Guided(
         ControlledDenoiser(base, prepared, PromptEmbeddings.cat([uncond, cond]), 4, cfg_batch=True), 7.5
     )

@@ -202,7 +202,12 @@ class ToyBase:
     def denoiser(self) -> nn.Module:
         return self.network
 
-    def scheduler(self, sampler, spacing):
+    guidance_input = False
+
+    def control_hint(self, controlnet, condition):
+        return controlnet.encode_hint(condition)
+
+    def scheduler(self, sampler, spacing, *, latent_size=None):
         if Sampler.parse(sampler) is not Sampler.DDIM:
             raise ValueError(f"the toy family samples with ddim only, got {Sampler.parse(sampler).value}")
         return DDIMScheduler(clip_sample=False, set_alpha_to_one=False, steps_offset=1)

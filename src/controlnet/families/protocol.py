@@ -145,12 +145,30 @@ class BaseModel(Protocol):
 
     # ---------------------------------------------------------------- denoising
     @property
+    def guidance_input(self) -> bool:
+        """Whether the network reads the guidance scale as an input (guidance-distilled models):
+        then generation passes it as ``added["guidance"]`` and runs no classifier-free guidance."""
+        ...
+
+    @property
     def denoiser(self) -> nn.Module:
         """The network that runs every step (what is compiled, and what keeps the step graphs)."""
         ...
 
-    def scheduler(self, sampler: Sampler | str, spacing: TimestepSpacing | str) -> SchedulerMixin:
-        """A fresh scheduler of the model's family for ``sampler``, its steps spaced by ``spacing``."""
+    def scheduler(
+        self,
+        sampler: Sampler | str,
+        spacing: TimestepSpacing | str,
+        *,
+        latent_size: tuple[int, int] | None = None,
+    ) -> SchedulerMixin:
+        """A fresh scheduler of the model's family for ``sampler``, its steps spaced by ``spacing``
+        (``latent_size``: of the image to make, for schedules that shift with the size)."""
+        ...
+
+    def control_hint(self, controlnet: nn.Module, condition: torch.Tensor) -> torch.Tensor:
+        """A condition image (B, C, H, W) in [0, 1] as ``controlnet`` reads it (its hint
+        encoder's features, or latents of the model's VAE), computed once per generation."""
         ...
 
     def predict(

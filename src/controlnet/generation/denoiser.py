@@ -57,6 +57,7 @@ class ControlUnit:
     guess_mode: bool = False
     only_mid: bool = False
     region: torch.Tensor | None = None
+    control_type: int | None = None  # a Union ControlNet's kind of condition
 
     def __post_init__(self) -> None:
         self.mode = ControlMode.CONTROLNET if self.guess_mode else ControlMode.parse(self.mode)
@@ -74,7 +75,7 @@ class ControlUnit:
         """Runs on the conditional CFG half only: "ControlNet is more important", and the global
         pooling (shuffle) models, as released."""
         assert isinstance(self.mode, ControlMode)
-        return self.mode.conditional_only or self.controlnet.config.global_pool
+        return self.mode.conditional_only or bool(getattr(self.controlnet.config, "global_pool", False))
 
     def in_window(self, step: int, total: int) -> bool:
         return self.start <= step / total < self.end
@@ -93,14 +94,14 @@ class PreparedControl:
     @classmethod
     @torch.no_grad()
     def build(
-        cls, unit: ControlUnit, batch: int, device: torch.device, dtype: torch.dtype
+        cls, unit: ControlUnit, batch: int, device: torch.device, dtype: torch.dtype, base: BaseModel
     ) -> PreparedControl:
         cond = unit.condition.to(device=device, dtype=dtype)
         if cond.shape[0] not in (1, batch):
             raise ValueError(
                 f"control condition batch {cond.shape[0]} is neither 1 nor the sample count {batch}"
             )
-        hint = unit.controlnet.encode_hint(cond)
+        hint = base.control_hint(unit.controlnet, cond)
         both = hint if hint.shape[0] == 1 else torch.cat([hint, hint])
         cn = unit.controlnet
         assert isinstance(unit.mode, ControlMode)
@@ -117,7 +118,9 @@ class PreparedControl:
             return None
         cond_only = self.unit.conditional_only and cfg
         hint = self.hint_one_half if cond_only or not cfg else self.hint_both_halves
-        return Control(self.unit.controlnet, hint, self.scales, cond_only, self.region)
+        return Control(
+            self.unit.controlnet, hint, self.scales, cond_only, self.region, self.unit.control_type
+        )
 
 
 class StepModel:
@@ -172,7 +175,7 @@ class ControlledDenoiser(StepModel):
             if c is not None:
                 j = len(active)
                 active.append(c)
-                key.append((k, c.conditional_only, tuple(c.scales)))
+                key.append((k, c.conditional_only, tuple(c.scales), c.control_type))
                 inputs[f"hint{j}"] = c.hint
                 if c.region is not None:
                     inputs[f"region{j}"] = c.region
@@ -182,9 +185,14 @@ class ControlledDenoiser(StepModel):
     def forward(self, inputs: Mapping[str, torch.Tensor], key: Hashable) -> torch.Tensor:
         controls = [  # the key names each active control: which, its half, its scales
             Control(
-                self.controls[k].unit.controlnet, inputs[f"hint{j}"], scales, only, inputs.get(f"region{j}")
+                self.controls[k].unit.controlnet,
+                inputs[f"hint{j}"],
+                scales,
+                only,
+                inputs.get(f"region{j}"),
+                kind,
             )
-            for j, (k, only, scales) in enumerate(key)  # type: ignore[misc, arg-type]
+            for j, (k, only, scales, kind) in enumerate(key)  # type: ignore[misc, arg-type]
         ]
         added = {k[6:]: v for k, v in inputs.items() if k.startswith("added.")} or None
         return self.base.predict(

@@ -99,8 +99,13 @@ def render(
     place of the ControlNet path (``units`` empty); other ``options`` go to
     :func:`~controlnet.generation.sampling.denoise` (progress, callback, compile, ...).
     """
-    guided = sampling.guidance != 1.0
+    # a model that reads the guidance scale as an input (guidance-distilled) gets it there, and
+    # runs without classifier-free guidance
+    guided = sampling.guidance != 1.0 and not base.guidance_input
     cond, uncond = base.encode_prompts(prompts, negatives if guided else None, size=size, syntax=syntax)
+    if base.guidance_input:
+        scale = torch.full((len(cond),), float(sampling.guidance), device=cond.context.device)
+        cond = PromptEmbeddings(cond.context, {**(cond.added or {}), "guidance": scale})
     latent_size = base.latent_size(size)
     if sample_fn is not None:
         if units:
@@ -208,7 +213,7 @@ def denoise(
         raise ValueError("a mask needs an init image (the source whose unmasked region is kept)")
     batch, device, dtype = len(seeds), base.device, base.dtype
     use_cfg = uncond is not None and guidance != 1.0
-    scheduler = base.scheduler(sampler, timestep_spacing)
+    scheduler = base.scheduler(sampler, timestep_spacing, latent_size=latent_size)
     scheduler.set_timesteps(steps, device=device)
     first = steps - steps_run(steps, denoise_strength) if init_latents is not None else 0
     timesteps = scheduler.timesteps[first * scheduler.order :]
@@ -239,7 +244,7 @@ def denoise(
     # outside what it supports (a validation run during such training, with side streams, drew
     # NaN images), so they run one after the other
     concurrent = concurrent_controls and not own_graphs
-    prepared = [PreparedControl.build(u, batch, device, dtype) for u in controls]
+    prepared = [PreparedControl.build(u, batch, device, dtype, base) for u in controls]
     embeds = PromptEmbeddings.cat([uncond, cond]) if use_cfg else cond  # type: ignore[list-item]
     controlled = ControlledDenoiser(base, prepared, embeds, total, cfg_batch=use_cfg, concurrent=concurrent)
     model: StepModel = Guided(controlled, guidance) if use_cfg else controlled

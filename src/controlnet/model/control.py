@@ -72,14 +72,16 @@ def control_scales(
 class Control:
     """One ControlNet applied at one denoising step.
 
-    hint: features from ``controlnet.encode_hint``, batch equal to the rows it runs on (the
-        whole batch, or the conditional half when ``conditional_only``), or 1 (broadcast).
+    hint: the condition as the ControlNet reads it (the base's ``control_hint``), batch equal to
+        the rows it runs on (the whole batch, or the conditional half when ``conditional_only``),
+        or 1 (broadcast).
     scales: one multiplier per residual (see :func:`control_scales`).
     conditional_only: run on the conditional half of a CFG batch only.
     region: where the control acts, (1, 1, h, w) weights in [0, 1] over the latent (None:
         everywhere; the A1111 extension's "effective region mask"). Each residual is multiplied by
         it, averaged over the residual's cells (area resizing), so a control with several others
         can be kept to part of the image.
+    control_type: a Union ControlNet's kind of condition (its mode index), or None.
     """
 
     controlnet: nn.Module
@@ -87,6 +89,7 @@ class Control:
     scales: Sequence[float]
     conditional_only: bool = False
     region: torch.Tensor | None = None
+    control_type: int | None = None
 
     def __post_init__(self) -> None:
         if len(self.scales) != self.controlnet.num_residuals:

@@ -35,9 +35,12 @@ from diffusers import FluxTransformer2DModel
 from diffusers.models.embeddings import (
     CombinedTimestepGuidanceTextProjEmbeddings,
     CombinedTimestepTextProjEmbeddings,
-    FluxPosEmbed,
 )
-from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+from diffusers.models.transformers.transformer_flux import (
+    FluxPosEmbed,
+    FluxSingleTransformerBlock,
+    FluxTransformerBlock,
+)
 from torch import nn
 
 from ...model.zero import ControlledCopy, zero_linear
@@ -182,6 +185,11 @@ class FluxControlNet(ControlledCopy):
         )
         cn.load_state_dict(own)
         return cn
+
+    @property
+    def num_residuals(self) -> int:
+        """One residual per copied block, double blocks first."""
+        return self.config.num_layers + self.config.num_single_layers
 
     # -------------------------------------------------------------------- the controlled copy
     def condition_layer(self) -> nn.Module:

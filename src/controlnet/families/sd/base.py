@@ -124,10 +124,24 @@ class UNetBase:
     def denoiser(self) -> torch.nn.Module:
         return self.unet
 
+    @property
+    def guidance_input(self) -> bool:
+        """The UNets take guidance as classifier-free guidance, never as an input."""
+        return False
+
+    def control_hint(self, controlnet: torch.nn.Module, condition: torch.Tensor) -> torch.Tensor:
+        """The ControlNet's hint encoder reads the condition image itself."""
+        return controlnet.encode_hint(condition)
+
     def scheduler(
-        self, sampler: Sampler | str, spacing: TimestepSpacing | str = TimestepSpacing.DEFAULT
+        self,
+        sampler: Sampler | str,
+        spacing: TimestepSpacing | str = TimestepSpacing.DEFAULT,
+        *,
+        latent_size: tuple[int, int] | None = None,
     ) -> SchedulerMixin:
-        """A fresh diffusers scheduler over the model's training schedule (:mod:`.schedulers`)."""
+        """A fresh diffusers scheduler over the model's training schedule (:mod:`.schedulers`);
+        the same at every size."""
         from .schedulers import make_scheduler
 
         return make_scheduler(sampler, self.schedule, spacing)

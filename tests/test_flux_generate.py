@@ -1,0 +1,215 @@
+"""Flux.1 generation through the generic path (the family protocol's FluxBase): equal to diffusers'
+FluxControlNetPipeline on the same tiny weights, noise and conditions - one ControlNet, two with
+their own strengths, a Union ControlNet in two modes - and the guidance scale read as an input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxControlNetModel,
+    FluxControlNetPipeline,
+    FluxTransformer2DModel,
+)
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+from controlnet.families.flux import FluxControlNet, FluxControlNetConfig
+from controlnet.families.flux.base import FluxBase, pack
+from controlnet.families.flux.schedule import FLUX_SCHEDULE
+from controlnet.families.sd.configs import Family
+from controlnet.generation.denoiser import ControlUnit
+from controlnet.generation.sampling import Sampling, initial_noise, render
+from controlnet.text.tokenizer import clip_tokenizer
+
+TRANSFORMER = {
+    "patch_size": 1,
+    "in_channels": 16,  # 4 latent channels, 2x2 patches
+    "num_layers": 2,
+    "num_single_layers": 3,
+    "attention_head_dim": 8,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 12,
+    "pooled_projection_dim": 10,
+    "guidance_embeds": True,
+    "axes_dims_rope": [2, 2, 4],
+}
+SIZE, SEQ = (32, 48), 16  # pixels (H, W); T5 tokens
+
+
+def t5_tokenizer() -> PreTrainedTokenizerFast:
+    """A small unigram vocabulary in T5's shape (pad 0, end 1, unk 2; an end token appended)."""
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [
+        (c, -2.0) for c in "▁abcdefghijklmnopqrstuvwxyz"
+    ]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+@pytest.fixture(scope="module")
+def world():
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(**TRANSFORMER).eval()
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        scaling_factor=0.6,
+        shift_factor=0.1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ).eval()
+    # a posterior of no spread: diffusers draws the condition's latents from it, we take its mean
+    with torch.no_grad():
+        out = vae.encoder.conv_out
+        out.weight[4:].zero_()
+        out.bias[4:].fill_(-1000.0)
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=10,
+            intermediate_size=20,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    ).eval()
+    t5 = T5EncoderModel(
+        T5Config(vocab_size=32, d_model=12, d_kv=4, d_ff=24, num_layers=2, num_heads=3)
+    ).eval()
+    base = FluxBase(
+        transformer, vae, clip, t5, clip_tokenizer(Family.SD1), t5_tokenizer(), max_sequence_length=SEQ
+    )
+    return base
+
+
+def controlnet(base: FluxBase, config: FluxControlNetConfig, seed: int) -> FluxControlNet:
+    cn = FluxControlNet.from_transformer(base.transformer, config, seed=seed).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in cn.named_parameters():
+            if name.startswith(("controlnet_blocks", "controlnet_single_blocks", "controlnet_x_embedder")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return cn
+
+
+def peer(cn: FluxControlNet) -> FluxControlNetModel:
+    model = FluxControlNetModel(
+        **{k: v for k, v in TRANSFORMER.items() if k not in ("num_layers", "num_single_layers")},
+        num_layers=cn.config.num_layers,
+        num_single_layers=cn.config.num_single_layers,
+        num_mode=cn.config.num_mode,
+    ).eval()
+    model.load_state_dict(cn.state_dict())
+    return model
+
+
+def condition(seed: int) -> torch.Tensor:
+    return torch.rand(1, 3, *SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def ours(base, units, seeds, steps=4, guidance=3.5):
+    sampling = Sampling("euler", "default", steps, guidance)
+    out = render(
+        base, units, ["a red disk"] * len(seeds), [""] * len(seeds), seeds, SIZE, sampling, progress=False
+    )
+    return pack(out.latents)
+
+
+def theirs(base, cns, conds, scales, modes, seeds, steps=4, guidance=3.5, starts=None, ends=None):
+    pipe = FluxControlNetPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULE),
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        text_encoder_2=base.text_encoder_2,
+        tokenizer_2=base.tokenizer_2,
+        transformer=base.transformer,
+        controlnet=[peer(c) for c in cns] if len(cns) > 1 else peer(cns[0]),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    h, w = base.latent_size(SIZE)
+    noise = pack(initial_noise((len(seeds), 4, h, w), seeds, torch.device("cpu"), torch.float32))
+    many = len(cns) > 1
+    # a tensor reaches the pipeline's VAE as it is (only images are normalised): give it [-1, 1]
+    conds = [c * 2 - 1 for c in conds]
+    kw = {}
+    if starts is not None:
+        kw = {
+            "control_guidance_start": starts if many else starts[0],
+            "control_guidance_end": ends if many else ends[0],
+        }
+    with torch.no_grad():
+        return pipe(
+            prompt=["a red disk"] * len(seeds),
+            control_image=conds if many else conds[0],
+            control_mode=(modes if many else modes[0]) if any(m is not None for m in modes) else None,
+            controlnet_conditioning_scale=scales if many else scales[0],
+            height=SIZE[0],
+            width=SIZE[1],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            latents=noise,
+            max_sequence_length=SEQ,
+            output_type="latent",
+            **kw,
+        ).images
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+
+
+def test_one_controlnet_equals_the_pipeline(world):
+    cn = controlnet(world, FluxControlNetConfig(2, 1), seed=1)
+    unit = ControlUnit(cn, condition(5), strength=0.8)
+    close(ours(world, [unit], [7, 8]), theirs(world, [cn], [condition(5)], [0.8], [None], [7, 8]))
+
+
+def test_two_controlnets_with_their_own_strengths_and_windows(world):
+    a = controlnet(world, FluxControlNetConfig(2, 1), seed=1)
+    b = controlnet(world, FluxControlNetConfig(2, 1), seed=2)
+    units = [ControlUnit(a, condition(5), 0.7, 0.0, 0.5), ControlUnit(b, condition(6), 1.2, 0.25, 1.0)]
+    got = ours(world, units, [3])
+    want = theirs(
+        world,
+        [a, b],
+        [condition(5), condition(6)],
+        [0.7, 1.2],
+        [None, None],
+        [3],
+        starts=[0.0, 0.25],
+        ends=[0.5, 1.0],
+    )
+    close(got, want)
+
+
+@pytest.mark.parametrize("mode", [0, 2])
+def test_a_union_controlnet_in_each_mode(world, mode):
+    cn = controlnet(world, FluxControlNetConfig(1, 2, num_mode=3), seed=4)
+    unit = ControlUnit(cn, condition(9), 1.0, control_type=mode)
+    close(ours(world, [unit], [11]), theirs(world, [cn], [condition(9)], [1.0], [mode], [11]))
+
+
+def test_guidance_is_an_input_and_no_negative_is_encoded(world, monkeypatch):
+    calls = []
+    encode = FluxBase.encode_prompt
+    monkeypatch.setattr(
+        FluxBase, "encode_prompt", lambda self, p, **kw: calls.append(list(p)) or encode(self, p)
+    )
+    a = ours(world, [], [5], guidance=1.5)
+    b = ours(world, [], [5], guidance=4.0)
+    assert calls == [["a red disk"], ["a red disk"]]  # the prompt only, never the negative
+    assert not torch.equal(a, b)  # the scale reached the network
