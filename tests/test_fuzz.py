@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from controlnet.formats import load_base, load_controlnet, load_vae
@@ -85,9 +85,14 @@ BYTES = st.one_of(
 )
 
 
+#: a header whose text holds a line break, which safetensors' error message quotes (found here)
+QUOTED_BREAK = b'\x0c\x00\x00\x00\x00\x00\x00\x00{ "":["\\n"]}'
+
+
 @pytest.mark.parametrize("loader", [load_controlnet, load_base], ids=["controlnet", "base"])
 @SETTINGS
 @given(data=BYTES, suffix=st.sampled_from([".safetensors", ".ckpt", ".pth", ".bin"]))
+@example(data=QUOTED_BREAK, suffix=".safetensors")
 def test_any_bytes_are_refused_by_every_loader_in_one_line(tmp_path, loader, data, suffix):
     path = Path(tempfile.mkdtemp(dir=tmp_path)) / f"model{suffix}"
     path.write_bytes(data)
@@ -106,6 +111,7 @@ def _vae():
 
 @SETTINGS
 @given(data=BYTES)
+@example(data=QUOTED_BREAK)
 def test_any_bytes_are_refused_as_a_vae_in_one_line(tmp_path, data):
     path = Path(tempfile.mkdtemp(dir=tmp_path)) / "vae.safetensors"
     path.write_bytes(data)

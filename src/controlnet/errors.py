@@ -10,7 +10,12 @@ __all__ = ["CheckpointError", "SettingError"]
 
 class CheckpointError(ValueError):
     """A weight file that cannot be used as asked: unreadable, of an unknown format, with missing,
-    unexpected or mis-shaped keys, or of another model family. The message names the file."""
+    unexpected or mis-shaped keys, or of another model family. The message names the file, in one
+    line: line breaks that come from the file itself (a header's text quoted by a reader) are
+    shown escaped."""
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
 
 
 class SettingError(ValueError):

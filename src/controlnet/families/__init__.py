@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 #: family name -> its plug-in module (imported when first needed)
-PLUGINS: dict[str, str] = {"sd": "controlnet.families.sd.plugin"}
+PLUGINS: dict[str, str] = {"sd": "controlnet.families.sd.plugin", "flux": "controlnet.families.flux.plugin"}
 
 
 def _plugins() -> list[ModuleType]:
@@ -58,7 +58,8 @@ def plugin_for(path: str | Path) -> ModuleType:
             return plugin
         except CheckpointError as e:
             reasons.append((plugin, e))
-    if len(reasons) == 1:
+    # a file no family's layout reader takes is refused alike by each: say it once
+    if len({str(e) for _, e in reasons}) == 1:
         raise reasons[0][1]
     raise CheckpointError("; ".join(f"{p.LABEL}: {e}" for p, e in reasons))
 

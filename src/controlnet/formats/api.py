@@ -15,13 +15,14 @@ from typing import Any
 import torch
 from diffusers import UNet2DConditionModel
 
+from ..families.flux.base import FluxBase
 from ..families.flux.controlnet import FluxControlNet
 from ..families.sd.base import UNetBase
 from ..families.sd.configs import Family
 from ..families.sd.controlnet import ControlNet, ControlNetConfig
 from . import control_lora as clora
 from . import diffusers as dif
-from . import flux, ours
+from . import flux, flux_base, ours
 from . import original as orig
 from .build import BaseConfig, Loader, build_unet, make_base
 from .checkpoint import CheckpointError, TensorFile, list_keys, open_tensors, shapes_only
@@ -71,6 +72,8 @@ def detect(path: PathLike) -> Detected:
     """Tell the format and contents of a file or folder (reads headers and names, no weights)."""
     path = Path(path)
     if path.is_dir():
+        if flux_base.is_flux_pipeline(path):
+            return Detected(path, Format.DIFFUSERS, (BASE,), "Flux pipeline folder", family=flux.FAMILY)
         if flux.is_flux_folder(path):
             return Detected(
                 path, Format.DIFFUSERS, (CONTROLNET,), "Flux ControlNet folder", family=flux.FAMILY
@@ -84,6 +87,8 @@ def detect(path: PathLike) -> Detected:
             "with model_index.json)"
         )
     tf = open_tensors(path)
+    if flux_base.is_flux_base_file(tf):
+        return Detected(path, Format.CONTROLNET, (BASE,), "Flux base model", tf, family=flux.FAMILY)
     if flux.is_flux_file(tf):
         if ours.kind_of(tf) is not None:
             return Detected(path, Format.CONTROLNET, (CONTROLNET,), "Flux ControlNet", tf, family=flux.FAMILY)
@@ -219,12 +224,19 @@ def load_base(
     config: BaseConfig | None = None,
     family: Family | None = None,
     ldm_config: PathLike | None = None,
-) -> UNetBase:
+) -> UNetBase | FluxBase:
     """Load a base model (UNet, VAE, text encoder(s), offline tokenizer(s), schedule) from an
     original single file (also a v1.0 ControlNet file's base part), a diffusers pipeline folder or
     our format. An original-layout file's architecture is read off its tensors; ``ldm_config`` (its
     original YAML) or ``config`` (a whole :class:`BaseConfig`) settle what they cannot tell;
     ``family`` overrides the guess for a diffusers folder without a tokenizer."""
+    d = detect(path)
+    if d.family == flux.FAMILY:
+        _need(d, BASE)
+        ldm_config_fits(d, ldm_config)
+        if d.tensors is not None:
+            return flux_base.load_file(d.tensors, dtype=dtype)
+        return flux_base.load_folder(d.path, dtype=dtype)
     base = make_base(*_base_loader(path, dtype, config, family, ldm_config))
     base.settings = generation_settings(path)
     return base
@@ -246,7 +258,7 @@ def check_loads(path: PathLike, *, ldm_config: PathLike | None = None) -> dict[s
                 if kind == CONTROLNET:
                     load_controlnet(path, ldm_config=ldm_config)
                 else:
-                    make_base(*_base_loader(path, None, None, None, ldm_config))
+                    load_base(path, ldm_config=ldm_config)
                 out[kind] = None
             except CheckpointError as e:
                 out[kind] = str(e)
@@ -303,12 +315,21 @@ def save_controlnet(
 
 
 def save_base(
-    base: UNetBase, path: PathLike, fmt: Format | str = Format.CONTROLNET, *, overwrite: bool = False
+    base: UNetBase | FluxBase,
+    path: PathLike,
+    fmt: Format | str = Format.CONTROLNET,
+    *,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Write a base model in ``fmt`` atomically (see docs/formats.md for what the original layout
     of an SD2.x model lacks)."""
     fmt = Format(fmt)
     path = Path(path)
+    if isinstance(base, FluxBase):
+        if fmt is Format.ORIGINAL:
+            raise ValueError("a Flux base model is written as 'controlnet' (ours) or 'diffusers'")
+        target = path if fmt is Format.DIFFUSERS else _safetensors_path(path)
+        return flux_base.save(base, target, fmt.value, overwrite=overwrite)
     if fmt is Format.ORIGINAL:
         return orig.save_base(base, _safetensors_path(path), overwrite=overwrite)
     if fmt is Format.DIFFUSERS:

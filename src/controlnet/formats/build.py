@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -175,6 +175,16 @@ def text_key_prefix(model: torch.nn.Module) -> str:
     """What to put before ``model``'s state-dict keys to get the names every CLIP weight file uses
     (``text_model.embeddings...``): transformers 5 flattened ``CLIPTextModel``, 4.x did not."""
     return "" if hasattr(model, "text_model") else "text_model."
+
+
+def text_file_prefix(model: torch.nn.Module, file_keys: Iterable[str], prefix: str = "") -> str:
+    """What to put before ``model``'s keys to find them in a file whose keys under ``prefix`` are
+    ``file_keys``: the usual ``text_model.`` names, or the flattened names transformers 5.x saves
+    (``embeddings...``), whichever the file has."""
+    canonical = text_key_prefix(model)
+    if canonical and not any(k.startswith(prefix + canonical) for k in file_keys):
+        return ""
+    return canonical
 
 
 #: Fills one part ('unet', 'vae', 'text_encoder', 'text_encoder_2') built on the meta device.

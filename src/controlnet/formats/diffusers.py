@@ -45,6 +45,7 @@ from .build import (
     public_config,
     stored_controlnet_arch,
     text_config_of,
+    text_file_prefix,
     text_key_prefix,
 )
 from .checkpoint import (
@@ -240,7 +241,7 @@ def base_loader(
 
     def load(part: str, module: torch.nn.Module) -> torch.nn.Module:
         tf = open_weights(folder / part, TEXT_WEIGHTS if part.startswith("text_encoder") else WEIGHTS)
-        canonical = text_key_prefix(module) if part.startswith("text_encoder") else ""
+        canonical = text_file_prefix(module, tf.keys()) if part.startswith("text_encoder") else ""
         # transformers 4.x kept position_ids in the state dict; they are recomputed, not loaded
         present = [k for k in tf if not k.endswith("embeddings.position_ids")]
         return load_into(

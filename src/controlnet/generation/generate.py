@@ -115,6 +115,19 @@ def resolve_prompt(
 
 
 # ---------------------------------------------------------------------- the job
+def _check_control_type(i: int, kind: int | None, controlnet: torch.nn.Module) -> None:
+    """A Union ControlNet needs its kind of condition, one of its modes; no other takes one."""
+    modes = getattr(controlnet.config, "num_mode", None)
+    if modes is None and kind is not None:
+        raise ValueError(
+            f"controls[{i}].control_type: {kind} given, but its ControlNet is not a Union ControlNet"
+        )
+    if modes is not None and kind is None:
+        raise ValueError(f"controls[{i}].control_type: its Union ControlNet needs one (0-{modes - 1})")
+    if modes is not None and kind is not None and kind >= modes:
+        raise ValueError(f"controls[{i}].control_type: {kind}, but its Union ControlNet knows 0-{modes - 1}")
+
+
 def draw_seed() -> int:
     """A random seed for a request that gives none (it is recorded in the result)."""
     return int.from_bytes(os.urandom(4), "little") >> 1
@@ -144,6 +157,8 @@ def generate(
             controlnet_name=f"control {i}'s ControlNet {c.controlnet or '(bundled)'}",
             base_name=f"the base model {request.base or '(bundled)'}",
         )
+    for i, (c, cn) in enumerate(zip(request.controls, controlnets)):
+        _check_control_type(i, c.control_type, cn)
     seed = request.seed if request.seed is not None else draw_seed()
     req = replace(request, seed=seed)
     started = time.perf_counter()
@@ -199,6 +214,7 @@ def generate(
                     c.end,
                     ControlMode(c.mode),
                     guess_mode=c.guess_mode,
+                    control_type=c.control_type,
                     region=region,
                 )
             )

@@ -127,6 +127,15 @@ class ControlRequest:
         label="Guess mode (no prompt needed)",
         group="controls",
     )
+    control_type: int | None = param(
+        None,
+        help="a Union ControlNet's kind of condition, as the model numbers its modes (required by a "
+        "Union ControlNet, refused by any other)",
+        label="Control type (Union)",
+        minimum=0,
+        maximum=63,
+        group="controls",
+    )
     region_mask: str | None = param(
         None,
         help="where the control acts: white (or opaque) pixels (none: everywhere); fitted to the "

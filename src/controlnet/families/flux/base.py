@@ -26,7 +26,7 @@ from ...choices import PromptSyntax, Sampler, TimestepSpacing, parse_choice
 from ...model.control import Control
 from ..protocol import PromptEmbeddings
 from .controlnet import FLUX_FIELDS, FluxControlNet, FluxControlNetConfig, FluxResiduals
-from .schedule import FlowMatchSampler
+from .schedule import FLUX_SCHEDULE, FlowMatchSampler
 
 __all__ = ["FluxBase", "FluxVariant", "pack", "unpack"]
 
@@ -71,6 +71,7 @@ class FluxBase:
     tokenizer: Any
     tokenizer_2: Any
     max_sequence_length: int = 512
+    schedule: dict[str, Any] = field(default_factory=lambda: dict(FLUX_SCHEDULE))
     settings: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -244,7 +245,7 @@ class FluxBase:
         latent_size: tuple[int, int] | None = None,
     ) -> FlowMatchSampler:
         h, w = latent_size or self.latent_size((self.native_size,) * 2)
-        return FlowMatchSampler.make(sampler, spacing, (h // 2) * (w // 2))
+        return FlowMatchSampler.make(sampler, spacing, (h // 2) * (w // 2), self.schedule)
 
     def control_hint(self, controlnet: nn.Module, condition: torch.Tensor) -> torch.Tensor:
         """A condition image in [0, 1] as the ControlNet reads it: its latents, like the image's."""

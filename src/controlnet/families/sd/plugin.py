@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ...errors import CheckpointError
 from ...formats import api
 from ...formats import load_vae as _load_vae
 from ...formats import merge_loras as _merge_loras
@@ -31,7 +32,10 @@ BASE = UNetBase
 
 def detect(path: str | Path) -> str:
     """What the file or folder holds (the format's layout), or CheckpointError."""
-    return api.detect(path).layout
+    d = api.detect(path)
+    if d.family != NAME:
+        raise CheckpointError(f"{path}: not a Stable Diffusion model ({d.layout})")
+    return d.layout
 
 
 def generation_settings(path: str | Path) -> dict[str, Any]:

@@ -1,0 +1,107 @@
+"""Flux.1 base models on disk and on the command line: diffusers' own pipeline folder and ours
+load offline key by key and round-trip bitwise; `controlnet generate` runs a Flux base with a
+Flux ControlNet from files, with the family's sampling defaults, and its sidecar replays."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+from PIL import Image
+
+from controlnet.cli import main
+from controlnet.families.flux import FluxControlNetConfig
+from controlnet.families.flux.base import FluxBase
+from controlnet.families.flux.schedule import FLUX_SCHEDULE
+from controlnet.formats import (
+    CheckpointError,
+    Format,
+    detect,
+    inspect_checkpoint,
+    load_base,
+    save_base,
+    save_controlnet,
+)
+from tiny_flux import controlnet, tiny_flux_base
+
+
+@pytest.fixture(scope="module")
+def base() -> FluxBase:
+    return tiny_flux_base(max_sequence_length=512)
+
+
+def same(a: FluxBase, b: FluxBase) -> None:
+    for name, module in a.modules().items():
+        sa, sb = module.state_dict(), b.modules()[name].state_dict()
+        assert sa.keys() == sb.keys(), name
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), name
+    assert a.schedule == b.schedule and a.max_sequence_length == b.max_sequence_length
+    text = "a red disk on blue"
+    assert a.tokenizer_2(text).input_ids == b.tokenizer_2(text).input_ids
+
+
+def test_diffusers_own_folder_and_ours_load_and_round_trip(base, tmp_path):
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULE),
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        text_encoder_2=base.text_encoder_2,
+        tokenizer_2=base.tokenizer_2,
+        transformer=base.transformer,
+    )
+    pipe.save_pretrained(tmp_path / "hub")  # the layout people download
+    d = detect(tmp_path / "hub")
+    assert d.family == "flux" and d.kinds == ("base",)
+    same(base, load_base(tmp_path / "hub"))
+
+    ours = save_base(load_base(tmp_path / "hub"), tmp_path / "flux.safetensors")[0]
+    assert detect(ours).layout == "Flux base model"
+    same(base, load_base(ours))
+    folder = save_base(load_base(ours), tmp_path / "again", "diffusers")[0]
+    same(base, load_base(folder))
+    back = FluxPipeline.from_pretrained(folder)  # diffusers reads ours
+    assert torch.equal(back.transformer.x_embedder.weight, base.transformer.x_embedder.weight)
+
+    info = inspect_checkpoint(ours)
+    assert not info.refused and info.loads == {"base": None}
+
+
+def test_bad_flux_folders_are_named(base, tmp_path):
+    folder = save_base(base, tmp_path / "f", "diffusers")[0]
+    (folder / "tokenizer_2" / "tokenizer.json").unlink()
+    with pytest.raises(
+        CheckpointError, match=r"tokenizer_2: no T5 tokenizer \(tokenizer\.json or spiece\.model\)"
+    ):
+        load_base(folder)
+    with pytest.raises(ValueError, match=r"written as 'controlnet' \(ours\) or 'diffusers'"):
+        save_base(base, tmp_path / "x.safetensors", Format.ORIGINAL)
+
+
+def test_generate_from_files_with_the_family_defaults_and_replay(base, tmp_path, capsys):
+    folder = save_base(base, tmp_path / "flux", "diffusers")[0]
+    cn = save_controlnet(
+        controlnet(base, FluxControlNetConfig(1, 2, num_mode=3), seed=2), tmp_path / "u.safetensors"
+    )[0]
+    cond = tmp_path / "cond.png"
+    Image.fromarray((np.random.default_rng(0).random((64, 128, 3)) * 255).astype(np.uint8)).save(cond)
+    argv = ["generate", "--base", str(folder), "--controlnet", str(cn), "--image", str(cond)]
+    argv += ["--prompt", "a red disk", "--width", "128", "--height", "64", "--steps", "3", "--seed", "5"]
+    out = tmp_path / "out"
+    # a Union ControlNet needs its control type
+    assert main([*argv, "--out", str(out)]) == 2
+    assert "controls[0].control_type: its Union ControlNet needs one (0-2)" in capsys.readouterr().err
+    assert main([*argv, "--control-type", "1", "--out", str(out)]) == 0
+    sidecar = next(out.glob("*.json"))
+    record = json.loads(sidecar.read_text())["request"]
+    # Flux's own defaults, not SD's: Euler over the shifted schedule, guidance 3.5 as an input
+    assert record["sampler"] == "euler" and record["guidance"] == 3.5 and record["negative_prompt"] == ""
+    assert record["controls"][0]["control_type"] == 1
+    image = np.asarray(Image.open(next(out.glob("*_0.png"))))
+    assert image.shape == (64, 128, 3)
+    capsys.readouterr()
+    assert main(["generate", "--from-sidecar", str(sidecar), "--out", str(tmp_path / "again")]) == 0
+    assert "bit-identical" in capsys.readouterr().out
