@@ -105,3 +105,35 @@ def test_generate_from_files_with_the_family_defaults_and_replay(base, tmp_path,
     capsys.readouterr()
     assert main(["generate", "--from-sidecar", str(sidecar), "--out", str(tmp_path / "again")]) == 0
     assert "bit-identical" in capsys.readouterr().out
+
+
+def test_models_of_other_families_and_bad_modes_are_refused_in_one_line(base, tmp_path, capsys):
+    import shutil
+
+    from controlnet.bundled import BUNDLED_CONTROLNET, bundled_path
+
+    folder = save_base(base, tmp_path / "flux", "diffusers")[0]
+    union = save_controlnet(
+        controlnet(base, FluxControlNetConfig(1, 1, num_mode=3), seed=2), tmp_path / "u.safetensors"
+    )[0]
+    cond = tmp_path / "cond.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(cond)
+    common = ["generate", "--image", str(cond), "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "o")]
+    cases = [
+        (["--controlnet", str(union)], "is a FluxControlNet, not a ControlNet of a UNet"),  # SD base
+        (
+            ["--base", str(folder), "--controlnet", str(bundled_path(BUNDLED_CONTROLNET))],
+            "is not a Flux ControlNet",
+        ),
+        (["--base", str(folder), "--controlnet", str(union), "--control-type", "5"], "knows 0-2"),
+        (["--base", str(folder), "--controlnet", str(union)], "needs one (0-2)"),
+    ]
+    for extra, said in cases:
+        assert main([*common, *extra]) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert said in err and len(err.splitlines()) == 1, err
+    shutil.rmtree(folder / "text_encoder_2")  # a Flux model without its T5
+    assert main([*common, "--base", str(folder), "--controlnet", str(union), "--control-type", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Flux pipeline folder lacks text_encoder_2/config.json" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
