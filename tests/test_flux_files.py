@@ -5,6 +5,7 @@ Flux ControlNet from files, with the family's sampling defaults, and its sidecar
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -77,8 +78,6 @@ def test_bad_flux_folders_are_named(base, tmp_path):
         CheckpointError, match=r"tokenizer_2: no T5 tokenizer \(tokenizer\.json or spiece\.model\)"
     ):
         load_base(folder)
-    with pytest.raises(ValueError, match=r"written as 'controlnet' \(ours\) or 'diffusers'"):
-        save_base(base, tmp_path / "x.safetensors", Format.ORIGINAL)
 
 
 def test_generate_from_files_with_the_family_defaults_and_replay(base, tmp_path, capsys):
@@ -137,3 +136,72 @@ def test_models_of_other_families_and_bad_modes_are_refused_in_one_line(base, tm
     err = capsys.readouterr().err.strip()
     assert "Flux pipeline folder lacks text_encoder_2/config.json" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_black_forest_labs_files_load_and_round_trip_bitwise(tmp_path):
+    from safetensors.torch import load_file
+
+    base = tiny_flux_base(512, config_less=True)  # what BFL's files can hold
+    folder = save_base(base, tmp_path / "bfl", Format.ORIGINAL)[0]  # flux1, ae, clip_l, t5xxl, tokenizer
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "ae.safetensors",
+        "clip_l.safetensors",
+        "flux1.safetensors",
+        "t5xxl.safetensors",
+        "tokenizer.json",
+    ]
+    d = detect(folder)
+    assert d.family == "flux" and d.format is Format.ORIGINAL and "Black Forest Labs" in d.layout
+    back = load_base(folder)
+    same(base, back)
+    again = save_base(back, tmp_path / "bfl2", Format.ORIGINAL)[0]
+    for name in ("flux1.safetensors", "ae.safetensors", "clip_l.safetensors", "t5xxl.safetensors"):
+        a, b = load_file(folder / name), load_file(again / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    # the transformer alone is named for what it is, and a missing part is named
+    with pytest.raises(CheckpointError, match=r"a Flux\.1 transformer alone; load the folder"):
+        load_base(folder / "flux1.safetensors")
+    (folder / "ae.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"a Flux\.1 model needs its vae \(like ae\.safetensors\)"):
+        load_base(folder)
+
+
+def test_black_forest_labs_layout_at_real_size():
+    """Flux.1-dev on the meta device: BFL's fused tensors have their published shapes, every one
+    of the 11,901,408,320 parameters has a place, and the architecture reads back from them."""
+    from pathlib import Path
+
+    from diffusers import FluxTransformer2DModel
+
+    from controlnet.formats.checkpoint import TensorFile
+    from controlnet.formats.flux_bfl import bfl_rule, bfl_transformer_config
+    from controlnet.formats.keymap import to_file
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(guidance_embeds=True)
+    assert sum(p.numel() for p in model.parameters()) == 11_901_408_320
+    state = model.state_dict()
+    tensors = to_file(state, [bfl_rule(k, 3072) for k in state])
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    known = {
+        "double_blocks.0.img_attn.qkv.weight": (9216, 3072),
+        "double_blocks.18.txt_mlp.0.weight": (12288, 3072),
+        "single_blocks.37.linear1.weight": (21504, 3072),
+        "single_blocks.0.linear2.weight": (3072, 15360),
+        "final_layer.adaLN_modulation.1.weight": (6144, 3072),
+        "guidance_in.in_layer.weight": (3072, 256),
+        "img_in.weight": (3072, 64),
+        "txt_in.weight": (3072, 4096),
+    }
+    assert {k: shapes.get(k) for k in known} == known
+    assert sum(math.prod(s) for s in shapes.values()) == 11_901_408_320
+    tf = TensorFile(
+        Path("flux1-dev.safetensors"), shapes, {k: torch.bfloat16 for k in shapes}, lambda k: None
+    )
+    config = bfl_transformer_config(tf, "")
+    assert config["num_layers"] == 19 and config["num_single_layers"] == 38 and config["guidance_embeds"]
+    with torch.device("meta"):
+        rebuilt = FluxTransformer2DModel(**config)
+    assert {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in state.items()
+    }

@@ -40,19 +40,27 @@ def t5_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_flux_base(max_sequence_length: int = 16, seed: int = 0) -> FluxBase:
-    """A complete Flux.1-dev-shaped base model of a few channels (random weights)."""
+#: Flux.1's head (128 channels, rotary axes 16/56/56) once: what a file without a config implies
+FLUX_HEAD = {"attention_head_dim": 128, "num_attention_heads": 1, "axes_dims_rope": [16, 56, 56]}
+
+
+def tiny_flux_base(max_sequence_length: int = 16, seed: int = 0, *, config_less: bool = False) -> FluxBase:
+    """A complete Flux.1-dev-shaped base model of a few channels (random weights). ``config_less``:
+    sizes that files without a config can hold - Flux.1's 128-channel head with its rotary split,
+    CLIP's 64-channel heads, a VAE of 32 norm groups with Flux.1's latent scale and shift."""
     torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(**TRANSFORMER).eval()
+    ldm_vae = config_less
+    extra = {**FLUX_HEAD, "pooled_projection_dim": 64} if config_less else {}
+    transformer = FluxTransformer2DModel(**{**TRANSFORMER, **extra}).eval()
     vae = AutoencoderKL(
-        block_out_channels=(8, 16),
+        block_out_channels=(32, 32) if ldm_vae else (8, 16),
         down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2,
         latent_channels=4,
         layers_per_block=1,
-        norm_num_groups=4,
-        scaling_factor=0.6,
-        shift_factor=0.1,
+        norm_num_groups=32 if ldm_vae else 4,
+        scaling_factor=0.3611 if ldm_vae else 0.6,
+        shift_factor=0.1159 if ldm_vae else 0.1,
         use_quant_conv=False,
         use_post_quant_conv=False,
     ).eval()
@@ -64,10 +72,10 @@ def tiny_flux_base(max_sequence_length: int = 16, seed: int = 0) -> FluxBase:
     clip = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=49408,
-            hidden_size=10,
+            hidden_size=64 if config_less else 10,
             intermediate_size=20,
             num_hidden_layers=2,
-            num_attention_heads=2,
+            num_attention_heads=1 if config_less else 2,
             max_position_embeddings=77,
             bos_token_id=49406,
             eos_token_id=49407,

@@ -22,7 +22,7 @@ from ..families.sd.configs import Family
 from ..families.sd.controlnet import ControlNet, ControlNetConfig
 from . import control_lora as clora
 from . import diffusers as dif
-from . import flux, flux_base, ours
+from . import flux, flux_base, flux_bfl, flux_files, ours
 from . import original as orig
 from .build import BaseConfig, Loader, build_unet, make_base
 from .checkpoint import CheckpointError, TensorFile, list_keys, open_tensors, shapes_only
@@ -72,6 +72,9 @@ def detect(path: PathLike) -> Detected:
     """Tell the format and contents of a file or folder (reads headers and names, no weights)."""
     path = Path(path)
     if path.is_dir():
+        if flux_files.is_flux_files(path):
+            layout = "Flux.1 files (Black Forest Labs layout)"
+            return Detected(path, Format.ORIGINAL, (BASE,), layout, family=flux.FAMILY)
         if flux_base.is_flux_pipeline(path):
             return Detected(path, Format.DIFFUSERS, (BASE,), "Flux pipeline folder", family=flux.FAMILY)
         if flux.is_flux_folder(path):
@@ -87,6 +90,9 @@ def detect(path: PathLike) -> Detected:
             "with model_index.json)"
         )
     tf = open_tensors(path)
+    if flux_bfl.is_bfl_transformer(tf):
+        layout = "Flux.1 transformer, Black Forest Labs layout"
+        return Detected(path, Format.ORIGINAL, (BASE,), layout, tf, family=flux.FAMILY)
     if flux_base.is_flux_base_file(tf):
         return Detected(path, Format.CONTROLNET, (BASE,), "Flux base model", tf, family=flux.FAMILY)
     if flux.is_flux_file(tf):
@@ -234,6 +240,13 @@ def load_base(
     if d.family == flux.FAMILY:
         _need(d, BASE)
         ldm_config_fits(d, ldm_config)
+        if d.format is Format.ORIGINAL:
+            if d.tensors is not None:
+                raise CheckpointError(
+                    f"{d.path}: a Flux.1 transformer alone; load the folder that holds it with its "
+                    "ae.safetensors, CLIP-L, T5 and T5's tokenizer.json"
+                )
+            return flux_files.load_flux_files(d.path, dtype=dtype)
         if d.tensors is not None:
             return flux_base.load_file(d.tensors, dtype=dtype)
         return flux_base.load_folder(d.path, dtype=dtype)
@@ -326,8 +339,8 @@ def save_base(
     fmt = Format(fmt)
     path = Path(path)
     if isinstance(base, FluxBase):
-        if fmt is Format.ORIGINAL:
-            raise ValueError("a Flux base model is written as 'controlnet' (ours) or 'diffusers'")
+        if fmt is Format.ORIGINAL:  # BFL's separate files, in a folder
+            return flux_files.save_flux_files(base, path, overwrite=overwrite)
         target = path if fmt is Format.DIFFUSERS else _safetensors_path(path)
         return flux_base.save(base, target, fmt.value, overwrite=overwrite)
     if fmt is Format.ORIGINAL:

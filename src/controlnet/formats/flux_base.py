@@ -53,7 +53,16 @@ from .checkpoint import (
 )
 from .keymap import Rule, load_into
 
-__all__ = ["is_flux_base_file", "is_flux_pipeline", "load_file", "load_folder", "save"]
+__all__ = [
+    "build_part",
+    "fill_part",
+    "is_flux_base_file",
+    "is_flux_pipeline",
+    "load_file",
+    "load_folder",
+    "save",
+    "t5_tokenizer",
+]
 
 FAMILY = "flux"
 PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
@@ -74,7 +83,7 @@ def is_flux_base_file(tf: TensorFile) -> bool:
 
 
 # ------------------------------------------------------------------------------------ building
-def _build(part: str, config: dict[str, Any], where: str) -> torch.nn.Module:
+def build_part(part: str, config: dict[str, Any], where: str) -> torch.nn.Module:
     try:
         if part == "transformer":
             with torch.device("meta"):
@@ -105,7 +114,7 @@ def _rules(part: str, module: torch.nn.Module, tf: TensorFile, prefix: str = "")
     return rules
 
 
-def _fill(part: str, module: torch.nn.Module, tf: TensorFile, prefix: str, dtype: torch.dtype | None):
+def fill_part(part: str, module: torch.nn.Module, tf: TensorFile, prefix: str, dtype: torch.dtype | None):
     present = [k for k in tf.with_prefix(prefix) if not k.endswith("embeddings.position_ids")]
     if not present:
         raise CheckpointError(f"{tf.path}: has no {part} ({prefix or part + '/'}* keys)")
@@ -120,7 +129,7 @@ def _tokenizer_from_json(text: str, where: str) -> PreTrainedTokenizerFast:
 
 
 # ------------------------------------------------------------------------------------ folders
-def _t5_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
+def t5_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
     tj = folder / "tokenizer.json"
     if tj.is_file():
         return _tokenizer_from_json(tj.read_text(), str(tj))
@@ -157,11 +166,11 @@ def load_folder(folder: Path, *, dtype: torch.dtype | None = None) -> FluxBase:
 
     parts = {}
     for part in PARTS:
-        module = _build(part, _folder_config(folder, part), str(folder / part / "config.json"))
+        module = build_part(part, _folder_config(folder, part), str(folder / part / "config.json"))
         tf = open_weights(
             folder / part, "model" if part.startswith("text_encoder") else "diffusion_pytorch_model"
         )
-        parts[part] = _fill(part, module, tf, "", dtype)
+        parts[part] = fill_part(part, module, tf, "", dtype)
     sched = folder / "scheduler" / "scheduler_config.json"
     schedule = _schedule(read_json(sched) if sched.is_file() else {})
     return FluxBase(
@@ -170,7 +179,7 @@ def load_folder(folder: Path, *, dtype: torch.dtype | None = None) -> FluxBase:
         parts["text_encoder"],
         parts["text_encoder_2"],
         clip_tokenizer(Family.SD1),
-        _t5_tokenizer(folder / "tokenizer_2"),
+        t5_tokenizer(folder / "tokenizer_2"),
         schedule=schedule,
     )
 
@@ -192,7 +201,7 @@ def load_file(tf: TensorFile, *, dtype: torch.dtype | None = None) -> FluxBase:
         raise CheckpointError(
             f"{tf.path}: metadata 'base_config' must hold a config for each of {', '.join(PARTS)}"
         )
-    parts = {p: _fill(p, _build(p, configs[p], str(tf.path)), tf, p + ".", dtype) for p in PARTS}
+    parts = {p: fill_part(p, build_part(p, configs[p], str(tf.path)), tf, p + ".", dtype) for p in PARTS}
     tokenizer = tf.metadata.get("tokenizer_2")
     if tokenizer is None:
         raise CheckpointError(f"{tf.path}: the metadata lacks 'tokenizer_2' (T5's tokenizer)")

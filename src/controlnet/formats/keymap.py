@@ -26,6 +26,8 @@ class Op(Enum):
     CONV1X1 = "conv1x1"  # the file holds a (o, i, 1, 1) conv kernel, the model a (o, i) linear
     QKV = "qkv"  # the file stacks q, k, v on dim 0; the rule's tensor is one third of it
     TRANSPOSE = "transpose"  # the file holds the transpose (OpenCLIP's x @ P projection)
+    ROWS = "rows"  # the rule's tensor is rows [start, stop) of the file's (fused projections)
+    SWAP = "swap"  # the file holds the two halves of dim 0 the other way round (shift/scale)
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class Rule:
     file: str
     op: Op = Op.SAME
     third: int = 0  # which of q, k, v (Op.QKV only)
+    rows: tuple[int, int] = (0, 0)  # [start, stop) of the file's dim 0 (Op.ROWS only)
 
     def file_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         if self.op is Op.CONV1X1:
@@ -42,6 +45,8 @@ class Rule:
             return (3 * shape[0], *shape[1:])
         if self.op is Op.TRANSPOSE:
             return tuple(reversed(shape))
+        if self.op is Op.ROWS:  # at least this many rows; the file's are every piece's together
+            return (self.rows[1], *shape[1:])
         return tuple(shape)
 
     def to_model(self, t: torch.Tensor) -> torch.Tensor:
@@ -52,7 +57,16 @@ class Rule:
             return t.chunk(3, dim=0)[self.third]
         if self.op is Op.TRANSPOSE:
             return t.t()
+        if self.op is Op.ROWS:
+            return t[self.rows[0] : self.rows[1]]
+        if self.op is Op.SWAP:
+            return _swap(t)
         return t
+
+
+def _swap(t: torch.Tensor) -> torch.Tensor:
+    half = t.shape[0] // 2
+    return torch.cat([t[half:], t[:half]])
 
 
 def identity_rules(keys: Iterable[str], prefix: str = "") -> list[Rule]:
@@ -73,7 +87,10 @@ def _verify(
 ) -> None:
     expected: dict[str, tuple[int, ...]] = {}
     for r in rules:
-        expected[r.file] = r.file_shape(shapes[r.ours])
+        shape = r.file_shape(shapes[r.ours])
+        if r.op is Op.ROWS and r.file in expected:  # the pieces of one fused tensor
+            shape = (max(shape[0], expected[r.file][0]), *shape[1:])
+        expected[r.file] = shape
     present = set(present)
     missing = set(expected) - present
     unexpected = present - set(expected)
@@ -143,9 +160,14 @@ def to_file(state: Mapping[str, torch.Tensor], rules: list[Rule]) -> dict[str, t
     """The file's tensors for our ``state`` (the inverse of loading; stacks q/k/v back)."""
     out: dict[str, torch.Tensor] = {}
     stacks: dict[str, list[torch.Tensor | None]] = {}
+    pieces: dict[str, list[tuple[int, torch.Tensor]]] = {}
     for r in rules:
         t = state[r.ours]
-        if r.op is Op.QKV:
+        if r.op is Op.ROWS:
+            pieces.setdefault(r.file, []).append((r.rows[0], t))
+        elif r.op is Op.SWAP:
+            out[r.file] = _swap(t)
+        elif r.op is Op.QKV:
             stacks.setdefault(r.file, [None, None, None])[r.third] = t
         elif r.op is Op.CONV1X1:
             out[r.file] = t[:, :, None, None]
@@ -157,4 +179,6 @@ def to_file(state: Mapping[str, torch.Tensor], rules: list[Rule]) -> dict[str, t
         if any(p is None for p in parts):
             raise RuntimeError(f"internal error: incomplete q/k/v for {key}")
         out[key] = torch.cat(parts, dim=0)  # type: ignore[arg-type]
+    for key, found in pieces.items():
+        out[key] = torch.cat([t for _, t in sorted(found, key=lambda p: p[0])], dim=0)
     return out
