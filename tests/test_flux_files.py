@@ -205,3 +205,43 @@ def test_black_forest_labs_layout_at_real_size():
     assert {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()} == {
         k: tuple(v.shape) for k, v in state.items()
     }
+
+
+def test_the_server_serves_a_flux_model_alike(base, tmp_path):
+    """The API and web app take the same fields for a Flux model (the control type too) and give
+    what the library gives, bit for bit."""
+    import httpx
+
+    from controlnet.generation.check import check
+    from controlnet.generation.defaults import model_settings
+    from controlnet.generation.pipeline import run
+    from controlnet.generation.request import ControlRequest, GenerationRequest
+    from controlnet.serving.server import start
+    from controlnet.serving.service import ServeConfig
+    from serving import b64, decode, png_bytes, square
+
+    folder = save_base(base, tmp_path / "flux.safetensors", "controlnet")[0]
+    union = controlnet(base, FluxControlNetConfig(1, 1, num_mode=3), seed=3)
+    cn = save_controlnet(union, tmp_path / "union.safetensors")[0]
+    srv = start(ServeConfig(base=str(folder), controlnets=(str(cn),)))
+    try:
+        with httpx.Client(base_url=srv.url, timeout=300) as client:
+            body = {"prompt": "a square", "steps": 2, "resolution": 64, "seed": 4}
+            body["controls"] = [{"image": b64(square()), "control_type": 2}]
+            r = client.post("/api/generate", json=body)
+            assert r.status_code == 200, r.text
+            got = decode(r.json()["images"][0])
+            bad = client.post(
+                "/api/generate", json={**body, "controls": [{"image": b64(square()), "control_type": 7}]}
+            )
+            assert bad.status_code == 400 and "control_type" in bad.json()["error"], bad.text
+    finally:
+        srv.stop()
+    (tmp_path / "sq.png").write_bytes(png_bytes(square()))
+    control = ControlRequest(image=str(tmp_path / "sq.png"), controlnet=str(cn), control_type=2)
+    settings = model_settings(str(folder))  # what the API starts from: the model's own defaults
+    assert settings["sampler"] == "euler"
+    fields = {"prompt": "a square", "controls": [control], "base": str(folder), "resolution": 64, "seed": 4}
+    request = GenerationRequest(**{**settings, **fields, "steps": 2})
+    result, _ = run(check(request), progress=False)
+    np.testing.assert_array_equal(got, result.images[0])
