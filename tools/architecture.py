@@ -37,7 +37,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("generation and data", ["generation", "data"]),
     ("family registry", ["families", "families.sd.plugin", "families.flux.plugin"]),
     ("checkpoints and conditions", ["formats", "annotators"]),
-    ("model families", ["families.sd", "families.flux", "families.sd3", "families.protocol", "text"]),
+    ("model families", ["families.sd", "families.flux", "families.sd3", "families.dit", "families.flow_match", "families.protocol", "text"]),
     ("the method", ["model"]),
     ("foundation", ["", "choices", "schema", "errors", "imageio", "plots", "bundled"]),
 ]

@@ -12,8 +12,7 @@ Flux.1-dev is guidance-distilled: the guidance scale is an input of the network
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -24,9 +23,11 @@ from torch import nn
 
 from ...choices import PromptSyntax, Sampler, TimestepSpacing, parse_choice
 from ...model.control import Control
+from ..dit import DiTBase
+from ..flow_match import FlowMatchSampler
 from ..protocol import PromptEmbeddings
 from .controlnet import FLUX_FIELDS, FluxControlNet, FluxControlNetConfig, FluxResiduals
-from .schedule import FLUX_SCHEDULE, FlowMatchSampler
+from .schedule import FLUX_SCHEDULE
 
 __all__ = ["FluxBase", "FluxVariant", "pack", "unpack"]
 
@@ -63,7 +64,7 @@ def image_ids(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch
 
 
 @dataclass
-class FluxBase:
+class FluxBase(DiTBase):
     transformer: FluxTransformer2DModel
     vae: AutoencoderKL
     text_encoder: nn.Module  # CLIPTextModel: the pooled prompt
@@ -74,10 +75,6 @@ class FluxBase:
     schedule: dict[str, Any] = field(default_factory=lambda: dict(FLUX_SCHEDULE))
     settings: dict[str, Any] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        for m in self.modules().values():
-            m.requires_grad_(False).eval()
-
     @property
     def family(self) -> FluxVariant:
         return FluxVariant.DEV if self.guidance_input else FluxVariant.SCHNELL
@@ -87,7 +84,6 @@ class FluxBase:
         """The guidance scale is an input of the network (guidance distillation), not CFG."""
         return bool(self.transformer.config.guidance_embeds)
 
-    # ------------------------------------------------------------------ placement
     def modules(self) -> dict[str, nn.Module]:
         return {
             "transformer": self.transformer,
@@ -96,71 +92,7 @@ class FluxBase:
             "text_encoder_2": self.text_encoder_2,
         }
 
-    @property
-    def device(self) -> torch.device:
-        return self.transformer.x_embedder.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.x_embedder.weight.dtype
-
-    def to(self, device: Any = None, dtype: torch.dtype | None = None, *, offload: bool = False) -> FluxBase:
-        for name, m in self.modules().items():
-            where = "cpu" if offload and name != "transformer" else device
-            m.to(device=where, dtype=dtype)
-        return self
-
-    @contextlib.contextmanager
-    def visiting(self, *names: str) -> Iterator[None]:
-        """The named parts on the transformer's device within the block (offloaded ones return)."""
-        mods = self.modules()
-        away = [(mods[n], next(mods[n].parameters()).device) for n in names]
-        away = [(m, home) for m, home in away if home != self.device]
-        for m, _ in away:
-            m.to(self.device)
-        try:
-            yield
-        finally:
-            for m, home in away:
-                m.to(home)
-
-    # ------------------------------------------------------------------ geometry
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def native_size(self) -> int:
-        return 1024
-
-    @property
-    def latent_channels(self) -> int:
-        return int(self.vae.config.latent_channels)
-
-    @property
-    def latent_scale(self) -> float:
-        return float(self.vae.config.scaling_factor)
-
-    @property
-    def latent_shift(self) -> float:
-        return float(self.vae.config.shift_factor or 0.0)
-
-    def latent_size(self, size: tuple[int, int]) -> tuple[int, int]:
-        """(h, w) of the latents; the image's sides must make whole 2x2 latent patches."""
-        step = 2 * self.vae_scale_factor
-        if size[0] % step or size[1] % step:
-            raise ValueError(f"a Flux image's sides are multiples of {step} px, got {size[1]}x{size[0]}")
-        return size[0] // self.vae_scale_factor, size[1] // self.vae_scale_factor
-
     # ------------------------------------------------------------------ text
-    def check_clip_skip(self, clip_skip: int) -> None:
-        if clip_skip != 1:
-            raise ValueError("clip skip: Flux reads its text encoders' last layers only (clip skip 1)")
-
-    def with_clip_skip(self, clip_skip: int) -> FluxBase:
-        self.check_clip_skip(clip_skip)
-        return self
-
     @torch.no_grad()
     def encode_prompt(
         self, prompts: Sequence[str], *, size: tuple[int, int] | None = None
@@ -205,38 +137,7 @@ class FluxBase:
         uncond = None if negatives is None or self.guidance_input else self.encode_prompt(negatives)
         return cond, uncond
 
-    # ------------------------------------------------------------------ images
-    def posterior(self, images: torch.Tensor, *, tiled: bool = False, per_image: bool = True) -> Any:
-        with self.visiting("vae"):
-            return self.vae.encode(images.to(device=self.device, dtype=self.vae.dtype)).latent_dist
-
-    def scaled_sample(self, mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return ((mean + std * noise) - self.latent_shift) * self.latent_scale
-
-    def encode_images(
-        self, images: torch.Tensor, generator: Any = None, *, tiled: bool = False
-    ) -> torch.Tensor:
-        """Latents (scaled and shifted) of images in [-1, 1]: the posterior's mean."""
-        mean = self.posterior(images).mean
-        return ((mean - self.latent_shift) * self.latent_scale).to(self.dtype)
-
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor, *, tiled: bool = False) -> torch.Tensor:
-        """Images in [-1, 1] (B, 3, H, W)."""
-        with self.visiting("vae"):
-            z = latents.to(device=self.device, dtype=self.vae.dtype) / self.latent_scale + self.latent_shift
-            return self.vae.decode(z).sample.clamp(-1, 1).float()
-
-    def with_vae(self, vae: nn.Module) -> FluxBase:
-        from dataclasses import replace
-
-        return replace(self, vae=vae)
-
     # ------------------------------------------------------------------ denoising
-    @property
-    def denoiser(self) -> nn.Module:
-        return self.transformer
-
     def scheduler(
         self,
         sampler: Sampler | str,
@@ -246,10 +147,6 @@ class FluxBase:
     ) -> FlowMatchSampler:
         h, w = latent_size or self.latent_size((self.native_size,) * 2)
         return FlowMatchSampler.make(sampler, spacing, (h // 2) * (w // 2), self.schedule)
-
-    def control_hint(self, controlnet: nn.Module, condition: torch.Tensor) -> torch.Tensor:
-        """A condition image in [0, 1] as the ControlNet reads it: its latents, like the image's."""
-        return self.encode_images(condition * 2 - 1)
 
     def predict(
         self,
@@ -303,13 +200,6 @@ class FluxBase:
         ).sample
         return unpack(out, h, w)
 
-    def compile(self, *, vae: bool = False) -> None:
-        from ...model.fastpath import compile_modules
-
-        compile_modules([self.transformer])
-        if vae:
-            compile_modules([self.vae.decoder])
-
     # ------------------------------------------------------------------ its ControlNets
     def new_controlnet(self, config: Any = None) -> FluxControlNet:
         return FluxControlNet.from_transformer(self.transformer, config or FluxControlNetConfig())
@@ -330,16 +220,6 @@ class FluxBase:
             raise ValueError(
                 f"{controlnet_name} was made for another transformer than {base_name}: {', '.join(differ)}"
             )
-
-    # ------------------------------------------------------------------ training (issue 32)
-    def controlled(self, controlnet: nn.Module, *, only_mid_control: bool = False) -> nn.Module:
-        raise ValueError("training Flux ControlNets is not supported yet")
-
-    def decoder_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        raise ValueError("training Flux models is not supported yet")
-
-    def noise_scheduler(self) -> Any:
-        raise ValueError("training Flux models is not supported yet")
 
 
 def _seq(v: Any) -> Any:

@@ -1,0 +1,151 @@
+"""What the transformer (DiT) families share behind the base-model protocol: placement and
+offloading, a VAE whose latents are shifted then scaled, 2x2-patch geometry, and the parts every
+such model does alike. A family's base class (Flux.1's, SD3's) inherits these and adds its text
+encoders, its schedule and its network's call (``predict``).
+
+A subclass holds ``transformer`` (the network that runs every step) and ``vae``, and lists every
+network in ``modules()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["DiTBase"]
+
+
+class DiTBase:
+    transformer: Any
+    vae: Any
+
+    def __post_init__(self) -> None:
+        for m in self.modules().values():
+            m.requires_grad_(False).eval()
+
+    def modules(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ placement
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    def to(self, device: Any = None, dtype: torch.dtype | None = None, *, offload: bool = False) -> DiTBase:
+        for name, m in self.modules().items():
+            where = "cpu" if offload and name != "transformer" else device
+            m.to(device=where, dtype=dtype)
+        return self
+
+    @contextlib.contextmanager
+    def visiting(self, *names: str) -> Iterator[None]:
+        """The named parts on the transformer's device within the block (offloaded ones return)."""
+        mods = self.modules()
+        away = [(mods[n], next(mods[n].parameters()).device) for n in names]
+        away = [(m, home) for m, home in away if home != self.device]
+        for m, _ in away:
+            m.to(self.device)
+        try:
+            yield
+        finally:
+            for m, home in away:
+                m.to(home)
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_size(self) -> int:
+        return 1024
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
+    @property
+    def latent_scale(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def latent_shift(self) -> float:
+        return float(self.vae.config.shift_factor or 0.0)
+
+    def latent_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(h, w) of the latents; the image's sides must make whole 2x2 latent patches."""
+        step = 2 * self.vae_scale_factor
+        if size[0] % step or size[1] % step:
+            raise ValueError(f"this model's image sides are multiples of {step} px, got {size[1]}x{size[0]}")
+        return size[0] // self.vae_scale_factor, size[1] // self.vae_scale_factor
+
+    # ------------------------------------------------------------------ text
+    def check_clip_skip(self, clip_skip: int) -> None:
+        if clip_skip != 1:
+            raise ValueError("clip skip: this model reads its text encoders as it was trained (clip skip 1)")
+
+    def with_clip_skip(self, clip_skip: int) -> DiTBase:
+        self.check_clip_skip(clip_skip)
+        return self
+
+    # ------------------------------------------------------------------ images
+    def posterior(self, images: torch.Tensor, *, tiled: bool = False, per_image: bool = True) -> Any:
+        with self.visiting("vae"):
+            return self.vae.encode(images.to(device=self.device, dtype=self.vae.dtype)).latent_dist
+
+    def scaled_sample(self, mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return ((mean + std * noise) - self.latent_shift) * self.latent_scale
+
+    def encode_images(
+        self, images: torch.Tensor, generator: Any = None, *, tiled: bool = False
+    ) -> torch.Tensor:
+        """Latents (scaled and shifted) of images in [-1, 1]: the posterior's mean."""
+        mean = self.posterior(images).mean
+        return ((mean - self.latent_shift) * self.latent_scale).to(self.dtype)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor, *, tiled: bool = False) -> torch.Tensor:
+        """Images in [-1, 1] (B, 3, H, W)."""
+        with self.visiting("vae"):
+            z = latents.to(device=self.device, dtype=self.vae.dtype) / self.latent_scale + self.latent_shift
+            return self.vae.decode(z).sample.clamp(-1, 1).float()
+
+    def with_vae(self, vae: nn.Module) -> DiTBase:
+        from dataclasses import replace
+
+        return replace(self, vae=vae)
+
+    # ------------------------------------------------------------------ denoising
+    @property
+    def denoiser(self) -> nn.Module:
+        return self.transformer
+
+    def control_hint(self, controlnet: nn.Module, condition: torch.Tensor) -> torch.Tensor:
+        """A condition image in [0, 1] as the ControlNet reads it: its latents, like the image's."""
+        return self.encode_images(condition * 2 - 1)
+
+    def compile(self, *, vae: bool = False) -> None:
+        from ...model.fastpath import compile_modules
+
+        compile_modules([self.transformer])
+        if vae:
+            compile_modules([self.vae.decoder])
+
+    # ------------------------------------------------------------------ training (issue 32)
+    # (the protocol's training methods: the transformer families do not train yet)
+    def controlled(self, controlnet: nn.Module, *, only_mid_control: bool = False) -> nn.Module:
+        raise ValueError("training transformer ControlNets is not supported yet")
+
+    def decoder_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        raise ValueError("training transformer models is not supported yet")
+
+    def noise_scheduler(self) -> Any:
+        raise ValueError("training transformer models is not supported yet")

@@ -1,0 +1,82 @@
+"""Flow matching, in the sampling loop's terms: the Euler sampler over a (shifted) schedule.
+
+The model moves along x_t = (1 - s) x_0 + s e and predicts e - x_0; a step is
+x_{s'} = x_s + (s' - s) v. diffusers' ``FlowMatchEulerDiscreteScheduler`` does the arithmetic for
+the family's schedule (a fixed shift, SD3's 3.0; or a shift ``mu`` that grows with the image's
+token count, Flux.1's, whose levels then run evenly from 1 to 1/N before shifting);
+:class:`FlowMatchSampler` gives it the interface the generic loop calls (``set_timesteps(steps)``,
+``scale_model_input``, ``add_noise``, ``init_noise_sigma``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from ..choices import Sampler, TimestepSpacing
+
+__all__ = ["FlowMatchSampler", "image_shift"]
+
+
+def image_shift(tokens: int, schedule: dict[str, Any]) -> float:
+    """``mu`` for an image of ``tokens`` packed latent tokens: linear in the token count."""
+    lo, hi = schedule["base_image_seq_len"], schedule["max_image_seq_len"]
+    slope = (schedule["max_shift"] - schedule["base_shift"]) / (hi - lo)
+    return tokens * slope + schedule["base_shift"] - slope * lo
+
+
+class FlowMatchSampler:
+    """Euler over the flow-matching ``schedule`` (diffusers' scheduler config) of an image of
+    ``tokens`` tokens."""
+
+    order = 1
+    init_noise_sigma = 1.0
+
+    def __init__(self, tokens: int, schedule: dict[str, Any]) -> None:
+        self.inner = FlowMatchEulerDiscreteScheduler(**schedule)
+        self.mu = image_shift(tokens, schedule) if schedule.get("use_dynamic_shifting") else None
+
+    @classmethod
+    def make(
+        cls,
+        sampler: Sampler | str,
+        spacing: TimestepSpacing | str,
+        tokens: int,
+        schedule: dict[str, Any],
+    ) -> FlowMatchSampler:
+        if Sampler.parse(sampler) is not Sampler.EULER:
+            raise ValueError(
+                f"sampler {Sampler.parse(sampler).value!r}: a flow-matching model samples with 'euler'"
+            )
+        if TimestepSpacing.parse(spacing) is not TimestepSpacing.DEFAULT:
+            raise ValueError(
+                "timestep spacing: a flow-matching model's steps follow its own shifted schedule"
+            )
+        return cls(tokens, schedule)
+
+    def set_timesteps(self, steps: int, device: torch.device | str | None = None) -> None:
+        if self.mu is None:  # a fixed shift: the scheduler's own spacing
+            self.inner.set_timesteps(steps, device=device)
+            return
+        sigmas = np.linspace(1.0, 1 / steps, steps)
+        self.inner.set_timesteps(steps, device=device, sigmas=sigmas, mu=self.mu)
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        return self.inner.timesteps
+
+    def set_begin_index(self, index: int) -> None:
+        self.inner.set_begin_index(index)
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
+        return sample
+
+    def add_noise(self, source: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The source moved to the noise level of ``timesteps`` (img2img's start, masked editing)."""
+        return self.inner.scale_noise(source, timesteps.to(source.device), noise)
+
+    def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, **_: Any) -> Any:
+        return self.inner.step(model_output, timestep, sample)
