@@ -10,13 +10,29 @@ network in ``modules()``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["DiTBase"]
+__all__ = ["DiTBase", "check_plain_prompts"]
+
+
+def check_plain_prompts(prompts: Sequence[str], syntax: Any, readers: str) -> None:
+    """Emphasis and BREAK are a CLIP convention these models' encoders do not read: under the
+    weighted syntax a prompt that uses them is refused (the plain syntax reads it as text)."""
+    from ..choices import PromptSyntax, parse_choice
+    from ..text.prompts import parse_emphasis
+
+    if parse_choice(PromptSyntax, syntax, "prompt syntax") is not PromptSyntax.WEIGHTED:
+        return
+    for p in prompts:
+        if any(w != 1.0 for _, w in parse_emphasis(p)):
+            raise ValueError(
+                f"prompt: emphasis and BREAK are a CLIP convention that {readers} do not read; write the "
+                "prompt without them or give --prompt-syntax plain"
+            )
 
 
 class DiTBase:
@@ -47,9 +63,10 @@ class DiTBase:
 
     @contextlib.contextmanager
     def visiting(self, *names: str) -> Iterator[None]:
-        """The named parts on the transformer's device within the block (offloaded ones return)."""
+        """The named parts (those the model has) on the transformer's device within the block
+        (offloaded ones return afterwards)."""
         mods = self.modules()
-        away = [(mods[n], next(mods[n].parameters()).device) for n in names]
+        away = [(mods[n], next(mods[n].parameters()).device) for n in names if n in mods]
         away = [(m, home) for m, home in away if home != self.device]
         for m, _ in away:
             m.to(self.device)
@@ -133,7 +150,7 @@ class DiTBase:
         return self.encode_images(condition * 2 - 1)
 
     def compile(self, *, vae: bool = False) -> None:
-        from ...model.fastpath import compile_modules
+        from ..model.fastpath import compile_modules
 
         compile_modules([self.transformer])
         if vae:

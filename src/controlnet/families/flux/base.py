@@ -21,9 +21,9 @@ import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
 from torch import nn
 
-from ...choices import PromptSyntax, Sampler, TimestepSpacing, parse_choice
+from ...choices import PromptSyntax, Sampler, TimestepSpacing
 from ...model.control import Control
-from ..dit import DiTBase
+from ..dit import DiTBase, check_plain_prompts
 from ..flow_match import FlowMatchSampler
 from ..protocol import PromptEmbeddings
 from .controlnet import FLUX_FIELDS, FluxControlNet, FluxControlNetConfig, FluxResiduals
@@ -124,15 +124,7 @@ class FluxBase(DiTBase):
     ) -> tuple[PromptEmbeddings, PromptEmbeddings | None]:
         """The prompts as they are (T5 reads no emphasis: a prompt using it is refused); negatives
         only when guidance is classifier-free (a model without a guidance input)."""
-        from ...text.prompts import parse_emphasis
-
-        if parse_choice(PromptSyntax, syntax, "prompt syntax") is PromptSyntax.WEIGHTED:
-            for p in [*prompts, *(negatives or [])]:
-                if any(w != 1.0 for _, w in parse_emphasis(p)):
-                    raise ValueError(
-                        "prompt: emphasis and BREAK are a CLIP convention that Flux's T5 does not read; "
-                        "write the prompt without them or give --prompt-syntax plain"
-                    )
+        check_plain_prompts([*prompts, *(negatives or [])], syntax, "Flux's T5")
         cond = self.encode_prompt(prompts)
         uncond = None if negatives is None or self.guidance_input else self.encode_prompt(negatives)
         return cond, uncond

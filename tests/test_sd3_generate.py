@@ -1,0 +1,210 @@
+"""SD3 / SD3.5 generation through the generic path (the family protocol's SD3Base): equal to
+diffusers' StableDiffusion3ControlNetPipeline on the same tiny weights, noise and conditions, with
+classifier-free guidance - an InstantX-style ControlNet, an SD3.5 Large-style one (the base's
+tokens, no text), two with their own strengths and windows, and a model without its T5."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    SD3ControlNetModel,
+    SD3MultiControlNetModel,
+    SD3Transformer2DModel,
+    StableDiffusion3ControlNetPipeline,
+)
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+from controlnet.families.sd.configs import Family
+from controlnet.families.sd3 import SD3ControlNet, SD3ControlNetConfig
+from controlnet.families.sd3.base import SD3_SCHEDULE, SD3Base
+from controlnet.generation.denoiser import ControlUnit
+from controlnet.generation.sampling import Sampling, initial_noise, render
+from controlnet.text.tokenizer import clip_tokenizer
+from tiny_flux import t5_tokenizer
+
+TRANSFORMER = {
+    "sample_size": 16,
+    "patch_size": 2,
+    "in_channels": 4,
+    "num_layers": 4,
+    "attention_head_dim": 8,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 12,
+    "caption_projection_dim": 16,
+    "pooled_projection_dim": 10,
+    "out_channels": 4,
+    "pos_embed_max_size": 32,
+}
+SIZE, SEQ, GUIDANCE = (32, 48), 8, 4.5
+
+
+def clip(hidden: int, projection: int) -> CLIPTextModelWithProjection:
+    cfg = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        projection_dim=projection,
+        num_hidden_layers=2,
+        num_attention_heads=1,
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    return CLIPTextModelWithProjection(cfg).eval()
+
+
+def sd3_base(with_t5: bool = True) -> SD3Base:
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(**TRANSFORMER).eval()
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        scaling_factor=1.5,
+        shift_factor=0.06,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ).eval()
+    with torch.no_grad():  # a posterior of no spread: diffusers samples the condition's latents
+        vae.encoder.conv_out.weight[4:].zero_()
+        vae.encoder.conv_out.bias[4:].fill_(-1000.0)
+    t5 = T5EncoderModel(
+        T5Config(vocab_size=32, d_model=12, d_kv=4, d_ff=24, num_layers=2, num_heads=3)
+    ).eval()
+    return SD3Base(
+        transformer,
+        vae,
+        clip(4, 4),
+        clip(6, 6),
+        t5 if with_t5 else None,
+        clip_tokenizer(Family.SD1),
+        clip_tokenizer(Family.SDXL, second=True),
+        t5_tokenizer() if with_t5 else None,
+        max_sequence_length=SEQ,
+    )
+
+
+@pytest.fixture(scope="module")
+def world() -> SD3Base:
+    return sd3_base()
+
+
+def controlnet(base: SD3Base, config: SD3ControlNetConfig, seed: int) -> SD3ControlNet:
+    torch.manual_seed(seed)
+    cn = SD3ControlNet(dict(base.transformer.config), config)
+    if config.reads_text:
+        cn = SD3ControlNet.from_transformer(base.transformer, config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in cn.named_parameters():
+            if name.startswith(("controlnet_blocks", "pos_embed_input")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return cn.eval()
+
+
+def peer(cn: SD3ControlNet) -> SD3ControlNetModel:
+    c = cn.config
+    extra = {} if c.reads_text else {"use_pos_embed": False, "joint_attention_dim": None}
+    fields = {k: v for k, v in TRANSFORMER.items() if k != "num_layers"}
+    model = SD3ControlNetModel(
+        **{**fields, **extra}, num_layers=c.num_layers, force_zeros_for_pooled_projection=c.zero_pooled
+    ).eval()
+    model.load_state_dict(cn.state_dict())
+    return model
+
+
+def condition(seed: int) -> torch.Tensor:
+    return torch.rand(1, 3, *SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def ours(base, units, seeds, steps=3):
+    sampling = Sampling("euler", "default", steps, GUIDANCE)
+    n = len(seeds)
+    return render(base, units, ["a red disk"] * n, [""] * n, seeds, SIZE, sampling, progress=False).latents
+
+
+def theirs(base, cns, conds, scales, seeds, steps=3, starts=None, ends=None):
+    many = len(cns) > 1
+    pipe = StableDiffusion3ControlNetPipeline(
+        transformer=base.transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULE),
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        text_encoder_2=base.text_encoder_2,
+        tokenizer_2=base.tokenizer_2,
+        text_encoder_3=base.text_encoder_3,
+        tokenizer_3=base.tokenizer_3,
+        controlnet=SD3MultiControlNetModel([peer(c) for c in cns]) if many else peer(cns[0]),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    h, w = base.latent_size(SIZE)
+    noise = initial_noise((len(seeds), 4, h, w), seeds, torch.device("cpu"), torch.float32)
+    conds = [c * 2 - 1 for c in conds]  # a tensor reaches the VAE as it is: give it [-1, 1]
+    kw = {}
+    if starts is not None:
+        kw = {"control_guidance_start": starts, "control_guidance_end": ends}
+    with torch.no_grad():
+        return pipe(
+            prompt=["a red disk"] * len(seeds),
+            negative_prompt=[""] * len(seeds),
+            control_image=conds if many else conds[0],
+            controlnet_conditioning_scale=scales if many else scales[0],
+            height=SIZE[0],
+            width=SIZE[1],
+            num_inference_steps=steps,
+            guidance_scale=GUIDANCE,
+            latents=noise,
+            max_sequence_length=SEQ,
+            output_type="latent",
+            **kw,
+        ).images
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        SD3ControlNetConfig(num_layers=2),  # InstantX's: zero pooled input, unshifted latents
+        SD3ControlNetConfig(
+            num_layers=2, own_pos_embed=False, reads_text=False, zero_pooled=False
+        ),  # SD3.5 L
+    ],
+    ids=["instantx", "sd3.5-large"],
+)
+def test_one_controlnet_equals_the_pipeline(world, config):
+    cn = controlnet(world, config, seed=1)
+    close(
+        ours(world, [ControlUnit(cn, condition(5), 0.8)], [7, 8]),
+        theirs(world, [cn], [condition(5)], [0.8], [7, 8]),
+    )
+
+
+def test_two_controlnets_with_their_own_strengths_and_windows(world):
+    a = controlnet(world, SD3ControlNetConfig(num_layers=2), seed=1)
+    b = controlnet(world, SD3ControlNetConfig(num_layers=2), seed=2)
+    # windows on step boundaries: diffusers counts step i in while (i + 1) / N <= end, we while
+    # i / N < end (the sidecars' convention); they agree where end * N is whole
+    units = [ControlUnit(a, condition(5), 0.7, 0.0, 0.5), ControlUnit(b, condition(6), 1.2, 0.25, 1.0)]
+    cns, conds = [a, b], [condition(5), condition(6)]
+    want = theirs(world, cns, conds, [0.7, 1.2], [3], steps=4, starts=[0.0, 0.25], ends=[0.5, 1.0])
+    close(ours(world, units, [3], steps=4), want)
+
+
+def test_a_model_without_its_t5_reads_zeros_in_its_place():
+    base = sd3_base(with_t5=False)
+    cn = controlnet(base, SD3ControlNetConfig(num_layers=2), seed=4)
+    close(
+        ours(base, [ControlUnit(cn, condition(9), 1.0)], [11]),
+        theirs(base, [cn], [condition(9)], [1.0], [11]),
+    )
