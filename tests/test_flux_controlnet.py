@@ -234,7 +234,7 @@ def test_inspect_and_errors(tmp_path, capsys):
     save_file(state, str(tmp_path / "broken.safetensors"))
     assert main(["inspect", str(tmp_path / "broken.safetensors")]) == 1
     assert "missing keys (1): controlnet_blocks.1.bias" in capsys.readouterr().out
-    with pytest.raises(CheckpointError, match=r"broken\.safetensors: Flux ControlNet: missing keys"):
+    with pytest.raises(CheckpointError, match=r"broken\.safetensors: Flux\.1 ControlNet: missing keys"):
         load_controlnet(tmp_path / "broken.safetensors")
 
     small = file_controlnet_of_head(8)

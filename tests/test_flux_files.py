@@ -60,7 +60,7 @@ def test_diffusers_own_folder_and_ours_load_and_round_trip(base, tmp_path):
     same(base, load_base(tmp_path / "hub"))
 
     ours = save_base(load_base(tmp_path / "hub"), tmp_path / "flux.safetensors")[0]
-    assert detect(ours).layout == "Flux base model"
+    assert detect(ours).layout == "Flux.1 base model"
     same(base, load_base(ours))
     folder = save_base(load_base(ours), tmp_path / "again", "diffusers")[0]
     same(base, load_base(folder))
@@ -134,7 +134,7 @@ def test_models_of_other_families_and_bad_modes_are_refused_in_one_line(base, tm
     shutil.rmtree(folder / "text_encoder_2")  # a Flux model without its T5
     assert main([*common, "--base", str(folder), "--controlnet", str(union), "--control-type", "0"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "Flux pipeline folder lacks text_encoder_2/config.json" in err and len(err.splitlines()) == 1
+    assert "the FluxPipeline folder lacks text_encoder_2/config.json" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "o").exists()
 
 

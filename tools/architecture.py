@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("shells", ["cli", "serving", "demo"]),
     ("jobs", ["training", "evaluation"]),
     ("generation and data", ["generation", "data"]),
-    ("family registry", ["families", "families.sd.plugin", "families.flux.plugin"]),
+    ("family registry", ["families", "families.sd.plugin", "families.flux.plugin", "families.sd3.plugin"]),
     ("checkpoints and conditions", ["formats", "annotators"]),
     ("model families", ["families.sd", "families.flux", "families.sd3", "families.dit", "families.flow_match", "families.protocol", "text"]),
     ("the method", ["model"]),

@@ -41,7 +41,11 @@ __all__ = [
 ]
 
 #: family name -> its plug-in module (imported when first needed)
-PLUGINS: dict[str, str] = {"sd": "controlnet.families.sd.plugin", "flux": "controlnet.families.flux.plugin"}
+PLUGINS: dict[str, str] = {
+    "sd": "controlnet.families.sd.plugin",
+    "flux": "controlnet.families.flux.plugin",
+    "sd3": "controlnet.families.sd3.plugin",
+}
 
 
 def _plugins() -> list[ModuleType]:

@@ -20,9 +20,11 @@ from ..families.flux.controlnet import FluxControlNet
 from ..families.sd.base import UNetBase
 from ..families.sd.configs import Family
 from ..families.sd.controlnet import ControlNet, ControlNetConfig
+from ..families.sd3.base import SD3Base
+from ..families.sd3.controlnet import SD3ControlNet
 from . import control_lora as clora
 from . import diffusers as dif
-from . import flux, flux_base, flux_bfl, flux_files, ours
+from . import dit_base, dit_controlnet, flux_bfl, flux_files, ours
 from . import original as orig
 from .build import BaseConfig, Loader, build_unet, make_base
 from .checkpoint import CheckpointError, TensorFile, list_keys, open_tensors, shapes_only
@@ -74,13 +76,14 @@ def detect(path: PathLike) -> Detected:
     if path.is_dir():
         if flux_files.is_flux_files(path):
             layout = "Flux.1 files (Black Forest Labs layout)"
-            return Detected(path, Format.ORIGINAL, (BASE,), layout, family=flux.FAMILY)
-        if flux_base.is_flux_pipeline(path):
-            return Detected(path, Format.DIFFUSERS, (BASE,), "Flux pipeline folder", family=flux.FAMILY)
-        if flux.is_flux_folder(path):
-            return Detected(
-                path, Format.DIFFUSERS, (CONTROLNET,), "Flux ControlNet folder", family=flux.FAMILY
-            )
+            return Detected(path, Format.ORIGINAL, (BASE,), layout, family="flux")
+        spec = dit_base.pipeline_spec(path)
+        if spec is not None:
+            return Detected(path, Format.DIFFUSERS, (BASE,), f"{spec.pipeline} folder", family=spec.family)
+        cn_spec = dit_controlnet.spec_of(path, None)
+        if cn_spec is not None:
+            layout = f"{cn_spec.label} ControlNet folder"
+            return Detected(path, Format.DIFFUSERS, (CONTROLNET,), layout, family=cn_spec.family)
         if dif.is_controlnet_folder(path):
             return Detected(path, Format.DIFFUSERS, (CONTROLNET,), "ControlNet folder")
         if dif.is_pipeline_folder(path):
@@ -92,14 +95,17 @@ def detect(path: PathLike) -> Detected:
     tf = open_tensors(path)
     if flux_bfl.is_bfl_transformer(tf):
         layout = "Flux.1 transformer, Black Forest Labs layout"
-        return Detected(path, Format.ORIGINAL, (BASE,), layout, tf, family=flux.FAMILY)
-    if flux_base.is_flux_base_file(tf):
-        return Detected(path, Format.CONTROLNET, (BASE,), "Flux base model", tf, family=flux.FAMILY)
-    if flux.is_flux_file(tf):
+        return Detected(path, Format.ORIGINAL, (BASE,), layout, tf, family="flux")
+    spec = dit_base.spec_of_file(tf)
+    if spec is not None:
+        return Detected(path, Format.CONTROLNET, (BASE,), f"{spec.label} base model", tf, family=spec.family)
+    cn_spec = dit_controlnet.spec_of(path, tf)
+    if cn_spec is not None:
         if ours.kind_of(tf) is not None:
-            return Detected(path, Format.CONTROLNET, (CONTROLNET,), "Flux ControlNet", tf, family=flux.FAMILY)
-        layout = "Flux ControlNet, published layout (InstantX / diffusers names, no config)"
-        return Detected(path, Format.ORIGINAL, (CONTROLNET,), layout, tf, family=flux.FAMILY)
+            layout = f"{cn_spec.label} ControlNet"
+            return Detected(path, Format.CONTROLNET, (CONTROLNET,), layout, tf, family=cn_spec.family)
+        layout = f"{cn_spec.label} ControlNet, published layout (no config)"
+        return Detected(path, Format.ORIGINAL, (CONTROLNET,), layout, tf, family=cn_spec.family)
     kind = ours.kind_of(tf)
     if kind is not None:
         what = "ControlNet" if kind == ours.CONTROLNET else "base model"
@@ -147,7 +153,7 @@ def load_controlnet(
     config: ControlNetConfig | None = None,
     base_unet: UNet2DConditionModel | None = None,
     ldm_config: PathLike | None = None,
-) -> ControlNet | FluxControlNet:
+) -> ControlNet | FluxControlNet | SD3ControlNet:
     """Load a ControlNet from any supported file or folder (a Flux one too).
 
     ``dtype`` casts floating-point tensors (default: as stored). ``unet_config`` / ``config``
@@ -160,12 +166,11 @@ def load_controlnet(
     d = detect(path)
     _need(d, CONTROLNET)
     ldm_config_fits(d, ldm_config)
-    if d.family == flux.FAMILY:
-        return (
-            flux.load_file(d.tensors, dtype=dtype)
-            if d.tensors is not None
-            else flux.load_folder(d.path, dtype=dtype)
-        )
+    if d.family != "sd":
+        cn_spec = dit_controlnet.SPECS[d.family]
+        if d.tensors is not None:
+            return dit_controlnet.load_file(cn_spec, d.tensors, dtype=dtype)
+        return dit_controlnet.load_folder(cn_spec, d.path, dtype=dtype)
     if d.control_lora:
         assert d.tensors is not None
         if base_unet is None:
@@ -230,14 +235,14 @@ def load_base(
     config: BaseConfig | None = None,
     family: Family | None = None,
     ldm_config: PathLike | None = None,
-) -> UNetBase | FluxBase:
+) -> UNetBase | FluxBase | SD3Base:
     """Load a base model (UNet, VAE, text encoder(s), offline tokenizer(s), schedule) from an
     original single file (also a v1.0 ControlNet file's base part), a diffusers pipeline folder or
     our format. An original-layout file's architecture is read off its tensors; ``ldm_config`` (its
     original YAML) or ``config`` (a whole :class:`BaseConfig`) settle what they cannot tell;
     ``family`` overrides the guess for a diffusers folder without a tokenizer."""
     d = detect(path)
-    if d.family == flux.FAMILY:
+    if d.family != "sd":
         _need(d, BASE)
         ldm_config_fits(d, ldm_config)
         if d.format is Format.ORIGINAL:
@@ -248,8 +253,8 @@ def load_base(
                 )
             return flux_files.load_flux_files(d.path, dtype=dtype)
         if d.tensors is not None:
-            return flux_base.load_file(d.tensors, dtype=dtype)
-        return flux_base.load_folder(d.path, dtype=dtype)
+            return dit_base.load_file(d.tensors, dtype=dtype)
+        return dit_base.load_folder(d.path, dtype=dtype)
     base = make_base(*_base_loader(path, dtype, config, family, ldm_config))
     base.settings = generation_settings(path)
     return base
@@ -302,7 +307,7 @@ def load_unet(
 
 
 def save_controlnet(
-    cn: ControlNet | FluxControlNet,
+    cn: ControlNet | FluxControlNet | SD3ControlNet,
     path: PathLike,
     fmt: Format | str = Format.CONTROLNET,
     *,
@@ -313,11 +318,11 @@ def save_controlnet(
     only) embeds a base model, as in the v1.0 files."""
     fmt = Format(fmt)
     path = Path(path)
-    if isinstance(cn, FluxControlNet):
+    if isinstance(cn, (FluxControlNet, SD3ControlNet)):
         if base is not None:
-            raise ValueError("a Flux ControlNet file holds the ControlNet alone")
+            raise ValueError("a transformer ControlNet's file holds the ControlNet alone")
         target = path if fmt is Format.DIFFUSERS else _safetensors_path(path)
-        return flux.save(cn, target, fmt.value, overwrite=overwrite)
+        return dit_controlnet.save(cn, target, fmt.value, overwrite=overwrite)
     if base is not None and fmt is not Format.ORIGINAL:
         raise ValueError("a base model can be embedded in the original format only")
     if fmt is Format.ORIGINAL:
@@ -338,11 +343,13 @@ def save_base(
     of an SD2.x model lacks)."""
     fmt = Format(fmt)
     path = Path(path)
-    if isinstance(base, FluxBase):
-        if fmt is Format.ORIGINAL:  # BFL's separate files, in a folder
-            return flux_files.save_flux_files(base, path, overwrite=overwrite)
+    if isinstance(base, (FluxBase, SD3Base)):
+        if fmt is Format.ORIGINAL:
+            if isinstance(base, SD3Base):
+                raise ValueError("an SD3 base model is written as 'controlnet' (ours) or 'diffusers' so far")
+            return flux_files.save_flux_files(base, path, overwrite=overwrite)  # BFL's files, in a folder
         target = path if fmt is Format.DIFFUSERS else _safetensors_path(path)
-        return flux_base.save(base, target, fmt.value, overwrite=overwrite)
+        return dit_base.save(base, target, fmt.value, overwrite=overwrite)
     if fmt is Format.ORIGINAL:
         return orig.save_base(base, _safetensors_path(path), overwrite=overwrite)
     if fmt is Format.DIFFUSERS:

@@ -25,7 +25,7 @@ from ..families.flux.schedule import FLUX_SCHEDULE
 from ..families.sd.configs import Family
 from ..text.tokenizer import clip_tokenizer
 from .checkpoint import CheckpointError, TensorFile, atomic_outputs, open_tensors, save_safetensors
-from .flux_base import TIED, build_part, fill_part, t5_tokenizer
+from .dit_base import SPECS, TIED, build_part, fill_part, t5_tokenizer
 from .flux_bfl import bfl_prefix, bfl_rule, bfl_transformer_config
 from .infer import clip_config, vae_config_original_names
 from .keymap import load_into, to_file
@@ -123,7 +123,8 @@ def load_flux_files(folder: Path, *, dtype: torch.dtype | None = None) -> FluxBa
     tf = parts["transformer"]
     prefix = bfl_prefix(tf) or ""
     config = bfl_transformer_config(tf, prefix)
-    transformer = build_part("transformer", config, where)
+    spec = SPECS["flux"]
+    transformer = build_part(spec, "transformer", config, where)
     inner = config["num_attention_heads"] * config["attention_head_dim"]
     present = [k for k in tf if k.startswith(prefix)] if prefix else list(tf)
     transformer = load_into(
@@ -139,18 +140,22 @@ def load_flux_files(folder: Path, *, dtype: torch.dtype | None = None) -> FluxBa
     vae_cfg.update(
         FLUX_VAE, use_quant_conv="quant_conv.weight" in ae, use_post_quant_conv="post_quant_conv.weight" in ae
     )
-    vae = build_part("vae", vae_cfg, str(ae.path))
+    vae = build_part(spec, "vae", vae_cfg, str(ae.path))
     vae = load_into(
         vae, ae, lambda ks: [vae_rule(k, vae_cfg, "") for k in ks], present=list(ae), what="vae", dtype=dtype
     )
     clip = parts["text_encoder"]
     clip_cfg = clip_config(clip.shapes, "", Family.SD1, str(clip.path))
-    text_encoder = fill_part(
-        "text_encoder", build_part("text_encoder", clip_cfg, str(clip.path)), clip, "", dtype
-    )
+    clip_module = build_part(spec, "text_encoder", clip_cfg, str(clip.path))
+    text_encoder = fill_part(spec, "text_encoder", clip_module, clip, "", dtype)
     t5 = parts["text_encoder_2"]
     text_encoder_2 = fill_part(
-        "text_encoder_2", build_part("text_encoder_2", _t5_config(t5), str(t5.path)), t5, "", dtype
+        spec,
+        "text_encoder_2",
+        build_part(spec, "text_encoder_2", _t5_config(t5), str(t5.path)),
+        t5,
+        "",
+        dtype,
     )
     return FluxBase(
         transformer,

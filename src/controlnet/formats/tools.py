@@ -19,7 +19,7 @@ from ..families.sd.configs import Family, family_of_unet_config
 from ..families.sd.controlnet import ControlNet, ControlNetConfig
 from . import control_lora as clora
 from . import diffusers as dif
-from . import flux, ours
+from . import dit_controlnet, ours
 from . import original as orig
 from .api import (
     BASE,
@@ -256,8 +256,10 @@ def inspect_checkpoint(path: PathLike, *, ldm_config: PathLike | None = None) ->
 def _describe(path: PathLike, ldm_config: PathLike | None) -> Inspection:
     d = detect(path)
     tf = d.tensors
-    if d.family == flux.FAMILY:
-        return _inspect_flux(d)
+    if d.family != "sd" and CONTROLNET in d.kinds:
+        return _inspect_dit_controlnet(d)
+    if d.family != "sd":
+        return _inspect_dit_base(d)
     if d.format is Format.CONTROLNET:
         assert tf is not None
         if ours.CONTROLNET in d.kinds:
@@ -320,19 +322,42 @@ def _inspect_original(path: Path, layout: str, tf: TensorFile, ldm_config: PathL
     return Inspection(path, Format.ORIGINAL, layout, family, params, _dtypes([tf]), options, notes)
 
 
-def _inspect_flux(d: Detected) -> Inspection:
-    tf = d.tensors if d.tensors is not None else dif.open_weights(d.path, flux.WEIGHTS)
+def _inspect_dit_controlnet(d: Detected) -> Inspection:
+    spec = dit_controlnet.SPECS[d.family]
+    tf = d.tensors if d.tensors is not None else dif.open_weights(d.path, dit_controlnet.WEIGHTS)
     notes: list[str] = []
     options = None
     try:
-        arch = flux.arch(tf) if d.tensors is not None else flux.folder_arch(d.path)
-        options = flux.describe(*arch)
+        arch = (
+            dit_controlnet.arch(spec, tf)
+            if d.tensors is not None
+            else dit_controlnet.folder_arch(spec, d.path)
+        )
+        options = dit_controlnet.describe(spec, *arch)
     except CheckpointError as e:
         notes.append(f"ControlNet architecture not recognised: {e}")
-    label = "Flux.1-dev" if options and options["guidance_input"] else "Flux.1"
-    return Inspection(
-        d.path, d.format, d.layout, label, {"controlnet": _count(tf, list(tf))}, _dtypes([tf]), options, notes
-    )
+    label = spec.label
+    if options and options.get("guidance_input"):
+        label = "Flux.1-dev"
+    params = {"controlnet": _count(tf, list(tf))}
+    return Inspection(d.path, d.format, d.layout, label, params, _dtypes([tf]), options, notes)
+
+
+def _inspect_dit_base(d: Detected) -> Inspection:
+    """A transformer family's base model: the files it is made of, counted part by part."""
+    tfs = [d.tensors] if d.tensors is not None else _weight_files(d.path)
+    params: dict[str, int] = {}
+    for tf in tfs:
+        name = tf.path.name if d.tensors is None else "model"
+        params[name] = _count(tf, list(tf))
+    return Inspection(d.path, d.format, d.layout, d.family, params, _dtypes(tfs))
+
+
+def _weight_files(folder: Path) -> list[TensorFile]:
+    from .checkpoint import open_tensors
+
+    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*/*.safetensors"))
+    return [open_tensors(p) for p in files]
 
 
 def _inspect_control_lora(path: Path, layout: str, tf: TensorFile) -> Inspection:

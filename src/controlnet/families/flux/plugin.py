@@ -1,5 +1,5 @@
 """Flux.1 as a plug-in of the family registry (:mod:`controlnet.families`): its files are read by
-:mod:`controlnet.formats` (``flux`` and ``flux_base``)."""
+:mod:`controlnet.formats` (``flux``, ``dit_base``, ``flux_files``)."""
 
 from __future__ import annotations
 
