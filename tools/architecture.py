@@ -35,9 +35,29 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("shells", ["cli", "serving", "demo"]),
     ("jobs", ["training", "evaluation"]),
     ("generation and data", ["generation", "data"]),
-    ("family registry", ["families", "families.sd.plugin", "families.flux.plugin", "families.sd3.plugin"]),
+    (
+        "family registry",
+        [
+            "families",
+            "families.sd.plugin",
+            "families.dit_plugin",
+            "families.flux.plugin",
+            "families.sd3.plugin",
+        ],
+    ),
     ("checkpoints and conditions", ["formats", "annotators"]),
-    ("model families", ["families.sd", "families.flux", "families.sd3", "families.dit", "families.flow_match", "families.protocol", "text"]),
+    (
+        "model families",
+        [
+            "families.sd",
+            "families.flux",
+            "families.sd3",
+            "families.dit",
+            "families.flow_match",
+            "families.protocol",
+            "text",
+        ],
+    ),
     ("the method", ["model"]),
     ("foundation", ["", "choices", "schema", "errors", "imageio", "plots", "bundled"]),
 ]

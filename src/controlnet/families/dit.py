@@ -16,7 +16,18 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["DiTBase", "check_plain_prompts"]
+from ..choices import Sampler, TimestepSpacing
+from .flow_match import FlowMatchSampler
+
+__all__ = ["DiTBase", "check_plain_prompts", "copy_twins"]
+
+
+def copy_twins(controlnet: nn.Module, network: nn.Module) -> None:
+    """Make every tensor of a fresh ``controlnet`` that has a twin in the locked ``network`` (same
+    name) an exact copy of it; the zero layers (``controlnet_*``) and what has no twin stay as made."""
+    state, own = network.state_dict(), controlnet.state_dict()
+    own.update({k: state[k].detach().clone() for k in own if k in state and not k.startswith("controlnet_")})
+    controlnet.load_state_dict(own)
 
 
 def check_plain_prompts(prompts: Sequence[str], syntax: Any, readers: str) -> None:
@@ -144,6 +155,18 @@ class DiTBase:
     @property
     def denoiser(self) -> nn.Module:
         return self.transformer
+
+    def scheduler(
+        self,
+        sampler: Sampler | str,
+        spacing: TimestepSpacing | str = TimestepSpacing.DEFAULT,
+        *,
+        latent_size: tuple[int, int] | None = None,
+    ) -> FlowMatchSampler:
+        """Euler over the family's flow-matching schedule (``self.schedule``) for images of
+        ``latent_size`` (default: the native size), whose 2x2 patches set a size-dependent shift."""
+        h, w = latent_size or self.latent_size((self.native_size,) * 2)
+        return FlowMatchSampler.make(sampler, spacing, (h // 2) * (w // 2), self.schedule)
 
     def control_hint(self, controlnet: nn.Module, condition: torch.Tensor) -> torch.Tensor:
         """A condition image in [0, 1] as the ControlNet reads it: its latents, like the image's."""

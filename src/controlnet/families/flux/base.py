@@ -21,10 +21,9 @@ import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
 from torch import nn
 
-from ...choices import PromptSyntax, Sampler, TimestepSpacing
+from ...choices import PromptSyntax
 from ...model.control import Control
 from ..dit import DiTBase, check_plain_prompts
-from ..flow_match import FlowMatchSampler
 from ..protocol import PromptEmbeddings
 from .controlnet import FLUX_FIELDS, FluxControlNet, FluxControlNetConfig, FluxResiduals
 from .schedule import FLUX_SCHEDULE
@@ -130,16 +129,6 @@ class FluxBase(DiTBase):
         return cond, uncond
 
     # ------------------------------------------------------------------ denoising
-    def scheduler(
-        self,
-        sampler: Sampler | str,
-        spacing: TimestepSpacing | str = TimestepSpacing.DEFAULT,
-        *,
-        latent_size: tuple[int, int] | None = None,
-    ) -> FlowMatchSampler:
-        h, w = latent_size or self.latent_size((self.native_size,) * 2)
-        return FlowMatchSampler.make(sampler, spacing, (h // 2) * (w // 2), self.schedule)
-
     def predict(
         self,
         x: torch.Tensor,

@@ -44,6 +44,7 @@ from diffusers.models.transformers.transformer_flux import (
 from torch import nn
 
 from ...model.zero import ControlledCopy, zero_linear
+from ..dit import copy_twins
 
 __all__ = ["FLUX_FIELDS", "FluxControlNet", "FluxControlNetConfig", "FluxResiduals"]
 
@@ -176,14 +177,7 @@ class FluxControlNet(ControlledCopy):
             cn = cls(dict(transformer.config), config)
         like = transformer.x_embedder.weight
         cn.to(device=like.device, dtype=like.dtype)
-        state = transformer.state_dict()
-        own = cn.state_dict()
-        # every tensor with a twin in the base is the base's (the zero layers and the mode
-        # embedding have none and stay as made)
-        own.update(
-            {k: state[k].detach().clone() for k in own if k in state and not k.startswith("controlnet_")}
-        )
-        cn.load_state_dict(own)
+        copy_twins(cn, transformer)
         return cn
 
     @property

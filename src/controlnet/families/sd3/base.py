@@ -20,10 +20,9 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, SD3Transformer2DModel
 from torch import nn
 
-from ...choices import PromptSyntax, Sampler, TimestepSpacing
+from ...choices import PromptSyntax
 from ...model.control import Control
 from ..dit import DiTBase, check_plain_prompts
-from ..flow_match import FlowMatchSampler
 from ..protocol import PromptEmbeddings
 from .controlnet import SD3_FIELDS, SD3ControlNet, SD3ControlNetConfig
 
@@ -125,16 +124,6 @@ class SD3Base(DiTBase):
         return cond, None if negatives is None else self.encode_prompt(negatives)
 
     # ------------------------------------------------------------------ denoising
-    def scheduler(
-        self,
-        sampler: Sampler | str,
-        spacing: TimestepSpacing | str = TimestepSpacing.DEFAULT,
-        *,
-        latent_size: tuple[int, int] | None = None,
-    ) -> FlowMatchSampler:
-        h, w = latent_size or self.latent_size((self.native_size,) * 2)
-        return FlowMatchSampler.make(sampler, spacing, (h // 2) * (w // 2), self.schedule)
-
     def control_hint(self, controlnet: nn.Module, condition: torch.Tensor) -> torch.Tensor:
         """The condition's latents. The published ControlNets that read zeros for the pooled text
         (InstantX's) were trained on latents without the VAE's shift, as diffusers feeds them."""

@@ -34,6 +34,7 @@ from diffusers.models.transformers.transformer_sd3 import SD3SingleTransformerBl
 from torch import nn
 
 from ...model.zero import ControlledCopy, zero_linear, zero_module
+from ..dit import copy_twins
 
 __all__ = ["SD3_FIELDS", "SD3ControlNet", "SD3ControlNetConfig"]
 
@@ -184,11 +185,7 @@ class SD3ControlNet(ControlledCopy):
         cn = cls(dict(transformer.config), config)
         like = transformer.context_embedder.weight
         cn.to(device=like.device, dtype=like.dtype)
-        state, own = transformer.state_dict(), cn.state_dict()
-        own.update(
-            {k: state[k].detach().clone() for k in own if k in state and not k.startswith("controlnet_")}
-        )
-        cn.load_state_dict(own)
+        copy_twins(cn, transformer)
         return cn
 
     # -------------------------------------------------------------------- the controlled copy

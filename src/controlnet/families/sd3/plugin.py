@@ -3,11 +3,9 @@ read by :mod:`controlnet.formats` (``dit_base``, ``dit_controlnet``)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from ...errors import CheckpointError
-from ...formats import api
+from ..dit_plugin import plugin_functions
 from .base import SD3Base
 
 __all__ = [
@@ -39,34 +37,11 @@ SETTINGS: dict[str, Any] = {
 }
 
 
-def detect(path: str | Path) -> str:
-    d = api.detect(path)
-    if d.family != NAME:
-        raise CheckpointError(f"{path}: not an SD3 model ({d.layout})")
-    return d.layout
-
-
-def generation_settings(path: str | Path) -> dict[str, Any]:
-    return dict(SETTINGS) if "base" in api.detect(path).kinds else {}
-
-
-def load_base(path: str | Path, *, dtype: Any = None) -> SD3Base:
-    base = api.load_base(path, dtype=dtype)
-    assert isinstance(base, SD3Base)
-    return base
-
-
-def load_controlnet(path: str | Path, *, dtype: Any = None, base_network: Any = None) -> Any:
-    return api.load_controlnet(path, dtype=dtype)
-
-
-def needs_base(path: str | Path) -> bool:
-    return False
-
-
-def load_vae(path: str | Path, *, base: SD3Base) -> Any:
-    raise ValueError(f"{path}: a separate VAE for an SD3 model is not supported yet")
-
-
-def merge_loras(base: SD3Base, loras: Any) -> None:
-    raise ValueError("LoRA files for SD3 models are not supported yet")
+_functions = plugin_functions(NAME, LABEL, BASE, SETTINGS)
+detect = _functions["detect"]
+generation_settings = _functions["generation_settings"]
+load_base = _functions["load_base"]
+load_controlnet = _functions["load_controlnet"]
+needs_base = _functions["needs_base"]
+load_vae = _functions["load_vae"]
+merge_loras = _functions["merge_loras"]
