@@ -135,3 +135,59 @@ def test_guidance_is_an_input_and_no_negative_is_encoded(world, monkeypatch):
     b = ours(world, [], [5], guidance=4.0)
     assert calls == [["a red disk"], ["a red disk"]]  # the prompt only, never the negative
     assert not torch.equal(a, b)  # the scale reached the network
+
+
+def test_img2img_equals_the_pipeline(world, monkeypatch):
+    """Half the schedule from an image's latents. We take the image's (and the condition's)
+    posterior mean where diffusers draws a sample with the seed's generator, which also moves that
+    generator; the comparison lets diffusers take the mean too, all else as it is."""
+    import diffusers.pipelines.flux.pipeline_flux_controlnet_image_to_image as img2img
+    from diffusers import FluxControlNetImg2ImgPipeline
+
+    monkeypatch.setattr(
+        img2img, "retrieve_latents", lambda out, generator=None, sample_mode=None: out.latent_dist.mode()
+    )
+    cn = controlnet(world, FluxControlNetConfig(2, 1), seed=1)
+    image = torch.rand(1, 3, *SIZE, generator=torch.Generator().manual_seed(21))
+    init = world.encode_images(image * 2 - 1)
+    sampling = Sampling("euler", "default", 4, 3.5)
+    unit = ControlUnit(cn, condition(5), 0.9)
+    got = render(
+        world,
+        [unit],
+        ["a red disk"],
+        [""],
+        [7],
+        SIZE,
+        sampling,
+        init_latents=init,
+        denoise_strength=0.5,
+        progress=False,
+    ).latents
+    pipe = FluxControlNetImg2ImgPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULE),
+        vae=world.vae,
+        text_encoder=world.text_encoder,
+        tokenizer=world.tokenizer,
+        text_encoder_2=world.text_encoder_2,
+        tokenizer_2=world.tokenizer_2,
+        transformer=world.transformer,
+        controlnet=peer(cn),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        want = pipe(
+            prompt=["a red disk"],
+            image=image * 2 - 1,
+            control_image=condition(5) * 2 - 1,
+            controlnet_conditioning_scale=0.9,
+            strength=0.5,
+            height=SIZE[0],
+            width=SIZE[1],
+            num_inference_steps=4,
+            guidance_scale=3.5,
+            generator=[torch.Generator().manual_seed(7)],
+            max_sequence_length=SEQ,
+            output_type="latent",
+        ).images
+    close(pack(got), want)
