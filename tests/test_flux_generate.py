@@ -191,3 +191,63 @@ def test_img2img_equals_the_pipeline(world, monkeypatch):
             output_type="latent",
         ).images
     close(pack(got), want)
+
+
+def test_masked_editing_equals_the_inpaint_pipeline(world, monkeypatch):
+    """Regenerate inside a mask (on whole latent cells), keep the source outside, from the
+    image's latents at full strength. As for img2img, both sides take the posterior mean."""
+    import diffusers.pipelines.flux.pipeline_flux_controlnet_inpainting as inpainting
+    from diffusers import FluxControlNetInpaintPipeline
+
+    from controlnet.generation.sampling import mask_to_latent
+
+    monkeypatch.setattr(
+        inpainting, "retrieve_latents", lambda out, generator=None, sample_mode=None: out.latent_dist.mode()
+    )
+    cn = controlnet(world, FluxControlNetConfig(2, 1), seed=1)
+    image = torch.rand(1, 3, *SIZE, generator=torch.Generator().manual_seed(21))
+    pixel_mask = torch.zeros(1, 1, *SIZE)
+    pixel_mask[..., 8:24, 12:36] = 1.0  # whole 2x2 latent cells of the tiny VAE
+    init = world.encode_images(image * 2 - 1)
+    mask = mask_to_latent(pixel_mask, world.latent_size(SIZE))
+    sampling = Sampling("euler", "default", 4, 3.5)
+    got = render(
+        world,
+        [ControlUnit(cn, condition(5), 0.9)],
+        ["a red disk"],
+        [""],
+        [7],
+        SIZE,
+        sampling,
+        init_latents=init,
+        mask=mask,
+        progress=False,
+    ).latents
+    pipe = FluxControlNetInpaintPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULE),
+        vae=world.vae,
+        text_encoder=world.text_encoder,
+        tokenizer=world.tokenizer,
+        text_encoder_2=world.text_encoder_2,
+        tokenizer_2=world.tokenizer_2,
+        transformer=world.transformer,
+        controlnet=peer(cn),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        want = pipe(
+            prompt=["a red disk"],
+            image=image * 2 - 1,
+            mask_image=pixel_mask,
+            control_image=condition(5) * 2 - 1,
+            controlnet_conditioning_scale=0.9,
+            strength=1.0,
+            height=SIZE[0],
+            width=SIZE[1],
+            num_inference_steps=4,
+            guidance_scale=3.5,
+            generator=[torch.Generator().manual_seed(7)],
+            max_sequence_length=SEQ,
+            output_type="latent",
+        ).images
+    close(pack(got), want)
