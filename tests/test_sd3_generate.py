@@ -208,3 +208,56 @@ def test_a_model_without_its_t5_reads_zeros_in_its_place():
         ours(base, [ControlUnit(cn, condition(9), 1.0)], [11]),
         theirs(base, [cn], [condition(9)], [1.0], [11]),
     )
+
+
+def test_img2img_equals_the_pipeline(world, monkeypatch):
+    """Half the schedule from an image's latents, with classifier-free guidance (both sides take
+    the image's posterior mean; diffusers would draw a sample with the seed's generator)."""
+    import diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3_img2img as img2img
+    from diffusers import StableDiffusion3Img2ImgPipeline
+
+    monkeypatch.setattr(
+        img2img, "retrieve_latents", lambda out, generator=None, sample_mode=None: out.latent_dist.mode()
+    )
+    image = torch.rand(1, 3, *SIZE, generator=torch.Generator().manual_seed(21))
+    init = world.encode_images(image * 2 - 1)
+    sampling = Sampling("euler", "default", 4, GUIDANCE)
+    got = render(
+        world,
+        [],
+        ["a red disk"],
+        [""],
+        [7],
+        SIZE,
+        sampling,
+        init_latents=init,
+        denoise_strength=0.5,
+        progress=False,
+    ).latents
+    pipe = StableDiffusion3Img2ImgPipeline(
+        transformer=world.transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULE),
+        vae=world.vae,
+        text_encoder=world.text_encoder,
+        tokenizer=world.tokenizer,
+        text_encoder_2=world.text_encoder_2,
+        tokenizer_2=world.tokenizer_2,
+        text_encoder_3=world.text_encoder_3,
+        tokenizer_3=world.tokenizer_3,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        want = pipe(
+            prompt=["a red disk"],
+            negative_prompt=[""],
+            image=image * 2 - 1,
+            strength=0.5,
+            height=SIZE[0],
+            width=SIZE[1],
+            num_inference_steps=4,
+            guidance_scale=GUIDANCE,
+            generator=[torch.Generator().manual_seed(7)],
+            max_sequence_length=SEQ,
+            output_type="latent",
+        ).images
+    close(got, want)
