@@ -99,8 +99,6 @@ def test_base_folders_and_ours_round_trip(base, tmp_path):
             sa, sb = module.state_dict(), got.modules()[name].state_dict()
             assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), (path, name)
     assert StableDiffusion3Pipeline.from_pretrained(folder).transformer.config.num_layers == 4
-    with pytest.raises(ValueError, match=r"written as 'controlnet' \(ours\) or 'diffusers' so far"):
-        save_base(base, tmp_path / "x.safetensors", Format.ORIGINAL)
 
 
 def test_generate_with_the_family_defaults_and_replay(base, tmp_path, capsys):
@@ -139,3 +137,73 @@ def test_generate_with_the_family_defaults_and_replay(base, tmp_path, capsys):
     assert "is not an SD3 ControlNet" in capsys.readouterr().err
     assert main(["generate", "--controlnet", str(cn), "--image", str(cond), "--out", str(out)]) == 2
     assert "not a ControlNet of a UNet" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("with_t5", [True, False], ids=["with-t5", "no-t5"])
+def test_stability_single_file_loads_and_round_trips_bitwise(tmp_path, with_t5):
+    from safetensors.torch import load_file
+
+    from controlnet.generation.sampling import Sampling, render
+
+    base = sd3_base(with_t5, config_less=True)
+    written = save_base(base, tmp_path / "sd3_tiny.safetensors", Format.ORIGINAL)
+    path = written[0]
+    assert [p.name for p in written] == ["sd3_tiny.safetensors", "tokenizer.json"][: 2 if with_t5 else 1]
+    d = detect(path)
+    assert d.family == "sd3" and d.format is Format.ORIGINAL and "Stability AI" in d.layout
+    back = load_base(path)
+    assert back.modules().keys() == base.modules().keys()
+    for name, module in base.modules().items():
+        sa, sb = module.state_dict(), back.modules()[name].state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), name
+    (tmp_path / "again").mkdir()
+    again = save_base(back, tmp_path / "again" / "sd3_tiny.safetensors", Format.ORIGINAL)[0]
+    a, b = load_file(path), load_file(again)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # and it computes the same images as the model it was written from (T5's window is a setting
+    # of the run, not of the file: the tiny model's is short)
+    back.max_sequence_length = base.max_sequence_length
+    sampling = Sampling("euler", "default", 2, 4.5)
+    args = (["a disk"], [""], [3], (32, 32), sampling)
+    same = render(base, [], *args, progress=False).latents, render(back, [], *args, progress=False).latents
+    assert torch.equal(*same)
+
+
+def test_mmdit_layout_at_real_size():
+    """SD3-medium on the meta device: each of its 2,028,328,000 parameters has a place in
+    the reference layout, the fused qkv tensors have their published shapes, and the
+    architecture reads back from the names and shapes."""
+    import math
+    from pathlib import Path
+
+    from diffusers import SD3Transformer2DModel
+
+    from controlnet.formats.checkpoint import TensorFile
+    from controlnet.formats.keymap import to_file
+    from controlnet.formats.sd3_single import MMDIT, mmdit_config, mmdit_rule
+    from test_sd3_controlnet import SD3_MEDIUM
+
+    with torch.device("meta"):
+        model = SD3Transformer2DModel(**SD3_MEDIUM)
+    state = model.state_dict()
+    shapes = {k: tuple(v.shape) for k, v in to_file(state, [mmdit_rule(k, 1536, 23) for k in state]).items()}
+    known = {
+        MMDIT + "joint_blocks.0.x_block.attn.qkv.weight": (4608, 1536),
+        MMDIT + "joint_blocks.23.context_block.adaLN_modulation.1.weight": (3072, 1536),
+        MMDIT + "joint_blocks.0.context_block.adaLN_modulation.1.weight": (9216, 1536),
+        MMDIT + "x_embedder.proj.weight": (1536, 16, 2, 2),
+        MMDIT + "pos_embed": (1, 36864, 1536),
+        MMDIT + "final_layer.linear.weight": (64, 1536),
+    }
+    assert {k: shapes.get(k) for k in known} == known
+    # every parameter, and the position table (a buffer, stored in the file)
+    assert sum(math.prod(s) for s in shapes.values()) == 2_028_328_000 + 36864 * 1536
+    tf = TensorFile(
+        Path("sd3_medium.safetensors"), shapes, {k: torch.float16 for k in shapes}, lambda k: None
+    )
+    config = mmdit_config(tf)
+    with torch.device("meta"):
+        rebuilt = SD3Transformer2DModel(**config)
+    assert {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in state.items()
+    }

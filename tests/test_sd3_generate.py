@@ -41,14 +41,17 @@ TRANSFORMER = {
 SIZE, SEQ, GUIDANCE = (32, 48), 8, 4.5
 
 
-def clip(hidden: int, projection: int) -> CLIPTextModelWithProjection:
+def clip(
+    hidden: int, projection: int, act: str = "quick_gelu", heads: int = 1
+) -> CLIPTextModelWithProjection:
     cfg = CLIPTextConfig(
+        hidden_act=act,
         vocab_size=49408,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         projection_dim=projection,
         num_hidden_layers=2,
-        num_attention_heads=1,
+        num_attention_heads=heads,
         max_position_embeddings=77,
         bos_token_id=49406,
         eos_token_id=49407,
@@ -57,32 +60,48 @@ def clip(hidden: int, projection: int) -> CLIPTextModelWithProjection:
     return CLIPTextModelWithProjection(cfg).eval()
 
 
-def sd3_base(with_t5: bool = True) -> SD3Base:
+#: sizes that files without a config can hold: SD3's 64-channel heads, CLIP's 64-channel heads
+#: (CLIP-L 64 wide, CLIP-G 128: a context and pooled vector 192 wide), a VAE of 32 norm groups
+CONFIG_LESS = {
+    "attention_head_dim": 64,
+    "num_attention_heads": 1,
+    "joint_attention_dim": 192,
+    "caption_projection_dim": 64,
+    "pooled_projection_dim": 192,
+}
+
+
+def sd3_base(with_t5: bool = True, *, config_less: bool = False) -> SD3Base:
+    """A tiny SD3 base model; ``config_less``: of sizes Stability AI's single file can hold."""
     torch.manual_seed(0)
-    transformer = SD3Transformer2DModel(**TRANSFORMER).eval()
+    transformer = SD3Transformer2DModel(**{**TRANSFORMER, **(CONFIG_LESS if config_less else {})}).eval()
     vae = AutoencoderKL(
-        block_out_channels=(8, 16),
+        block_out_channels=(32, 32) if config_less else (8, 16),
         down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2,
         latent_channels=4,
         layers_per_block=1,
-        norm_num_groups=4,
-        scaling_factor=1.5,
-        shift_factor=0.06,
+        norm_num_groups=32 if config_less else 4,
+        scaling_factor=1.5305 if config_less else 1.5,
+        shift_factor=0.0609 if config_less else 0.06,
         use_quant_conv=False,
         use_post_quant_conv=False,
     ).eval()
     with torch.no_grad():  # a posterior of no spread: diffusers samples the condition's latents
         vae.encoder.conv_out.weight[4:].zero_()
         vae.encoder.conv_out.bias[4:].fill_(-1000.0)
+    width = 192 if config_less else 12
     t5 = T5EncoderModel(
-        T5Config(vocab_size=32, d_model=12, d_kv=4, d_ff=24, num_layers=2, num_heads=3)
+        T5Config(vocab_size=32, d_model=width, d_kv=4, d_ff=24, num_layers=2, num_heads=3)
     ).eval()
+    clip_l, clip_g = (
+        (clip(64, 64), clip(128, 128, "gelu", heads=2)) if config_less else (clip(4, 4), clip(6, 6, "gelu"))
+    )
     return SD3Base(
         transformer,
         vae,
-        clip(4, 4),
-        clip(6, 6),
+        clip_l,
+        clip_g,
         t5 if with_t5 else None,
         clip_tokenizer(Family.SD1),
         clip_tokenizer(Family.SDXL, second=True),

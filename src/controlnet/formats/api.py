@@ -24,7 +24,7 @@ from ..families.sd3.base import SD3Base
 from ..families.sd3.controlnet import SD3ControlNet
 from . import control_lora as clora
 from . import diffusers as dif
-from . import dit_base, dit_controlnet, flux_bfl, flux_files, ours
+from . import dit_base, dit_controlnet, flux_bfl, flux_files, ours, sd3_single
 from . import original as orig
 from .build import BaseConfig, Loader, build_unet, make_base
 from .checkpoint import CheckpointError, TensorFile, list_keys, open_tensors, shapes_only
@@ -93,6 +93,9 @@ def detect(path: PathLike) -> Detected:
             "with model_index.json)"
         )
     tf = open_tensors(path)
+    if sd3_single.is_sd3_single_file(tf):
+        layout = "SD3 single file (Stability AI layout)"
+        return Detected(path, Format.ORIGINAL, (BASE,), layout, tf, family="sd3")
     if flux_bfl.is_bfl_transformer(tf):
         layout = "Flux.1 transformer, Black Forest Labs layout"
         return Detected(path, Format.ORIGINAL, (BASE,), layout, tf, family="flux")
@@ -246,6 +249,8 @@ def load_base(
         _need(d, BASE)
         ldm_config_fits(d, ldm_config)
         if d.format is Format.ORIGINAL:
+            if d.tensors is not None and d.family == "sd3":
+                return sd3_single.load_sd3_single_file(d.tensors, dtype=dtype)
             if d.tensors is not None:
                 raise CheckpointError(
                     f"{d.path}: a Flux.1 transformer alone; load the folder that holds it with its "
@@ -345,8 +350,8 @@ def save_base(
     path = Path(path)
     if isinstance(base, (FluxBase, SD3Base)):
         if fmt is Format.ORIGINAL:
-            if isinstance(base, SD3Base):
-                raise ValueError("an SD3 base model is written as 'controlnet' (ours) or 'diffusers' so far")
+            if isinstance(base, SD3Base):  # Stability AI's single file
+                return sd3_single.save_sd3_single_file(base, _safetensors_path(path), overwrite=overwrite)
             return flux_files.save_flux_files(base, path, overwrite=overwrite)  # BFL's files, in a folder
         target = path if fmt is Format.DIFFUSERS else _safetensors_path(path)
         return dit_base.save(base, target, fmt.value, overwrite=overwrite)

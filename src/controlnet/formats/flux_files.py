@@ -31,7 +31,7 @@ from .infer import clip_config, vae_config_original_names
 from .keymap import load_into, to_file
 from .ldm import vae_rule
 
-__all__ = ["is_flux_files", "load_flux_files", "save_flux_files"]
+__all__ = ["is_flux_files", "load_flux_files", "save_flux_files", "t5_config"]
 
 #: Flux.1's VAE: its latents' scale and shift (diffusers' config of FLUX.1-dev)
 FLUX_VAE = {"scaling_factor": 0.3611, "shift_factor": 0.1159}
@@ -77,7 +77,7 @@ def is_flux_files(folder: Path) -> bool:
     )
 
 
-def _t5_config(tf: TensorFile) -> dict[str, Any]:
+def t5_config(tf: TensorFile) -> dict[str, Any]:
     def shape(key: str) -> tuple[int, ...]:
         if key not in tf:
             raise CheckpointError(f"{tf.path}: expected {key!r} (a T5 encoder)")
@@ -152,7 +152,7 @@ def load_flux_files(folder: Path, *, dtype: torch.dtype | None = None) -> FluxBa
     text_encoder_2 = fill_part(
         spec,
         "text_encoder_2",
-        build_part(spec, "text_encoder_2", _t5_config(t5), str(t5.path)),
+        build_part(spec, "text_encoder_2", t5_config(t5), str(t5.path)),
         t5,
         "",
         dtype,
