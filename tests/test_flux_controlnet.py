@@ -247,3 +247,83 @@ def file_controlnet_of_head(head: int) -> FluxControlNet:
     base = FluxTransformer2DModel(**TINY).eval()
     assert TINY["attention_head_dim"] == head
     return FluxControlNet.from_transformer(base, FluxControlNetConfig(1, 0))
+
+
+# ------------------------------------------------------------------------------------ XLabs' kind
+def test_a_pixel_hint_controlnet_equals_diffusers_and_the_base_takes_its_residuals_in_turn():
+    """XLabs' ControlNets read the condition as pixels through the paper's hint encoder (its last
+    conv zero), and the base takes their residuals in turn (block j: j mod n)."""
+    from controlnet.families.flux.base import FluxBase
+    from controlnet.model.control import Control
+    from tiny_flux import tiny_flux_base
+
+    base: FluxBase = tiny_flux_base()
+    cn = FluxControlNet.from_transformer(
+        base.transformer, FluxControlNetConfig(2, 0, pixel_hint_channels=4)
+    ).eval()
+    assert not cn.input_hint_block.conv_out.weight.any()  # the zero layer of a fresh one
+    open_zero_layers(cn)
+    with torch.no_grad():
+        cn.input_hint_block.conv_out.weight.normal_(0, 0.1)
+    fields = {k: v for k, v in TINY.items() if k not in ("num_layers", "num_single_layers")}
+    peer = FluxControlNetModel(
+        **{**fields, "patch_size": 2}, num_layers=2, num_single_layers=0, conditioning_embedding_channels=4
+    ).eval()
+    peer.load_state_dict(cn.state_dict())
+    x = inputs()
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(8)) * 2 - 1
+    with torch.no_grad():
+        ours = cn(condition=pixels, **x)
+        theirs = peer(controlnet_cond=pixels, return_dict=False, **x)
+        for a, b in zip(ours.double, theirs[0], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        # through the base: our predict against the transformer taking diffusers' residuals in turn
+        from controlnet.families.flux.patches import image_ids, pack, unpack
+
+        latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(9))
+        t = torch.tensor(700.0)
+        common = {
+            "hidden_states": pack(latents),
+            "encoder_hidden_states": x["encoder_hidden_states"],
+            "pooled_projections": x["pooled_projections"],
+            "timestep": t.expand(2) / 1000,
+            "img_ids": image_ids(8, 8, latents.device, latents.dtype),
+            "txt_ids": torch.zeros(x["encoder_hidden_states"].shape[1], 3),
+            "guidance": x["guidance"],
+        }
+        samples = peer(controlnet_cond=pixels, return_dict=False, **common)[0]
+        want = base.transformer(
+            **common, controlnet_block_samples=list(samples), controlnet_blocks_repeat=True
+        ).sample
+        added = {"pooled": x["pooled_projections"], "guidance": x["guidance"]}
+        control = Control(cn, pixels, [1.0, 1.0])
+        got = base.predict(latents, t, x["encoder_hidden_states"], [control], added=added)
+        torch.testing.assert_close(got, unpack(want, 8, 8), rtol=1e-5, atol=1e-5)
+
+
+def test_xlabs_layout_round_trips(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from controlnet.cli import main
+    from controlnet.formats import convert, detect, load_controlnet, save_controlnet
+
+    torch.manual_seed(4)
+    base = FluxTransformer2DModel(**FILE_SIZE).eval()
+    cn = FluxControlNet.from_transformer(base, FluxControlNetConfig(2, 0, pixel_hint_channels=4)).eval()
+    open_zero_layers(cn)
+    xlabs = save_controlnet(cn, tmp_path / "flux-canny-controlnet-v3.safetensors", "original")[0]
+    keys = set(load_file(xlabs))
+    assert {
+        "pos_embed_input.weight",
+        "input_hint_block.14.weight",
+        "double_blocks.1.img_attn.qkv.weight",
+    } <= keys
+    assert not any(k.startswith(("transformer_blocks.", "controlnet_x_embedder")) for k in keys)
+    assert detect(xlabs).family == "flux" and "published layout" in detect(xlabs).layout
+    folder = convert(xlabs, tmp_path / "folder", "diffusers")[0]
+    back = convert(folder, tmp_path / "back.safetensors", "controlnet")[0]
+    for path in (xlabs, folder, back):
+        same(cn, load_controlnet(path))
+    assert FluxControlNetModel.from_pretrained(folder).config.conditioning_embedding_channels == 4
+    assert main(["inspect", str(xlabs)]) == 0
+    assert "double_blocks=2" in capsys.readouterr().out

@@ -22,7 +22,7 @@ _EXPORTS = {
     "soft_scales": "model.control",
     "ControlNet": "families.sd.controlnet",
     "ControlNetConfig": "families.sd.controlnet",
-    "HintEncoder": "families.sd.controlnet",
+    "HintEncoder": "model.hint",
     "Family": "families.sd.configs",
     "unet_config": "families.sd.configs",
     "ControlledBlock": "model.zero",
@@ -66,7 +66,8 @@ def __getattr__(name: str) -> Any:
 if TYPE_CHECKING:
     from .choices import ControlMode
     from .families.sd.configs import Family, unet_config
-    from .families.sd.controlnet import ControlNet, ControlNetConfig, HintEncoder
+    from .families.sd.controlnet import ControlNet, ControlNetConfig
     from .families.sd.forward import ControlledUNet, controlled_unet_forward
     from .model.control import Control, control_residuals, control_scales, soft_scales
+    from .model.hint import HintEncoder
     from .model.zero import ControlledBlock, Layout, zero_conv, zero_linear, zero_module

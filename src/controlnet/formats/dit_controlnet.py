@@ -18,7 +18,8 @@ and position table), extra condition channels, the text embedder (absent in SD3.
 q/k norms and the dual-attention blocks; heads of 64 channels (every SD3 and SD3.5 model's); the
 published convention ties the pooled input to the text: ControlNets that read text read zeros for
 the pooled vector (InstantX's), those that do not read it whole (Stability AI's SD3.5 Large ones).
-XLabs' own Flux layout (``double_blocks.N.img_attn.qkv``, a pixel hint encoder) is not read yet.
+XLabs' Flux ControlNets (a pixel hint encoder, the copied double blocks in Black Forest Labs'
+names, residuals the base takes in turn) are read and written in their own layout.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from ..families.flux.controlnet import FLUX_FIELDS, FluxControlNet, FluxControlN
 from ..families.sd3.controlnet import SD3_FIELDS, SD3ControlNet, SD3ControlNetConfig
 from .build import FORMAT_VERSION, META_FORMAT, META_VERSION
 from .checkpoint import CheckpointError, TensorFile, atomic_outputs, dump_json, read_json, save_safetensors
-from .keymap import identity_rules, load_into
+from .keymap import Rule, identity_rules, load_into, to_file
 
 __all__ = [
     "SPECS",
@@ -117,11 +118,70 @@ def _inferred_flux(tf: TensorFile) -> tuple[dict[str, Any], FluxControlNetConfig
 
 
 def _flux_from_diffusers(config: dict[str, Any]) -> FluxControlNetConfig:
-    if config.get("conditioning_embedding_channels") is not None:
-        raise ValueError(
-            "a pixel hint encoder (XLabs-style conditioning_embedding_channels) is not supported yet"
+    return FluxControlNetConfig.from_dict(
+        {**config, "pixel_hint_channels": config.get("conditioning_embedding_channels")}
+    )
+
+
+def _flux_to_diffusers(config: FluxControlNetConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "num_layers": config.num_layers,
+        "num_single_layers": config.num_single_layers,
+        "num_mode": config.num_mode,
+    }
+    if config.pixel_hint_channels is not None:  # diffusers packs the hint's 2x2 patches by patch_size
+        out.update(conditioning_embedding_channels=config.pixel_hint_channels, patch_size=2)
+    return out
+
+
+# XLabs' own layout: the copied double blocks in Black Forest Labs' names, the hint encoder as a
+# plain Sequential (convs at even indices), the hint's embedding named pos_embed_input
+XLABS_MARKERS = ("input_hint_block.0.weight", "pos_embed_input.weight", "double_blocks.0.img_attn.qkv.weight")
+
+
+def is_xlabs(tf: TensorFile) -> bool:
+    return all(k in tf for k in XLABS_MARKERS)
+
+
+def xlabs_rule(key: str, inner: int, hint_convs: int) -> Rule:
+    """Our key -> XLabs' name (``hint_convs``: the hint encoder's convs between first and last)."""
+    from .flux_bfl import bfl_rule
+
+    if key.startswith("controlnet_x_embedder."):
+        return Rule(key, "pos_embed_input." + key.removeprefix("controlnet_x_embedder."))
+    if key.startswith("controlnet_blocks."):
+        return Rule(key, key)
+    m = re.fullmatch(r"input_hint_block\.(conv_in|conv_out|blocks\.(\d+))\.(weight|bias)", key)
+    if m:
+        index = 0 if m[1] == "conv_in" else 2 * hint_convs + 2 if m[1] == "conv_out" else 2 * int(m[2]) + 2
+        return Rule(key, f"input_hint_block.{index}.{m[3]}")
+    return bfl_rule(key, inner, "")
+
+
+def _inferred_xlabs(tf: TensorFile) -> tuple[dict[str, Any], FluxControlNetConfig]:
+    inner, channels = _shape(tf, "img_in.weight")
+    head = _shape(tf, "double_blocks.0.img_attn.norm.query_norm.scale")[0]
+    if head != FLUX_HEAD:
+        raise CheckpointError(
+            f"{tf.path}: heads of {head} channels, not Flux.1's {FLUX_HEAD}: its rotary axes are unknown"
         )
-    return FluxControlNetConfig.from_dict(config)
+    convs = sorted(int(m[1]) for k in tf if (m := re.fullmatch(r"input_hint_block\.(\d+)\.weight", k)))
+    transformer = {
+        "patch_size": 1,
+        "in_channels": channels,
+        "attention_head_dim": head,
+        "num_attention_heads": inner // head,
+        "joint_attention_dim": _shape(tf, "txt_in.weight")[1],
+        "pooled_projection_dim": _shape(tf, "vector_in.in_layer.weight")[1],
+        "guidance_embeds": "guidance_in.in_layer.weight" in tf,
+        "axes_dims_rope": list(FLUX_AXES),
+    }
+    config = FluxControlNetConfig(
+        num_layers=_count(tf, r"double_blocks\.(\d+)\."),
+        num_single_layers=0,
+        pixel_hint_channels=_shape(tf, f"input_hint_block.{convs[-1]}.weight")[0],
+    )
+    return transformer, config
 
 
 def _describe_flux(transformer: dict[str, Any], config: FluxControlNetConfig) -> dict[str, Any]:
@@ -216,7 +276,7 @@ SPECS = {
         ("controlnet_x_embedder.weight", "x_embedder.weight", "context_embedder.weight"),
         _inferred_flux,
         _flux_from_diffusers,
-        lambda c: c.to_dict(),
+        _flux_to_diffusers,
         _describe_flux,
     ),
     "sd3": CNSpec(
@@ -252,6 +312,8 @@ def spec_of(path: Path, tf: TensorFile | None) -> CNSpec | None:
     stored = tf.metadata.get("family")
     if stored in SPECS and tf.metadata.get(META_FORMAT, "controlnet") == "controlnet":
         return SPECS[stored]
+    if is_xlabs(tf):
+        return SPECS["flux"]
     return next((s for s in SPECS.values() if all(k in tf for k in s.markers)), None)
 
 
@@ -271,13 +333,15 @@ def arch(spec: CNSpec, tf: TensorFile) -> tuple[dict[str, Any], Any]:
     if stored is not None:
         return stored
     try:
-        return spec.inferred(tf)
+        return _inferred_xlabs(tf) if is_xlabs(tf) else spec.inferred(tf)
     except ValueError as e:
         raise CheckpointError(f"{tf.path}: {e}") from None
 
 
 def folder_arch(spec: CNSpec, folder: Path) -> tuple[dict[str, Any], Any]:
     config = read_json(folder / "config.json")
+    if config.get("conditioning_embedding_channels") is not None:  # its patch_size is the hint's
+        config = {**config, "patch_size": 1}
     try:
         return {k: config[k] for k in spec.fields if k in config}, spec.from_diffusers(config)
     except (TypeError, ValueError) as e:
@@ -293,7 +357,11 @@ def _build(spec: CNSpec, transformer: dict[str, Any], config: Any, where: str) -
 
 def load_file(spec: CNSpec, tf: TensorFile, *, dtype: torch.dtype | None = None) -> Any:
     cn = _build(spec, *arch(spec, tf), str(tf.path))
-    return load_into(cn, tf, identity_rules, present=tf.keys(), what=f"{spec.label} ControlNet", dtype=dtype)
+    rules: Callable[[list[str]], list[Rule]] = identity_rules
+    if is_xlabs(tf):
+        inner, convs = cn.inner_dim, len(cn.input_hint_block.blocks)
+        rules = lambda keys: [xlabs_rule(k, inner, convs) for k in keys]  # noqa: E731
+    return load_into(cn, tf, rules, present=tf.keys(), what=f"{spec.label} ControlNet", dtype=dtype)
 
 
 def load_folder(spec: CNSpec, folder: Path, *, dtype: torch.dtype | None = None) -> Any:
@@ -329,6 +397,9 @@ def save(cn: Any, path: Path, fmt: str, *, overwrite: bool = False) -> list[Path
     meta = {"format": "pt"}
     if fmt == "controlnet":
         meta = {META_FORMAT: "controlnet", META_VERSION: FORMAT_VERSION, **_metadata(spec, cn)}
+    elif getattr(cn.config, "pixel_hint_channels", None) is not None:  # XLabs' own layout
+        convs = len(cn.input_hint_block.blocks)
+        state = to_file(state, [xlabs_rule(k, cn.inner_dim, convs) for k in state])
     with atomic_outputs(path, overwrite=overwrite) as (tmp,):
         save_safetensors(state, tmp, meta)
     return [path]

@@ -35,7 +35,8 @@ __all__ = ["PREFIXES", "bfl_prefix", "bfl_rule", "bfl_transformer_config", "is_b
 
 #: where a file keeps the transformer: alone, or in a ComfyUI-style whole checkpoint
 PREFIXES = ("", "model.diffusion_model.")
-_MARKERS = ("double_blocks.0.img_attn.qkv.weight", "img_in.weight")
+#: a whole transformer (XLabs' ControlNets hold the first two but no final layer)
+_MARKERS = ("double_blocks.0.img_attn.qkv.weight", "img_in.weight", "final_layer.linear.weight")
 
 _SIMPLE = {
     "x_embedder": "img_in",

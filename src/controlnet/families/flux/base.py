@@ -26,9 +26,10 @@ from ...model.control import Control
 from ..dit import DiTBase, check_plain_prompts
 from ..protocol import PromptEmbeddings
 from .controlnet import FLUX_FIELDS, FluxControlNet, FluxControlNetConfig, FluxResiduals
+from .patches import image_ids, pack, unpack
 from .schedule import FLUX_SCHEDULE
 
-__all__ = ["FluxBase", "FluxVariant", "pack", "unpack"]
+__all__ = ["FluxBase", "FluxVariant", "pack", "unpack"]  # pack, unpack: from .patches
 
 CLIP_LENGTH = 77
 
@@ -40,26 +41,6 @@ class FluxVariant(Enum):
     @property
     def label(self) -> str:
         return {"flux-dev": "Flux.1-dev", "flux-schnell": "Flux.1-schnell"}[self.value]
-
-
-def pack(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) -> (B, h/2 * w/2, 4C): 2x2 patches, channels (C, dy, dx), rows first."""
-    b, c, h, w = x.shape
-    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    b, _, d = tokens.shape
-    c = d // 4
-    return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
-
-
-def image_ids(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Rotary positions (0, row, column) of the packed tokens of (h, w) latents."""
-    ids = torch.zeros(h // 2, w // 2, 3)
-    ids[..., 1] = torch.arange(h // 2)[:, None]
-    ids[..., 2] = torch.arange(w // 2)[None, :]
-    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
 @dataclass
@@ -129,6 +110,13 @@ class FluxBase(DiTBase):
         return cond, uncond
 
     # ------------------------------------------------------------------ denoising
+    def control_hint(self, controlnet: nn.Module, condition: torch.Tensor) -> torch.Tensor:
+        """The condition's latents (InstantX's convention), or for a ControlNet with a pixel hint
+        encoder (XLabs') the image itself in [-1, 1]."""
+        if getattr(controlnet.config, "pixel_hint_channels", None) is not None:
+            return (condition * 2 - 1).to(self.dtype)
+        return super().control_hint(controlnet, condition)
+
     def predict(
         self,
         x: torch.Tensor,
@@ -164,8 +152,10 @@ class FluxBase(DiTBase):
                     "Flux controls act everywhere and on the whole batch (no region, no CFG half)"
                 )
             mode = None if c.control_type is None else torch.full((b, 1), c.control_type, device=x.device)
-            res = c.controlnet(tokens, pack(c.hint).expand(b, -1, -1), mode=mode, **kw)
-            each.append(_scaled(res, c.scales))
+            pixels = c.controlnet.config.pixel_hint_channels is not None
+            hint = c.hint.expand(b, *c.hint.shape[1:]) if pixels else pack(c.hint).expand(b, -1, -1)
+            res = c.controlnet(tokens, hint, mode=mode, **kw)
+            each.append((_scaled(res, c.scales), c.controlnet.config.repeats))
         blocks = (len(self.transformer.transformer_blocks), len(self.transformer.single_transformer_blocks))
         total = _sum_residuals(each, blocks)
         samples = {}
@@ -214,29 +204,36 @@ def _scaled(res: FluxResiduals, scales: Sequence[float]) -> FluxResiduals:
     return FluxResiduals(double, single)
 
 
-def _spread(res: list[torch.Tensor] | None, blocks: int) -> list[torch.Tensor | None]:
-    """A ControlNet's residuals as the base reads them: block j gets residual j // ceil(blocks / n)."""
+def _spread(res: list[torch.Tensor] | None, blocks: int, repeats: bool) -> list[torch.Tensor | None]:
+    """A ControlNet's residuals as the base reads them: block j gets residual j // ceil(blocks / n),
+    or in turn, j mod n, for the ControlNets that repeat theirs (XLabs')."""
     if res is None:
         return [None] * blocks
+    if repeats:
+        return [res[j % len(res)] for j in range(blocks)]
     interval = -(-blocks // len(res))
     return [res[j // interval] for j in range(blocks)]
 
 
-def _sum_residuals(each: list[FluxResiduals], blocks: tuple[int, int]) -> FluxResiduals | None:
-    """Several ControlNets' residuals, each spread over the base's blocks, summed block by block
-    (ControlNets that copy different numbers of blocks add up too); one ControlNet's as they are."""
-    if len(each) <= 1:
-        return each[0] if each else None
+def _sum_residuals(each: list[tuple[FluxResiduals, bool]], blocks: tuple[int, int]) -> FluxResiduals | None:
+    """The ControlNets' residuals, each spread over the base's blocks its own way and summed block
+    by block (ControlNets that copy different numbers of blocks add up too); one ControlNet that
+    reads the base's way, as it is."""
+    if not each:
+        return None
+    if len(each) == 1 and not each[0][1]:
+        return each[0][0]
 
-    def total(parts: list[list[torch.Tensor] | None], n: int) -> list[torch.Tensor] | None:
-        if all(p is None for p in parts):
+    def total(parts: list[tuple[list[torch.Tensor] | None, bool]], n: int) -> list[torch.Tensor] | None:
+        if all(p is None for p, _ in parts):
             return None
+        spreads = [_spread(p, n, repeats) for p, repeats in parts]
         out = []
         for j in range(n):
-            at = [r for r in (_spread(p, n)[j] for p in parts) if r is not None]
+            at = [s[j] for s in spreads if s[j] is not None]
             out.append(at[0] if len(at) == 1 else torch.stack(at).sum(0))
         return out
 
-    return FluxResiduals(
-        total([r.double for r in each], blocks[0]), total([r.single for r in each], blocks[1])
-    )
+    double = total([(r.double, rep) for r, rep in each], blocks[0])
+    single = total([(r.single, rep) for r, rep in each], blocks[1])
+    return FluxResiduals(double, single)

@@ -43,8 +43,10 @@ from diffusers.models.transformers.transformer_flux import (
 )
 from torch import nn
 
+from ...model.hint import HintEncoder
 from ...model.zero import ControlledCopy, zero_linear
 from ..dit import copy_twins
+from .patches import pack
 
 __all__ = ["FLUX_FIELDS", "FluxControlNet", "FluxControlNetConfig", "FluxResiduals"]
 
@@ -63,12 +65,21 @@ FLUX_FIELDS = (
 
 @dataclass(frozen=True)
 class FluxControlNetConfig:
-    """How much of the base is copied, and the Union's number of control modes (None: one kind
-    of condition)."""
+    """How much of the base is copied, the Union's number of control modes (None: one kind of
+    condition), and how the condition enters: as VAE latents (``pixel_hint_channels`` None: the
+    InstantX convention), or as pixels through the paper's hint encoder to that many channels at
+    the latents' size (XLabs' convention, whose residuals the base then takes in turn, block j
+    the residual j mod n)."""
 
     num_layers: int = 2
     num_single_layers: int = 0
     num_mode: int | None = None
+    pixel_hint_channels: int | None = None
+
+    @property
+    def repeats(self) -> bool:
+        """The base reads the residuals in turn (block j: residual j mod n), as XLabs' do."""
+        return self.pixel_hint_channels is not None
 
     def __post_init__(self) -> None:
         if self.num_layers < 0 or self.num_single_layers < 0 or self.num_layers + self.num_single_layers == 0:
@@ -78,13 +89,16 @@ class FluxControlNetConfig:
             )
         if self.num_mode is not None and self.num_mode < 1:
             raise ValueError(f"num_mode must be >= 1 or None, got {self.num_mode}")
+        if self.pixel_hint_channels is not None and self.pixel_hint_channels < 1:
+            raise ValueError(f"pixel_hint_channels must be >= 1 or None, got {self.pixel_hint_channels}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> FluxControlNetConfig:
-        return cls(**{k: d[k] for k in ("num_layers", "num_single_layers", "num_mode") if k in d})
+        names = ("num_layers", "num_single_layers", "num_mode", "pixel_hint_channels")
+        return cls(**{k: d[k] for k in names if k in d})
 
 
 @dataclass
@@ -153,7 +167,11 @@ class FluxControlNet(ControlledCopy):
             self.controlnet_single_blocks = nn.ModuleList(
                 [zero_linear(inner, inner) for _ in range(config.num_single_layers)]
             )
-            self.controlnet_x_embedder = zero_linear(t["in_channels"], inner)
+            if config.pixel_hint_channels is None:
+                self.controlnet_x_embedder = zero_linear(t["in_channels"], inner)
+            else:  # the hint encoder's last conv is the zero layer; its patches are embedded as the latents'
+                self.input_hint_block = HintEncoder(3, (16, 16, 16, 16), config.pixel_hint_channels)
+                self.controlnet_x_embedder = nn.Linear(t["in_channels"], inner)
             if config.num_mode is not None:
                 self.controlnet_mode_embedder = nn.Embedding(config.num_mode, inner)
 
@@ -189,6 +207,13 @@ class FluxControlNet(ControlledCopy):
     def condition_layer(self) -> nn.Module:
         return self.controlnet_x_embedder
 
+    def embed_condition(self, c: torch.Tensor) -> torch.Tensor:
+        """Z_in(c): packed condition latents through ``controlnet_x_embedder``; or, for a pixel
+        hint, the image through the hint encoder, packed in 2x2 patches, then embedded."""
+        if self.config.pixel_hint_channels is None:
+            return self.controlnet_x_embedder(c)
+        return self.controlnet_x_embedder(pack(self.input_hint_block(c)))
+
     def output_layers(self) -> list[nn.Module]:
         return [*self.controlnet_blocks, *self.controlnet_single_blocks]
 
@@ -223,7 +248,8 @@ class FluxControlNet(ControlledCopy):
         scale: float = 1.0,
     ) -> FluxResiduals:
         """Residuals for the base's blocks. ``hidden_states``: packed noisy latents (B, L, 64);
-        ``condition``: the packed condition latents, same shape; ``timestep`` in [0, 1] and
+        ``condition``: the packed condition latents, same shape (a pixel-hint ControlNet: the
+        condition image in [-1, 1], 16 times the token grid); ``timestep`` in [0, 1] and
         ``guidance`` as the base takes them (diffusers' convention: both times 1000 inside);
         ``mode``: (B, 1) control-mode indices of a Union ControlNet."""
         x = self.x_embedder(hidden_states)
