@@ -71,15 +71,22 @@ CONFIG_LESS = {
 }
 
 
-def sd3_base(with_t5: bool = True, *, config_less: bool = False) -> SD3Base:
-    """A tiny SD3 base model; ``config_less``: of sizes Stability AI's single file can hold."""
+def sd3_base(with_t5: bool = True, *, config_less: bool = False, latent: int = 4) -> SD3Base:
+    """A tiny SD3 base model; ``config_less``: of sizes Stability AI's single file can hold;
+    ``latent``: its latent channels (SD3's own 16 where a peer insists)."""
     torch.manual_seed(0)
-    transformer = SD3Transformer2DModel(**{**TRANSFORMER, **(CONFIG_LESS if config_less else {})}).eval()
+    sizes = {
+        **TRANSFORMER,
+        **(CONFIG_LESS if config_less else {}),
+        "in_channels": latent,
+        "out_channels": latent,
+    }
+    transformer = SD3Transformer2DModel(**sizes).eval()
     vae = AutoencoderKL(
         block_out_channels=(32, 32) if config_less else (8, 16),
         down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
+        latent_channels=latent,
         layers_per_block=1,
         norm_num_groups=32 if config_less else 4,
         scaling_factor=1.5305 if config_less else 1.5,
@@ -88,8 +95,8 @@ def sd3_base(with_t5: bool = True, *, config_less: bool = False) -> SD3Base:
         use_post_quant_conv=False,
     ).eval()
     with torch.no_grad():  # a posterior of no spread: diffusers samples the condition's latents
-        vae.encoder.conv_out.weight[4:].zero_()
-        vae.encoder.conv_out.bias[4:].fill_(-1000.0)
+        vae.encoder.conv_out.weight[latent:].zero_()
+        vae.encoder.conv_out.bias[latent:].fill_(-1000.0)
     width = 192 if config_less else 12
     t5 = T5EncoderModel(
         T5Config(vocab_size=32, d_model=width, d_kv=4, d_ff=24, num_layers=2, num_heads=3)
@@ -271,6 +278,58 @@ def test_img2img_equals_the_pipeline(world, monkeypatch):
             negative_prompt=[""],
             image=image * 2 - 1,
             strength=0.5,
+            height=SIZE[0],
+            width=SIZE[1],
+            num_inference_steps=4,
+            guidance_scale=GUIDANCE,
+            generator=[torch.Generator().manual_seed(7)],
+            max_sequence_length=SEQ,
+            output_type="latent",
+        ).images
+    close(got, want)
+
+
+def test_masked_editing_equals_the_inpaint_pipeline(monkeypatch):
+    """Regenerate inside a mask on whole latent cells, keep the source outside it every step, with
+    classifier-free guidance (both sides take the image's posterior mean). diffusers' pipeline
+    takes SD3's 16 latent channels only."""
+    world = sd3_base(latent=16)
+    import diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3_inpaint as inpaint
+    from diffusers import StableDiffusion3InpaintPipeline
+
+    from controlnet.generation.sampling import mask_to_latent
+
+    monkeypatch.setattr(
+        inpaint, "retrieve_latents", lambda out, generator=None, sample_mode=None: out.latent_dist.mode()
+    )
+    image = torch.rand(1, 3, *SIZE, generator=torch.Generator().manual_seed(21))
+    pixel_mask = torch.zeros(1, 1, *SIZE)
+    pixel_mask[..., 8:24, 12:36] = 1.0  # whole latent cells of the tiny VAE
+    init = world.encode_images(image * 2 - 1)
+    mask = mask_to_latent(pixel_mask, world.latent_size(SIZE))
+    sampling = Sampling("euler", "default", 4, GUIDANCE)
+    got = render(
+        world, [], ["a red disk"], [""], [7], SIZE, sampling, init_latents=init, mask=mask, progress=False
+    ).latents
+    pipe = StableDiffusion3InpaintPipeline(
+        transformer=world.transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULE),
+        vae=world.vae,
+        text_encoder=world.text_encoder,
+        tokenizer=world.tokenizer,
+        text_encoder_2=world.text_encoder_2,
+        tokenizer_2=world.tokenizer_2,
+        text_encoder_3=world.text_encoder_3,
+        tokenizer_3=world.tokenizer_3,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        want = pipe(
+            prompt=["a red disk"],
+            negative_prompt=[""],
+            image=image * 2 - 1,
+            mask_image=pixel_mask,
+            strength=1.0,
             height=SIZE[0],
             width=SIZE[1],
             num_inference_steps=4,
