@@ -207,3 +207,40 @@ def test_mmdit_layout_at_real_size():
     assert {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()} == {
         k: tuple(v.shape) for k, v in state.items()
     }
+
+
+def test_stability_files_apart_in_a_folder(tmp_path):
+    """SD3.5's single files hold the MMDiT and the VAE; the text encoders come apart (as ComfyUI
+    keeps them): a folder of them loads as one model, each file recognised by its keys."""
+    from safetensors.torch import load_file, save_file
+
+    from controlnet.formats.sd3_single import TEXT
+
+    base = sd3_base(True, config_less=True)
+    (tmp_path / "whole").mkdir()
+    path = save_base(base, tmp_path / "whole" / "sd3.5_tiny.safetensors", Format.ORIGINAL)[0]
+    tensors = load_file(path)
+    folder = tmp_path / "comfy"
+    folder.mkdir()
+    names = {
+        "text_encoder": "clip_l.safetensors",
+        "text_encoder_2": "clip_g.safetensors",
+        "text_encoder_3": "t5xxl_fp16.safetensors",
+    }
+    for part, prefix in TEXT.items():
+        part_tensors = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+        save_file(part_tensors, str(folder / names[part]))
+    save_file(
+        {k: v for k, v in tensors.items() if not k.startswith("text_encoders.")},
+        str(folder / "sd3.5_tiny.safetensors"),
+    )
+    (folder / "tokenizer.json").write_text((tmp_path / "whole" / "tokenizer.json").read_text())
+    d = detect(folder)
+    assert d.family == "sd3" and "Stability AI" in d.layout
+    back = load_base(folder)
+    for name, module in base.modules().items():
+        sa, sb = module.state_dict(), back.modules()[name].state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), name
+    (folder / "clip_g.safetensors").unlink()
+    with pytest.raises(Exception, match=r"needs its text_encoder_2 in it or beside it"):
+        load_base(folder)

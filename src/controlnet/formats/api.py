@@ -74,6 +74,9 @@ def detect(path: PathLike) -> Detected:
     """Tell the format and contents of a file or folder (reads headers and names, no weights)."""
     path = Path(path)
     if path.is_dir():
+        if sd3_single.sd3_folder_file(path) is not None:
+            layout = "SD3 files (Stability AI layout)"
+            return Detected(path, Format.ORIGINAL, (BASE,), layout, family="sd3")
         if flux_files.is_flux_files(path):
             layout = "Flux.1 files (Black Forest Labs layout)"
             return Detected(path, Format.ORIGINAL, (BASE,), layout, family="flux")
@@ -249,8 +252,12 @@ def load_base(
         _need(d, BASE)
         ldm_config_fits(d, ldm_config)
         if d.format is Format.ORIGINAL:
-            if d.tensors is not None and d.family == "sd3":
-                return sd3_single.load_sd3_single_file(d.tensors, dtype=dtype)
+            if d.family == "sd3":
+                if d.tensors is not None:
+                    return sd3_single.load_sd3_single_file(d.tensors, dtype=dtype)
+                tf = sd3_single.sd3_folder_file(d.path)
+                assert tf is not None
+                return sd3_single.load_sd3_single_file(tf, folder=d.path, dtype=dtype)
             if d.tensors is not None:
                 raise CheckpointError(
                     f"{d.path}: a Flux.1 transformer alone; load the folder that holds it with its "

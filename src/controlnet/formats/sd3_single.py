@@ -38,7 +38,7 @@ import torch
 
 from ..families.sd.configs import Family
 from ..families.sd3.base import SD3_SCHEDULE, SD3Base
-from .checkpoint import CheckpointError, TensorFile, atomic_outputs, save_safetensors
+from .checkpoint import CheckpointError, TensorFile, atomic_outputs, open_tensors, save_safetensors
 from .dit_base import SPECS, TIED, build_part, fill_part, t5_tokenizer
 from .flux_files import t5_config
 from .infer import clip_config, vae_config_original_names
@@ -178,58 +178,104 @@ def mmdit_config(tf: TensorFile) -> dict[str, Any]:
     }
 
 
-def load_sd3_single_file(tf: TensorFile, *, dtype: torch.dtype | None = None) -> SD3Base:
+Source = tuple[TensorFile, str]  # a file and the prefix a part's keys have in it
+
+
+def _sources(tf: TensorFile, folder: Path | None) -> dict[str, Source]:
+    """Where each part of the model is: inside the single file, else (in a folder) in a file of
+    its own, recognised by its keys (two CLIPs: the narrower is CLIP-L)."""
+    found: dict[str, Source] = {"transformer": (tf, MMDIT)}
+    if tf.with_prefix(VAE):
+        found["vae"] = (tf, VAE)
+    for part, prefix in TEXT.items():
+        if tf.with_prefix(prefix):
+            found[part] = (tf, prefix)
+    if folder is None:
+        return found
+    clips = []
+    for path in sorted(folder.glob("*.safetensors")):
+        if path == tf.path:
+            continue
+        other = open_tensors(path)
+        if "encoder.conv_in.weight" in other and "decoder.conv_out.weight" in other:
+            found.setdefault("vae", (other, ""))
+        elif "encoder.block.0.layer.0.SelfAttention.q.weight" in other:
+            found.setdefault("text_encoder_3", (other, ""))
+        elif "text_model.embeddings.token_embedding.weight" in other:
+            clips.append(other)
+    clips.sort(key=lambda c: c.shapes["text_model.embeddings.token_embedding.weight"][1])
+    for part, clip in zip(("text_encoder", "text_encoder_2"), clips):
+        found.setdefault(part, (clip, ""))
+    return found
+
+
+def load_sd3_single_file(
+    tf: TensorFile, *, folder: Path | None = None, dtype: torch.dtype | None = None
+) -> SD3Base:
+    """The model of Stability AI's single file, its parts from inside it, else (``folder``) from
+    the files beside it; T5's tokenizer.json beside it when it has T5."""
     spec = SPECS["sd3"]
-    missing = [p for p in ("text_encoder", "text_encoder_2") if not tf.with_prefix(TEXT[p])]
-    if not tf.with_prefix(VAE):
-        missing.insert(0, "vae")
+    parts_at = _sources(tf, folder)
+    missing = [p for p in ("vae", "text_encoder", "text_encoder_2") if p not in parts_at]
     if missing:
+        where = "in it or beside it" if folder is not None else "in it"
         raise CheckpointError(
-            f"{tf.path}: an SD3 file without its {', '.join(missing)} (first_stage_model.*, "
-            "text_encoders.clip_l/clip_g.*): convert it with its parts from a diffusers folder"
+            f"{tf.path}: an SD3 model needs its {', '.join(missing)} {where} (the VAE, CLIP-L and CLIP-G; "
+            "T5 may be left out)"
         )
     config = mmdit_config(tf)
     transformer = build_part(spec, "transformer", config, str(tf.path))
     inner, last = config["num_attention_heads"] * HEAD, config["num_layers"] - 1
-    present = tf.with_prefix(MMDIT)
     transformer = load_into(
         transformer,
         tf,
         lambda ks: [mmdit_rule(k, inner, last) for k in ks],
-        present=present,
+        present=tf.with_prefix(MMDIT),
         what="transformer",
         dtype=dtype,
     )
-    vae_cfg = vae_config_original_names(tf.shapes, VAE, Family.SD1, str(tf.path))
-    vae_cfg.update(
-        SD3_VAE, latent_channels=vae_cfg["latent_channels"], use_quant_conv=VAE + "quant_conv.weight" in tf
-    )
-    vae_cfg["use_post_quant_conv"] = VAE + "post_quant_conv.weight" in tf
-    vae = build_part(spec, "vae", vae_cfg, str(tf.path))
+    vtf, vprefix = parts_at["vae"]
+    vae_cfg = vae_config_original_names(vtf.shapes, vprefix, Family.SD1, str(vtf.path))
+    vae_cfg.update(SD3_VAE, use_quant_conv=vprefix + "quant_conv.weight" in vtf)
+    vae_cfg["use_post_quant_conv"] = vprefix + "post_quant_conv.weight" in vtf
     vae = load_into(
-        vae,
-        tf,
-        lambda ks: [vae_rule(k, vae_cfg, VAE) for k in ks],
-        present=tf.with_prefix(VAE),
+        build_part(spec, "vae", vae_cfg, str(vtf.path)),
+        vtf,
+        lambda ks: [vae_rule(k, vae_cfg, vprefix) for k in ks],
+        present=vtf.with_prefix(vprefix) if vprefix else list(vtf),
         what="vae",
         dtype=dtype,
     )
     parts: dict[str, Any] = {"transformer": transformer, "vae": vae}
     for part in ("text_encoder", "text_encoder_2"):
-        cfg = clip_config(tf.shapes, TEXT[part], Family.SD1, str(tf.path))
+        ctf, cprefix = parts_at[part]
+        cfg = clip_config(ctf.shapes, cprefix, Family.SD1, str(ctf.path))
         # CLIP-L computes OpenAI's quick GELU, CLIP-G (OpenCLIP's bigG) the exact one
         cfg.update(
             architectures=["CLIPTextModelWithProjection"],
             hidden_act="gelu" if part == "text_encoder_2" else "quick_gelu",
         )
-        parts[part] = fill_part(spec, part, build_part(spec, part, cfg, str(tf.path)), tf, TEXT[part], dtype)
+        parts[part] = fill_part(spec, part, build_part(spec, part, cfg, str(ctf.path)), ctf, cprefix, dtype)
     t5_tok = None
-    if tf.with_prefix(TEXT["text_encoder_3"]):
-        sub = _Sub(tf, TEXT["text_encoder_3"])
-        module = build_part(spec, "text_encoder_3", t5_config(sub), str(tf.path))
-        parts["text_encoder_3"] = fill_part(spec, "text_encoder_3", module, tf, TEXT["text_encoder_3"], dtype)
+    if "text_encoder_3" in parts_at:
+        ttf, tprefix = parts_at["text_encoder_3"]
+        sub = _Sub(ttf, tprefix) if tprefix else ttf
+        module = build_part(spec, "text_encoder_3", t5_config(sub), str(ttf.path))
+        parts["text_encoder_3"] = fill_part(spec, "text_encoder_3", module, ttf, tprefix, dtype)
         t5_tok = t5_tokenizer(tf.path.parent)
     return spec.make(parts, t5_tok, spec.max_sequence_length, dict(SD3_SCHEDULE))
+
+
+def sd3_folder_file(folder: Path) -> TensorFile | None:
+    """The SD3 single file in ``folder`` (one whose parts may lie beside it), or None."""
+    if not folder.is_dir():
+        return None
+    found = [tf for p in sorted(folder.glob("*.safetensors")) if is_sd3_single_file(tf := open_tensors(p))]
+    if len(found) > 1:
+        raise CheckpointError(
+            f"{folder}: two SD3 models ({found[0].path.name}, {found[1].path.name}); keep one"
+        )
+    return found[0] if found else None
 
 
 class _Sub(TensorFile):
