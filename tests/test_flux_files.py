@@ -245,3 +245,19 @@ def test_the_server_serves_a_flux_model_alike(base, tmp_path):
     request = GenerationRequest(**{**settings, **fields, "steps": 2})
     result, _ = run(check(request), progress=False)
     np.testing.assert_array_equal(got, result.images[0])
+
+
+def test_fp8_stored_files_load_cast_to_the_compute_dtype(tmp_path):
+    """Files stored in float8 (as many Flux downloads are) load cast to the dtype asked for; the
+    weights are the fp8 values exactly."""
+    from safetensors.torch import load_file, save_file
+
+    base = tiny_flux_base(512, config_less=True)
+    folder = save_base(base, tmp_path / "bfl", Format.ORIGINAL)[0]
+    stored = load_file(folder / "flux1.safetensors")
+    save_file({k: v.to(torch.float8_e4m3fn) for k, v in stored.items()}, str(folder / "flux1.safetensors"))
+    loaded = load_base(folder, dtype=torch.float32)
+    fp8 = {k: v.to(torch.float8_e4m3fn).to(torch.float32) for k, v in base.transformer.state_dict().items()}
+    got = loaded.transformer.state_dict()
+    assert got.keys() == fp8.keys() and all(torch.equal(got[k], fp8[k]) for k in fp8)
+    assert loaded.dtype == torch.float32

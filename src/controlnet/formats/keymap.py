@@ -114,7 +114,10 @@ def finite(tensor: torch.Tensor, tf: TensorFile, key: str) -> torch.Tensor:
     """``tensor`` (``key`` of ``tf``), unless it holds NaN or inf: a model's weights are finite, and
     one that is not would only draw black images or train to NaN (tensors of the meta device,
     which hold no values, pass)."""
-    if tensor.is_floating_point() and not tensor.is_meta and not bool(torch.isfinite(tensor).all()):
+    values = tensor
+    if tensor.is_floating_point() and tensor.element_size() == 1:  # float8 (e4m3, e5m2): checked widened
+        values = tensor.to(torch.float16)
+    if tensor.is_floating_point() and not tensor.is_meta and not bool(torch.isfinite(values).all()):
         raise CheckpointError(
             f"{tf.path}: tensor {key!r} holds NaN or infinite values; weights must be finite"
         )
