@@ -38,6 +38,22 @@ def peer(cn: FluxControlNet) -> FluxControlNetModel:
     return model
 
 
+def pipeline(cls, base: FluxBase, controlnet):
+    """A diffusers Flux pipeline of class ``cls`` over ``base``'s parts and ``controlnet``."""
+    pipe = cls(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULE),
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        text_encoder_2=base.text_encoder_2,
+        tokenizer_2=base.tokenizer_2,
+        transformer=base.transformer,
+        controlnet=controlnet,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def condition(seed: int) -> torch.Tensor:
     return torch.rand(1, 3, *SIZE, generator=torch.Generator().manual_seed(seed))
 
@@ -51,17 +67,7 @@ def ours(base, units, seeds, steps=4, guidance=3.5):
 
 
 def theirs(base, cns, conds, scales, modes, seeds, steps=4, guidance=3.5, starts=None, ends=None):
-    pipe = FluxControlNetPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULE),
-        vae=base.vae,
-        text_encoder=base.text_encoder,
-        tokenizer=base.tokenizer,
-        text_encoder_2=base.text_encoder_2,
-        tokenizer_2=base.tokenizer_2,
-        transformer=base.transformer,
-        controlnet=[peer(c) for c in cns] if len(cns) > 1 else peer(cns[0]),
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = pipeline(FluxControlNetPipeline, base, [peer(c) for c in cns] if len(cns) > 1 else peer(cns[0]))
     h, w = base.latent_size(SIZE)
     noise = pack(initial_noise((len(seeds), 4, h, w), seeds, torch.device("cpu"), torch.float32))
     many = len(cns) > 1
@@ -164,17 +170,7 @@ def test_img2img_equals_the_pipeline(world, monkeypatch):
         denoise_strength=0.5,
         progress=False,
     ).latents
-    pipe = FluxControlNetImg2ImgPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULE),
-        vae=world.vae,
-        text_encoder=world.text_encoder,
-        tokenizer=world.tokenizer,
-        text_encoder_2=world.text_encoder_2,
-        tokenizer_2=world.tokenizer_2,
-        transformer=world.transformer,
-        controlnet=peer(cn),
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = pipeline(FluxControlNetImg2ImgPipeline, world, peer(cn))
     with torch.no_grad():
         want = pipe(
             prompt=["a red disk"],
@@ -223,17 +219,7 @@ def test_masked_editing_equals_the_inpaint_pipeline(world, monkeypatch):
         mask=mask,
         progress=False,
     ).latents
-    pipe = FluxControlNetInpaintPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULE),
-        vae=world.vae,
-        text_encoder=world.text_encoder,
-        tokenizer=world.tokenizer,
-        text_encoder_2=world.text_encoder_2,
-        tokenizer_2=world.tokenizer_2,
-        transformer=world.transformer,
-        controlnet=peer(cn),
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = pipeline(FluxControlNetInpaintPipeline, world, peer(cn))
     with torch.no_grad():
         want = pipe(
             prompt=["a red disk"],

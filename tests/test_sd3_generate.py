@@ -146,6 +146,24 @@ def peer(cn: SD3ControlNet) -> SD3ControlNetModel:
     return model
 
 
+def pipeline(cls, base: SD3Base, **extra):
+    """A diffusers SD3 pipeline of class ``cls`` over ``base``'s parts (and ``extra`` ones)."""
+    pipe = cls(
+        transformer=base.transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULE),
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        text_encoder_2=base.text_encoder_2,
+        tokenizer_2=base.tokenizer_2,
+        text_encoder_3=base.text_encoder_3,
+        tokenizer_3=base.tokenizer_3,
+        **extra,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def condition(seed: int) -> torch.Tensor:
     return torch.rand(1, 3, *SIZE, generator=torch.Generator().manual_seed(seed))
 
@@ -158,19 +176,8 @@ def ours(base, units, seeds, steps=3):
 
 def theirs(base, cns, conds, scales, seeds, steps=3, starts=None, ends=None):
     many = len(cns) > 1
-    pipe = StableDiffusion3ControlNetPipeline(
-        transformer=base.transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULE),
-        vae=base.vae,
-        text_encoder=base.text_encoder,
-        tokenizer=base.tokenizer,
-        text_encoder_2=base.text_encoder_2,
-        tokenizer_2=base.tokenizer_2,
-        text_encoder_3=base.text_encoder_3,
-        tokenizer_3=base.tokenizer_3,
-        controlnet=SD3MultiControlNetModel([peer(c) for c in cns]) if many else peer(cns[0]),
-    )
-    pipe.set_progress_bar_config(disable=True)
+    net = SD3MultiControlNetModel([peer(c) for c in cns]) if many else peer(cns[0])
+    pipe = pipeline(StableDiffusion3ControlNetPipeline, base, controlnet=net)
     h, w = base.latent_size(SIZE)
     noise = initial_noise((len(seeds), 4, h, w), seeds, torch.device("cpu"), torch.float32)
     conds = [c * 2 - 1 for c in conds]  # a tensor reaches the VAE as it is: give it [-1, 1]
@@ -260,18 +267,7 @@ def test_img2img_equals_the_pipeline(world, monkeypatch):
         denoise_strength=0.5,
         progress=False,
     ).latents
-    pipe = StableDiffusion3Img2ImgPipeline(
-        transformer=world.transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULE),
-        vae=world.vae,
-        text_encoder=world.text_encoder,
-        tokenizer=world.tokenizer,
-        text_encoder_2=world.text_encoder_2,
-        tokenizer_2=world.tokenizer_2,
-        text_encoder_3=world.text_encoder_3,
-        tokenizer_3=world.tokenizer_3,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = pipeline(StableDiffusion3Img2ImgPipeline, world)
     with torch.no_grad():
         want = pipe(
             prompt=["a red disk"],
@@ -311,18 +307,7 @@ def test_masked_editing_equals_the_inpaint_pipeline(monkeypatch):
     got = render(
         world, [], ["a red disk"], [""], [7], SIZE, sampling, init_latents=init, mask=mask, progress=False
     ).latents
-    pipe = StableDiffusion3InpaintPipeline(
-        transformer=world.transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULE),
-        vae=world.vae,
-        text_encoder=world.text_encoder,
-        tokenizer=world.tokenizer,
-        text_encoder_2=world.text_encoder_2,
-        tokenizer_2=world.tokenizer_2,
-        text_encoder_3=world.text_encoder_3,
-        tokenizer_3=world.tokenizer_3,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = pipeline(StableDiffusion3InpaintPipeline, world)
     with torch.no_grad():
         want = pipe(
             prompt=["a red disk"],
