@@ -6,6 +6,7 @@ with the family's defaults, and its sidecar replays."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -244,3 +245,20 @@ def test_stability_files_apart_in_a_folder(tmp_path):
     (folder / "clip_g.safetensors").unlink()
     with pytest.raises(Exception, match=r"needs its text_encoder_2 in it or beside it"):
         load_base(folder)
+
+
+def test_inspect_names_the_parts_of_every_layout(tmp_path):
+    base = sd3_base(True, config_less=True)
+    (tmp_path / "s").mkdir()
+    single = save_base(base, tmp_path / "s" / "sd3.safetensors", Format.ORIGINAL)[0]
+    info = inspect_checkpoint(single)
+    assert info.family == "SD3 / SD3.5" and not info.refused
+    assert set(info.parameters) == {"transformer", "vae", "clip_l", "clip_g", "t5xxl"}
+    assert info.parameters["transformer"] == sum(
+        p.numel() for p in base.transformer.parameters()
+    ) + math.prod(base.transformer.pos_embed.pos_embed.shape)
+    folder = save_base(base, tmp_path / "d", "diffusers")[0]
+    info = inspect_checkpoint(folder)
+    assert "transformer/diffusion_pytorch_model.safetensors" in info.parameters and info.loads == {
+        "base": None
+    }

@@ -343,14 +343,32 @@ def _inspect_dit_controlnet(d: Detected) -> Inspection:
     return Inspection(d.path, d.format, d.layout, label, params, _dtypes([tf]), options, notes)
 
 
+_PART_NAMES = {"model.diffusion_model.": "transformer", "first_stage_model.": "vae"}
+
+
+def _part_of(key: str) -> str:
+    """The part a key of a transformer family's single file belongs to (ours: its first name;
+    Stability AI's: the reference prefixes)."""
+    for prefix, name in _PART_NAMES.items():
+        if key.startswith(prefix):
+            return name
+    head, _, rest = key.partition(".")
+    return rest.partition(".")[0] if head == "text_encoders" else head
+
+
 def _inspect_dit_base(d: Detected) -> Inspection:
-    """A transformer family's base model: the files it is made of, counted part by part."""
+    """A transformer family's base model, counted part by part (a folder: file by file)."""
     tfs = [d.tensors] if d.tensors is not None else _weight_files(d.path)
     params: dict[str, int] = {}
-    for tf in tfs:
-        name = tf.path.name if d.tensors is None else "model"
-        params[name] = _count(tf, list(tf))
-    return Inspection(d.path, d.format, d.layout, d.family, params, _dtypes(tfs))
+    if d.tensors is not None:
+        parts: dict[str, list[str]] = {}
+        for key in d.tensors:
+            parts.setdefault(_part_of(key), []).append(key)
+        params = {name: _count(d.tensors, keys) for name, keys in parts.items()}
+    else:
+        params = {str(tf.path.relative_to(d.path)): _count(tf, list(tf)) for tf in tfs}
+    label = {"flux": "Flux.1", "sd3": "SD3 / SD3.5"}.get(d.family, d.family)
+    return Inspection(d.path, d.format, d.layout, label, params, _dtypes(tfs))
 
 
 def _weight_files(folder: Path) -> list[TensorFile]:
