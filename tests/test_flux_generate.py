@@ -237,3 +237,54 @@ def test_masked_editing_equals_the_inpaint_pipeline(world, monkeypatch):
             output_type="latent",
         ).images
     close(pack(got), want)
+
+
+def test_a_control_region_weights_each_token_by_its_patch(world):
+    """A region (1, 1, h, w) at the latents' size scales each residual token by the region's mean
+    over the token's 2x2 patch: nothing outside, all of it inside."""
+    from controlnet.families.flux.patches import image_ids
+    from controlnet.model.control import Control
+
+    cn = controlnet(world, FluxControlNetConfig(2, 1), seed=1)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 4, 8, 12, generator=g)
+    context = torch.randn(1, SEQ, 12, generator=g)
+    added = {"pooled": torch.randn(1, 10, generator=g), "guidance": torch.tensor([3.5])}
+    hint = torch.randn(1, 4, 8, 12, generator=g)
+    t = torch.tensor(600.0)
+    region = torch.zeros(1, 1, 8, 12)
+    region[..., :, :6] = 1.0  # the left half: whole patches
+    region[..., 0:2, 6:8] = 0.5  # one patch at half strength
+
+    def predict(r):
+        with torch.no_grad():
+            return world.predict(x, t, context, [Control(cn, hint, [0.8] * 3, False, r)], added=added)
+
+    with torch.no_grad():
+        plain = world.predict(x, t, context, [], added=added)
+    assert torch.equal(predict(torch.zeros(1, 1, 8, 12)), plain)  # acts nowhere: the base alone
+    assert torch.equal(predict(torch.ones(1, 1, 8, 12)), predict(None))  # everywhere: as without one
+    # by hand: the residuals times each token's weight, then the transformer
+    with torch.no_grad():
+        ids = image_ids(8, 12, x.device, x.dtype)
+        kw = {
+            "encoder_hidden_states": context,
+            "pooled_projections": added["pooled"],
+            "timestep": t.expand(1) / 1000,
+            "img_ids": ids,
+            "txt_ids": torch.zeros(SEQ, 3),
+            "guidance": added["guidance"],
+        }
+        res = cn(pack(x), pack(hint), **kw)
+        weight = torch.nn.functional.avg_pool2d(region, 2).flatten(2).transpose(1, 2)
+        double = [r * 0.8 * weight for r in res.double]
+        single = [r * 0.8 * weight for r in res.single]
+        want = world.transformer(
+            hidden_states=pack(x),
+            controlnet_block_samples=double,
+            controlnet_single_block_samples=single,
+            **kw,
+        ).sample
+    from controlnet.families.flux.patches import unpack
+
+    torch.testing.assert_close(predict(region), unpack(want, 8, 12), rtol=1e-5, atol=1e-6)

@@ -324,3 +324,35 @@ def test_masked_editing_equals_the_inpaint_pipeline(monkeypatch):
             output_type="latent",
         ).images
     close(got, want)
+
+
+def test_controlnet_is_more_important_acts_on_the_conditional_half_only(world):
+    """With classifier-free guidance, a control in the "ControlNet is more important" mode leaves
+    the unconditional half as the base alone makes it; a region keeps it to part of the image."""
+    from controlnet.model.control import Control
+
+    cn = controlnet(world, SD3ControlNetConfig(num_layers=2), seed=1)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 4, 8, 12, generator=g)
+    context = torch.randn(2, 77 + SEQ, 12, generator=g)
+    added = {"pooled": torch.randn(2, 10, generator=g)}
+    hint = torch.randn(1, 4, 8, 12, generator=g)
+    t = torch.tensor(600.0)
+    with torch.no_grad():
+        plain = world.predict(x, t, context, [], added=added, cfg_batch=True)
+        both = world.predict(x, t, context, [Control(cn, hint, [1.0, 1.0])], added=added, cfg_batch=True)
+        half = world.predict(
+            x, t, context, [Control(cn, hint, [1.0, 1.0], True)], added=added, cfg_batch=True
+        )
+        nowhere = world.predict(
+            x,
+            t,
+            context,
+            [Control(cn, hint, [1.0, 1.0], False, torch.zeros(1, 1, 8, 12))],
+            added=added,
+            cfg_batch=True,
+        )
+    torch.testing.assert_close(half[:1], plain[:1], rtol=1e-5, atol=1e-6)  # unconditional: the base's
+    torch.testing.assert_close(half[1:], both[1:], rtol=1e-5, atol=1e-6)  # conditional: controlled
+    assert not torch.allclose(both[:1], plain[:1])
+    torch.testing.assert_close(nowhere, plain, rtol=1e-5, atol=1e-6)

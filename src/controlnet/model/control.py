@@ -30,6 +30,7 @@ __all__ = [
     "Control",
     "control_residuals",
     "control_scales",
+    "region_tokens",
     "residual_functions",
     "soft_scales",
     "sum_residuals",
@@ -133,6 +134,13 @@ def residual_functions(
         return res if c.region is None else [r * _region_at(c.region, r) for r in res]
 
     return [partial(scaled, c) for c in controls if c.active]
+
+
+def region_tokens(region: torch.Tensor, grid: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """``region`` (1, 1, h, w) averaged over the cells of a token grid (rows, columns), as a
+    (1, rows * columns, 1) weight for token-shaped residuals (a transformer's blocks)."""
+    cells = F.interpolate(region.float(), size=grid, mode="area")
+    return cells.flatten(2).transpose(1, 2).to(dtype)
 
 
 def _region_at(region: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:

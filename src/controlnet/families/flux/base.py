@@ -22,7 +22,7 @@ from diffusers import AutoencoderKL, FluxTransformer2DModel
 from torch import nn
 
 from ...choices import PromptSyntax
-from ...model.control import Control
+from ...model.control import Control, region_tokens
 from ..dit import DiTBase, check_plain_prompts
 from ..protocol import PromptEmbeddings
 from .controlnet import FLUX_FIELDS, FluxControlNet, FluxControlNetConfig, FluxResiduals
@@ -147,15 +147,19 @@ class FluxBase(DiTBase):
         }
         each = []
         for c in controls:
-            if c.region is not None or c.conditional_only:
-                raise ValueError(
-                    "Flux controls act everywhere and on the whole batch (no region, no CFG half)"
-                )
+            if c.conditional_only:
+                raise ValueError("Flux runs no classifier-free guidance: a control acts on the whole batch")
             mode = None if c.control_type is None else torch.full((b, 1), c.control_type, device=x.device)
             pixels = c.controlnet.config.pixel_hint_channels is not None
             hint = c.hint.expand(b, *c.hint.shape[1:]) if pixels else pack(c.hint).expand(b, -1, -1)
             res = c.controlnet(tokens, hint, mode=mode, **kw)
-            each.append((_scaled(res, c.scales), c.controlnet.config.repeats))
+            res = _scaled(res, c.scales)
+            if c.region is not None:  # where the control acts, averaged over each token's patch
+                weight = region_tokens(c.region, (h // 2, w // 2), x.dtype)
+                res = FluxResiduals(
+                    *(None if rs is None else [r * weight for r in rs] for rs in (res.double, res.single))
+                )
+            each.append((res, c.controlnet.config.repeats))
         blocks = (len(self.transformer.transformer_blocks), len(self.transformer.single_transformer_blocks))
         total = _sum_residuals(each, blocks)
         samples = {}

@@ -21,7 +21,7 @@ from diffusers import AutoencoderKL, SD3Transformer2DModel
 from torch import nn
 
 from ...choices import PromptSyntax
-from ...model.control import Control
+from ...model.control import Control, region_tokens
 from ..dit import DiTBase, check_plain_prompts
 from ..protocol import PromptEmbeddings
 from .controlnet import SD3_FIELDS, SD3ControlNet, SD3ControlNetConfig
@@ -151,17 +151,28 @@ class SD3Base(DiTBase):
         tokens = None
         for c in controls:
             cn = c.controlnet
-            if c.region is not None or c.conditional_only:
-                raise ValueError(
-                    "SD3 controls act everywhere and on both guidance halves (no region or mode)"
-                )
             if not cn.config.own_pos_embed and tokens is None:
                 tokens = self.transformer.pos_embed(x)
             hidden = x if cn.config.own_pos_embed else tokens
-            hint = c.hint.expand(b, *c.hint.shape[1:]) if c.hint.shape[0] == 1 else c.hint
             text = context if cn.config.reads_text else None
-            res = cn(hidden, hint, pooled_projections=pooled, timestep=timestep, encoder_hidden_states=text)
-            each.append([r * s for r, s in zip(res, c.scales)])
+            rows = slice(b // 2, b) if c.conditional_only and cfg_batch else slice(0, b)
+            n = rows.stop - rows.start
+            hint = c.hint.expand(n, *c.hint.shape[1:]) if c.hint.shape[0] == 1 else c.hint
+            res = cn(
+                hidden[rows],
+                hint,
+                pooled_projections=pooled[rows],
+                timestep=timestep[rows],
+                encoder_hidden_states=None if text is None else text[rows],
+            )
+            res = [r * s for r, s in zip(res, c.scales)]
+            if n < b:  # the conditional half only ("ControlNet is more important"): none on the other
+                res = [torch.cat([torch.zeros_like(r), r]) for r in res]
+            if c.region is not None:
+                p = self.transformer.config.patch_size
+                weight = region_tokens(c.region, (x.shape[-2] // p, x.shape[-1] // p), res[0].dtype)
+                res = [r * weight for r in res]
+            each.append(res)
         samples = _summed(each, len(self.transformer.transformer_blocks))
         return self.transformer(
             hidden_states=x,
