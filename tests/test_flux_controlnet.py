@@ -327,3 +327,33 @@ def test_xlabs_layout_round_trips(tmp_path, capsys):
     assert FluxControlNetModel.from_pretrained(folder).config.conditioning_embedding_channels == 4
     assert main(["inspect", str(xlabs)]) == 0
     assert "double_blocks=2" in capsys.readouterr().out
+
+
+def test_an_inpainting_controlnet_reads_the_mask_beside_the_latents(tmp_path):
+    """Alimama's kind: the condition embedder reads the packed latents of the masked image and the
+    packed 1 - mask (4 more channels); read off a published file, round-tripped, and fed by the
+    base's control_hint from an inpaint map (masked pixels -1)."""
+    from controlnet.formats import convert, inspect_checkpoint, load_controlnet, save_controlnet
+    from tiny_flux import tiny_flux_base
+
+    torch.manual_seed(4)
+    base = FluxTransformer2DModel(**FILE_SIZE).eval()
+    cn = FluxControlNet.from_transformer(base, FluxControlNetConfig(2, 1, extra_condition_channels=4)).eval()
+    assert cn.controlnet_x_embedder.weight.shape[1] == FILE_SIZE["in_channels"] + 4 and cn.mask_channels == 1
+    open_zero_layers(cn)
+    published = save_controlnet(cn, tmp_path / "alimama.safetensors", "original")[0]
+    folder = convert(published, tmp_path / "folder", "diffusers")[0]
+    for path in (published, folder):
+        same(cn, load_controlnet(path))
+    assert inspect_checkpoint(published).controlnet["inpainting"] is True
+
+    world = tiny_flux_base()
+    small = FluxControlNet.from_transformer(
+        world.transformer, FluxControlNetConfig(1, 0, extra_condition_channels=4)
+    )
+    condition = torch.rand(1, 3, 32, 48)
+    condition[..., 8:24, 12:36] = -1.0  # the inpaint map's masked pixels
+    hint = world.control_hint(small, condition)
+    assert hint.shape == (1, 5, 16, 24)  # 4 latent channels and the kept region
+    keep = hint[:, 4]
+    assert not keep[..., 4:12, 6:18].any() and keep[..., :4, :].all()

@@ -140,7 +140,10 @@ def peer(cn: SD3ControlNet) -> SD3ControlNetModel:
     extra = {} if c.reads_text else {"use_pos_embed": False, "joint_attention_dim": None}
     fields = {k: v for k, v in TRANSFORMER.items() if k != "num_layers"}
     model = SD3ControlNetModel(
-        **{**fields, **extra}, num_layers=c.num_layers, force_zeros_for_pooled_projection=c.zero_pooled
+        **{**fields, **extra},
+        num_layers=c.num_layers,
+        force_zeros_for_pooled_projection=c.zero_pooled,
+        extra_conditioning_channels=c.extra_conditioning_channels,
     ).eval()
     model.load_state_dict(cn.state_dict())
     return model
@@ -356,3 +359,36 @@ def test_controlnet_is_more_important_acts_on_the_conditional_half_only(world):
     torch.testing.assert_close(half[1:], both[1:], rtol=1e-5, atol=1e-6)  # conditional: controlled
     assert not torch.allclose(both[:1], plain[:1])
     torch.testing.assert_close(nowhere, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_an_inpainting_controlnet_equals_the_inpainting_pipeline(world):
+    """An inpainting ControlNet reads the image with its masked pixels black and 1 - the mask at
+    the latents' size beside its latents. Our condition marks masked pixels -1 (the inpaint map's
+    convention); diffusers takes the image and the mask apart."""
+    from diffusers import StableDiffusion3ControlNetInpaintingPipeline
+
+    cn = controlnet(world, SD3ControlNetConfig(num_layers=2, extra_conditioning_channels=1), seed=6)
+    image = torch.rand(1, 3, *SIZE, generator=torch.Generator().manual_seed(21))
+    mask = torch.zeros(1, 1, *SIZE)
+    mask[..., 8:24, 12:36] = 1.0
+    ours_condition = torch.where(mask > 0.5, torch.full_like(image, -1.0), image)
+    got = ours(world, [ControlUnit(cn, ours_condition, 0.9)], [5], steps=4)
+    pipe = pipeline(StableDiffusion3ControlNetInpaintingPipeline, world, controlnet=peer(cn))
+    h, w = world.latent_size(SIZE)
+    noise = initial_noise((1, 4, h, w), [5], torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        want = pipe(
+            prompt=["a red disk"],
+            negative_prompt=[""],
+            control_image=image * 2 - 1,
+            control_mask=mask,
+            controlnet_conditioning_scale=0.9,
+            height=SIZE[0],
+            width=SIZE[1],
+            num_inference_steps=4,
+            guidance_scale=GUIDANCE,
+            latents=noise,
+            max_sequence_length=SEQ,
+            output_type="latent",
+        ).images
+    close(got, want)

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..choices import Sampler, TimestepSpacing
@@ -169,8 +170,17 @@ class DiTBase:
         return FlowMatchSampler.make(sampler, spacing, (h // 2) * (w // 2), self.schedule)
 
     def control_hint(self, controlnet: nn.Module, condition: torch.Tensor) -> torch.Tensor:
-        """A condition image in [0, 1] as the ControlNet reads it: its latents, like the image's."""
-        return self.encode_images(condition * 2 - 1)
+        """A condition image in [0, 1] as the ControlNet reads it: its latents, like the image's;
+        for an inpainting ControlNet (``mask_channels``), the latents of the image with its masked
+        pixels (marked -1, the inpaint map's convention) black, and beside them 1 - the mask at
+        the latents' size."""
+        masks = getattr(controlnet, "mask_channels", 0)
+        if not masks:
+            return self.encode_images(condition * 2 - 1)
+        masked = (condition < 0).any(dim=1, keepdim=True).float()
+        latents = self.encode_images((condition * 2 - 1).clamp(-1, 1))
+        keep = 1 - F.interpolate(masked, size=latents.shape[-2:])
+        return torch.cat([latents, keep.to(latents).expand(-1, masks, -1, -1)], dim=1)
 
     def compile(self, *, vae: bool = False) -> None:
         from ..model.fastpath import compile_modules

@@ -113,6 +113,8 @@ def _inferred_flux(tf: TensorFile) -> tuple[dict[str, Any], FluxControlNetConfig
         num_layers=_count(tf, r"transformer_blocks\.(\d+)\."),
         num_single_layers=_count(tf, r"single_transformer_blocks\.(\d+)\."),
         num_mode=None if modes is None else modes[0],
+        # inpainting ones (Alimama's) read the packed mask beside the latents
+        extra_condition_channels=_shape(tf, "controlnet_x_embedder.weight")[1] - channels,
     )
     return transformer, config
 
@@ -131,6 +133,8 @@ def _flux_to_diffusers(config: FluxControlNetConfig) -> dict[str, Any]:
     }
     if config.pixel_hint_channels is not None:  # diffusers packs the hint's 2x2 patches by patch_size
         out.update(conditioning_embedding_channels=config.pixel_hint_channels, patch_size=2)
+    if config.extra_condition_channels:  # Alimama's config name
+        out["extra_condition_channels"] = config.extra_condition_channels
     return out
 
 
@@ -191,6 +195,7 @@ def _describe_flux(transformer: dict[str, Any], config: FluxControlNetConfig) ->
         "union_modes": config.num_mode,
         "guidance_input": bool(transformer.get("guidance_embeds", False)),
         "in_channels": transformer.get("in_channels", 64),
+        "inpainting": config.extra_condition_channels > 0,
     }
 
 

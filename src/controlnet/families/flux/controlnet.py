@@ -75,6 +75,7 @@ class FluxControlNetConfig:
     num_single_layers: int = 0
     num_mode: int | None = None
     pixel_hint_channels: int | None = None
+    extra_condition_channels: int = 0  # inpainting (Alimama's): the packed mask beside the latents
 
     @property
     def repeats(self) -> bool:
@@ -97,7 +98,13 @@ class FluxControlNetConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> FluxControlNetConfig:
-        names = ("num_layers", "num_single_layers", "num_mode", "pixel_hint_channels")
+        names = (
+            "num_layers",
+            "num_single_layers",
+            "num_mode",
+            "pixel_hint_channels",
+            "extra_condition_channels",
+        )
         return cls(**{k: d[k] for k in names if k in d})
 
 
@@ -168,7 +175,9 @@ class FluxControlNet(ControlledCopy):
                 [zero_linear(inner, inner) for _ in range(config.num_single_layers)]
             )
             if config.pixel_hint_channels is None:
-                self.controlnet_x_embedder = zero_linear(t["in_channels"], inner)
+                self.controlnet_x_embedder = zero_linear(
+                    t["in_channels"] + config.extra_condition_channels, inner
+                )
             else:  # the hint encoder's last conv is the zero layer; its patches are embedded as the latents'
                 self.input_hint_block = HintEncoder(3, (16, 16, 16, 16), config.pixel_hint_channels)
                 self.controlnet_x_embedder = nn.Linear(t["in_channels"], inner)
@@ -197,6 +206,11 @@ class FluxControlNet(ControlledCopy):
         cn.to(device=like.device, dtype=like.dtype)
         copy_twins(cn, transformer)
         return cn
+
+    @property
+    def mask_channels(self) -> int:
+        """Channels of the inpainting mask the condition carries beside its latents (0: none)."""
+        return self.config.extra_condition_channels // 4
 
     @property
     def num_residuals(self) -> int:

@@ -125,11 +125,13 @@ class SD3Base(DiTBase):
 
     # ------------------------------------------------------------------ denoising
     def control_hint(self, controlnet: nn.Module, condition: torch.Tensor) -> torch.Tensor:
-        """The condition's latents. The published ControlNets that read zeros for the pooled text
-        (InstantX's) were trained on latents without the VAE's shift, as diffusers feeds them."""
-        mean = self.posterior(condition * 2 - 1).mean
-        shift = 0.0 if getattr(controlnet.config, "zero_pooled", False) else self.latent_shift
-        return ((mean - shift) * self.latent_scale).to(self.dtype)
+        """The condition's latents (see :meth:`DiTBase.control_hint`). The published plain
+        ControlNets that read zeros for the pooled text (InstantX's) were trained on latents
+        without the VAE's shift, as diffusers feeds them; inpainting ones on shifted latents."""
+        hint = super().control_hint(controlnet, condition)
+        if getattr(controlnet.config, "zero_pooled", False) and not controlnet.mask_channels:
+            hint = hint + self.latent_shift * self.latent_scale  # (mean - 0) * scale
+        return hint
 
     def predict(
         self,

@@ -168,6 +168,11 @@ class SD3ControlNet(ControlledCopy):
     def num_residuals(self) -> int:
         return self.config.num_layers
 
+    @property
+    def mask_channels(self) -> int:
+        """Channels of the inpainting mask the condition carries beside its latents (0: none)."""
+        return self.config.extra_conditioning_channels
+
     @classmethod
     def from_transformer(
         cls, transformer: SD3Transformer2DModel, config: SD3ControlNetConfig | None = None
