@@ -57,9 +57,10 @@ class _NoText(torch.nn.Module):
         raise RuntimeError("the benchmark gives prompt embeddings; no text encoder runs")
 
 
-def vae(tiny: bool):
-    """Flux.1's VAE (tiny: a few channels), random weights, its posterior made narrow so that
-    diffusers' sample of the condition's latents is their mean, which we take."""
+def vae(tiny: bool, scale: float = 0.3611, shift: float = 0.1159):
+    """The 16-channel VAE of Flux.1 and SD3 (tiny: a few channels; ``scale``/``shift``: the
+    family's, Flux.1's by default), random weights, its posterior made narrow so that diffusers'
+    sample of the condition's latents is their mean, which we take."""
     from diffusers import AutoencoderKL
 
     widths = (8, 16) if tiny else (128, 256, 512, 512)
@@ -70,8 +71,8 @@ def vae(tiny: bool):
         latent_channels=4 if tiny else 16,
         layers_per_block=1 if tiny else 2,
         norm_num_groups=4 if tiny else 32,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
+        scaling_factor=scale,
+        shift_factor=shift,
         use_quant_conv=False,
         use_post_quant_conv=False,
     ).eval()

@@ -1,0 +1,247 @@
+"""SD3.5-medium generation speed with a ControlNet: ours against diffusers'
+StableDiffusion3ControlNetPipeline.
+
+SD3.5-medium shapes (24 joint blocks, 1536 wide, q/k norms, dual attention in the first 13) with
+random weights, a 12-block ControlNet, 1024x1024, 28 steps, classifier-free guidance 4.5, bf16,
+batch 1. Both are timed from prompt embeddings and the condition image to the final latents (the
+text encoders are left out; the condition's one VAE pass is in both); the arithmetic per step is
+counted and set against the bf16 matmul peak measured in the same run.
+
+    python benchmarks/bench_sd3.py --out results/sd3.json [--peer] [--tiny]
+
+``--tiny``: a few-channel model on the CPU, to check the script itself (CI runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import inspect
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_flux import _NoText, vae
+from common import cuda_time, environment, matmul_peak_tflops, table, write_json
+
+from controlnet.families.protocol import PromptEmbeddings
+from controlnet.families.sd3 import SD3ControlNet, SD3ControlNetConfig
+from controlnet.families.sd3.base import SD3_SCHEDULE, SD3Base
+from controlnet.generation.denoiser import ControlUnit
+from controlnet.generation.sampling import denoise, initial_noise
+
+GUIDANCE = 4.5
+FULL = {  # SD3.5-medium's transformer config
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "num_layers": 24,
+    "attention_head_dim": 64,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048,
+    "out_channels": 16,
+    "pos_embed_max_size": 384,
+    "qk_norm": "rms_norm",
+    "dual_attention_layers": list(range(13)),
+}
+TINY = {
+    "sample_size": 16,
+    "patch_size": 2,
+    "in_channels": 4,
+    "num_layers": 3,
+    "attention_head_dim": 8,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 12,
+    "caption_projection_dim": 16,
+    "pooled_projection_dim": 10,
+    "out_channels": 4,
+    "pos_embed_max_size": 32,
+    "qk_norm": "rms_norm",
+    "dual_attention_layers": [0],
+}
+
+
+def build(tiny: bool, device: str, dtype: torch.dtype) -> tuple[SD3Base, SD3ControlNet]:
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        transformer = SD3Transformer2DModel(**(TINY if tiny else FULL)).to(dtype).eval()
+    base = SD3Base(
+        transformer,
+        vae(tiny, scale=1.5305, shift=0.0609).to(device, dtype),  # SD3's latent scale and shift
+        _NoText(),
+        _NoText(),
+        None,
+        None,
+        None,
+        max_sequence_length=8,
+    )
+    cn = SD3ControlNet.from_transformer(transformer, SD3ControlNetConfig(num_layers=2 if tiny else 12)).eval()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in cn.named_parameters():
+            if name.startswith(("controlnet_blocks", "pos_embed_input")):
+                p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(p))
+    return base, cn
+
+
+def inputs(base: SD3Base, size: int, tiny: bool, device: str, dtype: torch.dtype) -> dict[str, Any]:
+    t = base.transformer.config
+    g = torch.Generator().manual_seed(3)
+    text = 16 if tiny else 77 + 256
+
+    def embeds() -> PromptEmbeddings:
+        context = torch.randn(1, text, t.joint_attention_dim, generator=g).to(device, dtype)
+        return PromptEmbeddings(
+            context, {"pooled": torch.randn(1, t.pooled_projection_dim, generator=g).to(device, dtype)}
+        )
+
+    return {
+        "cond": embeds(),
+        "uncond": embeds(),
+        "condition": torch.rand(1, 3, size, size, generator=g).to(device, dtype),
+        "latent_size": base.latent_size((size, size)),
+    }
+
+
+def ours(base: SD3Base, cn: SD3ControlNet, x: dict[str, Any], steps: int) -> torch.Tensor:
+    return denoise(
+        base,
+        x["cond"],
+        x["uncond"],
+        [ControlUnit(cn, x["condition"], 1.0)],
+        sampler="euler",
+        timestep_spacing="default",
+        steps=steps,
+        guidance=GUIDANCE,
+        eta=0.0,
+        seeds=[0],
+        latent_size=x["latent_size"],
+        progress=False,
+        cuda_graphs=False,
+    ).latents
+
+
+def peer(base: SD3Base, cn: SD3ControlNet, x: dict[str, Any], steps: int) -> Any:
+    """diffusers' pipeline over the same weights, built once; returns the call to time."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3ControlNetModel,
+        StableDiffusion3ControlNetPipeline,
+    )
+
+    accepted = inspect.signature(SD3ControlNetModel.__init__).parameters
+    fields = {k: v for k, v in dict(base.transformer.config).items() if k in accepted}
+    fields.update(num_layers=cn.config.num_layers, force_zeros_for_pooled_projection=cn.config.zero_pooled)
+    dtype = x["cond"].context.dtype
+    with torch.device(x["cond"].context.device):
+        model = SD3ControlNetModel(**fields).to(dtype).eval()
+    model.load_state_dict(cn.state_dict())
+    pipe = StableDiffusion3ControlNetPipeline(
+        transformer=base.transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULE),
+        vae=base.vae,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
+        controlnet=model,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    h, w = x["latent_size"]
+    noise = initial_noise((1, base.latent_channels, h, w), [0], x["cond"].context.device, torch.float32)
+
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            return pipe(
+                prompt_embeds=x["cond"].context,
+                negative_prompt_embeds=x["uncond"].context,
+                pooled_prompt_embeds=x["cond"].added["pooled"],
+                negative_pooled_prompt_embeds=x["uncond"].added["pooled"],
+                control_image=x["condition"] * 2 - 1,  # a tensor reaches its VAE as it is
+                height=h * base.vae_scale_factor,
+                width=w * base.vae_scale_factor,
+                num_inference_steps=steps,
+                guidance_scale=GUIDANCE,
+                latents=noise.to(dtype),
+                output_type="latent",
+            ).images
+
+    return run
+
+
+def step_flops(base: SD3Base, cn: SD3ControlNet, x: dict[str, Any]) -> float:
+    """One step's arithmetic (both guidance halves), as in bench_flux: two steps less one."""
+    counts = []
+    for steps in (1, 2):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            ours(base, cn, x, steps)
+        counts.append(float(counter.get_total_flops()))
+    return counts[1] - counts[0]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out")
+    p.add_argument("--peer", action="store_true", help="time diffusers' pipeline in the same run")
+    p.add_argument("--tiny", action="store_true", help="a few-channel model on the CPU (checks the script)")
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--reps", type=int, default=3)
+    args = p.parse_args()
+    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    size = 64 if args.tiny else args.size
+    base, cn = build(args.tiny, device, dtype)
+    x = inputs(base, size, args.tiny, device, dtype)
+    flops, peak = step_flops(base, cn, x), matmul_peak_tflops()
+    rows: list[dict[str, Any]] = []
+    record: dict[str, Any] = {
+        "environment": environment(),
+        "steps": args.steps,
+        "size": size,
+        "dtype": str(dtype),
+    }
+
+    def timed(name: str, fn: Any) -> torch.Tensor:
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        result: dict[str, Any] = {}
+        seconds = cuda_time(lambda: result.update(out=fn()), warmup=1, reps=args.reps)
+        mem = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+        rows.append(
+            {
+                "path": name,
+                "s/image": round(seconds, 3),
+                "ms/step": round(1000 * seconds / args.steps, 1),
+                "TFLOP/s": round(flops * args.steps / seconds / 1e12, 1),
+                "peak GiB": round(mem, 1),
+            }
+        )
+        gc.collect()
+        return result["out"]
+
+    got = timed("ours (default)", lambda: ours(base, cn, x, args.steps))
+    if args.peer:
+        want = timed("diffusers eager", peer(base, cn, x, args.steps))
+        record["max_abs_diff"] = float((got.float() - want.float()).abs().max())
+    record.update(rows=rows, step_tflop=flops / 1e12, matmul_peak_tflops=peak)
+    record["floor_s"] = flops * args.steps / (peak * 1e12) if peak == peak else None
+    print(table(rows, ["path", "s/image", "ms/step", "TFLOP/s", "peak GiB"]))
+    print(f"per step: {flops / 1e12:.2f} TFLOP; bf16 matmul peak {peak:.0f} TFLOP/s")
+    if "max_abs_diff" in record:
+        print(f"ours vs diffusers: max |difference| of the final latents {record['max_abs_diff']:.3g}")
+    write_json(args.out, record)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""benchmarks/bench_flux.py and bench_sd3.py run (their --tiny mode, on the CPU): the scripts the
+GPU sessions use to measure the transformer families against diffusers build both over the same
+weights, and their final latents agree."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("script", ["bench_flux.py", "bench_sd3.py"])
+def test_the_benchmark_runs_and_agrees_with_diffusers(tmp_path, script):
+    out = tmp_path / "result.json"
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / script),
+        "--tiny",
+        "--peer",
+        "--steps",
+        "2",
+        "--reps",
+        "1",
+    ]
+    done = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert [r["path"] for r in record["rows"]] == ["ours (default)", "diffusers eager"]
+    assert record["max_abs_diff"] < 1e-4 and record["step_tflop"] > 0
+    assert "| ours (default) |" in done.stdout
