@@ -596,3 +596,25 @@ def test_a_replay_finds_moved_models_by_flag_and_still_checks_them(files, tmp_pa
     other = ["--base", str(moved / "base.safetensors"), "--controlnet", str(files / "cn.safetensors")]
     assert main([*cmd, *other]) == 0  # the same bytes, by another path: still the same run
     assert "bit-identical" in capsys.readouterr().out
+
+
+def test_true_guidance_is_for_guidance_distilled_models_only(tmp_path, capsys):
+    """The bundled model takes classifier-free guidance as `guidance`; `--true-guidance` is refused
+    naming the field."""
+    image = tmp_path / "c.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(image)
+    argv = [
+        "generate",
+        "--image",
+        str(image),
+        "--steps",
+        "1",
+        "--true-guidance",
+        "2",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "true_guidance: only a guidance-distilled model" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()

@@ -288,3 +288,42 @@ def test_a_control_region_weights_each_token_by_its_patch(world):
     from controlnet.families.flux.patches import unpack
 
     torch.testing.assert_close(predict(region), unpack(want, 8, 12), rtol=1e-5, atol=1e-6)
+
+
+def test_true_guidance_equals_fluxpipelines_true_cfg(world):
+    """Classifier-free guidance against the negative prompt, beside the scale the network reads
+    (diffusers' true_cfg_scale); a model without a guidance input refuses the field."""
+    from diffusers import FluxPipeline
+
+    sampling = Sampling("euler", "default", 3, 3.5, true_guidance=2.5)
+    got = render(world, [], ["a red disk"], ["blurry"], [4], SIZE, sampling, progress=False).latents
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULE),
+        vae=world.vae,
+        text_encoder=world.text_encoder,
+        tokenizer=world.tokenizer,
+        text_encoder_2=world.text_encoder_2,
+        tokenizer_2=world.tokenizer_2,
+        transformer=world.transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    h, w = world.latent_size(SIZE)
+    noise = pack(initial_noise((1, 4, h, w), [4], torch.device("cpu"), torch.float32))
+    with torch.no_grad():
+        want = pipe(
+            prompt=["a red disk"],
+            negative_prompt=["blurry"],
+            true_cfg_scale=2.5,
+            height=SIZE[0],
+            width=SIZE[1],
+            num_inference_steps=3,
+            guidance_scale=3.5,
+            latents=noise,
+            max_sequence_length=SEQ,
+            output_type="latent",
+        ).images
+    close(pack(got), want)
+    no_cfg = render(
+        world, [], ["a red disk"], ["blurry"], [4], SIZE, Sampling("euler", "default", 3, 3.5), progress=False
+    )
+    assert not torch.allclose(no_cfg.latents, got)

@@ -257,8 +257,18 @@ class GenerationRequest:
     )
     guidance: float = param(
         9.0,
-        help="classifier-free guidance scale (1: none)",
+        help="classifier-free guidance scale (1: none); for a guidance-distilled model (Flux.1-dev) "
+        "the scale its network reads",
         label="Guidance scale",
+        minimum=0.0,
+        maximum=100.0,
+        group="sampling",
+    )
+    true_guidance: float = param(
+        1.0,
+        help="classifier-free guidance against the negative prompt for a guidance-distilled model "
+        "(Flux.1-dev), beside the scale its network reads (1: none; other models take guidance)",
+        label="True guidance (distilled models)",
         minimum=0.0,
         maximum=100.0,
         group="sampling",

@@ -65,11 +65,19 @@ class Sampling:
     steps: int = 20
     guidance: float = 9.0
     eta: float = 0.0
+    true_guidance: float = 1.0  # classifier-free guidance of a guidance-distilled model
 
     @classmethod
     def of(cls, request: Any) -> Sampling:
         """The sampling settings of a generation request."""
-        return cls(request.sampler, request.timestep_spacing, request.steps, request.guidance, request.eta)
+        return cls(
+            request.sampler,
+            request.timestep_spacing,
+            request.steps,
+            request.guidance,
+            request.eta,
+            request.true_guidance,
+        )
 
 
 @torch.no_grad()
@@ -99,13 +107,19 @@ def render(
     place of the ControlNet path (``units`` empty); other ``options`` go to
     :func:`~controlnet.generation.sampling.denoise` (progress, callback, compile, ...).
     """
-    # a model that reads the guidance scale as an input (guidance-distilled) gets it there, and
-    # runs without classifier-free guidance
-    guided = sampling.guidance != 1.0 and not base.guidance_input
-    cond, uncond = base.encode_prompts(prompts, negatives if guided else None, size=size, syntax=syntax)
+    # a model that reads the guidance scale as an input (guidance-distilled) gets it there; its
+    # classifier-free guidance, if any, is the true guidance
+    cfg = sampling.true_guidance if base.guidance_input else sampling.guidance
+    if not base.guidance_input and sampling.true_guidance != 1.0:
+        raise ValueError(
+            "true_guidance: only a guidance-distilled model (Flux.1-dev) takes one; give guidance"
+        )
+    cond, uncond = base.encode_prompts(prompts, negatives if cfg != 1.0 else None, size=size, syntax=syntax)
     if base.guidance_input:
         scale = torch.full((len(cond),), float(sampling.guidance), device=cond.context.device)
         cond = PromptEmbeddings(cond.context, {**(cond.added or {}), "guidance": scale})
+        if uncond is not None:
+            uncond = PromptEmbeddings(uncond.context, {**(uncond.added or {}), "guidance": scale})
     latent_size = base.latent_size(size)
     if sample_fn is not None:
         if units:
@@ -120,7 +134,7 @@ def render(
         sampler=sampling.sampler,
         timestep_spacing=sampling.timestep_spacing,
         steps=steps or sampling.steps,
-        guidance=sampling.guidance,
+        guidance=cfg,
         eta=sampling.eta,
         seeds=seeds,
         latent_size=latent_size,

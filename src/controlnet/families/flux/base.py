@@ -102,12 +102,11 @@ class FluxBase(DiTBase):
         size: tuple[int, int] | None = None,
         syntax: PromptSyntax | str = PromptSyntax.WEIGHTED,
     ) -> tuple[PromptEmbeddings, PromptEmbeddings | None]:
-        """The prompts as they are (T5 reads no emphasis: a prompt using it is refused); negatives
-        only when guidance is classifier-free (a model without a guidance input)."""
+        """The prompts as they are (T5 reads no emphasis: a prompt using it is refused), and the
+        negatives when asked for (true classifier-free guidance)."""
         check_plain_prompts([*prompts, *(negatives or [])], syntax, "Flux's T5")
         cond = self.encode_prompt(prompts)
-        uncond = None if negatives is None or self.guidance_input else self.encode_prompt(negatives)
-        return cond, uncond
+        return cond, None if negatives is None else self.encode_prompt(negatives)
 
     # ------------------------------------------------------------------ denoising
     def control_hint(self, controlnet: nn.Module, condition: torch.Tensor) -> torch.Tensor:
