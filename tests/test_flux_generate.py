@@ -327,3 +327,30 @@ def test_true_guidance_equals_fluxpipelines_true_cfg(world):
         world, [], ["a red disk"], ["blurry"], [4], SIZE, Sampling("euler", "default", 3, 3.5), progress=False
     )
     assert not torch.allclose(no_cfg.latents, got)
+
+
+def test_conditional_half_controls_and_concurrent_controls(world):
+    """With true guidance, a "ControlNet is more important" control acts on the conditional half
+    only; several controls asked to run concurrently give what they give one after another."""
+    from controlnet.model.control import Control
+
+    a = controlnet(world, FluxControlNetConfig(2, 1), seed=1)
+    b = controlnet(world, FluxControlNetConfig(1, 2, num_mode=3), seed=2)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 4, 8, 12, generator=g)
+    context = torch.randn(2, SEQ, 12, generator=g)
+    added = {"pooled": torch.randn(2, 10, generator=g), "guidance": torch.tensor([3.5, 3.5])}
+    hint = torch.randn(1, 4, 8, 12, generator=g)
+    t = torch.tensor(600.0)
+
+    def predict(controls, **kw):
+        with torch.no_grad():
+            return world.predict(x, t, context, controls, added=added, cfg_batch=True, **kw)
+
+    plain = predict([])
+    half = predict([Control(a, hint, [1.0] * 3, True)])
+    both = predict([Control(a, hint, [1.0] * 3)])
+    torch.testing.assert_close(half[:1], plain[:1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(half[1:], both[1:], rtol=1e-5, atol=1e-6)
+    two = [Control(a, hint, [1.0] * 3), Control(b, hint, [0.5] * 3, control_type=1)]
+    assert torch.equal(predict(two, concurrent=True), predict(two))

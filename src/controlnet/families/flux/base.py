@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import partial
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from torch import nn
 
 from ...choices import PromptSyntax
 from ...model.control import Control, region_tokens
+from ...model.fastpath import run_concurrently
 from ..dit import DiTBase, check_plain_prompts
 from ..protocol import PromptEmbeddings
 from .controlnet import FLUX_FIELDS, FluxControlNet, FluxControlNetConfig, FluxResiduals
@@ -144,20 +146,33 @@ class FluxBase(DiTBase):
             "txt_ids": txt_ids,
             "guidance": guidance,
         }
-        each = []
-        for c in controls:
-            if c.conditional_only:
-                raise ValueError("Flux runs no classifier-free guidance: a control acts on the whole batch")
-            mode = None if c.control_type is None else torch.full((b, 1), c.control_type, device=x.device)
+
+        def residuals(c: Control) -> list[torch.Tensor]:
+            """One control's residuals, double blocks then single blocks, as one list."""
+            rows = slice(b // 2, b) if c.conditional_only and cfg_batch else slice(0, b)
+            n = rows.stop - rows.start
+            mode = None if c.control_type is None else torch.full((n, 1), c.control_type, device=x.device)
             pixels = c.controlnet.config.pixel_hint_channels is not None
-            hint = c.hint.expand(b, *c.hint.shape[1:]) if pixels else pack(c.hint).expand(b, -1, -1)
-            res = c.controlnet(tokens, hint, mode=mode, **kw)
-            res = _scaled(res, c.scales)
+            hint = c.hint.expand(n, *c.hint.shape[1:]) if pixels else pack(c.hint).expand(n, -1, -1)
+            part = {
+                k: (v[rows] if torch.is_tensor(v) and k not in ("img_ids", "txt_ids") else v)
+                for k, v in kw.items()
+            }
+            res = _scaled(c.controlnet(tokens[rows], hint, mode=mode, **part), c.scales)
+            flat = [*(res.double or []), *(res.single or [])]
+            if n < b:  # the conditional half only ("ControlNet is more important"): none on the other
+                flat = [torch.cat([torch.zeros_like(r), r]) for r in flat]
             if c.region is not None:  # where the control acts, averaged over each token's patch
                 weight = region_tokens(c.region, (h // 2, w // 2), x.dtype)
-                res = FluxResiduals(
-                    *(None if rs is None else [r * weight for r in rs] for rs in (res.double, res.single))
-                )
+                flat = [r * weight for r in flat]
+            return flat
+
+        fns = [partial(residuals, c) for c in controls]
+        flats = run_concurrently(fns, x.device) if concurrent else [fn() for fn in fns]
+        each = []
+        for c, flat in zip(controls, flats):
+            n = c.controlnet.config.num_layers
+            res = FluxResiduals(flat[:n] or None, flat[n:] or None)
             each.append((res, c.controlnet.config.repeats))
         blocks = (len(self.transformer.transformer_blocks), len(self.transformer.single_transformer_blocks))
         total = _sum_residuals(each, blocks)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import partial
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from torch import nn
 
 from ...choices import PromptSyntax
 from ...model.control import Control, region_tokens
+from ...model.fastpath import run_concurrently
 from ..dit import DiTBase, check_plain_prompts
 from ..protocol import PromptEmbeddings
 from .controlnet import SD3_FIELDS, SD3ControlNet, SD3ControlNetConfig
@@ -149,12 +151,12 @@ class SD3Base(DiTBase):
         b = x.shape[0]
         pooled = (added or {})["pooled"]
         timestep = t.to(x.dtype).expand(b)
-        each = []
         tokens = None
-        for c in controls:
+        if any(not c.controlnet.config.own_pos_embed for c in controls):
+            tokens = self.transformer.pos_embed(x)  # what SD3.5 Large's ControlNets read
+
+        def residuals(c: Control) -> list[torch.Tensor]:
             cn = c.controlnet
-            if not cn.config.own_pos_embed and tokens is None:
-                tokens = self.transformer.pos_embed(x)
             hidden = x if cn.config.own_pos_embed else tokens
             text = context if cn.config.reads_text else None
             rows = slice(b // 2, b) if c.conditional_only and cfg_batch else slice(0, b)
@@ -174,7 +176,10 @@ class SD3Base(DiTBase):
                 p = self.transformer.config.patch_size
                 weight = region_tokens(c.region, (x.shape[-2] // p, x.shape[-1] // p), res[0].dtype)
                 res = [r * weight for r in res]
-            each.append(res)
+            return res
+
+        fns = [partial(residuals, c) for c in controls]
+        each = run_concurrently(fns, x.device) if concurrent else [fn() for fn in fns]
         samples = _summed(each, len(self.transformer.transformer_blocks))
         return self.transformer(
             hidden_states=x,
