@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import cuda_time, environment, matmul_peak_tflops, table, write_json
 
 from controlnet.families.flux import FluxControlNet, FluxControlNetConfig
-from controlnet.families.flux.base import FluxBase, pack, unpack
+from controlnet.families.flux.base import FluxBase
+from controlnet.families.flux.patches import pack, unpack
 from controlnet.families.flux.schedule import FLUX_SCHEDULE
 from controlnet.families.protocol import PromptEmbeddings
 from controlnet.generation.denoiser import ControlUnit

@@ -13,7 +13,8 @@ from diffusers import (
 )
 
 from controlnet.families.flux import FluxControlNet, FluxControlNetConfig
-from controlnet.families.flux.base import FluxBase, pack
+from controlnet.families.flux.base import FluxBase
+from controlnet.families.flux.patches import pack
 from controlnet.families.flux.schedule import FLUX_SCHEDULE
 from controlnet.generation.denoiser import ControlUnit
 from controlnet.generation.sampling import Sampling, initial_noise, render

@@ -7,7 +7,8 @@ family's; :meth:`FluxBase.predict` packs them into 2x2 patches of 64 channels wi
 positions, runs the ControlNets and the transformer, and unpacks the velocity.
 
 Flux.1-dev is guidance-distilled: the guidance scale is an input of the network
-(``guidance_input``), not classifier-free guidance, so a generation runs one batch per step.
+(``guidance_input``), so a generation runs one batch per step, unless true guidance (classifier-
+free, against the negative prompt) is asked for beside it.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from .controlnet import FLUX_FIELDS, FluxControlNet, FluxControlNetConfig, FluxR
 from .patches import image_ids, pack, unpack
 from .schedule import FLUX_SCHEDULE
 
-__all__ = ["FluxBase", "FluxVariant", "pack", "unpack"]  # pack, unpack: from .patches
+__all__ = ["FluxBase", "FluxVariant"]
 
 CLIP_LENGTH = 77
 
