@@ -261,3 +261,40 @@ def test_fp8_stored_files_load_cast_to_the_compute_dtype(tmp_path):
     got = loaded.transformer.state_dict()
     assert got.keys() == fp8.keys() and all(torch.equal(got[k], fp8[k]) for k in fp8)
     assert loaded.dtype == torch.float32
+
+
+def test_init_makes_a_fresh_transformer_controlnet_from_a_base_file(base, tmp_path, capsys):
+    from controlnet.formats import load_controlnet
+
+    folder = save_base(base, tmp_path / "flux", "diffusers")[0]
+    out = tmp_path / "union.safetensors"
+    assert (
+        main(
+            [
+                "init",
+                "--base",
+                str(folder),
+                "--out",
+                str(out),
+                "--blocks",
+                "1",
+                "--single-blocks",
+                "2",
+                "--union-modes",
+                "4",
+            ]
+        )
+        == 0
+    )
+    cn = load_controlnet(out)
+    assert (cn.config.num_layers, cn.config.num_single_layers, cn.config.num_mode) == (1, 2, 4)
+    state = base.transformer.state_dict()
+    assert all(
+        torch.equal(v, state[k]) for k, v in cn.state_dict().items() if k in state and "controlnet" not in k
+    )
+    assert not any(v.any() for k, v in cn.state_dict().items() if k.startswith("controlnet_blocks"))
+    assert (
+        main(["init", "--base", str(folder), "--out", str(tmp_path / "x.safetensors"), "--global-pool"]) == 2
+    )
+    assert "are for UNet ControlNets" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()

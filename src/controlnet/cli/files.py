@@ -98,10 +98,36 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_convert)
 
 
+def _transformer_config(family: str, args: argparse.Namespace):
+    """The ControlNet config of a transformer family from ``init``'s flags."""
+    if args.hint_channels != 3 or args.global_pool or args.with_base:
+        raise ValueError("--hint-channels, --global-pool and --with-base are for UNet ControlNets")
+    if family == "flux":
+        from ..families.flux import FluxControlNetConfig
+
+        return FluxControlNetConfig(args.blocks or 2, args.single_blocks or 0, args.union_modes)
+    if args.single_blocks or args.union_modes:
+        raise ValueError("--single-blocks and --union-modes are for Flux ControlNets")
+    from ..families.sd3 import SD3ControlNetConfig
+
+    return SD3ControlNetConfig(num_layers=args.blocks or 12)
+
+
 def _cmd_init(args: argparse.Namespace) -> int:
     from ..families.sd.controlnet import ControlNetConfig
-    from ..formats import init_controlnet, load_base, save_controlnet
+    from ..formats import detect, init_controlnet, load_base, save_controlnet
 
+    family = detect(args.base).family
+    if family != "sd":
+        cn = init_controlnet(
+            args.base, config=_transformer_config(family, args), seed=args.seed, dtype=_dtype(args.dtype)
+        )
+        common.print_written(save_controlnet(cn, args.out, args.to, overwrite=args.force), args.to)
+        return 0
+    if args.blocks or args.single_blocks or args.union_modes:
+        raise ValueError(
+            "--blocks, --single-blocks and --union-modes are for transformer ControlNets (Flux, SD3)"
+        )
     base = load_base(args.base, dtype=_dtype(args.dtype)) if args.with_base else args.base
     config = ControlNetConfig(hint_channels=args.hint_channels, global_pool=args.global_pool)
     cn = init_controlnet(base, config=config, seed=args.seed, dtype=_dtype(args.dtype))
@@ -124,6 +150,11 @@ def _add_init(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the hint encoder's initialisation")
     common.add_dtype(p, "cast floating-point tensors (default: keep)")
     p.add_argument("--with-base", action="store_true", help="--to original: embed the base, as v1.0 files do")
+    p.add_argument(
+        "--blocks", type=int, help="transformer bases: the (double / joint) blocks copied (Flux: 2, SD3: 12)"
+    )
+    p.add_argument("--single-blocks", type=int, help="Flux: the single-stream blocks copied (default: 0)")
+    p.add_argument("--union-modes", type=int, help="Flux: a Union ControlNet of this many control modes")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(handler=_cmd_init)
 

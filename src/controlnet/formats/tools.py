@@ -86,13 +86,19 @@ def _unet_arg(
 def init_controlnet(
     base: PathLike | UNetBase | UNet2DConditionModel,
     *,
-    config: ControlNetConfig | None = None,
+    config: Any = None,
     seed: int = 0,
     dtype: torch.dtype | None = None,
-) -> ControlNet:
+) -> Any:
     """A new ControlNet for ``base``: every tensor with a twin in the UNet copied from it exactly,
     a freshly initialised hint encoder (seeded; the global RNG is left alone) and zero convs.
-    ``dtype`` casts a base read from a file."""
+    ``dtype`` casts a base read from a file. A transformer family's base (a path) gets its own
+    ControlNet (``config``: that family's, such as FluxControlNetConfig), copied the same way."""
+    if _is_path(base) and detect(base).family != "sd":  # a transformer family's: its own copy
+        model = load_base(base, dtype=dtype)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return model.new_controlnet(config)
     unet = _unet_arg(base, dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
