@@ -29,7 +29,7 @@ from ...model.fastpath import run_concurrently
 from ..dit import DiTBase, check_plain_prompts
 from ..protocol import PromptEmbeddings
 from .controlnet import FLUX_FIELDS, FluxControlNet, FluxControlNetConfig, FluxResiduals
-from .patches import image_ids, pack, unpack
+from .patches import image_ids, pack, text_ids, unpack
 from .schedule import FLUX_SCHEDULE
 
 __all__ = ["FluxBase", "FluxVariant"]
@@ -136,7 +136,7 @@ class FluxBase(DiTBase):
         b, _, h, w = x.shape
         tokens = pack(x)
         ids = image_ids(h, w, x.device, x.dtype)
-        txt_ids = torch.zeros(context.shape[1], 3, device=x.device, dtype=x.dtype)
+        txt_ids = text_ids(context.shape[1], x.device, x.dtype)
         timestep = t.to(x.dtype).expand(b) / 1000
         guidance = added.get("guidance")
         kw = {

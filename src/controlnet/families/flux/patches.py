@@ -3,9 +3,11 @@ ControlNets and the benchmark all read latents this way)."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-__all__ = ["image_ids", "pack", "unpack"]
+__all__ = ["image_ids", "pack", "text_ids", "unpack"]
 
 
 def pack(x: torch.Tensor) -> torch.Tensor:
@@ -20,9 +22,17 @@ def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
+@functools.lru_cache(maxsize=16)
 def image_ids(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Rotary positions (0, row, column) of the packed tokens of (h, w) latents."""
-    ids = torch.zeros(h // 2, w // 2, 3)
-    ids[..., 1] = torch.arange(h // 2)[:, None]
-    ids[..., 2] = torch.arange(w // 2)[None, :]
-    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+    """Rotary positions (0, row, column) of the packed tokens of (h, w) latents, made once per
+    size on the device (every step reads them; nothing writes them)."""
+    ids = torch.zeros(h // 2, w // 2, 3, device=device, dtype=dtype)
+    ids[..., 1] = torch.arange(h // 2, device=device, dtype=dtype)[:, None]
+    ids[..., 2] = torch.arange(w // 2, device=device, dtype=dtype)[None, :]
+    return ids.reshape(-1, 3)
+
+
+@functools.lru_cache(maxsize=16)
+def text_ids(tokens: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Rotary positions of the text tokens: all zeros (Flux places text at no position)."""
+    return torch.zeros(tokens, 3, device=device, dtype=dtype)
