@@ -137,8 +137,17 @@ class DiTBase:
         self, images: torch.Tensor, generator: Any = None, *, tiled: bool = False
     ) -> torch.Tensor:
         """Latents (scaled and shifted) of images in [-1, 1]: the posterior's mean."""
+        return self._latents(images, shifted=True)
+
+    def _latents(self, images: torch.Tensor, *, shifted: bool) -> torch.Tensor:
+        """The posterior's mean of images in [-1, 1], scaled, less the VAE's shift if ``shifted``."""
         mean = self.posterior(images).mean
-        return ((mean - self.latent_shift) * self.latent_scale).to(self.dtype)
+        return ((mean - (self.latent_shift if shifted else 0.0)) * self.latent_scale).to(self.dtype)
+
+    def hint_shifted(self, controlnet: nn.Module) -> bool:
+        """Whether ``controlnet`` reads its condition's latents shifted like the image's (every
+        family's ControlNets do, unless a family says otherwise)."""
+        return True
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, *, tiled: bool = False) -> torch.Tensor:
@@ -175,10 +184,11 @@ class DiTBase:
         pixels (marked -1, the inpaint map's convention) black, and beside them 1 - the mask at
         the latents' size."""
         masks = getattr(controlnet, "mask_channels", 0)
+        shifted = self.hint_shifted(controlnet)
         if not masks:
-            return self.encode_images(condition * 2 - 1)
+            return self._latents(condition * 2 - 1, shifted=shifted)
         masked = (condition < 0).any(dim=1, keepdim=True).float()
-        latents = self.encode_images((condition * 2 - 1).clamp(-1, 1))
+        latents = self._latents((condition * 2 - 1).clamp(-1, 1), shifted=shifted)
         keep = 1 - F.interpolate(masked, size=latents.shape[-2:])
         return torch.cat([latents, keep.to(latents).expand(-1, masks, -1, -1)], dim=1)
 

@@ -126,14 +126,11 @@ class SD3Base(DiTBase):
         return cond, None if negatives is None else self.encode_prompt(negatives)
 
     # ------------------------------------------------------------------ denoising
-    def control_hint(self, controlnet: nn.Module, condition: torch.Tensor) -> torch.Tensor:
-        """The condition's latents (see :meth:`DiTBase.control_hint`). The published plain
-        ControlNets that read zeros for the pooled text (InstantX's) were trained on latents
-        without the VAE's shift, as diffusers feeds them; inpainting ones on shifted latents."""
-        hint = super().control_hint(controlnet, condition)
-        if getattr(controlnet.config, "zero_pooled", False) and not controlnet.mask_channels:
-            hint = hint + self.latent_shift * self.latent_scale  # (mean - 0) * scale
-        return hint
+    def hint_shifted(self, controlnet: nn.Module) -> bool:
+        """The published plain ControlNets that read zeros for the pooled text (InstantX's) were
+        trained on condition latents without the VAE's shift, as diffusers feeds them; inpainting
+        ones on shifted latents, like every other."""
+        return not (getattr(controlnet.config, "zero_pooled", False) and not controlnet.mask_channels)
 
     def predict(
         self,
