@@ -268,9 +268,18 @@ def hint_config_from_shapes(
 
 
 def numbered(shapes: Mapping[str, tuple[int, ...]], pattern: str) -> list[int]:
-    """Sorted distinct integers captured by ``pattern``'s group 1 among the keys."""
+    """Sorted distinct integers captured by ``pattern``'s group 1 among the keys (the pattern
+    matches whole keys: end it with ``.*`` to match their beginnings)."""
     rx = re.compile(pattern)
     return sorted({int(m[1]) for k in shapes if (m := rx.fullmatch(k))})
+
+
+def shape_of(shapes: Mapping[str, tuple[int, ...]], key: str, where: str) -> tuple[int, ...]:
+    """The shape of ``key``; a file without it cannot be read as the model asked for
+    (CheckpointError naming ``where`` and the key)."""
+    if key not in shapes:
+        raise CheckpointError(f"{where}: expected {key!r} (cannot read the architecture without it)")
+    return tuple(shapes[key])
 
 
 # ------------------------------------------------------------------------------------ metadata

@@ -37,7 +37,7 @@ import torch
 
 from ..families.flux.controlnet import FLUX_FIELDS, FluxControlNet, FluxControlNetConfig
 from ..families.sd3.controlnet import SD3_FIELDS, SD3ControlNet, SD3ControlNetConfig
-from .build import FORMAT_VERSION, META_FORMAT, META_VERSION
+from .build import FORMAT_VERSION, META_FORMAT, META_VERSION, numbered, shape_of
 from .checkpoint import CheckpointError, TensorFile, atomic_outputs, dump_json, read_json, save_safetensors
 from .keymap import Rule, identity_rules, load_into, to_file
 
@@ -74,14 +74,12 @@ class CNSpec:
 
 
 def _count(tf: TensorFile, pattern: str) -> int:
-    rx = re.compile(pattern)
-    return len({m[1] for k in tf if (m := rx.match(k))})
+    """How many distinct numbers ``pattern``'s group 1 takes at the start of the file's keys."""
+    return len(numbered(tf.shapes, pattern + ".*"))
 
 
 def _shape(tf: TensorFile, key: str) -> tuple[int, ...]:
-    if key not in tf:
-        raise CheckpointError(f"{tf.path}: expected {key!r} (cannot read the architecture without it)")
-    return tuple(tf.shapes[key])
+    return shape_of(tf.shapes, key, str(tf.path))
 
 
 # ------------------------------------------------------------------------------------ Flux.1
@@ -169,7 +167,7 @@ def _inferred_xlabs(tf: TensorFile) -> tuple[dict[str, Any], FluxControlNetConfi
         raise CheckpointError(
             f"{tf.path}: heads of {head} channels, not Flux.1's {FLUX_HEAD}: its rotary axes are unknown"
         )
-    convs = sorted(int(m[1]) for k in tf if (m := re.fullmatch(r"input_hint_block\.(\d+)\.weight", k)))
+    convs = numbered(tf.shapes, r"input_hint_block\.(\d+)\.weight")
     transformer = {
         "patch_size": 1,
         "in_channels": channels,
@@ -224,10 +222,9 @@ def _inferred_sd3(tf: TensorFile) -> tuple[dict[str, Any], SD3ControlNetConfig]:
     if reads_text:
         caption, joint = _shape(tf, "context_embedder.weight")
         transformer.update(joint_attention_dim=joint, caption_projection_dim=caption)
-        dual = sorted(
-            int(m[1]) for k in tf if (m := re.fullmatch(r"transformer_blocks\.(\d+)\.attn2\.to_q\.weight", k))
+        transformer["dual_attention_layers"] = numbered(
+            tf.shapes, r"transformer_blocks\.(\d+)\.attn2\.to_q\.weight"
         )
-        transformer["dual_attention_layers"] = dual
     config = SD3ControlNetConfig(
         num_layers=_count(tf, r"transformer_blocks\.(\d+)\."),
         extra_conditioning_channels=channels_in - channels,

@@ -28,6 +28,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from .build import numbered, shape_of
 from .checkpoint import CheckpointError, TensorFile
 from .keymap import Op, Rule
 
@@ -125,21 +126,12 @@ def bfl_rule(key: str, inner: int, prefix: str = "") -> Rule:
     raise KeyError(f"{key!r} has no name in Black Forest Labs' Flux layout")
 
 
-def _count(tf: TensorFile, pattern: str) -> int:
-    rx = re.compile(pattern)
-    return len({m[1] for k in tf if (m := rx.match(k))})
-
-
 def bfl_transformer_config(tf: TensorFile, prefix: str) -> dict[str, Any]:
     """diffusers ``FluxTransformer2DModel`` arguments read off a BFL file's tensors (Flux.1's
     rotary split for its 128-channel heads)."""
 
     def shape(key: str) -> tuple[int, ...]:
-        if prefix + key not in tf:
-            raise CheckpointError(
-                f"{tf.path}: expected {prefix + key!r} (cannot read the architecture without it)"
-            )
-        return tuple(tf.shapes[prefix + key])
+        return shape_of(tf.shapes, prefix + key, str(tf.path))
 
     inner, channels = shape("img_in.weight")
     head = shape("double_blocks.0.img_attn.norm.query_norm.scale")[0]
@@ -156,8 +148,8 @@ def bfl_transformer_config(tf: TensorFile, prefix: str) -> dict[str, Any]:
         "patch_size": 1,
         "in_channels": channels,
         "out_channels": shape("final_layer.linear.weight")[0],
-        "num_layers": _count(tf, re.escape(prefix) + r"double_blocks\.(\d+)\."),
-        "num_single_layers": _count(tf, re.escape(prefix) + r"single_blocks\.(\d+)\."),
+        "num_layers": len(numbered(tf.shapes, re.escape(prefix) + r"double_blocks\.(\d+)\..*")),
+        "num_single_layers": len(numbered(tf.shapes, re.escape(prefix) + r"single_blocks\.(\d+)\..*")),
         "attention_head_dim": head,
         "num_attention_heads": inner // head,
         "joint_attention_dim": shape("txt_in.weight")[1],

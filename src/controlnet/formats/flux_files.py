@@ -14,7 +14,6 @@ table). ``convert --to original`` writes a Flux base model back as such a folder
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from ..families.flux.base import FluxBase
 from ..families.flux.schedule import FLUX_SCHEDULE
 from ..families.sd.configs import Family
 from ..text.tokenizer import clip_tokenizer
+from .build import numbered, shape_of
 from .checkpoint import CheckpointError, TensorFile, atomic_outputs, open_tensors, save_safetensors
 from .dit_base import SPECS, TIED, build_part, fill_part, t5_tokenizer
 from .flux_bfl import bfl_prefix, bfl_rule, bfl_transformer_config
@@ -79,16 +79,14 @@ def is_flux_files(folder: Path) -> bool:
 
 def t5_config(tf: TensorFile) -> dict[str, Any]:
     def shape(key: str) -> tuple[int, ...]:
-        if key not in tf:
-            raise CheckpointError(f"{tf.path}: expected {key!r} (a T5 encoder)")
-        return tuple(tf.shapes[key])
+        return shape_of(tf.shapes, key, str(tf.path))
 
     vocab, width = shape("shared.weight")
     inner = shape("encoder.block.0.layer.0.SelfAttention.q.weight")[0]
     buckets, heads = shape("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
     gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in tf
     ff = shape(f"encoder.block.0.layer.1.DenseReluDense.{'wi_0' if gated else 'wi'}.weight")[0]
-    layers = len({m[1] for k in tf if (m := re.match(r"encoder\.block\.(\d+)\.", k))})
+    layers = len(numbered(tf.shapes, r"encoder\.block\.(\d+)\..*"))
     return {
         "vocab_size": vocab,
         "d_model": width,

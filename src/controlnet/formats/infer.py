@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..families.sd.configs import Family, family_of_unet_config, text_encoder_config, unet_config, vae_config
+from .build import numbered, shape_of
 from .checkpoint import CheckpointError
 from .ldm_yaml import LdmOptions
 
@@ -69,22 +70,11 @@ class _Encoder:
     out_channels: int | None = None
 
 
-def _numbers(shapes: Shapes, pattern: str) -> list[int]:
-    rx = re.compile(pattern)
-    return sorted({int(m[1]) for k in shapes if (m := rx.match(k))})
-
-
-def _shape(shapes: Shapes, key: str, where: str) -> tuple[int, ...]:
-    if key not in shapes:
-        raise CheckpointError(f"{where}: expected {key!r} (cannot read the architecture without it)")
-    return tuple(shapes[key])
-
-
 def _attention(shapes: Shapes, prefix: str, where: str) -> tuple[int, bool, int]:
     """(depth, linear projections, context width) of the attention block under ``prefix``."""
-    depth = len(_numbers(shapes, re.escape(prefix) + r"transformer_blocks\.(\d+)\."))
-    proj = _shape(shapes, prefix + "proj_in.weight", where)
-    ctx = _shape(shapes, prefix + "transformer_blocks.0.attn2.to_k.weight", where)
+    depth = len(numbered(shapes, re.escape(prefix) + r"transformer_blocks\.(\d+)\..*"))
+    proj = shape_of(shapes, prefix + "proj_in.weight", where)
+    ctx = shape_of(shapes, prefix + "transformer_blocks.0.attn2.to_k.weight", where)
     return depth, len(proj) == 2, ctx[1]
 
 
@@ -102,8 +92,8 @@ def _encoder(
     """Read the encoder off the named tensors. ``blocks``: the encoder's blocks in order, each a
     residual block (its second conv's weight, its attention's prefix or None, None) or a
     downsampler ("", None, its weight), which ends a level."""
-    c_in = _shape(shapes, conv_in, where)
-    t = _shape(shapes, time, where)
+    c_in = shape_of(shapes, conv_in, where)
+    t = shape_of(shapes, time, where)
     levels: list[_Level] = []
     linear: set[bool] = set()
     contexts: set[int] = set()
@@ -116,7 +106,7 @@ def _encoder(
             levels.append(level)
             level = None
             continue
-        width = _shape(shapes, conv2, where)[0]
+        width = shape_of(shapes, conv2, where)[0]
         if level is None:
             level = _Level(width)
         elif width != level.width:
@@ -161,7 +151,7 @@ def _encoder(
 
 def _original_encoder(shapes: Shapes, prefix: str, where: str) -> _Encoder:
     blocks: list[tuple[str, str | None, str | None]] = []
-    for n in _numbers(shapes, re.escape(prefix) + r"input_blocks\.(\d+)\."):
+    for n in numbered(shapes, re.escape(prefix) + r"input_blocks\.(\d+)\..*"):
         if n == 0:
             continue
         b = f"{prefix}input_blocks.{n}."
@@ -184,9 +174,9 @@ def _original_encoder(shapes: Shapes, prefix: str, where: str) -> _Encoder:
 
 def _diffusers_encoder(shapes: Shapes, prefix: str, where: str) -> _Encoder:
     blocks: list[tuple[str, str | None, str | None]] = []
-    for b in _numbers(shapes, re.escape(prefix) + r"down_blocks\.(\d+)\."):
+    for b in numbered(shapes, re.escape(prefix) + r"down_blocks\.(\d+)\..*"):
         d = f"{prefix}down_blocks.{b}."
-        for j in _numbers(shapes, re.escape(d) + r"resnets\.(\d+)\."):
+        for j in numbered(shapes, re.escape(d) + r"resnets\.(\d+)\..*"):
             attn = f"{d}attentions.{j}."
             blocks.append(
                 (f"{d}resnets.{j}.conv2.weight", attn if attn + "proj_in.weight" in shapes else None, None)
@@ -367,20 +357,20 @@ def vae_config_original_names(
     shapes: Shapes, prefix: str, family: Family, where: str, options: LdmOptions | None = None
 ) -> dict[str, Any]:
     """The ``AutoencoderKL`` config of ``first_stage_model.*`` tensors."""
-    levels = _numbers(shapes, re.escape(prefix) + r"encoder\.down\.(\d+)\.")
+    levels = numbered(shapes, re.escape(prefix) + r"encoder\.down\.(\d+)\..*")
     if not levels:
         raise CheckpointError(f"{where}: no VAE encoder levels ({prefix}encoder.down.*)")
-    widths = [_shape(shapes, f"{prefix}encoder.down.{i}.block.0.conv2.weight", where)[0] for i in levels]
-    layers = len(_numbers(shapes, re.escape(prefix) + r"encoder\.down\.0\.block\.(\d+)\."))
+    widths = [shape_of(shapes, f"{prefix}encoder.down.{i}.block.0.conv2.weight", where)[0] for i in levels]
+    layers = len(numbered(shapes, re.escape(prefix) + r"encoder\.down\.0\.block\.(\d+)\..*"))
     cfg = vae_config(family)
     cfg.update(
-        in_channels=_shape(shapes, prefix + "encoder.conv_in.weight", where)[1],
-        out_channels=_shape(shapes, prefix + "decoder.conv_out.weight", where)[0],
+        in_channels=shape_of(shapes, prefix + "encoder.conv_in.weight", where)[1],
+        out_channels=shape_of(shapes, prefix + "decoder.conv_out.weight", where)[0],
         down_block_types=["DownEncoderBlock2D"] * len(widths),
         up_block_types=["UpDecoderBlock2D"] * len(widths),
         block_out_channels=widths,
         layers_per_block=layers,
-        latent_channels=_shape(shapes, prefix + "decoder.conv_in.weight", where)[1],
+        latent_channels=shape_of(shapes, prefix + "decoder.conv_in.weight", where)[1],
         norm_num_groups=GROUPS,
     )
     if options is not None and options.scale_factor is not None:
@@ -408,10 +398,10 @@ def clip_config(shapes: Shapes, prefix: str, family: Family, where: str) -> dict
     """``CLIPTextConfig`` arguments of an OpenAI CLIP tower in transformers' names (SD1's and
     SDXL's first encoder); heads are 64 channels wide in every CLIP."""
     p = prefix + "text_model."
-    vocab, hidden = _shape(shapes, p + "embeddings.token_embedding.weight", where)
-    positions = _shape(shapes, p + "embeddings.position_embedding.weight", where)[0]
-    layers = len(_numbers(shapes, re.escape(p) + r"encoder\.layers\.(\d+)\."))
-    inner = _shape(shapes, p + "encoder.layers.0.mlp.fc1.weight", where)[0]
+    vocab, hidden = shape_of(shapes, p + "embeddings.token_embedding.weight", where)
+    positions = shape_of(shapes, p + "embeddings.position_embedding.weight", where)[0]
+    layers = len(numbered(shapes, re.escape(p) + r"encoder\.layers\.(\d+)\..*"))
+    inner = shape_of(shapes, p + "encoder.layers.0.mlp.fc1.weight", where)[0]
     try:
         cfg = _text(text_encoder_config(family), vocab, hidden, positions, layers, inner)
     except ValueError as e:
@@ -425,16 +415,16 @@ def openclip_config(
 ) -> dict[str, Any]:
     """``CLIPTextConfig`` arguments of an OpenCLIP tower (SD2's encoder, one layer short for the
     penultimate convention; SDXL's second, whole and projected)."""
-    vocab, hidden = _shape(shapes, prefix + "token_embedding.weight", where)
-    positions = _shape(shapes, prefix + "positional_embedding", where)[0]
-    layers = len(_numbers(shapes, re.escape(prefix) + r"transformer\.resblocks\.(\d+)\."))
-    inner = _shape(shapes, prefix + "transformer.resblocks.0.mlp.c_fc.weight", where)[0]
+    vocab, hidden = shape_of(shapes, prefix + "token_embedding.weight", where)
+    positions = shape_of(shapes, prefix + "positional_embedding", where)[0]
+    layers = len(numbered(shapes, re.escape(prefix) + r"transformer\.resblocks\.(\d+)\..*"))
+    inner = shape_of(shapes, prefix + "transformer.resblocks.0.mlp.c_fc.weight", where)[0]
     base = text_encoder_config(family, second=second)
     try:
         cfg = _text(base, vocab, hidden, positions, layers if second else layers - 1, inner)
     except ValueError as e:
         raise CheckpointError(f"{where}: {e}") from e
     if second:
-        cfg["projection_dim"] = _shape(shapes, prefix + "text_projection", where)[1]
+        cfg["projection_dim"] = shape_of(shapes, prefix + "text_projection", where)[1]
         return {**cfg, "architectures": ["CLIPTextModelWithProjection"]}
     return {**cfg, "architectures": ["CLIPTextModel"]}

@@ -38,6 +38,7 @@ import torch
 
 from ..families.sd.configs import Family
 from ..families.sd3.base import SD3_SCHEDULE, SD3Base
+from .build import numbered, shape_of
 from .checkpoint import CheckpointError, TensorFile, atomic_outputs, open_tensors, save_safetensors
 from .dit_base import SPECS, TIED, build_part, fill_part, t5_tokenizer
 from .flux_files import t5_config
@@ -142,23 +143,11 @@ def mmdit_config(tf: TensorFile) -> dict[str, Any]:
     channels, as in every SD3 and SD3.5 model)."""
 
     def shape(key: str) -> tuple[int, ...]:
-        if MMDIT + key not in tf:
-            raise CheckpointError(
-                f"{tf.path}: expected {MMDIT + key!r} (cannot read the architecture without it)"
-            )
-        return tuple(tf.shapes[MMDIT + key])
+        return shape_of(tf.shapes, MMDIT + key, str(tf.path))
 
     inner, channels, patch, _ = shape("x_embedder.proj.weight")
-    blocks = sorted(
-        {int(m[1]) for k in tf if (m := re.match(re.escape(MMDIT) + r"joint_blocks\.(\d+)\.", k))}
-    )
-    dual = sorted(
-        {
-            int(m[1])
-            for k in tf
-            if (m := re.match(re.escape(MMDIT) + r"joint_blocks\.(\d+)\.x_block\.attn2\.", k))
-        }
-    )
+    blocks = numbered(tf.shapes, re.escape(MMDIT) + r"joint_blocks\.(\d+)\..*")
+    dual = numbered(tf.shapes, re.escape(MMDIT) + r"joint_blocks\.(\d+)\.x_block\.attn2\..*")
     caption, joint = shape("context_embedder.weight")
     side = math.isqrt(shape("pos_embed")[1])
     return {
