@@ -14,19 +14,16 @@ counted and set against the bf16 matmul peak measured in the same run.
 
 from __future__ import annotations
 
-import argparse
-import gc
 import inspect
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_flux import _NoText, vae
-from common import cuda_time, environment, matmul_peak_tflops, table, write_json
+from common import compare_generation, transformer_bench_args
 
 from controlnet.families.protocol import PromptEmbeddings
 from controlnet.families.sd3 import SD3ControlNet, SD3ControlNetConfig
@@ -179,68 +176,21 @@ def peer(base: SD3Base, cn: SD3ControlNet, x: dict[str, Any], steps: int) -> Any
     return run
 
 
-def step_flops(base: SD3Base, cn: SD3ControlNet, x: dict[str, Any]) -> float:
-    """One step's arithmetic (both guidance halves), as in bench_flux: two steps less one."""
-    counts = []
-    for steps in (1, 2):
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            ours(base, cn, x, steps)
-        counts.append(float(counter.get_total_flops()))
-    return counts[1] - counts[0]
-
-
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--out")
-    p.add_argument("--peer", action="store_true", help="time diffusers' pipeline in the same run")
-    p.add_argument("--tiny", action="store_true", help="a few-channel model on the CPU (checks the script)")
-    p.add_argument("--steps", type=int, default=28)
-    p.add_argument("--size", type=int, default=1024)
-    p.add_argument("--reps", type=int, default=3)
-    args = p.parse_args()
+    args = transformer_bench_args(__doc__)
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     size = 64 if args.tiny else args.size
     base, cn = build(args.tiny, device, dtype)
     x = inputs(base, size, args.tiny, device, dtype)
-    flops, peak = step_flops(base, cn, x), matmul_peak_tflops()
-    rows: list[dict[str, Any]] = []
-    record: dict[str, Any] = {
-        "environment": environment(),
-        "steps": args.steps,
-        "size": size,
-        "dtype": str(dtype),
-    }
-
-    def timed(name: str, fn: Any) -> torch.Tensor:
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        result: dict[str, Any] = {}
-        seconds = cuda_time(lambda: result.update(out=fn()), warmup=1, reps=args.reps)
-        mem = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-        rows.append(
-            {
-                "path": name,
-                "s/image": round(seconds, 3),
-                "ms/step": round(1000 * seconds / args.steps, 1),
-                "TFLOP/s": round(flops * args.steps / seconds / 1e12, 1),
-                "peak GiB": round(mem, 1),
-            }
-        )
-        gc.collect()
-        return result["out"]
-
-    got = timed("ours (default)", lambda: ours(base, cn, x, args.steps))
-    if args.peer:
-        want = timed("diffusers eager", peer(base, cn, x, args.steps))
-        record["max_abs_diff"] = float((got.float() - want.float()).abs().max())
-    record.update(rows=rows, step_tflop=flops / 1e12, matmul_peak_tflops=peak)
-    record["floor_s"] = flops * args.steps / (peak * 1e12) if peak == peak else None
-    print(table(rows, ["path", "s/image", "ms/step", "TFLOP/s", "peak GiB"]))
-    print(f"per step: {flops / 1e12:.2f} TFLOP; bf16 matmul peak {peak:.0f} TFLOP/s")
-    if "max_abs_diff" in record:
-        print(f"ours vs diffusers: max |difference| of the final latents {record['max_abs_diff']:.3g}")
-    write_json(args.out, record)
+    compare_generation(
+        args,
+        device,
+        dtype,
+        size,
+        lambda steps: ours(base, cn, x, steps),
+        (lambda: peer(base, cn, x, args.steps)) if args.peer else None,
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ is timed on zeros.
 
 from __future__ import annotations
 
+import argparse
+import gc
 import json
 import platform
 import statistics
@@ -160,3 +162,75 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def transformer_bench_args(doc: str | None) -> argparse.Namespace:
+    """The flags of the transformer families' generation benchmarks (bench_flux, bench_sd3)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out")
+    p.add_argument("--peer", action="store_true", help="time diffusers' pipeline in the same run")
+    p.add_argument("--tiny", action="store_true", help="a few-channel model on the CPU (checks the script)")
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--reps", type=int, default=3)
+    return p.parse_args()
+
+
+def compare_generation(
+    args: argparse.Namespace,
+    device: str,
+    dtype: torch.dtype,
+    size: int,
+    ours: Callable[[int], torch.Tensor],
+    peer: Callable[[], Callable[[], torch.Tensor]] | None,
+) -> dict[str, Any]:
+    """Time ``ours(steps)`` (and, with ``--peer``, the call ``peer()`` builds) for ``args.steps``
+    steps; count one step's arithmetic (a two-step run of ours less a one-step run, so one-off
+    work such as the condition's VAE pass is left out) against the matmul peak of the same run;
+    print the table and the agreement of the final latents, write the record to ``args.out``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counts = []
+    for steps in (1, 2):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            ours(steps)
+        counts.append(float(counter.get_total_flops()))
+    flops, peak = counts[1] - counts[0], matmul_peak_tflops()
+    rows: list[dict[str, Any]] = []
+
+    def timed(name: str, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        result: dict[str, torch.Tensor] = {}
+        seconds = cuda_time(lambda: result.update(out=fn()), warmup=1, reps=args.reps)
+        mem = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+        rows.append(
+            {
+                "path": name,
+                "s/image": round(seconds, 3),
+                "ms/step": round(1000 * seconds / args.steps, 1),
+                "TFLOP/s": round(flops * args.steps / seconds / 1e12, 1),
+                "peak GiB": round(mem, 1),
+            }
+        )
+        gc.collect()
+        return result["out"]
+
+    record: dict[str, Any] = {
+        "environment": environment(),
+        "steps": args.steps,
+        "size": size,
+        "dtype": str(dtype),
+    }
+    got = timed("ours (default)", lambda: ours(args.steps))
+    if peer is not None:
+        want = timed("diffusers eager", peer())
+        record["max_abs_diff"] = float((got.float() - want.float()).abs().max())
+    record.update(rows=rows, step_tflop=flops / 1e12, matmul_peak_tflops=peak)
+    record["floor_s"] = flops * args.steps / (peak * 1e12) if peak == peak else None
+    print(table(rows, ["path", "s/image", "ms/step", "TFLOP/s", "peak GiB"]))
+    print(f"per step: {flops / 1e12:.2f} TFLOP; bf16 matmul peak {peak:.0f} TFLOP/s")
+    if "max_abs_diff" in record:
+        print(f"ours vs diffusers: max |difference| of the final latents {record['max_abs_diff']:.3g}")
+    write_json(args.out, record)
+    return record
