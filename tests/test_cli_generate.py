@@ -450,7 +450,9 @@ def test_a_control_lora_is_built_on_the_runs_base(files, tmp_path, capsys):
 def test_a_sidecar_written_before_the_request_schema_replays_bit_for_bit(tmp_path, monkeypatch, capsys):
     """tests/data/sidecar-v1 was written by the generation code of 2026-11 (before the request
     became a schema): the bundled model, two controls with windows, modes and a region mask, a
-    weighted prompt, euler-a, two samples. Its images must come out the same, bit for bit."""
+    weighted prompt, euler-a, two samples. Read today, it must ask for exactly the job it recorded:
+    its replay equals, bit for bit, the same job typed as today's flags. (Its recorded digests are
+    of the machine that wrote it: a CPU of another instruction set differs in the last bits.)"""
     import shutil
 
     import torch
@@ -458,16 +460,47 @@ def test_a_sidecar_written_before_the_request_schema_replays_bit_for_bit(tmp_pat
     fixture = tmp_path / "fixture"
     shutil.copytree(Path(__file__).parent / "data" / "sidecar-v1", fixture)
     monkeypatch.chdir(fixture)  # its image paths are relative, as typed
-    recorded = json.loads((fixture / "sidecar.json").read_text())["outputs"]["images"]
+    recorded = json.loads((fixture / "sidecar.json").read_text())
+    typed = ["generate", "--prompt", recorded["request"]["prompt"], "--sampler", "euler-a", "--steps", "6"]
+    typed += ["--guidance", "1.5", "--seed", "1234", "--num-samples", "2", "--quiet"]
+    typed += ["--image", "outline.png", "--image", "square.png", "--strength", "0.9", "--strength", "0.6"]
+    typed += ["--start", "0", "--start", "0.2", "--end", "0.8", "--end", "1", "--mode", "prompt"]
+    typed += ["--mode", "controlnet", "--region-mask", "none", "--region-mask", "region.png"]
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # as it was written: a thread count can change the last bit
     try:
-        rc = main(["generate", "--from-sidecar", "sidecar.json", "--out", str(tmp_path / "out"), "--quiet"])
+        rc = main(["generate", "--from-sidecar", "sidecar.json", "--quiet", "--out", f"{tmp_path}/replay"])
+        said = capsys.readouterr().out
+        assert main([*typed, "--out", str(tmp_path / "typed")]) == 0
     finally:
         torch.set_num_threads(threads)
-    assert "bit-identical" in capsys.readouterr().out and rc == 0
-    replayed = json.loads(next((tmp_path / "out").glob("*.json")).read_text())["outputs"]["images"]
-    assert [i["sha256"] for i in replayed] == [i["sha256"] for i in recorded]
+    replay, today = (json.loads(next((tmp_path / d).glob("*.json")).read_text()) for d in ("replay", "typed"))
+
+    def digests(record):
+        return [i["sha256"] for i in record["outputs"]["images"]]
+
+    same = digests(recorded) == digests(replay)
+    assert ("bit-identical" in said and rc == 0) if same else ("differ from the recorded" in said and rc == 1)
+    assert digests(replay) == digests(today) and replay["request"] == today["request"]
+
+
+def test_a_replay_that_differs_names_what_differs_in_the_environment(files, tmp_path, capsys):
+    """Each sidecar records what decides the last bits besides the request (library versions, the
+    CPU's instruction set and thread count); a replay whose images differ names what changed."""
+    import torch
+
+    sidecar = _one_run(files, tmp_path / "out")
+    record = json.loads(sidecar.read_text())
+    env = record["environment"]
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and env["cpu_threads"] >= 1
+    assert {"torch", "numpy", "pillow", "python", "device"} <= set(env)
+    env["cpu_capability"] = "an older CPU"
+    record["outputs"]["images"][0]["sha256"] = "0" * 64  # as another machine would have written
+    sidecar.write_text(json.dumps(record))
+    capsys.readouterr()
+    assert main(["generate", "--from-sidecar", str(sidecar), "--quiet", "--out", f"{tmp_path}/x"]) == 1
+    said = capsys.readouterr().out
+    assert f"cpu_capability: an older CPU -> {torch.backends.cpu.get_cpu_capability()}" in said
 
 
 def _one_run(files, out, *extra):

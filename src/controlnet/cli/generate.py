@@ -326,7 +326,7 @@ def _replay(args: argparse.Namespace) -> int:
     as a server's model, changes nothing), the images must come out bit-identical."""
     from ..generation.check import check
     from ..generation.pipeline import run
-    from ..generation.sidecar import FILE_KINDS, read_sidecar, verify_inputs
+    from ..generation.sidecar import FILE_KINDS, environment_changes, read_sidecar, verify_inputs
     from ..schema import map_files
 
     record = read_sidecar(args.from_sidecar)
@@ -346,13 +346,13 @@ def _replay(args: argparse.Namespace) -> int:
         files = f" (new files: {', '.join(changed)})" if changed else ""
         print(f"with {', '.join(flags)} changed{files}; the new sidecar records the change")
         return 0
-    new = read_sidecar(sidecar).outputs["images"]
-    old = record.outputs.get("images", [])
+    replayed = read_sidecar(sidecar)
+    new, old = replayed.outputs["images"], record.outputs.get("images", [])
     same = len(new) == len(old) and all(a["sha256"] == b["sha256"] for a, b in zip(new, old))
-    print(
-        "images are bit-identical to the recorded ones"
-        if same
-        else "WARNING: images differ from the recorded ones (other hardware, library versions, dtype "
-        "or CPU thread count?)"
-    )
-    return 0 if same else 1
+    if same:
+        print("images are bit-identical to the recorded ones")
+        return 0
+    changes = environment_changes(record.environment, replayed.environment)
+    why = f"the environment differs: {'; '.join(changes)}" if changes else "no recorded environment differs"
+    print(f"WARNING: images differ from the recorded ones ({why})")
+    return 1

@@ -18,7 +18,7 @@ import json
 import platform
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -111,15 +111,37 @@ def write_outputs(
         "inputs": {k: {"path": where(v), "sha256": sha256_file(v)} for k, v in input_files(req).items()},
         "outputs": {"images": images, "grid": grid.name},
         "seconds": round(result.seconds, 3),
-        "environment": {
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "device": req.device,
-        },
+        "environment": environment(req.device),
     }
     sidecar = out / f"{prefix}.json"
     atomic_write_bytes(sidecar, (json.dumps(record, indent=2) + "\n").encode())
     return sidecar
+
+
+def environment(device: str) -> dict[str, Any]:
+    """What, besides the request, decides an image's last bits: library versions, the device, and
+    on the CPU its instruction set and thread count (a replay elsewhere names what differs)."""
+    import numpy
+    import PIL
+
+    env: dict[str, Any] = {
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "pillow": PIL.__version__,
+        "python": platform.python_version(),
+        "device": device,
+    }
+    if device == "cpu":
+        env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        env["cpu_threads"] = torch.get_num_threads()
+    elif device.startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return env
+
+
+def environment_changes(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """'name: recorded -> now' for every environment fact both record and that differs."""
+    return [f"{k}: {recorded[k]} -> {now[k]}" for k in recorded if k in now and recorded[k] != now[k]]
 
 
 @dataclass
@@ -128,6 +150,7 @@ class Record:
     inputs: dict[str, dict[str, str]]
     outputs: dict[str, Any]
     path: Path
+    environment: dict[str, Any] = field(default_factory=dict)
 
 
 def read_sidecar(path: str | Path) -> Record:
@@ -173,7 +196,8 @@ def read_sidecar(path: str | Path) -> Record:
 
         request = map_files(request, FILE_KINDS, lambda _, p: here(p))
         inputs = {k: {**e, "path": here(e["path"])} for k, e in inputs.items()}
-    return Record(request, inputs, outputs, path)
+    env = data.get("environment", {})
+    return Record(request, inputs, outputs, path, env if isinstance(env, dict) else {})
 
 
 def verify_inputs(record: Record, request: GenerationRequest | None = None) -> list[str]:
