@@ -33,6 +33,7 @@ from controlnet.families.flux.schedule import FLUX_SCHEDULE
 from controlnet.families.protocol import PromptEmbeddings
 from controlnet.generation.denoiser import ControlUnit
 from controlnet.generation.sampling import denoise, initial_noise
+from controlnet.model.fastpath import release_graphs
 
 FULL = {"guidance_embeds": True}  # diffusers' defaults are Flux.1's sizes
 TINY = {
@@ -110,7 +111,16 @@ def inputs(base: FluxBase, size: int, tiny: bool, device: str, dtype: torch.dtyp
     }
 
 
-def ours(base: FluxBase, cn: FluxControlNet, x: dict[str, Any], steps: int, guidance: float) -> torch.Tensor:
+def ours(
+    base: FluxBase,
+    cn: FluxControlNet,
+    x: dict[str, Any],
+    steps: int,
+    guidance: float,
+    *,
+    cuda_graphs: bool | None = None,
+    compile: bool = False,
+) -> torch.Tensor:
     cond = PromptEmbeddings(
         x["context"],
         {"pooled": x["pooled"], "guidance": torch.full((1,), guidance, device=x["pooled"].device)},
@@ -129,12 +139,14 @@ def ours(base: FluxBase, cn: FluxControlNet, x: dict[str, Any], steps: int, guid
         seeds=[0],
         latent_size=x["latent_size"],
         progress=False,
-        cuda_graphs=False,
+        cuda_graphs=cuda_graphs,
+        compile=compile,
     ).latents
 
 
 def peer(base: FluxBase, cn: FluxControlNet, x: dict[str, Any], steps: int, guidance: float) -> Any:
-    """diffusers' pipeline over the same weights, built once; returns the call to time."""
+    """diffusers' pipeline over the same weights, built once; returns the call to time and the
+    networks it runs every step."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxControlNetModel, FluxControlNetPipeline
 
     t = dict(base.transformer.config)
@@ -178,7 +190,7 @@ def peer(base: FluxBase, cn: FluxControlNet, x: dict[str, Any], steps: int, guid
             ).images
         return unpack(out, h, w)
 
-    return run
+    return run, [pipe.transformer, pipe.controlnet]
 
 
 def main() -> None:
@@ -193,8 +205,10 @@ def main() -> None:
         device,
         dtype,
         size,
-        lambda steps: ours(base, cn, x, steps, 3.5),
+        lambda steps, **kw: ours(base, cn, x, steps, 3.5, **kw),
         (lambda: peer(base, cn, x, args.steps, 3.5)) if args.peer else None,
+        blocks=FluxBase.blocks,
+        release=lambda: release_graphs(base.transformer),
     )
 
 

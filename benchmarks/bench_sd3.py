@@ -30,6 +30,7 @@ from controlnet.families.sd3 import SD3ControlNet, SD3ControlNetConfig
 from controlnet.families.sd3.base import SD3_SCHEDULE, SD3Base
 from controlnet.generation.denoiser import ControlUnit
 from controlnet.generation.sampling import denoise, initial_noise
+from controlnet.model.fastpath import release_graphs
 
 GUIDANCE = 4.5
 FULL = {  # SD3.5-medium's transformer config
@@ -108,7 +109,15 @@ def inputs(base: SD3Base, size: int, tiny: bool, device: str, dtype: torch.dtype
     }
 
 
-def ours(base: SD3Base, cn: SD3ControlNet, x: dict[str, Any], steps: int) -> torch.Tensor:
+def ours(
+    base: SD3Base,
+    cn: SD3ControlNet,
+    x: dict[str, Any],
+    steps: int,
+    *,
+    cuda_graphs: bool | None = None,
+    compile: bool = False,
+) -> torch.Tensor:
     return denoise(
         base,
         x["cond"],
@@ -122,12 +131,14 @@ def ours(base: SD3Base, cn: SD3ControlNet, x: dict[str, Any], steps: int) -> tor
         seeds=[0],
         latent_size=x["latent_size"],
         progress=False,
-        cuda_graphs=False,
+        cuda_graphs=cuda_graphs,
+        compile=compile,
     ).latents
 
 
 def peer(base: SD3Base, cn: SD3ControlNet, x: dict[str, Any], steps: int) -> Any:
-    """diffusers' pipeline over the same weights, built once; returns the call to time."""
+    """diffusers' pipeline over the same weights, built once; returns the call to time and the
+    networks it runs every step."""
     from diffusers import (
         FlowMatchEulerDiscreteScheduler,
         SD3ControlNetModel,
@@ -173,7 +184,7 @@ def peer(base: SD3Base, cn: SD3ControlNet, x: dict[str, Any], steps: int) -> Any
                 output_type="latent",
             ).images
 
-    return run
+    return run, [pipe.transformer, pipe.controlnet]
 
 
 def main() -> None:
@@ -188,8 +199,10 @@ def main() -> None:
         device,
         dtype,
         size,
-        lambda steps: ours(base, cn, x, steps),
+        lambda steps, **kw: ours(base, cn, x, steps, **kw),
         (lambda: peer(base, cn, x, args.steps)) if args.peer else None,
+        blocks=SD3Base.blocks,
+        release=lambda: release_graphs(base.transformer),
     )
 
 

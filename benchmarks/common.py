@@ -169,6 +169,9 @@ def transformer_bench_args(doc: str | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out")
     p.add_argument("--peer", action="store_true", help="time diffusers' pipeline in the same run")
+    p.add_argument("--peer-compile", action="store_true", help="also diffusers with its blocks compiled")
+    p.add_argument("--fast", action="store_true", help="also our --fast path (blocks compiled)")
+    p.add_argument("--profile", action="store_true", help="GPU time of one step by kind of kernel")
     p.add_argument("--tiny", action="store_true", help="a few-channel model on the CPU (checks the script)")
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--size", type=int, default=1024)
@@ -176,34 +179,62 @@ def transformer_bench_args(doc: str | None) -> argparse.Namespace:
     return p.parse_args()
 
 
+#: ours(steps, cuda_graphs=None, compile=False) -> final latents
+Ours = Callable[..., torch.Tensor]
+#: builds diffusers' pipeline once; returns the call to time and the modules it runs every step
+Peer = Callable[[], tuple[Callable[[], torch.Tensor], list[torch.nn.Module]]]
+
+
 def compare_generation(
     args: argparse.Namespace,
     device: str,
     dtype: torch.dtype,
     size: int,
-    ours: Callable[[int], torch.Tensor],
-    peer: Callable[[], Callable[[], torch.Tensor]] | None,
+    ours: Ours,
+    peer: Peer | None,
+    *,
+    blocks: tuple[type[torch.nn.Module], ...],
+    release: Callable[[], None],
 ) -> dict[str, Any]:
-    """Time ``ours(steps)`` (and, with ``--peer``, the call ``peer()`` builds) for ``args.steps``
-    steps; count one step's arithmetic (a two-step run of ours less a one-step run, so one-off
-    work such as the condition's VAE pass is left out) against the matmul peak of the same run;
-    print the table and the agreement of the final latents, write the record to ``args.out``."""
+    """Time our generation for ``args.steps`` steps: eager, by default (each step one CUDA graph)
+    and, with ``--fast``, compiled; with ``--peer`` diffusers' pipeline (``--peer-compile``: its
+    ``blocks`` compiled one by one, as diffusers' regional compilation does) over the same weights.
+    One step's arithmetic is counted (a two-step run of ours less a one-step run, so one-off work
+    such as the condition's VAE pass is left out) against the matmul peak of the same run. Prints
+    the table and each row's agreement with the first, writes the record to ``args.out``.
+    ``release()`` frees what a row kept (graphs), so that each row's peak memory is its own."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counts = []
     for steps in (1, 2):
         with FlopCounterMode(display=False) as counter, torch.no_grad():
-            ours(steps)
+            ours(steps, cuda_graphs=False)
         counts.append(float(counter.get_total_flops()))
     flops, peak = counts[1] - counts[0], matmul_peak_tflops()
     rows: list[dict[str, Any]] = []
+    outs: dict[str, torch.Tensor] = {}
+    record: dict[str, Any] = {
+        "environment": environment(),
+        "steps": args.steps,
+        "size": size,
+        "dtype": str(dtype),
+    }
 
-    def timed(name: str, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def timed(name: str, fn: Callable[[], torch.Tensor]) -> None:
+        release()
+        gc.collect()
         if device == "cuda":
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         result: dict[str, torch.Tensor] = {}
-        seconds = cuda_time(lambda: result.update(out=fn()), warmup=1, reps=args.reps)
+        start = time.perf_counter()
+        result["out"] = fn()  # the first call: graph capture, compilation
+        if device == "cuda":
+            torch.cuda.synchronize()
+        first = time.perf_counter() - start
+        seconds = cuda_time(lambda: result.update(out=fn()), warmup=0, reps=args.reps)
         mem = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+        outs[name] = result["out"].float()
         rows.append(
             {
                 "path": name,
@@ -211,25 +242,62 @@ def compare_generation(
                 "ms/step": round(1000 * seconds / args.steps, 1),
                 "TFLOP/s": round(flops * args.steps / seconds / 1e12, 1),
                 "peak GiB": round(mem, 1),
+                "first call s": round(first, 1),
             }
         )
-        gc.collect()
-        return result["out"]
 
-    record: dict[str, Any] = {
-        "environment": environment(),
-        "steps": args.steps,
-        "size": size,
-        "dtype": str(dtype),
-    }
-    got = timed("ours (default)", lambda: ours(args.steps))
+    def profiled(name: str) -> None:
+        if args.profile:
+            from profile_kernels import kernel_profile
+
+            where = Path(args.out or "profile").with_suffix(f".{name}.kernels.txt")
+            where.parent.mkdir(parents=True, exist_ok=True)
+            kinds = kernel_profile(lambda: ours(1, cuda_graphs=False, compile=name == "compiled"), where)
+            record.setdefault("kernel_ms_per_step", {})[name] = kinds
+            print(
+                f"GPU time of one step ({name}), ms: " + ", ".join(f"{k} {v:.1f}" for k, v in kinds.items())
+            )
+
+    timed("ours eager", lambda: ours(args.steps, cuda_graphs=False))
+    profiled("eager")
+    timed("ours (default)", lambda: ours(args.steps))
     if peer is not None:
-        want = timed("diffusers eager", peer())
-        record["max_abs_diff"] = float((got.float() - want.float()).abs().max())
+        call, modules = peer()
+        timed("diffusers eager", call)
+        if args.peer_compile:
+            for block in (b for m in modules for b in m.modules() if isinstance(b, blocks)):
+                block.compile(fullgraph=True)
+            timed("diffusers compiled", call)
+    if args.fast:
+        timed("ours --fast", lambda: ours(args.steps, compile=True))
+        profiled("compiled")
+        from torch._dynamo.utils import counters
+
+        record["compiled_graphs"] = dict(counters["stats"])  # one per kind of block: no recompiles
+    release()
+    reference = rows[0]["path"]
+    for row in rows:
+        row[f"max |diff| vs {reference}"] = float((outs[row["path"]] - outs[reference]).abs().max())
     record.update(rows=rows, step_tflop=flops / 1e12, matmul_peak_tflops=peak)
+    if "diffusers eager" in outs:
+        record["max_abs_diff"] = float((outs["ours (default)"] - outs["diffusers eager"]).abs().max())
     record["floor_s"] = flops * args.steps / (peak * 1e12) if peak == peak else None
-    print(table(rows, ["path", "s/image", "ms/step", "TFLOP/s", "peak GiB"]))
-    print(f"per step: {flops / 1e12:.2f} TFLOP; bf16 matmul peak {peak:.0f} TFLOP/s")
+    print(
+        table(
+            rows,
+            [
+                "path",
+                "s/image",
+                "ms/step",
+                "TFLOP/s",
+                "peak GiB",
+                "first call s",
+                f"max |diff| vs {reference}",
+            ],
+        )
+    )
+    print(f"per step: {flops / 1e12:.2f} TFLOP; bf16 matmul peak {peak:.0f} TFLOP/s", end="")
+    print(f"; floor {record['floor_s']:.2f} s per image" if record["floor_s"] else "")
     if "max_abs_diff" in record:
         print(f"ours vs diffusers: max |difference| of the final latents {record['max_abs_diff']:.3g}")
     write_json(args.out, record)

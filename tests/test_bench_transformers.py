@@ -28,6 +28,7 @@ def test_the_benchmark_runs_and_agrees_with_diffusers(tmp_path, script):
     done = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads(out.read_text())
-    assert [r["path"] for r in record["rows"]] == ["ours (default)", "diffusers eager"]
+    assert [r["path"] for r in record["rows"]] == ["ours eager", "ours (default)", "diffusers eager"]
     assert record["max_abs_diff"] < 1e-4 and record["step_tflop"] > 0
+    assert record["rows"][1]["max |diff| vs ours eager"] == 0  # the default path changes no operation
     assert "| ours (default) |" in done.stdout

@@ -131,8 +131,14 @@ def test_equals_diffusers_flux_controlnet_key_for_key(num_mode):
             atol=1e-6,
         )
     if num_mode:
-        with torch.no_grad(), pytest.raises(ValueError, match=r"control mode must be in 0-3, got"):
-            cn(condition=condition(), mode=torch.full((2, 1), 4), **x)
+        with torch.no_grad():  # one mode for every sample, as generation gives it (no tensor to read back)
+            same = cn(condition=condition(), mode=3, scale=0.7, **x)
+        assert all(
+            torch.equal(a, b) for a, b in zip([*same.double, *same.single], [*ours.double, *ours.single])
+        )
+        for bad in (torch.full((2, 1), 4), 4, -1):
+            with torch.no_grad(), pytest.raises(ValueError, match=r"control mode must be in 0-3, got"):
+                cn(condition=condition(), mode=bad, **x)
         with torch.no_grad(), pytest.raises(ValueError, match=r"needs a control mode"):
             cn(condition=condition(), **x)
 
@@ -357,3 +363,23 @@ def test_an_inpainting_controlnet_reads_the_mask_beside_the_latents(tmp_path):
     assert hint.shape == (1, 5, 16, 24)  # 4 latent channels and the kept region
     keep = hint[:, 4]
     assert not keep[..., 4:12, 6:18].any() and keep[..., :4, :].all()
+
+
+def test_the_fast_path_compiles_each_repeated_block_not_the_whole_network():
+    """Regional compilation: every double and single block (of the base and of the ControlNet) is
+    compiled on its own, so each kind compiles once and every instance reuses it; the networks'
+    own forwards stay as they are (nothing is compiled until it runs)."""
+    from controlnet.families.flux.base import FluxBase
+    from controlnet.model.fastpath import compile_modules
+
+    base = tiny_transformer()
+    cn = FluxControlNet.from_transformer(base, FluxControlNetConfig(2, 3)).eval()
+    forwards = (base.forward, cn.forward)
+    compile_modules([base], regions=FluxBase.blocks)
+    compile_modules([cn])  # its own compile_regions
+    for net in (base, cn):
+        blocks = [m for m in net.modules() if isinstance(m, FluxBase.blocks)]
+        assert len(blocks) == 5 + 2 * (net is base)
+        assert all(b._compiled_call_impl is not None for b in blocks)
+        assert all(m._compiled_call_impl is None for m in net.modules() if not isinstance(m, FluxBase.blocks))
+    assert (base.forward, cn.forward) == forwards

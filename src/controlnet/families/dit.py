@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,8 @@ def check_plain_prompts(prompts: Sequence[str], syntax: Any, readers: str) -> No
 class DiTBase:
     transformer: Any
     vae: Any
+    #: the transformer's repeated block classes: what the fast path compiles, one kind at a time
+    blocks: ClassVar[tuple[type[nn.Module], ...]] = ()
 
     def __post_init__(self) -> None:
         for m in self.modules().values():
@@ -195,7 +197,7 @@ class DiTBase:
     def compile(self, *, vae: bool = False) -> None:
         from ..model.fastpath import compile_modules
 
-        compile_modules([self.transformer])
+        compile_modules([self.transformer], regions=self.blocks)
         if vae:
             compile_modules([self.vae.decoder])
 

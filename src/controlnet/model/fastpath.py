@@ -131,7 +131,13 @@ def check_compile_mode(mode: str, what: str = "compile mode") -> None:
         raise ValueError(f"{what} must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
 
 
-def compile_modules(modules: Iterable[nn.Module], mode: str = "default", *, training: bool = False) -> None:
+def compile_modules(
+    modules: Iterable[nn.Module],
+    mode: str = "default",
+    *,
+    training: bool = False,
+    regions: tuple[type[nn.Module], ...] = (),
+) -> None:
     """Compile each module's forward in place (idempotent), in channels-last memory format, which
     the tensor-core convolution kernels prefer. In the default mode the CUDA graphs of
     :class:`GraphCache` capture the compiled kernels (inductor's own graphs are not used); it
@@ -141,7 +147,12 @@ def compile_modules(modules: Iterable[nn.Module], mode: str = "default", *, trai
     runs in besides: :meth:`~controlnet.families.protocol.BaseModel.compile`). ``training``:
     GroupNorm layers become
     :class:`~controlnet.model.channels_last_norm.ChannelsLastGroupNorm` (fewer layout copies in the
-    backward pass); generation keeps the native op, which is as fast in a forward pass."""
+    backward pass); generation keeps the native op, which is as fast in a forward pass.
+
+    ``regions`` (or a module's own ``compile_regions``): block classes compiled one by one instead
+    of the whole forward. A transformer repeats a few kinds of block dozens of times: each kind
+    compiles once (in seconds) and every instance reuses it, where one graph of the whole network
+    takes minutes and fuses nothing more."""
     check_compile_mode(mode)
     for m in modules:
         if getattr(m, "_controlnet_compiled", None):
@@ -149,7 +160,13 @@ def compile_modules(modules: Iterable[nn.Module], mode: str = "default", *, trai
         if training:
             use_channels_last_group_norm(m)
         m.to(memory_format=torch.channels_last)
-        m.forward = torch.compile(m.forward, mode=mode, dynamic=False)  # type: ignore[method-assign]
+        blocks = regions or getattr(m, "compile_regions", ())
+        if blocks:
+            for block in m.modules():
+                if isinstance(block, blocks):
+                    block.compile(mode=mode, dynamic=False)  # one compiled code for every instance
+        else:
+            m.forward = torch.compile(m.forward, mode=mode, dynamic=False)  # type: ignore[method-assign]
         m._controlnet_compiled = mode  # type: ignore[attr-defined]
 
 

@@ -28,7 +28,7 @@ from ...model.control import Control, region_tokens
 from ...model.fastpath import run_concurrently
 from ..dit import DiTBase, check_plain_prompts
 from ..protocol import PromptEmbeddings
-from .controlnet import FLUX_FIELDS, FluxControlNet, FluxControlNetConfig, FluxResiduals
+from .controlnet import FLUX_BLOCKS, FLUX_FIELDS, FluxControlNet, FluxControlNetConfig, FluxResiduals
 from .patches import image_ids, pack, text_ids, unpack
 from .schedule import FLUX_SCHEDULE
 
@@ -57,6 +57,7 @@ class FluxBase(DiTBase):
     max_sequence_length: int = 512
     schedule: dict[str, Any] = field(default_factory=lambda: dict(FLUX_SCHEDULE))
     settings: dict[str, Any] = field(default_factory=dict)
+    blocks = FLUX_BLOCKS
 
     @property
     def family(self) -> FluxVariant:
@@ -152,14 +153,13 @@ class FluxBase(DiTBase):
             """One control's residuals, double blocks then single blocks, as one list."""
             rows = slice(b // 2, b) if c.conditional_only and cfg_batch else slice(0, b)
             n = rows.stop - rows.start
-            mode = None if c.control_type is None else torch.full((n, 1), c.control_type, device=x.device)
             pixels = c.controlnet.config.pixel_hint_channels is not None
             hint = c.hint.expand(n, *c.hint.shape[1:]) if pixels else pack(c.hint).expand(n, -1, -1)
             part = {
                 k: (v[rows] if torch.is_tensor(v) and k not in ("img_ids", "txt_ids") else v)
                 for k, v in kw.items()
             }
-            res = _scaled(c.controlnet(tokens[rows], hint, mode=mode, **part), c.scales)
+            res = _scaled(c.controlnet(tokens[rows], hint, mode=c.control_type, **part), c.scales)
             flat = [*(res.double or []), *(res.single or [])]
             if n < b:  # the conditional half only ("ControlNet is more important"): none on the other
                 flat = [torch.cat([torch.zeros_like(r), r]) for r in flat]

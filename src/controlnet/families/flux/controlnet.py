@@ -122,8 +122,14 @@ class FluxResiduals:
         return FluxResiduals(mul(self.double), mul(self.single))
 
 
+#: Flux's repeated blocks (the units the fast path compiles)
+FLUX_BLOCKS = (FluxTransformerBlock, FluxSingleTransformerBlock)
+
+
 class FluxControlNet(ControlledCopy):
     """A trainable copy of a Flux transformer's first blocks with zero-initialised connections."""
+
+    compile_regions = FLUX_BLOCKS
 
     def __init__(
         self,
@@ -258,14 +264,15 @@ class FluxControlNet(ControlledCopy):
         img_ids: torch.Tensor,
         txt_ids: torch.Tensor,
         guidance: torch.Tensor | None = None,
-        mode: torch.Tensor | None = None,
+        mode: int | torch.Tensor | None = None,
         scale: float = 1.0,
     ) -> FluxResiduals:
         """Residuals for the base's blocks. ``hidden_states``: packed noisy latents (B, L, 64);
         ``condition``: the packed condition latents, same shape (a pixel-hint ControlNet: the
         condition image in [-1, 1], 16 times the token grid); ``timestep`` in [0, 1] and
         ``guidance`` as the base takes them (diffusers' convention: both times 1000 inside);
-        ``mode``: (B, 1) control-mode indices of a Union ControlNet."""
+        ``mode``: a Union ControlNet's control mode, for every sample or as (B, 1) indices (a
+        tensor's range is checked only where reading it back cannot stall a CUDA graph capture)."""
         x = self.x_embedder(hidden_states)
         c = self.embed_condition(condition)
         timestep = timestep.to(x.dtype) * 1000
@@ -279,7 +286,11 @@ class FluxControlNet(ControlledCopy):
         if self.config.num_mode is not None:
             if mode is None:
                 raise ValueError(f"a Union ControlNet needs a control mode (0-{self.config.num_mode - 1})")
-            if bool(((mode < 0) | (mode >= self.config.num_mode)).any()):
+            if isinstance(mode, int):
+                if not 0 <= mode < self.config.num_mode:
+                    raise ValueError(f"control mode must be in 0-{self.config.num_mode - 1}, got {mode}")
+                mode = torch.full((x.shape[0], 1), mode, device=x.device)
+            elif not _capturing(mode) and bool(((mode < 0) | (mode >= self.config.num_mode)).any()):
                 raise ValueError(f"control mode must be in 0-{self.config.num_mode - 1}, got {mode.tolist()}")
             text = torch.cat([self.controlnet_mode_embedder(mode), text], dim=1)
             txt_ids = torch.cat([txt_ids[:1], txt_ids], dim=0)
@@ -288,6 +299,12 @@ class FluxControlNet(ControlledCopy):
         n = self.config.num_layers
         out = FluxResiduals(res[:n] or None, res[n:] or None)
         return out if scale == 1.0 else out.scaled(scale)
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    """Whether work on ``t`` is being recorded (a CUDA graph capture, torch.compile's tracing),
+    where a value cannot be read back."""
+    return torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 #: diffusers' FluxTransformer2DModel defaults (Flux.1 at full size), for fields a config omits.

@@ -26,7 +26,7 @@ from ...model.control import Control, region_tokens
 from ...model.fastpath import run_concurrently
 from ..dit import DiTBase, check_plain_prompts
 from ..protocol import PromptEmbeddings
-from .controlnet import SD3_FIELDS, SD3ControlNet, SD3ControlNetConfig
+from .controlnet import SD3_BLOCKS, SD3_FIELDS, SD3ControlNet, SD3ControlNetConfig
 
 __all__ = ["SD3_SCHEDULE", "SD3Base", "SD3Variant"]
 
@@ -56,6 +56,7 @@ class SD3Base(DiTBase):
     max_sequence_length: int = 256
     schedule: dict[str, Any] = field(default_factory=lambda: dict(SD3_SCHEDULE))
     settings: dict[str, Any] = field(default_factory=dict)
+    blocks = SD3_BLOCKS
 
     family = SD3Variant.SD3
 

@@ -98,8 +98,14 @@ class SD3ControlNetConfig:
         return cls(**{k: d[k] for k in names if k in d})
 
 
+#: SD3's repeated blocks (the units the fast path compiles)
+SD3_BLOCKS = (JointTransformerBlock, SD3SingleTransformerBlock)
+
+
 class SD3ControlNet(ControlledCopy):
     """A trainable copy of an SD3 transformer's first joint blocks with zero-initialised connections."""
+
+    compile_regions = SD3_BLOCKS
 
     def __init__(
         self,
