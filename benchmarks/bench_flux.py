@@ -28,6 +28,7 @@ from common import compare_generation, transformer_bench_args
 
 from controlnet.families.flux import FluxControlNet, FluxControlNetConfig
 from controlnet.families.flux.base import FluxBase
+from controlnet.families.flux.fused import stock_blocks
 from controlnet.families.flux.patches import pack, unpack
 from controlnet.families.flux.schedule import FLUX_SCHEDULE
 from controlnet.families.protocol import PromptEmbeddings
@@ -175,7 +176,7 @@ def peer(base: FluxBase, cn: FluxControlNet, x: dict[str, Any], steps: int, guid
     noise = pack(initial_noise((1, t["in_channels"] // 4, h, w), [0], x["pooled"].device, torch.float32))
 
     def run() -> torch.Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), stock_blocks(pipe.transformer):  # diffusers' own blocks
             out = pipe(
                 prompt_embeds=x["context"],
                 pooled_prompt_embeds=x["pooled"],

@@ -29,6 +29,7 @@ from ...model.fastpath import run_concurrently
 from ..dit import DiTBase, check_plain_prompts
 from ..protocol import PromptEmbeddings
 from .controlnet import FLUX_BLOCKS, FLUX_FIELDS, FluxControlNet, FluxControlNetConfig, FluxResiduals
+from .fused import fuse_blocks
 from .patches import image_ids, pack, text_ids, unpack
 from .schedule import FLUX_SCHEDULE
 
@@ -58,6 +59,10 @@ class FluxBase(DiTBase):
     schedule: dict[str, Any] = field(default_factory=lambda: dict(FLUX_SCHEDULE))
     settings: dict[str, Any] = field(default_factory=dict)
     blocks = FLUX_BLOCKS
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        fuse_blocks(self.transformer)  # the same arithmetic in fewer kernels (fused.py)
 
     @property
     def family(self) -> FluxVariant:

@@ -46,6 +46,7 @@ from torch import nn
 from ...model.hint import HintEncoder
 from ...model.zero import ControlledCopy, zero_linear
 from ..dit import copy_twins
+from .fused import FusedFluxSingleTransformerBlock, FusedFluxTransformerBlock
 from .patches import pack
 
 __all__ = ["FLUX_FIELDS", "FluxControlNet", "FluxControlNetConfig", "FluxResiduals"]
@@ -164,13 +165,15 @@ class FluxControlNet(ControlledCopy):
             heads, dim = int(t["num_attention_heads"]), int(t["attention_head_dim"])
             self.transformer_blocks = nn.ModuleList(
                 [
-                    FluxTransformerBlock(dim=inner, num_attention_heads=heads, attention_head_dim=dim)
+                    FusedFluxTransformerBlock(dim=inner, num_attention_heads=heads, attention_head_dim=dim)
                     for _ in range(config.num_layers)
                 ]
             )
             self.single_transformer_blocks = nn.ModuleList(
                 [
-                    FluxSingleTransformerBlock(dim=inner, num_attention_heads=heads, attention_head_dim=dim)
+                    FusedFluxSingleTransformerBlock(
+                        dim=inner, num_attention_heads=heads, attention_head_dim=dim
+                    )
                     for _ in range(config.num_single_layers)
                 ]
             )

@@ -1,0 +1,80 @@
+"""Flux's fused blocks compute what diffusers' blocks compute: the whole transformer (double and
+single blocks, with ControlNet residuals) to float32 rounding, and the ControlNet's copy too; blocks
+with another attention processor keep diffusers' forward."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxTransformerBlock
+
+from controlnet.families.flux import FluxControlNet, FluxControlNetConfig
+from controlnet.families.flux.fused import (
+    FusedFluxSingleTransformerBlock,
+    FusedFluxTransformerBlock,
+    fuse_blocks,
+    stock_blocks,
+)
+from test_flux_controlnet import condition, inputs, open_zero_layers, tiny_transformer
+
+
+def _randomised(net: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Norm weights away from one (a mix-up of the streams' norms would show)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+    return net
+
+
+def test_the_fused_transformer_equals_diffusers():
+    stock = _randomised(tiny_transformer(), 3)
+    fused = copy.deepcopy(stock)
+    assert fuse_blocks(fused) == 3 + 4
+    assert all(type(b) is FusedFluxTransformerBlock for b in fused.transformer_blocks)
+    assert all(type(b) is FusedFluxSingleTransformerBlock for b in fused.single_transformer_blocks)
+    assert fused.state_dict().keys() == stock.state_dict().keys()
+    x = inputs()
+    g = torch.Generator().manual_seed(4)
+    c = x["encoder_hidden_states"].shape[1]
+    tokens = x["hidden_states"].shape[1]
+    residuals = {
+        "controlnet_block_samples": [torch.randn(2, tokens, 16, generator=g) for _ in range(3)],
+        "controlnet_single_block_samples": [torch.randn(2, tokens, 16, generator=g) for _ in range(2)],
+    }
+    with torch.no_grad():
+        for extra in ({}, residuals):
+            want = stock(**x, **extra).sample
+            got = fused(**x, **extra).sample
+            assert want.abs().max() > 0.1 and c > 0
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_fused_controlnet_equals_the_stock_one():
+    """Our ControlNet is built with the fused blocks; with diffusers' own blocks it computes the same."""
+    base = _randomised(tiny_transformer(), 5)
+    fused = FluxControlNet.from_transformer(base, FluxControlNetConfig(2, 3, num_mode=4)).eval()
+    open_zero_layers(fused)
+    kinds = (FusedFluxTransformerBlock, FusedFluxSingleTransformerBlock)
+    assert sum(isinstance(m, kinds) for m in fused.modules()) == 5
+    with torch.no_grad():
+        got = fused(condition=condition(), mode=2, **inputs())
+        with stock_blocks(fused):  # diffusers' own blocks, for the time being
+            assert not any(isinstance(m, kinds) for m in fused.modules())
+            want = fused(condition=condition(), mode=2, **inputs())
+    assert sum(isinstance(m, kinds) for m in fused.modules()) == 5
+    for a, b in zip([*got.double, *got.single], [*want.double, *want.single], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_blocks_with_another_attention_processor_keep_diffusers_forward():
+    net = tiny_transformer()
+
+    class Other(FluxAttnProcessor):
+        pass
+
+    net.transformer_blocks[0].attn.set_processor(Other())
+    assert fuse_blocks(net) == 3 + 4 - 1
+    assert type(net.transformer_blocks[0]) is FluxTransformerBlock
