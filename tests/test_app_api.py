@@ -53,9 +53,13 @@ def gen(**kw):
     return {**body, **kw}
 
 
-def test_health_lists_models_and_limits(client):
+def test_health_lists_models_and_limits(client, server):
+    from controlnet.serving.units import control_types
+
     h = client.get("/api/health").json()
     assert h["status"] == "ok" and h["controlnets"] == ["edges", "second"]
+    assert h["control_types"] == {"edges": None, "second": None}  # ControlNets of one kind each
+    assert control_types(server.service, "edges") == ["none"]  # the web app's control-type choice
     assert h["limits"]["max_steps"] == 5 and h["native_size"] == 128
 
 

@@ -218,6 +218,7 @@ def test_the_server_serves_a_flux_model_alike(base, tmp_path):
     from controlnet.generation.request import ControlRequest, GenerationRequest
     from controlnet.serving.server import start
     from controlnet.serving.service import ServeConfig
+    from controlnet.serving.units import control_types
     from serving import b64, decode, png_bytes, square
 
     folder = save_base(base, tmp_path / "flux.safetensors", "controlnet")[0]
@@ -226,6 +227,9 @@ def test_the_server_serves_a_flux_model_alike(base, tmp_path):
     srv = start(ServeConfig(base=str(folder), controlnets=(str(cn),)))
     try:
         with httpx.Client(base_url=srv.url, timeout=300) as client:
+            (name,) = client.get("/api/health").json()["control_types"].items()
+            assert name == ("union", 3)  # what the web app's control units offer for it
+            assert control_types(srv.service, "union") == ["0", "1", "2"]
             body = {"prompt": "a square", "steps": 2, "resolution": 64, "seed": 4}
             body["controls"] = [{"image": b64(square()), "control_type": 2}]
             r = client.post("/api/generate", json=body)

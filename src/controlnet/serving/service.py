@@ -136,6 +136,8 @@ class Service:
         # a bad dtype, or offloading on the CPU, fails at start, not later
         check(GenerationRequest(dtype=config.dtype, device=config.device, offload=config.offload))
         self.cache = cache or ModelCache(size=len(controlnets) + 1 + (config.vae is not None))
+        #: each ControlNet's number of control types (a Union ControlNet's modes; None: one kind)
+        self.control_types: dict[str, int | None] = {}
         base_model = self._load_models()
         self.native_size = base_model.native_size
         self._check_clip_skip = base_model.check_clip_skip
@@ -164,11 +166,11 @@ class Service:
         if self.config.vae is not None:  # read now: a bad file stops the server from starting
             self.cache.vae(self.config.vae, base, self.base, device)
         for name, path in self.controlnets.items():
+            cn = self.cache.controlnet(path, dtype, device, (self.base, self.config.loras))
             base.check_controlnet(
-                self.cache.controlnet(path, dtype, device, (self.base, self.config.loras)),
-                controlnet_name=f"ControlNet {name} ({path})",
-                base_name=f"the base model {self.base}",
+                cn, controlnet_name=f"ControlNet {name} ({path})", base_name=f"the base model {self.base}"
             )
+            self.control_types[name] = getattr(cn.config, "num_mode", None)
         return base
 
     def controlnet_path(self, name: str | None) -> str:
@@ -412,6 +414,7 @@ class Service:
             "device": self.config.device,
             "dtype": DType.parse(self.config.dtype).value,
             "controlnets": list(self.controlnets),
+            "control_types": dict(self.control_types),
             "native_size": self.native_size,
             "defaults": {k: getattr(self.defaults, k) for k in MODEL_SETTINGS},  # the model's own
             "limits": asdict(self.limits),

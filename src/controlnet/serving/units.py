@@ -25,7 +25,7 @@ from .widgets import (
     user_error,
 )
 
-__all__ = ["NONE", "Unit", "control_annotators", "unit", "wire_unit"]
+__all__ = ["NONE", "Unit", "control_annotators", "control_types", "unit", "wire_unit"]
 
 NONE = "none"  # the annotator choice for an image that already is a condition map
 #: the control settings a unit shows as the schema declares them (one widget each, same name)
@@ -45,6 +45,7 @@ class Unit:
     index: int
     enabled: gr.Checkbox
     controlnet: gr.Dropdown
+    control_type: gr.Dropdown
     source: gr.Radio
     image: gr.Image
     sketch: gr.Sketchpad
@@ -68,6 +69,7 @@ class Unit:
         return [
             self.enabled,
             self.controlnet,
+            self.control_type,
             self.source,
             self.image,
             self.sketch,
@@ -89,9 +91,11 @@ class Unit:
         settings = {
             field: field_value(ControlRequest, field, data[getattr(self, field)]) for field in _SETTINGS
         }
+        kind = data[self.control_type]
         return ControlRequest(
             image=_unit_image(service, self, data),
             controlnet=service.controlnet_path(data[self.controlnet]),
+            control_type=None if kind in (None, NONE) else int(kind),
             preprocess=None if name == NONE else name,
             params={} if name == NONE else self.annotator_params(data, name),
             region_mask=_unit_region(service, self, data),
@@ -150,6 +154,13 @@ def _weights_widget(service: Service, p: Param, elem_id: str) -> gr.Dropdown:
     )
 
 
+def control_types(service: Service, controlnet: str | None) -> list[str]:
+    """The control types the ControlNet called ``controlnet`` knows: a Union ControlNet's mode
+    numbers, or 'none' for a ControlNet of one kind."""
+    modes = service.control_types.get(controlnet or "")
+    return [NONE] if modes is None else [str(m) for m in range(modes)]
+
+
 def unit(service: Service, i: int, default_annotator: str) -> Unit:
     names = control_annotators()
     pre = f"control-{i}"
@@ -161,6 +172,14 @@ def unit(service: Service, i: int, default_annotator: str) -> Unit:
                 value=next(iter(service.controlnets)),
                 label="ControlNet",
                 elem_id=f"{pre}-controlnet",
+            )
+            kinds = control_types(service, next(iter(service.controlnets)))
+            control_type = gr.Dropdown(
+                kinds,
+                value=kinds[0],
+                label="Control type",
+                info=_SPEC("control_type").help.split(";")[0],
+                elem_id=f"{pre}-control-type",
             )
             source = gr.Radio(["upload", "draw"], value="upload", label="Image", elem_id=f"{pre}-source")
         with gr.Row():
@@ -218,6 +237,7 @@ def unit(service: Service, i: int, default_annotator: str) -> Unit:
         index=i,
         enabled=enabled,
         controlnet=controlnet,
+        control_type=control_type,
         source=source,
         image=image,
         sketch=sketch,
@@ -276,6 +296,12 @@ def wire_unit(service: Service, u: Unit, resolution: gr.Slider, editor: gr.Image
     u.source.change(
         switch_source, u.source, [u.upload_box, u.draw_box, u.annotator], api_visibility="private"
     )
+
+    def switch_controlnet(name: str) -> Any:
+        kinds = control_types(service, name)
+        return gr.update(choices=kinds, value=kinds[0])
+
+    u.controlnet.change(switch_controlnet, u.controlnet, u.control_type, api_visibility="private")
 
     names = list(u.groups)
 
