@@ -28,6 +28,7 @@ from common import compare_generation, transformer_bench_args
 from controlnet.families.protocol import PromptEmbeddings
 from controlnet.families.sd3 import SD3ControlNet, SD3ControlNetConfig
 from controlnet.families.sd3.base import SD3_SCHEDULE, SD3Base
+from controlnet.families.sd3.fused import stock_blocks
 from controlnet.generation.denoiser import ControlUnit
 from controlnet.generation.sampling import denoise, initial_noise
 from controlnet.model.fastpath import release_graphs
@@ -169,7 +170,7 @@ def peer(base: SD3Base, cn: SD3ControlNet, x: dict[str, Any], steps: int) -> Any
     noise = initial_noise((1, base.latent_channels, h, w), [0], x["cond"].context.device, torch.float32)
 
     def run() -> torch.Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), stock_blocks(pipe.transformer):  # diffusers' own blocks
             return pipe(
                 prompt_embeds=x["cond"].context,
                 negative_prompt_embeds=x["uncond"].context,

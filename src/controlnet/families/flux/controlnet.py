@@ -46,7 +46,7 @@ from torch import nn
 from ...model.hint import HintEncoder
 from ...model.zero import ControlledCopy, zero_linear
 from ..dit import copy_twins
-from .fused import FusedFluxSingleTransformerBlock, FusedFluxTransformerBlock
+from .fused import fuse_blocks
 from .patches import pack
 
 __all__ = ["FLUX_FIELDS", "FluxControlNet", "FluxControlNetConfig", "FluxResiduals"]
@@ -165,18 +165,17 @@ class FluxControlNet(ControlledCopy):
             heads, dim = int(t["num_attention_heads"]), int(t["attention_head_dim"])
             self.transformer_blocks = nn.ModuleList(
                 [
-                    FusedFluxTransformerBlock(dim=inner, num_attention_heads=heads, attention_head_dim=dim)
+                    FluxTransformerBlock(dim=inner, num_attention_heads=heads, attention_head_dim=dim)
                     for _ in range(config.num_layers)
                 ]
             )
             self.single_transformer_blocks = nn.ModuleList(
                 [
-                    FusedFluxSingleTransformerBlock(
-                        dim=inner, num_attention_heads=heads, attention_head_dim=dim
-                    )
+                    FluxSingleTransformerBlock(dim=inner, num_attention_heads=heads, attention_head_dim=dim)
                     for _ in range(config.num_single_layers)
                 ]
             )
+            fuse_blocks(self)  # the same arithmetic in fewer kernels (fused.py)
             self.controlnet_blocks = nn.ModuleList(
                 [zero_linear(inner, inner) for _ in range(config.num_layers)]
             )

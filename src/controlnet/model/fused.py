@@ -1,0 +1,132 @@
+"""The elementwise work of a transformer block, fused: the groups of small kernels between a DiT
+block's matrix products, each written as one function that runs as one generated kernel on a GPU.
+
+Between its matrix products a Flux or SD3 block spends a third of its GPU time on small kernels
+and copies: the adaptive layer norms' modulation, the gates and residual additions, the RMS norms
+of queries and keys (computed in float32 and cast back), the rotary embedding (seven kernels and
+two float32 copies per tensor), the joining of the text and image streams and the attention
+layout. Here each group is one function - :func:`modulate`, :func:`gated_add`, :func:`queries`,
+:func:`values` - compiled alone on first use (``torch.compile`` of that function, for any shape:
+seconds, once) and computing in float32 until its single rounding. Where a whole block is compiled
+(``--fast``) they run as plain code, which inductor fuses across.
+
+A family's fused blocks are subclasses of diffusers' blocks with the same modules and keys and a
+forward built from these functions; :func:`fuse_blocks` gives a network's stock blocks that class
+in place, :func:`stock_blocks` takes it back for a while (to measure or check against diffusers).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["fuse_blocks", "gated_add", "modulate", "queries", "stock_blocks", "values"]
+
+Fn = TypeVar("Fn", bound=Callable[..., Any])
+_COMPILED: dict[str, Callable[..., Any]] = {}
+
+
+def _kernel(fn: Fn) -> Fn:
+    """``fn`` as one generated kernel on a GPU (compiled on first use, for any shape); as it is on
+    a CPU, and inside a region that is being compiled whole (which fuses it anyway)."""
+
+    def call(*args: Any) -> Any:
+        first = args[0][0] if isinstance(args[0], tuple) else args[0]
+        if not first.is_cuda or torch.compiler.is_compiling():
+            return fn(*args)
+        compiled = _COMPILED.get(fn.__name__)
+        if compiled is None:
+            compiled = _COMPILED[fn.__name__] = torch.compile(fn, dynamic=True, fullgraph=True)
+        if compiled is fn:
+            return fn(*args)
+        try:
+            return compiled(*args)
+        except Exception as e:  # no compiler here (no Triton): the same arithmetic, unfused
+            _COMPILED[fn.__name__] = fn
+            warnings.warn(
+                f"fused kernels unavailable, running them unfused: {type(e).__name__}: {e}", stacklevel=2
+            )
+            return fn(*args)
+
+    call.__name__ = call.__qualname__ = fn.__name__
+    call.__doc__ = fn.__doc__
+    return call  # type: ignore[return-value]
+
+
+@_kernel
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm without affine (``eps``), then ``* (1 + scale) + shift`` per sample."""
+    y = F.layer_norm(x.float(), x.shape[-1:], eps=eps)
+    return (y * (1 + scale.float()[:, None]) + shift.float()[:, None]).to(x.dtype)
+
+
+@_kernel
+def gated_add(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x + gate * y``, the gate per sample."""
+    return (x.float() + gate.float()[:, None] * y.float()).to(x.dtype)
+
+
+@_kernel
+def queries(
+    parts: tuple[torch.Tensor, ...],
+    weights: tuple[torch.Tensor, ...] | None,
+    eps: float,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+) -> torch.Tensor:
+    """Queries or keys of each stream, (B, L_i, H, D): each RMS-normalised with its weight (none:
+    not normalised), joined along the tokens, rotated by a rotary embedding (cos, sin: (L, D),
+    pairs interleaved; none: not rotated), laid out (B, H, L, D) for attention."""
+    out = []
+    for i, x in enumerate(parts):
+        xf = x.float()
+        if weights is not None:
+            xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weights[i].float()
+        out.append(xf)
+    x = torch.cat(out, dim=1) if len(out) > 1 else out[0]
+    if cos is not None and sin is not None:
+        pairs = x.unflatten(-1, (-1, 2))
+        rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+        x = x * cos[:, None].float() + rotated * sin[:, None].float()
+    return x.to(parts[0].dtype).transpose(1, 2).contiguous()
+
+
+@_kernel
+def values(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Values of each stream, (B, L_i, H, D), joined along the tokens and laid out (B, H, L, D)."""
+    x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+    return x.transpose(1, 2).contiguous()
+
+
+def fuse_blocks(
+    network: nn.Module, fused: Mapping[type[nn.Module], type[nn.Module]], fusable: Callable[[nn.Module], bool]
+) -> int:
+    """Give each block of ``network`` whose class ``fused`` maps (and that is ``fusable``) the
+    fused class, in place; how many."""
+    n = 0
+    for m in network.modules():
+        kind = fused.get(type(m))
+        if kind is not None and fusable(m):
+            m.__class__ = kind
+            n += 1
+    return n
+
+
+@contextmanager
+def stock_blocks(network: nn.Module, fused: Mapping[type[nn.Module], type[nn.Module]]) -> Iterator[None]:
+    """Within: ``network``'s fused blocks run diffusers' own forward (to measure or check against it)."""
+    back = {v: k for k, v in fused.items()}
+    swapped = [m for m in network.modules() if type(m) in back]
+    for m in swapped:
+        m.__class__ = back[type(m)]
+    try:
+        yield
+    finally:
+        for m in swapped:
+            m.__class__ = fused[type(m)]
