@@ -25,6 +25,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from controlnet import ControlNet, ControlNetConfig, Family, unet_config
 from controlnet.families.sd.base import UNetBase
 from controlnet.families.sd.configs import tiny_unet_config
+from controlnet.model.fused import kernel_state
 from controlnet.text.tokenizer import clip_tokenizer
 
 SD_VAE = {
@@ -259,6 +260,8 @@ def compare_generation(
             )
 
     timed("ours eager", lambda: ours(args.steps, cuda_graphs=False))
+    record["fused_kernels"] = kernel_state()  # each fused group: compiled, or unfused (no compiler)
+    print("fused kernels:", record["fused_kernels"])
     profiled("eager")
     timed("ours (default)", lambda: ours(args.steps))
     if peer is not None:

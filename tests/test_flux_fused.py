@@ -78,3 +78,29 @@ def test_blocks_with_another_attention_processor_keep_diffusers_forward():
     net.transformer_blocks[0].attn.set_processor(Other())
     assert fuse_blocks(net) == 3 + 4 - 1
     assert type(net.transformer_blocks[0]) is FluxTransformerBlock
+
+
+def test_the_fused_groups_compile_once_and_run_plain_under_a_flop_counter(monkeypatch):
+    """Where the groups run compiled (a GPU; here the CPU, to test it), a first call under a
+    dispatch mode (the benchmarks' FLOP counter, which torch.compile cannot run under) runs the
+    plain code and leaves them to compile on the next call; they give the plain result."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from controlnet.model import fused
+
+    monkeypatch.setattr(fused, "COMPILED_ON", {"cpu"})
+    monkeypatch.setattr(fused, "_COMPILED", {})
+    g = torch.Generator().manual_seed(0)
+    x, shift, scale = (
+        torch.randn(2, 6, 8, generator=g),
+        torch.randn(2, 8, generator=g),
+        torch.randn(2, 8, generator=g),
+    )
+    with FlopCounterMode(display=False):
+        counted = fused.modulate(x, shift, scale, 1e-6)
+    assert fused.kernel_state() == {}  # nothing compiled, nothing given up
+    got = fused.modulate(x, shift, scale, 1e-6)
+    assert fused.kernel_state() == {"modulate": "compiled"}
+    want = torch.nn.functional.layer_norm(x, (8,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(counted, want)

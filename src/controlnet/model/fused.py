@@ -25,11 +25,14 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["fuse_blocks", "gated_add", "modulate", "queries", "stock_blocks", "values"]
+__all__ = ["fuse_blocks", "gated_add", "kernel_state", "modulate", "queries", "stock_blocks", "values"]
 
 Fn = TypeVar("Fn", bound=Callable[..., Any])
 _COMPILED: dict[str, Callable[..., Any]] = {}
+#: the devices on which the groups run compiled (elsewhere as plain code)
+COMPILED_ON = {"cuda"}
 
 
 def _kernel(fn: Fn) -> Fn:
@@ -38,11 +41,18 @@ def _kernel(fn: Fn) -> Fn:
 
     def call(*args: Any) -> Any:
         first = args[0][0] if isinstance(args[0], tuple) else args[0]
-        if not first.is_cuda or torch.compiler.is_compiling():
+        # plain: on a CPU; inside a region compiled whole; under a dispatch mode (a FLOP counter,
+        # which torch.compile does not run under)
+        if (
+            first.device.type not in COMPILED_ON
+            or torch.compiler.is_compiling()
+            or _get_current_dispatch_mode() is not None
+        ):
             return fn(*args)
         compiled = _COMPILED.get(fn.__name__)
         if compiled is None:
-            compiled = _COMPILED[fn.__name__] = torch.compile(fn, dynamic=True, fullgraph=True)
+            # static shapes first; a second shape recompiles once, for any size
+            compiled = _COMPILED[fn.__name__] = torch.compile(fn, fullgraph=True)
         if compiled is fn:
             return fn(*args)
         try:
@@ -57,6 +67,14 @@ def _kernel(fn: Fn) -> Fn:
     call.__name__ = call.__qualname__ = fn.__name__
     call.__doc__ = fn.__doc__
     return call  # type: ignore[return-value]
+
+
+def kernel_state() -> dict[str, str]:
+    """How each fused group has run on a GPU so far: "compiled", or "unfused" (no compiler)."""
+    return {
+        name: "compiled" if hasattr(fn, "_torchdynamo_orig_callable") else "unfused"
+        for name, fn in _COMPILED.items()
+    }
 
 
 @_kernel
