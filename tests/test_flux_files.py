@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -265,6 +266,47 @@ def test_fp8_stored_files_load_cast_to_the_compute_dtype(tmp_path):
     got = loaded.transformer.state_dict()
     assert got.keys() == fp8.keys() and all(torch.equal(got[k], fp8[k]) for k in fp8)
     assert loaded.dtype == torch.float32
+
+
+@pytest.mark.parametrize("layout", ["scale_weight", "weight_scale"])
+def test_scaled_fp8_files_load_dequantized(tmp_path, layout):
+    """ComfyUI's scaled-fp8 files (each matrix in float8 with a scale beside it: ``.scale_weight``
+    and a ``scaled_fp8`` marker, or ``.weight_scale`` with input scales and ``.comfy_quant``
+    markers) load as ``weight * scale``: what the same weights stored dequantized load as."""
+    from safetensors.torch import load_file, save_file
+
+    base = tiny_flux_base(512, config_less=True)
+    folder = save_base(base, tmp_path / "bfl", Format.ORIGINAL)[0]
+    stored = load_file(folder / "flux1.safetensors")
+    scaled, plain = {}, {}
+    for k, v in stored.items():
+        if v.ndim == 2 and k.endswith(".weight"):
+            scale = v.abs().max().float() / 448
+            q = (v.float() / scale).to(torch.float8_e4m3fn)
+            stem = k[: -len(".weight")]
+            scaled[k], plain[k] = q, q.float() * scale
+            scaled[stem + "." + layout] = scale
+            if layout == "weight_scale":
+                scaled[stem + ".input_scale"] = torch.tensor(1.0)
+                scaled[stem + ".comfy_quant"] = torch.tensor(
+                    list(b'{"format": "float8_e4m3fn"}'), dtype=torch.uint8
+                )
+        else:
+            scaled[k] = plain[k] = v
+    if layout == "scale_weight":
+        scaled["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    save_file(scaled, str(folder / "flux1.safetensors"))
+    got = load_base(folder, dtype=torch.float32).transformer.state_dict()
+    save_file(plain, str(folder / "flux1.safetensors"))
+    want = load_base(folder, dtype=torch.float32).transformer.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert any(not torch.equal(want[k], base.transformer.state_dict()[k]) for k in want)  # fp8 rounding
+    bad = next(k for k in scaled if k.endswith("." + layout))
+    save_file({**scaled, bad: torch.ones(3)}, str(folder / "flux1.safetensors"))
+    with pytest.raises(
+        CheckpointError, match=rf"scale '{re.escape(bad)}' has shape \(3,\), expected one value"
+    ):
+        load_base(folder, dtype=torch.float32)
 
 
 def test_init_makes_a_fresh_transformer_controlnet_from_a_base_file(base, tmp_path, capsys):

@@ -231,13 +231,63 @@ def _open_torch(path: Path) -> TensorFile:
     )
 
 
+#: a scaled-fp8 weight's scale, beside ``<layer>.weight``: ComfyUI's first layout, then its later one
+_WEIGHT_SCALES = (".scale_weight", ".weight_scale")
+#: what a scaled-fp8 file holds besides weights and their scales (input scales for fp8 matmuls,
+#: markers): no weights, left out
+_QUANT_EXTRAS = (".scale_input", ".input_scale", ".comfy_quant")
+
+
+def _dequantized(tf: TensorFile) -> TensorFile:
+    """``tf`` with its scaled-fp8 weights (``<layer>.weight`` in float8 and a scale beside it, as
+    ComfyUI's ``*_fp8_scaled`` files store them) read as ``weight * scale`` in float32, and their
+    scales, input scales and markers left out; ``tf`` itself when it has none."""
+    scales = {
+        k[: -len(suffix)] + ".weight": k
+        for k in tf.shapes
+        for suffix in _WEIGHT_SCALES
+        if k.endswith(suffix)
+        and tf.dtypes.get(k[: -len(suffix)] + ".weight") in (torch.float8_e4m3fn, torch.float8_e5m2)
+    }
+    if not scales:
+        return tf
+    extra = {k for k in tf.shapes if k.endswith(_QUANT_EXTRAS) or k.rsplit(".", 1)[-1] == "scaled_fp8"}
+    keys = [k for k in tf.shapes if k not in extra and k not in scales.values()]
+
+    def get(key: str) -> torch.Tensor:
+        if key not in scales:
+            return tf.get(key)
+        weight, scale = tf.get(key), tf.get(scales[key])
+        if weight.is_meta:
+            return torch.empty(weight.shape, dtype=torch.float32, device="meta")
+        scale = scale.float()
+        if scale.numel() == weight.shape[0] and weight.ndim > 1:  # one scale per output row
+            scale = scale.reshape(-1, *([1] * (weight.ndim - 1)))
+        elif scale.numel() != 1:
+            raise CheckpointError(
+                f"{tf.path}: scale {scales[key]!r} has shape {tuple(scale.shape)}, expected one value "
+                f"or one per row of {key!r} {tuple(weight.shape)}"
+            )
+        return weight.float() * scale
+
+    return TensorFile(
+        tf.path,
+        {k: tf.shapes[k] for k in keys},
+        {k: torch.float32 if k in scales else tf.dtypes[k] for k in keys},
+        get,
+        tf.metadata,
+        tf.kind,
+    )
+
+
 def open_tensors(path: PathLike) -> TensorFile:
-    """Open a weight file (safetensors or torch pickle, told apart by content) without reading it."""
+    """Open a weight file (safetensors or torch pickle, told apart by content) without reading it;
+    scaled-fp8 weights read dequantized."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder, expected a weight file")
     kind = _sniff(path)
-    return _open_safetensors(path) if kind == "safetensors" else _open_torch(path)
+    return _dequantized(_open_safetensors(path) if kind == "safetensors" else _open_torch(path))
 
 
 def open_sharded(index: Path) -> TensorFile:
