@@ -210,6 +210,7 @@ def main() -> None:
         (lambda: peer(base, cn, x, args.steps, 3.5)) if args.peer else None,
         blocks=FluxBase.blocks,
         release=lambda: release_graphs(base.transformer),
+        fp8=lambda: base.use_fp8([cn]),
     )
 
 

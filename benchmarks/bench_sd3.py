@@ -204,6 +204,7 @@ def main() -> None:
         (lambda: peer(base, cn, x, args.steps)) if args.peer else None,
         blocks=SD3Base.blocks,
         release=lambda: release_graphs(base.transformer),
+        fp8=lambda: base.use_fp8([cn]),
     )
 
 

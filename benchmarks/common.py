@@ -173,6 +173,7 @@ def transformer_bench_args(doc: str | None) -> argparse.Namespace:
     p.add_argument("--peer-compile", action="store_true", help="also diffusers with its blocks compiled")
     p.add_argument("--fast", action="store_true", help="also our --fast path (blocks compiled)")
     p.add_argument("--profile", action="store_true", help="GPU time of one step by kind of kernel")
+    p.add_argument("--fp8", action="store_true", help="last, ours with FP8 weights and products")
     p.add_argument("--tiny", action="store_true", help="a few-channel model on the CPU (checks the script)")
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--size", type=int, default=1024)
@@ -196,6 +197,7 @@ def compare_generation(
     *,
     blocks: tuple[type[torch.nn.Module], ...],
     release: Callable[[], None],
+    fp8: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Time our generation for ``args.steps`` steps: eager, by default (each step one CUDA graph)
     and, with ``--fast``, compiled; with ``--peer`` diffusers' pipeline (``--peer-compile``: its
@@ -203,7 +205,8 @@ def compare_generation(
     One step's arithmetic is counted (a two-step run of ours less a one-step run, so one-off work
     such as the condition's VAE pass is left out) against the matmul peak of the same run. Prints
     the table and each row's agreement with the first, writes the record to ``args.out``.
-    ``release()`` frees what a row kept (graphs), so that each row's peak memory is its own."""
+    ``release()`` frees what a row kept (graphs), so that each row's peak memory is its own;
+    ``fp8()`` turns our networks to FP8 weights for a last row (``--fp8``), compiled with ``--fast``."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counts = []
@@ -277,28 +280,22 @@ def compare_generation(
         from torch._dynamo.utils import counters
 
         record["compiled_graphs"] = dict(counters["stats"])  # one per kind of block: no recompiles
+    if args.fp8 and fp8 is not None:
+        fp8()
+        timed("ours fp8" + (" --fast" if args.fast else ""), lambda: ours(args.steps, compile=args.fast))
     release()
     reference = rows[0]["path"]
     for row in rows:
-        row[f"max |diff| vs {reference}"] = float((outs[row["path"]] - outs[reference]).abs().max())
+        diff = outs[row["path"]] - outs[reference]
+        row[f"max |diff| vs {reference}"] = float(diff.abs().max())
+        row["rel. L2"] = float(diff.norm() / outs[reference].norm())
     record.update(rows=rows, step_tflop=flops / 1e12, matmul_peak_tflops=peak)
     if "diffusers eager" in outs:
         record["max_abs_diff"] = float((outs["ours (default)"] - outs["diffusers eager"]).abs().max())
     record["floor_s"] = flops * args.steps / (peak * 1e12) if peak == peak else None
-    print(
-        table(
-            rows,
-            [
-                "path",
-                "s/image",
-                "ms/step",
-                "TFLOP/s",
-                "peak GiB",
-                "first call s",
-                f"max |diff| vs {reference}",
-            ],
-        )
-    )
+    columns = ["path", "s/image", "ms/step", "TFLOP/s", "peak GiB", "first call s"]
+    print(table(rows, [*columns, f"max |diff| vs {reference}", "rel. L2"]))
+
     print(f"per step: {flops / 1e12:.2f} TFLOP; bf16 matmul peak {peak:.0f} TFLOP/s", end="")
     print(f"; floor {record['floor_s']:.2f} s per image" if record["floor_s"] else "")
     if "max_abs_diff" in record:

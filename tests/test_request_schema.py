@@ -137,7 +137,7 @@ def test_numbers_must_be_finite_and_within_their_bounds(change, message):
 
 def test_only_the_fields_the_server_sets_are_owned_by_it():
     server = {n for n, (_, spec, _) in params(GenerationRequest).items() if spec.owner is Owner.SERVER}
-    assert server == {"base", "vae", "loras", "captioner", "dtype", "device", "fast", "offload"}
+    assert server == {"base", "vae", "loras", "captioner", "dtype", "device", "fast", "offload", "fp8"}
 
 
 # ---------------------------------------------------------------------------- the one check

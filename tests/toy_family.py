@@ -171,6 +171,9 @@ class ToyBase:
         neg = None if negatives is None else self.encode_prompt(list(negatives))
         return self.encode_prompt(list(prompts)), neg
 
+    def use_fp8(self, controlnets) -> None:
+        raise ValueError("fp8: the toy family has no FP8 path")
+
     def check_clip_skip(self, clip_skip: int) -> None:
         if clip_skip != 1:
             raise ValueError(f"the toy family reads one text layer, got clip_skip {clip_skip}")

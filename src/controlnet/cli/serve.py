@@ -43,6 +43,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         device=common.device(args),
         dtype=args.dtype,
         offload=args.offload,
+        fp8=args.fp8,
         captioner=args.captioner,
         vae=args.vae,
         loras=tuple(args.lora or ()),
@@ -85,6 +86,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     common.add_dtype(p, "the networks' floating-point type", default=DType.FLOAT32)
     p.add_argument("--offload", action="store_true", help=_help("offload"))
+    p.add_argument("--fp8", action="store_true", help=_help("fp8"))
     p.add_argument("--captioner", help="local BLIP captioner folder, for the 'auto' prompt setting")
     p.add_argument(
         "--annotator-weights",

@@ -123,6 +123,14 @@ class DiTBase:
         if clip_skip != 1:
             raise ValueError("clip skip: this model reads its text encoders as it was trained (clip skip 1)")
 
+    def use_fp8(self, controlnets: Sequence[nn.Module]) -> None:
+        """The linear layers of the transformer's and the ControlNets' blocks in FP8 (model/fp8.py):
+        half their weight memory, their products on FP8 tensor cores; idempotent."""
+        from ..model.fp8 import blocks_to_fp8
+
+        for network in [self.transformer, *controlnets]:
+            blocks_to_fp8(network, self.blocks)
+
     def with_clip_skip(self, clip_skip: int) -> DiTBase:
         self.check_clip_skip(clip_skip)
         return self

@@ -126,6 +126,11 @@ class BaseModel(Protocol):
         """ValueError unless the model can read its text encoder ``clip_skip`` layers from the end."""
         ...
 
+    def use_fp8(self, controlnets: Sequence[nn.Module]) -> None:
+        """Store the network's (and ``controlnets``') weights in float8 and multiply in FP8, in
+        place; ValueError where the family has no FP8 path."""
+        ...
+
     def with_clip_skip(self, clip_skip: int) -> BaseModel: ...
 
     # ---------------------------------------------------------------- images

@@ -166,6 +166,8 @@ def generate(
     base.to(req.device, dtype, offload=req.offload)
     for cn in controlnets:
         cn.to(req.device, dtype).eval()
+    if req.fp8:
+        base.use_fp8(controlnets)
 
     size, big = output_size(checked, base.native_size), final_size(checked, base.native_size)
 

@@ -385,6 +385,14 @@ class GenerationRequest:
         owner=Owner.SERVER,
         group="memory",
     )
+    fp8: bool = param(
+        False,
+        help="the transformer's and ControlNets' block weights in float8 and their products in FP8 "
+        "(Flux.1 and SD3 on Hopper GPUs or later): half their memory, faster; images differ slightly",
+        label="FP8 weights",
+        owner=Owner.SERVER,
+        group="memory",
+    )
     vae_tiling: bool = param(
         False,
         help="encode and decode images larger than the VAE's tile (the sample size in its config: "

@@ -62,6 +62,7 @@ class ServeConfig:
     device: str = "cpu"
     dtype: DType = DType.FLOAT32
     offload: bool = False  # text encoders and VAE in CPU memory, on the GPU only while they run
+    fp8: bool = False  # the transformer families' block weights in float8, products in FP8
     captioner: str | None = None
     vae: str | None = None  # used in place of the base model's VAE
     loras: tuple[tuple[str, float], ...] = ()  # (file, scale): merged into the base model
@@ -165,12 +166,16 @@ class Service:
         base = self.cache.base(self.base, dtype, device, self.config.loras, offload=self.config.offload)
         if self.config.vae is not None:  # read now: a bad file stops the server from starting
             self.cache.vae(self.config.vae, base, self.base, device)
+        loaded = []
         for name, path in self.controlnets.items():
             cn = self.cache.controlnet(path, dtype, device, (self.base, self.config.loras))
             base.check_controlnet(
                 cn, controlnet_name=f"ControlNet {name} ({path})", base_name=f"the base model {self.base}"
             )
             self.control_types[name] = getattr(cn.config, "num_mode", None)
+            loaded.append(cn)
+        if self.config.fp8:  # now: a family without FP8 stops the server from starting
+            base.use_fp8(loaded)
         return base
 
     def controlnet_path(self, name: str | None) -> str:
@@ -225,6 +230,7 @@ class Service:
             device=self.config.device,
             dtype=self.config.dtype,
             offload=self.config.offload,
+            fp8=self.config.fp8,
             captioner=self.config.captioner,
             vae=self.config.vae,
             loras=[LoraRequest(path, scale) for path, scale in self.config.loras],

@@ -115,9 +115,12 @@ class FusedFluxSingleTransformerBlock(FluxSingleTransformerBlock):
         mlp = self.act_mlp(self.proj_mlp(n))
         attn = _attention(self.attn, [n], image_rotary_emb)
         dim = attn.shape[-1]
-        w = self.proj_out.weight
-        y = F.linear(mlp, w[:, dim:], self.proj_out.bias)  # the MLP's columns of the weight, then
-        y.view(-1, y.shape[-1]).addmm_(attn.reshape(-1, dim), w[:, :dim].t())  # the attention's, added
+        if type(self.proj_out) is nn.Linear:
+            w = self.proj_out.weight
+            y = F.linear(mlp, w[:, dim:], self.proj_out.bias)  # the MLP's columns of the weight, then
+            y.view(-1, y.shape[-1]).addmm_(attn.reshape(-1, dim), w[:, :dim].t())  # the attention's, added
+        else:  # (FP8 weights: one product of the joined halves)
+            y = self.proj_out(torch.cat([attn, mlp], dim=2))
         h = fused.gated_add(h, gate, y)
         if h.dtype == torch.float16:
             h = h.clip(-65504, 65504)

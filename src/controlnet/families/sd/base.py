@@ -404,6 +404,9 @@ class UNetBase:
     def with_schedule(self, **overrides: Any) -> UNetBase:
         return replace(self, schedule={**self.schedule, **overrides})
 
+    def use_fp8(self, controlnets: Sequence[torch.nn.Module]) -> None:
+        raise ValueError("fp8: FP8 weights are for the transformer families (Flux.1, SD3); use bf16 or fp16")
+
     def check_clip_skip(self, clip_skip: int) -> None:
         """ValueError unless this model can read its text encoder ``clip_skip`` layers from the end."""
         if clip_skip != 1 and self.family is not Family.SD1:
