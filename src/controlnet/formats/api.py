@@ -17,6 +17,7 @@ from diffusers import UNet2DConditionModel
 
 from ..families.flux.base import FluxBase
 from ..families.flux.controlnet import FluxControlNet
+from ..families.sd.adapter import T2IAdapter
 from ..families.sd.base import UNetBase
 from ..families.sd.configs import Family
 from ..families.sd.controlnet import ControlNet, ControlNetConfig
@@ -56,6 +57,10 @@ class Format(Enum):
     CONTROLNET = "controlnet"  # ours: one safetensors file with its config in the metadata
 
 
+#: the layout of diffusers' T2I-Adapter folders
+ADAPTER_FOLDER = "T2I-Adapter folder"
+
+
 @dataclass
 class Detected:
     """What a path holds. ``kinds`` lists 'controlnet' and/or 'base'; ``layout`` is for people.
@@ -89,6 +94,8 @@ def detect(path: PathLike) -> Detected:
             return Detected(path, Format.DIFFUSERS, (CONTROLNET,), layout, family=cn_spec.family)
         if dif.is_controlnet_folder(path):
             return Detected(path, Format.DIFFUSERS, (CONTROLNET,), "ControlNet folder")
+        if dif.is_adapter_folder(path):  # a control model beside ControlNets: loaded where they are
+            return Detected(path, Format.DIFFUSERS, (CONTROLNET,), ADAPTER_FOLDER)
         if dif.is_pipeline_folder(path):
             return Detected(path, Format.DIFFUSERS, (BASE,), "pipeline folder")
         raise CheckpointError(
@@ -159,7 +166,7 @@ def load_controlnet(
     config: ControlNetConfig | None = None,
     base_unet: UNet2DConditionModel | None = None,
     ldm_config: PathLike | None = None,
-) -> ControlNet | FluxControlNet | SD3ControlNet:
+) -> ControlNet | FluxControlNet | SD3ControlNet | T2IAdapter:
     """Load a ControlNet from any supported file or folder (a Flux one too).
 
     ``dtype`` casts floating-point tensors (default: as stored). ``unet_config`` / ``config``
@@ -195,6 +202,8 @@ def load_controlnet(
         )
     if d.tensors is not None:
         return dif.load_controlnet_file(d.tensors, unet_config=unet_config, config=config, dtype=dtype)
+    if d.layout == ADAPTER_FOLDER:
+        return dif.load_adapter(d.path, dtype=dtype)
     return dif.load_controlnet(d.path, dtype=dtype)
 
 

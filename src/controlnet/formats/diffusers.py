@@ -29,6 +29,7 @@ from typing import Any
 import diffusers
 import torch
 
+from ..families.sd.adapter import AdapterConfig, T2IAdapter
 from ..families.sd.base import DEFAULT_SCHEDULE, UNetBase
 from ..families.sd.configs import Family
 from ..families.sd.controlnet import ControlNet, ControlNetConfig
@@ -78,6 +79,24 @@ TEXT_WEIGHTS = "model"
 def is_controlnet_folder(path: Path) -> bool:
     cfg = path / "config.json"
     return cfg.is_file() and read_json(cfg).get("_class_name") in ("ControlNetModel", "ControlNetXSAdapter")
+
+
+def is_adapter_folder(path: Path) -> bool:
+    cfg = path / "config.json"
+    return cfg.is_file() and read_json(cfg).get("_class_name") == "T2IAdapter"
+
+
+def load_adapter(folder: Path, *, dtype: torch.dtype | None = None) -> T2IAdapter:
+    """A diffusers ``T2IAdapter`` folder (TencentARC's published adapters): its config, then its
+    weights key for key."""
+    try:
+        with torch.device("meta"):  # the file's tensors are assigned: no second copy
+            adapter = T2IAdapter(AdapterConfig.from_dict(read_json(folder / "config.json")))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{folder / 'config.json'}: not a usable T2I-Adapter config ({e})") from e
+    tf = open_weights(folder, WEIGHTS)
+    load_into(adapter, tf, identity_rules, present=tf.keys(), what="T2I-Adapter", dtype=dtype)
+    return adapter
 
 
 def is_pipeline_folder(path: Path) -> bool:

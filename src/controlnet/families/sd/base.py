@@ -196,8 +196,12 @@ class UNetBase:
 
     def check_controlnet(self, controlnet: torch.nn.Module, *, controlnet_name: str, base_name: str) -> None:
         """ValueError naming both unless ``controlnet`` was made for this UNet's architecture."""
+        from .adapter import T2IAdapter
         from .compat import check_compatible
 
+        if isinstance(controlnet, T2IAdapter):
+            controlnet.check_unet(dict(self.unet.config), name=controlnet_name, base_name=base_name)
+            return
         check_compatible(controlnet, self, controlnet_name=controlnet_name, base_name=base_name)
 
     def controlled(self, controlnet: torch.nn.Module, *, only_mid_control: bool = False) -> torch.nn.Module:

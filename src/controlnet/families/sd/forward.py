@@ -45,6 +45,13 @@ def controlled_unet_forward(
     ``mid_block_additional_residual``.
     """
     added = dict(added_cond_kwargs) if added_cond_kwargs is not None else None
+    inside = [c for c in controls if getattr(c.controlnet, "injection", None) == "intrablock"]
+    controls = [c for c in controls if getattr(c.controlnet, "injection", None) != "intrablock"]
+    kwargs: dict[str, Any] = {}
+    adapters = residual_functions(inside, sample, timestep, encoder_hidden_states, cfg_batch, added)
+    if adapters:  # T2I-Adapters: their features go inside the encoder's levels (diffusers' argument)
+        kwargs["down_intrablock_additional_residuals"] = sum_residuals([fn() for fn in adapters])
+        concurrent = False  # (the split UNet takes skip residuals only)
     fns = residual_functions(controls, sample, timestep, encoder_hidden_states, cfg_batch, added)
     if concurrent and fns:
         encoder, decoder = halves(unet)
@@ -52,13 +59,10 @@ def controlled_unet_forward(
             [partial(encoder, sample, timestep, encoder_hidden_states, added), *fns], sample.device
         )
         return decoder(features, encoder_hidden_states, sum_residuals(each))
-    kwargs: dict[str, Any] = {}
     if fns:
         res = sum_residuals([fn() for fn in fns])
-        kwargs = {
-            "down_block_additional_residuals": tuple(res[:-1]),
-            "mid_block_additional_residual": res[-1],
-        }
+        kwargs["down_block_additional_residuals"] = tuple(res[:-1])
+        kwargs["mid_block_additional_residual"] = res[-1]
     return unet(
         sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False, **kwargs
     )[0]
