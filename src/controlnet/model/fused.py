@@ -17,6 +17,7 @@ in place, :func:`stock_blocks` takes it back for a while (to measure or check ag
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -27,7 +28,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["fuse_blocks", "gated_add", "kernel_state", "modulate", "queries", "stock_blocks", "values"]
+__all__ = [
+    "BlockFusion",
+    "fuse_blocks",
+    "gated_add",
+    "kernel_state",
+    "modulate",
+    "queries",
+    "stock_blocks",
+    "values",
+]
 
 Fn = TypeVar("Fn", bound=Callable[..., Any])
 _COMPILED: dict[str, Callable[..., Any]] = {}
@@ -148,3 +158,21 @@ def stock_blocks(network: nn.Module, fused: Mapping[type[nn.Module], type[nn.Mod
     finally:
         for m in swapped:
             m.__class__ = fused[type(m)]
+
+
+class BlockFusion:
+    """A family's fused blocks: ``fused`` maps diffusers' block classes to their fused subclasses,
+    ``fusable`` says which stock blocks may take them (see :func:`fuse_blocks`)."""
+
+    def __init__(
+        self, fused: Mapping[type[nn.Module], type[nn.Module]], fusable: Callable[[nn.Module], bool]
+    ) -> None:
+        self.fused, self.fusable = dict(fused), fusable
+
+    def fuse(self, network: nn.Module) -> int:
+        """Give each stock block of ``network`` the fused forward (in place); how many."""
+        return fuse_blocks(network, self.fused, self.fusable)
+
+    def stock(self, network: nn.Module) -> contextlib.AbstractContextManager[None]:
+        """Within: ``network``'s fused blocks run diffusers' own forward."""
+        return stock_blocks(network, self.fused)

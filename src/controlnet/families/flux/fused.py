@@ -5,8 +5,6 @@ a user's own) keep diffusers' forward."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -148,13 +146,8 @@ def _fusable(block: nn.Module) -> bool:
     )
 
 
-def fuse_blocks(network: nn.Module) -> int:
-    """Give each stock Flux block of ``network`` the fused forward (in place); how many."""
-    return fused.fuse_blocks(network, FUSED, _fusable)
-
-
-@contextmanager
-def stock_blocks(network: nn.Module) -> Iterator[None]:
-    """Within: ``network``'s fused Flux blocks run diffusers' own forward."""
-    with fused.stock_blocks(network, FUSED):
-        yield
+FUSION = fused.BlockFusion(FUSED, _fusable)
+#: give each stock Flux block of a network the fused forward (in place); how many
+fuse_blocks = FUSION.fuse
+#: within: a network's fused Flux blocks run diffusers' own forward
+stock_blocks = FUSION.stock

@@ -6,8 +6,6 @@ attention processor or feed-forward chunking keep diffusers' forward."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -132,13 +130,8 @@ def _fusable(block: nn.Module) -> bool:
     return True
 
 
-def fuse_blocks(network: nn.Module) -> int:
-    """Give each stock SD3 block of ``network`` the fused forward (in place); how many."""
-    return fused.fuse_blocks(network, FUSED, _fusable)
-
-
-@contextmanager
-def stock_blocks(network: nn.Module) -> Iterator[None]:
-    """Within: ``network``'s fused SD3 blocks run diffusers' own forward."""
-    with fused.stock_blocks(network, FUSED):
-        yield
+FUSION = fused.BlockFusion(FUSED, _fusable)
+#: give each stock SD3 block of a network the fused forward (in place); how many
+fuse_blocks = FUSION.fuse
+#: within: a network's fused SD3 blocks run diffusers' own forward
+stock_blocks = FUSION.stock
