@@ -202,3 +202,91 @@ def test_a_diffusers_adapter_folder_loads_and_runs_from_the_command_line(tmp_pat
     assert main([*common, "--controlnet", str(tmp_path / "adapter_xl"), "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip()
     assert "an SDXL T2I-Adapter" in err and "SD1.x/SD2.x" in err and len(err.splitlines()) == 1, err
+
+
+def test_a_controlnet_and_an_adapter_in_one_call_equal_diffusers_parts(tmp_path, monkeypatch):
+    """A ControlNet and a T2I-Adapter in one generation: the latents of diffusers'
+    StableDiffusionControlNetPipeline whose UNet also takes diffusers' T2IAdapter's features (as
+    the community ControlNet + Adapter pipelines do), to float32 rounding."""
+    import numpy as np
+    from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline
+    from PIL import Image
+
+    from controlnet import Family
+    from controlnet.formats import Format, save_controlnet
+    from controlnet.generation.check import check
+    from controlnet.generation.generate import generate
+    from controlnet.generation.request import ControlRequest, GenerationRequest
+    from controlnet.generation.sampling import initial_noise
+    from test_diffusers_parity import SD_SCHEDULE
+    from tiny import make_base, make_controlnet
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base = make_base(Family.SD1)
+    cn = make_controlnet(base.unet, open_zero=True, seed=2)
+    folder = save_controlnet(cn, tmp_path / "cn", Format.DIFFUSERS)[0]
+    torch.manual_seed(5)
+    theirs = DiffusersAdapter(channels=list(base.unet.config.block_out_channels), num_res_blocks=1).eval()
+    adapter = T2IAdapter(AdapterConfig.from_dict(dict(theirs.config))).eval()
+    adapter.load_state_dict(theirs.state_dict())
+    size, steps, n, seed = base.native_size, 4, 1, 3
+    image = np.zeros((size, size, 3), np.uint8)
+    image[24:100, 16:80] = 255
+    Image.fromarray(image).save(tmp_path / "cond.png")
+    controls = [
+        ControlRequest(str(tmp_path / "cond.png"), strength=0.9),
+        ControlRequest(str(tmp_path / "cond.png"), strength=0.7),
+    ]
+    request = GenerationRequest(
+        prompt="a red square",
+        added_prompt="",
+        negative_prompt="",
+        prompt_syntax="plain",
+        controls=controls,
+        sampler="ddim",
+        steps=steps,
+        guidance=5.0,
+        seed=seed,
+        num_samples=n,
+        resolution=size,
+    )
+    ours = generate(check(request), base, [cn, adapter], progress=False).latents
+
+    pipe = StableDiffusionControlNetPipeline(
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        unet=base.unet,
+        controlnet=ControlNetModel.from_pretrained(folder).eval(),
+        scheduler=DDIMScheduler(
+            **SD_SCHEDULE, prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False
+        ),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    with torch.no_grad():
+        features = [f * 0.7 for f in theirs(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255)]
+    plain_forward = base.unet.forward
+
+    def with_adapter(*args, **kwargs):
+        batch = args[0].shape[0]
+        kwargs["down_intrablock_additional_residuals"] = [f.repeat(batch, 1, 1, 1) for f in features]
+        return plain_forward(*args, **kwargs)
+
+    monkeypatch.setattr(base.unet, "forward", with_adapter)
+    noise = initial_noise((n, 4, *base.latent_size((size, size))), [seed], "cpu", torch.float32)
+    with torch.no_grad():
+        want = pipe(
+            prompt="a red square",
+            negative_prompt="",
+            image=Image.open(tmp_path / "cond.png"),
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            guidance_scale=5.0,
+            latents=noise,
+            controlnet_conditioning_scale=0.9,
+            output_type="latent",
+        ).images
+    assert (ours - want).abs().max() < 1e-4, float((ours - want).abs().max())
