@@ -183,6 +183,8 @@ def test_a_diffusers_adapter_folder_loads_and_runs_from_the_command_line(tmp_pat
         adapter_type="full_adapter_xl",
     ).save_pretrained(tmp_path / "adapter_xl")
     assert detect(tmp_path / "adapter").layout == "T2I-Adapter folder"
+    assert main(["inspect", str(tmp_path / "adapter_xl")]) == 0
+    assert "family:     SDXL" in capsys.readouterr().out
     loaded = load_controlnet(tmp_path / "adapter")
     want = DiffusersAdapter.from_pretrained(tmp_path / "adapter").state_dict()
     assert isinstance(loaded, T2IAdapter) and all(
@@ -290,3 +292,54 @@ def test_a_controlnet_and_an_adapter_in_one_call_equal_diffusers_parts(tmp_path,
             output_type="latent",
         ).images
     assert (ours - want).abs().max() < 1e-4, float((ours - want).abs().max())
+
+
+def _tencentarc(state: dict, kind: str, per_level: int) -> dict:
+    """diffusers' T2IAdapter keys back in TencentARC's original layout (as diffusers' conversion
+    script maps them): full resnets numbered through the levels, light ones nested per level."""
+    import re
+
+    out = {}
+    for k, v in state.items():
+        k = k.removeprefix("adapter.")
+        if kind == "full":
+            m = re.match(r"body\.(\d+)\.resnets\.(\d+)\.(.*)", k)
+            if m:
+                k = f"body.{int(m.group(1)) * per_level + int(m.group(2))}.{m.group(3)}"
+            elif (m := re.match(r"body\.(\d+)\.in_conv\.(.*)", k)) is not None:
+                k = f"body.{int(m.group(1)) * per_level}.in_conv.{m.group(2)}"
+        else:
+            k = re.sub(r"body\.(\d+)\.resnets\.", r"body.\1.body.", k)
+        out[k] = v.clone()
+    return out
+
+
+@pytest.mark.parametrize("kind", ["full", "sketch", "light"])
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_tencentarc_files_load_key_for_key(kind, suffix, tmp_path):
+    """TencentARC's original adapter files (the full kind, its one-channel sketch variant, the
+    light kind), as .pth or safetensors: the architecture read off the tensors, every key placed,
+    the features those of the same weights in diffusers' T2IAdapter."""
+    from safetensors.torch import save_file
+
+    from controlnet.formats import detect, load_controlnet
+
+    config = dict(KINDS[kind])
+    torch.manual_seed(2)
+    theirs = DiffusersAdapter(**config).eval()
+    n = config["num_res_blocks"]
+    state = _tencentarc(theirs.state_dict(), "light" if kind == "light" else "full", n)
+    path = tmp_path / f"t2iadapter_{kind}_sd14v1{suffix}"
+    torch.save(state, path) if suffix == ".pth" else save_file(state, str(path))
+    assert detect(path).layout == "T2I-Adapter file"
+    from controlnet.formats.tools import inspect_checkpoint
+
+    said = "\n".join(inspect_checkpoint(path).lines())  # no weights read
+    assert "T2I-Adapter file" in said and "controlnet: loads" in said and f"num_res_blocks={n}" in said
+    ours = load_controlnet(path)
+    assert isinstance(ours, T2IAdapter) and ours.config.channels == config["channels"]
+    assert ours.config.in_channels == config.get("in_channels", 3) and ours.config.num_res_blocks == n
+    image = torch.rand(1, config.get("in_channels", 3), 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for a, b in zip(ours.features(image), theirs(image), strict=True):
+            torch.testing.assert_close(a, b)

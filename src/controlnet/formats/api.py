@@ -23,9 +23,9 @@ from ..families.sd.configs import Family
 from ..families.sd.controlnet import ControlNet, ControlNetConfig
 from ..families.sd3.base import SD3Base
 from ..families.sd3.controlnet import SD3ControlNet
+from . import adapter, dit_base, dit_controlnet, flux_bfl, flux_files, ours, sd3_single
 from . import control_lora as clora
 from . import diffusers as dif
-from . import dit_base, dit_controlnet, flux_bfl, flux_files, ours, sd3_single
 from . import original as orig
 from .build import BaseConfig, Loader, build_unet, make_base
 from .checkpoint import CheckpointError, TensorFile, list_keys, open_tensors, shapes_only
@@ -57,8 +57,9 @@ class Format(Enum):
     CONTROLNET = "controlnet"  # ours: one safetensors file with its config in the metadata
 
 
-#: the layout of diffusers' T2I-Adapter folders
+#: the layouts of T2I-Adapters: diffusers' folders, single files (TencentARC's or diffusers' keys)
 ADAPTER_FOLDER = "T2I-Adapter folder"
+ADAPTER_FILE = "T2I-Adapter file"
 
 
 @dataclass
@@ -119,6 +120,8 @@ def detect(path: PathLike) -> Detected:
             return Detected(path, Format.CONTROLNET, (CONTROLNET,), layout, tf, family=cn_spec.family)
         layout = f"{cn_spec.label} ControlNet, published layout (no config)"
         return Detected(path, Format.ORIGINAL, (CONTROLNET,), layout, tf, family=cn_spec.family)
+    if adapter.is_adapter_file(tf):
+        return Detected(path, Format.ORIGINAL, (CONTROLNET,), ADAPTER_FILE, tf)
     kind = ours.kind_of(tf)
     if kind is not None:
         what = "ControlNet" if kind == ours.CONTROLNET else "base model"
@@ -184,6 +187,9 @@ def load_controlnet(
         if d.tensors is not None:
             return dit_controlnet.load_file(cn_spec, d.tensors, dtype=dtype)
         return dit_controlnet.load_folder(cn_spec, d.path, dtype=dtype)
+    if d.layout == ADAPTER_FILE:
+        assert d.tensors is not None
+        return adapter.load_adapter_file(d.tensors, dtype=dtype)
     if d.control_lora:
         assert d.tensors is not None
         if base_unet is None:

@@ -22,6 +22,8 @@ from . import diffusers as dif
 from . import dit_controlnet, ours
 from . import original as orig
 from .api import (
+    ADAPTER_FILE,
+    ADAPTER_FOLDER,
     BASE,
     CONTROLNET,
     Detected,
@@ -262,6 +264,8 @@ def inspect_checkpoint(path: PathLike, *, ldm_config: PathLike | None = None) ->
 def _describe(path: PathLike, ldm_config: PathLike | None) -> Inspection:
     d = detect(path)
     tf = d.tensors
+    if d.layout in (ADAPTER_FILE, ADAPTER_FOLDER):
+        return _inspect_adapter(d)
     if d.family != "sd" and CONTROLNET in d.kinds:
         return _inspect_dit_controlnet(d)
     if d.family != "sd":
@@ -292,6 +296,20 @@ def _describe(path: PathLike, ldm_config: PathLike | None) -> Inspection:
         assert tf is not None
         return _inspect_original(d.path, d.layout, tf, ldm_config)
     return _inspect_diffusers(d.path, d.layout, tf)
+
+
+def _inspect_adapter(d: Detected) -> Inspection:
+    """A T2I-Adapter: its kind and sizes as its loader reads them (shapes only)."""
+    from .checkpoint import shapes_only
+
+    with shapes_only():
+        adapter = load_controlnet(d.path)
+    tfs = [d.tensors] if d.tensors is not None else _weight_files(d.path)
+    xl = adapter.config.adapter_type == "full_adapter_xl"
+    params = {"t2i-adapter": sum(p.numel() for p in adapter.parameters())}
+    options = adapter.config.to_dict() | {"features": adapter.num_residuals}
+    family = "SDXL" if xl else "SD1.x / SD2.x"
+    return Inspection(d.path, d.format, d.layout, family, params, _dtypes(tfs), options)
 
 
 def _inspect_original(path: Path, layout: str, tf: TensorFile, ldm_config: PathLike | None) -> Inspection:
