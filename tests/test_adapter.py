@@ -343,3 +343,30 @@ def test_tencentarc_files_load_key_for_key(kind, suffix, tmp_path):
     with torch.no_grad():
         for a, b in zip(ours.features(image), theirs(image), strict=True):
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kind", ["full", "light", "xl"])
+def test_convert_round_trips_bitwise_through_every_layout(kind, tmp_path):
+    """`convert` writes an adapter in each layout (ours, diffusers' folder, TencentARC's keys - not
+    for SDXL's, which was never released that way: refused in one line) and reading it back gives
+    the same tensors, bit for bit; diffusers reads our folder."""
+    from controlnet.formats import convert, detect, load_controlnet
+
+    torch.manual_seed(6)
+    DiffusersAdapter(**KINDS[kind]).save_pretrained(tmp_path / "src")
+    want = load_controlnet(tmp_path / "src").state_dict()
+    layouts = ["controlnet", "diffusers"] + ([] if kind == "xl" else ["original"])
+    for fmt in layouts:
+        name = f"out-{fmt}" if fmt == "diffusers" else f"out-{fmt}.safetensors"
+        out = convert(tmp_path / "src", tmp_path / name, fmt)[0]
+        assert detect(out).format.value == fmt
+        back = convert(out, tmp_path / f"back-{fmt}", "diffusers")[0]
+        for path in (out, back):
+            got = load_controlnet(path).state_dict()
+            assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    theirs = DiffusersAdapter.from_pretrained(tmp_path / "out-diffusers").state_dict()
+    assert all(torch.equal(theirs[k], want[k]) for k in want)
+    if kind == "xl":
+        with pytest.raises(Exception, match="an SDXL T2I-Adapter has no original layout"):
+            convert(tmp_path / "src", tmp_path / "nope.safetensors", "original")
+        assert not (tmp_path / "nope.safetensors").exists() and not (tmp_path / "nope").exists()

@@ -9,17 +9,21 @@ names (``adapter.body.{level}.resnets.{j}``); the rules below map one to the oth
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import torch
 
 from ..families.sd.adapter import AdapterConfig, T2IAdapter
-from .checkpoint import CheckpointError, TensorFile
-from .keymap import Rule, identity_rules, load_into
+from .checkpoint import CheckpointError, TensorFile, atomic_outputs, dump_json, save_safetensors
+from .keymap import Rule, identity_rules, load_into, to_file
 
-__all__ = ["is_adapter_file", "load_adapter_file"]
+__all__ = ["file_format", "is_adapter_file", "load_adapter_file", "save_adapter"]
 
 PREFIX = "adapter."
+#: our single file's metadata key: the adapter's config as JSON (a light adapter's needs it)
+META_CONFIG = "t2i_adapter_config"
 
 
 def _kind(tf: TensorFile) -> str | None:
@@ -35,6 +39,14 @@ def _kind(tf: TensorFile) -> str | None:
 
 def is_adapter_file(tf: TensorFile) -> bool:
     return _kind(tf) is not None
+
+
+def file_format(tf: TensorFile) -> str:
+    """The format value of an adapter file: 'original' (TencentARC's keys), 'controlnet' (ours:
+    diffusers' keys with the config in the metadata) or 'diffusers' (its keys alone)."""
+    if _kind(tf) in ("full", "light"):
+        return "original"
+    return "controlnet" if META_CONFIG in tf.metadata else "diffusers"
 
 
 def _shape(tf: TensorFile, key: str) -> tuple[int, ...]:
@@ -100,6 +112,16 @@ def _original_light(tf: TensorFile) -> tuple[AdapterConfig, list[Rule]]:
 
 
 def _diffusers_file(tf: TensorFile) -> AdapterConfig:
+    stored = tf.metadata.get(META_CONFIG)
+    if stored is not None:  # ours: the config as written
+        try:
+            return AdapterConfig.from_dict(json.loads(stored))
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{tf.path}: bad {META_CONFIG} in the metadata ({e})") from e
+    return _config_off_tensors(tf)
+
+
+def _config_off_tensors(tf: TensorFile) -> AdapterConfig:
     """A single file of diffusers' keys, without its config: the full (SD1/SD2) or SDXL kind by
     its first layer's input (8x8 or 16x16 pixels unshuffled), the widths and counts off the tensors."""
     levels = sorted({int(m.group(1)) for k in tf if (m := re.match(r"adapter\.body\.(\d+)\.", k))})
@@ -144,3 +166,50 @@ def load_adapter_file(tf: TensorFile, *, dtype: torch.dtype | None = None) -> T2
         return [by_ours[k] for k in keys]
 
     return load_into(adapter, tf, rules_for, present=tf.keys(), what="T2I-Adapter", dtype=dtype)
+
+
+def _original_rules(adapter: T2IAdapter) -> list[Rule]:
+    """Our keys -> TencentARC's, for writing (the inverse of what loading reads)."""
+    c = adapter.config
+    if c.adapter_type == "full_adapter_xl":
+        raise CheckpointError(
+            "an SDXL T2I-Adapter has no original layout (TencentARC released them as diffusers folders); "
+            "write it --to diffusers or --to controlnet"
+        )
+    rules = []
+    for key in adapter.state_dict():
+        k = key.removeprefix(PREFIX)
+        if c.adapter_type == "light_adapter":
+            k = re.sub(r"body\.(\d+)\.resnets\.", r"body.\1.body.", k)
+        elif (m := re.match(r"body\.(\d+)\.resnets\.(\d+)\.(.*)", k)) is not None:
+            k = f"body.{int(m.group(1)) * c.num_res_blocks + int(m.group(2))}.{m.group(3)}"
+        elif (m := re.match(r"body\.(\d+)\.in_conv\.(.*)", k)) is not None:
+            k = f"body.{int(m.group(1)) * c.num_res_blocks}.in_conv.{m.group(2)}"
+        rules.append(Rule(key, k))
+    return rules
+
+
+def save_adapter(adapter: T2IAdapter, path: Path, fmt: str, *, overwrite: bool = False) -> list[Path]:
+    """Write ``adapter`` atomically: ``diffusers`` (a T2IAdapter folder), ``original``
+    (TencentARC's keys, one safetensors file) or ``controlnet`` (ours: diffusers' keys and the config
+    in the metadata, one file)."""
+    import diffusers
+
+    state = adapter.state_dict()
+    if fmt == "diffusers":
+        config = {"_class_name": "T2IAdapter", "_diffusers_version": diffusers.__version__}
+        config.update(adapter.config.to_dict())
+        with atomic_outputs(path, overwrite=overwrite) as (tmp,):
+            tmp.mkdir()
+            (tmp / "config.json").write_text(dump_json(config))
+            save_safetensors(state, tmp / "diffusion_pytorch_model.safetensors", {"format": "pt"})
+        return [path]
+    if fmt == "original":
+        tensors = to_file(state, _original_rules(adapter))
+        with atomic_outputs(path, overwrite=overwrite) as (tmp,):
+            save_safetensors(tensors, tmp, {"format": "pt"})
+        return [path]
+    metadata = {"format": "pt", META_CONFIG: json.dumps(adapter.config.to_dict())}
+    with atomic_outputs(path, overwrite=overwrite) as (tmp,):
+        save_safetensors(state, tmp, metadata)
+    return [path]

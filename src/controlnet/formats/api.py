@@ -121,7 +121,7 @@ def detect(path: PathLike) -> Detected:
         layout = f"{cn_spec.label} ControlNet, published layout (no config)"
         return Detected(path, Format.ORIGINAL, (CONTROLNET,), layout, tf, family=cn_spec.family)
     if adapter.is_adapter_file(tf):
-        return Detected(path, Format.ORIGINAL, (CONTROLNET,), ADAPTER_FILE, tf)
+        return Detected(path, Format(adapter.file_format(tf)), (CONTROLNET,), ADAPTER_FILE, tf)
     kind = ours.kind_of(tf)
     if kind is not None:
         what = "ControlNet" if kind == ours.CONTROLNET else "base model"
@@ -334,7 +334,7 @@ def load_unet(
 
 
 def save_controlnet(
-    cn: ControlNet | FluxControlNet | SD3ControlNet,
+    cn: ControlNet | FluxControlNet | SD3ControlNet | T2IAdapter,
     path: PathLike,
     fmt: Format | str = Format.CONTROLNET,
     *,
@@ -345,6 +345,11 @@ def save_controlnet(
     only) embeds a base model, as in the v1.0 files."""
     fmt = Format(fmt)
     path = Path(path)
+    if isinstance(cn, T2IAdapter):
+        if base is not None:
+            raise ValueError("a T2I-Adapter's file holds the adapter alone")
+        target = path if fmt is Format.DIFFUSERS else _safetensors_path(path)
+        return adapter.save_adapter(cn, target, fmt.value, overwrite=overwrite)
     if isinstance(cn, (FluxControlNet, SD3ControlNet)):
         if base is not None:
             raise ValueError("a transformer ControlNet's file holds the ControlNet alone")
