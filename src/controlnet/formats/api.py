@@ -21,6 +21,7 @@ from ..families.sd.adapter import T2IAdapter
 from ..families.sd.base import UNetBase
 from ..families.sd.configs import Family
 from ..families.sd.controlnet import ControlNet, ControlNetConfig
+from ..families.sd.union import UnionControlNet
 from ..families.sd3.base import SD3Base
 from ..families.sd3.controlnet import SD3ControlNet
 from . import adapter, dit_base, dit_controlnet, flux_bfl, flux_files, ours, sd3_single
@@ -355,6 +356,10 @@ def save_controlnet(
             raise ValueError("a transformer ControlNet's file holds the ControlNet alone")
         target = path if fmt is Format.DIFFUSERS else _safetensors_path(path)
         return dit_controlnet.save(cn, target, fmt.value, overwrite=overwrite)
+    if isinstance(cn, UnionControlNet) and fmt is not Format.DIFFUSERS:
+        raise ValueError(
+            "a Union ControlNet is written as a diffusers folder (--to diffusers), as it is published"
+        )
     if base is not None and fmt is not Format.ORIGINAL:
         raise ValueError("a base model can be embedded in the original format only")
     if fmt is Format.ORIGINAL:

@@ -24,6 +24,7 @@ from ..families.sd.base import DEFAULT_SCHEDULE, UNetBase
 from ..families.sd.compat import UNET_FIELDS
 from ..families.sd.configs import Family, family_of_unet_config, text_encoder_config, unet_config, vae_config
 from ..families.sd.controlnet import ControlNet, ControlNetConfig
+from ..families.sd.union import UnionConfig, UnionControlNet
 from ..text.tokenizer import clip_tokenizer
 from .checkpoint import CheckpointError, TensorFile
 
@@ -33,6 +34,7 @@ __all__ = [
     "BaseConfig",
     "build_text_encoder",
     "build_unet",
+    "build_union",
     "build_vae",
     "family_from_context",
     "hint_config_from_shapes",
@@ -148,6 +150,15 @@ def build_unet(config: Mapping[str, Any]) -> UNet2DConditionModel:
 
 def build_controlnet(unet_config: Mapping[str, Any], config: ControlNetConfig) -> ControlNet:
     return ControlNet.from_config(_known_kwargs(UNet2DConditionModel, unet_config), config, device="meta")
+
+
+def build_union(
+    unet_config: Mapping[str, Any], config: ControlNetConfig, union: UnionConfig
+) -> UnionControlNet:
+    """An SDXL Union ControlNet's architecture on the meta device (weights to assign)."""
+    with torch.device("meta"):
+        template = UNet2DConditionModel(**_known_kwargs(UNet2DConditionModel, unet_config))
+        return UnionControlNet(template, config, union)
 
 
 def build_vae(config: Mapping[str, Any]) -> AutoencoderKL:

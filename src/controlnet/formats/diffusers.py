@@ -33,6 +33,7 @@ from ..families.sd.adapter import AdapterConfig, T2IAdapter
 from ..families.sd.base import DEFAULT_SCHEDULE, UNetBase
 from ..families.sd.configs import Family
 from ..families.sd.controlnet import ControlNet, ControlNetConfig
+from ..families.sd.union import UnionConfig, UnionControlNet
 from ..text.tokenizer import _vocab_and_merges
 from .build import (
     TEXT_FIELDS,
@@ -40,6 +41,7 @@ from .build import (
     BaseConfig,
     Loader,
     build_controlnet,
+    build_union,
     controlnet_metadata,
     hint_config_from_shapes,
     numbered,
@@ -78,7 +80,11 @@ TEXT_WEIGHTS = "model"
 
 def is_controlnet_folder(path: Path) -> bool:
     cfg = path / "config.json"
-    return cfg.is_file() and read_json(cfg).get("_class_name") in ("ControlNetModel", "ControlNetXSAdapter")
+    return cfg.is_file() and read_json(cfg).get("_class_name") in (
+        "ControlNetModel",
+        "ControlNetXSAdapter",
+        "ControlNetUnionModel",
+    )
 
 
 def is_adapter_folder(path: Path) -> bool:
@@ -140,13 +146,17 @@ def controlnet_arch(config: dict[str, Any]) -> tuple[dict[str, Any], ControlNetC
 
 
 def load_controlnet(folder: Path, *, dtype: torch.dtype | None = None) -> ControlNet:
+    """A ControlNetModel folder, or a ControlNetUnionModel one (SDXL Union ControlNets)."""
     config = read_json(folder / "config.json")
     if config.get("controlnet_conditioning_channel_order", "rgb") != "rgb":
         raise CheckpointError(f"{folder}: only RGB-ordered conditions are supported")
     unet_config, hint = controlnet_arch(config)
     tf = open_weights(folder, WEIGHTS)
     try:
-        cn = build_controlnet(unet_config, hint)
+        if config.get("_class_name") == "ControlNetUnionModel":
+            cn = build_union(unet_config, hint, UnionConfig.from_dict(config))
+        else:
+            cn = build_controlnet(unet_config, hint)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{folder / 'config.json'}: not a usable ControlNet config ({e})") from e
     load_into(cn, tf, identity_rules, present=tf.keys(), what="ControlNet", dtype=dtype)
@@ -192,9 +202,13 @@ def save_controlnet(cn: ControlNet, folder: Path, *, overwrite: bool = False) ->
         global_pool_conditions=cn.config.global_pool,
         controlnet_conditioning_channel_order="rgb",
     )
+    kind = "ControlNetModel"
+    if isinstance(cn, UnionControlNet):
+        kind = "ControlNetUnionModel"
+        config.update(cn.union.to_dict())
     with atomic_outputs(folder, overwrite=overwrite) as (tmp,):
         tmp.mkdir()
-        (tmp / "config.json").write_text(dump_json(_versioned("ControlNetModel", config)))
+        (tmp / "config.json").write_text(dump_json(_versioned(kind, config)))
         metadata = {"format": "pt", **controlnet_metadata(cn.unet_config, cn.config)}
         save_safetensors(cn.state_dict(), tmp / f"{WEIGHTS}.safetensors", metadata)
     return [folder]

@@ -24,6 +24,7 @@ from ..annotators.utils import condition_tensor, fill_box, fit_to, resize_to
 from ..choices import ControlMode, HiresUpscaler, PromptSetting, ResizeMode
 from ..families.protocol import BaseModel
 from ..imageio import flatten_alpha, read_image
+from ..model.control import control_modes
 from .check import CheckedRequest
 from .denoiser import ControlUnit
 from .request import PAPER_DEFAULT_PROMPT, ControlRequest, GenerationRequest
@@ -117,7 +118,7 @@ def resolve_prompt(
 # ---------------------------------------------------------------------- the job
 def _check_control_type(i: int, kind: int | None, controlnet: torch.nn.Module) -> None:
     """A Union ControlNet needs its kind of condition, one of its modes; no other takes one."""
-    modes = getattr(controlnet.config, "num_mode", None)
+    modes = control_modes(controlnet)
     if modes is None and kind is not None:
         raise ValueError(
             f"controls[{i}].control_type: {kind} given, but its ControlNet is not a Union ControlNet"

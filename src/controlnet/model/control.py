@@ -28,8 +28,10 @@ from .fastpath import run_concurrently
 __all__ = [
     "SOFT_DECAY",
     "Control",
+    "control_modes",
     "control_residuals",
     "control_scales",
+    "region_at",
     "region_tokens",
     "residual_functions",
     "soft_scales",
@@ -131,9 +133,17 @@ def residual_functions(
         else:
             res = c.controlnet(sample, timestep, encoder_hidden_states, c.hint, added_cond_kwargs)
         res = [(r if s == 1.0 else r * s).to(sample.dtype) for r, s in zip(res, c.scales)]
-        return res if c.region is None else [r * _region_at(c.region, r) for r in res]
+        return res if c.region is None else [r * region_at(c.region, r) for r in res]
 
     return [partial(scaled, c) for c in controls if c.active]
+
+
+def control_modes(controlnet: nn.Module) -> int | None:
+    """How many kinds of condition a Union ControlNet knows (its modes); None for one kind."""
+    modes = getattr(controlnet, "num_mode", None)
+    if modes is None:
+        modes = getattr(getattr(controlnet, "config", None), "num_mode", None)
+    return modes
 
 
 def region_tokens(region: torch.Tensor, grid: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
@@ -143,7 +153,7 @@ def region_tokens(region: torch.Tensor, grid: tuple[int, int], dtype: torch.dtyp
     return cells.flatten(2).transpose(1, 2).to(dtype)
 
 
-def _region_at(region: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+def region_at(region: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """``region`` averaged over the cells of ``residual``'s grid, in its dtype."""
     if region.shape[-2:] != residual.shape[-2:]:
         region = F.interpolate(region.float(), size=residual.shape[-2:], mode="area")

@@ -36,6 +36,7 @@ from ..generation.defaults import MODEL_SETTINGS, model_settings
 from ..generation.request import GenerationRequest, LoraRequest
 from ..generation.sizes import final_size
 from ..imageio import read_image, read_mask
+from ..model.control import control_modes
 from .limits import Limits
 from .uploads import Uploads, megapixels
 
@@ -172,7 +173,7 @@ class Service:
             base.check_controlnet(
                 cn, controlnet_name=f"ControlNet {name} ({path})", base_name=f"the base model {self.base}"
             )
-            self.control_types[name] = getattr(cn.config, "num_mode", None)
+            self.control_types[name] = control_modes(cn)
             loaded.append(cn)
         if self.config.fp8:  # now: a family without FP8 stops the server from starting
             base.use_fp8(loaded)

@@ -9,7 +9,7 @@ the residuals (:mod:`.halves`): the same operations, so the same results.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -17,10 +17,11 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from ...model.control import Control, control_scales, residual_functions, sum_residuals
+from ...model.control import Control, control_scales, region_at, residual_functions, sum_residuals
 from ...model.fastpath import run_concurrently
 from .controlnet import ControlNet
 from .halves import halves
+from .union import UnionControlNet
 
 __all__ = ["ControlledUNet", "controlled_unet_forward", "decoder_parameters"]
 
@@ -52,7 +53,10 @@ def controlled_unet_forward(
     if adapters:  # T2I-Adapters: their features go inside the encoder's levels (diffusers' argument)
         kwargs["down_intrablock_additional_residuals"] = sum_residuals([fn() for fn in adapters])
         concurrent = False  # (the split UNet takes skip residuals only)
+    unions = [c for c in controls if isinstance(c.controlnet, UnionControlNet)]
+    controls = [c for c in controls if not isinstance(c.controlnet, UnionControlNet)]
     fns = residual_functions(controls, sample, timestep, encoder_hidden_states, cfg_batch, added)
+    fns += union_functions(unions, sample, timestep, encoder_hidden_states, cfg_batch, added)
     if concurrent and fns:
         encoder, decoder = halves(unet)
         features, *each = run_concurrently(
@@ -66,6 +70,52 @@ def controlled_unet_forward(
     return unet(
         sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False, **kwargs
     )[0]
+
+
+def union_functions(
+    controls: Sequence[Control],
+    sample: torch.Tensor,
+    timestep: torch.Tensor | float | int,
+    context: torch.Tensor,
+    cfg_batch: bool,
+    added: Mapping[str, torch.Tensor] | None,
+) -> list[Callable[[], list[torch.Tensor]]]:
+    """One function per Union ControlNet (and per half it runs on) giving the residuals of all its
+    active conditions from one pass (:meth:`UnionControlNet.forward_union`). A condition alone keeps
+    its per-residual scales and its region; several are each scaled by their strength inside the
+    network, and a region mask has no place among them (refused)."""
+    groups: dict[tuple[int, bool], list[Control]] = {}
+    for c in controls:
+        if c.active:
+            groups.setdefault((id(c.controlnet), c.conditional_only and cfg_batch), []).append(c)
+
+    def run(group: list[Control], half: bool) -> list[torch.Tensor]:
+        cn: UnionControlNet = group[0].controlnet  # type: ignore[assignment]
+        x, t, ctx, add = sample, timestep, context, added
+        if half:
+            n = sample.shape[0] // 2
+            x, ctx = sample[n:], context[n:]
+            t = timestep[n:] if torch.is_tensor(timestep) and timestep.ndim > 0 else timestep
+            add = {k: v[n:] for k, v in added.items()} if added else added
+        one = len(group) == 1
+        if not one and any(c.region is not None for c in group):
+            raise ValueError(
+                "region masks: a Union ControlNet's conditions run in one pass; give a region mask "
+                "only where it takes one condition"
+            )
+        types = [c.control_type if c.control_type is not None else -1 for c in group]
+        scales = [1.0] if one else [c.scales[-1] for c in group]
+        res = cn.forward_union(x, t, ctx, [c.hint for c in group], types, scales, add)
+        if one:
+            c = group[0]
+            res = [r * s for r, s in zip(res, c.scales)]
+            if c.region is not None:
+                res = [r * region_at(c.region, r) for r in res]
+        if half:
+            res = [torch.cat([torch.zeros_like(r), r]) for r in res]
+        return [r.to(sample.dtype) for r in res]
+
+    return [partial(run, group, half) for (_, half), group in groups.items()]
 
 
 class ControlledUNet(nn.Module):
