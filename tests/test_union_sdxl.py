@@ -184,3 +184,14 @@ def test_a_union_folder_loads_converts_and_runs_with_its_control_type(tmp_path, 
     assert main([*common, "--control-type", "4", "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip()
     assert "control_type" in err and "0-3" in err and len(err.splitlines()) == 1, err
+    # two conditions of the one Union ControlNet: one pass, where a region mask has no place
+    Image.fromarray(np.full((128, 128), 255, np.uint8)).save(tmp_path / "left.png")
+    two = [*common, "--controlnet", str(tmp_path / "union"), "--image", str(tmp_path / "cond.png")]
+    two += ["--control-type", "0", "--control-type", "2"]
+    assert main([*two, "--out", str(tmp_path / "two")]) == 0
+    capsys.readouterr()
+    masked = [*two, "--region-mask", "none", "--region-mask", str(tmp_path / "left.png")]
+    assert main([*masked, "--out", str(tmp_path / "masked")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "controls[1].region_mask" in err and "one pass" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "masked").exists()

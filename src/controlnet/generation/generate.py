@@ -129,6 +129,22 @@ def _check_control_type(i: int, kind: int | None, controlnet: torch.nn.Module) -
         raise ValueError(f"controls[{i}].control_type: {kind}, but its Union ControlNet knows 0-{modes - 1}")
 
 
+def _check_union_regions(controls: Sequence[ControlRequest], controlnets: Sequence[torch.nn.Module]) -> None:
+    """The conditions of one Union ControlNet run in one pass, where a region mask has no place:
+    refused before any work, naming the control."""
+    users: dict[int, list[int]] = {}
+    for i, cn in enumerate(controlnets):
+        if hasattr(cn, "forward_union"):
+            users.setdefault(id(cn), []).append(i)
+    for indices in users.values():
+        masked = [i for i in indices if controls[i].region_mask is not None]
+        if len(indices) > 1 and masked:
+            raise ValueError(
+                f"controls[{masked[0]}].region_mask: the controls of one Union ControlNet run in one pass, "
+                "which takes no region masks; give one to a Union ControlNet used for one condition"
+            )
+
+
 def draw_seed() -> int:
     """A random seed for a request that gives none (it is recorded in the result)."""
     return int.from_bytes(os.urandom(4), "little") >> 1
@@ -160,6 +176,7 @@ def generate(
         )
     for i, (c, cn) in enumerate(zip(request.controls, controlnets)):
         _check_control_type(i, c.control_type, cn)
+    _check_union_regions(request.controls, controlnets)
     seed = request.seed if request.seed is not None else draw_seed()
     req = replace(request, seed=seed)
     started = time.perf_counter()

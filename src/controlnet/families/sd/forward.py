@@ -1,4 +1,6 @@
-"""How ControlNet residuals enter a locked UNet, for sampling and for training.
+"""How ControlNet residuals enter a locked UNet, for sampling and for training (and beside them
+T2I-Adapter features, inside the encoder's levels, and the conditions of a Union ControlNet, all
+of one model in one pass).
 
 The locked UNet adds residual i to its i-th skip connection before the decoder concatenates it,
 and the last residual to the middle block's output (diffusers' ``down_block_additional_residuals``
