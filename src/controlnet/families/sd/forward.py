@@ -1,6 +1,7 @@
-"""How ControlNet residuals enter a locked UNet, for sampling and for training (and beside them
-T2I-Adapter features, inside the encoder's levels, and the conditions of a Union ControlNet, all
-of one model in one pass).
+"""How control enters a locked UNet, for sampling and for training.
+
+ControlNet residuals go to the skips and the middle block; T2I-Adapter features inside the
+encoder's levels; the conditions of one Union ControlNet run in one pass.
 
 The locked UNet adds residual i to its i-th skip connection before the decoder concatenates it,
 and the last residual to the middle block's output (diffusers' ``down_block_additional_residuals``
