@@ -28,14 +28,17 @@ from .fastpath import run_concurrently
 __all__ = [
     "SOFT_DECAY",
     "Control",
+    "conditional_half",
     "control_modes",
     "control_residuals",
     "control_scales",
     "region_at",
     "region_tokens",
     "residual_functions",
+    "scaled",
     "soft_scales",
     "sum_residuals",
+    "zero_first_half",
 ]
 
 #: Per-level decay of the "soft" (guess mode) scales: scale_i = s * 0.825 ** (n - 1 - i).
@@ -112,6 +115,29 @@ def _half(x: Any, half: int) -> Any:
     return x
 
 
+def conditional_half(
+    sample: torch.Tensor,
+    timestep: torch.Tensor | float | int,
+    context: torch.Tensor,
+    added: Mapping[str, torch.Tensor] | None,
+) -> tuple[torch.Tensor, Any, torch.Tensor, dict[str, torch.Tensor] | None]:
+    """The conditional half of a ``[unconditional; conditional]`` batch's inputs."""
+    half = sample.shape[0] // 2
+    rest = {k: _half(v, half) for k, v in (added or {}).items()} or None
+    return sample[half:], _half(timestep, half), context[half:], rest
+
+
+def zero_first_half(res: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Residuals of the conditional half, with zeros for the unconditional one."""
+    return [torch.cat([torch.zeros_like(r), r]) for r in res]
+
+
+def scaled(c: Control, res: Sequence[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """``c``'s residuals times its per-residual scales, within its region, in ``dtype``."""
+    out = [(r if s == 1.0 else r * s).to(dtype) for r, s in zip(res, c.scales)]
+    return out if c.region is None else [r * region_at(c.region, r) for r in out]
+
+
 def residual_functions(
     controls: Sequence[Control],
     sample: torch.Tensor,
@@ -122,20 +148,15 @@ def residual_functions(
 ) -> list[Callable[[], list[torch.Tensor]]]:
     """One function per active control returning its scaled residuals (strength 0: not run)."""
 
-    def scaled(c: Control) -> list[torch.Tensor]:
+    def run(c: Control) -> list[torch.Tensor]:
         if c.conditional_only and cfg_batch:
-            half = sample.shape[0] // 2
-            added = {k: _half(v, half) for k, v in (added_cond_kwargs or {}).items()} or None
-            res = c.controlnet(
-                sample[half:], _half(timestep, half), encoder_hidden_states[half:], c.hint, added
-            )
-            res = [torch.cat([torch.zeros_like(r), r]) for r in res]
+            x, t, ctx, added = conditional_half(sample, timestep, encoder_hidden_states, added_cond_kwargs)
+            res = zero_first_half(c.controlnet(x, t, ctx, c.hint, added))
         else:
             res = c.controlnet(sample, timestep, encoder_hidden_states, c.hint, added_cond_kwargs)
-        res = [(r if s == 1.0 else r * s).to(sample.dtype) for r, s in zip(res, c.scales)]
-        return res if c.region is None else [r * region_at(c.region, r) for r in res]
+        return scaled(c, res, sample.dtype)
 
-    return [partial(scaled, c) for c in controls if c.active]
+    return [partial(run, c) for c in controls if c.active]
 
 
 def control_modes(controlnet: nn.Module) -> int | None:

@@ -20,7 +20,15 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from ...model.control import Control, control_scales, region_at, residual_functions, sum_residuals
+from ...model.control import (
+    Control,
+    conditional_half,
+    control_scales,
+    residual_functions,
+    scaled,
+    sum_residuals,
+    zero_first_half,
+)
 from ...model.fastpath import run_concurrently
 from .controlnet import ControlNet
 from .halves import halves
@@ -94,12 +102,9 @@ def union_functions(
 
     def run(group: list[Control], half: bool) -> list[torch.Tensor]:
         cn: UnionControlNet = group[0].controlnet  # type: ignore[assignment]
-        x, t, ctx, add = sample, timestep, context, added
-        if half:
-            n = sample.shape[0] // 2
-            x, ctx = sample[n:], context[n:]
-            t = timestep[n:] if torch.is_tensor(timestep) and timestep.ndim > 0 else timestep
-            add = {k: v[n:] for k, v in added.items()} if added else added
+        x, t, ctx, add = (
+            conditional_half(sample, timestep, context, added) if half else (sample, timestep, context, added)
+        )
         one = len(group) == 1
         if not one and any(c.region is not None for c in group):
             raise ValueError(
@@ -107,16 +112,12 @@ def union_functions(
                 "only where it takes one condition"
             )
         types = [c.control_type if c.control_type is not None else -1 for c in group]
-        scales = [1.0] if one else [c.scales[-1] for c in group]
-        res = cn.forward_union(x, t, ctx, [c.hint for c in group], types, scales, add)
-        if one:
-            c = group[0]
-            res = [r * s for r, s in zip(res, c.scales)]
-            if c.region is not None:
-                res = [r * region_at(c.region, r) for r in res]
+        strengths = [1.0] if one else [c.scales[-1] for c in group]
+        res = cn.forward_union(x, t, ctx, [c.hint for c in group], types, strengths, add)
         if half:
-            res = [torch.cat([torch.zeros_like(r), r]) for r in res]
-        return [r.to(sample.dtype) for r in res]
+            res = zero_first_half(res)
+        # one condition: its per-residual scales and region, as any ControlNet's
+        return scaled(group[0], res, sample.dtype) if one else [r.to(sample.dtype) for r in res]
 
     return [partial(run, group, half) for (_, half), group in groups.items()]
 
