@@ -151,8 +151,12 @@ class UnionControlNet(ControlNet):
             }
         b = sample.shape[0]
         emb = embed_time(self, sample, timestep, added_cond_kwargs)
+        # the multi-hot vector from comparisons with numbers: no host-to-device copy, which a
+        # CUDA graph's capture refuses
+        ids = torch.arange(self.union.num_control_type, device=sample.device)
         kinds = torch.zeros(self.union.num_control_type, device=sample.device)
-        kinds[list(types)] = 1
+        for kind in types:
+            kinds = torch.maximum(kinds, (ids == kind).float())
         kind_emb = self.control_type_proj(kinds.expand(b, -1).flatten()).reshape(b, -1).to(emb.dtype)
         emb = emb + self.control_add_embedding(kind_emb)
         h = self.conv_in(sample)
