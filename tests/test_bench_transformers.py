@@ -1,6 +1,7 @@
-"""benchmarks/bench_flux.py and bench_sd3.py run (their --tiny mode, on the CPU): the scripts the
-GPU sessions use to measure the transformer families against diffusers build both over the same
-weights, and their final latents agree."""
+"""The generation benchmarks against diffusers' pipelines run (their --tiny mode, on the CPU):
+bench_flux.py, bench_sd3.py and bench_sdxl_controls.py (a Union ControlNet with two conditions;
+a ControlNet with a T2I-Adapter) build ours and the peer over the same weights, and their final
+latents agree."""
 
 import json
 import subprocess
@@ -12,12 +13,22 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("script", ["bench_flux.py", "bench_sd3.py"])
+@pytest.mark.parametrize(
+    "script",
+    [
+        ["bench_flux.py"],
+        ["bench_sd3.py"],
+        ["bench_sdxl_controls.py", "--case", "union"],
+        ["bench_sdxl_controls.py", "--case", "adapter"],
+    ],
+    ids=["flux", "sd3", "sdxl-union", "sdxl-controlnet-adapter"],
+)
 def test_the_benchmark_runs_and_agrees_with_diffusers(tmp_path, script):
     out = tmp_path / "result.json"
     cmd = [
         sys.executable,
-        str(ROOT / "benchmarks" / script),
+        str(ROOT / "benchmarks" / script[0]),
+        *script[1:],
         "--tiny",
         "--peer",
         "--steps",
