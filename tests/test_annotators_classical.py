@@ -148,6 +148,19 @@ def test_inpaint_map_and_condition_tensor():
     assert set(np.unique(big[:, :, 3])) == {0, 255} and (big[:, :, 3] == 0).sum() == 4 * mask.sum()
 
 
+def test_repaint_map_is_the_image_black_where_masked():
+    """ProMax's repaint kind reads the image with the pixels to paint at 0 (not -1): plain RGB."""
+    img = shapes(64, 64)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[10:20, 30:50] = 255
+    with pytest.raises(ValueError, match="repaint needs a mask"):
+        A.annotate("repaint", img)
+    m = A.annotate("repaint", img, mask=mask)
+    hole = mask > 127
+    assert m.shape == (64, 64, 3) and m[hole].max() == 0 and np.array_equal(m[~hole], img[~hole])
+    assert torch.all(A.condition_tensor(m)[0][:, torch.from_numpy(hole)] == 0)
+
+
 def test_hwc3():
     g = np.arange(12, dtype=np.uint8).reshape(3, 4)
     assert np.array_equal(A.hwc3(g), np.stack([g] * 3, 2))

@@ -229,7 +229,7 @@ def test_the_server_serves_a_flux_model_alike(base, tmp_path):
     try:
         with httpx.Client(base_url=srv.url, timeout=300) as client:
             (name,) = client.get("/api/health").json()["control_types"].items()
-            assert name == ("union", 3)  # what the web app's control units offer for it
+            assert name == ("union", ["0", "1", "2"])  # what the web app's control units offer for it
             assert control_types(srv.service, "union") == ["0", "1", "2"]
             body = {"prompt": "a square", "steps": 2, "resolution": 64, "seed": 4}
             body["controls"] = [{"image": b64(square()), "control_type": 2}]
@@ -344,3 +344,30 @@ def test_init_makes_a_fresh_transformer_controlnet_from_a_base_file(base, tmp_pa
     )
     assert "are for UNet ControlNets" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_flux_union_modes_by_their_published_names(base):
+    """A Flux Union ControlNet of the published size (10 modes) takes InstantX's / Shakker-Labs'
+    mode names as their numbers; one of another size has numbers only, and says so."""
+    from controlnet.model.control import control_type_choices, resolve_control_type
+
+    published = controlnet(base, FluxControlNetConfig(1, 1, num_mode=10), seed=1)
+    choices = control_type_choices(published)
+    assert choices[:7] == ["canny", "tile", "depth", "blur", "pose", "gray", "lq"] and choices[7:] == [
+        "7",
+        "8",
+        "9",
+    ]
+    where = "controls[0].control_type"
+    assert [resolve_control_type(k, published, where) for k in ("depth", "OpenPose", "low-quality", 9)] == [
+        2,
+        4,
+        6,
+        9,
+    ]
+    with pytest.raises(ValueError, match=r"'edges' is not a kind .* one of: canny, tile, depth"):
+        resolve_control_type("edges", published, where)
+    own = controlnet(base, FluxControlNetConfig(1, 1, num_mode=3), seed=1)
+    assert control_type_choices(own) == ["0", "1", "2"]
+    with pytest.raises(ValueError, match="expected a mode number 0-2"):
+        resolve_control_type("depth", own, where)

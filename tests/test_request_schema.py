@@ -102,6 +102,11 @@ def test_json_round_trip_of_any_request_is_exact(request):
         ({"controls": {"image": "a.png"}}, "controls: expected a list"),
         ({"loras": [{"path": "l", "size": 1}]}, "loras[0]: unknown parameters ['size']"),
         ({"colour": "red"}, "unknown parameters ['colour']"),
+        (
+            {"controls": [{"image": "a.png", "control_type": True}]},
+            "control 0: control_type: expected text or a whole number or null, got True",
+        ),
+        ({"controls": [{"image": "a.png", "control_type": 1.5}]}, "control_type: expected text or a whole"),
     ],
 )
 def test_reading_json_names_the_field_and_what_was_expected(data, message):
@@ -127,6 +132,7 @@ def test_reading_json_names_the_field_and_what_was_expected(data, message):
         ({"controls": [ControlRequest("x", strength=math.nan)]}, "control 0: strength must be"),
         ({"controls": [ControlRequest("x", end=2.0)]}, "control 0: end must be in [0, 1], got 2.0"),
         ({"loras": [LoraRequest("l", scale=math.inf)]}, "loras[0]: scale must be"),
+        ({"controls": [ControlRequest("x", control_type=-1)]}, "control 0: control_type must be >= 0"),
     ],
 )
 def test_numbers_must_be_finite_and_within_their_bounds(change, message):
@@ -247,3 +253,12 @@ def test_the_api_field_tables_in_the_docs_are_the_schemas():
     docs = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(docs)
     assert docs.block() == docs.generated()
+
+
+def test_a_name_or_number_field_takes_either_as_given():
+    """``control_type`` takes a name (what it means is the loaded model's business) or a whole
+    number (a float of a whole number read as one), and writes back what it was given."""
+    for sent, read in (("depth", "depth"), (3, 3), (3.0, 3), ("2", "2")):
+        req = GenerationRequest.from_dict({"controls": [{"image": "a.png", "control_type": sent}]})
+        assert check_fields(req).controls[0].control_type == read
+        assert type(req.controls[0].control_type) is type(read)

@@ -44,8 +44,11 @@ def _takes(spec, tp) -> str:
     elif spec.kind is Kind.PARTS:
         text = "a list of controls (below)"
     else:
-        inner = next((a for a in typing.get_args(tp) if a is not type(None)), tp) if optional else tp
-        if inner in (int, float):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        inner = args[0] if optional and len(args) == 1 else tp
+        if set(args) == {int, str}:
+            text = "text, or a whole number " + spec.bounds_text()
+        elif inner in (int, float):
             whole = "a whole number " if inner is int else "a number "
             text = whole + spec.bounds_text()
         elif inner is bool:

@@ -14,7 +14,8 @@ HTTP API's body, the web app's ranges and labels - and this module derives the r
 - :func:`files` lists the files a request names, by input name.
 
 Enum-typed fields take their enum or its value as a string; a checked copy holds the members, so
-code that reads a checked request always sees the enum.
+code that reads a checked request always sees the enum. Fields typed ``int | str`` take a name or a
+whole number (the number within the bounds); what the name means is for the code that reads it.
 """
 
 from __future__ import annotations
@@ -202,6 +203,15 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _name_or_number(inner: Any) -> bool:
+    """Whether a field's type (``None`` taken off) is ``int | str``: a name or a whole number."""
+    return set(typing.get_args(inner)) == {int, str}
+
+
 def _type_name(tp: Any) -> str:
     enum = enum_of(tp)
     if enum is not None:
@@ -209,6 +219,8 @@ def _type_name(tp: Any) -> str:
     inner, optional = _unwrap(tp)
     names = {int: "a whole number", float: "a number", str: "text", bool: "true or false"}
     name = names.get(inner, "an object" if typing.get_origin(inner) is dict else "a list")
+    if _name_or_number(inner):
+        name = "text or a whole number"
     return f"{name} or null" if optional else name
 
 
@@ -245,6 +257,11 @@ def _read_value(tp: Any, value: Any, where: str, name: str) -> Any:
     elif inner is str:
         if isinstance(value, str):
             return value
+    elif _name_or_number(inner):
+        if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
     elif typing.get_origin(inner) is dict:
         if isinstance(value, dict) and all(isinstance(k, str) for k in value):
             return dict(value)
@@ -274,7 +291,7 @@ def _build(cls: type[T], data: Mapping[str, Any], where: str, *, bounds: bool) -
         part = part_type(tp)
         if part is not None:
             value = [_build_part(part, item, spec, name, i, bounds) for i, item in enumerate(value)]
-        elif bounds and value is not None and _unwrap(tp)[0] in (int, float) and not spec.admits(value):
+        elif bounds and _is_number(value) and not spec.admits(value):
             raise ValueError(f"{_words(where, name)} must be {spec.bounds_text()}, got {value}")
         values[name] = value
     return cls(**values)

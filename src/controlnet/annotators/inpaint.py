@@ -1,5 +1,6 @@
-"""Inpainting condition (v1.1): the image with the masked pixels set to -1.
+"""Inpainting conditions: the image with the pixels to repaint marked.
 
+``inpaint`` (the v1.1 inpainting ControlNet): the masked pixels set to -1.
 -1 does not fit in uint8, so the map is RGBA: RGB is the image (black where masked) and alpha is
 0 on the masked pixels, 255 elsewhere. :func:`controlnet.annotators.utils.condition_tensor` turns
 alpha-0 pixels into -1 when the map becomes the model's input.
@@ -7,6 +8,11 @@ alpha-0 pixels into -1 when the map becomes the model's input.
 The mask arrives as the ``mask`` argument: an HxW array, bool (True = repaint) or uint8
 (> 127 = repaint); an HxWx3 mask is reduced to its grey value. A mask of another size is resized
 to the image with nearest-neighbour. On the command line: ``--mask MASK.png`` (white = repaint).
+
+``repaint`` (xinsir's ProMax Union ControlNet, its repaint kind, and diffusers' Union inpainting
+recipe): the masked pixels set to 0 - black, an ordinary RGB map. Outpainting is the same map
+with the canvas grown: with ``--resize-mode fill`` the padding around the image is black and, with
+the request's mask, regenerated.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import numpy as np
 
 from .registry import Annotator
 
-__all__ = ["as_mask", "inpaint"]
+__all__ = ["as_mask", "inpaint", "repaint"]
 
 
 def as_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -42,11 +48,27 @@ def inpaint(image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
+def repaint(image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """HxWx3 uint8 + mask -> HxWx3 uint8: the image, black where masked."""
+    if mask is None:
+        raise ValueError("repaint needs a mask: an HxW array (True or > 127 = pixels to repaint)")
+    out = np.array(image[..., :3], copy=True)
+    out[as_mask(mask, *image.shape[:2])] = 0
+    return out
+
+
 ENTRIES = (
     Annotator(
         name="inpaint",
         description="inpainting: RGBA map, alpha 0 on masked pixels (fed to the model as -1); needs a mask",
         fn=inpaint,
         inputs=("mask",),
+    ),
+    Annotator(
+        name="repaint",
+        description="repaint (Union ProMax in/outpainting): the image, black on masked pixels; needs a mask",
+        fn=repaint,
+        inputs=("mask",),
+        pad=0.0,
     ),
 )

@@ -142,6 +142,8 @@ class Annotator:
         nearest: maps are label/pose maps: resize them with nearest-neighbour only.
         model_invert: the model is fed ``1 - map`` (v1.1 line art).
         inputs: extra array inputs besides the image, e.g. ``("mask",)`` for inpainting.
+        pad: the value its maps are padded with when fitted to another aspect (None: the map's
+            border colour); repaint maps pad with 0, the pixels to paint (outpainting).
     """
 
     name: str
@@ -152,6 +154,7 @@ class Annotator:
     nearest: bool = False
     model_invert: bool = False
     inputs: tuple[str, ...] = ()
+    pad: float | None = None
 
     def param(self, name: str) -> Param:
         for p in self.params:

@@ -58,11 +58,19 @@ def _shown(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
+def _name_or_number(text: str) -> int | str:
+    """A flag that takes a name or a whole number (``--control-type depth``, ``--control-type 1``)."""
+    return int(text) if text.strip().isdigit() else text
+
+
 def _value_type(tp: Any) -> Any:
     """The argparse type of a field of type ``tp`` (enums stay names: the check reads them)."""
-    inner = typing.get_args(tp)[0] if type(None) in typing.get_args(tp) else tp
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
     if enum_of(tp) is not None:
         return str
+    if set(args) == {int, str}:
+        return _name_or_number
+    inner = args[0] if type(None) in typing.get_args(tp) else tp
     return inner if inner in (int, float, str) else str
 
 

@@ -141,6 +141,9 @@ def detect(path: PathLike) -> Detected:
     if clora.is_control_lora(tf):
         layout = "Control-LoRA: low-rank changes to a base UNet"
         return Detected(path, Format.ORIGINAL, (CONTROLNET,), layout, tf, control_lora=True)
+    if dif.is_union_file(tf):
+        layout = "bare SDXL Union ControlNet weights, no config.json"
+        return Detected(path, Format.DIFFUSERS, (CONTROLNET,), layout, tf)
     if "controlnet_cond_embedding.conv_in.weight" in tf:
         return Detected(path, Format.DIFFUSERS, (CONTROLNET,), "bare ControlNet weights, no config.json", tf)
     if any(is_lora_key(k) for k in tf):

@@ -23,6 +23,7 @@ token tells OpenCLIP (SD2.x, '!') from CLIP (SD1.x).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from .build import (
     hint_config_from_shapes,
     numbered,
     public_config,
+    shape_of,
     stored_controlnet_arch,
     text_config_of,
     text_file_prefix,
@@ -154,7 +156,7 @@ def load_controlnet(folder: Path, *, dtype: torch.dtype | None = None) -> Contro
     tf = open_weights(folder, WEIGHTS)
     try:
         if config.get("_class_name") == "ControlNetUnionModel":
-            cn = build_union(unet_config, hint, UnionConfig.from_dict(config))
+            cn = build_union(unet_config, hint, union_arch(tf, config))
         else:
             cn = build_controlnet(unet_config, hint)
     except (TypeError, ValueError) as e:
@@ -183,6 +185,23 @@ def file_controlnet_arch(
     return unet_config, config
 
 
+def union_arch(tf: TensorFile, config: Mapping[str, Any] | None = None) -> UnionConfig:
+    """A Union ControlNet's own fields read off its tensors (kinds, widths, mixing layers), the
+    attention heads from ``config`` (a ControlNetUnionModel config.json) or xinsir's 8. The tensors
+    win over the config: xinsir publishes ProMax's weights (8 kinds) beside Union's config (6)."""
+    where = str(tf.path)
+    kinds, width = shape_of(tf.shapes, "task_embedding", where)
+    proj = shape_of(tf.shapes, "spatial_ch_projs.weight", where)[0]
+    layers = len(numbered(tf.shapes, r"transformer_layes\.(\d+)\..*"))
+    heads = int((config or {}).get("num_trans_head", UnionConfig.num_trans_head))
+    return UnionConfig(kinds, width, heads, layers, proj)
+
+
+def is_union_file(tf: TensorFile) -> bool:
+    """Whether diffusers-layout weights are an SDXL Union ControlNet's (its task embedding)."""
+    return "task_embedding" in tf and "controlnet_cond_embedding.conv_in.weight" in tf
+
+
 def load_controlnet_file(
     tf: TensorFile,
     *,
@@ -190,6 +209,18 @@ def load_controlnet_file(
     config: ControlNetConfig | None = None,
     dtype: torch.dtype | None = None,
 ) -> ControlNet:
+    """diffusers-layout ControlNet weights without their config.json (a Union ControlNet's too:
+    xinsir's ``diffusion_pytorch_model_promax.safetensors`` given as a file)."""
+    if is_union_file(tf):  # its config.json beside it, where there is one (xinsir's repository)
+        beside = tf.path.parent / "config.json"
+        stored = read_json(beside) if beside.is_file() else {}
+        if stored.get("_class_name") != "ControlNetUnionModel":
+            stored = {}
+        elif unet_config is None and config is None:
+            unet_config, config = controlnet_arch(stored)
+        union = union_arch(tf, stored or None)
+        cn: ControlNet = build_union(*file_controlnet_arch(tf, unet_config, config), union)
+        return load_into(cn, tf, identity_rules, present=list(tf), what="ControlNet", dtype=dtype)
     cn = build_controlnet(*file_controlnet_arch(tf, unet_config, config))
     return load_into(cn, tf, identity_rules, present=list(tf), what="ControlNet", dtype=dtype)
 

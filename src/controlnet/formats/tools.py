@@ -17,6 +17,7 @@ from ..families.sd.base import UNetBase
 from ..families.sd.compat import check_compatible
 from ..families.sd.configs import Family, family_of_unet_config
 from ..families.sd.controlnet import ControlNet, ControlNetConfig
+from ..model.control import control_type_choices
 from . import control_lora as clora
 from . import diffusers as dif
 from . import dit_controlnet, ours
@@ -43,7 +44,7 @@ from .build import (
     stored_base_config,
     stored_controlnet_arch,
 )
-from .checkpoint import CheckpointError, TensorFile, read_json
+from .checkpoint import CheckpointError, TensorFile, read_json, shapes_only
 
 __all__ = [
     "Inspection",
@@ -196,6 +197,8 @@ class Inspection:
     dtypes: dict[str, int]  # dtype -> number of tensors
     controlnet: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    #: a Union ControlNet's control types (names, or numbers where its modes have none)
+    control_types: list[str] | None = None
     #: part ('controlnet', 'base') -> None where its loader takes it, else the loader's refusal
     loads: dict[str, str | None] = field(default_factory=dict)
 
@@ -214,6 +217,9 @@ class Inspection:
         ]
         if self.controlnet:
             out.append("controlnet: " + ", ".join(f"{k}={v}" for k, v in self.controlnet.items()))
+        if self.control_types:
+            numbered_types = ", ".join(f"{i} {name}" for i, name in enumerate(self.control_types))
+            out.append(f"types:      {numbered_types} (--control-type NAME or NUMBER)")
         out += [f"note:       {n}" for n in self.notes]
         for part, problem in self.loads.items():
             said = "loads (every key and shape checked)" if problem is None else problem
@@ -258,6 +264,9 @@ def inspect_checkpoint(path: PathLike, *, ldm_config: PathLike | None = None) ->
     ldm_config_fits(detect(path), ldm_config)
     found = _describe(path, ldm_config)
     found.loads = check_loads(path, ldm_config=ldm_config)
+    if found.loads.get(CONTROLNET, "absent") is None:
+        with shapes_only():
+            found.control_types = control_type_choices(load_controlnet(path, ldm_config=ldm_config))
     return found
 
 

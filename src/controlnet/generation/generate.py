@@ -24,7 +24,7 @@ from ..annotators.utils import condition_tensor, fill_box, fit_to, resize_to
 from ..choices import ControlMode, HiresUpscaler, PromptSetting, ResizeMode
 from ..families.protocol import BaseModel
 from ..imageio import flatten_alpha, read_image
-from ..model.control import control_modes
+from ..model.control import resolve_control_type
 from .check import CheckedRequest
 from .denoiser import ControlUnit
 from .request import PAPER_DEFAULT_PROMPT, ControlRequest, GenerationRequest
@@ -80,7 +80,7 @@ def _prepare_condition(
     if "mask" in ann.inputs and mask is not None:
         extra["mask"] = mask[top : top + h, left : left + w] > 0.5
     detected = resize_to(ann(source, **c.params, **extra), (h, w), nearest=ann.nearest)
-    cond_map = fit_to(detected, size_hw, mode, nearest=ann.nearest)
+    cond_map = fit_to(detected, size_hw, mode, nearest=ann.nearest, fill=ann.pad)
     return cond_map, condition_tensor(cond_map, invert=ann.model_invert)
 
 
@@ -116,19 +116,6 @@ def resolve_prompt(
 
 
 # ---------------------------------------------------------------------- the job
-def _check_control_type(i: int, kind: int | None, controlnet: torch.nn.Module) -> None:
-    """A Union ControlNet needs its kind of condition, one of its modes; no other takes one."""
-    modes = control_modes(controlnet)
-    if modes is None and kind is not None:
-        raise ValueError(
-            f"controls[{i}].control_type: {kind} given, but its ControlNet is not a Union ControlNet"
-        )
-    if modes is not None and kind is None:
-        raise ValueError(f"controls[{i}].control_type: its Union ControlNet needs one (0-{modes - 1})")
-    if modes is not None and kind is not None and kind >= modes:
-        raise ValueError(f"controls[{i}].control_type: {kind}, but its Union ControlNet knows 0-{modes - 1}")
-
-
 def _check_union_regions(controls: Sequence[ControlRequest], controlnets: Sequence[torch.nn.Module]) -> None:
     """The conditions of one Union ControlNet run in one pass, where a region mask has no place:
     refused before any work, naming the control."""
@@ -174,8 +161,10 @@ def generate(
             controlnet_name=f"control {i}'s ControlNet {c.controlnet or '(bundled)'}",
             base_name=f"the base model {request.base or '(bundled)'}",
         )
-    for i, (c, cn) in enumerate(zip(request.controls, controlnets)):
-        _check_control_type(i, c.control_type, cn)
+    kinds = [
+        resolve_control_type(c.control_type, cn, f"controls[{i}].control_type")
+        for i, (c, cn) in enumerate(zip(request.controls, controlnets))
+    ]
     _check_union_regions(request.controls, controlnets)
     seed = request.seed if request.seed is not None else draw_seed()
     req = replace(request, seed=seed)
@@ -217,7 +206,7 @@ def generate(
         """Denoise at ``size`` (H, W) from ``init`` latents (None: noise) with the controls
         prepared at that size; the latents and the condition maps fed to the model."""
         maps, units = [], []
-        for i, (c, cn) in enumerate(zip(req.controls, controlnets)):
+        for i, (c, cn, kind) in enumerate(zip(req.controls, controlnets, kinds)):
             image = checked.images[f"controls[{i}].image"]
             cond_map, cond = _prepare_condition(c, image, size, mode, pixel_mask)
             maps.append(cond_map[..., :3])
@@ -234,7 +223,7 @@ def generate(
                     c.end,
                     ControlMode(c.mode),
                     guess_mode=c.guess_mode,
-                    control_type=c.control_type,
+                    control_type=kind,
                     region=region,
                 )
             )

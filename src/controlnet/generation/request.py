@@ -127,9 +127,10 @@ class ControlRequest:
         label="Guess mode (no prompt needed)",
         group="controls",
     )
-    control_type: int | None = param(
+    control_type: int | str | None = param(
         None,
-        help="a Union ControlNet's kind of condition, as the model numbers its modes (required by a "
+        help="a Union ControlNet's kind of condition: a name its model knows (depth, canny, ...; "
+        "`controlnet inspect` and /api/health list them) or the model's mode number (required by a "
         "Union ControlNet, refused by any other)",
         label="Control type (Union)",
         minimum=0,

@@ -32,9 +32,12 @@ __all__ = [
     "control_modes",
     "control_residuals",
     "control_scales",
+    "control_type_choices",
+    "control_type_names",
     "region_at",
     "region_tokens",
     "residual_functions",
+    "resolve_control_type",
     "scaled",
     "soft_scales",
     "sum_residuals",
@@ -165,6 +168,57 @@ def control_modes(controlnet: nn.Module) -> int | None:
     if modes is None:
         modes = getattr(getattr(controlnet, "config", None), "num_mode", None)
     return modes
+
+
+def control_type_names(controlnet: nn.Module) -> dict[int, tuple[str, ...]]:
+    """A Union ControlNet's names for its modes, as its publishers name them: mode -> names (the
+    first is the one shown, the others aliases). Empty where the model's modes have no names
+    (numbers only) or it is not a Union ControlNet."""
+    return dict(getattr(controlnet, "mode_names", None) or {})
+
+
+def control_type_choices(controlnet: nn.Module) -> list[str] | None:
+    """The control types a user may choose for ``controlnet``: each mode's shown name, or its
+    number where it has none. None for a ControlNet of one kind."""
+    modes = control_modes(controlnet)
+    if modes is None:
+        return None
+    names = control_type_names(controlnet)
+    return [names[m][0] if m in names else str(m) for m in range(modes)]
+
+
+def _spelling(name: str) -> str:
+    return name.strip().lower().replace("-", "_").replace(" ", "_")
+
+
+def resolve_control_type(value: int | str | None, controlnet: nn.Module, where: str) -> int | None:
+    """The mode number that ``value`` (a name the model knows, or a mode number, as a number or
+    text) means for ``controlnet``; None for a ControlNet of one kind given none. ValueError
+    naming ``where`` for a Union ControlNet given none, a type it does not know, or a type given
+    to a ControlNet of one kind."""
+    modes = control_modes(controlnet)
+    if modes is None:
+        if value is not None:
+            raise ValueError(f"{where}: {value!r} given, but its ControlNet is not a Union ControlNet")
+        return None
+    names = control_type_names(controlnet)
+    shown = ", ".join(names[m][0] for m in sorted(names))
+    numbers = f"0-{modes - 1}"
+    if value is None:
+        expected = f"one of: {shown}; or {numbers}" if names else numbers
+        raise ValueError(f"{where}: its Union ControlNet needs one ({expected})")
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int):
+        if not 0 <= value < modes:
+            named = f" ({shown})" if names else ""
+            raise ValueError(f"{where}: {value}, but its Union ControlNet knows {numbers}{named}")
+        return value
+    by_name = {_spelling(n): m for m, ns in names.items() for n in ns}
+    if _spelling(value) not in by_name:
+        expected = f"one of: {shown} (or a mode number {numbers})" if names else f"a mode number {numbers}"
+        raise ValueError(f"{where}: {value!r} is not a kind its Union ControlNet knows; expected {expected}")
+    return by_name[_spelling(value)]
 
 
 def region_tokens(region: torch.Tensor, grid: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:

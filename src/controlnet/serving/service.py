@@ -36,7 +36,7 @@ from ..generation.defaults import MODEL_SETTINGS, model_settings
 from ..generation.request import GenerationRequest, LoraRequest
 from ..generation.sizes import final_size
 from ..imageio import read_image, read_mask
-from ..model.control import control_modes
+from ..model.control import control_type_choices
 from .limits import Limits
 from .uploads import Uploads, megapixels
 
@@ -138,8 +138,8 @@ class Service:
         # a bad dtype, or offloading on the CPU, fails at start, not later
         check(GenerationRequest(dtype=config.dtype, device=config.device, offload=config.offload))
         self.cache = cache or ModelCache(size=len(controlnets) + 1 + (config.vae is not None))
-        #: each ControlNet's number of control types (a Union ControlNet's modes; None: one kind)
-        self.control_types: dict[str, int | None] = {}
+        #: each ControlNet's control types (a Union ControlNet's modes, by name or number; None: one kind)
+        self.control_types: dict[str, list[str] | None] = {}
         base_model = self._load_models()
         self.native_size = base_model.native_size
         self._check_clip_skip = base_model.check_clip_skip
@@ -173,7 +173,7 @@ class Service:
             base.check_controlnet(
                 cn, controlnet_name=f"ControlNet {name} ({path})", base_name=f"the base model {self.base}"
             )
-            self.control_types[name] = control_modes(cn)
+            self.control_types[name] = control_type_choices(cn)
             loaded.append(cn)
         if self.config.fp8:  # now: a family without FP8 stops the server from starting
             base.use_fp8(loaded)
@@ -421,7 +421,7 @@ class Service:
             "device": self.config.device,
             "dtype": DType.parse(self.config.dtype).value,
             "controlnets": list(self.controlnets),
-            "control_types": dict(self.control_types),
+            "control_types": {k: v and list(v) for k, v in self.control_types.items()},
             "native_size": self.native_size,
             "defaults": {k: getattr(self.defaults, k) for k in MODEL_SETTINGS},  # the model's own
             "limits": asdict(self.limits),

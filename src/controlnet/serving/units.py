@@ -95,7 +95,7 @@ class Unit:
         return ControlRequest(
             image=_unit_image(service, self, data),
             controlnet=service.controlnet_path(data[self.controlnet]),
-            control_type=None if kind in (None, NONE) else int(kind),
+            control_type=None if kind in (None, NONE) else kind,
             preprocess=None if name == NONE else name,
             params={} if name == NONE else self.annotator_params(data, name),
             region_mask=_unit_region(service, self, data),
@@ -155,10 +155,10 @@ def _weights_widget(service: Service, p: Param, elem_id: str) -> gr.Dropdown:
 
 
 def control_types(service: Service, controlnet: str | None) -> list[str]:
-    """The control types the ControlNet called ``controlnet`` knows: a Union ControlNet's mode
-    numbers, or 'none' for a ControlNet of one kind."""
-    modes = service.control_types.get(controlnet or "")
-    return [NONE] if modes is None else [str(m) for m in range(modes)]
+    """The control types the ControlNet called ``controlnet`` knows: a Union ControlNet's modes
+    (their names, or numbers where the model's modes have none), or 'none' for a ControlNet of one
+    kind."""
+    return service.control_types.get(controlnet or "") or [NONE]
 
 
 def unit(service: Service, i: int, default_annotator: str) -> Unit:
@@ -178,7 +178,7 @@ def unit(service: Service, i: int, default_annotator: str) -> Unit:
                 kinds,
                 value=kinds[0],
                 label="Control type",
-                info=_SPEC("control_type").help.split(";")[0],
+                info="a Union ControlNet's kind of condition",
                 elem_id=f"{pre}-control-type",
             )
             source = gr.Radio(["upload", "draw"], value="upload", label="Image", elem_id=f"{pre}-source")

@@ -49,7 +49,19 @@ from ..dit import copy_twins
 from .fused import fuse_blocks
 from .patches import pack
 
-__all__ = ["FLUX_FIELDS", "FluxControlNet", "FluxControlNetConfig", "FluxResiduals"]
+__all__ = ["FLUX_FIELDS", "FLUX_UNION_MODES", "FluxControlNet", "FluxControlNetConfig", "FluxResiduals"]
+
+#: The control modes of InstantX's and Shakker-Labs' Flux Union ControlNets (Union, Union Pro 1;
+#: their embedding holds 10 modes, 7 of them trained), by number; the first name is the one shown.
+FLUX_UNION_MODES: dict[int, tuple[str, ...]] = {
+    0: ("canny",),
+    1: ("tile",),
+    2: ("depth",),
+    3: ("blur",),
+    4: ("pose", "openpose"),
+    5: ("gray",),
+    6: ("lq", "low_quality"),
+}
 
 #: The base transformer's config fields a ControlNet shares (diffusers' names).
 FLUX_FIELDS = (
@@ -219,6 +231,12 @@ class FluxControlNet(ControlledCopy):
     def mask_channels(self) -> int:
         """Channels of the inpainting mask the condition carries beside its latents (0: none)."""
         return self.config.extra_condition_channels // 4
+
+    @property
+    def mode_names(self) -> dict[int, tuple[str, ...]]:
+        """The published Union ControlNets' names for their modes, for a model of their size (10
+        modes); other Union ControlNets (and plain ones) have numbers only."""
+        return dict(FLUX_UNION_MODES) if self.config.num_mode == 10 else {}
 
     @property
     def num_residuals(self) -> int:

@@ -29,7 +29,22 @@ from ...model.zero import zero_module
 from .controlnet import ControlNet, ControlNetConfig
 from .halves import embed_time
 
-__all__ = ["UnionConfig", "UnionControlNet"]
+__all__ = ["XINSIR_TYPES", "UnionConfig", "UnionControlNet"]
+
+#: xinsir's names for the kinds of condition, by mode number (the first name is the one shown; the
+#: others are the annotators the model was trained with for that mode). ControlNet++ Union knows
+#: 0-5; ProMax adds tile (6: deblur, variation, super-resolution) and repaint (7: inpainting and
+#: outpainting, the condition being the image with the pixels to paint set to 0).
+XINSIR_TYPES: dict[int, tuple[str, ...]] = {
+    0: ("openpose", "pose"),
+    1: ("depth",),
+    2: ("softedge", "hed", "pidi", "scribble", "ted"),
+    3: ("canny", "lineart", "anime_lineart", "mlsd"),
+    4: ("normal",),
+    5: ("segment", "seg"),
+    6: ("tile",),
+    7: ("repaint", "inpaint", "outpaint"),
+}
 
 
 @dataclass
@@ -121,6 +136,13 @@ class UnionControlNet(ControlNet):
     @property
     def num_mode(self) -> int:
         return self.union.num_control_type
+
+    @property
+    def mode_names(self) -> dict[int, tuple[str, ...]]:
+        """xinsir's names for the modes, for a model of xinsir's size (6 kinds, or ProMax's 8); a
+        Union ControlNet of another size has numbers only."""
+        n = self.union.num_control_type
+        return {m: names for m, names in XINSIR_TYPES.items() if m < n} if n in (6, 8) else {}
 
     def check_types(self, types: Sequence[int]) -> None:
         bad = [t for t in types if not 0 <= t < self.union.num_control_type]
