@@ -81,6 +81,7 @@ SMOKE = {
 }  # fmt: skip
 VARIANTS = {  # name: (data set, extra options)
     "controlnet": ("fill50k", ""),
+    "adapter": ("fill50k", "--objective adapter"),  # a T2I-Adapter: the same loss, data and budget
     "gaussian": ("fill50k", "--objective gaussian"),
     "lite": ("fill50k", "--objective lite"),
     "concat": ("fill50k", "--objective concat"),
@@ -252,13 +253,18 @@ def evaluate_claims(work: Path, names: list[str] | None = None) -> None:
 
     cfg = EvalConfig(n=S["n_eval"], steps=20, guidance=9.0, batch=min(100, S["n_eval"]))
     record("base-alone", evaluate(base, None, test, cfg, progress=False))
-    for name in ("bundled", "controlnet", "gaussian", "no-dropout", "data-small", "data-medium"):
+    blank = BlankConditions(test)
+    for name in ("bundled", "controlnet", "adapter", "gaussian", "no-dropout", "data-small", "data-medium"):
         if not done(name):
             continue
-        cn = load_controlnet(work / "runs" / name / "final/controlnet.safetensors").to(device).eval()
+        file = "adapter.safetensors" if name == "adapter" else "controlnet.safetensors"
+        cn = load_controlnet(work / "runs" / name / "final" / file).to(device).eval()
         record(name, evaluate(base, cn, test, cfg, progress=False))
         if name in ("bundled", "controlnet", "no-dropout"):  # the paper's no-prompt setting
             record(f"{name}-no-prompt", evaluate(base, cn, test, replace(cfg, prompt_setting="none"), progress=False))
+        if name in ("controlnet", "adapter"):  # what it does to the base given a blank (black) condition
+            res = evaluate(base, cn, blank, cfg, progress=False)
+            results[f"{name}-blank-condition"] = {k: v for k, v in res.summary.items() if k.startswith("free_")}
     if done("lite"):
         lite = LiteControlNet(base.unet, ControlNetConfig.from_dict(architecture("fill50k-tiny")["controlnet"]))
         lite.load_state_dict(trained("lite"))
@@ -284,11 +290,51 @@ def evaluate_claims(work: Path, names: list[str] | None = None) -> None:
         if done(name):
             info = json.loads((work / "runs" / name / "run.json").read_text())
             runs[name] = {k: info.get(k) for k in ("converged_at", "steps", "samples_seen", "seconds_this_session")}
+            exported = next((work / "runs" / name / "final").glob("*.safetensors"))
+            runs[name]["parameters"] = sum(t.numel() for t in load_file(exported).values())
     sizes = {"data-small": S["n_small"], "data-medium": S["n_medium"], "controlnet": S["n_train"]}
     path = out / "claims.json"  # runs made in several sessions add up in one file
     old = json.loads(path.read_text()) if path.exists() else {"eval": {}, "runs": {}}
     merged = {"eval": {**old["eval"], **results}, "runs": {**old["runs"], **runs}, "data_sizes": sizes}
     path.write_text(json.dumps(merged, indent=1) + "\n")
+
+
+class BlankConditions:
+    """A data set's items with their conditions blank (black): how a trained control model moves
+    the base when it is given nothing to follow."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = dict(self.dataset[i])
+        item["cond"] = item["cond"] * 0
+        return item
+
+
+def stage_speed(work: Path, names: list[str], steps: int = 300) -> None:
+    """Each variant's training step alone on the machine (the claims stage runs them side by side):
+    ``steps`` steps of the recipe's batch with no validation, samples/s over the run and peak
+    memory, into results/speed.json."""
+    base = f"{work}/base/final/base.safetensors"
+    build_cache(work, "fill50k", base)
+    recipe = re.sub(r"--steps \d+", f"--steps {steps}", S["cn"])
+    speed = {}
+    for name in names:
+        data, extra = VARIANTS[name]
+        out = work / "speed" / name
+        run(f"train --base {base} --data {work}/{data} --cache {work}/cache-{data} --out {out} --arch fill50k-tiny "
+            f"{recipe} {S['device']} --validation-count 0 --log-every {max(1, steps // 3)} --quiet {extra}",
+            work / "logs" / f"speed-{name}.log")  # fmt: skip
+        info = json.loads((out / "run.json").read_text())
+        speed[name] = {"samples_per_s": info["samples_per_s_this_session"], "steps": info["steps"],
+                       "max_mem_gib": info["last_metrics"].get("max_mem_gib")}  # fmt: skip
+        print(name, speed[name], flush=True)
+    (work / "results").mkdir(parents=True, exist_ok=True)
+    (work / "results/speed.json").write_text(json.dumps(speed, indent=1) + "\n")
 
 
 def stage_plots(work: Path) -> None:
@@ -432,7 +478,8 @@ def stage_identity(work: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument(
-        "stage", choices=["base", "claims", "bundle", "evaluate", "identity", "ceiling", "guidance", "plots"]
+        "stage",
+        choices=["base", "claims", "bundle", "evaluate", "identity", "ceiling", "guidance", "plots", "speed"],
     )
     p.add_argument("--work", default="work/fill50k")
     p.add_argument("--given", action="append", default=[], metavar="RUN=FILE",
@@ -459,6 +506,8 @@ def main() -> None:
             p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
         if args.stage == "claims":
             stage_claims(work, names, args.steps)
+        elif args.stage == "speed":
+            stage_speed(work, names, *([args.steps] if args.steps else []))
         elif args.stage == "bundle":
             starts = [args.first, args.init, args.more]
             if sum(f is not None for f in starts) > 1:

@@ -227,11 +227,83 @@ def test_train_bad_input(tmp_path, capsys, chain):
         ([*data, *sd1, "--keep-checkpoints", "0"], "--keep-checkpoints must be >= 1"),
         ([*data, *sd1, "--lr", "nan"], "learning rates must be > 0, got --lr=nan, --decoder-lr="),
         ([*data, *sd1, "--max-grad-norm", "-1"], "--max-grad-norm must be > 0"),
+        (
+            [*data, *sd1, "--objective", "adapter", "--init-controlnet", str(tmp_path / "sd2cn.safetensors")],
+            "a ControlNet, not what --objective adapter trains",
+        ),
     ]
     for extra, message in cases:
         assert main(["train", "--out", str(tmp_path / "run"), *COMMON, *extra]) == 2, extra
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_t2i_adapter_trains_on_the_same_data_and_exports_in_its_layouts(chain, tmp_path):
+    """`train --objective adapter`: a fresh T2I-Adapter for the base's UNet, trained with the same
+    loss on the same (cached) data, the base untouched; exported as our file and a diffusers
+    folder that load as the adapter trained, validated and evaluated like a ControlNet."""
+    from controlnet.families.sd.adapter import T2IAdapter
+
+    base_file = chain / "base/final/base.safetensors"
+    run = tmp_path / "adapter"
+    args = ["train", "--objective", "adapter", "--base", str(base_file), "--data", str(chain / "data")]
+    args += [
+        "--out",
+        str(run),
+        "--cache",
+        str(chain / "cache"),
+        "--export",
+        "controlnet,diffusers",
+    ]
+    assert main([*args, *COMMON]) == 0
+    ours, folder = (
+        load_controlnet(run / "final/adapter.safetensors"),
+        load_controlnet(run / "final/adapter-diffusers"),
+    )
+    assert isinstance(ours, T2IAdapter) and ours.config.adapter_type == "full_adapter"
+    assert ours.config.channels == list(load_base(base_file).unet.config.block_out_channels)
+    trained = ours.state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in folder.state_dict().items())
+    torch.manual_seed(0)  # the run's seed: the fresh adapter it started from
+    fresh = T2IAdapter(ours.config).state_dict()
+    assert any(not torch.equal(fresh[k], trained[k]) for k in trained)  # it trained
+    assert (run / "samples/step-00000004.png").is_file() and (run / "scores.png").is_file()
+    ev = ["eval", "--data", str(chain / "data"), "--out", str(tmp_path / "ev"), "--n", "4", "--steps", "2"]
+    ev += [
+        "--batch",
+        "2",
+        "--quiet",
+        "--base",
+        str(base_file),
+        "--controlnet",
+        str(run / "final/adapter.safetensors"),
+    ]
+    assert main(ev) == 0
+    assert 0 <= json.loads((tmp_path / "ev/results.json").read_text())["summary"]["iou"] <= 1
+
+
+def test_a_fresh_sdxl_adapter_fits_its_unet_and_takes_gradients():
+    """SDXL's kind for an SDXL UNet: its features enter the encoder's levels, and the loss's
+    gradient reaches every adapter weight (the UNet locked)."""
+    from controlnet.families.sd.adapter import T2IAdapter
+
+    base = make_base(Family.SDXL)
+    adapter = T2IAdapter.for_unet(dict(base.unet.config), latent_factor=base.vae_scale_factor)
+    assert adapter.config.adapter_type == "full_adapter_xl"
+    base.check_controlnet(adapter, controlnet_name="adapter", base_name="base")
+    model = base.controlled(adapter)
+    h = base.latent_size((base.native_size,) * 2)
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, *h, generator=g)
+    context = torch.randn(2, 6, base.unet.config.cross_attention_dim, generator=g)
+    pooled = (
+        base.unet.config.projection_class_embeddings_input_dim - 6 * base.unet.config.addition_time_embed_dim
+    )
+    added = {"text_embeds": torch.randn(2, pooled, generator=g), "time_ids": torch.ones(2, 6)}
+    cond = torch.rand(2, 3, base.native_size, base.native_size, generator=g)
+    model(sample, torch.tensor([10, 500]), context, cond, added_cond_kwargs=added).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.parameters())
+    assert all(p.grad is None for p in base.unet.parameters())
 
 
 def test_train_reports_captions_the_text_window_cuts(chain, tmp_path, capsys):

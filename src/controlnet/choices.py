@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 __all__ = [
     "MAX_LCM_STEPS",
     "MAX_SIDE",
+    "OBJECTIVES",
     "ControlMode",
     "DType",
     "HiresUpscaler",
@@ -195,3 +196,7 @@ def check_steps(sampler: Sampler | str, steps: int, name: str = "steps") -> None
             f"{name}: the lcm sampler takes at most {MAX_LCM_STEPS} steps (its timesteps come from the "
             f"{MAX_LCM_STEPS}-step schedule the model was distilled on), got {steps}"
         )
+
+
+#: what ``controlnet train`` trains (:mod:`controlnet.training.recipes` says what each is)
+OBJECTIVES = ("controlnet", "adapter", "gaussian", "lite", "concat", "vae", "base")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..choices import DType
+from ..choices import OBJECTIVES, DType
 from . import common
 
 
@@ -127,7 +127,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--objective",
         default="controlnet",
-        choices=["controlnet", "gaussian", "lite", "concat", "vae", "base"],
+        choices=list(OBJECTIVES),
+        help="what is trained: controlnet (the paper), adapter (a T2I-Adapter, same loss and data), "
+        "the ablations gaussian / lite / concat, or a base model's stages vae / base",
     )
     p.add_argument("--base", help="base model file or folder")
     p.add_argument("--arch", help="with --objective vae: a fresh base of this architecture (preset or JSON)")
@@ -200,7 +202,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--export",
         default="controlnet",
-        help="formats of the final ControlNet: controlnet,diffusers,original",
+        help="formats of the final ControlNet or T2I-Adapter, comma-separated: controlnet,diffusers,original",
     )
     p.add_argument(
         "--resume",

@@ -1,9 +1,10 @@
 """A training run assembled from its options: the base model, the data, the objective, validation
 and the final export. ``controlnet train`` is a thin shell over :func:`run_training`.
 
-Objectives: ``controlnet`` (the paper), the ablation variants ``gaussian``, ``lite`` and
-``concat`` (see :mod:`controlnet.training.ablations`), and the two stages of a base model trained from
-scratch, ``vae`` and ``base`` (how the bundled model was made).
+Objectives: ``controlnet`` (the paper), ``adapter`` (a T2I-Adapter for a UNet base, the same loss
+on the same data), the ablation variants ``gaussian``, ``lite`` and ``concat`` (see
+:mod:`controlnet.training.ablations`), and the two stages of a base model trained from scratch,
+``vae`` and ``base`` (how the bundled model was made).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from ..choices import OBJECTIVES
 from ..families.protocol import BaseModel
 from ..families.sd.controlnet import ControlNetConfig
 from ..text.prompts import CHUNK_TOKENS, long_prompts
@@ -27,8 +29,9 @@ from .validation import ControlValidator, ImageValidator
 
 __all__ = ["OBJECTIVES", "RunSpec", "architecture", "load_or_build_base", "run_training"]
 
-OBJECTIVES = ("controlnet", "gaussian", "lite", "concat", "vae", "base")
-_CONTROL_OBJECTIVES = ("controlnet", "gaussian", "lite", "concat")
+_CONTROL_OBJECTIVES = ("controlnet", "adapter", "gaussian", "lite", "concat")
+#: objectives whose trained model is written in the control models' formats (``--export``)
+_EXPORTED = ("controlnet", "adapter", "gaussian")
 
 
 @dataclass
@@ -89,12 +92,30 @@ def load_or_build_base(spec: RunSpec, seed: int) -> BaseModel:
 
 def _controlnet(spec: RunSpec, base: BaseModel) -> torch.nn.Module:
     from .. import families
+    from ..families.sd.adapter import T2IAdapter
     from .ablations import LiteControlNet, gaussian_connections
 
     if spec.init_controlnet is not None:
         cn = families.load_controlnet(spec.init_controlnet, dtype=torch.float32, base_network=base.denoiser)
+        if isinstance(cn, T2IAdapter) != (spec.objective == "adapter"):
+            held = "a T2I-Adapter" if isinstance(cn, T2IAdapter) else "a ControlNet"
+            raise ValueError(
+                f"--init-controlnet {spec.init_controlnet}: {held}, not what --objective "
+                f"{spec.objective} trains"
+            )
         base.check_controlnet(cn, controlnet_name=spec.init_controlnet, base_name=str(spec.base))
         return cn
+    if spec.objective == "adapter":
+        unet = getattr(base, "unet", None)
+        if unet is None:
+            raise ValueError(
+                f"--objective adapter: T2I-Adapters are made for UNet bases (SD1.x, SD2.x, SDXL); "
+                f"{spec.base} is a {base.family.label} model"
+            )
+        hint_channels = 3 if spec.hint_channels is None else spec.hint_channels
+        return T2IAdapter.for_unet(
+            dict(unet.config), latent_factor=base.vae_scale_factor, in_channels=hint_channels
+        )
     hint = ControlNetConfig(global_pool=spec.global_pool)
     arch = architecture(spec.arch) if spec.arch is not None else {}
     if "controlnet" in arch:
@@ -204,14 +225,15 @@ def _exporter(spec: RunSpec, base: BaseModel, dataset: Any) -> Any:
             for m in base.modules().values():
                 m.requires_grad_(False).eval()
             return save_base(base, out / "base.safetensors", overwrite=True)
-        if spec.objective in ("controlnet", "gaussian"):
+        if spec.objective in _EXPORTED:
             cn = objective.controlnet  # type: ignore[attr-defined]
+            stem = "adapter" if spec.objective == "adapter" else "controlnet"
             paths: list[Path] = []
             for fmt in spec.export:
                 name = {
-                    "controlnet": "controlnet.safetensors",
-                    "diffusers": "controlnet-diffusers",
-                    "original": "controlnet-original.safetensors",
+                    "controlnet": f"{stem}.safetensors",
+                    "diffusers": f"{stem}-diffusers",
+                    "original": f"{stem}-original.safetensors",
                 }[fmt]
                 paths += save_controlnet(cn, out / name, fmt, overwrite=True)
             return paths
@@ -250,7 +272,7 @@ def _is_fill50k(dataset: Any) -> bool:
 
 def run_training(spec: RunSpec, cfg: TrainConfig) -> TrainResult:
     """Assemble and run a training: the CLI's ``controlnet train``."""
-    if spec.export and spec.objective in ("controlnet", "gaussian"):
+    if spec.export and spec.objective in _EXPORTED:
         bad = [f for f in spec.export if f not in ("controlnet", "diffusers", "original")]
         if bad:
             raise ValueError(f"unknown export format(s) {bad}; expected controlnet, diffusers or original")

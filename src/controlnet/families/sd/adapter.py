@@ -128,6 +128,28 @@ class T2IAdapter(nn.Module):
         self.config = config or AdapterConfig()
         self.adapter = _Body(self.config)
 
+    @classmethod
+    def for_unet(
+        cls,
+        unet_config: dict[str, Any],
+        *,
+        latent_factor: int = 8,
+        in_channels: int = 3,
+        num_res_blocks: int = 2,
+    ) -> T2IAdapter:
+        """A fresh adapter whose features fit a UNet of ``unet_config`` whose latents are
+        ``latent_factor`` times smaller than the images: the full kind for SD1.x / SD2.x (a feature
+        per level, as wide as the level), SDXL's kind for SDXL (its three levels, the last width
+        twice). Drawn from the global RNG with PyTorch's default initialisation: unlike a
+        ControlNet, an adapter has no zero layer, so it changes the base from its first step."""
+        widths = [int(c) for c in unet_config["block_out_channels"]]
+        if unet_config.get("addition_embed_type") == "text_time":
+            if len(widths) != 3:
+                raise ValueError(f"SDXL's T2I-Adapter fits a UNet of three levels, not {len(widths)}")
+            channels = [*widths, widths[-1]]
+            return cls(AdapterConfig(in_channels, channels, num_res_blocks, 2 * latent_factor, KINDS[1]))
+        return cls(AdapterConfig(in_channels, widths, num_res_blocks, latent_factor, KINDS[0]))
+
     @property
     def num_residuals(self) -> int:
         return len(self.adapter.body)
