@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import compare_generation, open_zero, transformer_bench_args
+from common import compare_generation, diffusers_controlnet, open_zero, transformer_bench_args
 
 from controlnet import ControlNet, ControlNetConfig, Family, unet_config
 from controlnet.families.protocol import PromptEmbeddings
@@ -136,16 +136,17 @@ def ours(case, base, models, x, steps: int, *, cuda_graphs: bool | None = None, 
 
 
 def _diffusers_controlnet(base: UNetBase, model: torch.nn.Module) -> torch.nn.Module:
-    from diffusers import ControlNetModel, ControlNetUnionModel
+    """diffusers' model holding ``model``'s weights: common.diffusers_controlnet for a plain
+    ControlNet, a ControlNetUnionModel of the same configuration for a Union one."""
+    if not isinstance(model, UnionControlNet):
+        return diffusers_controlnet(base.unet, model)
+    from diffusers import ControlNetUnionModel
 
-    kind = ControlNetUnionModel if isinstance(model, UnionControlNet) else ControlNetModel
-    accepted = inspect.signature(kind.__init__).parameters
+    accepted = inspect.signature(ControlNetUnionModel.__init__).parameters
     fields = {k: v for k, v in base.unet.config.items() if k in accepted}
     fields["conditioning_embedding_out_channels"] = model.config.hint_block_channels
-    if isinstance(model, UnionControlNet):
-        fields.update(model.union.to_dict())
     with torch.device(base.device):
-        theirs = kind(**fields)
+        theirs = ControlNetUnionModel(**fields, **model.union.to_dict())
     theirs.load_state_dict(model.state_dict())  # strict: our keys are diffusers'
     return theirs.to(base.dtype).eval()
 
@@ -169,14 +170,7 @@ def peer(case: str, base: UNetBase, models: list[torch.nn.Module], x: dict[str, 
         tokenizer_2=None,
         unet=base.unet,
         controlnet=_diffusers_controlnet(base, models[0]),
-        scheduler=DDIMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            clip_sample=False,
-            set_alpha_to_one=False,
-            steps_offset=1,
-        ),
+        scheduler=DDIMScheduler(**base.schedule, clip_sample=False, set_alpha_to_one=False, steps_offset=1),
         add_watermarker=False,
     )
     pipe.set_progress_bar_config(disable=True)
