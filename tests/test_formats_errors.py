@@ -238,3 +238,29 @@ def test_a_safetensors_file_whose_header_length_begins_like_a_pickle_is_read_as_
     else:
         pytest.fail("no header length ending in 0x80 was made")
     assert open_tensors(path).kind == "safetensors"
+
+
+def test_tensors_read_from_safetensors_are_aligned_and_compute_like_fresh_ones(tmp_path):
+    """A file's tensors start wherever its header ends; read, each one is at an address CPU
+    kernels align to (their rounding depends on it), holds the file's values, and a product with
+    it has the bits of the same product with the values allocated afresh."""
+    from safetensors.torch import save_file
+
+    from controlnet.formats.checkpoint import open_tensors
+
+    g = torch.Generator().manual_seed(0)
+    weights = {"w": torch.randn(96, 80, generator=g), "b": torch.randn(3, generator=g)}
+    x = torch.randn(64, 80, generator=g)
+    for pad in range(0, 64, 8):  # metadata of several lengths: the data starts at other offsets
+        path = tmp_path / f"pad{pad}.safetensors"
+        save_file(weights, str(path), metadata={"pad": "x" * pad})
+        tf = open_tensors(path)
+        for key, want in weights.items():
+            got = tf.get(key)
+            assert got.data_ptr() % 64 == 0 and torch.equal(got, want), (pad, key)
+        assert torch.equal(x @ tf.get("w").T, x @ weights["w"].clone().T)
+    cut = tmp_path / "cut.safetensors"
+    save_file({"w": weights["w"]}, str(cut), metadata={"pad": "xyz"})
+    cut.write_bytes(cut.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="cut.safetensors"):
+        open_tensors(cut).get("w")

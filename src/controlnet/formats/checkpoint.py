@@ -133,6 +133,10 @@ class TensorFile:
         return [k for k in self.shapes if k.startswith(prefix)]
 
 
+#: the byte alignment of CPU memory torch allocates (and its kernels' widest loads expect)
+_ALIGNMENT = 64
+
+
 def _sniff(path: Path) -> str:
     """'safetensors', 'torch' (zip or legacy pickle) or an error, from the first bytes: file
     extensions lie (renamed downloads), headers do not."""
@@ -174,7 +178,31 @@ def _open_safetensors(path: Path) -> TensorFile:
         metadata = handle.metadata() or {}
     except SafetensorError as e:
         raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({e})") from e
-    return TensorFile(path, shapes, dtypes, handle.get_tensor, metadata, "safetensors")
+    with path.open("rb") as f:  # (the header was checked by safe_open above)
+        n = int.from_bytes(f.read(8), "little")
+        offsets = {
+            k: v["data_offsets"][0] + 8 + n for k, v in json.loads(f.read(n)).items() if k != "__metadata__"
+        }
+
+    def get(key: str) -> torch.Tensor:
+        """The tensor mapped from the file where it starts at an aligned address; elsewhere read
+        into memory of its own. CPU kernels round by the alignment of their operands, so a tensor
+        mapped at any byte would compute other last bits than the same values allocated afresh (a
+        model loaded from a file, unlike the one it was saved from). Reading it (not copying the
+        mapping) keeps one copy in memory."""
+        mapped = handle.get_tensor(key)
+        if not mapped.numel() or mapped.data_ptr() % _ALIGNMENT == 0:
+            return mapped
+        out = torch.empty(mapped.shape, dtype=mapped.dtype)
+        del mapped
+        with path.open("rb") as f:
+            f.seek(offsets[key])
+            got = f.readinto(out.reshape(-1).view(torch.uint8).numpy())
+        if got != out.numel() * out.element_size():
+            raise CheckpointError(f"{path}: tensor {key!r} is cut short (the file is truncated)")
+        return out
+
+    return TensorFile(path, shapes, dtypes, get, metadata, "safetensors")
 
 
 def _unpickling_reason(e: Exception) -> str:
