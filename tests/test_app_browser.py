@@ -238,11 +238,25 @@ def test_the_web_app_in_a_browser(page, served, tmp_path):
     record = wait_for_sidecars(out, 5, page)
     assert record["request"]["controls"][0]["preprocess"] == "inpaint" and record["request"]["mask"]
 
+    # Interrupt: a long generation stops after the step it is in and shows the images it has
+    for elem, value in (("steps", "100"), ("resolution", "512")):  # long enough to catch running
+        set_number(page, elem, value)
+    page.click("#generate")
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{url}/api/health").json()["queue"]["running"] == 0:
+        assert time.monotonic() < deadline, "the generation never started"
+        time.sleep(0.05)
+    page.click("#interrupt")
+    page.wait_for_function("document.querySelector('#info').innerText.includes('interrupted after step')")
+    record = wait_for_sidecars(out, 6, page)
+    stopped = record["outputs"]["stopped"]  # (img2img at denoise 0.75 runs the last 75 of 100 steps)
+    assert stopped["of"] == 75 and 0 < stopped["after_step"] < 75
+
     assert "internal error" not in toasts(page)
     assert httpx.get(f"{url}/api/health").json()["queue"] == {
         "waiting": 0,
         "running": 0,
-        "done": 5,
+        "done": 6,
         "failed": 0,
         "max_concurrent": 1,
     }

@@ -30,6 +30,7 @@ from .denoiser import ControlUnit
 from .request import PAPER_DEFAULT_PROMPT, ControlRequest, GenerationRequest
 from .sampling import Sampling, mask_to_latent, render, steps_run, to_images
 from .sizes import final_size, first_image, output_size
+from .watch import Watch
 
 __all__ = [
     "GenerationResult",
@@ -49,6 +50,8 @@ class GenerationResult:
     seeds: list[int]
     seconds: float
     latents: torch.Tensor  # final latents (B, C, h, w), before decoding
+    #: (steps done, of total) where a stop ended the generation early; None: it ran to the end
+    stopped_at: tuple[int, int] | None = None
 
 
 # ---------------------------------------------------------------------- conditions
@@ -146,8 +149,11 @@ def generate(
     progress: bool = True,
     callback: Callable[[int, int], None] | None = None,
     caption: Callable[[np.ndarray], str] | None = None,
+    watch: Watch | None = None,
 ) -> GenerationResult:
-    """Run a checked request on loaded models (``controlnets[i]`` serves control i)."""
+    """Run a checked request on loaded models (``controlnets[i]`` serves control i). ``watch``
+    follows the steps of both passes, previews the image on request and may stop the generation
+    early: it then decodes what it has (a stop in the first pass skips the hires fix)."""
     if not isinstance(checked, CheckedRequest):
         raise TypeError("generate() takes a checked request: generate(check(request), ...)")
     request = checked.request
@@ -199,6 +205,9 @@ def generate(
     # one progress count over both passes
     first = req.steps if init_latents is None else steps_run(req.steps, req.denoise)
     total = first + (steps_run(hires_steps, req.hires_denoise) if hires else 0)
+    if watch is not None:
+        watch.begin(total)
+        watch.decode = lambda latents: to_images(base, latents.to(base.dtype), tiled=req.vae_tiling)
 
     def run_pass(
         size: tuple[int, int], init: torch.Tensor | None, steps: int, strength: float, done: int
@@ -229,6 +238,8 @@ def generate(
             )
         n = req.num_samples
         step_callback = None if callback is None else lambda i, _: callback(done + i, total)
+        if watch is not None:
+            watch.offset = done
         out = render(
             base,
             units,
@@ -245,6 +256,7 @@ def generate(
             progress=progress,
             progress_label="hires pass" if done else "denoising",
             callback=step_callback,
+            watch=watch,
             compile=req.fast,
         )
         return out.latents, maps
@@ -252,13 +264,15 @@ def generate(
     latents, maps = run_pass(size, init_latents, req.steps, req.denoise, 0)
     if req.fast:  # the decoder is a VAE forward of its own: compiled, it takes a third of the time
         base.compile(vae=True)
-    if hires:
+    if hires and (watch is None or watch.stopped_at is None):
         enlarged = _enlarge(base, latents, big, req.hires_upscaler, seeds, tiled=req.vae_tiling)
         latents, maps = run_pass(big, enlarged, hires_steps, req.hires_denoise, first)
     images = to_images(base, latents, tiled=req.vae_tiling)
     if pixel_mask is not None and req.overlay:
         images = [overlay(img, init, pixel_mask, req.mask_blur) for img in images]  # type: ignore[arg-type]
-    return GenerationResult(req, images, maps, prompt, seeds, time.perf_counter() - started, latents.cpu())
+    stopped = watch.stopped_at if watch is not None else None
+    seconds = time.perf_counter() - started
+    return GenerationResult(req, images, maps, prompt, seeds, seconds, latents.cpu(), stopped)
 
 
 def _enlarge(

@@ -29,6 +29,7 @@ from ..imageio import list_images, probe_image
 from .check import CheckedRequest, check, image_inputs
 from .generate import GenerationResult, draw_seed, generate
 from .request import GenerationRequest
+from .watch import Watch
 
 __all__ = ["ModelCache", "expand_folders", "resolve_paths", "run", "run_batch"]
 
@@ -155,13 +156,15 @@ def run(
     cache: ModelCache | None = None,
     progress: bool = True,
     callback: Callable[[int, int], None] | None = None,
+    watch: Watch | None = None,
     label: str | None = None,
     names: Mapping[str, str] | None = None,
 ) -> tuple[GenerationResult, Path | None]:
     """Load the models a checked request names (the bundled ones where it names none), generate
     and (with ``out_dir``) write the images, grid and sidecar; return the result and the sidecar's
-    path. ``label`` goes into the output names; ``names`` is how a server names its files in the
-    sidecar (:func:`~controlnet.generation.sidecar.write_outputs`)."""
+    path. ``watch`` follows (and may stop) the generation; ``label`` goes into the output names;
+    ``names`` is how a server names its files in the sidecar
+    (:func:`~controlnet.generation.sidecar.write_outputs`)."""
     request = resolve_paths(checked.request)
     cache = cache or _DEFAULT_CACHE
     dtype = request.dtype.torch
@@ -175,7 +178,7 @@ def run(
         for c in request.controls
     ]
     checked = replace(checked, request=request)
-    result = generate(checked, base, controlnets, progress=progress, callback=callback)
+    result = generate(checked, base, controlnets, progress=progress, callback=callback, watch=watch)
     sidecar = None
     if out_dir is not None:
         from .sidecar import write_outputs

@@ -35,6 +35,7 @@ from ..families.protocol import BaseModel, PromptEmbeddings
 from ..imageio import to_uint8
 from ..model.fastpath import compile_modules, has_own_graphs, step_graphs, weights_key
 from .denoiser import ControlledDenoiser, ControlUnit, Graphed, Guided, PreparedControl, StepModel
+from .watch import Watch
 
 __all__ = [
     "DenoiseResult",
@@ -198,6 +199,7 @@ def denoise(
     progress: bool = True,
     progress_label: str = "denoising",
     callback: Callable[[int, int], None] | None = None,
+    watch: Watch | None = None,
     cuda_graphs: bool | None = None,
     compile: bool = False,
     concurrent_controls: bool = True,
@@ -214,6 +216,8 @@ def denoise(
         mask: (1 or B, 1, h, w) in [0, 1] at latent size; 1 = regenerate, 0 = keep the source.
             The kept region follows the source latents, noised to the current level, every step.
         progress / progress_label: a progress bar (steps, it/s, ETA) and its label.
+        watch: told of each step (with a preview when asked); a stop it was given ends the
+            sampling after the current step, with the latents as they are.
         cuda_graphs: replay each step's model call from a CUDA graph (None: on CUDA devices).
         compile: also torch.compile the UNet and ControlNets (the fast path; slow first call).
         concurrent_controls: run several ControlNets of a step on parallel CUDA streams (no
@@ -279,8 +283,10 @@ def denoise(
         progress=progress,
         progress_label=progress_label,
         callback=callback,
+        watch=watch,
     )
-    return DenoiseResult(latents.to(dtype), total, time.perf_counter() - start, controlled.calls)
+    done = total if watch is None or watch.stopped_at is None else watch.stopped_at[0] - watch.offset
+    return DenoiseResult(latents.to(dtype), done, time.perf_counter() - start, controlled.calls)
 
 
 def sample(
@@ -295,10 +301,13 @@ def sample(
     progress: bool = True,
     progress_label: str = "denoising",
     callback: Callable[[int, int], None] | None = None,
+    watch: Watch | None = None,
 ) -> torch.Tensor:
     """The sampling loop: for each timestep, the model's prediction ``model(x, t, step)`` and one
     scheduler step; ``after_step(step, latents)`` may change the latents (masked editing keeps the
-    source outside the mask). Latents stay float32; the model gets them in ``dtype``."""
+    source outside the mask). Latents stay float32; the model gets them in ``dtype``. ``watch``
+    hears of each step (a preview shows the clean image the step predicts, where the sampler says)
+    and may end the loop early."""
     bar = tqdm(total=len(timesteps), desc=progress_label, unit="step", disable=not progress, leave=False)
     # the scheduler gets each timestep as a CPU tensor: DDIM looks its noise level up in a CPU
     # table by the timestep, which for a GPU tensor would wait for the GPU every step. The model
@@ -307,12 +316,21 @@ def sample(
     for i, (t, t_host) in enumerate(zip(timesteps.float(), timesteps.cpu())):
         x = scheduler.scale_model_input(latents, t_host).to(dtype)
         eps = model(x, t, i)
-        latents = scheduler.step(eps, t_host, latents, **step_kwargs).prev_sample
+        out = scheduler.step(eps, t_host, latents, **step_kwargs)
+        latents = out.prev_sample
         if after_step is not None:
             latents = after_step(i, latents)
         bar.update(1)
         if callback is not None:
             callback(i + 1, len(timesteps))
+        if watch is not None:
+            estimate = getattr(out, "pred_original_sample", None)
+            watch.stepped(i + 1, latents if estimate is None else estimate)
+            if watch.stopping and i + 1 < len(timesteps):
+                watch.ended_early(i + 1)
+                if estimate is not None:  # what it has: the clean image this step predicts
+                    latents = estimate
+                break
     bar.close()
     return latents
 

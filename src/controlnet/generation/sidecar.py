@@ -113,6 +113,9 @@ def write_outputs(
         "seconds": round(result.seconds, 3),
         "environment": environment(req.device),
     }
+    if result.stopped_at is not None:  # the images are what it had when it was stopped
+        done, total = result.stopped_at
+        record["outputs"]["stopped"] = {"after_step": done, "of": total}
     sidecar = out / f"{prefix}.json"
     atomic_write_bytes(sidecar, (json.dumps(record, indent=2) + "\n").encode())
     return sidecar

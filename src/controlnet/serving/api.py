@@ -6,28 +6,31 @@ Routes (all JSON; images are base64-encoded PNG, or any image format, plain or a
   :class:`~controlnet.generation.generate.GenerationRequest` that a client may choose; controls name a
   ControlNet of the server). Returns the images, the condition maps, the seeds, the full prompt and
   the JSON sidecar of the run.
+- ``POST /api/jobs``: the same request, queued: answers at once (202) with the job's id.
+  ``GET /api/jobs/{id}`` its state (queued, running, done, stopped, cancelled, failed), progress
+  and ETA, the result once it has one, and with ``?preview=true`` a preview of the image being
+  made; ``DELETE /api/jobs/{id}`` cancels it (a queued job is dropped, a running one stops after
+  its step and keeps the images it has).
 - ``POST /api/preprocess``: an annotator name, its parameters and an image -> the condition map.
 - ``GET /api/annotators``: every annotator with its typed parameters (and, for those that need
   weights, the names of the weights this server offers: a client never names a path).
 - ``GET /api/health``: the server's state (queue, counts, models, limits).
 
-Errors are ``{"error": "..."}`` naming the parameter: 400 for a bad value or a limit, 413 for an
-upload or body over a size limit, 422 for a malformed request (missing field, wrong type, unknown
-field), 503 when the queue is full. Bad input never gives a 500, and the server keeps serving.
+Errors are ``{"error": "..."}`` naming the parameter: 400 for a bad value or a limit, 404 for an
+unknown job, 413 for an upload or body over a size limit, 422 for a malformed request (missing
+field, wrong type, unknown field), 503 when the queue is full. Bad input never gives a 500, and
+the server keeps serving.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import dataclasses
-import io
 import json
 import logging
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
@@ -35,10 +38,24 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from ..generation.request import ControlRequest, GenerationRequest
 from ..schema import Kind, Owner, enum_of, field_names, params, part_type
-from .service import BusyError, Service
+from .codec import decode_image, encode_png
+from .service import BusyError, Job, Output, Service, UnknownJob
 from .uploads import UploadTooLarge
 
-__all__ = ["ControlBody", "GenerateBody", "PreprocessBody", "create_api", "decode_image", "encode_png"]
+__all__ = [
+    "ControlBody",
+    "GenerateBody",
+    "PreprocessBody",
+    "answer",
+    "create_api",
+    "decode_image",
+    "encode_png",
+    "job_json",
+    "output_json",
+    "read_object",
+    "request_body_limit",
+    "validation_message",
+]
 
 log = logging.getLogger(__name__)
 
@@ -100,31 +117,6 @@ class PreprocessBody(BaseModel):
     detect_resolution: int | None = None
 
 
-# ---------------------------------------------------------------------------- images
-def decode_image(data: str, what: str) -> bytes:
-    """The bytes of a base64 image, plain or as a ``data:...;base64,`` URL."""
-    if not isinstance(data, str) or not data.strip():
-        raise ValueError(f"{what}: expected a base64-encoded image, got an empty value")
-    text = data.strip()
-    if text.startswith("data:"):
-        header, sep, text = text.partition(",")
-        if not sep or not header.endswith(";base64"):
-            raise ValueError(f"{what}: a data URL must be base64 ('data:image/png;base64,...')")
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError(f"{what}: not valid base64") from None
-
-
-def encode_png(image: np.ndarray) -> str:
-    """An (H, W[, C]) uint8 array -> base64 PNG text (RGBA stays RGBA)."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 def _file_b64(path: Any) -> str:
     with open(path, "rb") as f:
         return base64.b64encode(f.read()).decode("ascii")
@@ -162,11 +154,13 @@ def _values(service: Service, cls: type, body: BaseModel, where: str) -> dict[st
 
 
 # ---------------------------------------------------------------------------- the app
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, *, detail: bool = False) -> JSONResponse:
+    """An error answer; ``detail``: the message also under "detail", where clients of the A1111
+    web UI's API read it."""
+    return JSONResponse({"error": message, **({"detail": message} if detail else {})}, status_code=status)
 
 
-def _validation_message(e: ValidationError) -> str:
+def validation_message(e: ValidationError) -> str:
     parts = []
     for err in e.errors():
         loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
@@ -178,9 +172,9 @@ def _validation_message(e: ValidationError) -> str:
     return "; ".join(parts)
 
 
-async def _read_body(request: Request, limit: int, model: type[BaseModel]) -> Any:
-    """The JSON body parsed into ``model``; raises _HTTPError (413 over ``limit`` bytes, 400 not
-    JSON, 422 the wrong shape)."""
+async def read_object(request: Request, limit: int) -> dict[str, Any]:
+    """The request's JSON object; raises _HTTPError (413 over ``limit`` bytes, 400 not JSON, 422
+    not an object)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _HTTPError(413, f"the request body is over the limit of {limit / 1e6:g} MB")
@@ -196,10 +190,17 @@ async def _read_body(request: Request, limit: int, model: type[BaseModel]) -> An
         raise _HTTPError(400, "the request body is not JSON") from None
     if not isinstance(data, dict):
         raise _HTTPError(422, "the request body must be a JSON object")
+    return data
+
+
+async def _read_body(request: Request, limit: int, model: type[BaseModel]) -> Any:
+    """The JSON body parsed into ``model``; raises _HTTPError (413 over ``limit`` bytes, 400 not
+    JSON, 422 the wrong shape)."""
+    data = await read_object(request, limit)
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise _HTTPError(422, _validation_message(e)) from None
+        raise _HTTPError(422, validation_message(e)) from None
 
 
 class _HTTPError(Exception):
@@ -211,6 +212,8 @@ class _HTTPError(Exception):
 def _status(e: BaseException) -> int:
     if isinstance(e, _HTTPError):
         return e.status
+    if isinstance(e, UnknownJob):
+        return 404
     if isinstance(e, UploadTooLarge):
         return 413
     if isinstance(e, BusyError):
@@ -224,19 +227,13 @@ def create_api(service: Service) -> FastAPI:
     """A FastAPI app serving the routes above for ``service`` (the web app is mounted beside it)."""
     # no generated docs pages: they load their scripts from a CDN, and docs/app.md is the reference
     api = FastAPI(title="controlnet", docs_url=None, redoc_url=None, openapi_url=None)
-    lim = service.limits
-    # every image of a request at the upload limit, base64-encoded, plus room for the rest
-    body_limit = int((lim.max_controls + 2) * lim.max_upload_mb * 1e6 * 4 / 3) + 1_000_000
+    body_limit = request_body_limit(service)
 
-    async def answer(work: Any) -> JSONResponse:
-        try:
-            return JSONResponse(await work)
-        except Exception as e:
-            status = _status(e)
-            if status == 500:
-                log.exception("request failed")
-                return _error(500, f"internal error: {type(e).__name__}: {e}")
-            return _error(status, str(e))
+    async def queued(request: Request) -> Job:
+        """Read, check and queue the generation a request's body asks for."""
+        body = await _read_body(request, body_limit, GenerateBody)
+        req = await run_in_threadpool(build_request, service, body)
+        return await run_in_threadpool(service.submit, req)  # checks, then queues
 
     @api.get("/api/health")
     async def health() -> JSONResponse:
@@ -253,20 +250,38 @@ def create_api(service: Service) -> FastAPI:
     @api.post("/api/generate")
     async def generate(request: Request) -> JSONResponse:
         async def work() -> dict[str, Any]:
-            body = await _read_body(request, body_limit, GenerateBody)
-            req = await run_in_threadpool(build_request, service, body)
-            job = await run_in_threadpool(service.submit, req)  # checks, then queues
+            job = await queued(request)
             out = await asyncio.wrap_future(job.future)
-            return await run_in_threadpool(
-                lambda: {
-                    "images": [_file_b64(p) for p in out.images],
-                    "conditions": [encode_png(c) for c in out.conditions],
-                    "seeds": out.seeds,
-                    "prompt": out.prompt,
-                    "seconds": round(out.seconds, 3),
-                    "sidecar": out.record,
-                }
-            )
+            return await run_in_threadpool(output_json, out)
+
+        return await answer(work())
+
+    @api.post("/api/jobs")
+    async def submit(request: Request) -> JSONResponse:
+        async def work() -> dict[str, Any]:
+            job = await queued(request)
+            return {"id": job.id, "state": job.state}
+
+        response = await answer(work())
+        if response.status_code == 200:
+            response.status_code = 202
+        return response
+
+    @api.get("/api/jobs/{job_id}")
+    async def poll(job_id: str, preview: bool = False) -> JSONResponse:
+        async def work() -> dict[str, Any]:
+            job = service.job(job_id)
+            if preview:
+                job.watch.ask_preview()
+            return await run_in_threadpool(job_json, job, preview)
+
+        return await answer(work())
+
+    @api.delete("/api/jobs/{job_id}")
+    async def cancel(job_id: str) -> JSONResponse:
+        async def work() -> dict[str, Any]:
+            job = service.cancel(job_id)
+            return {"id": job.id, "state": job.state}
 
         return await answer(work())
 
@@ -300,6 +315,66 @@ def create_api(service: Service) -> FastAPI:
         return await answer(work())
 
     return api
+
+
+def request_body_limit(service: Service) -> int:
+    """The most bytes a request body may have: every image of a request at the upload limit,
+    base64-encoded, plus room for the rest."""
+    lim = service.limits
+    return int((lim.max_controls + 2) * lim.max_upload_mb * 1e6 * 4 / 3) + 1_000_000
+
+
+async def answer(work: Any, detail: bool = False) -> JSONResponse:
+    """The JSON answer of a route's work, or its error (the status :func:`_status` gives it;
+    ``detail``: see :func:`_error`); an unexpected error is logged and is the only 500."""
+    try:
+        return JSONResponse(await work)
+    except Exception as e:
+        status = _status(e)
+        if status == 500:
+            log.exception("request failed")
+            return _error(500, f"internal error: {type(e).__name__}: {e}", detail=detail)
+        return _error(status, str(e), detail=detail)
+
+
+def output_json(out: Output) -> dict[str, Any]:
+    """A finished generation as the API answers it."""
+    answer: dict[str, Any] = {
+        "images": [_file_b64(p) for p in out.images],
+        "conditions": [encode_png(c) for c in out.conditions],
+        "seeds": out.seeds,
+        "prompt": out.prompt,
+        "seconds": round(out.seconds, 3),
+        "sidecar": out.record,
+    }
+    if out.stopped_at is not None:
+        answer["stopped"] = {"after_step": out.stopped_at[0], "of": out.stopped_at[1]}
+    return answer
+
+
+def job_json(job: Job, preview: bool = False) -> dict[str, Any]:
+    """A job's state, progress and ETA; its result once it has one, its error if it failed; the
+    latest preview (the first sample's) when asked."""
+    state, watch = job.state, job.watch
+    answer: dict[str, Any] = {
+        "id": job.id,
+        "state": state,
+        "step": watch.step,
+        "total": watch.total,
+        "progress": round(watch.step / watch.total, 4) if watch.total else 0.0,
+        "eta_s": None if state != "running" or watch.eta() is None else round(watch.eta() or 0.0, 2),
+    }
+    if state in ("done", "stopped"):
+        answer["result"] = output_json(job.future.result())
+    elif state == "failed":
+        e = job.future.exception()
+        answer["error"] = (
+            str(e) if isinstance(e, (ValueError, FileNotFoundError)) else f"{type(e).__name__}: {e}"
+        )
+    if preview:
+        shown = watch.preview()
+        answer["preview"] = None if shown is None else {"step": shown[0], "image": encode_png(shown[1][0])}
+    return answer
 
 
 def _describe(a: Any, offered: list[str]) -> dict[str, Any]:

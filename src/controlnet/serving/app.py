@@ -12,6 +12,7 @@ here without a change to this file.
 from __future__ import annotations
 
 import math
+from concurrent.futures import CancelledError
 from typing import Any
 
 import gradio as gr
@@ -94,7 +95,10 @@ def build_ui(service: Service) -> gr.Blocks:
                         )
                         field("resize_mode")
             with gr.Column(scale=2):
-                run = gr.Button("Generate", variant="primary", elem_id="generate")
+                with gr.Row():
+                    run = gr.Button("Generate", variant="primary", elem_id="generate", scale=3)
+                    stop = gr.Button("Interrupt", variant="stop", elem_id="interrupt", scale=1)
+                session = gr.State({})  # this browser session's running job, for Interrupt
                 gallery = gr.Gallery(label="Results", columns=2, format="png", elem_id="gallery")
                 files = gr.File(
                     label="Downloads: images, grid, JSON sidecar",
@@ -105,6 +109,7 @@ def build_ui(service: Service) -> gr.Blocks:
                 info = gr.Markdown(elem_id="info")
 
         def generate(data: dict, progress: gr.Progress = gr.Progress()) -> tuple[Any, Any, str]:  # noqa: B008
+            mine = data[session]
             try:
                 values = {name: field_value(GenerationRequest, name, data[w]) for name, w in fields.items()}
                 init, mask = editor_images(service, data[editor])
@@ -125,18 +130,33 @@ def build_ui(service: Service) -> gr.Blocks:
                         progress(0, desc="waiting for the worker")
 
                 show(0, 0)
-                out = service.generate(request, show)
+                job = service.submit(request)
+                mine["job"] = job.id
+                out = service.wait(job, show)
+            except CancelledError:
+                raise user_error(ValueError("interrupted before it started")) from None
             except Exception as e:
                 raise user_error(e) from None
+            finally:
+                mine.pop("job", None)
             captions = [(str(p), f"seed {s}") for p, s in zip(out.images, out.seeds)]
             seeds = ", ".join(map(str, out.seeds))
+            stopped = ""
+            if out.stopped_at is not None:
+                stopped = f" (interrupted after step {out.stopped_at[0]} of {out.stopped_at[1]})"
             text = (
-                f"**{len(out.images)} image(s)** in {out.seconds:.1f} s; seeds {seeds}\n\n"
+                f"**{len(out.images)} image(s)**{stopped} in {out.seconds:.1f} s; seeds {seeds}\n\n"
                 f"Prompt: `{out.prompt}`\n\nSidecar: `{out.sidecar.name}`"
             )
             return captions, [*map(str, out.images), str(out.grid), str(out.sidecar)], text
 
-        inputs = {*fields.values(), editor, *(w for u in units for w in u.widgets)}
+        def interrupt(mine: dict) -> None:
+            """Stop this session's job: dropped if queued, else it ends after its step with what it has."""
+            if "job" in mine:
+                service.cancel(mine["job"])
+
+        stop.click(interrupt, inputs=[session], api_visibility="private")
+        inputs = {*fields.values(), editor, session, *(w for u in units for w in u.widgets)}
         run.click(
             generate,
             inputs=inputs,

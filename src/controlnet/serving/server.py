@@ -26,10 +26,12 @@ def create_app(service: Service):  # -> fastapi.FastAPI
     """The ASGI app: ``/api/*`` routes first, then the Gradio page at ``/``."""
     import gradio as gr
 
+    from .a1111_api import add_routes
     from .api import create_api
     from .app import build_ui
 
     api = create_api(service)
+    add_routes(api, service)  # the A1111 web UI's API beside ours
     ui = build_ui(service)
     ui.queue(max_size=service.limits.max_queue, default_concurrency_limit=1)
     # system fonts: the default theme would ask the browser to fetch fonts from the internet

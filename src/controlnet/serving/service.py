@@ -10,7 +10,9 @@ everything that must be the same for both:
 - uploads, checked like files (:func:`controlnet.imageio.read_image`: not an image, corrupt data,
   decompression bombs) plus the upload limits, and stored as normalised PNGs;
 - one worker thread that runs generations (and learned annotators) one at a time, first come first
-  served, so a GPU never holds two jobs; queued jobs wait and are all answered.
+  served, so a GPU never holds two jobs; queued jobs wait and are all answered;
+- the jobs, by id: each one's state, progress and preview, and a cancel (a queued job is dropped,
+  a running one stops after its current step and returns the images it has).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before 3.11
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -37,13 +39,14 @@ from ..generation.request import GenerationRequest, LoraRequest
 from ..generation.sizes import final_size
 from ..imageio import read_image, read_mask
 from ..model.control import control_type_choices
+from .jobs import Job, JobTable, UnknownJob
 from .limits import Limits
 from .uploads import Uploads, megapixels
 
 if TYPE_CHECKING:
     from ..families.protocol import BaseModel
 
-__all__ = ["BusyError", "Job", "Limits", "Output", "ServeConfig", "Service"]
+__all__ = ["BusyError", "Job", "Limits", "Output", "ServeConfig", "Service", "UnknownJob"]
 
 
 class BusyError(RuntimeError):
@@ -86,15 +89,8 @@ class Output:
     seeds: list[int]
     prompt: str
     seconds: float
-
-
-@dataclass
-class Job:
-    """A queued or running generation: its future and its progress (step of total)."""
-
-    future: Future = field(default_factory=Future)
-    step: int = 0
-    total: int = 0
+    #: (steps done, of total) where a stop ended the generation early; None: it ran to the end
+    stopped_at: tuple[int, int] | None = None
 
 
 def _unique_names(paths: list[str]) -> dict[str, str]:
@@ -157,6 +153,8 @@ class Service:
         self._lock = threading.Lock()
         self._waiting = self._running = self._max_running = self._done = self._failed = 0
         self._closed = False
+        self._jobs = JobTable(keep=self.limits.max_queue + 64)
+        self._current: Job | None = None
 
     # ------------------------------------------------------------------ models
     def _load_models(self) -> BaseModel:
@@ -269,15 +267,49 @@ class Service:
                     f"{self.limits.max_queue}); try again later"
                 )
             self._waiting += 1
-        job = Job()
-        job.future = self._worker.submit(self._run, checked, job)
+            job = Job()
+            self._jobs.add(job)
+            job.future = self._worker.submit(self._run, checked, job)
+        return job
+
+    def job(self, job_id: str) -> Job:
+        """The job of that id; UnknownJob otherwise."""
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a job: a queued one is dropped (it never runs), a running one stops after its
+        current step and returns the images it has; a finished one stays as it is."""
+        job = self.job(job_id)
+        with self._lock:
+            if job.future.cancel():  # still queued: it will not run
+                self._waiting -= 1
+                job.cancelled = True
+                return job
+        job.watch.stop()
+        return job
+
+    def current(self) -> Job | None:
+        """The running job, if any."""
+        with self._lock:
+            return self._current
+
+    def interrupt(self) -> Job | None:
+        """Stop the running job (it returns the images it has); the queue goes on. The job, or None."""
+        job = self.current()
+        if job is not None:
+            job.watch.stop()
         return job
 
     def generate(
         self, request: GenerationRequest, on_progress: Callable[[int, int], None] | None = None
     ) -> Output:
         """Queue ``request``, wait for it and return its output (blocking)."""
-        job = self.submit(request)
+        return self.wait(self.submit(request), on_progress)
+
+    def wait(self, job: Job, on_progress: Callable[[int, int], None] | None = None) -> Output:
+        """Wait for ``job`` and return its output (CancelledError if it was dropped from the
+        queue); ``on_progress(step, total)`` is called about five times a second meanwhile."""
         if on_progress is None:
             return job.future.result()
         while True:
@@ -298,17 +330,14 @@ class Service:
             self._waiting -= 1
             self._running += 1
             self._max_running = max(self._max_running, self._running)
+            self._current = job
         try:
-
-            def callback(step: int, total: int) -> None:
-                job.step, job.total = step, total
-
             result, sidecar = run(
                 checked,
                 self.out_dir,
                 cache=self.cache,
                 progress=False,
-                callback=callback,
+                watch=job.watch,
                 names=self.public_names(),
             )
             assert sidecar is not None
@@ -322,6 +351,7 @@ class Service:
                 seeds=result.seeds,
                 prompt=result.prompt,
                 seconds=result.seconds,
+                stopped_at=result.stopped_at,
             )
         except BaseException:
             with self._lock:
@@ -330,6 +360,7 @@ class Service:
         finally:
             with self._lock:
                 self._running -= 1
+                self._current = None
         with self._lock:
             self._done += 1
         return output
