@@ -281,6 +281,11 @@ def test_malformed_bodies_never_get_a_500(http):
     assert status == 400 and "init_images[0]" in answer["error"]
     status, answer = post(http, "/sdapi/v1/img2img", body())
     assert status == 400 and "init_images: one image is served, got 0" in answer["error"]
+    for shape in ([1], {"controlnet": "x"}, {"controlnet": {"args": 3}}):
+        status, answer = post(http, "/sdapi/v1/txt2img", body(alwayson_scripts=shape))
+        assert status == 400 and "alwayson_scripts" in answer["error"], answer
+    status, answer = post(http, "/sdapi/v1/txt2img", body(override_settings=[1]))
+    assert status == 400 and "override_settings" in answer["error"]
     status, answer = post(http, "/sdapi/v1/txt2img", body(unit(image=None)))
     assert status == 400 and "a unit needs an image in txt2img" in answer["error"]
     assert http.get("/sdapi/v1/progress").status_code == 200  # still serving

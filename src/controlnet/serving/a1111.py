@@ -106,7 +106,10 @@ def translate(payload: Mapping[str, Any], server: Server, *, img2img: bool) -> T
         if name in p and not inert(p[name]):
             raise ValueError(f"{name}: {p[name]!r} is not served (only its default)")
     settings = dict(server.options)
-    for key, value in (p.get("override_settings") or {}).items():
+    overrides = p.get("override_settings") or {}
+    if not isinstance(overrides, Mapping):
+        raise ValueError("override_settings: expected an object of option names and values")
+    for key, value in overrides.items():
         settings[key] = value
     checkpoint = settings.get("sd_model_checkpoint")
     if checkpoint and checkpoint.split(" [")[0] != server.model_name:
@@ -242,6 +245,8 @@ def _units(
 ) -> tuple[list[dict[str, Any]], list[int]]:
     """Our controls for the enabled ControlNet units, and which of them ran an annotator."""
     scripts = p.get("alwayson_scripts") or {}
+    if not isinstance(scripts, Mapping) or not all(isinstance(v, Mapping | None) for v in scripts.values()):
+        raise ValueError('alwayson_scripts: expected an object of scripts, each {"args": [...]}')
     found = [k for k in scripts if k.lower() == "controlnet"]
     others = [
         k
@@ -251,6 +256,8 @@ def _units(
     if others:
         raise ValueError(f"alwayson_scripts: {', '.join(others)} is not served (ControlNet is)")
     args = (scripts[found[0]] or {}).get("args", []) if found else []
+    if not isinstance(args, list):
+        raise ValueError(f"alwayson_scripts.{found[0]}.args: expected a list of ControlNet units")
     units, modes, detected = [], [], []
     for i, unit in enumerate(args):
         where = f"alwayson_scripts.{found[0]}.args[{i}]"
