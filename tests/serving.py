@@ -58,3 +58,35 @@ def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 1024)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def serve_tiny(folder: Path, limits):  # -> RunningServer
+    """A server of the tiny model files (:func:`model_files`) under ``limits``; ``.files`` holds
+    (base, [cn_a, cn_b])."""
+    from controlnet.serving.server import start
+    from controlnet.serving.service import ServeConfig
+
+    base, cns = model_files(folder)
+    srv = start(ServeConfig(base=base, controlnets=tuple(cns), limits=limits))
+    srv.files = (base, cns)
+    return srv
+
+
+def hold_at_step(monkeypatch, step: int = 2):
+    """Hold a running generation where it reports step ``step`` until released: returns the events
+    (reached, release); set release when done."""
+    import threading
+
+    from controlnet.generation.watch import Watch
+
+    original = Watch.stepped
+    reached, release = threading.Event(), threading.Event()
+
+    def stepped(self, done, estimate):
+        if done == step and not release.is_set():
+            reached.set()
+            release.wait(60)
+        return original(self, done, estimate)
+
+    monkeypatch.setattr(Watch, "stepped", stepped)
+    return reached, release

@@ -9,31 +9,25 @@ import base64
 import io
 import json
 import logging
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
 import httpx
 import numpy as np
 import pytest
+import webuiapi
 from PIL import Image
 
 from controlnet.annotators import prepare_condition
-from controlnet.generation.watch import Watch
 from controlnet.serving.a1111 import fill_masked
 from controlnet.serving.a1111_names import sampler_of
 from controlnet.serving.limits import Limits
-from controlnet.serving.server import start
-from controlnet.serving.service import ServeConfig
-from serving import b64, decode, model_files, square
-
-webuiapi = pytest.importorskip("webuiapi")
+from serving import b64, decode, hold_at_step, serve_tiny, square
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    base, cns = model_files(tmp_path_factory.mktemp("models"))
-    srv = start(ServeConfig(base=base, controlnets=tuple(cns), limits=Limits(max_steps=20, max_samples=4)))
+    srv = serve_tiny(tmp_path_factory.mktemp("models"), Limits(max_steps=20, max_samples=4))
     yield srv
     srv.stop()
 
@@ -184,16 +178,7 @@ def test_detect_runs_the_module(api, http):
 
 @pytest.fixture
 def gate(monkeypatch):
-    original = Watch.stepped
-    reached, release = threading.Event(), threading.Event()
-
-    def stepped(self, step, estimate):
-        if step == 2 and not release.is_set():
-            reached.set()
-            release.wait(60)
-        return original(self, step, estimate)
-
-    monkeypatch.setattr(Watch, "stepped", stepped)
+    reached, release = hold_at_step(monkeypatch, 2)
     yield reached, release
     release.set()
 

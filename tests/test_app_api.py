@@ -26,16 +26,14 @@ from controlnet.serving.api import SERVER_FIELDS, ControlBody, GenerateBody
 from controlnet.serving.limits import Limits
 from controlnet.serving.server import start
 from controlnet.serving.service import ServeConfig, Service
-from serving import b64, bomb_png, decode, model_files, png_bytes, square
+from serving import b64, bomb_png, decode, model_files, png_bytes, serve_tiny, square
 
 LIMITS = Limits(max_megapixels=0.1, max_upload_megapixels=0.1, max_upload_mb=1, max_steps=5, max_samples=2)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    base, cns = model_files(tmp_path_factory.mktemp("models"))
-    srv = start(ServeConfig(base=base, controlnets=tuple(cns), limits=LIMITS))
-    srv.files = (base, cns)
+    srv = serve_tiny(tmp_path_factory.mktemp("models"), LIMITS)
     yield srv
     srv.stop()
 

@@ -12,17 +12,13 @@ import httpx
 import numpy as np
 import pytest
 
-from controlnet.generation.watch import Watch
 from controlnet.serving.limits import Limits
-from controlnet.serving.server import start
-from controlnet.serving.service import ServeConfig
-from serving import b64, decode, model_files, square
+from serving import b64, decode, hold_at_step, serve_tiny, square
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    base, cns = model_files(tmp_path_factory.mktemp("models"))
-    srv = start(ServeConfig(base=base, controlnets=tuple(cns), limits=Limits(max_steps=20, max_samples=2)))
+    srv = serve_tiny(tmp_path_factory.mktemp("models"), Limits(max_steps=20, max_samples=2))
     yield srv
     srv.stop()
 
@@ -52,24 +48,10 @@ def wait_for(client, job_id, states, timeout=60.0, **params):
 
 @pytest.fixture
 def gate(monkeypatch):
-    """Hold the running generation at the start of its report of step ``gate.at`` until
-    ``gate.open`` is set; ``gate.reached`` is set when it gets there."""
-    original = Watch.stepped
-
-    class Gate:
-        at = 2
-        reached = threading.Event()
-        open = threading.Event()
-
-    def stepped(self, step, estimate):
-        if step == Gate.at and not Gate.open.is_set():
-            Gate.reached.set()
-            Gate.open.wait(60)
-        return original(self, step, estimate)
-
-    monkeypatch.setattr(Watch, "stepped", stepped)
-    yield Gate
-    Gate.open.set()
+    """The running generation held at the start of its step-2 report until ``release`` is set."""
+    reached, release = hold_at_step(monkeypatch, 2)
+    yield reached, release
+    release.set()
 
 
 def test_a_submitted_job_is_polled_to_the_images_generate_makes(client):
@@ -88,14 +70,15 @@ def test_a_submitted_job_is_polled_to_the_images_generate_makes(client):
 def test_a_running_job_reports_progress_and_a_preview_then_stops_with_what_it_has(client, server, gate):
     r = client.post("/api/jobs", json=body(num_samples=2))
     job_id = r.json()["id"]
-    assert gate.reached.wait(60)
+    reached, release = gate
+    assert reached.wait(60)
     running = client.get(f"/api/jobs/{job_id}", params={"preview": "true"}).json()
     assert running["state"] == "running" and running["step"] == 1 and running["total"] == 6
     assert running["progress"] == pytest.approx(1 / 6, abs=1e-3) and running["eta_s"] > 0
     assert running["preview"] is None  # asked now: decoded after the next step
     stop = client.delete(f"/api/jobs/{job_id}")
     assert stop.status_code == 200 and stop.json()["state"] == "running"  # it stops after its step
-    gate.open.set()
+    release.set()
     stopped = wait_for(client, job_id, {"stopped"}, preview="true")
     assert stopped["step"] == 2 and stopped["total"] == 6
     result = stopped["result"]

@@ -39,24 +39,15 @@ __all__ = ["Server", "Translation", "answer", "fill_masked", "infotext", "transl
 #: fields of the web UI's payloads that change nothing here at these values (any other value is
 #: refused, naming the field); the web UI's client libraries send them all
 INERT: dict[str, Callable[[Any], bool]] = {
-    "styles": lambda v: not v,
-    "subseed_strength": lambda v: not v,
-    "restore_faces": lambda v: not v,
-    "tiling": lambda v: not v,
-    "s_churn": lambda v: not v,
-    "s_tmin": lambda v: not v,
-    "s_tmax": lambda v: not v,
-    "s_noise": lambda v: v in (None, 1, 1.0),
-    "script_name": lambda v: not v,
-    "refiner_checkpoint": lambda v: not v,
-    "hr_checkpoint_name": lambda v: not v,
-    "hr_sampler_name": lambda v: not v,
-    "hr_scheduler": lambda v: not v,
-    "hr_prompt": lambda v: not v,
-    "hr_negative_prompt": lambda v: not v,
-    "initial_noise_multiplier": lambda v: v in (None, 1, 1.0),
+    **dict.fromkeys(
+        ("styles", "subseed_strength", "restore_faces", "tiling", "s_churn", "s_tmin", "s_tmax",
+         "script_name", "refiner_checkpoint", "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler",
+         "hr_prompt", "hr_negative_prompt"),
+        lambda v: not v,
+    ),
+    **dict.fromkeys(("s_noise", "initial_noise_multiplier"), lambda v: v in (None, 1, 1.0)),
     "image_cfg_scale": lambda v: True,  # instruct-pix2pix models only
-}
+}  # fmt: skip
 #: fields the web UI knows that only decide what it saves or shows: accepted, whatever their value
 ACCEPTED = {
     "subseed", "seed_resize_from_h", "seed_resize_from_w", "do_not_save_samples", "do_not_save_grid",
@@ -145,26 +136,28 @@ def translate(payload: Mapping[str, Any], server: Server, *, img2img: bool) -> T
     if p.get("distilled_cfg_scale") is not None:  # Forge's field for guidance-distilled models
         body["guidance"] = number(p, "distilled_cfg_scale", 3.5)
         body["true_guidance"] = number(p, "cfg_scale", 1.0)
-    init = None
+    init, init_hw = None, None
     if img2img:
         images = p.get("init_images") or []
         if len(images) != 1:
             raise ValueError(f"init_images: one image is served, got {len(images)}")
         init = server.decode(images[0], "init_images[0]")
+        init_pixels = server.read(init, "init_images[0]")
+        init_hw = init_pixels.shape[:2]
         body["resize_mode"] = resize_mode_of(p.get("resize_mode", 0), "resize_mode").value
         body["denoise"] = number(p, "denoising_strength", 0.75)
         if p.get("mask"):
-            body["init_image"], body["mask"] = _mask(p, server, init)
+            body["init_image"], body["mask"] = _mask(p, server, init_pixels)
             body["mask_blur"], body["overlay"] = number(p, "mask_blur", 4, int), True
         else:
-            body["init_image"] = encode_png(server.read(init, "init_images[0]"))
+            body["init_image"] = encode_png(init_pixels)
     elif p.get("enable_hr"):
         body.update(_hires(p, body))
-    body["controls"], detected = _units(p, server, img2img, body, init)
+    body["controls"], detected = _units(p, server, body, init, init_hw)
     return Translation(body, ignored, detected)
 
 
-def _mask(p: Mapping[str, Any], server: Server, init: bytes) -> tuple[Any, str]:
+def _mask(p: Mapping[str, Any], server: Server, image: np.ndarray) -> tuple[Any, str]:
     """The init image (masked content filled when asked) and the img2img mask (inverted when
     asked), each as base64 PNG. The web UI's defaults hold where a field is absent: "Only masked"
     (which is not served: a client sends false) and "fill"."""
@@ -182,7 +175,6 @@ def _mask(p: Mapping[str, Any], server: Server, init: bytes) -> tuple[Any, str]:
         white &= mask[..., 3] > 127
     if p.get("inpainting_mask_invert"):
         white = ~white
-    image = server.read(init, "init_images[0]")
     if image.shape[:2] != white.shape:
         raise ValueError(
             f"mask: {white.shape[1]}x{white.shape[0]} but the init image is {image.shape[1]}x{image.shape[0]}"
@@ -241,9 +233,14 @@ def _unit_images(unit: Mapping[str, Any], server: Server, where: str) -> tuple[b
 
 
 def _units(
-    p: Mapping[str, Any], server: Server, img2img: bool, body: dict[str, Any], init: bytes | None
+    p: Mapping[str, Any],
+    server: Server,
+    body: dict[str, Any],
+    init: bytes | None,
+    init_hw: tuple[int, int] | None,
 ) -> tuple[list[dict[str, Any]], list[int]]:
-    """Our controls for the enabled ControlNet units, and which of them ran an annotator."""
+    """Our controls for the enabled ControlNet units, and which of them ran an annotator
+    (``init``: img2img's image, read by units without one; ``init_hw``: its size)."""
     scripts = p.get("alwayson_scripts") or {}
     if not isinstance(scripts, Mapping) or not all(isinstance(v, Mapping | None) for v in scripts.values()):
         raise ValueError('alwayson_scripts: expected an object of scripts, each {"args": [...]}')
@@ -311,7 +308,6 @@ def _units(
         units.append(control)
         mode = resize_mode_of(unit.get("resize_mode", "Crop and Resize"), f"{where}.resize_mode")
         modes.append((mode, f"{where}.resize_mode", pixels.shape[:2]))
-    init_hw = None if init is None else server.read(init, "init_images[0]").shape[:2]
     _one_resize_mode(body, modes, init_hw)
     return units, detected
 

@@ -356,13 +356,14 @@ def job_json(job: Job, preview: bool = False) -> dict[str, Any]:
     """A job's state, progress and ETA; its result once it has one, its error if it failed; the
     latest preview (the first sample's) when asked."""
     state, watch = job.state, job.watch
+    eta = watch.eta() if state == "running" else None
     answer: dict[str, Any] = {
         "id": job.id,
         "state": state,
         "step": watch.step,
         "total": watch.total,
         "progress": round(watch.step / watch.total, 4) if watch.total else 0.0,
-        "eta_s": None if state != "running" or watch.eta() is None else round(watch.eta() or 0.0, 2),
+        "eta_s": None if eta is None else round(eta, 2),
     }
     if state in ("done", "stopped"):
         answer["result"] = output_json(job.future.result())
