@@ -165,6 +165,27 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def epilogue_gelu_agreement(device: str) -> dict[str, float] | None:
+    """How far the GELU our blocks run in a product's epilogue (``fused.linear_gelu``, on a GPU)
+    is from the tanh-approximate GELU the models were trained with, and from the exact one, in
+    float32 (a check that the epilogue is the approximation: the second must be much the larger)."""
+    if device != "cuda":
+        return None
+    import torch.nn.functional as F
+
+    from controlnet.model.fused import linear_gelu
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    linear = torch.nn.Linear(256, 512, device="cuda")
+    x = torch.randn(4, 1024, 256, device="cuda", generator=g)
+    with torch.no_grad():
+        y, z = linear_gelu(linear, x), linear(x)
+        return {
+            "max |diff| vs tanh GELU": float((y - F.gelu(z, approximate="tanh")).abs().max()),
+            "max |diff| vs exact GELU": float((y - F.gelu(z)).abs().max()),
+        }
+
+
 def transformer_bench_args(doc: str | None) -> argparse.Namespace:
     """The flags of the transformer families' generation benchmarks (bench_flux, bench_sd3)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -222,7 +243,9 @@ def compare_generation(
         "steps": args.steps,
         "size": size,
         "dtype": str(dtype),
+        "epilogue_gelu": epilogue_gelu_agreement(device),
     }
+    print("GELU in the product's epilogue:", record["epilogue_gelu"])
 
     def timed(name: str, fn: Callable[[], torch.Tensor]) -> None:
         release()

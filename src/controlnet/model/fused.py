@@ -8,7 +8,8 @@ two float32 copies per tensor), the joining of the text and image streams and th
 layout. Here each group is one function - :func:`modulate`, :func:`gated_add`, :func:`queries`,
 :func:`values` - compiled alone on first use (``torch.compile`` of that function, for any shape:
 seconds, once) and computing in float32 until its single rounding. Where a whole block is compiled
-(``--fast``) they run as plain code, which inductor fuses across.
+(``--fast``) they run as plain code, which inductor fuses across. The feed-forward's tanh-GELU
+(:func:`linear_gelu`, :func:`feed_forward`) runs in its product's epilogue (cuBLASLt) on a GPU.
 
 A family's fused blocks are subclasses of diffusers' blocks with the same modules and keys and a
 forward built from these functions; :func:`fuse_blocks` gives a network's stock blocks that class
@@ -30,9 +31,11 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 __all__ = [
     "BlockFusion",
+    "feed_forward",
     "fuse_blocks",
     "gated_add",
     "kernel_state",
+    "linear_gelu",
     "modulate",
     "queries",
     "stock_blocks",
@@ -130,6 +133,56 @@ def values(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Values of each stream, (B, L_i, H, D), joined along the tokens and laid out (B, H, L, D)."""
     x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
     return x.transpose(1, 2).contiguous()
+
+
+def linear_gelu(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``gelu(linear(x), approximate="tanh")``; on a GPU one product whose epilogue (cuBLASLt's,
+    the tanh approximation) applies the GELU to the float32 sum before its single rounding. On a
+    CPU (whose ``_addmm_activation`` applies the exact GELU instead), with autograd, inside a
+    compiled region (inductor fuses it anyway) and for other kinds of linear layer (FP8 weights):
+    the two steps."""
+    if (
+        x.device.type == "cuda"
+        and type(linear) is nn.Linear
+        and linear.bias is not None
+        and linear.weight.dtype == x.dtype
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+    ):
+        y = torch._addmm_activation(linear.bias, x.reshape(-1, x.shape[-1]), linear.weight.t(), use_gelu=True)
+        return y.view(*x.shape[:-1], y.shape[-1])
+    return F.gelu(linear(x), approximate="tanh")
+
+
+def _tanh_gelu_feed_forward(ff: nn.Module) -> bool:
+    """diffusers' ``FeedForward`` of a tanh-GELU, a linear layer and dropouts that do nothing."""
+    from diffusers.models.activations import GELU
+
+    net = getattr(ff, "net", None)
+    if net is None or len(net) < 3:
+        return False
+    first, *middle = list(net)
+    linears = [m for m in middle if not isinstance(m, nn.Dropout)]
+    dropouts_idle = all(m.p == 0 or not m.training for m in middle if isinstance(m, nn.Dropout))
+    return (
+        type(first) is GELU
+        and first.approximate == "tanh"
+        and len(linears) == 1
+        and isinstance(linears[0], nn.Linear)
+        and dropouts_idle
+    )
+
+
+def feed_forward(ff: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``ff(x)`` for a diffusers ``FeedForward``; one of a tanh-GELU runs it in the first product's
+    epilogue (:func:`linear_gelu`)."""
+    if not _tanh_gelu_feed_forward(ff):
+        return ff(x)
+    first, *rest = list(ff.net)
+    h = linear_gelu(first.proj, x)
+    for m in rest:
+        h = m(h)
+    return h
 
 
 def fuse_blocks(

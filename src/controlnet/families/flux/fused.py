@@ -81,9 +81,13 @@ class FusedFluxTransformerBlock(FluxTransformerBlock):
         text = c.shape[1]
         x = fused.gated_add(x, gate, self.attn.to_out[0](out[:, text:]))
         c = fused.gated_add(c, cgate, self.attn.to_add_out(out[:, :text]))
-        x = fused.gated_add(x, gate2, self.ff(fused.modulate(x, shift2, scale2, self.norm2.eps)))
+        x = fused.gated_add(
+            x, gate2, fused.feed_forward(self.ff, fused.modulate(x, shift2, scale2, self.norm2.eps))
+        )
         c = fused.gated_add(
-            c, cgate2, self.ff_context(fused.modulate(c, cshift2, cscale2, self.norm2_context.eps))
+            c,
+            cgate2,
+            fused.feed_forward(self.ff_context, fused.modulate(c, cshift2, cscale2, self.norm2_context.eps)),
         )
         if c.dtype == torch.float16:
             c = c.clip(-65504, 65504)
@@ -110,7 +114,10 @@ class FusedFluxSingleTransformerBlock(FluxSingleTransformerBlock):
         h = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         shift, scale, gate = self.norm.linear(self.norm.silu(temb)).chunk(3, dim=1)
         n = fused.modulate(h, shift, scale, self.norm.norm.eps)
-        mlp = self.act_mlp(self.proj_mlp(n))
+        if type(self.act_mlp) is nn.GELU and self.act_mlp.approximate == "tanh":
+            mlp = fused.linear_gelu(self.proj_mlp, n)
+        else:
+            mlp = self.act_mlp(self.proj_mlp(n))
         attn = _attention(self.attn, [n], image_rotary_emb)
         dim = attn.shape[-1]
         if type(self.proj_out) is nn.Linear:

@@ -84,12 +84,16 @@ class FusedJointTransformerBlock(JointTransformerBlock):
         x = fused.gated_add(x, gate, self.attn.to_out[0](out[:, :n]))
         if self.use_dual_attention:
             x = fused.gated_add(x, gate_b, second)
-        x = fused.gated_add(x, gate2, self.ff(fused.modulate(x, shift2, scale2, self.norm2.eps)))
+        x = fused.gated_add(
+            x, gate2, fused.feed_forward(self.ff, fused.modulate(x, shift2, scale2, self.norm2.eps))
+        )
         if self.context_pre_only:
             return None, x
         c = fused.gated_add(c, cgate, self.attn.to_add_out(out[:, n:]))
         c = fused.gated_add(
-            c, cgate2, self.ff_context(fused.modulate(c, cshift2, cscale2, self.norm2_context.eps))
+            c,
+            cgate2,
+            fused.feed_forward(self.ff_context, fused.modulate(c, cshift2, cscale2, self.norm2_context.eps)),
         )
         return c, x
 
@@ -102,7 +106,9 @@ class FusedSD3SingleTransformerBlock(SD3SingleTransformerBlock):
         shift, scale, gate, shift2, scale2, gate2 = self.norm1.linear(self.norm1.silu(temb)).chunk(6, dim=1)
         out = _attention(self.attn, fused.modulate(x, shift, scale, self.norm1.norm.eps), None)
         x = fused.gated_add(x, gate, self.attn.to_out[0](out))
-        return fused.gated_add(x, gate2, self.ff(fused.modulate(x, shift2, scale2, self.norm2.eps)))
+        return fused.gated_add(
+            x, gate2, fused.feed_forward(self.ff, fused.modulate(x, shift2, scale2, self.norm2.eps))
+        )
 
 
 FUSED = {
