@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from controlnet.cli import main
-from controlnet.data import fill50k
+from controlnet.data import fill50k, pairset
 from controlnet.data.colors import color_distance, color_names, rgb
 from controlnet.data.fill50k import (
     Kind,
@@ -35,7 +35,7 @@ def small_set(tmp_path_factory):
 
 
 def test_same_arguments_give_identical_bytes_whatever_the_workers(tmp_path, monkeypatch):
-    monkeypatch.setattr(fill50k, "_BLOCK", 8)  # several blocks, so two processes share the work
+    monkeypatch.setattr(pairset, "_BLOCK", 8)  # several blocks, so two processes share the work
     a = generate(tmp_path / "a", 30, size=32, seed=1, progress=False, workers=1)
     b = generate(tmp_path / "b", 30, size=32, seed=1, progress=False, workers=2)
     c = generate(tmp_path / "c", 30, size=32, seed=2, progress=False, workers=1)
@@ -151,10 +151,10 @@ def test_existing_folders_are_kept_unless_overwritten(tmp_path, monkeypatch):
         generate(out, 3, size=32, progress=False)
     assert (out / "keep.txt").read_text() == "mine"
 
-    def broken(args):
+    def broken(sample):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(fill50k, "_write_block", broken)
+    monkeypatch.setattr(fill50k, "render_sample", broken)
     with pytest.raises(RuntimeError):
         generate(out, 3, size=32, progress=False, overwrite=True, workers=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["set"] and (out / "keep.txt").exists()

@@ -19,6 +19,7 @@ __all__ = [
     "OBJECTIVES",
     "ControlMode",
     "DType",
+    "EvalMetric",
     "HiresUpscaler",
     "PromptSetting",
     "PromptSyntax",
@@ -150,6 +151,17 @@ class PromptSetting(str, Enum):
     NONE = "none"  # the empty prompt
     DEFAULT = "default"  # "a professional, detailed, high-quality image"
     AUTO = "auto"  # a caption of the condition's source image, from a local BLIP-style captioner
+
+
+class EvalMetric(str, Enum):
+    """How ``controlnet eval`` scores an output against its condition (:mod:`controlnet.evaluation`)."""
+
+    FILL50K = "fill50k"
+    OUTLINES = "outlines"
+    EDGES = "edges"
+    SSIM = "ssim"
+    DEPTH = "depth"
+    SEGMENTATION = "segmentation"
 
 
 class HiresUpscaler(str, Enum):

@@ -25,6 +25,27 @@ def _cmd_data_fill50k(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_outlines(args: argparse.Namespace) -> int:
+    from ..data.outlines import generate_outlines
+
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()] if args.kinds else None
+    out = generate_outlines(
+        args.out,
+        args.n,
+        size=args.size,
+        seed=args.seed,
+        kinds=kinds,
+        max_shapes=args.max_shapes,
+        max_line_width=args.max_line_width,
+        min_delta_e=args.min_delta_e,
+        workers=args.workers,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    print(out)
+    return 0
+
+
 def _cmd_data_check(args: argparse.Namespace) -> int:
     from ..data.datasets import open_dataset
 
@@ -37,6 +58,7 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 
 def add(sub: argparse._SubParsersAction) -> None:
     from ..data.fill50k import DEFAULT_MIN_DELTA_E, Kind
+    from ..data.outlines import FigureKind
 
     p = sub.add_parser("data", help="make and check training data")
     data = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
@@ -58,6 +80,35 @@ def add(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--overwrite", action="store_true", help="replace the folder if it exists")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     f.set_defaults(handler=_cmd_data_fill50k)
+    o = data.add_parser(
+        "outlines",
+        help="generate an outlines set: several closed shapes of any kind -> each filled in its own colour",
+    )
+    o.add_argument("--out", required=True, help="folder to create (source/, target/, prompt.json)")
+    o.add_argument("--n", type=int, default=50_000, help="number of pairs (default: %(default)s)")
+    o.add_argument("--size", type=int, default=128, help="image side in pixels (default: %(default)s)")
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument(
+        "--kinds",
+        help="comma-separated shape kinds to draw (default: all of "
+        f"{', '.join(k.value for k in FigureKind)}); leave one out to test on it later",
+    )
+    o.add_argument(
+        "--max-shapes", type=int, default=4, help="shapes per image, 1 to this (default: %(default)s)"
+    )
+    o.add_argument(
+        "--max-line-width", type=int, help="outlines are 1 to this many pixels wide (default: 2, 4 at 512 px)"
+    )
+    o.add_argument(
+        "--min-delta-e",
+        type=float,
+        default=DEFAULT_MIN_DELTA_E,
+        help="least CIEDE2000 difference between any two colours of an image (default: %(default)s)",
+    )
+    o.add_argument("--workers", type=int, default=None, help="processes (default: one per CPU core)")
+    o.add_argument("--overwrite", action="store_true", help="replace the folder if it exists")
+    o.add_argument("--quiet", action="store_true", help="no progress bar")
+    o.set_defaults(handler=_cmd_data_outlines)
     c = data.add_parser("check", help="open a data set folder, check every entry, report what is wrong")
     c.add_argument("path", help="folder (prompt.json, metadata.jsonl/.csv, or images) or its index file")
     c.add_argument("--resolution", type=int, default=None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..choices import OBJECTIVES, DType
+from ..choices import OBJECTIVES, DType, EvalMetric
 from . import common
 
 
@@ -272,7 +272,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
         help="measure how well outputs follow their conditions",
-        description="Generate one image per item of a data set and score it: fill50k IoU and "
+        description="Generate one image per item of a data set and score it: fill50k or outlines IoU and "
         "colour accuracy, edge F1, SSIM, depth RMSE or segmentation mIoU.",
     )
     p.add_argument("--data", required=True, help="a data set folder (its conditions and prompts are used)")
@@ -280,9 +280,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", help="default: the bundled model")
     p.add_argument("--controlnet", help="default: the bundled ControlNet")
     p.add_argument("--no-controlnet", action="store_true", help="the base model alone (prompt colours only)")
-    p.add_argument(
-        "--metric", default="fill50k", choices=["fill50k", "edges", "ssim", "depth", "segmentation"]
-    )
+    p.add_argument("--metric", default=EvalMetric.FILL50K.value, choices=[m.value for m in EvalMetric])
     p.add_argument("--annotator", help="for ssim/depth/segmentation: the annotator that made the maps")
     p.add_argument("--annotator-param", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--n", type=int, default=200)

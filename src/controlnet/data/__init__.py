@@ -2,6 +2,8 @@
 
 - :mod:`.colors`: CSS named colours as fill50k prompts spell them; CIE Lab delta E; nearest names.
 - :mod:`.fill50k`: a deterministic generator of the fill50k world (circles, or several shapes).
+- :mod:`.outlines`: the outlines world: several closed shapes of six kinds (:mod:`.figures`) per
+  image, each in its own colour; :mod:`.pairset` writes either world's files.
 - :mod:`.datasets`: ``open_dataset`` for prompt.json, metadata.jsonl/.csv and plain image folders.
 - :mod:`.cache`: VAE posteriors and prompt embeddings computed once, for fast epochs.
 """

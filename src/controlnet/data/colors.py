@@ -30,6 +30,7 @@ __all__ = [
     "color_names",
     "css_keyword",
     "delta_e",
+    "distinct_pairs",
     "nearest_color",
     "nearest_colors",
     "rgb",
@@ -299,6 +300,17 @@ def color_distance(
 @functools.cache
 def _table_lab() -> np.ndarray:
     return srgb_to_lab(np.array([v for _, v in COLORS]))
+
+
+@functools.cache
+def distinct_pairs(min_delta_e: float) -> np.ndarray:
+    """(P, 2) indices into :data:`COLORS` of the ordered pairs of colours at least ``min_delta_e``
+    (CIEDE2000) apart."""
+    lab = srgb_to_lab(np.array([v for _, v in COLORS]))
+    d = delta_e(lab[:, None], lab[None])
+    ok = d >= min_delta_e
+    np.fill_diagonal(ok, False)
+    return np.argwhere(ok)
 
 
 def nearest_colors(

@@ -15,13 +15,10 @@ is a pure function of its parameters.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
-import os
 import re
-import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -30,8 +27,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from ..imageio import atomic_write_bytes, encode_png_fast
-from .colors import COLORS, color_name, color_names, delta_e, rgb, srgb_to_lab
+from .colors import color_name, color_names, distinct_pairs, rgb
+from .pairset import write_pairs
 
 __all__ = [
     "DEFAULT_MIN_DELTA_E",
@@ -51,7 +48,6 @@ GENERATOR_FORMAT = "controlnet-fill50k/1"
 #: Fill and background colours differ by at least this CIEDE2000 delta E (drops ~8% of the pairs:
 #: the near-whites among themselves, navy vs dark blue, ...).
 DEFAULT_MIN_DELTA_E = 15.0
-_BLOCK = 256  # samples per worker task
 
 
 class Shape(Enum):
@@ -148,16 +144,6 @@ class Sample:
 
 
 # ---------------------------------------------------------------------------------------- parameters
-@functools.cache
-def _color_pairs(min_delta_e: float) -> np.ndarray:
-    """(P, 2) indices into COLORS of the ordered (fill, background) pairs at least ``min_delta_e`` apart."""
-    lab = srgb_to_lab(np.array([v for _, v in COLORS]))
-    d = delta_e(lab[:, None], lab[None])
-    ok = d >= min_delta_e
-    np.fill_diagonal(ok, False)
-    return np.argwhere(ok)
-
-
 def sample_params(
     n: int,
     size: int = 512,
@@ -181,7 +167,7 @@ def sample_params(
     if size < 32:
         raise ValueError(f"size must be at least 32 pixels, got {size}")
     lw = line_width_for(size)
-    pairs = _color_pairs(float(min_delta_e))
+    pairs = distinct_pairs(float(min_delta_e))
     if len(pairs) == 0:
         raise ValueError(f"no two named colours are {min_delta_e} delta E apart; lower min_delta_e")
     # One row of uniforms per sample, filled row by row: sample i never depends on n.
@@ -294,36 +280,8 @@ def render_sample(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------- files
-def _write_block(args: tuple[Sequence[Sample], str]) -> int:
-    samples, root = args
-    for s in samples:
-        for folder, image in zip(("source", "target"), render_sample(s)):
-            fd = os.open(f"{root}/{folder}/{s.index}.png", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                os.write(fd, encode_png_fast(image))
-            finally:
-                os.close(fd)
-    return len(samples)
-
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def _run_blocks(blocks: list[list[Sample]], root: Path, workers: int) -> Iterator[int]:
-    jobs = [(b, str(root)) for b in blocks]
-    if workers <= 1 or len(blocks) <= 1:
-        yield from map(_write_block, jobs)
-        return
-    import multiprocessing as mp
-
-    # fork: a spawned worker would re-import torch through the package (seconds) for numpy work
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
-    with ctx.Pool(workers) as pool:
-        yield from pool.imap_unordered(_write_block, jobs)
+def _render(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+    return render_sample(sample)  # looked up at call time: tests replace render_sample
 
 
 def generate(
@@ -340,62 +298,24 @@ def generate(
 ) -> Path:
     """Write a fill50k-style set of ``n`` pairs to ``out_dir``; return ``out_dir``.
 
-    Layout: ``source/{i}.png``, ``target/{i}.png`` (RGB), ``prompt.json`` (one JSON object per
-    line: source, target, prompt, then the :class:`Sample` parameters) and ``generator.json`` (the
-    arguments). The set is built in a temporary sibling folder and renamed into place when
-    complete, so ``out_dir`` is never seen half-written. The same arguments give byte-identical
-    files, whatever ``workers`` is.
+    Layout (:mod:`.pairset`): ``source/{i}.png``, ``target/{i}.png`` (RGB), ``prompt.json`` (one
+    JSON object per line: source, target, prompt, then the :class:`Sample` parameters) and
+    ``generator.json`` (the arguments). ``out_dir`` is never seen half-written, and the same
+    arguments give byte-identical files, whatever ``workers`` is.
     """
     samples = sample_params(n, size, seed, kind, min_delta_e=min_delta_e)
-    out = Path(out_dir)
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
-        raise ValueError(f"{out} already exists; overwrite it (--overwrite) or choose another folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        (tmp / "source").mkdir(parents=True)
-        (tmp / "target").mkdir()
-        blocks = [samples[i : i + _BLOCK] for i in range(0, n, _BLOCK)]
-        done = _run_blocks(blocks, tmp, _cpu_count() if workers is None else workers)
-        if progress:
-            from tqdm import tqdm
-
-            with tqdm(total=n, desc=f"fill50k {Kind(kind).value} {size}px", unit="pair") as bar:
-                for k in done:
-                    bar.update(k)
-        else:
-            for _ in done:
-                pass
-        lines = "".join(json.dumps(s.to_record()) + "\n" for s in samples)
-        atomic_write_bytes(tmp / "prompt.json", lines.encode())
-        options = {
-            "format": GENERATOR_FORMAT,
-            "n": n,
-            "size": size,
-            "seed": seed,
-            "kind": Kind(kind).value,
-            "min_delta_e": float(min_delta_e),
-        }
-        atomic_write_bytes(tmp / "generator.json", (json.dumps(options, indent=2) + "\n").encode())
-        _swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename the finished folder ``tmp`` to ``out``, replacing whatever ``out`` was."""
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    options = {
+        "format": GENERATOR_FORMAT,
+        "n": n,
+        "size": size,
+        "seed": seed,
+        "kind": Kind(kind).value,
+        "min_delta_e": float(min_delta_e),
+    }
+    desc = f"fill50k {Kind(kind).value} {size}px"
+    return write_pairs(
+        out_dir, samples, _render, options, desc=desc, workers=workers, overwrite=overwrite, progress=progress
+    )
 
 
 # ---------------------------------------------------------------------------------------- reading

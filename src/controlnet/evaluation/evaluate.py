@@ -3,6 +3,8 @@
 Metrics (see :mod:`controlnet.evaluation.metrics` for the per-image measures):
 - ``fill50k``: IoU of the generated shape with the condition's (the filled outline), and colour
   accuracy of the shape and of the background against the prompt's named colours.
+- ``outlines``: the same per shape for the outlines world (several shapes, each its own colour),
+  against each shape's visible region re-derived from the set's recorded parameters.
 - ``edges``: F1 of Canny edges re-extracted from the output against the condition's edges.
 - ``ssim``: SSIM between the condition map and the same annotator's map of the output (soft
   edges, line art).
@@ -15,7 +17,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +24,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..choices import EvalMetric
 from ..families.protocol import BaseModel
 from ..generation.denoiser import ControlUnit
 from ..generation.generate import resolve_prompt
 from ..generation.request import GenerationRequest
 from ..generation.sampling import Sampling, render, to_images
 from ..imageio import atomic_write_bytes, make_grid, save_png, to_uint8
-from .metrics import COLOUR_TOLERANCE, edge_f1, mean_iou, rmse, shape_and_colour, ssim
+from .metrics import COLOUR_TOLERANCE, edge_f1, mean_iou, outline_scores, rmse, shape_and_colour, ssim
 
 __all__ = [
     "EvalConfig",
@@ -38,17 +40,13 @@ __all__ = [
     "evaluate",
     "fill50k_scorer",
     "fill50k_scores",
+    "outlines_scorer",
     "prompt_colours",
     "write_report",
 ]
 
 
-class Metric(Enum):
-    FILL50K = "fill50k"
-    EDGES = "edges"
-    SSIM = "ssim"
-    DEPTH = "depth"
-    SEGMENTATION = "segmentation"
+Metric = EvalMetric
 
 
 @dataclass
@@ -127,6 +125,30 @@ def fill50k_scores(image: np.ndarray, cond: np.ndarray, prompt: str) -> dict[str
     return s
 
 
+def _outline_item_scores(image: np.ndarray, sample: Any) -> dict[str, float]:
+    from ..data.colors import rgb
+    from ..data.outlines import visible_masks
+
+    if image.shape[:2] != (sample.size, sample.size):
+        raise ValueError(
+            f"outlines are scored at their set's own size ({sample.size} px), not {image.shape[1]}x"
+            f"{image.shape[0]}: open the set without --resolution"
+        )
+    colours = [rgb(f.color) for f in sample.figures]
+    return outline_scores(image, visible_masks(sample), colours, rgb(sample.background))
+
+
+def outlines_scorer(dataset: Any) -> Callable[[list[np.ndarray], list[dict[str, Any]]], dict[str, float]]:
+    """A validation scorer for an outlines set: mean :func:`outline_scores` of generated images
+    against their items' shapes."""
+    from ..data.outlines import samples_of
+
+    samples = samples_of(dataset)
+    return lambda images, items: _summary(
+        [_outline_item_scores(img, samples[int(it["index"])]) for img, it in zip(images, items)]
+    )
+
+
 def _summary(rows: list[dict[str, float]]) -> dict[str, float]:
     keys = [k for k in rows[0] if isinstance(rows[0][k], (int, float))]
     out = {k: float(np.mean([r[k] for r in rows])) for k in keys}
@@ -136,10 +158,12 @@ def _summary(rows: list[dict[str, float]]) -> dict[str, float]:
 
 
 def _score(
-    metric: Metric, image: np.ndarray, cond: np.ndarray, prompt: str, ann: Callable | None
+    metric: Metric, image: np.ndarray, cond: np.ndarray, prompt: str, ann: Callable | None, sample: Any
 ) -> dict[str, float]:
     if metric is Metric.FILL50K:
         return fill50k_scores(image, cond, prompt)
+    if metric is Metric.OUTLINES:
+        return _outline_item_scores(image, sample)
     if metric is Metric.EDGES:
         return edge_f1(image, cond)
     assert ann is not None
@@ -208,6 +232,11 @@ def evaluate(
         def ann(img: np.ndarray) -> np.ndarray:
             return a(img, **params)
 
+    samples: list[Any] = []
+    if metric is Metric.OUTLINES:
+        from ..data.outlines import samples_of
+
+        samples = samples_of(dataset)
     n = min(cfg.n, len(dataset))
     rows: list[dict[str, Any]] = []
     examples: list[list[np.ndarray]] = []
@@ -236,7 +265,8 @@ def evaluate(
             row: dict[str, Any] = {"index": int(it["index"]), "seed": seed, "prompt": it["prompt"]}
             conditioned = controlnet is not None or sample_fn is not None
             if conditioned:
-                row.update(_score(metric, img, cmap, it["prompt"], ann))
+                sample = samples[int(it["index"])] if samples else None
+                row.update(_score(metric, img, cmap, it["prompt"], ann, sample))
             if metric is Metric.FILL50K:
                 from ..data.colors import rgb
                 from ..data.fill50k import parse_prompt

@@ -5,6 +5,8 @@
   background colour; IoU of the two.
 - Colour following: the median Lab colour of the ground-truth shape and of the background against
   the prompt's colours, as a CIEDE2000 distance (Delta E); "correct" when within a threshold.
+- Outlines world (several shapes, each its own colour): the same per shape, against each shape's
+  visible region re-derived from the sample's parameters.
 - Edge following (general, as later work measures ControlNets): F1 of Canny edges re-extracted
   from the output against the condition's edges, with a small pixel tolerance.
 - SSIM between maps (soft edges, line art), RMSE between depth maps, mean IoU between label maps.
@@ -24,6 +26,7 @@ __all__ = [
     "edge_f1",
     "fill_outline",
     "mean_iou",
+    "outline_scores",
     "region_iou",
     "rmse",
     "shape_and_colour",
@@ -80,6 +83,52 @@ def shape_and_colour(
         "shape_delta_e": float(delta_e(np.median(inside, 0), shape_lab)),
         "background_delta_e": float(delta_e(np.median(outside, 0), back_lab)),
     }
+
+
+def outline_scores(
+    image: np.ndarray,
+    visible: Sequence[np.ndarray],
+    colours: Sequence[Sequence[int]],
+    background_rgb: Sequence[int],
+) -> dict[str, float]:
+    """Outlines-world scores of one output (H, W, 3) uint8 against the true visible region of each
+    shape (boolean (H, W) masks, paint order) and the prompt's colours (one per shape, then the
+    background's).
+
+    Each pixel takes the nearest (CIE Lab) of the prompt's colours. ``iou``: the pixels that took a
+    shape's colour against all shapes' regions; ``shape_iou``: per shape, the pixels that took its
+    colour against its visible region, averaged; ``shape_colour_ok``: the share of shapes whose
+    region's median colour is within :data:`COLOUR_TOLERANCE` of its own colour (regions shrunk by a
+    pixel, off the outline's edge); ``background_colour_ok`` likewise for the rest;
+    ``colour_accuracy``: the mean of the two."""
+    if len(visible) != len(colours) or not visible:
+        raise ValueError(f"outline_scores: {len(visible)} regions for {len(colours)} colours")
+    for v in visible:
+        _same_shape("outline_scores", image.shape[:2], v.shape)
+    lab = srgb_to_lab(image)
+    palette = srgb_to_lab(np.array([*colours, background_rgb], dtype=np.uint8))
+    nearest = np.linalg.norm(lab[:, :, None] - palette, axis=-1).argmin(-1)
+    background = len(colours)
+    shapes = np.logical_or.reduce(visible)
+    kernel = np.ones((3, 3), np.uint8)
+
+    def median_ok(region: np.ndarray, target: np.ndarray) -> float:
+        inner = cv2.erode(region.astype(np.uint8), kernel) > 0
+        pixels = lab[inner] if inner.any() else lab[region]
+        if not len(pixels):
+            return 0.0
+        return float(delta_e(np.median(pixels, 0), target) <= COLOUR_TOLERANCE)
+
+    shape_ok = [median_ok(v, palette[j]) for j, v in enumerate(visible)]
+    back_ok = median_ok(~shapes, palette[background]) if (~shapes).any() else 1.0
+    out = {
+        "iou": region_iou(nearest != background, shapes),
+        "shape_iou": float(np.mean([region_iou(nearest == j, v) for j, v in enumerate(visible)])),
+        "shape_colour_ok": float(np.mean(shape_ok)),
+        "background_colour_ok": back_ok,
+    }
+    out["colour_accuracy"] = (out["shape_colour_ok"] + back_ok) / 2
+    return out
 
 
 def edge_f1(

@@ -248,10 +248,15 @@ def _exporter(spec: RunSpec, base: BaseModel, dataset: Any) -> Any:
 
 
 def _validator(spec: RunSpec, dataset: Any, count: int) -> Any:
-    from ..evaluation.evaluate import fill50k_scorer
+    from ..data.outlines import is_outlines_set
+    from ..evaluation.evaluate import fill50k_scorer, outlines_scorer
 
     scorer = None
-    if _is_fill50k(dataset):
+    if is_outlines_set(spec.data):  # (a cached set's items keep the set's item indices)
+        from ..data import open_dataset
+
+        scorer = outlines_scorer(open_dataset(spec.data, resolution=spec.resolution))
+    elif _is_fill50k(dataset):
         scorer = fill50k_scorer
     if spec.objective in _CONTROL_OBJECTIVES and spec.objective != "concat":
         return ControlValidator(
