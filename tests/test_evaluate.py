@@ -242,7 +242,7 @@ def test_bad_parameters_are_refused_before_any_work(models):
             CFG, metric="ssim", annotator="canny", annotator_params={"low_threshold": -5}
         )
         evaluate(base, cn, Untouchable(), cfg, progress=False)
-    with pytest.raises(ValueError, match=r"metric must be one of fill50k, edges, .*got 'iou'"):
+    with pytest.raises(ValueError, match=r"metric must be one of fill50k, outlines, edges, .*got 'iou'"):
         evaluate(base, cn, Untouchable(), dataclasses.replace(CFG, metric="iou"), progress=False)
     for name in ("n", "steps", "batch"):
         with pytest.raises(ValueError, match=f"{name} must be >= 1, got 0"):

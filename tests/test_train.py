@@ -133,8 +133,12 @@ def test_resume_continues_bit_identically(tmp_path, split, workers):
         assert all(torch.equal(v[f], cb.optimizer_state["state"][k][f]) for f in v if torch.is_tensor(v[f]))
 
 
-def test_two_process_ddp_equals_one_process(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29517"}
+@pytest.mark.parametrize("family", ["unet", "flux"])
+def test_two_process_ddp_equals_one_process(tmp_path, family):
+    from ddp_train_script import objective_for
+
+    port = "29517" if family == "unet" else "29518"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": port}
     cmd = [
         sys.executable,
         "-m",
@@ -142,10 +146,11 @@ def test_two_process_ddp_equals_one_process(tmp_path):
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29517",
+        port,
         str(HERE / "ddp_train_script.py"),
         str(tmp_path / "ddp"),
         "2",
+        family,
     ]
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
     r0, r1 = (
@@ -153,7 +158,8 @@ def test_two_process_ddp_equals_one_process(tmp_path):
         load_file(tmp_path / "ddp" / "rank1.safetensors"),
     )
     assert all(torch.equal(r0[k], r1[k]) for k in r0)  # replicas identical
-    _, single = setup(empty_prompt_prob=0.5)
+    single = objective_for(family)
+    init = {k: v.clone() for k, v in single.trainable_state().items()}
     train(config(tmp_path, "single", steps=3, batch_size=4), single, Circles(16))
     # the same data and noise: every step's global loss matches
     ddp_losses, one_losses = loss_rows(tmp_path / "ddp"), loss_rows(tmp_path / "single")
@@ -164,7 +170,6 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     # of the copy at first) into visible relative changes, so measure against how far training
     # moved each tensor: a sharding or sync bug would differ by about the movement itself.
     s = single.trainable_state()
-    init = {f"controlnet.{k}": v for k, v in make_controlnet(make_base().unet).state_dict().items()}
     diff = moved = 0.0
     for k in r0:
         d, m = (r0[k] - s[k]).norm().item(), (s[k] - init[k]).norm().item()

@@ -109,6 +109,19 @@ def kv_params(values: list[str]) -> dict[str, str]:
     return out
 
 
+def json_object(text: str, flag: str, example: str) -> dict:
+    """A flag's JSON object, or ValueError naming the flag (with ``example``, a valid value)."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag}: not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag}: expected a JSON object, such as '{example}'")
+    return value
+
+
 def print_written(paths: Sequence[object], fmt: str) -> None:
     for path in paths:
         print(f"wrote {path} ({fmt})")

@@ -61,14 +61,7 @@ def _settings_arg(text: str | None) -> dict | None:
     """``--settings``: a JSON object of generation settings."""
     if text is None:
         return None
-    import json
-
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--settings: not JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise ValueError("--settings: expected a JSON object, such as '{\"guidance\": 1.5}'")
+    value = common.json_object(text, "--settings", '{"guidance": 1.5}')
     from ..generation.defaults import check_settings
 
     return check_settings(value, "--settings")

@@ -24,6 +24,10 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]
         "init_controlnet": args.init_controlnet,
         "hint_channels": args.hint_channels,
         "global_pool": args.global_pool,
+        "control_mode": args.control_mode,
+        "controlnet_config": common.json_object(
+            args.controlnet_config or "{}", "--controlnet-config", '{"num_layers": 2, "num_single_layers": 4}'
+        ),
         "sd_locked": args.sd_locked,
         "only_mid_control": args.only_mid_control,
         "empty_prompt_prob": args.empty_prompt_prob,
@@ -137,6 +141,18 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hint-channels", type=int, help="channels of the condition image (default 3)")
     p.add_argument("--global-pool", action="store_true", help="average residuals over space (shuffle-style)")
     p.add_argument(
+        "--control-mode",
+        type=int,
+        help="a Union ControlNet's mode (0-based) for the data set's kind of condition",
+    )
+    p.add_argument(
+        "--controlnet-config",
+        metavar="JSON",
+        help="fields of a fresh ControlNet's configuration, e.g. how many blocks of a transformer it "
+        'copies and a Union\'s modes: \'{"num_layers": 2, "num_single_layers": 4, "num_mode": 3}\' (Flux), '
+        "'{\"num_layers\": 6}' (SD3)",
+    )
+    p.add_argument(
         "--sd-locked",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -194,7 +210,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--validate-every", type=int, default=500)
     p.add_argument("--validation-count", type=int, default=8, help="held-out items (0: no validation)")
     p.add_argument("--validation-steps", type=int, default=20)
-    p.add_argument("--validation-guidance", type=float, default=9.0)
+    p.add_argument(
+        "--validation-guidance", type=float, help="default: the base model's own (SD's 9 if it has none)"
+    )
     p.add_argument("--score-name", help="validation score whose first crossing is logged (e.g. iou)")
     p.add_argument("--score-threshold", type=float, help="threshold of --score-name (e.g. 0.8)")
     p.add_argument("--log-every", type=int, default=10)

@@ -9,8 +9,9 @@ each distinct prompt once; plus the empty prompt's embeddings, for prompt dropou
 On disk (safetensors, written into a temporary folder renamed into place when complete)::
 
     cache.json                what it was built from (data set fingerprint, base model digest), shapes
-    embeds.safetensors        context (U, 77, D) [+ text_embeds (U, P), time_ids (U, 6) for SDXL],
-                              empty_context (1, 77, D) [+ empty_text_embeds, empty_time_ids]
+    embeds.safetensors        context (U, L, D) [+ text_embeds (U, P), time_ids (U, 6) for SDXL;
+                              pooled (U, P) for a transformer],
+                              empty_context (1, L, D) [+ the same empty_ ones]
     items-00000.safetensors   latent_mean, latent_std (n, C, H/8, W/8), cond (n, 3, H, W) uint8,
                               embed (n,) int64 row in the embeddings table
 
@@ -53,7 +54,7 @@ __all__ = [
 CACHE_FORMAT = "controlnet-cache/1"
 _INDEX = "cache.json"
 _EMBEDS = "embeds.safetensors"
-_ADDED = ("text_embeds", "time_ids")  # SDXL's added conditions
+_ADDED = ("text_embeds", "time_ids", "pooled")  # SDXL's added conditions; a transformer's pooled text
 
 
 class CacheMismatchError(ValueError):

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..choices import Sampler, TimestepSpacing
-from .flow_match import FlowMatchSampler
+from .flow_match import FlowMatchSampler, FlowMatchTraining
 
-__all__ = ["DiTBase", "check_plain_prompts", "copy_twins"]
+__all__ = ["ControlledDiT", "DiTBase", "check_plain_prompts", "copy_twins"]
 
 
 def copy_twins(controlnet: nn.Module, network: nn.Module) -> None:
@@ -209,13 +209,66 @@ class DiTBase:
         if vae:
             compile_modules([self.vae.decoder])
 
-    # ------------------------------------------------------------------ training (issue 32)
-    # (the protocol's training methods: the transformer families do not train yet)
-    def controlled(self, controlnet: nn.Module, *, only_mid_control: bool = False) -> nn.Module:
-        raise ValueError("training transformer ControlNets is not supported yet")
+    # ------------------------------------------------------------------ training
+    def controlled(
+        self, controlnet: nn.Module, *, only_mid_control: bool = False, control_type: int | None = None
+    ) -> nn.Module:
+        """The locked transformer with one trainable ControlNet (:class:`ControlledDiT`)."""
+        if only_mid_control:
+            raise ValueError("--only-mid-control: a transformer has no middle block; it applies to UNets")
+        modes = getattr(controlnet.config, "num_mode", None)
+        if modes is not None and not (control_type is not None and 0 <= control_type < modes):
+            raise ValueError(
+                f"--control-mode: this Union ControlNet has {modes} modes; give the data's, 0-{modes - 1}"
+                + ("" if control_type is None else f" (got {control_type})")
+            )
+        if modes is None and control_type is not None:
+            raise ValueError(f"--control-mode {control_type}: the ControlNet is not a Union ControlNet")
+        return ControlledDiT(self, controlnet, control_type)
 
     def decoder_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        raise ValueError("training transformer models is not supported yet")
+        raise ValueError(
+            "--sd-unlocked: a transformer base stays locked (it has no decoder half to unlock); "
+            "only the ControlNet trains"
+        )
 
-    def noise_scheduler(self) -> Any:
-        raise ValueError("training transformer models is not supported yet")
+    def noise_scheduler(self) -> FlowMatchTraining:
+        return FlowMatchTraining(self.schedule)
+
+    def training_guidance(self) -> float:
+        """The guidance scale a guidance-distilled network reads while its ControlNet trains: the
+        scale the family samples with (Flux.1-dev's 3.5, as diffusers' training recipe)."""
+        return float(self.settings.get("guidance", 3.5))
+
+
+class ControlledDiT(nn.Module):
+    """A DiT base with one trainable ControlNet, called as the training loss calls a controlled
+    network: ``(latents, timesteps, context, condition images in [0, 1], added_cond_kwargs=)``.
+    The condition goes through the base's VAE (:meth:`DiTBase.control_hint`, no gradient), the
+    ControlNet's residuals at full strength into the base's blocks (:meth:`predict`)."""
+
+    def __init__(self, base: DiTBase, controlnet: nn.Module, control_type: int | None = None) -> None:
+        super().__init__()
+        self.base = base
+        self.transformer = base.transformer
+        self.controlnet = controlnet
+        self.control_type = control_type
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        condition: torch.Tensor,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        from ..model.control import Control
+
+        base, cn = self.base, self.controlnet
+        with torch.no_grad():
+            hint = base.control_hint(cn, condition.to(base.dtype))  # type: ignore[attr-defined]
+        added = dict(added_cond_kwargs or {})
+        if getattr(base, "guidance_input", False):
+            added["guidance"] = torch.full((x.shape[0],), base.training_guidance(), device=x.device)
+        control = Control(cn, hint, [1.0] * cn.num_residuals, control_type=self.control_type)
+        return base.predict(x, t, context, [control], added=added)  # type: ignore[attr-defined]

@@ -18,7 +18,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from ..choices import Sampler, TimestepSpacing
 
-__all__ = ["FlowMatchSampler", "image_shift"]
+__all__ = ["FlowMatchSampler", "FlowMatchTraining", "image_shift"]
 
 
 def image_shift(tokens: int, schedule: dict[str, Any]) -> float:
@@ -80,3 +80,35 @@ class FlowMatchSampler:
 
     def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, **_: Any) -> Any:
         return self.inner.step(model_output, timestep, sample)
+
+
+class FlowMatchTraining:
+    """The training-time noising of a flow-matching family: the level s of each sample drawn
+    logit-normal (sigmoid of a standard normal: the SD3 paper's choice, which weights the middle
+    levels), then shifted as the family samples - a fixed ``shift`` (SD3's 3.0), or Flux.1's shift
+    ``mu`` for the image's token count (s -> e^mu / (e^mu + 1/s - 1)); x_s = (1 - s) x_0 + s e,
+    and the network regresses the velocity e - x_0 at timestep 1000 s."""
+
+    prediction_type = "flow"
+
+    def __init__(self, schedule: dict[str, Any]) -> None:
+        self.schedule = dict(schedule)
+
+    def levels(self, normal: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+        """Noise levels s in (0, 1) from standard-normal draws ``normal`` (B,), for latents of
+        ``latent_size`` (h, w) (whose 2x2 patches set Flux.1's shift)."""
+        u = torch.sigmoid(normal.double())
+        if self.schedule.get("use_dynamic_shifting"):
+            h, w = latent_size
+            mu = image_shift((h // 2) * (w // 2), self.schedule)
+            return (np.exp(mu) / (np.exp(mu) + (1 / u - 1))).float()
+        shift = float(self.schedule.get("shift", 1.0))
+        return (shift * u / (1 + (shift - 1) * u)).float()
+
+    def noised(
+        self, latents: torch.Tensor, noise: torch.Tensor, normal: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_s, timesteps 1000 s, the velocity target) for clean ``latents`` and ``noise``."""
+        s = self.levels(normal, tuple(latents.shape[-2:])).to(latents.device)  # type: ignore[arg-type]
+        sb = s.view(-1, *[1] * (latents.dim() - 1)).to(latents.dtype)
+        return (1 - sb) * latents + sb * noise, s * 1000, noise - latents

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from ..choices import PromptSyntax, Sampler, TimestepSpacing
     from ..model.control import Control
 
-__all__ = ["BaseModel", "PromptEmbeddings"]
+__all__ = ["BaseModel", "PromptEmbeddings", "controlnet_config"]
 
 
 @dataclass
@@ -60,6 +60,28 @@ class PromptEmbeddings:
         index = torch.tensor(rows, dtype=torch.long, device=self.context.device)
         added = None if self.added is None else {k: v[index] for k, v in self.added.items()}
         return PromptEmbeddings(self.context[index], added)
+
+
+def controlnet_config(cls: Any, value: Any, label: str) -> Any:
+    """A family's ControlNet configuration (a dataclass with ``from_dict``) from ``value``: an
+    instance as it is, None for the defaults, or a mapping of its fields (``controlnet train
+    --controlnet-config``); ValueError naming unknown fields and the ones ``label`` takes."""
+    from dataclasses import fields
+
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, Mapping):
+        raise TypeError(f"a {label} ControlNet's configuration is a {cls.__name__} or a mapping")
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(set(value) - set(names))
+    if unknown:
+        raise ValueError(
+            f"ControlNet configuration: {', '.join(unknown)} is not a field of a {label} ControlNet "
+            f"(it takes {', '.join(names)})"
+        )
+    return cls.from_dict(value)
 
 
 @runtime_checkable
@@ -197,7 +219,8 @@ class BaseModel(Protocol):
 
     # ---------------------------------------------------------------- its ControlNets
     def new_controlnet(self, config: Any = None) -> nn.Module:
-        """A fresh ControlNet for this model: its trainable copy equals the model's part exactly."""
+        """A fresh ControlNet for this model: its trainable copy equals the model's part exactly.
+        ``config``: the family's configuration, a mapping of its fields, or None (defaults)."""
         ...
 
     def check_controlnet(self, controlnet: nn.Module, *, controlnet_name: str, base_name: str) -> None:
@@ -205,9 +228,12 @@ class BaseModel(Protocol):
         ...
 
     # ---------------------------------------------------------------- training
-    def controlled(self, controlnet: nn.Module, *, only_mid_control: bool = False) -> nn.Module:
+    def controlled(
+        self, controlnet: nn.Module, *, only_mid_control: bool = False, control_type: int | None = None
+    ) -> nn.Module:
         """The locked network with one trainable ControlNet: the module a training loss is taken on,
-        called as ``(latents, timesteps, context, condition images, added_cond_kwargs=)``."""
+        called as ``(latents, timesteps, context, condition images, added_cond_kwargs=)``
+        (``control_type``: a Union ControlNet's mode for the data)."""
         ...
 
     def decoder_parameters(self) -> list[tuple[str, nn.Parameter]]:

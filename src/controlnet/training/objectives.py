@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..families.flow_match import FlowMatchTraining
 from ..families.protocol import BaseModel, PromptEmbeddings
 from ..families.sd.controlnet import ControlNet
 
@@ -180,10 +181,13 @@ class DiffusionInputs:
     def noised(
         self, latents: torch.Tensor, noise: StepNoise
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(noisy latents, timesteps, regression target: the noise, or v for v-prediction)."""
+        """(noisy latents, timesteps, regression target: the noise, v for v-prediction, or the
+        velocity for a flow-matching family)."""
         eps = noise.randn(*latents.shape[1:])
         if self.noise_offset:
             eps = eps + self.noise_offset * noise.randn(latents.shape[1], 1, 1)
+        if isinstance(self.scheduler, FlowMatchTraining):  # the family's own level draw and target
+            return self.scheduler.noised(latents, eps, noise.randn())
         t = noise.randint(self.scheduler.config.num_train_timesteps)
         noisy = self.scheduler.add_noise(latents, eps, t)
         if self.scheduler.config.prediction_type == "v_prediction":
@@ -207,7 +211,8 @@ def as_condition(cond: torch.Tensor) -> torch.Tensor:
 
 class ControlNetObjective(Objective):
     """The paper's loss, E||eps - eps_theta(z_t, t, c_text, c_image)||^2, training the ControlNet
-    (and, with ``sd_locked=False``, the UNet decoder too)."""
+    (and, with ``sd_locked=False``, the UNet decoder too); for a flow-matching family the same with
+    the velocity as the target (:class:`~controlnet.families.flow_match.FlowMatchTraining`)."""
 
     def __init__(
         self,
@@ -218,9 +223,12 @@ class ControlNetObjective(Objective):
         sd_locked: bool = True,
         empty_prompt_prob: float = 0.5,
         noise_offset: float = 0.0,
+        control_mode: int | None = None,
     ) -> None:
         super().__init__()
-        self.model = base.controlled(controlnet, only_mid_control=only_mid_control)
+        self.model = base.controlled(controlnet, only_mid_control=only_mid_control, control_type=control_mode)
+        #: a Union ControlNet's mode for the data (the kind of condition it holds), or None
+        self.control_mode = control_mode
         self.sd_locked = sd_locked
         if not sd_locked:
             for _, p in base.decoder_parameters():
@@ -232,12 +240,12 @@ class ControlNetObjective(Objective):
         return self.model.controlnet
 
     def networks(self) -> list[nn.Module]:
-        return [self.model.unet, self.model.controlnet]
+        return [self.inputs.base.denoiser, self.model.controlnet]
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         mods: dict[str, nn.Module] = {"controlnet": self.model.controlnet}
         if not self.sd_locked:
-            mods["unet"] = self.model.unet
+            mods["unet"] = self.inputs.base.denoiser
         return mods
 
     def param_groups(self, lr: float, decoder_lr: float) -> list[dict[str, Any]]:
@@ -250,13 +258,13 @@ class ControlNetObjective(Objective):
         base = self.inputs.base
         base.to(device, weight_dtype)
         if not self.sd_locked:  # the decoder trains: its master weights stay float32
-            base.unet.to(device, torch.float32)
+            base.denoiser.to(device, torch.float32)
         self.model.controlnet.to(device, torch.float32)
 
     def forward(self, batch: dict[str, Any], noise: StepNoise) -> torch.Tensor:
         noisy, t, emb, target = self.inputs(batch, noise)
         cond = as_condition(batch["cond"].to(noisy.device))
-        pred = self.model(noisy.to(self.model.unet.dtype), t, emb.context, cond, added_cond_kwargs=emb.added)
+        pred = self.model(noisy.to(self.inputs.base.dtype), t, emb.context, cond, added_cond_kwargs=emb.added)
         return F.mse_loss(pred.float(), target.float())
 
 

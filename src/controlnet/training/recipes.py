@@ -45,6 +45,10 @@ class RunSpec:
     init_controlnet: str | None = None
     hint_channels: int | None = None
     global_pool: bool = False
+    #: fields of the family's ControlNet configuration (how many blocks a transformer's copies, a
+    #: Union's number of modes, ...), over the architecture preset's
+    controlnet_config: dict[str, Any] = field(default_factory=dict)
+    control_mode: int | None = None  # a Union ControlNet's mode for the data set's conditions
     sd_locked: bool = True
     only_mid_control: bool = False
     empty_prompt_prob: float | None = None  # default: 0.5 for controls (the paper), 0.1 for a base
@@ -55,7 +59,7 @@ class RunSpec:
     skip_bad: bool = False
     cache: str | None = None  # folder for VAE latents + prompt embeddings
     validation_steps: int = 20
-    validation_guidance: float = 9.0
+    validation_guidance: float | None = None  # None: the base model's own (SD's 9 if it has none)
     export: list[str] = field(default_factory=lambda: ["controlnet"])
 
 
@@ -116,15 +120,15 @@ def _controlnet(spec: RunSpec, base: BaseModel) -> torch.nn.Module:
         return T2IAdapter.for_unet(
             dict(unet.config), latent_factor=base.vae_scale_factor, in_channels=hint_channels
         )
-    hint = ControlNetConfig(global_pool=spec.global_pool)
-    arch = architecture(spec.arch) if spec.arch is not None else {}
-    if "controlnet" in arch:
-        hint = ControlNetConfig.from_dict({**arch["controlnet"], "global_pool": spec.global_pool})
+    config: dict[str, Any] = dict(architecture(spec.arch).get("controlnet", {})) if spec.arch else {}
+    config.update(spec.controlnet_config)
+    if spec.global_pool:
+        config["global_pool"] = True
     if spec.hint_channels is not None:
-        hint = ControlNetConfig.from_dict({**hint.to_dict(), "hint_channels": spec.hint_channels})
+        config["hint_channels"] = spec.hint_channels
     if spec.objective == "lite":
-        return LiteControlNet(base.unet, hint)
-    cn = base.new_controlnet(hint)
+        return LiteControlNet(base.unet, ControlNetConfig.from_dict(config))
+    cn = base.new_controlnet(config)
     return gaussian_connections(cn) if spec.objective == "gaussian" else cn
 
 
@@ -149,6 +153,7 @@ def _objective(spec: RunSpec, base: BaseModel) -> Objective:
         _controlnet(spec, base),
         only_mid_control=spec.only_mid_control,  # type: ignore[arg-type]
         sd_locked=spec.sd_locked,
+        control_mode=spec.control_mode,
         **inputs,
     )
 
@@ -247,10 +252,16 @@ def _exporter(spec: RunSpec, base: BaseModel, dataset: Any) -> Any:
     return export
 
 
-def _validator(spec: RunSpec, dataset: Any, count: int) -> Any:
+def _validator(spec: RunSpec, base: BaseModel, dataset: Any, count: int) -> Any:
     from ..data.outlines import is_outlines_set
     from ..evaluation.evaluate import fill50k_scorer, outlines_scorer
+    from ..families import generation_settings
 
+    settings = generation_settings(spec.base) if spec.base else {}  # how the base samples
+    sampler = settings.get("sampler", "ddim")
+    guidance = spec.validation_guidance
+    if guidance is None:
+        guidance = float(settings.get("guidance", 9.0))
     scorer = None
     if is_outlines_set(spec.data):  # (a cached set's items keep the set's item indices)
         from ..data import open_dataset
@@ -260,9 +271,9 @@ def _validator(spec: RunSpec, dataset: Any, count: int) -> Any:
         scorer = fill50k_scorer
     if spec.objective in _CONTROL_OBJECTIVES and spec.objective != "concat":
         return ControlValidator(
-            dataset, count, scorer=scorer, steps=spec.validation_steps, guidance=spec.validation_guidance
+            dataset, count, scorer=scorer, steps=spec.validation_steps, guidance=guidance, sampler=sampler
         )
-    return ImageValidator(dataset, count, steps=spec.validation_steps, guidance=spec.validation_guidance)
+    return ImageValidator(dataset, count, steps=spec.validation_steps, guidance=guidance)
 
 
 def _is_fill50k(dataset: Any) -> bool:
@@ -289,5 +300,5 @@ def run_training(spec: RunSpec, cfg: TrainConfig) -> TrainResult:
     device = "cpu" if cfg.cpu or not torch.cuda.is_available() else "cuda"
     dataset = _dataset(spec, base, objective, device)
     cfg.extra = {**cfg.extra, "spec": asdict(spec)}
-    validator = _validator(spec, dataset, cfg.validation_count) if cfg.validation_count > 0 else None
+    validator = _validator(spec, base, dataset, cfg.validation_count) if cfg.validation_count > 0 else None
     return train(cfg, objective, dataset, validator=validator, exporter=_exporter(spec, base, dataset))

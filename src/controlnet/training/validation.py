@@ -66,6 +66,9 @@ class ControlValidator:
         for k in ("target", "cond", "latent_mean", "latent_std", "context"):
             if k in self.items[0]:
                 batch[k] = torch.stack([it[k] for it in self.items]).to(device)
+        if "added" in self.items[0]:  # cached added conditions (SDXL's, a transformer's pooled text)
+            keys = self.items[0]["added"]
+            batch["added"] = {k: torch.stack([it["added"][k] for it in self.items]).to(device) for k in keys}
         return batch
 
     @torch.no_grad()
@@ -90,7 +93,7 @@ class ControlValidator:
         cond = as_condition(batch["cond"]).to(base.dtype)
         out = render(
             base,
-            [ControlUnit(cn, cond)],
+            [ControlUnit(cn, cond, control_type=objective.control_mode)],
             batch["prompt"],
             [self.negative_prompt] * n,
             [self.seed + i for i in range(n)],
@@ -104,7 +107,7 @@ class ControlValidator:
         if "target" in batch:
             targets = [to_uint8(t) for t in batch["target"]]
         else:  # a latent cache holds no pixels: show the decoded posterior mean
-            targets = [to_uint8(x) for x in base.decode_latents(batch["latent_mean"] * base.latent_scale)]
+            targets = [to_uint8(x) for x in base.decode_latents(_clean_latents(base, batch["latent_mean"]))]
         rows = [[to_uint8(it["cond"], lo=0.0), img, tgt] for it, img, tgt in zip(self.items, images, targets)]
         save_png(make_grid(rows), run_dir / "samples" / f"step-{step:08d}.png")
         if self.scorer is not None:
@@ -136,7 +139,7 @@ class ImageValidator:
         else:  # a latent cache: show the decoded posterior means
             base = objective.inputs.base
             mean = torch.stack([it["latent_mean"] for it in self.items]).to(base.device)
-            targets = [to_uint8(x) for x in base.decode_latents(mean * base.latent_scale)]
+            targets = [to_uint8(x) for x in base.decode_latents(_clean_latents(base, mean))]
         if isinstance(objective, VaeObjective):
             vae = objective.vae
             was = vae.training
@@ -192,3 +195,9 @@ def _prompt_colour_scores(images: list[np.ndarray], prompts: list[str]) -> dict[
             return {}
         rows.append(prompt_colours(img, rgb(colour), rgb(background)))
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+
+
+def _clean_latents(base: Any, mean: torch.Tensor) -> torch.Tensor:
+    """A cached posterior mean as the model's latents (scaled, and shifted where the family shifts)."""
+    zero = torch.zeros_like(mean)
+    return base.scaled_sample(mean, zero, zero)

@@ -27,7 +27,7 @@ from ...choices import PromptSyntax
 from ...model.control import Control, region_tokens
 from ...model.fastpath import run_concurrently
 from ..dit import DiTBase, check_plain_prompts
-from ..protocol import PromptEmbeddings
+from ..protocol import PromptEmbeddings, controlnet_config
 from .controlnet import FLUX_BLOCKS, FLUX_FIELDS, FluxControlNet, FluxControlNetConfig, FluxResiduals
 from .fused import fuse_blocks
 from .patches import image_ids, pack, text_ids, unpack
@@ -197,7 +197,9 @@ class FluxBase(DiTBase):
 
     # ------------------------------------------------------------------ its ControlNets
     def new_controlnet(self, config: Any = None) -> FluxControlNet:
-        return FluxControlNet.from_transformer(self.transformer, config or FluxControlNetConfig())
+        return FluxControlNet.from_transformer(
+            self.transformer, controlnet_config(FluxControlNetConfig, config, "Flux")
+        )
 
     def check_controlnet(self, controlnet: nn.Module, *, controlnet_name: str, base_name: str) -> None:
         if not isinstance(controlnet, FluxControlNet):

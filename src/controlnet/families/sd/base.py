@@ -190,9 +190,10 @@ class UNetBase:
     # ------------------------------------------------------------------ its ControlNets (the protocol)
     def new_controlnet(self, config: Any = None) -> torch.nn.Module:
         """A fresh ControlNet: an exact copy of the UNet's encoder, a new hint encoder, zero convs."""
-        from .controlnet import ControlNet
+        from ..protocol import controlnet_config
+        from .controlnet import ControlNet, ControlNetConfig
 
-        return ControlNet.from_unet(self.unet, config)
+        return ControlNet.from_unet(self.unet, controlnet_config(ControlNetConfig, config, "UNet"))
 
     def check_controlnet(self, controlnet: torch.nn.Module, *, controlnet_name: str, base_name: str) -> None:
         """ValueError naming both unless ``controlnet`` was made for this UNet's architecture."""
@@ -204,9 +205,14 @@ class UNetBase:
             return
         check_compatible(controlnet, self, controlnet_name=controlnet_name, base_name=base_name)
 
-    def controlled(self, controlnet: torch.nn.Module, *, only_mid_control: bool = False) -> torch.nn.Module:
+    def controlled(
+        self, controlnet: torch.nn.Module, *, only_mid_control: bool = False, control_type: int | None = None
+    ) -> torch.nn.Module:
         """The locked UNet with one trainable ControlNet: the module a training loss is taken on."""
         from .forward import ControlledUNet
+
+        if control_type is not None:
+            raise ValueError("--control-mode: training a Union ControlNet for a UNet base is not supported")
 
         return ControlledUNet(self.unet, controlnet, only_mid_control=only_mid_control)
 

@@ -25,7 +25,7 @@ from ...choices import PromptSyntax
 from ...model.control import Control, region_tokens
 from ...model.fastpath import run_concurrently
 from ..dit import DiTBase, check_plain_prompts
-from ..protocol import PromptEmbeddings
+from ..protocol import PromptEmbeddings, controlnet_config
 from .controlnet import SD3_BLOCKS, SD3_FIELDS, SD3ControlNet, SD3ControlNetConfig
 from .fused import fuse_blocks
 
@@ -194,7 +194,8 @@ class SD3Base(DiTBase):
 
     # ------------------------------------------------------------------ its ControlNets
     def new_controlnet(self, config: Any = None) -> SD3ControlNet:
-        return SD3ControlNet.from_transformer(self.transformer, config or SD3ControlNetConfig())
+        config = controlnet_config(SD3ControlNetConfig, config, "SD3")
+        return SD3ControlNet.from_transformer(self.transformer, config)
 
     def check_controlnet(self, controlnet: nn.Module, *, controlnet_name: str, base_name: str) -> None:
         if not isinstance(controlnet, SD3ControlNet):
