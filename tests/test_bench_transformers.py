@@ -1,7 +1,7 @@
 """The generation benchmarks against diffusers' pipelines run (their --tiny mode, on the CPU):
 bench_flux.py, bench_sd3.py and bench_sdxl_controls.py (a Union ControlNet with two conditions;
 a ControlNet with a T2I-Adapter) build ours and the peer over the same weights, and their final
-latents agree."""
+latents agree; bench_train_flux.py times our training loop and diffusers' recipe step."""
 
 import json
 import subprocess
@@ -43,3 +43,20 @@ def test_the_benchmark_runs_and_agrees_with_diffusers(tmp_path, script):
     assert record["max_abs_diff"] < 1e-4 and record["step_tflop"] > 0
     assert record["rows"][1]["max |diff| vs ours eager"] == 0  # the default path changes no operation
     assert "| ours (default) |" in done.stdout
+
+
+def test_the_flux_training_benchmark_runs_ours_and_the_recipe(tmp_path):
+    out = tmp_path / "train.json"
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "bench_train_flux.py"),
+        "--smoke",
+        "--peer",
+        "--steps",
+        "3",
+    ]
+    done = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert [r["run"] for r in record["rows"]] == ["diffusers recipe", "ours"]
+    assert all(r["samples_per_s"] > 0 for r in record["rows"]) and record["tflop_per_sample"] > 0

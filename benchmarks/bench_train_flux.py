@@ -1,0 +1,305 @@
+"""Training speed and memory of a Flux.1 ControlNet: our loop against diffusers'
+``examples/controlnet/train_controlnet_flux.py`` step, in one command.
+
+Flux.1-dev shapes (19 double + 38 single blocks, random weights), the recipe's default ControlNet
+(4 double + 4 single blocks), guidance input 3.5, bf16 base, float32 ControlNet under bf16
+autocast, AdamW, T5 context of 512 tokens; 512x512 or 1024x1024. The peer is the recipe's step as
+published: both images through the VAE every step, logit-normal timesteps, the transformer and
+the ControlNet from diffusers, the NaN check of every gradient, gradient clipping at 1.0. Ours is
+the real ``controlnet.training.train.train`` loop on items shaped like a latent cache's (latents,
+uint8 conditions, prompt embeddings: ``controlnet data cache`` makes them once; the condition
+still goes through the VAE every step, as in the recipe). One step's arithmetic (forward and
+backward, torch's FLOP counter) over the bf16 matmul peak of the same run gives the floor.
+
+    python benchmarks/bench_train_flux.py --out results/train-flux.json --peer [--size 1024]
+        [--batch 1] [--checkpointing] [--largest-batch]
+    python benchmarks/bench_train_flux.py --smoke     # tiny shapes on the CPU: checks the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import inspect
+import math
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_flux import FULL, TINY, _NoText, vae
+from bench_train import _peak, _reset, largest_batch
+from common import cuda_time, environment, matmul_peak_tflops, table, write_json
+
+from controlnet.families.flux import FluxControlNetConfig
+from controlnet.families.flux.base import FluxBase
+from controlnet.families.protocol import PromptEmbeddings
+from controlnet.training.objectives import ControlNetObjective, StepNoise
+from controlnet.training.train import TrainConfig, train
+
+SMOKE = False
+GUIDANCE = 3.5  # the recipe's --guidance_scale
+RECIPE = (4, 4)  # the recipe's --num_double_layers, --num_single_layers
+
+
+def _device() -> str:
+    return "cpu" if SMOKE else "cuda"
+
+
+def _copied() -> FluxControlNetConfig:
+    """The ControlNet trained: the recipe's (one block of each kind for the smoke test's model)."""
+    return FluxControlNetConfig(1, 1) if SMOKE else FluxControlNetConfig(*RECIPE)
+
+
+def build() -> FluxBase:
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    with torch.device(_device()):
+        transformer = FluxTransformer2DModel(**(TINY if SMOKE else FULL))
+    dtype = torch.float32 if SMOKE else torch.bfloat16
+    return FluxBase(transformer.to(dtype), vae(SMOKE).to(_device(), dtype), _NoText(), _NoText(), None, None)
+
+
+class CachedLike(Dataset):
+    """Items shaped like a latent cache's for a Flux base: posterior moments, a uint8 condition,
+    the T5 context and CLIP's pooled vector."""
+
+    def __init__(self, base: FluxBase, n: int, size: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        t, f = base.transformer.config, base.vae_scale_factor
+        text = 8 if SMOKE else 512
+        self.mean = torch.randn(n, base.latent_channels, size // f, size // f, generator=g)
+        self.cond = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+        self.context = torch.randn(n, text, t.joint_attention_dim, generator=g)
+        self.pooled = torch.randn(n, t.pooled_projection_dim, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {
+            "latent_mean": self.mean[i],
+            "latent_std": torch.full_like(self.mean[i], 0.1),
+            "cond": self.cond[i],
+            "context": self.context[i],
+            "added": {"pooled": self.pooled[i]},
+            "prompt": "x",
+            "index": i,
+        }
+
+    @staticmethod
+    def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = {
+            k: torch.stack([it[k] for it in items]) for k in ("latent_mean", "latent_std", "cond", "context")
+        }
+        batch["added"] = {"pooled": torch.stack([it["added"]["pooled"] for it in items])}
+        batch["prompt"] = [it["prompt"] for it in items]
+        batch["index"] = torch.tensor([it["index"] for it in items])
+        return batch
+
+
+def _objective(base: FluxBase) -> ControlNetObjective:
+    cn = base.new_controlnet(_copied()).float()
+    objective = ControlNetObjective(base, cn)
+    t = base.transformer.config
+    text = 8 if SMOKE else 512
+    objective.inputs.empty = PromptEmbeddings(
+        torch.zeros(1, text, t.joint_attention_dim), {"pooled": torch.zeros(1, t.pooled_projection_dim)}
+    )
+    return objective
+
+
+def step_flops(base: FluxBase, batch: int, size: int) -> float:
+    """One training step's arithmetic (forward and backward) at ``batch``."""
+    from torch.utils.flop_counter import FlopCounterMode, mm_flop
+
+    objective = _objective(base)
+    objective.prepare(torch.device(_device()), base.dtype)
+    data = CachedLike(base, batch, size)
+    items = data.collate([data[i] for i in range(batch)])
+    items = {k: v.to(_device()) if torch.is_tensor(v) else v for k, v in items.items()}
+    items["added"] = {k: v.to(_device()) for k, v in items["added"].items()}
+
+    def addmm_activation(bias: Any, a: Any, b: Any, *_: Any, **__: Any) -> int:
+        return mm_flop(a, b)
+
+    mapping = {torch.ops.aten._addmm_activation: addmm_activation}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        with torch.autocast(_device(), dtype=torch.bfloat16, enabled=not SMOKE):
+            loss = objective(items, StepNoise(0, 0, 0, batch, slice(0, batch), _device()))
+        loss.backward()
+    del objective
+    return float(counter.get_total_flops())
+
+
+def ours(base: FluxBase, batch: int, size: int, steps: int, *, checkpointing: bool) -> dict[str, float]:
+    _reset()
+    objective = _objective(base)
+    if torch.cuda.is_available() and not SMOKE:
+        torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory() as out:
+        cfg = TrainConfig(
+            out=out,
+            cpu=SMOKE,
+            steps=steps,
+            batch_size=batch,
+            lr=1e-5,
+            mixed_precision="no" if SMOKE else "bfloat16",
+            gradient_checkpointing=checkpointing,
+            max_grad_norm=1.0,
+            log_every=max(1, steps // 3),
+            save_checkpoints=False,
+            num_workers=2,
+            progress=False,
+        )
+        train(cfg, objective, CachedLike(base, batch * 4, size))
+        with open(Path(out) / "metrics.csv") as f:
+            rates = [float(r["value"]) for r in csv.DictReader(f) if r["name"] == "samples_per_s"]
+    peak = _peak()
+    objective.controlnet.to("cpu")
+    del objective
+    return {"samples_per_s": sum(rates[1:]) / max(1, len(rates[1:])), "peak_gib": peak}
+
+
+def peer(base: FluxBase, batch: int, size: int, *, checkpointing: bool) -> dict[str, float]:
+    """The recipe's training step, as published (diffusers' FluxControlNetModel over the same
+    locked transformer and VAE)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxControlNetModel, FluxControlNetPipeline
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    from controlnet.families.flux.fused import stock_blocks
+
+    _reset()
+    device, dtype = _device(), torch.float32 if SMOKE else torch.bfloat16
+    t = dict(base.transformer.config)
+    accepted = inspect.signature(FluxControlNetModel.__init__).parameters
+    fields = {k: v for k, v in t.items() if k in accepted}
+    copied = _copied()
+    fields.update(num_layers=copied.num_layers, num_single_layers=copied.num_single_layers)
+    with torch.device(device):
+        cn = FluxControlNetModel(**fields).float().train()
+    cn.load_state_dict(base.new_controlnet(copied).state_dict())  # the same starting copy
+    if checkpointing:
+        base.transformer.enable_gradient_checkpointing()
+        cn.enable_gradient_checkpointing()
+    opt = torch.optim.AdamW(cn.parameters(), lr=1e-5)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)  # the copy the recipe draws timesteps from
+    g = torch.Generator().manual_seed(0)
+    pixels = (torch.rand(batch, 3, size, size, generator=g) * 2 - 1).to(device, dtype)
+    control = torch.rand(batch, 3, size, size, generator=g).to(device, dtype)
+    text = 8 if SMOKE else 512
+    context = torch.randn(batch, text, t["joint_attention_dim"], generator=g).to(device, dtype)
+    pooled = torch.randn(batch, t["pooled_projection_dim"], generator=g).to(device, dtype)
+    txt_ids = torch.zeros(text, 3, device=device, dtype=dtype)
+    vae_ = base.vae
+    shift, scale = vae_.config.shift_factor, vae_.config.scaling_factor
+
+    def latents(images: torch.Tensor) -> torch.Tensor:
+        z = (vae_.encode(images).latent_dist.sample() - shift) * scale
+        return FluxControlNetPipeline._pack_latents(z, *z.shape)
+
+    def step() -> None:
+        x = latents(pixels)
+        hint = latents(control)
+        h, w = size // base.vae_scale_factor, size // base.vae_scale_factor
+        ids = FluxControlNetPipeline._prepare_latent_image_ids(batch, h // 2, w // 2, device, dtype)
+        noise = torch.randn_like(x)
+        u = compute_density_for_timestep_sampling("logit_normal", batch, logit_mean=0.0, logit_std=1.0)
+        timesteps = scheduler.timesteps[(u * scheduler.config.num_train_timesteps).long()].to(device)
+        sigmas = (timesteps / 1000).view(-1, 1, 1).to(dtype)
+        noisy = (1.0 - sigmas) * x + sigmas * noise
+        guidance = torch.full((batch,), GUIDANCE, device=device, dtype=dtype)
+        kw = dict(
+            timestep=timesteps / 1000,
+            guidance=guidance,
+            pooled_projections=pooled,
+            encoder_hidden_states=context,
+            txt_ids=txt_ids,
+            img_ids=ids,
+            return_dict=False,
+        )
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=not SMOKE):
+            double, single = cn(hidden_states=noisy, controlnet_cond=hint, **kw)
+        pred = base.transformer(
+            hidden_states=noisy,
+            controlnet_block_samples=[s.to(dtype) for s in double],
+            controlnet_single_block_samples=[s.to(dtype) for s in single],
+            **kw,
+        )[0]
+        loss = torch.nn.functional.mse_loss(pred.float(), (noise - x).float())
+        loss.backward()
+        for p in cn.parameters():  # the recipe checks every gradient for NaN
+            if p.grad is not None and torch.isnan(p.grad).any():
+                raise FloatingPointError("NaN gradient")
+        torch.nn.utils.clip_grad_norm_(cn.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    with stock_blocks(base.transformer):  # diffusers' own blocks
+        seconds = cuda_time(step, warmup=2, reps=5) if not SMOKE else _cpu_time(step)
+    peak = _peak()
+    if checkpointing:
+        base.transformer.disable_gradient_checkpointing()
+    return {"samples_per_s": batch / seconds, "peak_gib": peak}
+
+
+def _cpu_time(fn: Any) -> float:
+    import time
+
+    fn()
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=None)
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--peer", action="store_true")
+    p.add_argument("--checkpointing", action="store_true", help="also with gradient checkpointing")
+    p.add_argument("--largest-batch", action="store_true", help="also the largest batch that fits, per row")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: check the script")
+    args = p.parse_args()
+    global SMOKE
+    SMOKE = args.smoke
+    size = 32 if SMOKE else args.size
+    base = build()
+    res: dict[str, Any] = {"env": environment(), "command": " ".join(sys.argv), "size": size}
+    flops = step_flops(base, args.batch, size) / args.batch  # per sample
+    peak = float("nan") if SMOKE else matmul_peak_tflops()
+    res.update(tflop_per_sample=flops / 1e12, matmul_peak_tflops=peak)
+    rows: list[dict[str, Any]] = []
+
+    def add(name: str, batch: int, row: dict[str, float]) -> None:
+        floor = peak * 1e12 / flops  # samples/s at the peak
+        rows.append({"run": name, "batch": batch, **row, "of floor": round(row["samples_per_s"] / floor, 3)})
+        print(rows[-1], flush=True)
+        write_json(args.out, {**res, "rows": rows})
+
+    for ck in [False, True] if args.checkpointing else [False]:
+        suffix = " + checkpointing" if ck else ""
+        runs = [("ours", lambda b, ck=ck: ours(base, b, size, args.steps, checkpointing=ck))]
+        if args.peer:
+            runs.insert(0, ("diffusers recipe", lambda b, ck=ck: peer(base, b, size, checkpointing=ck)))
+        for name, measure in runs:
+            row = measure(args.batch)
+            add(name + suffix, args.batch, row)
+            if args.largest_batch and not SMOKE:
+                capacity = torch.cuda.get_device_properties(0).total_memory / 2**30
+                batch, at = largest_batch(measure, capacity, args.batch, row, multiple=1)
+                add(f"{name}{suffix}, largest batch", batch, at)
+    print(table(rows, ["run", "batch", "samples_per_s", "peak_gib", "of floor"]))
+    print(f"per sample: {flops / 1e12:.2f} TFLOP; bf16 matmul peak {peak:.0f} TFLOP/s", end="")
+    print("" if math.isnan(peak) else f"; floor {peak * 1e12 / flops:.2f} samples/s")
+
+
+if __name__ == "__main__":
+    main()
