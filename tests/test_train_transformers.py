@@ -175,9 +175,11 @@ def test_transformer_training_refuses_what_does_not_apply(files, tmp_path, capsy
         (["--controlnet-config", '{"num_mode": 3}', "--control-mode", "3"], "0-2 (got 3)"),
         (["--control-mode", "1"], "--control-mode 1: the ControlNet is not a Union ControlNet"),
     ]
+    odd = generate_outlines(tmp_path / "odd", 2, size=34, seed=0, workers=1, progress=False)
+    cases.append((["--data", str(odd)], "odd: this model's image sides are multiples of 4 px, got 34x34"))
     for i, (extra, message) in enumerate(cases):
         out = tmp_path / f"r{i}"
         assert main([*base, *extra, "--steps", "1", "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-        assert not (out / "final").exists()
+        assert not out.exists()  # nothing written

@@ -174,6 +174,12 @@ def _dataset(spec: RunSpec, base: BaseModel, objective: Objective, device: str) 
             print(f"  {s}")
     if spec.objective != "vae":
         _report_long_captions(dataset, spec.data, base)
+        if len(dataset):  # a size the base cannot take, named before any work
+            size = tuple(dataset[0]["target"].shape[-2:])
+            try:
+                base.latent_size(size)
+            except ValueError as e:
+                raise ValueError(f"{spec.data}: {e}; resize the data with --resolution") from None
     if spec.cache is None:
         return dataset
     if spec.objective == "vae":
