@@ -356,7 +356,7 @@ def test_base_model_validation_reconstructs_or_samples_and_restores_training_mod
     obj = BaseObjective(base)
     assert val(obj, 4, tmp_path / "base") == {}  # "circle 0" is not a fill50k prompt: no colour score
     assert (tmp_path / "base" / "samples" / "step-00000004.png").is_file()
-    assert obj.unet.training and obj.text_encoder.training
+    assert obj.network.training and obj.text_encoder.training
 
     _spoil_sample(monkeypatch, 1, float("inf"))
     with pytest.warns(RuntimeWarning, match="step 5: 1 of 2 samples are not finite"):

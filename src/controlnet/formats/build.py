@@ -166,13 +166,17 @@ def build_vae(config: Mapping[str, Any]) -> AutoencoderKL:
         return AutoencoderKL(**_known_kwargs(AutoencoderKL, config))
 
 
-def build_text_encoder(config: Mapping[str, Any]) -> CLIPTextModel | CLIPTextModelWithProjection:
+def build_text_encoder(
+    config: Mapping[str, Any], device: str = "meta"
+) -> CLIPTextModel | CLIPTextModelWithProjection:
+    """A CLIP text encoder of ``config`` (its ``architectures`` names the class): on the meta device
+    for a loader to fill, or on ``device`` freshly initialised."""
     arch = (config.get("architectures") or ["CLIPTextModel"])[0]
     classes = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection}
     if arch not in classes:
         raise ValueError(f"text encoder class {arch!r} is not supported (expected one of {sorted(classes)})")
     kwargs = {k: v for k, v in config.items() if k in TEXT_FIELDS}
-    with torch.device("meta"):
+    with torch.device(device):
         model = classes[arch](CLIPTextConfig(**kwargs))
     # position_ids is not saved with the weights: give it its values now (the rest comes from the file)
     emb = getattr(model, "text_model", model).embeddings

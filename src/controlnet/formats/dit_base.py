@@ -175,17 +175,21 @@ def spec_of_file(tf: TensorFile) -> Spec | None:
 
 
 # ------------------------------------------------------------------------------------ building
-def build_part(spec: Spec, part: str, config: dict[str, Any], where: str) -> torch.nn.Module:
+def build_part(
+    spec: Spec, part: str, config: dict[str, Any], where: str, device: str = "meta"
+) -> torch.nn.Module:
+    """The module of ``part`` from its config: on the meta device for a loader to fill, or on
+    ``device`` with each class's own fresh initialisation."""
     try:
         if part == "transformer":
-            with torch.device("meta"):
+            with torch.device(device):
                 return spec.transformer.from_config(config)
         if part == "vae":
-            with torch.device("meta"):
+            with torch.device(device):
                 return AutoencoderKL.from_config(config)
         if part in spec.clips:
-            return build_text_encoder(config)
-        with torch.device("meta"):
+            return build_text_encoder(config, device)
+        with torch.device(device):
             return T5EncoderModel(T5Config(**config))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: not a usable {part} config ({e})") from None

@@ -285,7 +285,7 @@ class VaeObjective(Objective):
         return [{"params": list(self.vae.parameters()), "lr": lr}]
 
     def prepare(self, device: torch.device, weight_dtype: torch.dtype) -> None:
-        self.vae.to(device, torch.float32)
+        self.base.to(device, torch.float32)  # (the rest comes along: a base reads images where it runs)
 
     def forward(self, batch: dict[str, Any], noise: StepNoise) -> torch.Tensor:
         x = batch["target"].float()
@@ -297,9 +297,10 @@ class VaeObjective(Objective):
 
 
 class BaseObjective(Objective):
-    """Stage 2 of a base model: text-to-image diffusion, training the UNet and the text encoder
-    together (the VAE stays frozen). Prompts are dropped to "" with ``empty_prompt_prob`` so the
-    model also learns the unconditional prediction classifier-free guidance needs."""
+    """Stage 2 of a base model: text-to-image diffusion, training the network (a UNet, or a
+    transformer with flow matching) and, for a one-encoder UNet stack, the text encoder together
+    (the VAE stays frozen). Prompts are dropped to "" with ``empty_prompt_prob`` so the model also
+    learns the unconditional prediction classifier-free guidance needs."""
 
     def __init__(
         self,
@@ -310,19 +311,23 @@ class BaseObjective(Objective):
         train_text_encoder: bool = True,
     ) -> None:
         super().__init__()
-        if base.text_encoder_2 is not None and train_text_encoder:
+        one_clip = getattr(base, "unet", None) is not None and base.text_encoder_2 is None
+        if train_text_encoder and not one_clip:
             raise ValueError(
-                "training a two-encoder (SDXL) text stack is not supported; use train_text_encoder=False"
+                "training the text encoders with the network is supported for one-encoder UNet stacks "
+                "(SD1.x / SD2.x); use train_text_encoder=False"
             )
-        self.unet = base.unet.requires_grad_(True).train()
+        #: the network's name in the base (``unet`` / ``transformer``): its checkpoint key
+        self.network_name = next(n for n, m in base.modules().items() if m is base.denoiser)
+        self.network = base.denoiser.requires_grad_(True).train()
         self.train_text_encoder = train_text_encoder
         self.text_encoder = base.text_encoder.requires_grad_(train_text_encoder).train(train_text_encoder)
         self.inputs = DiffusionInputs(base, empty_prompt_prob, noise_offset)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         if not self.train_text_encoder:
-            return {"unet": self.unet}
-        return {"unet": self.unet, "text_encoder": self.text_encoder}
+            return {self.network_name: self.network}
+        return {self.network_name: self.network, "text_encoder": self.text_encoder}
 
     def param_groups(self, lr: float, decoder_lr: float) -> list[dict[str, Any]]:
         return [{"params": [p for m in self.trainable_modules().values() for p in m.parameters()], "lr": lr}]
@@ -334,12 +339,15 @@ class BaseObjective(Objective):
             m.to(device, torch.float32)
 
     def forward(self, batch: dict[str, Any], noise: StepNoise) -> torch.Tensor:
+        base = self.inputs.base
         latents = self.inputs.latents(batch, noise)
         noisy, t, target = self.inputs.noised(latents, noise)
         prompts = self.inputs.prompts(batch["prompt"], noise)
         if self.train_text_encoder:  # with gradients, unlike encode_prompt
-            emb = PromptEmbeddings(self.text_encoder(self.inputs.base.tokenize(prompts)).last_hidden_state)
+            emb = PromptEmbeddings(self.text_encoder(base.tokenize(prompts)).last_hidden_state)
         else:
             emb = self.inputs.embeddings(batch, prompts)
-        pred = self.unet(noisy.to(self.unet.dtype), t, emb.context, added_cond_kwargs=emb.added).sample
+        pred = base.predict(
+            noisy.to(self.network.dtype), t, emb.context.to(self.network.dtype), added=emb.added
+        )
         return F.mse_loss(pred.float(), target.float())

@@ -84,6 +84,8 @@ def architecture(name_or_path: str) -> dict[str, Any]:
 def load_or_build_base(spec: RunSpec, seed: int) -> BaseModel:
     from ..formats import load_base
     from ..formats.build import BaseConfig, fresh_base
+    from ..formats.dit_base import SPECS
+    from ..formats.dit_fresh import fresh_dit_base
 
     if spec.base is not None:
         return load_base(spec.base, dtype=torch.float32)
@@ -91,7 +93,10 @@ def load_or_build_base(spec: RunSpec, seed: int) -> BaseModel:
         raise ValueError("give a base model (--base) or, to train one from scratch, an architecture (--arch)")
     if spec.objective != "vae":
         raise ValueError("a fresh base (--arch) starts with the 'vae' objective; later stages take --base")
-    return fresh_base(BaseConfig.from_dict(architecture(spec.arch)["base"]), seed=seed)
+    arch = architecture(spec.arch)["base"]
+    if arch.get("family") in SPECS:  # a transformer family's stack
+        return fresh_dit_base(arch, seed=seed)
+    return fresh_base(BaseConfig.from_dict(arch), seed=seed)
 
 
 def _controlnet(spec: RunSpec, base: BaseModel) -> torch.nn.Module:
@@ -144,8 +149,9 @@ def _objective(spec: RunSpec, base: BaseModel) -> Objective:
             raise ValueError("--noise-offset is a diffusion option; the 'vae' objective adds no noise")
         return VaeObjective(base)
     inputs = {"empty_prompt_prob": prob, "noise_offset": spec.noise_offset}  # DiffusionInputs' options
-    if spec.objective == "base":
-        return BaseObjective(base, **inputs)
+    if spec.objective == "base":  # (the text encoders train too where the stack has one CLIP alone)
+        one_clip = getattr(base, "unet", None) is not None and getattr(base, "text_encoder_2", None) is None
+        return BaseObjective(base, train_text_encoder=one_clip, **inputs)
     if spec.objective == "concat":
         return ConcatObjective(base, **inputs)
     return ControlNetObjective(
@@ -211,16 +217,18 @@ def _report_long_captions(dataset: Any, where: str, base: BaseModel) -> None:
 
 
 @torch.no_grad()
-def _latent_scale(base: BaseModel, dataset: Any, n: int = 512) -> float:
-    """1 / std of the VAE latents over ``n`` items: the scaling that gives the UNet unit-variance
-    inputs (SD's 0.18215 was found the same way)."""
+def _latent_stats(base: BaseModel, dataset: Any, n: int = 512) -> tuple[float, float]:
+    """(mean, 1 / std) of the VAE latents over ``n`` items: the shift (for the families that shift
+    their latents) and the scaling that give the network zero-mean, unit-variance inputs (SD's
+    0.18215 and Flux.1's 0.1159 / 0.3611 were found the same way)."""
     device = next(base.vae.parameters()).device
     idx = np.linspace(0, len(dataset) - 1, min(n, len(dataset))).astype(int)
     zs = []
     for chunk in np.array_split(idx, max(1, len(idx) // 32)):
         x = torch.stack([dataset[int(i)]["target"] for i in chunk]).to(device)
         zs.append(base.posterior(x, per_image=False).mean.float().cpu())
-    return float(1.0 / torch.cat(zs).std())
+    z = torch.cat(zs)
+    return float(z.mean()), float(1.0 / z.std())
 
 
 def _exporter(spec: RunSpec, base: BaseModel, dataset: Any) -> Any:
@@ -232,7 +240,10 @@ def _exporter(spec: RunSpec, base: BaseModel, dataset: Any) -> Any:
             objective.load_trainable_state({**objective.trainable_state(), **ema})
         if spec.objective in ("vae", "base"):
             if spec.objective == "vae":
-                base.vae.register_to_config(scaling_factor=_latent_scale(base, dataset))
+                mean, scale = _latent_stats(base, dataset)
+                base.vae.register_to_config(scaling_factor=scale)
+                if base.vae.config.shift_factor is not None:  # a family that shifts its latents
+                    base.vae.register_to_config(shift_factor=mean)
             for m in base.modules().values():
                 m.requires_grad_(False).eval()
             return save_base(base, out / "base.safetensors", overwrite=True)
@@ -279,7 +290,7 @@ def _validator(spec: RunSpec, base: BaseModel, dataset: Any, count: int) -> Any:
         return ControlValidator(
             dataset, count, scorer=scorer, steps=spec.validation_steps, guidance=guidance, sampler=sampler
         )
-    return ImageValidator(dataset, count, steps=spec.validation_steps, guidance=guidance)
+    return ImageValidator(dataset, count, steps=spec.validation_steps, guidance=guidance, sampler=sampler)
 
 
 def _is_fill50k(dataset: Any) -> bool:

@@ -122,11 +122,18 @@ class ImageValidator:
     prompts' colours on fill50k data)."""
 
     def __init__(
-        self, dataset: Dataset, count: int, *, steps: int = 20, guidance: float = 9.0, seed: int = 0
+        self,
+        dataset: Dataset,
+        count: int,
+        *,
+        steps: int = 20,
+        guidance: float = 9.0,
+        seed: int = 0,
+        sampler: str = "ddim",
     ) -> None:
         n = len(dataset)  # type: ignore[arg-type]
         self.items = [dataset[i] for i in range(max(0, n - count), n)]
-        self.steps, self.guidance, self.seed = steps, guidance, seed
+        self.steps, self.guidance, self.seed, self.sampler = steps, guidance, seed, sampler
 
     @torch.no_grad()
     def __call__(self, objective: Any, step: int, run_dir: Path) -> dict[str, float]:
@@ -152,7 +159,7 @@ class ImageValidator:
             scores = {"psnr_db": 10 * float(np.log10(4.0 / max(mse, 1e-12)))}  # signal range [-1, 1]
         elif isinstance(objective, BaseObjective):
             base = objective.inputs.base
-            mods = [objective.unet, objective.text_encoder]
+            mods = [objective.network, objective.text_encoder]
             was = [m.training for m in mods]
             for m in mods:
                 m.eval()
@@ -164,7 +171,7 @@ class ImageValidator:
                 [""] * len(prompts),
                 [self.seed + i for i in range(len(prompts))],
                 targets[0].shape[:2],
-                Sampling(steps=self.steps, guidance=self.guidance),
+                Sampling(self.sampler, steps=self.steps, guidance=self.guidance),
                 progress=False,
             )
             release_graphs(base.denoiser)
