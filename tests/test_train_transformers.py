@@ -212,3 +212,20 @@ def test_a_flux_style_stack_trains_from_scratch_with_our_commands(tmp_path):
     gen += [str(tmp_path / "cn/final/controlnet.safetensors"), "--image", str(data / "source/0.png")]
     gen += ["--prompt", "gold star with navy background", "--steps", "2", "--width", "64", "--height", "64"]
     assert main([*gen, "--out", str(tmp_path / "gen")]) == 0 and list((tmp_path / "gen").glob("*.png"))
+
+
+def test_mixed_precision_steps_through_the_fused_blocks(flux):
+    """As training runs on a GPU: the base in bf16, the ControlNet's float32 master weights under
+    bf16 autocast; the fused blocks' in-place products take the autocast dtype too."""
+    import copy
+
+    base = copy.deepcopy(flux)
+    objective = ControlNetObjective(base, base.new_controlnet({"num_layers": 1, "num_single_layers": 1}))
+    objective.prepare(torch.device("cpu"), torch.bfloat16)
+    images = torch.rand(2, 3, 16, 16)
+    batch = {"target": images * 2 - 1, "cond": torch.rand(2, 3, 16, 16), "prompt": ["a", "b"]}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = objective(batch, StepNoise(0, 0, 0, 2, slice(0, 2), "cpu"))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.dtype == torch.float32 for p in objective.controlnet.parameters())

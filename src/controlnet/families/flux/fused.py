@@ -123,7 +123,8 @@ class FusedFluxSingleTransformerBlock(FluxSingleTransformerBlock):
         if type(self.proj_out) is nn.Linear:
             w = self.proj_out.weight
             y = F.linear(mlp, w[:, dim:], self.proj_out.bias)  # the MLP's columns of the weight, then
-            y.view(-1, y.shape[-1]).addmm_(attn.reshape(-1, dim), w[:, :dim].t())  # the attention's, added
+            # the attention's, added (in place, which autocast does not convert: y's dtype for all)
+            y.view(-1, y.shape[-1]).addmm_(attn.reshape(-1, dim).to(y.dtype), w[:, :dim].t().to(y.dtype))
         else:  # (FP8 weights: one product of the joined halves)
             y = self.proj_out(torch.cat([attn, mlp], dim=2))
         h = fused.gated_add(h, gate, y)
