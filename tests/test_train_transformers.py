@@ -212,6 +212,12 @@ def test_a_flux_style_stack_trains_from_scratch_with_our_commands(tmp_path):
     gen += [str(tmp_path / "cn/final/controlnet.safetensors"), "--image", str(data / "source/0.png")]
     gen += ["--prompt", "gold star with navy background", "--steps", "2", "--width", "64", "--height", "64"]
     assert main([*gen, "--out", str(tmp_path / "gen")]) == 0 and list((tmp_path / "gen").glob("*.png"))
+    ev = ["eval", "--data", str(data), "--metric", "outlines", "--out", str(tmp_path / "ev"), "--n", "2"]
+    ev += ["--base", str(tmp_path / "base/final/base.safetensors"), "--steps", "2", "--quiet"]
+    assert (
+        main([*ev, "--controlnet", str(tmp_path / "cn/final/controlnet.safetensors")]) == 0
+    )  # (euler: its own)
+    assert json.loads((tmp_path / "ev/results.json").read_text())["config"]["sampler"] == "euler"  # its own
 
 
 def test_mixed_precision_steps_through_the_fused_blocks(flux):

@@ -260,12 +260,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     cn = None
     if not args.no_controlnet:  # (a Control-LoRA is built on the base just loaded)
         cn = cache.controlnet(req.controls[0].controlnet, torch.float32, device, (req.base, ()))  # type: ignore[arg-type]
-    guidance = model_settings(args.base).get("guidance", EvalConfig.guidance)
+    settings = model_settings(args.base)
+    guidance = settings.get("guidance", EvalConfig.guidance)
     cfg = EvalConfig(
         n=args.n,
         steps=args.steps,
         guidance=guidance if args.guidance is None else args.guidance,
-        sampler=args.sampler,
+        sampler=settings.get("sampler", EvalConfig.sampler) if args.sampler is None else args.sampler,
         seed=args.seed,
         batch=args.batch,
         prompt_setting=args.prompt_setting,
@@ -306,7 +307,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--guidance", type=float, help=common.model_default_help("guidance", "classifier-free guidance scale")
     )
-    p.add_argument("--sampler", default="ddim")
+    p.add_argument("--sampler", help="default: the base model's own (euler for Flux.1 and SD3), else ddim")
     p.add_argument("--strength", type=float, default=1.0)
     p.add_argument("--prompt-setting", default="user", choices=["user", "none", "default"])
     p.add_argument("--negative-prompt", default="")
