@@ -167,7 +167,7 @@ def test_transformer_training_refuses_what_does_not_apply(files, tmp_path, capsy
         (["--controlnet-config", '{"num_blocks": 2}'], "num_blocks is not a field of a Flux ControlNet"),
         (["--controlnet-config", "[1]"], "--controlnet-config: expected a JSON object"),
         (["--only-mid-control"], "a transformer has no middle block"),
-        (["--no-sd-locked"], "a transformer base stays locked"),
+        (["--no-sd-locked"], "--no-sd-locked: a transformer base stays locked"),
         (
             ["--controlnet-config", '{"num_mode": 3}'],
             "this Union ControlNet has 3 modes; give the data's, 0-2",

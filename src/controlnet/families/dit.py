@@ -228,7 +228,7 @@ class DiTBase:
 
     def decoder_parameters(self) -> list[tuple[str, nn.Parameter]]:
         raise ValueError(
-            "--sd-unlocked: a transformer base stays locked (it has no decoder half to unlock); "
+            "--no-sd-locked: a transformer base stays locked (it has no decoder half to unlock); "
             "only the ControlNet trains"
         )
 

@@ -213,7 +213,6 @@ class UNetBase:
 
         if control_type is not None:
             raise ValueError("--control-mode: training a Union ControlNet for a UNet base is not supported")
-
         return ControlledUNet(self.unet, controlnet, only_mid_control=only_mid_control)
 
     def decoder_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
