@@ -166,9 +166,13 @@ def ours(base: FluxBase, batch: int, size: int, steps: int, *, checkpointing: bo
     return {"samples_per_s": sum(rates[1:]) / max(1, len(rates[1:])), "peak_gib": peak}
 
 
-def peer(base: FluxBase, batch: int, size: int, *, checkpointing: bool) -> dict[str, float]:
+def peer(
+    base: FluxBase, batch: int, size: int, *, checkpointing: bool, cudnn_attention: bool = True
+) -> dict[str, float]:
     """The recipe's training step, as published (diffusers' FluxControlNetModel over the same
-    locked transformer and VAE)."""
+    locked transformer and VAE); ``cudnn_attention=False`` keeps torch's SDPA off cuDNN's kernel
+    for it (on 2026-12-06, torch 2.11 on an H100, the step stopped with an illegal memory access
+    in its backward pass)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxControlNetModel, FluxControlNetPipeline
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
@@ -240,8 +244,13 @@ def peer(base: FluxBase, batch: int, size: int, *, checkpointing: bool) -> dict[
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    with stock_blocks(base.transformer):  # diffusers' own blocks
-        seconds = cuda_time(step, warmup=2, reps=5) if not SMOKE else _cpu_time(step)
+    cudnn = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(cudnn_attention and cudnn)
+    try:
+        with stock_blocks(base.transformer):  # diffusers' own blocks
+            seconds = cuda_time(step, warmup=2, reps=5) if not SMOKE else _cpu_time(step)
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(cudnn)
     peak = _peak()
     if checkpointing:
         base.transformer.disable_gradient_checkpointing()
@@ -264,6 +273,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--peer", action="store_true")
+    p.add_argument(
+        "--peer-no-cudnn-attention",
+        action="store_true",
+        help="the recipe's step with torch's SDPA kept off cuDNN's attention kernel (see peer())",
+    )
+    p.add_argument("--peer-only", action="store_true", help="time the recipe's step alone (not ours)")
     p.add_argument("--checkpointing", action="store_true", help="also with gradient checkpointing")
     p.add_argument("--largest-batch", action="store_true", help="also the largest batch that fits, per row")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: check the script")
@@ -284,11 +299,17 @@ def main() -> None:
         print(rows[-1], flush=True)
         write_json(args.out, {**res, "rows": rows})
 
+    cudnn = not args.peer_no_cudnn_attention
+    recipe = "diffusers recipe" + ("" if cudnn else " (no cuDNN attention)")
     for ck in [False, True] if args.checkpointing else [False]:
         suffix = " + checkpointing" if ck else ""
-        runs = [("ours", lambda b, ck=ck: ours(base, b, size, args.steps, checkpointing=ck))]
-        if args.peer:
-            runs.insert(0, ("diffusers recipe", lambda b, ck=ck: peer(base, b, size, checkpointing=ck)))
+        runs = []
+        if args.peer or args.peer_only:
+            runs.append(
+                (recipe, lambda b, ck=ck: peer(base, b, size, checkpointing=ck, cudnn_attention=cudnn))
+            )
+        if not args.peer_only:
+            runs.append(("ours", lambda b, ck=ck: ours(base, b, size, args.steps, checkpointing=ck)))
         for name, measure in runs:
             row = measure(args.batch)
             add(name + suffix, args.batch, row)
