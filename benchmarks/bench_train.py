@@ -34,13 +34,24 @@ from controlnet.training.train import TrainConfig, train
 
 
 class CachedLike(Dataset):
-    """Items shaped like a latent cache's: posterior moments, a uint8-sourced condition, a context."""
+    """Items shaped like a latent cache's: posterior moments, a uint8-sourced condition, a context
+    (SD1.5's by default) and added conditions of the given widths (a transformer's pooled text)."""
 
-    def __init__(self, n: int, size: int = 512) -> None:
+    def __init__(
+        self,
+        n: int,
+        size: int = 512,
+        *,
+        latent: tuple[int, int] = (4, 8),  # (channels, the VAE's downsampling)
+        context: tuple[int, int] = (77, 768),
+        added: dict[str, int] | None = None,
+    ) -> None:
         g = torch.Generator().manual_seed(0)
-        self.mean = torch.randn(n, 4, size // 8, size // 8, generator=g)
+        channels, factor = latent
+        self.mean = torch.randn(n, channels, size // factor, size // factor, generator=g)
         self.cond = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
-        self.context = torch.randn(n, 77, 768, generator=g)
+        self.context = torch.randn(n, *context, generator=g)
+        self.added = {k: torch.randn(n, width, generator=g) for k, width in (added or {}).items()}
 
     def __len__(self) -> int:
         return len(self.mean)
@@ -51,6 +62,7 @@ class CachedLike(Dataset):
             "latent_std": torch.full_like(self.mean[i], 0.1),
             "cond": self.cond[i],  # uint8, as a latent cache stores it (the objective divides)
             "context": self.context[i],
+            **({"added": {k: v[i] for k, v in self.added.items()}} if self.added else {}),
             "prompt": "x",
             "index": i,
         }

@@ -28,16 +28,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_flux import FULL, TINY, _NoText, vae
-from bench_train import _peak, _reset, largest_batch
+from bench_train import CachedLike, _peak, _reset, largest_batch
 from common import cuda_time, environment, matmul_peak_tflops, table, write_json
 
 from controlnet.families.flux import FluxControlNetConfig
 from controlnet.families.flux.base import FluxBase
 from controlnet.families.protocol import PromptEmbeddings
+from controlnet.training.batches import collate, to_device
 from controlnet.training.objectives import ControlNetObjective, StepNoise
 from controlnet.training.train import TrainConfig, train
 
@@ -65,42 +65,16 @@ def build() -> FluxBase:
     return FluxBase(transformer.to(dtype), vae(SMOKE).to(_device(), dtype), _NoText(), _NoText(), None, None)
 
 
-class CachedLike(Dataset):
-    """Items shaped like a latent cache's for a Flux base: posterior moments, a uint8 condition,
-    the T5 context and CLIP's pooled vector."""
-
-    def __init__(self, base: FluxBase, n: int, size: int) -> None:
-        g = torch.Generator().manual_seed(0)
-        t, f = base.transformer.config, base.vae_scale_factor
-        text = 8 if SMOKE else 512
-        self.mean = torch.randn(n, base.latent_channels, size // f, size // f, generator=g)
-        self.cond = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
-        self.context = torch.randn(n, text, t.joint_attention_dim, generator=g)
-        self.pooled = torch.randn(n, t.pooled_projection_dim, generator=g)
-
-    def __len__(self) -> int:
-        return len(self.mean)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {
-            "latent_mean": self.mean[i],
-            "latent_std": torch.full_like(self.mean[i], 0.1),
-            "cond": self.cond[i],
-            "context": self.context[i],
-            "added": {"pooled": self.pooled[i]},
-            "prompt": "x",
-            "index": i,
-        }
-
-    @staticmethod
-    def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = {
-            k: torch.stack([it[k] for it in items]) for k in ("latent_mean", "latent_std", "cond", "context")
-        }
-        batch["added"] = {"pooled": torch.stack([it["added"]["pooled"] for it in items])}
-        batch["prompt"] = [it["prompt"] for it in items]
-        batch["index"] = torch.tensor([it["index"] for it in items])
-        return batch
+def cached_like(base: FluxBase, n: int, size: int) -> CachedLike:
+    """Items shaped like a latent cache's for a Flux base: its latents, T5's context, CLIP's pooled vector."""
+    t = base.transformer.config
+    return CachedLike(
+        n,
+        size,
+        latent=(base.latent_channels, base.vae_scale_factor),
+        context=(8 if SMOKE else 512, t.joint_attention_dim),
+        added={"pooled": t.pooled_projection_dim},
+    )
 
 
 def _objective(base: FluxBase) -> ControlNetObjective:
@@ -120,10 +94,8 @@ def step_flops(base: FluxBase, batch: int, size: int) -> float:
 
     objective = _objective(base)
     objective.prepare(torch.device(_device()), base.dtype)
-    data = CachedLike(base, batch, size)
-    items = data.collate([data[i] for i in range(batch)])
-    items = {k: v.to(_device()) if torch.is_tensor(v) else v for k, v in items.items()}
-    items["added"] = {k: v.to(_device()) for k, v in items["added"].items()}
+    data = cached_like(base, batch, size)
+    items = to_device(collate([data[i] for i in range(batch)]), torch.device(_device()))
 
     def addmm_activation(bias: Any, a: Any, b: Any, *_: Any, **__: Any) -> int:
         return mm_flop(a, b)
@@ -157,7 +129,7 @@ def ours(base: FluxBase, batch: int, size: int, steps: int, *, checkpointing: bo
             num_workers=2,
             progress=False,
         )
-        train(cfg, objective, CachedLike(base, batch * 4, size))
+        train(cfg, objective, cached_like(base, batch * 4, size))
         with open(Path(out) / "metrics.csv") as f:
             rates = [float(r["value"]) for r in csv.DictReader(f) if r["name"] == "samples_per_s"]
     peak = _peak()

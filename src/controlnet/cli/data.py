@@ -56,8 +56,28 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_set_options(p: argparse.ArgumentParser, size: int, min_delta_e_help: str) -> None:
+    """The options every generated pair set takes: where, how many, how large, the seed, colour
+    distinctness, processes, overwriting and progress."""
+    from ..data.fill50k import DEFAULT_MIN_DELTA_E
+
+    p.add_argument("--out", required=True, help="folder to create (source/, target/, prompt.json)")
+    p.add_argument("--n", type=int, default=50_000, help="number of pairs (default: %(default)s)")
+    p.add_argument("--size", type=int, default=size, help="image side in pixels (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--min-delta-e",
+        type=float,
+        default=DEFAULT_MIN_DELTA_E,
+        help=f"{min_delta_e_help} (default: %(default)s)",
+    )
+    p.add_argument("--workers", type=int, default=None, help="processes (default: one per CPU core)")
+    p.add_argument("--overwrite", action="store_true", help="replace the folder if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def add(sub: argparse._SubParsersAction) -> None:
-    from ..data.fill50k import DEFAULT_MIN_DELTA_E, Kind
+    from ..data.fill50k import Kind
     from ..data.outlines import FigureKind
 
     p = sub.add_parser("data", help="make and check training data")
@@ -65,29 +85,14 @@ def add(sub: argparse._SubParsersAction) -> None:
     f = data.add_parser(
         "fill50k", help="generate a fill50k-style set: outlines -> filled shapes in named colours"
     )
-    f.add_argument("--out", required=True, help="folder to create (source/, target/, prompt.json)")
-    f.add_argument("--n", type=int, default=50_000, help="number of pairs (default: %(default)s)")
-    f.add_argument("--size", type=int, default=512, help="image side in pixels (default: %(default)s)")
-    f.add_argument("--seed", type=int, default=0)
+    _add_set_options(f, 512, "least CIEDE2000 difference between fill and background colours")
     f.add_argument("--kind", choices=[k.value for k in Kind], default=Kind.CIRCLE.value)
-    f.add_argument(
-        "--min-delta-e",
-        type=float,
-        default=DEFAULT_MIN_DELTA_E,
-        help="least CIEDE2000 difference between fill and background colours (default: %(default)s)",
-    )
-    f.add_argument("--workers", type=int, default=None, help="processes (default: one per CPU core)")
-    f.add_argument("--overwrite", action="store_true", help="replace the folder if it exists")
-    f.add_argument("--quiet", action="store_true", help="no progress bar")
     f.set_defaults(handler=_cmd_data_fill50k)
     o = data.add_parser(
         "outlines",
         help="generate an outlines set: several closed shapes of any kind -> each filled in its own colour",
     )
-    o.add_argument("--out", required=True, help="folder to create (source/, target/, prompt.json)")
-    o.add_argument("--n", type=int, default=50_000, help="number of pairs (default: %(default)s)")
-    o.add_argument("--size", type=int, default=128, help="image side in pixels (default: %(default)s)")
-    o.add_argument("--seed", type=int, default=0)
+    _add_set_options(o, 128, "least CIEDE2000 difference between any two colours of an image")
     o.add_argument(
         "--kinds",
         help="comma-separated shape kinds to draw (default: all of "
@@ -99,15 +104,6 @@ def add(sub: argparse._SubParsersAction) -> None:
     o.add_argument(
         "--max-line-width", type=int, help="outlines are 1 to this many pixels wide (default: 2, 4 at 512 px)"
     )
-    o.add_argument(
-        "--min-delta-e",
-        type=float,
-        default=DEFAULT_MIN_DELTA_E,
-        help="least CIEDE2000 difference between any two colours of an image (default: %(default)s)",
-    )
-    o.add_argument("--workers", type=int, default=None, help="processes (default: one per CPU core)")
-    o.add_argument("--overwrite", action="store_true", help="replace the folder if it exists")
-    o.add_argument("--quiet", action="store_true", help="no progress bar")
     o.set_defaults(handler=_cmd_data_outlines)
     c = data.add_parser("check", help="open a data set folder, check every entry, report what is wrong")
     c.add_argument("path", help="folder (prompt.json, metadata.jsonl/.csv, or images) or its index file")

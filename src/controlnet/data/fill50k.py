@@ -15,7 +15,6 @@ is a pure function of its parameters.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Sequence
@@ -28,7 +27,7 @@ import cv2
 import numpy as np
 
 from .colors import color_name, color_names, distinct_pairs, rgb
-from .pairset import write_pairs
+from .pairset import read_records, write_pairs
 
 __all__ = [
     "DEFAULT_MIN_DELTA_E",
@@ -325,27 +324,7 @@ def read_samples(path: str | Path) -> list[Sample]:
     Raises ValueError naming the line when a line lacks the parameters (the released fill50k has
     only source/target/prompt: :func:`parse_prompt` reads its colours and shape words).
     """
-    path = Path(path)
-    index_file = path / "prompt.json" if path.is_dir() else path
-    if not index_file.is_file():
-        raise FileNotFoundError(f"{index_file}: no such file")
-    samples = []
-    with open(index_file, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                samples.append(Sample.from_record(json.loads(line), len(samples)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{index_file} line {lineno}: malformed JSON ({e.msg})") from None
-            except KeyError as e:
-                raise ValueError(
-                    f"{index_file} line {lineno}: missing {e.args[0]}; only sets written by "
-                    "`controlnet data fill50k` carry their parameters"
-                ) from None
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"{index_file} line {lineno}: bad sample parameters ({e})") from None
-    return samples
+    return read_records(path, Sample.from_record, "fill50k")
 
 
 _PROMPT = re.compile(r"^\s*(.+?)\s+(circle|square|triangle)\s+with\s+(.+?)\s+background\s*$")

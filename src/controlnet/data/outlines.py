@@ -46,7 +46,7 @@ from .figures import (
     random_detail,
 )
 from .fill50k import DEFAULT_MIN_DELTA_E
-from .pairset import parallel_map, write_pairs
+from .pairset import parallel_map, read_records, write_pairs
 
 __all__ = [
     "Figure",
@@ -96,6 +96,15 @@ class OutlineSample:
 
     @classmethod
     def from_record(cls, record: dict[str, Any], index: int) -> OutlineSample:
+        """Inverse of :meth:`to_record`; KeyError naming a missing field (quoted), ValueError or
+        TypeError on a bad one."""
+        try:
+            return cls._from_record(record, index)
+        except KeyError as e:
+            raise KeyError(repr(e.args[0])) from None
+
+    @classmethod
+    def _from_record(cls, record: dict[str, Any], index: int) -> OutlineSample:
         return cls(
             index=index,
             size=int(record["size"]),
@@ -108,8 +117,12 @@ class OutlineSample:
 # ---------------------------------------------------------------------------------------- geometry
 def visible_masks(sample: OutlineSample) -> list[np.ndarray]:
     """Each figure's visible region (its fill less the fills of figures painted over it), in paint order."""
-    fills = [fill_mask(f, sample.size) for f in sample.figures]
-    out, above = [], np.zeros((sample.size, sample.size), bool)
+    return _visible([fill_mask(f, sample.size) for f in sample.figures])
+
+
+def _visible(fills: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Each fill less the fills after it (painted over it)."""
+    out, above = [], np.zeros_like(fills[0])
     for fill in reversed(fills):
         out.append(fill & ~above)
         above |= fill
@@ -180,6 +193,7 @@ def _one_sample(
     if colours is None:
         raise ValueError(f"no {count + 1} named colours are {min_de} delta E apart; lower min_delta_e")
     figures: list[Figure] = []
+    fills: list[np.ndarray] = []  # each figure's pixels, drawn once
     for colour in colours[:-1]:
         for _ in range(20):  # a few tries for a place where every shape stays visible enough
             parent = (
@@ -188,19 +202,22 @@ def _one_sample(
             f = _place(rng, kinds[int(rng.integers(len(kinds)))], colour, size, lw, parent)
             if f is None:
                 continue
-            trial = _in_paint_order([*figures, f], size)
-            masks = visible_masks(OutlineSample(index, size, lw, colours[-1], tuple(trial)))
-            if all(m.sum() >= _MIN_VISIBLE * max(fill_mask(g, size).sum(), 1) for m, g in zip(masks, trial)):
-                figures = trial
+            trial, trial_fills = _in_paint_order([*figures, f], [*fills, fill_mask(f, size)])
+            shown = _visible(trial_fills)
+            if all(v.sum() >= _MIN_VISIBLE * max(m.sum(), 1) for v, m in zip(shown, trial_fills)):
+                figures, fills = trial, trial_fills
                 break
     if not figures:  # nothing fitted (a very small frame): one shape alone always does
         figures = [f for f in [_place(rng, kinds[0], colours[0], size, lw, None)] if f is not None]
-    return OutlineSample(index, size, lw, colours[-1], tuple(_in_paint_order(figures, size)))
+    return OutlineSample(index, size, lw, colours[-1], tuple(figures))
 
 
-def _in_paint_order(figures: Sequence[Figure], size: int) -> list[Figure]:
-    """Larger first: by pixels filled, then by exact area."""
-    return sorted(figures, key=lambda f: (int(fill_mask(f, size).sum()), area(f)), reverse=True)
+def _in_paint_order(
+    figures: Sequence[Figure], fills: Sequence[np.ndarray]
+) -> tuple[list[Figure], list[np.ndarray]]:
+    """Figures and their fills, larger first: by pixels filled, then by exact area."""
+    order = sorted(range(len(figures)), key=lambda i: (int(fills[i].sum()), area(figures[i])), reverse=True)
+    return [figures[i] for i in order], [fills[i] for i in order]
 
 
 def _kinds(kinds: Sequence[FigureKind | str] | None) -> tuple[FigureKind, ...]:
@@ -307,29 +324,7 @@ def generate_outlines(
 def read_outline_samples(path: str | Path) -> list[OutlineSample]:
     """The parameters of an outlines set, from its folder or its prompt.json; sample i is line i.
     Raises ValueError naming the file and line of a line without them."""
-    import json
-
-    path = Path(path)
-    index_file = path / "prompt.json" if path.is_dir() else path
-    if not index_file.is_file():
-        raise FileNotFoundError(f"{index_file}: no such file")
-    samples = []
-    with open(index_file, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                samples.append(OutlineSample.from_record(json.loads(line), len(samples)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{index_file} line {lineno}: malformed JSON ({e.msg})") from None
-            except KeyError as e:
-                raise ValueError(
-                    f"{index_file} line {lineno}: missing {e}; only sets written by "
-                    "`controlnet data outlines` carry their shapes"
-                ) from None
-            except (TypeError, ValueError, IndexError) as e:
-                raise ValueError(f"{index_file} line {lineno}: bad shape parameters ({e})") from None
-    return samples
+    return read_records(path, OutlineSample.from_record, "outlines")
 
 
 def is_outlines_set(path: str | Path) -> bool:

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..imageio import atomic_write_bytes, encode_png_fast
 
-__all__ = ["parallel_map", "read_options", "write_pairs"]
+__all__ = ["parallel_map", "read_options", "read_records", "write_pairs"]
 
 _BLOCK = 256  # samples per worker task
 
@@ -131,6 +131,35 @@ def _swap_in(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def read_records(
+    path: str | Path, from_record: Callable[[dict[str, Any], int], Any], command: str
+) -> list[Any]:
+    """The samples of a generated set, from its folder or its prompt.json: ``from_record(line, i)``
+    for line i. ValueError naming the file and line of a line it cannot read (a missing key:
+    only sets written by ``controlnet data COMMAND`` carry their parameters)."""
+    path = Path(path)
+    index_file = path / "prompt.json" if path.is_dir() else path
+    if not index_file.is_file():
+        raise FileNotFoundError(f"{index_file}: no such file")
+    samples = []
+    with open(index_file, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                samples.append(from_record(json.loads(line), len(samples)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{index_file} line {lineno}: malformed JSON ({e.msg})") from None
+            except KeyError as e:
+                raise ValueError(
+                    f"{index_file} line {lineno}: missing {e.args[0]}; only sets written by "
+                    f"`controlnet data {command}` carry their parameters"
+                ) from None
+            except (TypeError, ValueError, IndexError) as e:
+                raise ValueError(f"{index_file} line {lineno}: bad sample parameters ({e})") from None
+    return samples
 
 
 def read_options(path: str | Path) -> dict[str, Any] | None:

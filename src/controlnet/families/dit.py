@@ -20,12 +20,21 @@ from torch import nn
 from ..choices import Sampler, TimestepSpacing
 from .flow_match import FlowMatchSampler, FlowMatchTraining
 
-__all__ = ["ControlledDiT", "DiTBase", "check_plain_prompts", "copy_twins"]
+__all__ = ["ControlledDiT", "DiTBase", "check_plain_prompts", "copy_twins", "shared_fields"]
+
+
+def shared_fields(config: Any, fields: Sequence[str]) -> dict[str, Any]:
+    """The ``fields`` of a base transformer's config a ControlNet shares, JSON-stable (lists, not
+    tuples): what a ControlNet records of the model it was made for."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dict(config).items() if k in fields}
 
 
 def copy_twins(controlnet: nn.Module, network: nn.Module) -> None:
-    """Make every tensor of a fresh ``controlnet`` that has a twin in the locked ``network`` (same
-    name) an exact copy of it; the zero layers (``controlnet_*``) and what has no twin stay as made."""
+    """Put a fresh ``controlnet`` on the locked ``network``'s device and dtype and make every tensor
+    of it that has a twin in ``network`` (same name) an exact copy; the zero layers
+    (``controlnet_*``) and what has no twin stay as made."""
+    like = next(network.parameters())
+    controlnet.to(device=like.device, dtype=like.dtype)
     state, own = network.state_dict(), controlnet.state_dict()
     own.update({k: state[k].detach().clone() for k in own if k in state and not k.startswith("controlnet_")})
     controlnet.load_state_dict(own)

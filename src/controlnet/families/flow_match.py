@@ -105,6 +105,12 @@ class FlowMatchTraining:
         shift = float(self.schedule.get("shift", 1.0))
         return (shift * u / (1 + (shift - 1) * u)).float()
 
+    def draw_noised(
+        self, latents: torch.Tensor, noise: torch.Tensor, draws: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`noised` at levels from ``draws`` (``randn``: the training loop's per-step draws)."""
+        return self.noised(latents, noise, draws.randn())
+
     def noised(
         self, latents: torch.Tensor, noise: torch.Tensor, normal: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

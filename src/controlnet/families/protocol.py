@@ -241,5 +241,6 @@ class BaseModel(Protocol):
         ...
 
     def noise_scheduler(self) -> Any:
-        """The training-time noising (``add_noise``; the regression target's rule)."""
+        """The training-time noising: ``draw_noised(latents, noise, draws)`` -> (noisy latents,
+        timesteps, regression target), its timesteps from the training loop's ``draws``."""
         ...

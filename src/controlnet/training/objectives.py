@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..families.flow_match import FlowMatchTraining
 from ..families.protocol import BaseModel, PromptEmbeddings
 from ..families.sd.controlnet import ControlNet
 
@@ -186,13 +185,7 @@ class DiffusionInputs:
         eps = noise.randn(*latents.shape[1:])
         if self.noise_offset:
             eps = eps + self.noise_offset * noise.randn(latents.shape[1], 1, 1)
-        if isinstance(self.scheduler, FlowMatchTraining):  # the family's own level draw and target
-            return self.scheduler.noised(latents, eps, noise.randn())
-        t = noise.randint(self.scheduler.config.num_train_timesteps)
-        noisy = self.scheduler.add_noise(latents, eps, t)
-        if self.scheduler.config.prediction_type == "v_prediction":
-            return noisy, t, self.scheduler.get_velocity(latents, eps, t)
-        return noisy, t, eps
+        return self.scheduler.draw_noised(latents, eps, noise)  # the family's own draw and target
 
     def __call__(
         self, batch: dict[str, Any], noise: StepNoise

@@ -45,7 +45,7 @@ from torch import nn
 
 from ...model.hint import HintEncoder
 from ...model.zero import ControlledCopy, zero_linear
-from ..dit import copy_twins
+from ..dit import copy_twins, shared_fields
 from .fused import fuse_blocks
 from .patches import pack
 
@@ -154,11 +154,7 @@ class FluxControlNet(ControlledCopy):
         super().__init__()
         config = config or FluxControlNetConfig()
         self.config = config
-        self.transformer_config = {  # JSON-stable: lists, not tuples
-            k: list(v) if isinstance(v, tuple) else v
-            for k, v in transformer_config.items()
-            if k in FLUX_FIELDS
-        }
+        self.transformer_config = shared_fields(transformer_config, FLUX_FIELDS)
         t = {**_DEFAULTS, **self.transformer_config}
         inner = int(t["num_attention_heads"]) * int(t["attention_head_dim"])
         self.inner_dim = inner
@@ -222,8 +218,6 @@ class FluxControlNet(ControlledCopy):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             cn = cls(dict(transformer.config), config)
-        like = transformer.x_embedder.weight
-        cn.to(device=like.device, dtype=like.dtype)
         copy_twins(cn, transformer)
         return cn
 

@@ -37,7 +37,7 @@ from diffusers.models.transformers.transformer_qwenimage import (
 from torch import nn
 
 from ...model.zero import ControlledCopy, zero_linear
-from ..dit import copy_twins
+from ..dit import copy_twins, shared_fields
 
 __all__ = ["QWEN_FIELDS", "QwenImageControlNet", "QwenImageControlNetConfig"]
 
@@ -101,11 +101,7 @@ class QwenImageControlNet(ControlledCopy):
         super().__init__()
         config = config or QwenImageControlNetConfig()
         self.config = config
-        self.transformer_config = {
-            k: list(v) if isinstance(v, tuple) else v
-            for k, v in transformer_config.items()
-            if k in QWEN_FIELDS
-        }
+        self.transformer_config = shared_fields(transformer_config, QWEN_FIELDS)
         t = {**_DEFAULTS, **self.transformer_config}
         heads, dim = int(t["num_attention_heads"]), int(t["attention_head_dim"])
         inner = heads * dim
@@ -148,8 +144,6 @@ class QwenImageControlNet(ControlledCopy):
         if config.num_layers > have:
             raise ValueError(f"cannot copy {config.num_layers} blocks of a transformer that has {have}")
         cn = cls(dict(transformer.config), config)
-        like = transformer.img_in.weight
-        cn.to(device=like.device, dtype=like.dtype)
         copy_twins(cn, transformer)
         return cn
 

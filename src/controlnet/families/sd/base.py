@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -146,9 +146,11 @@ class UNetBase:
 
         return make_scheduler(sampler, self.schedule, spacing)
 
-    def noise_scheduler(self) -> DDPMScheduler:
+    def noise_scheduler(self) -> Any:
         """The training-time noising of the model's schedule (epsilon or v prediction)."""
-        return DDPMScheduler(**self.schedule)
+        from .schedulers import DDPMTraining
+
+        return DDPMTraining(self.schedule)
 
     def predict(
         self,

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from diffusers import (
     DDIMScheduler,
+    DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
@@ -17,7 +19,30 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ...choices import Sampler, TimestepSpacing, check_spacing
 
-__all__ = ["make_scheduler"]
+__all__ = ["DDPMTraining", "make_scheduler"]
+
+
+class DDPMTraining:
+    """The training-time noising of the SD families: a timestep drawn uniformly from the DDPM
+    schedule's, the latents noised by diffusers' ``DDPMScheduler``, and the regression target the
+    schedule's (the noise, or v for v-prediction)."""
+
+    def __init__(self, schedule: dict[str, Any]) -> None:
+        self.scheduler = DDPMScheduler(**schedule)
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.add_noise(latents, noise, t)
+
+    def draw_noised(
+        self, latents: torch.Tensor, noise: torch.Tensor, draws: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(noisy latents, timesteps, target) for clean ``latents`` and ``noise``; ``draws`` gives
+        the timesteps (``randint``: the training loop's per-step random draws)."""
+        t = draws.randint(self.scheduler.config.num_train_timesteps)
+        noisy = self.scheduler.add_noise(latents, noise, t)
+        if self.scheduler.config.prediction_type == "v_prediction":
+            return noisy, t, self.scheduler.get_velocity(latents, noise, t)
+        return noisy, t, noise
 
 
 def make_scheduler(

@@ -34,7 +34,7 @@ from diffusers.models.transformers.transformer_sd3 import SD3SingleTransformerBl
 from torch import nn
 
 from ...model.zero import ControlledCopy, zero_linear, zero_module
-from ..dit import copy_twins
+from ..dit import copy_twins, shared_fields
 from .fused import fuse_blocks
 
 __all__ = ["SD3_FIELDS", "SD3ControlNet", "SD3ControlNetConfig"]
@@ -118,11 +118,7 @@ class SD3ControlNet(ControlledCopy):
         super().__init__()
         config = config or SD3ControlNetConfig()
         self.config = config
-        self.transformer_config = {
-            k: list(v) if isinstance(v, tuple) else v
-            for k, v in transformer_config.items()
-            if k in SD3_FIELDS
-        }
+        self.transformer_config = shared_fields(transformer_config, SD3_FIELDS)
         t = {**_DEFAULTS, **self.transformer_config}
         heads, dim = int(t["num_attention_heads"]), int(t["attention_head_dim"])
         inner = heads * dim
@@ -196,8 +192,6 @@ class SD3ControlNet(ControlledCopy):
         if config.num_layers > have:
             raise ValueError(f"cannot copy {config.num_layers} blocks of a transformer that has {have}")
         cn = cls(dict(transformer.config), config)
-        like = transformer.context_embedder.weight
-        cn.to(device=like.device, dtype=like.dtype)
         copy_twins(cn, transformer)
         return cn
 
