@@ -23,6 +23,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -105,8 +106,17 @@ def start(args: str, log: Path | None = None, threads: int | None = None) -> sub
 
 
 def run(args: str, log: Path | None = None) -> None:
+    """Run ``controlnet ARGS`` to its end. Ctrl-C or SIGTERM (sent to the whole process group, as a
+    terminal or ``timeout`` does) is left to it: a training run stops after its step with a
+    checkpoint, and this script then stops with it."""
     t0 = time.time()
-    rc = start(args, log).wait()
+    child = start(args, log)
+    saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        rc = child.wait()
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
     print(f"  ({time.time() - t0:.0f} s)", flush=True)
     if rc != 0:
         raise SystemExit(f"failed: controlnet {args}\n{log.read_text()[-3000:] if log else ''}")

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fill50k import run  # prints each command as one would type it, and logs it
 
 from controlnet.bundled import BUNDLED_BASE, BUNDLED_CONTROLNET, bundled_path
+from controlnet.training.checkpoints import latest_checkpoint
 
 HELD_OUT = "star"
 TRAIN_KINDS = "circle,ellipse,polygon,rounded,blob"
@@ -67,9 +68,15 @@ def stage_data(work: Path) -> None:
 
 
 def _train(work: Path, name: str, args: str) -> Path:
-    run(f"train {args} --data {work}/train --out {work}/runs/{name} {S['device']} {S['loop']}",
-        work / "logs" / f"{name}.log")  # fmt: skip
-    return work / "runs" / name / "final"
+    """Train run ``name`` (skipped once it has its export; resumed where it stopped, if it has
+    checkpoints: a GPU session may end in the middle of one) and return its export folder."""
+    out, log = work / "runs" / name, work / "logs" / f"{name}.log"
+    if not (out / "final").is_dir():
+        if latest_checkpoint(out) is not None:
+            run(f"train --resume --out {out} --quiet", log.with_suffix(".resumed.log"))
+        else:
+            run(f"train {args} --data {work}/train --out {out} {S['device']} {S['loop']}", log)
+    return out / "final"
 
 
 def stage_unet(work: Path) -> None:

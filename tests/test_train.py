@@ -4,8 +4,10 @@ import csv
 import hashlib
 import itertools
 import os
+import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from circles import Circles
 from controlnet.families.sd.forward import decoder_parameters
 from controlnet.training.checkpoints import latest_checkpoint, load_checkpoint
 from controlnet.training.objectives import ControlNetObjective, StepNoise
+from controlnet.training.stopping import StopRequests
 from controlnet.training.train import TrainConfig, train
 from tiny import make_base, make_controlnet
 
@@ -176,6 +179,115 @@ def test_two_process_ddp_equals_one_process(tmp_path, family):
         assert d <= 0.02 * m + 1e-9, (k, d, m)
         diff, moved = diff + d, moved + m
     assert moved > 0 and diff <= 1e-3 * moved
+
+
+def signalling(at: int, times: int = 1):
+    """A validator that sends this process SIGTERM ``times`` times at step ``at``, as a scheduler
+    ending the job (or Ctrl-C) would."""
+
+    def validator(objective, step, out_dir):
+        if step != at:
+            return {}
+        for i in range(times):
+            if i:  # a second request, not the same one reaching the process twice
+                time.sleep(StopRequests.SAME_REQUEST_S + 0.2)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return {}
+
+    return validator
+
+
+def test_a_signal_stops_after_the_step_with_a_checkpoint_that_resumes_exactly(tmp_path):
+    from controlnet.training.train import TrainingStopped
+
+    kw = {"validate_every": 1, "validation_count": 0}
+    _, full = setup()
+    train(config(tmp_path, "full", steps=5, **kw), full, Circles(16), validator=signalling(-1))
+    _, part = setup()
+    handler = signal.getsignal(signal.SIGTERM)
+    stopped = r"SIGTERM: stopped after step 2 of 5, checkpoint-00000002 .*--resume"
+    with pytest.raises(TrainingStopped, match=stopped):
+        train(config(tmp_path, "part", steps=5, **kw), part, Circles(16), validator=signalling(2))
+    assert signal.getsignal(signal.SIGTERM) is handler  # the process's own handler is back
+    assert latest_checkpoint(tmp_path / "part").name == "checkpoint-00000002"
+    assert not (tmp_path / "part" / "final").exists()
+    _, resumed = setup()
+    again = config(tmp_path, "part", steps=5, resume=True, **kw)
+    train(again, resumed, Circles(16), validator=signalling(-1))
+    a, b = full.trainable_state(), resumed.trainable_state()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert loss_rows(tmp_path / "full") == loss_rows(tmp_path / "part")
+
+
+GROUP_SIGNALLED = """
+import subprocess, sys
+sys.path.insert(0, sys.argv[2])
+import os
+import test_train as t
+from controlnet.training.train import TrainingStopped
+
+def kill_group(objective, step, out_dir):  # the way `timeout` or a terminal's Ctrl-C signals
+    if step == 2:
+        subprocess.run([sys.executable, "-c", f"import os; os.killpg({os.getpgrp()}, 15)"])
+    return {}
+
+_, objective = t.setup()
+cfg = t.config(t.Path(sys.argv[1]), steps=5, validate_every=1, validation_count=0, num_workers=2)
+try:
+    t.train(cfg, objective, t.Circles(16), validator=kill_group)
+except TrainingStopped as e:
+    print(e)
+"""
+
+
+def test_a_signal_to_the_process_group_stops_the_run_not_its_loader_workers(tmp_path):
+    """SIGTERM to the whole group (as `timeout` sends it) reaches the data loader's workers too:
+    they stay, the run stops after the step with a checkpoint."""
+    cmd = [sys.executable, "-c", GROUP_SIGNALLED, str(tmp_path), str(HERE)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("SIGTERM: stopped after step 2 of 5, checkpoint-00000002 written")
+    assert latest_checkpoint(tmp_path / "run").name == "checkpoint-00000002"
+
+
+def test_the_same_request_arriving_twice_is_one_request(tmp_path):
+    """A launcher (torchrun) passes on the SIGTERM its process group also got: the process sees
+    two at once, and still stops after the step with a checkpoint."""
+    from controlnet.training.train import TrainingStopped
+
+    def twice(objective, step, out_dir):
+        for _ in range(2 if step == 2 else 0):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return {}
+
+    _, obj = setup()
+    cfg = config(tmp_path, steps=5, validate_every=1, validation_count=0)
+    with pytest.raises(TrainingStopped, match="stopped after step 2 of 5"):
+        train(cfg, obj, Circles(16), validator=twice)
+    assert latest_checkpoint(tmp_path / "run").name == "checkpoint-00000002"
+
+
+def test_a_second_signal_stops_at_once(tmp_path):
+    _, obj = setup()
+    kw = {"validate_every": 1, "validation_count": 0}
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM again: stopped at once") as caught:
+        train(config(tmp_path, steps=5, **kw), obj, Circles(16), validator=signalling(2, times=2))
+    assert type(caught.value) is KeyboardInterrupt
+    assert latest_checkpoint(tmp_path / "run") is None
+
+
+def test_processes_stop_together_when_one_is_signalled(tmp_path):
+    """Only the second of two processes gets SIGTERM (in step 2): both stop after the same step
+    (the next one where they meet, logging every 2) and write one checkpoint."""
+    port = "29519"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": port}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+           str(HERE / "ddp_train_script.py"), str(tmp_path / "ddp"), "2", "unet-stop"]  # fmt: skip
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
+    said = [(tmp_path / "ddp" / f"rank{r}.stopped").read_text() for r in (0, 1)]
+    assert said[0].startswith("a signal to another process: stopped after step 2 of 4")
+    assert said[1].startswith("SIGTERM: stopped after step 2 of 4")
+    assert latest_checkpoint(tmp_path / "ddp").name == "checkpoint-00000002"
 
 
 def test_a_failed_checkpoint_write_leaves_no_partial_checkpoint(tmp_path, monkeypatch):

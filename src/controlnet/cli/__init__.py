@@ -52,8 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not getattr(args, "debug", False):
                 warnings.showwarning = _warning_printer(args.command)
             return handler(args)
-    except KeyboardInterrupt:
-        print(f"controlnet {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # Ctrl-C; a training run says which checkpoint it wrote
+        print(f"controlnet {args.command}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return 130
     except BrokenPipeError:  # whoever read the output stopped reading (``| head``): no more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -67,6 +68,14 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: move(v) for k, v in batch.items()}
 
 
+def _leave_signals_to_the_run(worker_id: int) -> None:
+    """Each loader worker leaves the run's process group: a Ctrl-C or a scheduler's SIGTERM to the
+    group is the training loop's to handle (it stops after the step, with a checkpoint); a worker
+    killed by it would take the run down first. The loader still ends its workers itself, and
+    they end with the run."""
+    os.setpgrp()
+
+
 def run_batches(
     dataset: Dataset,
     state: TrainState,
@@ -88,6 +97,7 @@ def run_batches(
         batch_sampler=sampler,
         collate_fn=collate,
         num_workers=num_workers,
+        worker_init_fn=_leave_signals_to_the_run,
         pin_memory=device.type == "cuda",
     )
     for b in loader:

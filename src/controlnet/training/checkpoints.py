@@ -34,6 +34,8 @@ __all__ = [
     "TrainState",
     "latest_checkpoint",
     "load_checkpoint",
+    "load_optimizer_state",
+    "optimizer_state",
     "prune_checkpoints",
     "run_files",
     "save_checkpoint",
@@ -246,3 +248,36 @@ def _remove(checkpoint: Path) -> None:
     shutil.rmtree(gone, ignore_errors=True)
     os.replace(checkpoint, gone)
     shutil.rmtree(gone, ignore_errors=True)
+
+
+def _param_names(optimizer: torch.optim.Optimizer, modules: dict[str, torch.nn.Module]) -> list[list[str]]:
+    names = {id(p): f"{m}.{n}" for m, mod in modules.items() for n, p in mod.named_parameters()}
+    return [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, modules: dict[str, torch.nn.Module]) -> dict[str, Any]:
+    """The optimizer's state keyed by parameter NAME (``module.param`` of the trained ``modules``),
+    not position, so a checkpoint is checkable."""
+    sd = optimizer.state_dict()
+    names = _param_names(optimizer, modules)
+    index_to_name = {
+        i: n for g_sd, g_names in zip(sd["param_groups"], names) for i, n in zip(g_sd["params"], g_names)
+    }
+    return {
+        "state": {index_to_name[i]: v for i, v in sd["state"].items()},
+        "param_groups": [{**g, "params": gn} for g, gn in zip(sd["param_groups"], names)],
+    }
+
+
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer, modules: dict[str, torch.nn.Module], saved: dict[str, Any]
+) -> None:
+    """Load an :func:`optimizer_state` into ``optimizer``, refused when its parameters differ."""
+    names = _param_names(optimizer, modules)
+    saved_names = [g["params"] for g in saved["param_groups"]]
+    if saved_names != names:
+        raise ValueError("checkpoint optimizer does not match this run's trainable parameters")
+    flat = {n: i for i, n in enumerate(n for g in names for n in g)}
+    groups = [{**g, "params": [flat[n] for n in g["params"]]} for g in saved["param_groups"]]
+    state = {flat[n]: v for n, v in saved["state"].items()}
+    optimizer.load_state_dict({"state": state, "param_groups": groups})

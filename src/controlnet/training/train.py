@@ -35,14 +35,17 @@ from .checkpoints import (
     TrainState,
     latest_checkpoint,
     load_checkpoint,
+    load_optimizer_state,
+    optimizer_state,
     prune_checkpoints,
     run_files,
     save_checkpoint,
 )
 from .logs import Metrics
 from .objectives import Objective, StepNoise
+from .stopping import StopRequests, TrainingStopped
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "check_out", "train"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "TrainingStopped", "check_out", "train"]
 
 Validator = Callable[[Objective, int, Path], dict[str, float]]
 Exporter = Callable[[Objective, "dict[str, torch.Tensor] | None", Path], list[Path]]
@@ -169,14 +172,18 @@ def train(
 ) -> TrainResult:
     """Train ``objective`` on ``dataset`` (items: dicts of tensors and prompts)."""
     run = _Run(cfg, objective, dataset, validator, accelerator)
-    while run.state.step < run.total:
-        run.step()
-        if run.due(cfg.log_every):
-            run.log()
-        if validator is not None and run.due(cfg.validate_every):
-            run.validate()
-        if cfg.save_checkpoints and run.due(cfg.checkpoint_every):
-            run.checkpoint()
+    with StopRequests() as stop:  # Ctrl-C / SIGTERM: stop after the step, with a checkpoint
+        while run.state.step < run.total:
+            run.step()
+            if run.due(cfg.log_every):
+                run.log()
+            if validator is not None and run.due(cfg.validate_every):
+                run.validate()
+            saved = cfg.save_checkpoints and run.due(cfg.checkpoint_every)
+            if saved:
+                run.checkpoint()
+            if run.state.step < run.total and stop.agreed(run.accel, exchange=run.due(cfg.log_every)):
+                run.halt(stop.signal or "a signal to another process", saved)
     return run.finish(exporter)
 
 
@@ -307,7 +314,7 @@ class _Run:
             return TrainState()
         ckpt = load_checkpoint(ckpt_path)
         self.objective.load_trainable_state(ckpt.trainable)
-        _load_optimizer(optimizer, self.objective, ckpt.optimizer_state)
+        load_optimizer_state(optimizer, self.objective.trainable_modules(), ckpt.optimizer_state)
         if self.ema is not None:
             if ckpt.ema is None:
                 raise ValueError(f"{ckpt_path}: this run uses EMA but the checkpoint has none")
@@ -397,7 +404,7 @@ class _Run:
                 self.run_dir,
                 self.state,
                 self.objective.trainable_state(),
-                _optimizer_state(self.optimizer, self.objective),
+                optimizer_state(self.optimizer, self.objective.trainable_modules()),
                 asdict(self.cfg),
                 self.ema,
             )
@@ -424,6 +431,18 @@ class _Run:
         raise TrainingDiverged(
             f"step {self.state.step}: {what}; training stopped ({kept}: lower --lr, or clip gradients "
             "with --max-grad-norm, and run again)"
+        )
+
+    def halt(self, why: str, saved: bool) -> None:
+        """End the run on request after its step: a checkpoint (unless this step wrote one) that
+        ``--resume`` continues exactly."""
+        if not saved:
+            self.checkpoint()
+        self.bar.close()
+        last = latest_checkpoint(self.run_dir)
+        raise TrainingStopped(
+            f"{why}: stopped after step {self.state.step} of {self.total}, "
+            f"{last.name if last else 'a checkpoint'} written; continue with --resume --out {self.run_dir}"
         )
 
     def finish(self, exporter: Exporter | None) -> TrainResult:
@@ -454,39 +473,6 @@ class _Run:
             _write_json(run_dir / "run.json", info)
         self.accel.wait_for_everyone()
         return TrainResult(state, run_dir, seconds, sps, self.converged_at, exported, self.last)
-
-
-def _param_names(optimizer: torch.optim.Optimizer, objective: Objective) -> list[list[str]]:
-    names = {
-        id(p): f"{m}.{n}"
-        for m, mod in objective.trainable_modules().items()
-        for n, p in mod.named_parameters()
-    }
-    return [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
-
-
-def _optimizer_state(optimizer: torch.optim.Optimizer, objective: Objective) -> dict[str, Any]:
-    """Optimizer state keyed by parameter NAME (not position), so a checkpoint is checkable."""
-    sd = optimizer.state_dict()
-    names = _param_names(optimizer, objective)
-    index_to_name = {
-        i: n for g_sd, g_names in zip(sd["param_groups"], names) for i, n in zip(g_sd["params"], g_names)
-    }
-    return {
-        "state": {index_to_name[i]: v for i, v in sd["state"].items()},
-        "param_groups": [{**g, "params": gn} for g, gn in zip(sd["param_groups"], names)],
-    }
-
-
-def _load_optimizer(optimizer: torch.optim.Optimizer, objective: Objective, saved: dict[str, Any]) -> None:
-    names = _param_names(optimizer, objective)
-    saved_names = [g["params"] for g in saved["param_groups"]]
-    if saved_names != names:
-        raise ValueError("checkpoint optimizer does not match this run's trainable parameters")
-    flat = {n: i for i, n in enumerate(n for g in names for n in g)}
-    groups = [{**g, "params": [flat[n] for n in g["params"]]} for g in saved["param_groups"]]
-    state = {flat[n]: v for n, v in saved["state"].items()}
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def _read_json(path: Path) -> dict[str, Any]:
