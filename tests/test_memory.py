@@ -106,6 +106,79 @@ def test_a_part_on_the_unets_device_does_not_move_for_its_visit(base):
     assert all(inside[n] is before[n] and after[n] is before[n] for n in before)  # the same tensors
 
 
+class Recorded(torch.nn.Module):
+    """A network that notes where it is sent and where ``visitor`` is then (and stays put: the
+    meta device holds no data)."""
+
+    def __init__(self, log: list[str], visitor: torch.nn.Module) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(4, device="meta"))
+        self.log, self.visitor = log, [visitor]
+
+    def to(self, *args, **kwargs):
+        where = torch.device(args[0] if args else kwargs["device"]).type
+        self.log.append(f"resident to {where}, visitor on {next(self.visitor[0].parameters()).device.type}")
+        return self
+
+
+def test_a_visit_copies_in_and_drops_the_copies_afterwards():
+    from controlnet.model.residence import visiting
+
+    visitor = torch.nn.Linear(3, 2)
+    own = [(p, p.data_ptr()) for p in visitor.parameters()]
+    card = torch.device("meta")
+    with visiting([visitor], [], card):
+        assert {p.device.type for p in visitor.parameters()} == {"meta"}
+    # its own parameters and their memory are back (the visit read the weights: nothing is copied back)
+    assert [(p, p.data_ptr()) for p in visitor.parameters()] == own
+
+
+def test_residents_step_off_the_card_only_when_a_visitor_would_not_fit(monkeypatch):
+    import controlnet.model.residence as residence
+
+    log: list[str] = []
+    visitor = torch.nn.Linear(3, 2)
+    resident = Recorded(log, visitor)
+    for room in (True, False):
+        log.clear()
+        monkeypatch.setattr(residence, "_room_for", lambda need, card, room=room: room)
+        with residence.visiting([visitor], [resident], torch.device("meta")):
+            log.append(f"inside, visitor on {next(visitor.parameters()).device.type}")
+        if room:
+            assert log == ["inside, visitor on meta"]
+        else:  # the resident leaves before the visitor comes, and returns after it left
+            assert log == [
+                "resident to cpu, visitor on cpu",
+                "inside, visitor on meta",
+                "resident to meta, visitor on cpu",
+            ]
+
+
+def test_room_counts_free_memory_and_what_the_allocator_holds_unused():
+    from controlnet.model.residence import MARGIN, fits_beside
+
+    gib = 2**30
+    assert fits_beside(9 * gib, free=9 * gib + MARGIN, cached=0)
+    assert not fits_beside(9 * gib, free=9 * gib, cached=0)  # no room left for its activations
+    assert fits_beside(9 * gib, free=4 * gib, cached=5 * gib + MARGIN)
+
+
+def test_controlnets_move_with_the_base_and_are_not_kept_alive_by_it():
+    import gc
+
+    base = make_base(Family.SD1)
+    cn = make_controlnet(base.unet)
+    base.to("meta", offload=True, companions=[cn])
+    assert next(cn.parameters()).device.type == "meta"
+    with base.visiting("text_encoder"):
+        assert base.device.type == "meta" and next(base.text_encoder.parameters()).device.type == "meta"
+    assert next(base.text_encoder.parameters()).device.type == "cpu"
+    del cn
+    gc.collect()
+    with base.visiting("text_encoder"):  # a dropped ControlNet is gone, not a resident
+        pass
+
+
 def test_offload_needs_a_gpu(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"offload .* needs a GPU device, got device 'cpu'"):
         check(GenerationRequest(offload=True, device="cpu"))

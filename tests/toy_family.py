@@ -146,8 +146,8 @@ class ToyBase:
     def dtype(self) -> torch.dtype:
         return self.network.proj_out.weight.dtype
 
-    def to(self, device=None, dtype=None, *, offload=False) -> ToyBase:
-        for m in self.modules().values():
+    def to(self, device=None, dtype=None, *, offload=False, companions=()) -> ToyBase:
+        for m in [*self.modules().values(), *companions]:
             m.to(device=device, dtype=dtype)
         return self
 

@@ -9,8 +9,7 @@ network in ``modules()``.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..choices import Sampler, TimestepSpacing
+from ..model.residence import Residence, pin
 from .flow_match import FlowMatchSampler, FlowMatchTraining
 
 __all__ = ["ControlledDiT", "DiTBase", "check_plain_prompts", "copy_twins", "shared_fields"]
@@ -56,7 +56,7 @@ def check_plain_prompts(prompts: Sequence[str], syntax: Any, readers: str) -> No
             )
 
 
-class DiTBase:
+class DiTBase(Residence):
     transformer: Any
     vae: Any
     #: the transformer's repeated block classes: what the fast path compiles, one kind at a time
@@ -70,34 +70,31 @@ class DiTBase:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ placement
-    @property
-    def device(self) -> torch.device:
+    def resident_device(self) -> torch.device:
         return next(self.transformer.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
         return next(self.transformer.parameters()).dtype
 
-    def to(self, device: Any = None, dtype: torch.dtype | None = None, *, offload: bool = False) -> DiTBase:
+    def to(
+        self,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        offload: bool = False,
+        companions: Sequence[nn.Module] = (),
+    ) -> DiTBase:
+        """Move every part, and ``companions`` (the ControlNets) beside the transformer.
+        ``offload``: the parts other than the transformer live in pinned CPU memory and visit the
+        device while they run (:class:`~controlnet.model.residence.Residence`)."""
         for name, m in self.modules().items():
-            where = "cpu" if offload and name != "transformer" else device
-            m.to(device=where, dtype=dtype)
+            away = offload and name != "transformer"
+            m.to(device="cpu" if away else device, dtype=dtype)
+            if away:
+                pin(m)
+        self.keep_company(companions, device, dtype)
         return self
-
-    @contextlib.contextmanager
-    def visiting(self, *names: str) -> Iterator[None]:
-        """The named parts (those the model has) on the transformer's device within the block
-        (offloaded ones return afterwards)."""
-        mods = self.modules()
-        away = [(mods[n], next(mods[n].parameters()).device) for n in names if n in mods]
-        away = [(m, home) for m, home in away if home != self.device]
-        for m, _ in away:
-            m.to(self.device)
-        try:
-            yield
-        finally:
-            for m, home in away:
-                m.to(home)
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -132,13 +129,17 @@ class DiTBase:
         if clip_skip != 1:
             raise ValueError("clip skip: this model reads its text encoders as it was trained (clip skip 1)")
 
-    def use_fp8(self, controlnets: Sequence[nn.Module]) -> None:
+    def use_fp8(
+        self, controlnets: Sequence[nn.Module], *, device: Any = None, dtype: torch.dtype | None = None
+    ) -> None:
         """The linear layers of the transformer's and the ControlNets' blocks in FP8 (model/fp8.py):
-        half their weight memory, their products on FP8 tensor cores; idempotent."""
+        half their weight memory, their products on FP8 tensor cores; idempotent. ``device`` /
+        ``dtype``: each block moves there before it is converted, so the full-precision weights are
+        never on the device all at once."""
         from ..model.fp8 import blocks_to_fp8
 
         for network in [self.transformer, *controlnets]:
-            blocks_to_fp8(network, self.blocks)
+            blocks_to_fp8(network, self.blocks, device=device, dtype=dtype)
 
     def with_clip_skip(self, clip_skip: int) -> DiTBase:
         self.check_clip_skip(clip_skip)

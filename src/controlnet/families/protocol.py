@@ -101,9 +101,18 @@ class BaseModel(Protocol):
     @property
     def dtype(self) -> torch.dtype: ...
 
-    def to(self, device: Any = None, dtype: torch.dtype | None = None, *, offload: bool = False) -> BaseModel:
-        """Move every part (``offload``: the parts that run once per generation stay in CPU memory
-        and visit the device while they run)."""
+    def to(
+        self,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        offload: bool = False,
+        companions: Sequence[nn.Module] = (),
+    ) -> BaseModel:
+        """Move every part, and ``companions`` (a generation's ControlNets) beside the network that
+        runs every step. ``offload``: the parts that run once per generation stay in CPU memory and
+        visit the device while they run; if one would not fit beside the every-step networks, those
+        step off for its visit (:mod:`controlnet.model.residence`)."""
         ...
 
     def modules(self) -> dict[str, nn.Module]:
@@ -148,9 +157,12 @@ class BaseModel(Protocol):
         """ValueError unless the model can read its text encoder ``clip_skip`` layers from the end."""
         ...
 
-    def use_fp8(self, controlnets: Sequence[nn.Module]) -> None:
+    def use_fp8(
+        self, controlnets: Sequence[nn.Module], *, device: Any = None, dtype: torch.dtype | None = None
+    ) -> None:
         """Store the network's (and ``controlnets``') weights in float8 and multiply in FP8, in
-        place; ValueError where the family has no FP8 path."""
+        place, each block moved to ``device`` / ``dtype`` first; ValueError where the family has
+        no FP8 path."""
         ...
 
     def with_clip_skip(self, clip_skip: int) -> BaseModel: ...

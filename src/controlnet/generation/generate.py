@@ -176,11 +176,9 @@ def generate(
     req = replace(request, seed=seed)
     started = time.perf_counter()
     dtype = req.dtype.torch
-    base.to(req.device, dtype, offload=req.offload)
-    for cn in controlnets:
-        cn.to(req.device, dtype).eval()
-    if req.fp8:
-        base.use_fp8(controlnets)
+    if req.fp8:  # before the move: the bf16 weights need never be on the card whole
+        base.use_fp8(controlnets, device=req.device, dtype=dtype)
+    base.to(req.device, dtype, offload=req.offload, companions=controlnets)
 
     size, big = output_size(checked, base.native_size), final_size(checked, base.native_size)
 

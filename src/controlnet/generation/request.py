@@ -382,7 +382,8 @@ class GenerationRequest:
     )
     offload: bool = param(
         False,
-        help="keep the text encoders and the VAE in CPU memory, on the GPU only while they run",
+        help="keep the text encoders and the VAE in CPU memory, on the GPU only while they run; "
+        "the denoising network and ControlNets step off the GPU for one that would not fit beside them",
         owner=Owner.SERVER,
         group="memory",
     )

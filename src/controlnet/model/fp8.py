@@ -77,12 +77,21 @@ class FP8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8=e4m3 per-row"
 
 
-def blocks_to_fp8(network: nn.Module, blocks: tuple[type[nn.Module], ...]) -> int:
+def blocks_to_fp8(
+    network: nn.Module,
+    blocks: tuple[type[nn.Module], ...],
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> int:
     """FP8 for the linear layers of ``network``'s repeated blocks (``blocks``) that read tokens -
     attention, feed-forward and output projections - not the modulation layers, which read one
-    vector per sample; how many."""
+    vector per sample; how many. ``device`` / ``dtype``: each block is moved there just before
+    its conversion."""
     n = 0
     for block in [m for m in network.modules() if isinstance(m, blocks)]:
+        if device is not None or dtype is not None:
+            block.to(device=device, dtype=dtype)
         n += to_fp8(block, lambda name, m: "norm" not in name)
     return n
 

@@ -12,8 +12,7 @@ prediction with ControlNet residuals, the ControlNet that fits it). Loading from
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +23,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ...choices import PromptSyntax, Sampler, TimestepSpacing
+from ...model.residence import Residence, pin
 from ...text.tokenizer import MAX_LENGTH
 from ..protocol import PromptEmbeddings
 from .configs import Family
@@ -50,7 +50,7 @@ OFFLOADED = ("vae", "text_encoder", "text_encoder_2")
 
 
 @dataclass
-class UNetBase:
+class UNetBase(Residence):
     """A Stable Diffusion-family model, locked (no gradients, eval mode): the UNet families'
     :class:`~controlnet.families.protocol.BaseModel`."""
 
@@ -89,8 +89,7 @@ class UNetBase:
             mods["text_encoder_2"] = self.text_encoder_2
         return mods
 
-    @property
-    def device(self) -> torch.device:
+    def resident_device(self) -> torch.device:
         return self.unet.conv_in.weight.device
 
     @property
@@ -229,10 +228,12 @@ class UNetBase:
         dtype: torch.dtype | None = None,
         *,
         offload: bool = False,
+        companions: Sequence[torch.nn.Module] = (),
     ) -> UNetBase:
         """Move every part (the VAE stays float32 when ``dtype`` is float16: SD's VAE overflows in
-        fp16). ``offload``: the text encoders and the VAE (:data:`OFFLOADED`) go to CPU memory
-        instead, and visit the UNet's device only while they run (:meth:`visiting`)."""
+        fp16), and ``companions`` (the ControlNets) beside the UNet. ``offload``: the text encoders
+        and the VAE (:data:`OFFLOADED`) live in pinned CPU memory instead and visit the UNet's
+        device only while they run (:class:`~controlnet.model.residence.Residence`)."""
         for name, m in self.modules().items():
             d = torch.float32 if (name == "vae" and dtype == torch.float16) else dtype
             where = "cpu" if offload and name in OFFLOADED else device
@@ -241,22 +242,10 @@ class UNetBase:
                 d = None  # diffusers warns on every dtype cast, even a no-op one
             if d is not None or (where is not None and torch.device(where) != current.device):
                 m.to(device=where, dtype=d)
+            if offload and name in OFFLOADED:
+                pin(m)
+        self.keep_company(companions, device, dtype)
         return self
-
-    @contextlib.contextmanager
-    def visiting(self, *names: str) -> Iterator[None]:
-        """Within the block, the named parts (keys of :meth:`modules`) that live elsewhere than the
-        UNet (offloaded: :meth:`to`) are on the UNet's device; afterwards they go back."""
-        mods = self.modules()
-        away = [(mods[n], next(mods[n].parameters()).device) for n in names if n in mods]
-        away = [(m, home) for m, home in away if home != self.device]
-        for m, _ in away:
-            m.to(self.device)
-        try:
-            yield
-        finally:
-            for m, home in away:
-                m.to(home)
 
     def parameter_counts(self) -> dict[str, int]:
         return {name: sum(p.numel() for p in m.parameters()) for name, m in self.modules().items()}
@@ -415,7 +404,9 @@ class UNetBase:
     def with_schedule(self, **overrides: Any) -> UNetBase:
         return replace(self, schedule={**self.schedule, **overrides})
 
-    def use_fp8(self, controlnets: Sequence[torch.nn.Module]) -> None:
+    def use_fp8(
+        self, controlnets: Sequence[torch.nn.Module], *, device: Any = None, dtype: torch.dtype | None = None
+    ) -> None:
         raise ValueError("fp8: FP8 weights are for the transformer families (Flux.1, SD3); use bf16 or fp16")
 
     def check_clip_skip(self, clip_skip: int) -> None:

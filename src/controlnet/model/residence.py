@@ -1,0 +1,156 @@
+"""Where a model's networks live while it generates, when GPU memory is short (``--offload``).
+
+The parts that run once per generation (text encoders, VAE) live in CPU memory, pinned, and visit
+the card only while they run: a visit copies their weights in and, afterwards, drops the copies
+(the weights did not change, so nothing is copied back). The parts that run every step (the
+transformer or UNet, the ControlNets) stay on the card - unless a visitor would not fit beside
+them: then they step off to CPU memory for the visit and come back after it. So the card holds the
+larger of "the denoising networks" and "the largest visitor", not their sum (Flux.1-dev with its
+T5-XXL on a 24 GB card).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["MARGIN", "Residence", "fits_beside", "nbytes", "pin", "visiting"]
+
+#: what a visit may allocate besides the visitor's weights (activations, workspace), in bytes
+MARGIN = 2 * 2**30
+
+
+def nbytes(modules: Iterable[nn.Module]) -> int:
+    """The bytes of the modules' parameters and buffers."""
+    return sum(t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()])
+
+
+def fits_beside(need: int, free: int, cached: int, margin: int = MARGIN) -> bool:
+    """Whether ``need`` bytes (and ``margin``) fit in what the card has free plus what the
+    allocator holds unused (``cached``)."""
+    return need + margin <= free + cached
+
+
+def _room_for(need: int, device: torch.device) -> bool:
+    if device.type != "cuda":
+        return True  # CPU memory: the operating system's to manage
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return fits_beside(need, free, cached)
+
+
+def _tensors(module: nn.Module) -> Iterator[tuple[dict[str, torch.Tensor | None], str]]:
+    for m in module.modules():
+        for table in (m._parameters, m._buffers):
+            for name, t in table.items():
+                if t is not None:
+                    yield table, name
+
+
+def pin(module: nn.Module) -> None:
+    """Put a CPU module's tensors in page-locked memory (copies to a GPU go at full speed and
+    asynchronously); nothing to do without CUDA."""
+    if not torch.cuda.is_available():
+        return
+    for table, name in _tensors(module):
+        t = table[name]
+        if t.device.type == "cpu" and not t.is_pinned():
+            pinned = t.data.pin_memory()
+            if isinstance(t, nn.Parameter):
+                t.data = pinned
+            else:
+                table[name] = pinned
+
+
+@contextlib.contextmanager
+def _copied_in(module: nn.Module, device: torch.device) -> Iterator[None]:
+    """``module``'s tensors copied to ``device`` within the block; afterwards the copies are
+    dropped and its own tensors are back (its weights are read, not changed, in the block)."""
+    own: list[tuple[dict, str, torch.Tensor, torch.Tensor]] = []  # table, name, object, its data
+    try:
+        for table, name in _tensors(module):
+            t = table[name]
+            own.append((table, name, t, t.data))
+            moved = t.data.to(device, non_blocking=True)
+            if not isinstance(t, nn.Parameter):
+                table[name] = moved
+            elif torch._has_compatible_shallow_copy_type(t, moved):  # as Module.to does
+                t.data = moved
+            else:
+                table[name] = nn.Parameter(moved, requires_grad=t.requires_grad)
+        yield
+    finally:
+        for table, name, t, data in own:
+            table[name] = t
+            if isinstance(t, nn.Parameter):
+                t.data = data
+
+
+@contextlib.contextmanager
+def visiting(
+    visitors: Sequence[nn.Module], residents: Sequence[nn.Module], card: torch.device
+) -> Iterator[None]:
+    """Within the block the ``visitors`` that live elsewhere are on ``card``; if they would not fit
+    beside the ``residents`` (the networks that live on the card), those step off to CPU memory
+    for the block and come back after it."""
+    away = [m for m in visitors if next(m.parameters()).device != card]
+    if not away:
+        yield
+        return
+    crowded = not _room_for(nbytes(away), card)
+    stepping_off = [m for m in residents if crowded and next(m.parameters()).device == card]
+    with contextlib.ExitStack() as stack:
+        for m in stepping_off:
+            m.to("cpu")
+            stack.callback(m.to, card)
+        if stepping_off:
+            torch.cuda.empty_cache()  # the room they left, for the visitors
+        for m in away:
+            stack.enter_context(_copied_in(m, card))
+        yield
+
+
+class Residence:
+    """Placement a base model's families share (mixed into each base class): the ControlNets that
+    live beside its denoising network (``companions`` of its ``to``) and visits of its offloaded
+    parts. A base names its denoising network (``denoiser``), its parts (``modules()``) and where
+    that network is (``resident_device()``)."""
+
+    denoiser: nn.Module
+    modules: Callable[[], dict[str, nn.Module]]
+
+    def resident_device(self) -> torch.device:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        """The card the model runs on (also while its denoising network stepped off for a visit)."""
+        return self.__dict__.get("_card") or self.resident_device()
+
+    def keep_company(self, companions: Sequence[nn.Module], device: Any, dtype: torch.dtype | None) -> None:
+        """Move ``companions`` (the ControlNets of a generation) beside the denoising network; they
+        step off the card with it when a visitor needs the room. Held weakly: a ControlNet dropped
+        elsewhere is not kept alive by the base."""
+        for m in companions:
+            m.to(device, dtype).eval()
+        self.__dict__["_companions"] = [weakref.ref(m) for m in companions]
+
+    @contextlib.contextmanager
+    def visiting(self, *names: str) -> Iterator[None]:
+        """Within the block the named parts (keys of :meth:`modules`; names the model lacks are
+        skipped) are on the model's device; offloaded ones return to CPU memory afterwards."""
+        mods = self.modules()
+        companions = [r() for r in self.__dict__.get("_companions", [])]
+        residents = [self.denoiser, *(m for m in companions if m is not None)]
+        card, before = self.device, self.__dict__.get("_card")
+        self.__dict__["_card"] = card
+        try:
+            with visiting([mods[n] for n in names if n in mods], residents, card):
+                yield
+        finally:
+            self.__dict__["_card"] = before
