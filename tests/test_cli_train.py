@@ -324,7 +324,8 @@ def test_train_reports_captions_the_text_window_cuts(chain, tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "run"), *COMMON, "--steps", "1"]) == 0
     out = capsys.readouterr().out
     distinct = len({r["prompt"] for r in rows})
-    assert f"1 of {distinct} distinct captions in {data} are longer than the text encoder's 75 tokens" in out
+    said = f"1 of {distinct} distinct captions in {data} are longer than CLIP's 75 tokens; CLIP reads"
+    assert said in out
     assert "the longest, 229 tokens: 'detail 0, detail 1," in out
 
 

@@ -235,3 +235,31 @@ def test_mixed_precision_steps_through_the_fused_blocks(flux):
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.dtype == torch.float32 for p in objective.controlnet.parameters())
+
+
+def test_long_captions_are_reported_per_text_encoder(capsys):
+    """Flux reads a caption through CLIP-L's 75-token window and T5's max_sequence_length - 1:
+    a caption past the first but within the second is cut for CLIP only."""
+    from controlnet.training.recipes import _report_long_captions
+
+    base = tiny_flux_base(max_sequence_length=512)
+    words = " ".join(f"w{i}" for i in range(60))  # 120 CLIP tokens ("w" and the digits); T5: ~60 words
+
+    class Captions:
+        def __init__(self, prompts):
+            self.prompts = prompts
+
+        def __len__(self):
+            return len(self.prompts)
+
+        def prompt(self, i):
+            return self.prompts[i]
+
+    _report_long_captions(Captions([words, "a red circle"]), "DATA", base)
+    out = capsys.readouterr().out
+    assert "1 of 2 distinct captions in DATA are longer than CLIP-L's 75 tokens" in out
+    assert "T5" not in out
+    short_t5 = tiny_flux_base(max_sequence_length=64)
+    _report_long_captions(Captions(["x" * 600, "a red circle"]), "DATA", short_t5)
+    out = capsys.readouterr().out
+    assert "longer than T5's 63 tokens; T5 reads the first 63" in out

@@ -171,7 +171,15 @@ class ToyBase:
         neg = None if negatives is None else self.encode_prompt(list(negatives))
         return self.encode_prompt(list(prompts)), neg
 
-    def use_fp8(self, controlnets) -> None:
+    def text_windows(self):
+        class Characters:  # the toy reads characters, the first 8
+            def __call__(self, texts, **_):
+                ids = [[ord(ch) for ch in t] for t in ([texts] if isinstance(texts, str) else texts)]
+                return type("Tokens", (), {"input_ids": ids})()
+
+        return [("the toy text encoder", Characters(), 8)]
+
+    def use_fp8(self, controlnets, *, device=None, dtype=None) -> None:
         raise ValueError("fp8: the toy family has no FP8 path")
 
     def check_clip_skip(self, clip_skip: int) -> None:

@@ -153,6 +153,11 @@ class BaseModel(Protocol):
         """Each prompt as training reads it: the text as it is, in the encoder's window."""
         ...
 
+    def text_windows(self) -> list[tuple[str, Any, int]]:
+        """Each text encoder's name, tokenizer and how many text tokens of a caption it reads in
+        one window (what training and plain prompts read; the rest is cut)."""
+        ...
+
     def check_clip_skip(self, clip_skip: int) -> None:
         """ValueError unless the model can read its text encoder ``clip_skip`` layers from the end."""
         ...

@@ -183,14 +183,14 @@ def token_count(text: str, syntax: PromptSyntax | str = PromptSyntax.WEIGHTED) -
     return sum(len(c.ids) for c in chunks), len(chunks)
 
 
-def long_prompts(texts: Iterable[str], tokenizer=None) -> dict[str, int]:
-    """The distinct texts of ``texts`` longer than the text encoder's 75-token window, with their
-    token counts: what a plain reading (training, evaluation) cuts."""
+def long_prompts(texts: Iterable[str], tokenizer=None, window: int = CHUNK_TOKENS) -> dict[str, int]:
+    """The distinct texts of ``texts`` longer than a text encoder's ``window`` (CLIP's 75 tokens
+    unless told), with their token counts: what a plain reading (training, evaluation) cuts."""
     distinct = list(dict.fromkeys(texts))
     if not distinct:
         return {}
     ids = _token_ids(tokenizer or _counting_tokenizer(), distinct)
-    return {t: len(i) for t, i in zip(distinct, ids) if len(i) > CHUNK_TOKENS}
+    return {t: len(i) for t, i in zip(distinct, ids) if len(i) > window}
 
 
 def _framed(tokenizer, chunk: TokenChunk) -> tuple[list[int], list[float]]:

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from ..choices import OBJECTIVES
 from ..families.protocol import BaseModel
 from ..families.sd.controlnet import ControlNetConfig
-from ..text.prompts import CHUNK_TOKENS, long_prompts
+from ..text.prompts import long_prompts
 from .objectives import BaseObjective, ControlNetObjective, Objective, VaeObjective
 from .train import TrainConfig, TrainResult, check_out, train
 from .validation import ControlValidator, ImageValidator
@@ -202,18 +202,19 @@ def _dataset(spec: RunSpec, base: BaseModel, objective: Objective, device: str) 
 
 
 def _report_long_captions(dataset: Any, where: str, base: BaseModel) -> None:
-    """Say how many captions the text encoder's 75-token window cuts: training reads each caption
-    as one window (generation's weighted syntax reads long prompts whole)."""
+    """Say, for each text encoder, how many captions its window cuts: training reads each caption
+    as one window per encoder (generation's weighted syntax reads long prompts whole)."""
     captions = [dataset.prompt(i) for i in range(len(dataset))]
-    long = long_prompts(captions, base.tokenizer)
-    if long:
-        text, n = max(long.items(), key=lambda kv: kv[1])
-        distinct = len(set(captions))
-        print(
-            f"{len(long)} of {distinct} distinct captions in {where} are longer than the text "
-            f"encoder's {CHUNK_TOKENS} tokens; training reads the first {CHUNK_TOKENS} of each "
-            f"(the longest, {n} tokens: {text[:80]!r}{'...' if len(text) > 80 else ''})"
-        )
+    distinct = len(set(captions))
+    for name, tokenizer, window in base.text_windows():
+        long = long_prompts(captions, tokenizer, window)
+        if long:
+            text, n = max(long.items(), key=lambda kv: kv[1])
+            print(
+                f"{len(long)} of {distinct} distinct captions in {where} are longer than {name}'s "
+                f"{window} tokens; {name} reads the first {window} of each "
+                f"(the longest, {n} tokens: {text[:80]!r}{'...' if len(text) > 80 else ''})"
+            )
 
 
 @torch.no_grad()

@@ -82,6 +82,13 @@ class FluxBase(DiTBase):
         }
 
     # ------------------------------------------------------------------ text
+    def text_windows(self) -> list[tuple[str, Any, int]]:
+        """CLIP-L (its pooled vector) and T5 (the token sequence; its end token takes one place)."""
+        return [
+            ("CLIP-L", self.tokenizer, CLIP_LENGTH - 2),
+            ("T5", self.tokenizer_2, self.max_sequence_length - 1),
+        ]
+
     @torch.no_grad()
     def encode_prompt(
         self, prompts: Sequence[str], *, size: tuple[int, int] | None = None

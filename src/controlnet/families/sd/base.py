@@ -247,6 +247,9 @@ class UNetBase(Residence):
         self.keep_company(companions, device, dtype)
         return self
 
+    def text_windows(self) -> list[tuple[str, Any, int]]:
+        return [("CLIP", self.tokenizer, MAX_LENGTH - 2)]  # SDXL's two CLIPs read the same window
+
     def parameter_counts(self) -> dict[str, int]:
         return {name: sum(p.numel() for p in m.parameters()) for name, m in self.modules().items()}
 

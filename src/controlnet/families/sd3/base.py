@@ -90,6 +90,16 @@ class SD3Base(DiTBase):
         out = encoder(ids.to(self.device), output_hidden_states=True)
         return out.hidden_states[-2], out[0]  # the penultimate layer, the projected pooled vector
 
+    def text_windows(self) -> list[tuple[str, Any, int]]:
+        """CLIP-L and CLIP-G (one window each), and T5 (its end token takes one place) if present."""
+        clip = [("CLIP-L and CLIP-G", self.tokenizer, CLIP_LENGTH - 2)]
+        t5 = (
+            [("T5", self.tokenizer_3, self.max_sequence_length - 1)]
+            if self.text_encoder_3 is not None
+            else []
+        )
+        return clip + t5
+
     @torch.no_grad()
     def encode_prompt(
         self, prompts: Sequence[str], *, size: tuple[int, int] | None = None
