@@ -20,7 +20,7 @@ from ..choices import Sampler, TimestepSpacing
 from ..model.residence import Residence, pin
 from .flow_match import FlowMatchSampler, FlowMatchTraining
 
-__all__ = ["ControlledDiT", "DiTBase", "check_plain_prompts", "copy_twins", "shared_fields"]
+__all__ = ["ControlledDiT", "DiTBase", "check_plain_prompts", "copy_twins", "pack", "shared_fields", "unpack"]
 
 
 def shared_fields(config: Any, fields: Sequence[str]) -> dict[str, Any]:
@@ -38,6 +38,18 @@ def copy_twins(controlnet: nn.Module, network: nn.Module) -> None:
     state, own = network.state_dict(), controlnet.state_dict()
     own.update({k: state[k].detach().clone() for k in own if k in state and not k.startswith("controlnet_")})
     controlnet.load_state_dict(own)
+
+
+def pack(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h/2 * w/2, 4C): 2x2 patches, channels (C, dy, dx), rows first."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    b, _, d = tokens.shape
+    c = d // 4
+    return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
 def check_plain_prompts(prompts: Sequence[str], syntax: Any, readers: str) -> None:

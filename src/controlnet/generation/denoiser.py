@@ -18,7 +18,7 @@ capture a step once and replay it with new inputs.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -208,10 +208,16 @@ class ControlledDenoiser(StepModel):
 
 class Guided(StepModel):
     """Classifier-free guidance around ``model``: both halves in one batch (``x`` doubled), the
-    prediction moved ``guidance`` times the way the prompt pulls it from the unconditional one."""
+    prediction moved ``guidance`` times the way the prompt pulls it from the unconditional one
+    (or as ``combine(uncond, cond, guidance)``, a family's own rule, says)."""
 
-    def __init__(self, model: StepModel, guidance: float) -> None:
-        self.model, self.guidance = model, guidance
+    def __init__(
+        self,
+        model: StepModel,
+        guidance: float,
+        combine: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None,
+    ) -> None:
+        self.model, self.guidance, self.combine = model, guidance, combine
 
     def plan(self, step: int) -> tuple[Hashable, Inputs]:
         return self.model.plan(step)
@@ -220,6 +226,8 @@ class Guided(StepModel):
         eps_u, eps_c = self.model.forward({**inputs, "x": torch.cat([inputs["x"], inputs["x"]])}, key).chunk(
             2
         )
+        if self.combine is not None:
+            return self.combine(eps_u, eps_c, self.guidance)
         return eps_u + self.guidance * (eps_c - eps_u)
 
 

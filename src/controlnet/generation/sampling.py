@@ -265,7 +265,9 @@ def denoise(
     prepared = [PreparedControl.build(u, batch, device, dtype, base) for u in controls]
     embeds = PromptEmbeddings.cat([uncond, cond]) if use_cfg else cond  # type: ignore[list-item]
     controlled = ControlledDenoiser(base, prepared, embeds, total, cfg_batch=use_cfg, concurrent=concurrent)
-    model: StepModel = Guided(controlled, guidance) if use_cfg else controlled
+    # a family may combine the two predictions its own way (Qwen-Image rescales the result)
+    combine = getattr(base, "combine_guidance", None)
+    model: StepModel = Guided(controlled, guidance, combine) if use_cfg else controlled
     if (cuda_graphs if cuda_graphs is not None else device.type == "cuda") and not own_graphs:
         # what a step's graph depends on besides its inputs and plan: weights, guidance, streams
         key = (weights_key(networks), use_cfg, guidance, concurrent)

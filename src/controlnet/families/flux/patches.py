@@ -1,5 +1,6 @@
-"""Flux.1's token grid: latents as 2x2 patches and their rotary positions (the transformer, its
-ControlNets and the benchmark all read latents this way)."""
+"""Flux.1's token grid: latents as 2x2 patches (:func:`~controlnet.families.dit.pack`, shared by
+the transformer families) and their rotary positions (the transformer, its ControlNets and the
+benchmark all read latents this way)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,9 @@ import functools
 
 import torch
 
+from ..dit import pack, unpack
+
 __all__ = ["image_ids", "pack", "text_ids", "unpack"]
-
-
-def pack(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) -> (B, h/2 * w/2, 4C): 2x2 patches, channels (C, dy, dx), rows first."""
-    b, c, h, w = x.shape
-    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    b, _, d = tokens.shape
-    c = d // 4
-    return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
 @functools.lru_cache(maxsize=16)

@@ -1,6 +1,7 @@
-"""Qwen-Image (issue 34): its ControlNet, our own code on the generic controlled copy. The base
-model, its files and generation are to follow as a family plug-in."""
+"""Qwen-Image (issue 34): its base model behind the protocol and its ControlNet, our own code on
+the generic controlled copy. Its files and its place in the family registry are to follow."""
 
+from .base import QwenImageBase
 from .controlnet import QwenImageControlNet, QwenImageControlNetConfig
 
-__all__ = ["QwenImageControlNet", "QwenImageControlNetConfig"]
+__all__ = ["QwenImageBase", "QwenImageControlNet", "QwenImageControlNetConfig"]

@@ -1,0 +1,183 @@
+"""Qwen-Image generation through the generic path (the family protocol's QwenImageBase): equal to
+diffusers' QwenImageControlNetPipeline on the same tiny weights, noise and conditions, with true
+classifier-free guidance and its norm rescale - one ControlNet, and one under two conditions with
+their own strengths and windows (the ControlNets read the conditional prompt and serve both
+halves, as the pipeline runs them)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKLQwenImage,
+    FlowMatchEulerDiscreteScheduler,
+    QwenImageControlNetModel,
+    QwenImageControlNetPipeline,
+    QwenImageMultiControlNetModel,
+    QwenImageTransformer2DModel,
+)
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from controlnet.families.dit import pack
+from controlnet.families.qwenimage import QwenImageControlNet, QwenImageControlNetConfig
+from controlnet.families.qwenimage.base import QWEN_SCHEDULE, QwenImageBase
+from controlnet.formats.dit_fresh import character_tokenizer
+from controlnet.generation.denoiser import ControlUnit
+from controlnet.generation.sampling import Sampling, initial_noise, render
+
+LATENT = 4
+TRANSFORMER = {
+    "patch_size": 2,
+    "in_channels": 4 * LATENT,
+    "out_channels": LATENT,
+    "num_layers": 4,
+    "attention_head_dim": 8,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 12,
+    "axes_dims_rope": (2, 2, 4),
+}
+SIZE, GUIDANCE, PROMPT = (32, 48), 4.0, "a red disk"
+
+
+def qwen_text_encoder() -> Qwen2_5_VLForConditionalGeneration:
+    """Qwen2.5-VL of a few channels (its language model 12 wide: the transformer's text width)."""
+    text = {"hidden_size": 12, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2}
+    text |= {
+        "num_key_value_heads": 1,
+        "vocab_size": 64,
+        "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 1]},
+    }
+    vision = {"depth": 1, "hidden_size": 8, "intermediate_size": 8, "num_heads": 2, "out_hidden_size": 12}
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, bos_token_id=None, eos_token_id=None)
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def qwen_base() -> QwenImageBase:
+    torch.manual_seed(0)
+    vae = AutoencoderKLQwenImage(
+        base_dim=8,
+        z_dim=LATENT,
+        dim_mult=[1, 2, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False, False],
+        latents_mean=[0.1, -0.2, 0.3, 0.0],
+        latents_std=[1.5, 0.8, 2.0, 1.1],
+    ).eval()
+    with torch.no_grad():  # a posterior of no spread: the pipeline samples the condition's latents
+        vae.quant_conv.weight[LATENT:].zero_()
+        vae.quant_conv.bias[LATENT:].fill_(-1000.0)
+    transformer = QwenImageTransformer2DModel(**TRANSFORMER).eval()
+    return QwenImageBase(transformer, vae, qwen_text_encoder(), character_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def world() -> QwenImageBase:
+    return qwen_base()
+
+
+def controlnet(base: QwenImageBase, layers: int, seed: int) -> QwenImageControlNet:
+    torch.manual_seed(seed)
+    cn = base.new_controlnet(QwenImageControlNetConfig(num_layers=layers))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # open the zero layers
+        for name, p in cn.named_parameters():
+            if name.startswith(("controlnet_blocks", "controlnet_x_embedder")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return cn.eval()
+
+
+def peer(cn: QwenImageControlNet) -> QwenImageControlNetModel:
+    fields = {k: v for k, v in TRANSFORMER.items() if k not in ("num_layers", "out_channels")}
+    model = QwenImageControlNetModel(**fields, num_layers=cn.config.num_layers).eval()
+    model.load_state_dict(cn.state_dict())
+    return model
+
+
+def condition(seed: int) -> torch.Tensor:
+    return torch.rand(1, 3, *SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def ours(base, units, seeds, steps=3):
+    sampling = Sampling("euler", "default", steps, GUIDANCE)
+    n = len(seeds)
+    return render(base, units, [PROMPT] * n, [""] * n, seeds, SIZE, sampling, progress=False).latents
+
+
+def theirs(base, cns, conds, scales, seeds, steps=3, starts=None, ends=None):
+    many = len(cns) > 1
+    assert all(c is cns[0] for c in cns)  # the pipeline runs one network (under several conditions)
+    net = QwenImageMultiControlNetModel([peer(cns[0])]) if many else peer(cns[0])
+    pipe = QwenImageControlNetPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULE),
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        transformer=base.transformer,
+        controlnet=net,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    h, w = base.latent_size(SIZE)
+    noise = pack(initial_noise((len(seeds), LATENT, h, w), seeds, torch.device("cpu"), torch.float32))
+    conds = [c * 2 - 1 for c in conds]  # a tensor reaches the VAE as it is: give it [-1, 1]
+    kw = {} if starts is None else {"control_guidance_start": starts, "control_guidance_end": ends}
+    with torch.no_grad():
+        return pipe(
+            prompt=[PROMPT] * len(seeds),
+            negative_prompt=[""] * len(seeds),
+            control_image=conds if many else conds[0],
+            controlnet_conditioning_scale=scales if many else scales[0],
+            height=SIZE[0],
+            width=SIZE[1],
+            num_inference_steps=steps,
+            true_cfg_scale=GUIDANCE,
+            latents=noise,
+            output_type="latent",
+            **kw,
+        ).images
+
+
+def close(a, b):
+    torch.testing.assert_close(pack(a), b, rtol=2e-5, atol=2e-5)
+
+
+def test_one_controlnet_equals_the_pipeline(world):
+    cn = controlnet(world, 2, seed=1)
+    close(
+        ours(world, [ControlUnit(cn, condition(5), 0.8)], [7, 8]),
+        theirs(world, [cn], [condition(5)], [0.8], [7, 8]),
+    )
+
+
+def test_two_conditions_with_their_own_strengths_and_windows(world):
+    """One (Union) ControlNet under two conditions: the pipeline's only form of several (its
+    multi-ControlNet takes a single network); the residuals of the two are summed block by block."""
+    a = controlnet(world, 2, seed=1)
+    # windows on step boundaries (diffusers counts step i in while (i + 1) / N <= end)
+    units = [ControlUnit(a, condition(5), 0.7, 0.0, 0.5), ControlUnit(a, condition(6), 1.2, 0.25, 1.0)]
+    want = theirs(world, [a, a], [condition(5), condition(6)], [0.7, 1.2], [3], steps=4,
+                  starts=[0.0, 0.25], ends=[0.5, 1.0])  # fmt: skip
+    close(ours(world, units, [3], steps=4), want)
+
+
+def test_the_text_mask_keeps_each_prompt_to_its_own_tokens(world):
+    """A prompt encoded beside a longer one (padded, masked) reads as when encoded alone."""
+    alone = world.encode_prompt(["a red disk"])
+    beside = world.encode_prompt(["a red disk", "a much longer prompt about a blue square"])
+    n = alone.context.shape[1]
+    torch.testing.assert_close(beside.context[:1, :n], alone.context, rtol=1e-5, atol=1e-6)
+    assert beside.added["text_mask"][0].tolist() == [1.0] * n + [0.0] * (beside.context.shape[1] - n)
+    assert not beside.context[0, n:].any()
+
+
+def test_a_controlnet_of_another_family_or_transformer_is_refused(world):
+    from tiny_flux import tiny_flux_base
+
+    flux_cn = tiny_flux_base().new_controlnet({"num_layers": 1, "num_single_layers": 1})
+    with pytest.raises(ValueError, match="CN is not a Qwen-Image ControlNet, and BASE is Qwen-Image"):
+        world.check_controlnet(flux_cn, controlnet_name="CN", base_name="BASE")
+    other = QwenImageTransformer2DModel(**{**TRANSFORMER, "joint_attention_dim": 16})
+    wrong = QwenImageControlNet.from_transformer(other, QwenImageControlNetConfig(1))
+    with pytest.raises(
+        ValueError, match="made for another transformer than BASE: joint_attention_dim 16 vs 12"
+    ):
+        world.check_controlnet(wrong, controlnet_name="CN", base_name="BASE")
