@@ -52,6 +52,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "families.sd",
             "families.flux",
             "families.sd3",
+            "families.qwenimage",
             "families.dit",
             "families.flow_match",
             "families.protocol",

@@ -17,6 +17,7 @@ from diffusers import UNet2DConditionModel
 
 from ..families.flux.base import FluxBase
 from ..families.flux.controlnet import FluxControlNet
+from ..families.qwenimage.controlnet import QwenImageControlNet
 from ..families.sd.adapter import T2IAdapter
 from ..families.sd.base import UNetBase
 from ..families.sd.configs import Family
@@ -173,7 +174,7 @@ def load_controlnet(
     config: ControlNetConfig | None = None,
     base_unet: UNet2DConditionModel | None = None,
     ldm_config: PathLike | None = None,
-) -> ControlNet | FluxControlNet | SD3ControlNet | T2IAdapter:
+) -> ControlNet | FluxControlNet | SD3ControlNet | QwenImageControlNet | T2IAdapter:
     """Load a ControlNet from any supported file or folder (a Flux one too).
 
     ``dtype`` casts floating-point tensors (default: as stored). ``unet_config`` / ``config``
@@ -338,7 +339,7 @@ def load_unet(
 
 
 def save_controlnet(
-    cn: ControlNet | FluxControlNet | SD3ControlNet | T2IAdapter,
+    cn: ControlNet | FluxControlNet | SD3ControlNet | QwenImageControlNet | T2IAdapter,
     path: PathLike,
     fmt: Format | str = Format.CONTROLNET,
     *,
@@ -354,7 +355,7 @@ def save_controlnet(
             raise ValueError("a T2I-Adapter's file holds the adapter alone")
         target = path if fmt is Format.DIFFUSERS else _safetensors_path(path)
         return adapter.save_adapter(cn, target, fmt.value, overwrite=overwrite)
-    if isinstance(cn, (FluxControlNet, SD3ControlNet)):
+    if isinstance(cn, (FluxControlNet, SD3ControlNet, QwenImageControlNet)):
         if base is not None:
             raise ValueError("a transformer ControlNet's file holds the ControlNet alone")
         target = path if fmt is Format.DIFFUSERS else _safetensors_path(path)

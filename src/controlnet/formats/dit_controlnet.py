@@ -1,5 +1,6 @@
-"""ControlNet files of the transformer families (Flux.1, SD3 / SD3.5): the published single file,
-diffusers' folder, and ours. One reader and writer for both, told the family by a :class:`CNSpec`.
+"""ControlNet files of the transformer families (Flux.1, SD3 / SD3.5, Qwen-Image): the published
+single file, diffusers' folder, and ours. One reader and writer for all, told the family by a
+:class:`CNSpec`.
 
 - **published** (InstantX, Shakker-Labs, Stability AI, and what diffusers saves as one file): the
   state dict of our ControlNet as is (:class:`~controlnet.families.flux.FluxControlNet`,
@@ -18,7 +19,9 @@ and position table), extra condition channels, the text embedder (absent in SD3.
 q/k norms and the dual-attention blocks; heads of 64 channels (every SD3 and SD3.5 model's); the
 published convention ties the pooled input to the text: ControlNets that read text read zeros for
 the pooled vector (InstantX's), those that do not read it whole (Stability AI's SD3.5 Large ones).
-XLabs' Flux ControlNets (a pixel hint encoder, the copied double blocks in Black Forest Labs'
+Qwen-Image: the blocks copied, width, latent channels (``img_in``), text width (``txt_in``), the
+inpainting ControlNet's extra condition channels; heads of 128 channels with Qwen-Image's rotary
+split. XLabs' Flux ControlNets (a pixel hint encoder, the copied double blocks in Black Forest Labs'
 names, residuals the base takes in turn) are read and written in their own layout.
 """
 
@@ -36,6 +39,7 @@ import diffusers
 import torch
 
 from ..families.flux.controlnet import FLUX_FIELDS, FluxControlNet, FluxControlNetConfig
+from ..families.qwenimage.controlnet import QWEN_FIELDS, QwenImageControlNet, QwenImageControlNetConfig
 from ..families.sd3.controlnet import SD3_FIELDS, SD3ControlNet, SD3ControlNetConfig
 from .build import FORMAT_VERSION, META_FORMAT, META_VERSION, numbered, shape_of
 from .checkpoint import CheckpointError, TensorFile, atomic_outputs, dump_json, read_json, save_safetensors
@@ -56,6 +60,7 @@ __all__ = [
 WEIGHTS = "diffusion_pytorch_model"
 FLUX_HEAD, FLUX_AXES = 128, (16, 56, 56)  # Flux.1's head size, split by its rotary axes
 SD3_HEAD = 64
+QWEN_HEAD, QWEN_AXES = 128, (16, 56, 56)  # Qwen-Image's, the same split
 
 
 @dataclass(frozen=True)
@@ -267,6 +272,50 @@ def _describe_sd3(transformer: dict[str, Any], config: SD3ControlNetConfig) -> d
     }
 
 
+# ------------------------------------------------------------------------------------ Qwen-Image
+def _inferred_qwen(tf: TensorFile) -> tuple[dict[str, Any], QwenImageControlNetConfig]:
+    inner, channels = _shape(tf, "img_in.weight")
+    head = _shape(tf, "transformer_blocks.0.attn.norm_q.weight")[0]
+    if head != QWEN_HEAD:
+        raise ValueError(
+            f"heads of {head} channels: a file without a config implies Qwen-Image's {QWEN_HEAD}-channel "
+            "heads (their rotary split); give the ControlNet's diffusers folder"
+        )
+    transformer = {
+        "patch_size": 2,
+        "in_channels": channels,
+        "out_channels": channels // 4,  # 2x2 patches of the latents
+        "attention_head_dim": head,
+        "num_attention_heads": inner // head,
+        "joint_attention_dim": _shape(tf, "txt_in.weight")[1],
+        "axes_dims_rope": list(QWEN_AXES),
+    }
+    config = QwenImageControlNetConfig(
+        num_layers=_count(tf, r"transformer_blocks\.(\d+)\."),
+        extra_condition_channels=_shape(tf, "controlnet_x_embedder.weight")[1] - channels,
+    )
+    return transformer, config
+
+
+def _qwen_from_diffusers(config: dict[str, Any]) -> QwenImageControlNetConfig:
+    return QwenImageControlNetConfig(
+        num_layers=int(config.get("num_layers", 60)),
+        extra_condition_channels=int(config.get("extra_condition_channels", 0)),
+    )
+
+
+def _qwen_to_diffusers(config: QwenImageControlNetConfig) -> dict[str, Any]:
+    return {"num_layers": config.num_layers, "extra_condition_channels": config.extra_condition_channels}
+
+
+def _describe_qwen(transformer: dict[str, Any], config: QwenImageControlNetConfig) -> dict[str, Any]:
+    return {
+        "blocks": config.num_layers,
+        "extra_condition_channels": config.extra_condition_channels,
+        "inpainting": config.extra_condition_channels > 0,
+    }
+
+
 SPECS = {
     "flux": CNSpec(
         "flux",
@@ -297,6 +346,19 @@ SPECS = {
         _sd3_from_diffusers,
         _sd3_to_diffusers,
         _describe_sd3,
+    ),
+    "qwenimage": CNSpec(
+        "qwenimage",
+        "Qwen-Image",
+        "QwenImageControlNetModel",
+        QwenImageControlNet,
+        QwenImageControlNetConfig,
+        QWEN_FIELDS,
+        ("img_in.weight", "txt_norm.weight", "controlnet_x_embedder.weight"),
+        _inferred_qwen,
+        _qwen_from_diffusers,
+        _qwen_to_diffusers,
+        _describe_qwen,
     ),
 }
 _BY_CLASS = {spec.model: spec for spec in SPECS.values()}
