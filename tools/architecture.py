@@ -43,6 +43,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "families.dit_plugin",
             "families.flux.plugin",
             "families.sd3.plugin",
+            "families.qwenimage.plugin",
         ],
     ),
     ("checkpoints and conditions", ["formats", "annotators"]),

@@ -45,6 +45,7 @@ PLUGINS: dict[str, str] = {
     "sd": "controlnet.families.sd.plugin",
     "flux": "controlnet.families.flux.plugin",
     "sd3": "controlnet.families.sd3.plugin",
+    "qwenimage": "controlnet.families.qwenimage.plugin",
 }
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..choices import Sampler, TimestepSpacing
-from ..model.residence import Residence, pin
+from ..model.residence import Residence, move, pin
 from .flow_match import FlowMatchSampler, FlowMatchTraining
 
 __all__ = ["ControlledDiT", "DiTBase", "check_plain_prompts", "copy_twins", "pack", "shared_fields", "unpack"]
@@ -102,7 +102,7 @@ class DiTBase(Residence):
         device while they run (:class:`~controlnet.model.residence.Residence`)."""
         for name, m in self.modules().items():
             away = offload and name != "transformer"
-            m.to(device="cpu" if away else device, dtype=dtype)
+            move(m, "cpu" if away else device, dtype)
             if away:
                 pin(m)
         self.keep_company(companions, device, dtype)

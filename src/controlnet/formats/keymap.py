@@ -9,7 +9,8 @@ them - then assigns the tensors to a module built on the meta device: nothing is
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 
@@ -18,7 +19,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, TensorFile, list_keys
 
-__all__ = ["Op", "Rule", "finite", "identity_rules", "load_into", "shapes_of", "to_file"]
+__all__ = ["Op", "Rule", "finite", "identity_rules", "load_into", "shapes_of", "to_file", "weights_on_meta"]
 
 
 class Op(Enum):
@@ -67,6 +68,25 @@ class Rule:
 def _swap(t: torch.Tensor) -> torch.Tensor:
     half = t.shape[0] // 2
     return torch.cat([t[half:], t[:half]])
+
+
+@contextmanager
+def weights_on_meta() -> Iterator[None]:
+    """Build modules with their parameters on the meta device (for :func:`load_into` to fill) and
+    everything else - buffers the weights do not hold, such as rotary frequencies, and plain
+    tensors computed in a constructor - on the CPU with its values."""
+    register = nn.Module.register_parameter
+
+    def on_meta(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(self, name, param)
+        if param is not None and not param.is_meta:
+            self._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
 def identity_rules(keys: Iterable[str], prefix: str = "") -> list[Rule]:

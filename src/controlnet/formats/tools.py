@@ -400,7 +400,7 @@ def _inspect_dit_base(d: Detected) -> Inspection:
         params = {name: _count(d.tensors, keys) for name, keys in parts.items()}
     else:
         params = {str(tf.path.relative_to(d.path)): _count(tf, list(tf)) for tf in tfs}
-    label = {"flux": "Flux.1", "sd3": "SD3 / SD3.5"}.get(d.family, d.family)
+    label = {"flux": "Flux.1", "sd3": "SD3 / SD3.5", "qwenimage": "Qwen-Image"}.get(d.family, d.family)
     return Inspection(d.path, d.format, d.layout, label, params, _dtypes(tfs))
 
 

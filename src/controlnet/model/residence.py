@@ -19,10 +19,17 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["MARGIN", "Residence", "fits_beside", "nbytes", "pin", "visiting"]
+__all__ = ["MARGIN", "Residence", "fits_beside", "move", "nbytes", "pin", "visiting"]
 
 #: what a visit may allocate besides the visitor's weights (activations, workspace), in bytes
 MARGIN = 2 * 2**30
+
+
+def move(module: nn.Module, device: Any = None, dtype: torch.dtype | None = None) -> nn.Module:
+    """``module.to(device, dtype)`` as torch does it. diffusers' own ``to`` only adds checks for
+    quantized and group-offloaded models (neither is used here) and, in 0.42, a warning on every
+    ``dtype`` argument - even ``None`` - that a user would read on each generation."""
+    return nn.Module.to(module, device=device, dtype=dtype)
 
 
 def nbytes(modules: Iterable[nn.Module]) -> int:
@@ -137,7 +144,7 @@ class Residence:
         step off the card with it when a visitor needs the room. Held weakly: a ControlNet dropped
         elsewhere is not kept alive by the base."""
         for m in companions:
-            m.to(device, dtype).eval()
+            move(m, device, dtype).eval()
         self.__dict__["_companions"] = [weakref.ref(m) for m in companions]
 
     @contextlib.contextmanager

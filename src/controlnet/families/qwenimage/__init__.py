@@ -1,5 +1,6 @@
-"""Qwen-Image (issue 34): its base model behind the protocol and its ControlNet, our own code on
-the generic controlled copy. Its files and its place in the family registry are to follow."""
+"""Qwen-Image: its base model behind the protocol, its ControlNet (our own code on the generic
+controlled copy) and its plug-in of the family registry; its files are read and written by
+:mod:`controlnet.formats`."""
 
 from .base import QwenImageBase
 from .controlnet import QwenImageControlNet, QwenImageControlNetConfig

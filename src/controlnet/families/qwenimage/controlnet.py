@@ -105,8 +105,9 @@ class QwenImageControlNet(ControlledCopy):
         t = {**_DEFAULTS, **self.transformer_config}
         heads, dim = int(t["num_attention_heads"]), int(t["attention_head_dim"])
         inner = heads * dim
+        # rotary frequencies, computed when built (no weights): on the CPU even for a meta build
+        self.pos_embed = QwenEmbedRope(theta=10000, axes_dim=list(t["axes_dims_rope"]), scale_rope=True)
         with torch.device(device or "cpu"):
-            self.pos_embed = QwenEmbedRope(theta=10000, axes_dim=list(t["axes_dims_rope"]), scale_rope=True)
             self.time_text_embed = QwenTimestepProjEmbeddings(embedding_dim=inner)
             self.txt_norm = RMSNorm(t["joint_attention_dim"], eps=1e-6)
             self.img_in = nn.Linear(t["in_channels"], inner)

@@ -23,7 +23,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ...choices import PromptSyntax, Sampler, TimestepSpacing
-from ...model.residence import Residence, pin
+from ...model.residence import Residence, move, pin
 from ...text.tokenizer import MAX_LENGTH
 from ..protocol import PromptEmbeddings
 from .configs import Family
@@ -239,9 +239,9 @@ class UNetBase(Residence):
             where = "cpu" if offload and name in OFFLOADED else device
             current = next(m.parameters())
             if d is not None and d == current.dtype:
-                d = None  # diffusers warns on every dtype cast, even a no-op one
+                d = None
             if d is not None or (where is not None and torch.device(where) != current.device):
-                m.to(device=where, dtype=d)
+                move(m, where, d)
             if offload and name in OFFLOADED:
                 pin(m)
         self.keep_company(companions, device, dtype)
