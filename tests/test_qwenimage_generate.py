@@ -11,6 +11,7 @@ import torch
 from diffusers import (
     AutoencoderKLQwenImage,
     FlowMatchEulerDiscreteScheduler,
+    QwenImageControlNetInpaintPipeline,
     QwenImageControlNetModel,
     QwenImageControlNetPipeline,
     QwenImageMultiControlNetModel,
@@ -75,9 +76,9 @@ def world() -> QwenImageBase:
     return qwen_base()
 
 
-def controlnet(base: QwenImageBase, layers: int, seed: int) -> QwenImageControlNet:
+def controlnet(base: QwenImageBase, layers: int, seed: int, extra: int = 0) -> QwenImageControlNet:
     torch.manual_seed(seed)
-    cn = base.new_controlnet(QwenImageControlNetConfig(num_layers=layers))
+    cn = base.new_controlnet(QwenImageControlNetConfig(num_layers=layers, extra_condition_channels=extra))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # open the zero layers
         for name, p in cn.named_parameters():
@@ -88,7 +89,11 @@ def controlnet(base: QwenImageBase, layers: int, seed: int) -> QwenImageControlN
 
 def peer(cn: QwenImageControlNet) -> QwenImageControlNetModel:
     fields = {k: v for k, v in TRANSFORMER.items() if k not in ("num_layers", "out_channels")}
-    model = QwenImageControlNetModel(**fields, num_layers=cn.config.num_layers).eval()
+    fields |= {
+        "num_layers": cn.config.num_layers,
+        "extra_condition_channels": cn.config.extra_condition_channels,
+    }
+    model = QwenImageControlNetModel(**fields).eval()
     model.load_state_dict(cn.state_dict())
     return model
 
@@ -157,6 +162,44 @@ def test_two_conditions_with_their_own_strengths_and_windows(world):
     want = theirs(world, [a, a], [condition(5), condition(6)], [0.7, 1.2], [3], steps=4,
                   starts=[0.0, 0.25], ends=[0.5, 1.0])  # fmt: skip
     close(ours(world, units, [3], steps=4), want)
+
+
+def test_the_inpainting_controlnet_equals_the_inpaint_pipeline(world):
+    """InstantX's inpainting ControlNet reads the latents of the image with its masked pixels at
+    -1 beside 1 - the mask at the latents' size (packed: 4 more channels); ours takes the inpaint
+    map's convention (masked pixels -1 in the condition) through the family's control hint."""
+    cn = controlnet(world, 2, seed=4, extra=4)
+    assert cn.mask_channels == 1
+    photo = condition(9)
+    mask = torch.zeros(1, 1, *SIZE)
+    mask[..., 8:28, 12:40] = 1
+    painted = torch.where(mask > 0.5, torch.full_like(photo, -1.0), photo)
+    pipe = QwenImageControlNetInpaintPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULE),
+        vae=world.vae,
+        text_encoder=world.text_encoder,
+        tokenizer=world.tokenizer,
+        transformer=world.transformer,
+        controlnet=peer(cn),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    h, w = world.latent_size(SIZE)
+    noise = pack(initial_noise((1, LATENT, h, w), [4], torch.device("cpu"), torch.float32))
+    with torch.no_grad():
+        want = pipe(
+            prompt=[PROMPT],
+            negative_prompt=[""],
+            control_image=photo * 2 - 1,
+            control_mask=mask,
+            controlnet_conditioning_scale=0.9,
+            height=SIZE[0],
+            width=SIZE[1],
+            num_inference_steps=3,
+            true_cfg_scale=GUIDANCE,
+            latents=noise,
+            output_type="latent",
+        ).images
+    close(ours(world, [ControlUnit(cn, painted, 0.9)], [4]), want)
 
 
 def test_the_text_mask_keeps_each_prompt_to_its_own_tokens(world):

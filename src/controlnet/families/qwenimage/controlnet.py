@@ -131,8 +131,9 @@ class QwenImageControlNet(ControlledCopy):
 
     @property
     def mask_channels(self) -> int:
-        """Channels of the inpainting mask the condition carries beside its latents (0: none)."""
-        return self.config.extra_condition_channels
+        """Channels of the inpainting mask the condition carries beside its latents (0: none);
+        ``extra_condition_channels`` counts them packed, four per mask channel."""
+        return self.config.extra_condition_channels // 4
 
     @classmethod
     def from_transformer(
