@@ -20,6 +20,7 @@ from diffusers import (
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from controlnet.families.dit import pack
+from controlnet.families.protocol import PromptEmbeddings
 from controlnet.families.qwenimage import QwenImageControlNet, QwenImageControlNetConfig
 from controlnet.families.qwenimage.base import QWEN_SCHEDULE, QwenImageBase
 from controlnet.formats.dit_fresh import character_tokenizer
@@ -203,13 +204,17 @@ def test_the_inpainting_controlnet_equals_the_inpaint_pipeline(world):
 
 
 def test_the_text_mask_keeps_each_prompt_to_its_own_tokens(world):
-    """A prompt encoded beside a longer one (padded, masked) reads as when encoded alone."""
+    """A prompt encoded beside a longer one (padded, masked) reads as when encoded alone; alone,
+    it has no mask."""
     alone = world.encode_prompt(["a red disk"])
     beside = world.encode_prompt(["a red disk", "a much longer prompt about a blue square"])
     n = alone.context.shape[1]
     torch.testing.assert_close(beside.context[:1, :n], alone.context, rtol=1e-5, atol=1e-6)
     assert beside.added["text_mask"][0].tolist() == [1.0] * n + [0.0] * (beside.context.shape[1] - n)
     assert not beside.context[0, n:].any()
+    assert alone.added == {}  # nothing padded: no mask, the attention runs unmasked
+    with pytest.raises(ValueError, match="carry different conditions"):  # not joined without its mask
+        PromptEmbeddings.cat([alone, beside])
 
 
 def test_a_controlnet_of_another_family_or_transformer_is_refused(world):

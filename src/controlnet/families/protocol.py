@@ -46,6 +46,11 @@ class PromptEmbeddings:
 
     @staticmethod
     def cat(parts: Sequence[PromptEmbeddings]) -> PromptEmbeddings:
+        names = {tuple(sorted(p.added)) if p.added is not None else None for p in parts}
+        if len(names) > 1:  # a condition some rows lack cannot be made up for them
+            raise ValueError(
+                f"prompt embeddings to join carry different conditions: {sorted(map(str, names))}"
+            )
         added = None
         if parts[0].added is not None:
             added = {k: torch.cat([p.added[k] for p in parts]) for k in parts[0].added}  # type: ignore[index]

@@ -153,8 +153,10 @@ class QwenImageBase(DiTBase):
         self, prompts: Sequence[str], *, size: tuple[int, int] | None = None
     ) -> PromptEmbeddings:
         """The text encoder's last hidden states of each prompt's own tokens (the template's
-        dropped, at most ``max_sequence_length``), zero-padded to the longest, and the text mask
-        ("text_mask": 1 for a prompt's tokens)."""
+        dropped, at most ``max_sequence_length``), zero-padded to the longest, and where a row is
+        padded the text mask ("text_mask": 1 for a prompt's tokens). Without padding there is no
+        mask, so the transformer's attention runs unmasked - decided here, once, since a check of
+        the mask inside a step would stop the GPU to read it (and a CUDA graph cannot capture that)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         tokens = self.tokenizer(
             [PROMPT_TEMPLATE.format(p) for p in prompts],
@@ -172,10 +174,10 @@ class QwenImageBase(DiTBase):
         rows = [h[m.bool()][TEMPLATE_TOKENS:][: self.max_sequence_length] for h, m in zip(hidden, mask)]
         n = max(len(r) for r in rows)
         context = torch.stack([torch.cat([r, r.new_zeros(n - len(r), r.shape[1])]) for r in rows])
-        text_mask = torch.stack([torch.cat([torch.ones(len(r)), torch.zeros(n - len(r))]) for r in rows]).to(
-            self.device
-        )
-        return PromptEmbeddings(context.to(self.dtype), {"text_mask": text_mask})
+        if all(len(r) == n for r in rows):
+            return PromptEmbeddings(context.to(self.dtype), {})
+        text_mask = torch.stack([torch.cat([torch.ones(len(r)), torch.zeros(n - len(r))]) for r in rows])
+        return PromptEmbeddings(context.to(self.dtype), {"text_mask": text_mask.to(self.device)})
 
     def encode_prompts(
         self,
@@ -221,9 +223,7 @@ class QwenImageBase(DiTBase):
         tokens = pack(x)
         timestep = (t / 1000).to(x.dtype).expand(b)
         shapes = [(1, h // 2, w // 2)] * b
-        mask = (added or {}).get("text_mask")
-        if mask is not None and bool(mask.all()):
-            mask = None  # as the published pipeline passes a full mask
+        mask = (added or {}).get("text_mask")  # present only where a row is padded
 
         def residuals(c: Control) -> list[torch.Tensor]:
             rows = slice(b // 2, b) if cfg_batch else slice(0, b)
