@@ -92,8 +92,14 @@ def blocks_to_fp8(
     for block in [m for m in network.modules() if isinstance(m, blocks)]:
         if device is not None or dtype is not None:
             block.to(device=device, dtype=dtype)
-        n += to_fp8(block, lambda name, m: "norm" not in name)
+        n += to_fp8(block, _reads_tokens)
     return n
+
+
+def _reads_tokens(name: str, layer: nn.Linear) -> bool:
+    """Whether a block's linear layer reads tokens rather than the one modulation vector per
+    sample (Flux's and SD3's ``norm1.linear``, Qwen-Image's ``img_mod.1`` / ``txt_mod.1``)."""
+    return "norm" not in name and "_mod." not in name
 
 
 def to_fp8(network: nn.Module, where: Callable[[str, nn.Linear], bool] = lambda name, m: True) -> int:
