@@ -186,8 +186,9 @@ def epilogue_gelu_agreement(device: str) -> dict[str, float] | None:
         }
 
 
-def transformer_bench_args(doc: str | None) -> argparse.Namespace:
-    """The flags of the transformer families' generation benchmarks (bench_flux, bench_sd3)."""
+def transformer_bench_args(doc: str | None, *, steps: int = 28, size: int = 1024) -> argparse.Namespace:
+    """The flags of the transformer families' generation benchmarks (bench_flux, bench_sd3,
+    bench_qwenimage), with the family's default steps and size."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out")
     p.add_argument("--peer", action="store_true", help="time diffusers' pipeline in the same run")
@@ -196,8 +197,8 @@ def transformer_bench_args(doc: str | None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="GPU time of one step by kind of kernel")
     p.add_argument("--fp8", action="store_true", help="last, ours with FP8 weights and products")
     p.add_argument("--tiny", action="store_true", help="a few-channel model on the CPU (checks the script)")
-    p.add_argument("--steps", type=int, default=28)
-    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--size", type=int, default=size)
     p.add_argument("--reps", type=int, default=3)
     return p.parse_args()
 

@@ -1,7 +1,8 @@
 """The generation benchmarks against diffusers' pipelines run (their --tiny mode, on the CPU):
-bench_flux.py, bench_sd3.py and bench_sdxl_controls.py (a Union ControlNet with two conditions;
-a ControlNet with a T2I-Adapter) build ours and the peer over the same weights, and their final
-latents agree; bench_train_flux.py times our training loop and diffusers' recipe step."""
+bench_flux.py, bench_sd3.py, bench_qwenimage.py and bench_sdxl_controls.py (a Union ControlNet
+with two conditions; a ControlNet with a T2I-Adapter) build ours and the peer over the same
+weights, and their final latents agree; bench_train_flux.py times our training loop and
+diffusers' recipe step."""
 
 import json
 import subprocess
@@ -18,10 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
     [
         ["bench_flux.py"],
         ["bench_sd3.py"],
+        ["bench_qwenimage.py"],
         ["bench_sdxl_controls.py", "--case", "union"],
         ["bench_sdxl_controls.py", "--case", "adapter"],
     ],
-    ids=["flux", "sd3", "sdxl-union", "sdxl-controlnet-adapter"],
+    ids=["flux", "sd3", "qwenimage", "sdxl-union", "sdxl-controlnet-adapter"],
 )
 def test_the_benchmark_runs_and_agrees_with_diffusers(tmp_path, script):
     out = tmp_path / "result.json"

@@ -248,3 +248,10 @@ def test_fp8_takes_the_token_layers_and_leaves_the_modulation():
     fp8 = ours(base, [ControlUnit(cn, condition(5), 0.8)], [7])
     rel = float((fp8 - full).norm() / full.norm())
     assert 0 < rel < 0.1, rel
+
+
+def test_a_single_step_is_finite():
+    """Qwen-Image's schedule is stretched to end at 0.02; a schedule of one level cannot be
+    (diffusers' scheduler divides 0 by 0 and returns NaN): one step runs from noise to the end."""
+    base = qwen_base()
+    assert torch.isfinite(ours(base, [], [3], steps=1)).all()

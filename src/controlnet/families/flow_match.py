@@ -36,6 +36,7 @@ class FlowMatchSampler:
     init_noise_sigma = 1.0
 
     def __init__(self, tokens: int, schedule: dict[str, Any]) -> None:
+        self.schedule = schedule
         self.inner = FlowMatchEulerDiscreteScheduler(**schedule)
         self.mu = image_shift(tokens, schedule) if schedule.get("use_dynamic_shifting") else None
 
@@ -58,6 +59,10 @@ class FlowMatchSampler:
         return cls(tokens, schedule)
 
     def set_timesteps(self, steps: int, device: torch.device | str | None = None) -> None:
+        if steps == 1 and self.schedule.get("shift_terminal"):
+            # stretching one level (1.0) to end at shift_terminal divides 0 by 0: diffusers' scheduler
+            # would give NaN; a single step goes from pure noise to the end, stretched or not
+            self.inner = FlowMatchEulerDiscreteScheduler(**{**self.schedule, "shift_terminal": None})
         if self.mu is None:  # a fixed shift: the scheduler's own spacing
             self.inner.set_timesteps(steps, device=device)
             return
