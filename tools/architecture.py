@@ -54,6 +54,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "families.flux",
             "families.sd3",
             "families.qwenimage",
+            "families.zimage",
             "families.dit",
             "families.flow_match",
             "families.protocol",
