@@ -73,6 +73,8 @@ class DiTBase(Residence):
     vae: Any
     #: the transformer's repeated block classes: what the fast path compiles, one kind at a time
     blocks: ClassVar[tuple[type[nn.Module], ...]] = ()
+    #: whether a fixed-shift schedule still takes the levels 1 .. 1/steps (FlowMatchSampler.make)
+    linear_sigmas: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         for m in self.modules().values():
@@ -208,7 +210,9 @@ class DiTBase(Residence):
         """Euler over the family's flow-matching schedule (``self.schedule``) for images of
         ``latent_size`` (default: the native size), whose 2x2 patches set a size-dependent shift."""
         h, w = latent_size or self.latent_size((self.native_size,) * 2)
-        return FlowMatchSampler.make(sampler, spacing, (h // 2) * (w // 2), self.schedule)
+        return FlowMatchSampler.make(
+            sampler, spacing, (h // 2) * (w // 2), self.schedule, linear_sigmas=self.linear_sigmas
+        )
 
     def control_hint(self, controlnet: nn.Module, condition: torch.Tensor) -> torch.Tensor:
         """A condition image in [0, 1] as the ControlNet reads it: its latents, like the image's;

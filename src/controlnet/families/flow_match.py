@@ -35,8 +35,8 @@ class FlowMatchSampler:
     order = 1
     init_noise_sigma = 1.0
 
-    def __init__(self, tokens: int, schedule: dict[str, Any]) -> None:
-        self.schedule = schedule
+    def __init__(self, tokens: int, schedule: dict[str, Any], *, linear_sigmas: bool = False) -> None:
+        self.schedule, self.linear_sigmas = schedule, linear_sigmas
         self.inner = FlowMatchEulerDiscreteScheduler(**schedule)
         self.mu = image_shift(tokens, schedule) if schedule.get("use_dynamic_shifting") else None
 
@@ -47,7 +47,11 @@ class FlowMatchSampler:
         spacing: TimestepSpacing | str,
         tokens: int,
         schedule: dict[str, Any],
+        *,
+        linear_sigmas: bool = False,
     ) -> FlowMatchSampler:
+        """``linear_sigmas``: the levels 1 .. 1/steps, evenly, then shifted (Flux's, Qwen-Image's and
+        Z-Image's pipelines), where a fixed shift otherwise takes the scheduler's own spacing (SD3)."""
         if Sampler.parse(sampler) is not Sampler.EULER:
             raise ValueError(
                 f"sampler {Sampler.parse(sampler).value!r}: a flow-matching model samples with 'euler'"
@@ -56,14 +60,14 @@ class FlowMatchSampler:
             raise ValueError(
                 "timestep spacing: a flow-matching model's steps follow its own shifted schedule"
             )
-        return cls(tokens, schedule)
+        return cls(tokens, schedule, linear_sigmas=linear_sigmas)
 
     def set_timesteps(self, steps: int, device: torch.device | str | None = None) -> None:
         if steps == 1 and self.schedule.get("shift_terminal"):
             # stretching one level (1.0) to end at shift_terminal divides 0 by 0: diffusers' scheduler
             # would give NaN; a single step goes from pure noise to the end, stretched or not
             self.inner = FlowMatchEulerDiscreteScheduler(**{**self.schedule, "shift_terminal": None})
-        if self.mu is None:  # a fixed shift: the scheduler's own spacing
+        if self.mu is None and not self.linear_sigmas:  # a fixed shift: the scheduler's own spacing
             self.inner.set_timesteps(steps, device=device)
             return
         sigmas = np.linspace(1.0, 1 / steps, steps)

@@ -35,7 +35,8 @@ class PromptEmbeddings:
 
     context: (B, L, D) the text tokens it attends to.
     added: further conditions by name, batch B first (SDXL's pooled text embedding and size ids;
-        a transformer's pooled projection), or None.
+        a transformer's pooled projection), or None. One on the CPU is host data the network's
+        Python code reads (Z-Image's caption lengths), not a tensor it computes with.
     """
 
     context: torch.Tensor
@@ -62,9 +63,9 @@ class PromptEmbeddings:
 
     def select(self, rows: Sequence[int]) -> PromptEmbeddings:
         """The embeddings of ``rows``, in that order (a row may be taken several times)."""
-        index = torch.tensor(rows, dtype=torch.long, device=self.context.device)
-        added = None if self.added is None else {k: v[index] for k, v in self.added.items()}
-        return PromptEmbeddings(self.context[index], added)
+        index = torch.tensor(rows, dtype=torch.long)
+        added = None if self.added is None else {k: v[index.to(v.device)] for k, v in self.added.items()}
+        return PromptEmbeddings(self.context[index.to(self.context.device)], added)
 
 
 def controlnet_config(cls: Any, value: Any, label: str) -> Any:

@@ -69,7 +69,16 @@ class GraphCache:
         self.captures = 0
 
     def run(self, key: Hashable, fn: StepFn, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        key = (key, tuple((name, t.shape, t.dtype) for name, t in inputs.items()))
+        # an input kept on the CPU is host data that steers the step's Python code (lengths, not
+        # values it computes with): a graph captured for some values would replay them for others
+        host = tuple(
+            (name, tuple(t.flatten().tolist())) for name, t in inputs.items() if t.device.type == "cpu"
+        )
+        key = (
+            key,
+            tuple((name, t.shape, t.dtype) for name, t in inputs.items()),
+            host if self.use_graphs else (),
+        )
         entry = self.entries.get(key)
         if entry is None:
             statics = {name: t.detach().clone() for name, t in inputs.items()}

@@ -39,6 +39,16 @@ __all__ = ["REFINERS", "ZIMAGE_FIELDS", "ZImageControlBlock", "ZImageControlNet"
 REFINERS = (None, "control_noise_refiner", "control_layers")
 #: the transformer fields a ControlNet's blocks are built from
 ZIMAGE_FIELDS = ("dim", "n_heads", "n_kv_heads", "norm_eps", "qk_norm", "n_refiner_layers", "in_channels")
+#: diffusers' defaults of those fields (ZImageTransformer2DModel: Z-Image's released shape)
+_DEFAULTS = {
+    "dim": 3840,
+    "n_heads": 30,
+    "n_kv_heads": 30,
+    "norm_eps": 1e-5,
+    "qk_norm": True,
+    "n_refiner_layers": 2,
+    "in_channels": 16,
+}
 
 
 @dataclass(frozen=True)
@@ -107,7 +117,10 @@ class ZImageControlNet(nn.Module):
         super().__init__()
         config = config or ZImageControlNetConfig()
         self.config = config
-        self.transformer_config = {k: transformer_config[k] for k in ZIMAGE_FIELDS if k in transformer_config}
+        self.transformer_config = {
+            **_DEFAULTS,
+            **{k: v for k, v in transformer_config.items() if k in ZIMAGE_FIELDS},
+        }
         t = self.transformer_config
         dim, patch = t["dim"], (2, 1)  # Z-Image's one patch size (2x2, one frame)
         with torch.device(device or "cpu"):
@@ -138,10 +151,12 @@ class ZImageControlNet(nn.Module):
     def embedder(self) -> nn.Linear:
         return next(iter(self.control_all_x_embedder.values()))
 
-    def forward(self, s: Sequences, control: torch.Tensor) -> dict[int, torch.Tensor]:
-        """The residual for each main layer in ``control_layers_places``, by layer, for the
-        batch ``s`` and the condition's patch tokens ``control`` (B, image tokens, patch
-        channels), padded as the image is."""
+    def forward(self, s: Sequences, control: torch.Tensor, strength: float = 1.0) -> dict[int, torch.Tensor]:
+        """The residual for each main layer in ``control_layers_places``, by layer (unscaled),
+        for the batch ``s`` and the condition's patch tokens ``control`` (B, image tokens, patch
+        channels), padded as the image is. ``strength`` scales what the refiner blocks add to the
+        ControlNet's own pass through the image's noise refiner (as the conditioning scale does
+        in diffusers' model): it acts before any main layer."""
         b, n, _ = control.shape
         c = self.embedder(control).reshape(b * n, -1)
         c = torch.where(s.x_pad[:, None], s.transformer.x_pad_token.to(c.dtype), c).reshape(b, n, -1)
@@ -157,7 +172,7 @@ class ZImageControlNet(nn.Module):
             for block in blocks:
                 c, skip = block.control(c, s.x_in, s.x_mask, s.x_freqs, s.adaln)
                 hints.append(skip)
-            places = dict(zip(self.config.control_refiner_layers_places or (), hints))
+            places = {i: h * strength for i, h in zip(self.config.control_refiner_layers_places or (), hints)}
             x = s.x_in
             for i, layer in enumerate(s.transformer.noise_refiner):
                 x = layer(x, s.x_mask, s.x_freqs, s.adaln)

@@ -1,0 +1,191 @@
+"""Z-Image generation through the generic path (the family protocol's ZImageBase): equal to
+diffusers' ZImageControlNetPipeline on the same tiny weights, noise and conditions - a prompt and
+a negative of different lengths, each row reading its own caption at its own length, guidance on
+the usual scale (the pipeline's g is our g + 1), one ControlNet and one under two conditions with
+their own strengths; the tokenizer's chat template, or Qwen3's where it has none."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    ZImageControlNetModel,
+    ZImageControlNetPipeline,
+    ZImageTransformer2DModel,
+)
+from transformers import Qwen3Config, Qwen3Model
+
+from controlnet.families.zimage import ZImageControlNet, ZImageControlNetConfig
+from controlnet.families.zimage.base import PROMPT_TEMPLATE, ZIMAGE_SCHEDULE, ZImageBase
+from controlnet.formats.dit_fresh import character_tokenizer
+from controlnet.generation.denoiser import ControlUnit
+from controlnet.generation.sampling import Sampling, initial_noise, render
+
+LATENT = 4
+TRANSFORMER = {
+    "in_channels": LATENT,
+    "dim": 32,
+    "n_layers": 4,
+    "n_refiner_layers": 2,
+    "n_heads": 2,
+    "n_kv_heads": 2,
+    "cap_feat_dim": 12,
+    "axes_dims": [4, 6, 6],
+    "axes_lens": [512, 64, 64],
+}
+SIZE, GUIDANCE, PROMPT, NEGATIVE = (64, 48), 4.0, "a red disk on a grey ground", "blur"
+#: Qwen3's chat template for one user message and the generation prompt, as a tiny tokenizer's own
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def zimage_base(chat_template: bool = True) -> ZImageBase:
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=LATENT,
+        layers_per_block=1,
+        norm_num_groups=4,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+    ).eval()
+    text = Qwen3Config(
+        vocab_size=64,
+        hidden_size=12,
+        intermediate_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=6,
+    )
+    tokenizer = character_tokenizer()
+    if chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    transformer = ZImageTransformer2DModel(**TRANSFORMER).eval()
+    return ZImageBase(transformer, vae, Qwen3Model(text).eval(), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def world() -> ZImageBase:
+    return zimage_base()
+
+
+def opened(base: ZImageBase, config: ZImageControlNetConfig, seed: int) -> ZImageControlNet:
+    torch.manual_seed(seed)
+    cn = base.new_controlnet(config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # open the zero projections
+        for name, p in cn.named_parameters():
+            if "_proj" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return cn.eval()
+
+
+def peer(cn: ZImageControlNet) -> ZImageControlNetModel:
+    t, c = cn.transformer_config, cn.config
+    model = ZImageControlNetModel(
+        control_layers_places=list(c.control_layers_places),
+        control_refiner_layers_places=list(c.control_refiner_layers_places or []),
+        control_in_dim=c.control_in_dim,
+        add_control_noise_refiner=c.refiner,
+        dim=t["dim"],
+        n_refiner_layers=t["n_refiner_layers"],
+        n_heads=t["n_heads"],
+        n_kv_heads=t["n_kv_heads"],
+    ).eval()
+    model.load_state_dict(cn.state_dict())
+    return model
+
+
+def condition(seed: int) -> torch.Tensor:
+    return torch.rand(1, 3, *SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def ours(base, units, seeds, steps=3, guidance=GUIDANCE):
+    sampling = Sampling("euler", "default", steps, guidance)
+    n = len(seeds)
+    return render(base, units, [PROMPT] * n, [NEGATIVE] * n, seeds, SIZE, sampling, progress=False).latents
+
+
+def theirs(base, cn, cond, scale, seeds, steps=3, guidance=GUIDANCE):
+    pipe = ZImageControlNetPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**ZIMAGE_SCHEDULE),
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        transformer=base.transformer,
+        controlnet=peer(cn),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    h, w = base.latent_size(SIZE)
+    noise = initial_noise((len(seeds), LATENT, h, w), seeds, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        return pipe(
+            prompt=[PROMPT] * len(seeds),
+            negative_prompt=[NEGATIVE] * len(seeds),
+            control_image=cond * 2 - 1,  # a tensor reaches the VAE as it is: give it [-1, 1]
+            controlnet_conditioning_scale=scale,
+            height=SIZE[0],
+            width=SIZE[1],
+            num_inference_steps=steps,
+            guidance_scale=guidance - 1,  # the pipeline's scale counts from 0
+            latents=noise,
+            output_type="latent",
+        ).images
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        ZImageControlNetConfig((0, 2), None, 4),
+        ZImageControlNetConfig((0, 3), (0, 1), 6, "control_noise_refiner"),
+    ],
+    ids=["plain-refiner", "control-refiner"],
+)
+def test_one_controlnet_equals_the_pipeline(world, config):
+    cn = opened(world, config, seed=1)
+    close(
+        ours(world, [ControlUnit(cn, condition(5), 0.8)], [7, 8]),
+        theirs(world, cn, condition(5), 0.8, [7, 8]),
+    )
+
+
+def test_two_conditions_sum_their_residuals(world):
+    """The pipeline runs one network under one condition; ours sums several ControlNets'
+    residuals layer by layer: the same condition twice, at strengths a and b, equals it once at
+    a + b (with plain refiners a residual is linear in its strength)."""
+    cn = opened(world, ZImageControlNetConfig((0, 2), None, 4), seed=2)
+    two = [ControlUnit(cn, condition(6), 0.5), ControlUnit(cn, condition(6), 0.7)]
+    close(ours(world, two, [3]), theirs(world, cn, condition(6), 1.2, [3]))
+
+
+def test_without_guidance_and_without_a_chat_template():
+    base = zimage_base(chat_template=False)
+    cn = opened(base, ZImageControlNetConfig((0, 2), None, 4), seed=3)
+    want = theirs(zimage_base(chat_template=True), cn, condition(4), 1.0, [2], guidance=1.0)
+    close(ours(base, [ControlUnit(cn, condition(4), 1.0)], [2], guidance=1.0), want)
+    assert base._templated("x") == PROMPT_TEMPLATE.format("x")
+
+
+def test_a_controlnet_of_another_family_or_transformer_is_refused(world):
+    from tiny_flux import tiny_flux_base
+
+    flux_cn = tiny_flux_base().new_controlnet({"num_layers": 1, "num_single_layers": 1})
+    with pytest.raises(ValueError, match="CN is not a Z-Image ControlNet, and BASE is Z-Image"):
+        world.check_controlnet(flux_cn, controlnet_name="CN", base_name="BASE")
+    wrong = ZImageControlNet({**TRANSFORMER, "dim": 16}, ZImageControlNetConfig((0,), None, 4))
+    with pytest.raises(ValueError, match="made for another transformer than BASE: dim 16 vs 32"):
+        world.check_controlnet(wrong, controlnet_name="CN", base_name="BASE")
+    deep = ZImageControlNet(TRANSFORMER, ZImageControlNetConfig((0, 4), None, 4))
+    with pytest.raises(ValueError, match="after layer 4, and BASE has 4 layers"):
+        world.check_controlnet(deep, controlnet_name="CN", base_name="BASE")
