@@ -26,6 +26,7 @@ from ..families.sd.controlnet import ControlNet, ControlNetConfig
 from ..families.sd.union import UnionControlNet
 from ..families.sd3.base import SD3Base
 from ..families.sd3.controlnet import SD3ControlNet
+from ..families.zimage.controlnet import ZImageControlNet
 from . import adapter, dit_base, dit_controlnet, flux_bfl, flux_files, ours, qwenimage_base, sd3_single
 from . import control_lora as clora
 from . import diffusers as dif
@@ -182,7 +183,7 @@ def load_controlnet(
     config: ControlNetConfig | None = None,
     base_unet: UNet2DConditionModel | None = None,
     ldm_config: PathLike | None = None,
-) -> ControlNet | FluxControlNet | SD3ControlNet | QwenImageControlNet | T2IAdapter:
+) -> ControlNet | FluxControlNet | SD3ControlNet | QwenImageControlNet | ZImageControlNet | T2IAdapter:
     """Load a ControlNet from any supported file or folder (a Flux one too).
 
     ``dtype`` casts floating-point tensors (default: as stored). ``unet_config`` / ``config``
@@ -351,7 +352,7 @@ def load_unet(
 
 
 def save_controlnet(
-    cn: ControlNet | FluxControlNet | SD3ControlNet | QwenImageControlNet | T2IAdapter,
+    cn: ControlNet | FluxControlNet | SD3ControlNet | QwenImageControlNet | ZImageControlNet | T2IAdapter,
     path: PathLike,
     fmt: Format | str = Format.CONTROLNET,
     *,
@@ -367,7 +368,7 @@ def save_controlnet(
             raise ValueError("a T2I-Adapter's file holds the adapter alone")
         target = path if fmt is Format.DIFFUSERS else _safetensors_path(path)
         return adapter.save_adapter(cn, target, fmt.value, overwrite=overwrite)
-    if isinstance(cn, (FluxControlNet, SD3ControlNet, QwenImageControlNet)):
+    if isinstance(cn, (FluxControlNet, SD3ControlNet, QwenImageControlNet, ZImageControlNet)):
         if base is not None:
             raise ValueError("a transformer ControlNet's file holds the ControlNet alone")
         target = path if fmt is Format.DIFFUSERS else _safetensors_path(path)

@@ -1,6 +1,6 @@
-"""ControlNet files of the transformer families (Flux.1, SD3 / SD3.5, Qwen-Image): the published
-single file, diffusers' folder, and ours. One reader and writer for all, told the family by a
-:class:`CNSpec`.
+"""ControlNet files of the transformer families (Flux.1, SD3 / SD3.5, Qwen-Image, Z-Image): the
+published single file, diffusers' folder, and ours. One reader and writer for all, told the family
+by a :class:`CNSpec` (Z-Image's layout in :mod:`.zimage_controlnet`).
 
 - **published** (InstantX, Shakker-Labs, Stability AI, and what diffusers saves as one file): the
   state dict of our ControlNet as is (:class:`~controlnet.families.flux.FluxControlNet`,
@@ -41,6 +41,8 @@ import torch
 from ..families.flux.controlnet import FLUX_FIELDS, FluxControlNet, FluxControlNetConfig
 from ..families.qwenimage.controlnet import QWEN_FIELDS, QwenImageControlNet, QwenImageControlNetConfig
 from ..families.sd3.controlnet import SD3_FIELDS, SD3ControlNet, SD3ControlNetConfig
+from ..families.zimage.controlnet import ZIMAGE_FIELDS, ZImageControlNet, ZImageControlNetConfig
+from . import zimage_controlnet
 from .build import FORMAT_VERSION, META_FORMAT, META_VERSION, numbered, shape_of
 from .checkpoint import CheckpointError, TensorFile, atomic_outputs, dump_json, read_json, save_safetensors
 from .keymap import Rule, identity_rules, load_into, to_file
@@ -359,6 +361,19 @@ SPECS = {
         _qwen_from_diffusers,
         _qwen_to_diffusers,
         _describe_qwen,
+    ),
+    "zimage": CNSpec(
+        "zimage",
+        "Z-Image",
+        "ZImageControlNetModel",
+        ZImageControlNet,
+        ZImageControlNetConfig,
+        ZIMAGE_FIELDS,
+        zimage_controlnet.MARKERS,
+        zimage_controlnet.inferred,
+        zimage_controlnet.from_diffusers,
+        zimage_controlnet.to_diffusers,
+        zimage_controlnet.describe,
     ),
 }
 _BY_CLASS = {spec.model: spec for spec in SPECS.values()}

@@ -400,7 +400,8 @@ def _inspect_dit_base(d: Detected) -> Inspection:
         params = {name: _count(d.tensors, keys) for name, keys in parts.items()}
     else:
         params = {str(tf.path.relative_to(d.path)): _count(tf, list(tf)) for tf in tfs}
-    label = {"flux": "Flux.1", "sd3": "SD3 / SD3.5", "qwenimage": "Qwen-Image"}.get(d.family, d.family)
+    label = dit_controlnet.SPECS[d.family].label if d.family in dit_controlnet.SPECS else d.family
+    label = {"sd3": "SD3 / SD3.5"}.get(d.family, label)
     return Inspection(d.path, d.format, d.layout, label, params, _dtypes(tfs))
 
 

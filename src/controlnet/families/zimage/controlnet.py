@@ -23,7 +23,7 @@ the base's (``None``) the base's refined sequences are reused rather than comput
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -78,6 +78,10 @@ class ZImageControlNetConfig:
     def from_dict(cls, d: dict[str, Any]) -> ZImageControlNetConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
 class ZImageControlBlock(ZImageTransformerBlock):
