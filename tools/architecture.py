@@ -44,6 +44,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "families.flux.plugin",
             "families.sd3.plugin",
             "families.qwenimage.plugin",
+            "families.zimage.plugin",
         ],
     ),
     ("checkpoints and conditions", ["formats", "annotators"]),

@@ -46,6 +46,7 @@ PLUGINS: dict[str, str] = {
     "flux": "controlnet.families.flux.plugin",
     "sd3": "controlnet.families.sd3.plugin",
     "qwenimage": "controlnet.families.qwenimage.plugin",
+    "zimage": "controlnet.families.zimage.plugin",
 }
 
 

@@ -26,8 +26,9 @@ from ..families.sd.controlnet import ControlNet, ControlNetConfig
 from ..families.sd.union import UnionControlNet
 from ..families.sd3.base import SD3Base
 from ..families.sd3.controlnet import SD3ControlNet
+from ..families.zimage.base import ZImageBase
 from ..families.zimage.controlnet import ZImageControlNet
-from . import adapter, dit_base, dit_controlnet, flux_bfl, flux_files, ours, qwenimage_base, sd3_single
+from . import adapter, dit_base, dit_controlnet, flux_bfl, flux_files, lm_base, ours, sd3_single
 from . import control_lora as clora
 from . import diffusers as dif
 from . import original as orig
@@ -77,7 +78,7 @@ class Detected:
     layout: str
     tensors: TensorFile | None = field(default=None, repr=False)  # None for folders
     control_lora: bool = False
-    family: str = "sd"  # the model family: 'sd' (the UNets), 'flux', 'sd3' or 'qwenimage'
+    family: str = "sd"  # the model family: 'sd' (the UNets), 'flux', 'sd3', 'qwenimage' or 'zimage'
 
 
 def detect(path: PathLike) -> Detected:
@@ -93,9 +94,10 @@ def detect(path: PathLike) -> Detected:
         spec = dit_base.pipeline_spec(path)
         if spec is not None:
             return Detected(path, Format.DIFFUSERS, (BASE,), f"{spec.pipeline} folder", family=spec.family)
-        if qwenimage_base.is_folder(path):
-            layout = f"{qwenimage_base.PIPELINE} folder"
-            return Detected(path, Format.DIFFUSERS, (BASE,), layout, family=qwenimage_base.FAMILY)
+        lm_spec = lm_base.spec_of_folder(path)
+        if lm_spec is not None:
+            layout = f"{lm_spec.pipeline} folder"
+            return Detected(path, Format.DIFFUSERS, (BASE,), layout, family=lm_spec.family)
         cn_spec = dit_controlnet.spec_of(path, None)
         if cn_spec is not None:
             layout = f"{cn_spec.label} ControlNet folder"
@@ -120,10 +122,10 @@ def detect(path: PathLike) -> Detected:
     spec = dit_base.spec_of_file(tf)
     if spec is not None:
         return Detected(path, Format.CONTROLNET, (BASE,), f"{spec.label} base model", tf, family=spec.family)
-    if qwenimage_base.is_file(tf):
-        return Detected(
-            path, Format.CONTROLNET, (BASE,), "Qwen-Image base model", tf, family=qwenimage_base.FAMILY
-        )
+    lm_spec = lm_base.spec_of_file(tf)
+    if lm_spec is not None:
+        layout = f"{lm_spec.label} base model"
+        return Detected(path, Format.CONTROLNET, (BASE,), layout, tf, family=lm_spec.family)
     cn_spec = dit_controlnet.spec_of(path, tf)
     if cn_spec is not None:
         if ours.kind_of(tf) is not None:
@@ -270,7 +272,7 @@ def load_base(
     config: BaseConfig | None = None,
     family: Family | None = None,
     ldm_config: PathLike | None = None,
-) -> UNetBase | FluxBase | SD3Base | QwenImageBase:
+) -> UNetBase | FluxBase | SD3Base | QwenImageBase | ZImageBase:
     """Load a base model (UNet, VAE, text encoder(s), offline tokenizer(s), schedule) from an
     original single file (also a v1.0 ControlNet file's base part), a diffusers pipeline folder or
     our format. An original-layout file's architecture is read off its tensors; ``ldm_config`` (its
@@ -293,10 +295,10 @@ def load_base(
                     "ae.safetensors, CLIP-L, T5 and T5's tokenizer.json"
                 )
             return flux_files.load_flux_files(d.path, dtype=dtype)
-        if d.family == qwenimage_base.FAMILY:
+        if d.family in lm_base.SPECS:
             if d.tensors is not None:
-                return qwenimage_base.load_file(d.tensors, dtype=dtype)
-            return qwenimage_base.load_folder(d.path, dtype=dtype)
+                return lm_base.load_file(d.tensors, dtype=dtype)
+            return lm_base.load_folder(d.path, dtype=dtype)
         if d.tensors is not None:
             return dit_base.load_file(d.tensors, dtype=dtype)
         return dit_base.load_folder(d.path, dtype=dtype)
@@ -387,7 +389,7 @@ def save_controlnet(
 
 
 def save_base(
-    base: UNetBase | FluxBase | SD3Base | QwenImageBase,
+    base: UNetBase | FluxBase | SD3Base | QwenImageBase | ZImageBase,
     path: PathLike,
     fmt: Format | str = Format.CONTROLNET,
     *,
@@ -397,13 +399,14 @@ def save_base(
     of an SD2.x model lacks)."""
     fmt = Format(fmt)
     path = Path(path)
-    if isinstance(base, QwenImageBase):
+    if isinstance(base, (QwenImageBase, ZImageBase)):
         if fmt is Format.ORIGINAL:
             raise ValueError(
-                "a Qwen-Image base model has no 'original' layout: write 'controlnet' (ours) or 'diffusers'"
+                f"a {base.family.label} base model has no 'original' layout: write 'controlnet' (ours) or "
+                "'diffusers'"
             )
         target = path if fmt is Format.DIFFUSERS else _safetensors_path(path)
-        return qwenimage_base.save(base, target, fmt.value, overwrite=overwrite)
+        return lm_base.save(base, target, fmt.value, overwrite=overwrite)
     if isinstance(base, (FluxBase, SD3Base)):
         if fmt is Format.ORIGINAL:
             if isinstance(base, SD3Base):  # Stability AI's single file

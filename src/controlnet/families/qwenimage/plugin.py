@@ -1,5 +1,5 @@
 """Qwen-Image as a plug-in of the family registry (:mod:`controlnet.families`): its files are read
-by :mod:`controlnet.formats` (``qwenimage_base``, ``dit_controlnet``)."""
+by :mod:`controlnet.formats` (``lm_base``, ``dit_controlnet``)."""
 
 from __future__ import annotations
 
