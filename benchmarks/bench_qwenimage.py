@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_flux import _NoText
-from common import compare_generation, transformer_bench_args
+from common import built_in, compare_generation, transformer_bench_args
 
 from controlnet.families.dit import pack, unpack
 from controlnet.families.protocol import PromptEmbeddings
@@ -64,14 +64,9 @@ def build(tiny: bool, device: str, dtype: torch.dtype) -> tuple[QwenImageBase, Q
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 
     torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            transformer = QwenImageTransformer2DModel(**(TINY if tiny else {})).eval()
-            vae = AutoencoderKLQwenImage(**(TINY_VAE if tiny else {})).eval()
-    finally:
-        torch.set_default_dtype(default)
+    with built_in(dtype, device):
+        transformer = QwenImageTransformer2DModel(**(TINY if tiny else {})).eval()
+        vae = AutoencoderKLQwenImage(**(TINY_VAE if tiny else {})).eval()
     c = vae.config.z_dim
     with torch.no_grad():  # a posterior of no spread: the pipeline samples the condition's latents
         vae.quant_conv.weight[c:].zero_()
@@ -149,13 +144,8 @@ def peer(base: QwenImageBase, cn: QwenImageControlNet, x: dict[str, Any], steps:
         num_layers=cn.config.num_layers, extra_condition_channels=cn.config.extra_condition_channels
     )
     prompt = x["prompt"]
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(prompt.dtype)
-    try:
-        with torch.device(prompt.device):
-            model = QwenImageControlNetModel(**fields).eval()
-    finally:
-        torch.set_default_dtype(default)
+    with built_in(prompt.dtype, prompt.device):
+        model = QwenImageControlNetModel(**fields).eval()
     model.load_state_dict(cn.state_dict())
     pipe = QwenImageControlNetPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULE),

@@ -14,7 +14,8 @@ import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,19 @@ SD_VAE = {
     "sample_size": 512,
     "scaling_factor": 0.18215,
 }
+
+
+@contextmanager
+def built_in(dtype: torch.dtype, device: str) -> Iterator[None]:
+    """Modules made within are made in ``dtype`` on ``device`` (a model of 20 billion parameters
+    does not fit an 80 GB card in float32 on its way to bf16)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(default)
 
 
 def open_zero(module: torch.nn.Module, seed: int = 0) -> None:
@@ -186,9 +200,12 @@ def epilogue_gelu_agreement(device: str) -> dict[str, float] | None:
         }
 
 
-def transformer_bench_args(doc: str | None, *, steps: int = 28, size: int = 1024) -> argparse.Namespace:
+def transformer_bench_args(
+    doc: str | None, *, steps: int = 28, size: int = 1024, guidance: float | None = None
+) -> argparse.Namespace:
     """The flags of the transformer families' generation benchmarks (bench_flux, bench_sd3,
-    bench_qwenimage), with the family's default steps and size."""
+    bench_qwenimage, bench_zimage), with the family's default steps and size; ``guidance``: a
+    --guidance flag with that default, for a benchmark that takes one."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out")
     p.add_argument("--peer", action="store_true", help="time diffusers' pipeline in the same run")
@@ -199,6 +216,8 @@ def transformer_bench_args(doc: str | None, *, steps: int = 28, size: int = 1024
     p.add_argument("--tiny", action="store_true", help="a few-channel model on the CPU (checks the script)")
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--size", type=int, default=size)
+    if guidance is not None:
+        p.add_argument("--guidance", type=float, default=guidance, help="classifier-free guidance (1: none)")
     p.add_argument("--reps", type=int, default=3)
     return p.parse_args()
 

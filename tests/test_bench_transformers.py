@@ -1,5 +1,5 @@
 """The generation benchmarks against diffusers' pipelines run (their --tiny mode, on the CPU):
-bench_flux.py, bench_sd3.py, bench_qwenimage.py and bench_sdxl_controls.py (a Union ControlNet
+bench_flux.py, bench_sd3.py, bench_qwenimage.py, bench_zimage.py and bench_sdxl_controls.py (a Union ControlNet
 with two conditions; a ControlNet with a T2I-Adapter) build ours and the peer over the same
 weights, and their final latents agree; bench_train_flux.py times our training loop and
 diffusers' recipe step."""
@@ -20,10 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
         ["bench_flux.py"],
         ["bench_sd3.py"],
         ["bench_qwenimage.py"],
+        ["bench_zimage.py", "--guidance", "5"],
         ["bench_sdxl_controls.py", "--case", "union"],
         ["bench_sdxl_controls.py", "--case", "adapter"],
     ],
-    ids=["flux", "sd3", "qwenimage", "sdxl-union", "sdxl-controlnet-adapter"],
+    ids=["flux", "sd3", "qwenimage", "zimage", "sdxl-union", "sdxl-controlnet-adapter"],
 )
 def test_the_benchmark_runs_and_agrees_with_diffusers(tmp_path, script):
     out = tmp_path / "result.json"
