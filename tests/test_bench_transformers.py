@@ -1,7 +1,7 @@
 """The generation benchmarks against diffusers' pipelines run (their --tiny mode, on the CPU):
-bench_flux.py, bench_sd3.py, bench_qwenimage.py, bench_zimage.py and bench_sdxl_controls.py (a Union ControlNet
-with two conditions; a ControlNet with a T2I-Adapter) build ours and the peer over the same
-weights, and their final latents agree; bench_train_flux.py times our training loop and
+bench_flux.py, bench_sd3.py, bench_qwenimage.py, bench_zimage.py and bench_sdxl_controls.py (a
+Union ControlNet with two conditions; a ControlNet with a T2I-Adapter) build ours and the peer over
+the same weights, and their final latents agree; bench_train_flux.py times our training loop and
 diffusers' recipe step."""
 
 import json
