@@ -6,8 +6,8 @@ parameters) with random weights, a Union-sized ControlNet of 5 blocks, 1328x1328
 size), 50 steps, true classifier-free guidance 4, bf16, batch 1. Both are timed from prompt
 embeddings and the condition image to the final latents (the Qwen2.5-VL text encoder is left
 out; the condition's one VAE pass is in both). The prompt is 64 tokens and the negative prompt 6
-(the model card's single space under the template): the pipeline runs the two halves one after
-the other, we run them as one batch (the negative padded and masked). The arithmetic per step is
+(the model card's single space under the template): both run the two halves one after the other,
+each at its own length. The arithmetic per step is
 counted and set against the bf16 matmul peak measured in the same run.
 
     python benchmarks/bench_qwenimage.py --peer --out results/qwenimage.json   # about 8 minutes, H100
@@ -104,13 +104,12 @@ def ours(
     cuda_graphs: bool | None = None,
     compile: bool = False,
 ) -> torch.Tensor:
-    """As generate encodes them: the two prompts padded to one length, each with its text mask."""
+    """As generate encodes them: the two prompts padded to one width, each with its own length."""
     prompt, negative = x["prompt"], x["negative"]
     n, m = prompt.shape[1], negative.shape[1]
     padded = torch.cat([negative, negative.new_zeros(1, n - m, negative.shape[2])], dim=1)
-    ones = torch.ones(1, n, device=prompt.device)
-    cond = PromptEmbeddings(prompt, {"text_mask": ones})
-    uncond = PromptEmbeddings(padded, {"text_mask": torch.cat([ones[:, :m], ones.new_zeros(1, n - m)], 1)})
+    cond = PromptEmbeddings(prompt, {"text_lengths": torch.tensor([n])})
+    uncond = PromptEmbeddings(padded, {"text_lengths": torch.tensor([m])})
     return denoise(
         base,
         cond,

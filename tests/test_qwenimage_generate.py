@@ -203,18 +203,18 @@ def test_the_inpainting_controlnet_equals_the_inpaint_pipeline(world):
     close(ours(world, [ControlUnit(cn, painted, 0.9)], [4]), want)
 
 
-def test_the_text_mask_keeps_each_prompt_to_its_own_tokens(world):
-    """A prompt encoded beside a longer one (padded, masked) reads as when encoded alone; alone,
-    it has no mask."""
+def test_each_prompt_keeps_its_own_tokens_and_length(world):
+    """A prompt encoded beside a longer one (padded) reads as when encoded alone, and its length
+    travels with it as host data (the CPU), for the network to read it at that length."""
     alone = world.encode_prompt(["a red disk"])
     beside = world.encode_prompt(["a red disk", "a much longer prompt about a blue square"])
     n = alone.context.shape[1]
     torch.testing.assert_close(beside.context[:1, :n], alone.context, rtol=1e-5, atol=1e-6)
-    assert beside.added["text_mask"][0].tolist() == [1.0] * n + [0.0] * (beside.context.shape[1] - n)
+    assert beside.added["text_lengths"].tolist() == [n, beside.context.shape[1]]
+    assert beside.added["text_lengths"].device.type == "cpu"
     assert not beside.context[0, n:].any()
-    assert alone.added == {}  # nothing padded: no mask, the attention runs unmasked
-    with pytest.raises(ValueError, match="carry different conditions"):  # not joined without its mask
-        PromptEmbeddings.cat([alone, beside])
+    with pytest.raises(ValueError, match="carry different conditions"):  # not joined without its lengths
+        PromptEmbeddings.cat([PromptEmbeddings(alone.context, {}), beside])
 
 
 def test_a_controlnet_of_another_family_or_transformer_is_refused(world):

@@ -153,10 +153,9 @@ class QwenImageBase(DiTBase):
         self, prompts: Sequence[str], *, size: tuple[int, int] | None = None
     ) -> PromptEmbeddings:
         """The text encoder's last hidden states of each prompt's own tokens (the template's
-        dropped, at most ``max_sequence_length``), zero-padded to the longest, and where a row is
-        padded the text mask ("text_mask": 1 for a prompt's tokens). Without padding there is no
-        mask, so the transformer's attention runs unmasked - decided here, once, since a check of
-        the mask inside a step would stop the GPU to read it (and a CUDA graph cannot capture that)."""
+        dropped, at most ``max_sequence_length``), zero-padded to the longest, and each one's
+        length ("text_lengths", on the CPU: host data, so that a step reads each prompt at its
+        own length without a mask to read on the GPU, which a CUDA graph could not capture)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         tokens = self.tokenizer(
             [PROMPT_TEMPLATE.format(p) for p in prompts],
@@ -174,10 +173,9 @@ class QwenImageBase(DiTBase):
         rows = [h[m.bool()][TEMPLATE_TOKENS:][: self.max_sequence_length] for h, m in zip(hidden, mask)]
         n = max(len(r) for r in rows)
         context = torch.stack([torch.cat([r, r.new_zeros(n - len(r), r.shape[1])]) for r in rows])
-        if all(len(r) == n for r in rows):
-            return PromptEmbeddings(context.to(self.dtype), {})
-        text_mask = torch.stack([torch.cat([torch.ones(len(r)), torch.zeros(n - len(r))]) for r in rows])
-        return PromptEmbeddings(context.to(self.dtype), {"text_mask": text_mask.to(self.device)})
+        return PromptEmbeddings(
+            context.to(self.dtype), {"text_lengths": torch.tensor([len(r) for r in rows])}
+        )
 
     def encode_prompts(
         self,
@@ -187,8 +185,8 @@ class QwenImageBase(DiTBase):
         size: tuple[int, int] | None = None,
         syntax: PromptSyntax | str = PromptSyntax.WEIGHTED,
     ) -> tuple[PromptEmbeddings, PromptEmbeddings | None]:
-        """Prompts and negatives in one batch, so both come out the same length (a guided batch
-        joins them; the text mask keeps each to its own tokens)."""
+        """Prompts and negatives in one batch, so both come out the same width (a guided batch
+        joins them; each keeps its own length)."""
         check_plain_prompts([*prompts, *(negatives or [])], syntax, "Qwen-Image's text encoder")
         both = self.encode_prompt([*prompts, *(negatives or [])])
         n = len(prompts)
@@ -218,28 +216,30 @@ class QwenImageBase(DiTBase):
     ) -> torch.Tensor:
         """The velocity for latents ``x`` at timestep ``t`` (0-1000). Each control's ControlNet
         reads the conditional prompt (the conditional half of a guided batch) and its residuals,
-        scaled, go to every row."""
+        scaled, go to every row. Rows run in runs of one caption length, each caption read at its
+        own length with no mask (as the pipeline runs each half alone)."""
         b, _, h, w = x.shape
         tokens = pack(x)
         timestep = (t / 1000).to(x.dtype).expand(b)
-        shapes = [(1, h // 2, w // 2)] * b
-        mask = (added or {}).get("text_mask")  # present only where a row is padded
+        lengths = (added or {}).get("text_lengths")
+        n = lengths.tolist() if lengths is not None else [context.shape[1]] * b
+        half = b // 2 if cfg_batch else 0  # where the conditional rows start
+        shapes = [(1, h // 2, w // 2)]
 
         def residuals(c: Control) -> list[torch.Tensor]:
-            rows = slice(b // 2, b) if cfg_batch else slice(0, b)
-            n = rows.stop - rows.start
-            hint = c.hint.expand(n, *c.hint.shape[1:]) if c.hint.shape[0] == 1 else c.hint
-            res = c.controlnet(
-                tokens[rows],
-                pack(hint),
-                encoder_hidden_states=context[rows],
-                encoder_hidden_states_mask=None if mask is None else mask[rows],
-                timestep=timestep[rows],
-                img_shapes=shapes[rows],
-            )
-            res = [r * s for r, s in zip(res, c.scales)]
-            if n < b:  # the conditional prompt's residuals serve both halves
-                res = [torch.cat([r, r]) for r in res]
+            hint = c.hint[half:] if c.hint.shape[0] == b and half else c.hint
+            hint = hint.expand(b - half, *hint.shape[1:]) if hint.shape[0] == 1 else hint
+            runs = []
+            for s, e, length in _runs(n, half, b):
+                out = c.controlnet(
+                    tokens[s:e],
+                    pack(hint[s - half : e - half]),
+                    encoder_hidden_states=context[s:e, :length],
+                    timestep=timestep[s:e],
+                    img_shapes=shapes * (e - s),
+                )
+                runs.append(out)
+            res = [torch.cat(parts) * scale for parts, scale in zip(zip(*runs), c.scales)]
             if c.region is not None:
                 weight = region_tokens(c.region, (h // 2, w // 2), res[0].dtype)
                 res = [r * weight for r in res]
@@ -247,15 +247,21 @@ class QwenImageBase(DiTBase):
 
         fns = [partial(residuals, c) for c in controls]
         each = run_concurrently(fns, x.device) if concurrent else [fn() for fn in fns]
-        out = self.transformer(
-            hidden_states=tokens,
-            encoder_hidden_states=context,
-            encoder_hidden_states_mask=mask,
-            timestep=timestep,
-            img_shapes=shapes,
-            controlnet_block_samples=_summed(each, len(self.transformer.transformer_blocks)),
-        ).sample
-        return unpack(out, h, w)
+        summed = _summed(each, len(self.transformer.transformer_blocks))
+        outs = []
+        for s, e, length in _runs(n, 0, half) + _runs(n, half, b):
+            r0 = s - half if s >= half else s  # a conditional row's residuals serve its unconditional twin
+            samples = None if summed is None else [r[r0 : r0 + e - s] for r in summed]
+            outs.append(
+                self.transformer(
+                    hidden_states=tokens[s:e],
+                    encoder_hidden_states=context[s:e, :length],
+                    timestep=timestep[s:e],
+                    img_shapes=shapes * (e - s),
+                    controlnet_block_samples=samples,
+                ).sample
+            )
+        return unpack(torch.cat(outs), h, w)
 
     # ------------------------------------------------------------------ its ControlNets
     def new_controlnet(self, config: Any = None) -> QwenImageControlNet:
@@ -274,6 +280,20 @@ class QwenImageBase(DiTBase):
             raise ValueError(
                 f"{controlnet_name} was made for another transformer than {base_name}: {', '.join(differ)}"
             )
+
+
+def _runs(lengths: Sequence[int], start: int, stop: int) -> list[tuple[int, int, int]]:
+    """(first row, end row, caption length) of each run of rows in [start, stop) whose captions
+    have one length."""
+    out = []
+    i = start
+    while i < stop:
+        j = i
+        while j < stop and lengths[j] == lengths[i]:
+            j += 1
+        out.append((i, j, lengths[i]))
+        i = j
+    return out
 
 
 def _summed(each: list[list[torch.Tensor]], blocks: int) -> list[torch.Tensor] | None:
