@@ -103,13 +103,14 @@ def condition(seed: int) -> torch.Tensor:
     return torch.rand(1, 3, *SIZE, generator=torch.Generator().manual_seed(seed))
 
 
-def ours(base, units, seeds, steps=3):
+def ours(base, units, seeds, steps=3, prompts=None, negatives=None):
     sampling = Sampling("euler", "default", steps, GUIDANCE)
     n = len(seeds)
-    return render(base, units, [PROMPT] * n, [""] * n, seeds, SIZE, sampling, progress=False).latents
+    prompts, negatives = prompts or [PROMPT] * n, negatives or [""] * n
+    return render(base, units, prompts, negatives, seeds, SIZE, sampling, progress=False).latents
 
 
-def theirs(base, cns, conds, scales, seeds, steps=3, starts=None, ends=None):
+def theirs(base, cns, conds, scales, seeds, steps=3, starts=None, ends=None, prompts=None, negatives=None):
     many = len(cns) > 1
     assert all(c is cns[0] for c in cns)  # the pipeline runs one network (under several conditions)
     net = QwenImageMultiControlNetModel([peer(cns[0])]) if many else peer(cns[0])
@@ -128,8 +129,8 @@ def theirs(base, cns, conds, scales, seeds, steps=3, starts=None, ends=None):
     kw = {} if starts is None else {"control_guidance_start": starts, "control_guidance_end": ends}
     with torch.no_grad():
         return pipe(
-            prompt=[PROMPT] * len(seeds),
-            negative_prompt=[""] * len(seeds),
+            prompt=prompts or [PROMPT] * len(seeds),
+            negative_prompt=negatives or [""] * len(seeds),
             control_image=conds if many else conds[0],
             controlnet_conditioning_scale=scales if many else scales[0],
             height=SIZE[0],
@@ -151,6 +152,17 @@ def test_one_controlnet_equals_the_pipeline(world):
     close(
         ours(world, [ControlUnit(cn, condition(5), 0.8)], [7, 8]),
         theirs(world, [cn], [condition(5)], [0.8], [7, 8]),
+    )
+
+
+def test_prompts_of_different_lengths_in_one_batch(world):
+    """Rows run in runs of one caption length (no mask): two prompts and two negatives, all of
+    different lengths, against the pipeline's masked batch."""
+    cn = controlnet(world, 2, seed=1)
+    prompts, negatives = ["a red disk", "a much longer prompt about a blue square"], ["", "blurry"]
+    close(
+        ours(world, [ControlUnit(cn, condition(5), 0.8)], [7, 8], prompts=prompts, negatives=negatives),
+        theirs(world, [cn], [condition(5)], [0.8], [7, 8], prompts=prompts, negatives=negatives),
     )
 
 
