@@ -20,7 +20,16 @@ from ..choices import Sampler, TimestepSpacing
 from ..model.residence import Residence, move, pin
 from .flow_match import FlowMatchSampler, FlowMatchTraining
 
-__all__ = ["ControlledDiT", "DiTBase", "check_plain_prompts", "copy_twins", "pack", "shared_fields", "unpack"]
+__all__ = [
+    "ControlledDiT",
+    "DiTBase",
+    "check_plain_prompts",
+    "copy_twins",
+    "encode_together",
+    "pack",
+    "shared_fields",
+    "unpack",
+]
 
 
 def shared_fields(config: Any, fields: Sequence[str]) -> dict[str, Any]:
@@ -50,6 +59,20 @@ def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
     b, _, d = tokens.shape
     c = d // 4
     return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def encode_together(
+    base: Any, prompts: Sequence[str], negatives: Sequence[str] | None, syntax: Any, readers: str
+) -> tuple[Any, Any]:
+    """(prompts, negatives) of a family with one text encoder, encoded in one batch so that both
+    come out the same width (a guided batch joins them; each keeps its own length): the
+    ``encode_prompts`` of Qwen-Image and Z-Image. ``readers`` names the encoder in refusals."""
+    check_plain_prompts([*prompts, *(negatives or [])], syntax, readers)
+    both = base.encode_prompt([*prompts, *(negatives or [])])
+    if negatives is None:
+        return both, None
+    n = len(prompts)
+    return both.select(range(n)), both.select(range(n, 2 * n))
 
 
 def check_plain_prompts(prompts: Sequence[str], syntax: Any, readers: str) -> None:

@@ -344,6 +344,28 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def metadata_json(tf: TensorFile, key: str) -> Any:
+    """The JSON value stored under ``key`` in ``tf``'s metadata; CheckpointError naming the file
+    and the key where it is missing or not JSON."""
+    raw = tf.metadata.get(key)
+    if raw is None:
+        raise CheckpointError(f"{tf.path}: the metadata lacks {key!r}")
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{tf.path}: metadata entry {key!r} is not JSON ({e})") from None
+
+
+def pipeline_part(folder: Path, part: str) -> str | None:
+    """The class a diffusers pipeline folder names for ``part`` in its model_index.json (None: no
+    index, or no such part)."""
+    index = folder / "model_index.json"
+    if not index.is_file():
+        return None
+    entry = read_json(index).get(part)
+    return entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+
+
 def dump_json(data: Mapping[str, Any]) -> str:
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
 

@@ -55,6 +55,8 @@ from .checkpoint import (
     TensorFile,
     atomic_outputs,
     dump_json,
+    metadata_json,
+    pipeline_part,
     read_json,
     save_safetensors,
 )
@@ -71,6 +73,7 @@ __all__ = [
     "save",
     "spec_of_file",
     "t5_tokenizer",
+    "tokenizer_from_json",
 ]
 
 TIED = ("encoder.embed_tokens.weight", "shared.weight")  # T5's input embedding and what it ties to
@@ -161,10 +164,7 @@ _BY_CLASS = {FluxBase: SPECS["flux"], SD3Base: SPECS["sd3"]}
 
 def pipeline_spec(folder: Path) -> Spec | None:
     """The family of a diffusers pipeline folder of a transformer family, or None."""
-    index = folder / "model_index.json"
-    if not index.is_file():
-        return None
-    return _BY_TRANSFORMER.get((read_json(index).get("transformer") or [None, None])[1])
+    return _BY_TRANSFORMER.get(pipeline_part(folder, "transformer") or "")
 
 
 def spec_of_file(tf: TensorFile) -> Spec | None:
@@ -220,9 +220,13 @@ def fill_part(
     return load_into(module, tf, rules, present=present, what=part, dtype=dtype)
 
 
-def _tokenizer_from_json(text: str, where: str) -> PreTrainedTokenizerFast:
+def tokenizer_from_json(
+    text: str, where: str, specials: dict[str, Any] = TOKENIZER_SPECIALS
+) -> PreTrainedTokenizerFast:
+    """A tokenizer from its ``tokenizer.json`` text, with ``specials`` (its special tokens and
+    settings; T5's by default); CheckpointError naming ``where`` if it cannot be read."""
     try:
-        return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(text), **TOKENIZER_SPECIALS)
+        return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(text), **specials)
     except Exception as e:  # the tokenizers package's own error types
         raise CheckpointError(f"{where}: not a readable tokenizer ({type(e).__name__}: {e})") from None
 
@@ -231,7 +235,7 @@ def _tokenizer_from_json(text: str, where: str) -> PreTrainedTokenizerFast:
 def t5_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
     tj = folder / "tokenizer.json"
     if tj.is_file():
-        return _tokenizer_from_json(tj.read_text(), str(tj))
+        return tokenizer_from_json(tj.read_text(), str(tj))
     if (folder / "spiece.model").is_file():
         try:
             from transformers import T5TokenizerFast
@@ -281,20 +285,10 @@ def load_folder(folder: Path, *, dtype: torch.dtype | None = None) -> Any:
 
 
 # ------------------------------------------------------------------------------------ our file
-def _meta_json(tf: TensorFile, key: str) -> Any:
-    raw = tf.metadata.get(key)
-    if raw is None:
-        raise CheckpointError(f"{tf.path}: the metadata lacks {key!r}")
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{tf.path}: metadata entry {key!r} is not JSON ({e})") from None
-
-
 def load_file(tf: TensorFile, *, dtype: torch.dtype | None = None) -> Any:
     spec = spec_of_file(tf)
     assert spec is not None
-    configs = _meta_json(tf, "base_config")
+    configs = metadata_json(tf, "base_config")
     required = [p for p in spec.parts if p not in spec.optional]
     if not isinstance(configs, dict) or any(not isinstance(configs.get(p), dict) for p in required):
         raise CheckpointError(
@@ -310,7 +304,7 @@ def load_file(tf: TensorFile, *, dtype: torch.dtype | None = None) -> Any:
         tokenizer = tf.metadata.get("t5_tokenizer")
         if tokenizer is None:
             raise CheckpointError(f"{tf.path}: the metadata lacks 't5_tokenizer' (T5's tokenizer)")
-        t5_tok = _tokenizer_from_json(tokenizer, str(tf.path))
+        t5_tok = tokenizer_from_json(tokenizer, str(tf.path))
     length = int(configs.get("max_sequence_length", spec.max_sequence_length))
     return spec.make(parts, t5_tok, length, _schedule(spec, configs.get("schedule") or {}))
 

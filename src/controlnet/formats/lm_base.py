@@ -36,14 +36,23 @@ from diffusers import (
     QwenImageTransformer2DModel,
     ZImageTransformer2DModel,
 )
-from tokenizers import Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen3ForCausalLM, Qwen3Model
 from transformers import Qwen2_5_VLForConditionalGeneration as QwenVL
 
 from ..families.qwenimage.base import QWEN_SCHEDULE, QwenImageBase
 from ..families.zimage.base import ZIMAGE_SCHEDULE, ZImageBase
 from .build import FORMAT_VERSION, META_FORMAT, META_VERSION, public_config
-from .checkpoint import CheckpointError, TensorFile, atomic_outputs, dump_json, read_json, save_safetensors
+from .checkpoint import (
+    CheckpointError,
+    TensorFile,
+    atomic_outputs,
+    dump_json,
+    metadata_json,
+    pipeline_part,
+    read_json,
+    save_safetensors,
+)
+from .dit_base import tokenizer_from_json
 from .keymap import Rule, identity_rules, load_into, weights_on_meta
 
 __all__ = ["SPECS", "LMSpec", "load_file", "load_folder", "save", "spec_of_file", "spec_of_folder"]
@@ -113,10 +122,7 @@ _BY_BASE = {spec.base: spec for spec in SPECS.values()}
 
 def spec_of_folder(folder: Path) -> LMSpec | None:
     """The family of a diffusers pipeline folder of one of these families, or None."""
-    index = folder / "model_index.json"
-    if not index.is_file():
-        return None
-    return _BY_TRANSFORMER.get((read_json(index).get("transformer") or [None, None])[1])
+    return _BY_TRANSFORMER.get(pipeline_part(folder, "transformer") or "")
 
 
 def spec_of_file(tf: TensorFile) -> LMSpec | None:
@@ -237,33 +243,19 @@ def load_folder(folder: Path, *, dtype: torch.dtype | None = None) -> Any:
 
 
 # ------------------------------------------------------------------------------------ our file
-def _meta_json(tf: TensorFile, key: str) -> Any:
-    raw = tf.metadata.get(key)
-    if raw is None:
-        raise CheckpointError(f"{tf.path}: the metadata lacks {key!r}")
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{tf.path}: metadata entry {key!r} is not JSON ({e})") from None
-
-
 def _file_tokenizer(tf: TensorFile) -> PreTrainedTokenizerFast:
     text = tf.metadata.get("tokenizer")
     if text is None:
         raise CheckpointError(
             f"{tf.path}: the metadata lacks 'tokenizer' (the text encoder's tokenizer.json)"
         )
-    specials = _meta_json(tf, "tokenizer_specials")
-    try:
-        return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(text), **specials)
-    except Exception as e:  # the tokenizers package's own error types
-        raise CheckpointError(f"{tf.path}: not a readable tokenizer ({type(e).__name__}: {e})") from None
+    return tokenizer_from_json(text, str(tf.path), metadata_json(tf, "tokenizer_specials"))
 
 
 def load_file(tf: TensorFile, *, dtype: torch.dtype | None = None) -> Any:
     spec = spec_of_file(tf)
     assert spec is not None
-    configs = _meta_json(tf, "base_config")
+    configs = metadata_json(tf, "base_config")
     if not isinstance(configs, dict) or any(not isinstance(configs.get(p), dict) for p in PARTS):
         raise CheckpointError(
             f"{tf.path}: metadata 'base_config' must hold a config for each of {', '.join(PARTS)}"

@@ -31,7 +31,7 @@ from torch import nn
 from ...choices import PromptSyntax
 from ...model.control import Control, region_tokens
 from ...model.fastpath import run_concurrently
-from ..dit import DiTBase, check_plain_prompts, pack, shared_fields, unpack
+from ..dit import DiTBase, encode_together, pack, shared_fields, unpack
 from ..protocol import PromptEmbeddings, controlnet_config
 from .controlnet import QWEN_FIELDS, QwenImageControlNet, QwenImageControlNetConfig
 
@@ -185,14 +185,8 @@ class QwenImageBase(DiTBase):
         size: tuple[int, int] | None = None,
         syntax: PromptSyntax | str = PromptSyntax.WEIGHTED,
     ) -> tuple[PromptEmbeddings, PromptEmbeddings | None]:
-        """Prompts and negatives in one batch, so both come out the same width (a guided batch
-        joins them; each keeps its own length)."""
-        check_plain_prompts([*prompts, *(negatives or [])], syntax, "Qwen-Image's text encoder")
-        both = self.encode_prompt([*prompts, *(negatives or [])])
-        n = len(prompts)
-        if negatives is None:
-            return both, None
-        return both.select(range(n)), both.select(range(n, 2 * n))
+        """Prompts and negatives in one batch (:func:`~controlnet.families.dit.encode_together`)."""
+        return encode_together(self, prompts, negatives, syntax, "Qwen-Image's text encoder")
 
     # ------------------------------------------------------------------ denoising
     def combine_guidance(self, uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:

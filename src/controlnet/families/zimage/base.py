@@ -27,7 +27,7 @@ from torch import nn
 
 from ...choices import PromptSyntax
 from ...model.control import Control
-from ..dit import DiTBase, check_plain_prompts, shared_fields
+from ..dit import DiTBase, encode_together, shared_fields
 from ..protocol import PromptEmbeddings, controlnet_config
 from .controlnet import ZIMAGE_FIELDS, ZImageControlNet, ZImageControlNetConfig
 from .sequence import finish, patch_tokens, prepare
@@ -115,14 +115,8 @@ class ZImageBase(DiTBase):
         size: tuple[int, int] | None = None,
         syntax: PromptSyntax | str = PromptSyntax.WEIGHTED,
     ) -> tuple[PromptEmbeddings, PromptEmbeddings | None]:
-        """Prompts and negatives in one batch, so both come out the same width (a guided batch
-        joins them; each keeps its own length)."""
-        check_plain_prompts([*prompts, *(negatives or [])], syntax, "Z-Image's text encoder")
-        both = self.encode_prompt([*prompts, *(negatives or [])])
-        n = len(prompts)
-        if negatives is None:
-            return both, None
-        return both.select(range(n)), both.select(range(n, 2 * n))
+        """Prompts and negatives in one batch (:func:`~controlnet.families.dit.encode_together`)."""
+        return encode_together(self, prompts, negatives, syntax, "Z-Image's text encoder")
 
     # ------------------------------------------------------------------ denoising
     def control_hint(self, controlnet: nn.Module, condition: torch.Tensor) -> torch.Tensor:
