@@ -28,6 +28,7 @@ from common import built_in, compare_generation, transformer_bench_args
 from controlnet.families.protocol import PromptEmbeddings
 from controlnet.families.zimage import ZImageControlNet, ZImageControlNetConfig
 from controlnet.families.zimage.base import ZIMAGE_SCHEDULE, ZImageBase
+from controlnet.families.zimage.fused import stock_blocks
 from controlnet.generation.denoiser import ControlUnit
 from controlnet.generation.sampling import denoise, initial_noise
 from controlnet.model.fastpath import release_graphs
@@ -142,7 +143,7 @@ def peer(base: ZImageBase, cn: ZImageControlNet, x: dict[str, Any], steps: int, 
     noise = initial_noise((1, base.latent_channels, h, w), [0], prompt.device, torch.float32)
 
     def run() -> torch.Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), stock_blocks(pipe.transformer):  # diffusers' own blocks
             return pipe(
                 prompt_embeds=[prompt],
                 negative_prompt_embeds=[x["negative"]] if guidance != 1.0 else None,

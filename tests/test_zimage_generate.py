@@ -19,6 +19,7 @@ from transformers import Qwen3Config, Qwen3Model
 
 from controlnet.families.zimage import ZImageControlNet, ZImageControlNetConfig
 from controlnet.families.zimage.base import PROMPT_TEMPLATE, ZIMAGE_SCHEDULE, ZImageBase
+from controlnet.families.zimage.fused import FusedZImageBlock, stock_blocks
 from controlnet.formats.dit_fresh import character_tokenizer
 from controlnet.generation.denoiser import ControlUnit
 from controlnet.generation.sampling import Sampling, initial_noise, render
@@ -125,7 +126,7 @@ def theirs(base, cn, cond, scale, seeds, steps=3, guidance=GUIDANCE):
     pipe.set_progress_bar_config(disable=True)
     h, w = base.latent_size(SIZE)
     noise = initial_noise((len(seeds), LATENT, h, w), seeds, torch.device("cpu"), torch.float32)
-    with torch.no_grad():
+    with torch.no_grad(), stock_blocks(base.transformer):  # diffusers' own blocks
         return pipe(
             prompt=[PROMPT] * len(seeds),
             negative_prompt=[NEGATIVE] * len(seeds),
@@ -189,3 +190,14 @@ def test_a_controlnet_of_another_family_or_transformer_is_refused(world):
     deep = ZImageControlNet(TRANSFORMER, ZImageControlNetConfig((0, 4), None, 4))
     with pytest.raises(ValueError, match="after layer 4, and BASE has 4 layers"):
         world.check_controlnet(deep, controlnet_name="CN", base_name="BASE")
+
+
+def test_the_base_and_controlnet_run_fused_blocks(world):
+    """The transformer's blocks and a ControlNet's run the fused forward (the tests above hold it
+    to diffusers' blocks); the pipeline above ran diffusers' own (stock_blocks)."""
+    t = world.transformer
+    assert all(type(b) is FusedZImageBlock for b in [*t.layers, *t.noise_refiner, *t.context_refiner])
+    cn = opened(world, ZImageControlNetConfig((0, 2), None, 4), seed=1)
+    assert all(isinstance(b, FusedZImageBlock) for b in [*cn.control_layers, *cn.control_noise_refiner])
+    with stock_blocks(t):
+        assert not any(isinstance(b, FusedZImageBlock) for b in t.layers)

@@ -34,10 +34,13 @@ __all__ = [
     "feed_forward",
     "fuse_blocks",
     "gated_add",
+    "gated_rms_add",
     "kernel_state",
     "linear_gelu",
     "modulate",
     "queries",
+    "rms_modulate",
+    "silu_gate",
     "stock_blocks",
     "values",
 ]
@@ -104,6 +107,30 @@ def gated_add(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Ten
 
 
 @_kernel
+def rms_modulate(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm (``weight``, ``eps``), then ``* (1 + scale)`` per sample (Z-Image's pre-norms)."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    return (y * (1 + scale.float()[:, None])).to(x.dtype)
+
+
+@_kernel
+def gated_rms_add(
+    x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """``x + tanh(gate) * RMSNorm(y)``, the gate per sample (Z-Image's post-norms and gates)."""
+    yf = y.float()
+    yn = yf * torch.rsqrt(yf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    return (x.float() + torch.tanh(gate.float())[:, None] * yn).to(x.dtype)
+
+
+@_kernel
+def silu_gate(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``silu(a) * b``: a gated feed-forward's hidden units."""
+    return (F.silu(a.float()) * b.float()).to(a.dtype)
+
+
+@_kernel
 def queries(
     parts: tuple[torch.Tensor, ...],
     weights: tuple[torch.Tensor, ...] | None,
@@ -112,8 +139,9 @@ def queries(
     sin: torch.Tensor | None,
 ) -> torch.Tensor:
     """Queries or keys of each stream, (B, L_i, H, D): each RMS-normalised with its weight (none:
-    not normalised), joined along the tokens, rotated by a rotary embedding (cos, sin: (L, D),
-    pairs interleaved; none: not rotated), laid out (B, H, L, D) for attention."""
+    not normalised), joined along the tokens, rotated by a rotary embedding (cos, sin: (L, D), or
+    (B, L, D) where each sample has its own positions; pairs interleaved; none: not rotated), laid
+    out (B, H, L, D) for attention."""
     out = []
     for i, x in enumerate(parts):
         xf = x.float()
@@ -124,7 +152,7 @@ def queries(
     if cos is not None and sin is not None:
         pairs = x.unflatten(-1, (-1, 2))
         rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
-        x = x * cos[:, None].float() + rotated * sin[:, None].float()
+        x = x * cos.unsqueeze(-2).float() + rotated * sin.unsqueeze(-2).float()
     return x.to(parts[0].dtype).transpose(1, 2).contiguous()
 
 

@@ -27,10 +27,11 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
-from diffusers.models.transformers.transformer_z_image import ZImageTransformer2DModel, ZImageTransformerBlock
+from diffusers.models.transformers.transformer_z_image import ZImageTransformer2DModel
 from torch import nn
 
 from ...model.zero import zero_linear
+from .fused import FusedZImageBlock
 from .sequence import Sequences, unify
 
 __all__ = ["REFINERS", "ZIMAGE_FIELDS", "ZImageControlBlock", "ZImageControlNet", "ZImageControlNetConfig"]
@@ -84,7 +85,7 @@ class ZImageControlNetConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-class ZImageControlBlock(ZImageTransformerBlock):
+class ZImageControlBlock(FusedZImageBlock):
     """A copy of a Z-Image transformer block that reads the condition's tokens ``c``: the first
     of a chain adds the image sequence ``x`` through ``before_proj``; each returns its residual
     for the base through ``after_proj`` beside the tokens it passes on (both projections start
@@ -134,8 +135,8 @@ class ZImageControlNet(nn.Module):
             embedder = nn.Linear(patch[1] * patch[0] ** 2 * config.control_in_dim, dim)
             self.control_all_x_embedder = nn.ModuleDict({f"{patch[0]}-{patch[1]}": embedder})
             n = t["n_refiner_layers"]
-            if config.refiner is None:
-                block = ZImageTransformerBlock
+            if config.refiner is None:  # plain blocks (fused: the same arithmetic in fewer kernels)
+                block = FusedZImageBlock
                 self.control_noise_refiner = nn.ModuleList(
                     [
                         block(0, dim, t["n_heads"], t["n_kv_heads"], t["norm_eps"], t["qk_norm"])
