@@ -2,7 +2,8 @@
 pipeline writes it) and our single file, loaded offline key by key and round-tripping bitwise, the
 tokenizer's chat template kept; diffusers and transformers read the folder we write; `controlnet
 generate` runs a Z-Image base with a Z-Image ControlNet through the family registry with the
-family's defaults, and its sidecar replays."""
+family's defaults, and its sidecar replays; a ControlNet of another family, or a control type
+for one that reads none, is refused in one line."""
 
 from __future__ import annotations
 
@@ -94,3 +95,6 @@ def test_generate_with_the_family_defaults_and_replay(base, tmp_path, capsys):
     other = [*argv[:3], "--controlnet", str(bundled_path(BUNDLED_CONTROLNET)), *argv[5:], "--out", str(out)]
     assert main(other) == 2
     assert "is not a Z-Image ControlNet" in capsys.readouterr().err
+    # a control type for a ControlNet of one kind (Z-Image's Union ControlNets read no mode)
+    assert main([*argv, "--control-type", "canny", "--out", str(out)]) == 2
+    assert "not a Union ControlNet" in capsys.readouterr().err
