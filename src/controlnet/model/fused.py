@@ -6,7 +6,8 @@ and copies: the adaptive layer norms' modulation, the gates and residual additio
 of queries and keys (computed in float32 and cast back), the rotary embedding (seven kernels and
 two float32 copies per tensor), the joining of the text and image streams and the attention
 layout. Here each group is one function - :func:`modulate`, :func:`gated_add`, :func:`queries`,
-:func:`values` - compiled alone on first use (``torch.compile`` of that function, for any shape:
+:func:`values`, and for Z-Image's RMS-normed blocks :func:`rms_modulate`, :func:`gated_rms_add`,
+:func:`silu_gate` - compiled alone on first use (``torch.compile`` of that function, for any shape:
 seconds, once) and computing in float32 until its single rounding. Where a whole block is compiled
 (``--fast``) they run as plain code, which inductor fuses across. The feed-forward's tanh-GELU
 (:func:`linear_gelu`, :func:`feed_forward`) runs in its product's epilogue (cuBLASLt) on a GPU.
