@@ -251,7 +251,9 @@ def draw(graph: dict[str, set[str]], path: Path = PICTURE) -> Path:
         small = ImageFont.load_default(size=12)
     except TypeError:  # an older Pillow: its one bitmap font
         font = small = ImageFont.load_default()
-    box_w, box_h, gap_x, gap_y, left = 200, 46, 28, 56, 230
+    names = [f"controlnet.{p}" if p else "controlnet" for _, ps in LAYERS for p in ps]
+    longest = max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(n, font=font)) for n in names)
+    box_w, box_h, gap_x, gap_y, left = max(200, longest + 16), 46, 28, 56, 230
     widest = max(len(ps) for _, ps in LAYERS)
     width = left + widest * (box_w + gap_x) + gap_x
     height = len(LAYERS) * (box_h + gap_y) + gap_y
