@@ -31,6 +31,7 @@ from controlnet.families.dit import pack, unpack
 from controlnet.families.protocol import PromptEmbeddings
 from controlnet.families.qwenimage import QwenImageControlNet, QwenImageControlNetConfig
 from controlnet.families.qwenimage.base import QWEN_SCHEDULE, QwenImageBase
+from controlnet.families.qwenimage.fused import stock_blocks
 from controlnet.generation.denoiser import ControlUnit
 from controlnet.generation.sampling import denoise, initial_noise
 from controlnet.model.fastpath import release_graphs
@@ -162,7 +163,7 @@ def peer(base: QwenImageBase, cn: QwenImageControlNet, x: dict[str, Any], steps:
         return torch.ones(t.shape[:2], device=t.device, dtype=torch.long)
 
     def run() -> torch.Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), stock_blocks(pipe.transformer):  # diffusers' own blocks
             out = pipe(
                 prompt_embeds=prompt,
                 prompt_embeds_mask=ones(prompt),

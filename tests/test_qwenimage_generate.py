@@ -23,6 +23,7 @@ from controlnet.families.dit import pack
 from controlnet.families.protocol import PromptEmbeddings
 from controlnet.families.qwenimage import QwenImageControlNet, QwenImageControlNetConfig
 from controlnet.families.qwenimage.base import QWEN_SCHEDULE, QwenImageBase
+from controlnet.families.qwenimage.fused import FusedQwenImageBlock, stock_blocks
 from controlnet.formats.dit_fresh import character_tokenizer
 from controlnet.generation.denoiser import ControlUnit
 from controlnet.generation.sampling import Sampling, initial_noise, render
@@ -127,7 +128,7 @@ def theirs(base, cns, conds, scales, seeds, steps=3, starts=None, ends=None, pro
     noise = pack(initial_noise((len(seeds), LATENT, h, w), seeds, torch.device("cpu"), torch.float32))
     conds = [c * 2 - 1 for c in conds]  # a tensor reaches the VAE as it is: give it [-1, 1]
     kw = {} if starts is None else {"control_guidance_start": starts, "control_guidance_end": ends}
-    with torch.no_grad():
+    with torch.no_grad(), stock_blocks(base.transformer):  # diffusers' own blocks
         return pipe(
             prompt=prompts or [PROMPT] * len(seeds),
             negative_prompt=negatives or [""] * len(seeds),
@@ -198,7 +199,7 @@ def test_the_inpainting_controlnet_equals_the_inpaint_pipeline(world):
     pipe.set_progress_bar_config(disable=True)
     h, w = world.latent_size(SIZE)
     noise = pack(initial_noise((1, LATENT, h, w), [4], torch.device("cpu"), torch.float32))
-    with torch.no_grad():
+    with torch.no_grad(), stock_blocks(world.transformer):  # diffusers' own blocks
         want = pipe(
             prompt=[PROMPT],
             negative_prompt=[""],
@@ -267,3 +268,13 @@ def test_a_single_step_is_finite():
     (diffusers' scheduler divides 0 by 0 and returns NaN): one step runs from noise to the end."""
     base = qwen_base()
     assert torch.isfinite(ours(base, [], [3], steps=1)).all()
+
+
+def test_the_base_and_controlnet_run_fused_blocks(world):
+    """The transformer's blocks and a ControlNet's run the fused forward (the tests above hold it
+    to diffusers' blocks, which the pipeline ran under stock_blocks)."""
+    assert all(type(b) is FusedQwenImageBlock for b in world.transformer.transformer_blocks)
+    cn = controlnet(world, 2, seed=1)
+    assert all(type(b) is FusedQwenImageBlock for b in cn.transformer_blocks)
+    with stock_blocks(world.transformer):
+        assert not any(isinstance(b, FusedQwenImageBlock) for b in world.transformer.transformer_blocks)

@@ -38,6 +38,7 @@ from torch import nn
 
 from ...model.zero import ControlledCopy, zero_linear
 from ..dit import copy_twins, shared_fields
+from .fused import fuse_blocks
 
 __all__ = ["QWEN_FIELDS", "QwenImageControlNet", "QwenImageControlNetConfig"]
 
@@ -124,6 +125,7 @@ class QwenImageControlNet(ControlledCopy):
             self.controlnet_x_embedder = zero_linear(
                 t["in_channels"] + config.extra_condition_channels, inner
             )
+        fuse_blocks(self.transformer_blocks)  # the same arithmetic in fewer kernels (fused.py)
 
     @property
     def num_residuals(self) -> int:

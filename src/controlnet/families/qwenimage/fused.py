@@ -1,0 +1,124 @@
+"""Qwen-Image's transformer block with its elementwise work fused (:mod:`controlnet.model.fused`):
+the arithmetic of diffusers' ``QwenImageTransformerBlock`` - a double-stream block like Flux's:
+each stream's LayerNorm with its modulation, the q/k RMS norms and the rotary embedding (diffusers
+turns each to complex numbers in float32), the joint attention (text first), the gates and
+residual additions, the tanh-GELU feed-forwards - modules and keys unchanged, in fewer kernels.
+Blocks given a text mask, per-token modulation (``zero_cond_t``) or another attention processor
+keep diffusers' forward."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.transformers.transformer_qwenimage import (
+    QwenDoubleStreamAttnProcessor2_0,
+    QwenImageTransformerBlock,
+)
+from torch import nn
+
+from ...model import fused
+
+__all__ = ["FusedQwenImageBlock", "fuse_blocks", "stock_blocks"]
+
+
+def _table(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) of complex rotary frequencies (L, D/2), each (L, D) with pairs interleaved."""
+    return freqs.real.repeat_interleave(2, dim=-1), freqs.imag.repeat_interleave(2, dim=-1)
+
+
+def _attention(
+    attn: nn.Module, image: torch.Tensor, text: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """Joint attention over [text, image] (each its own projections, norms and rotary table),
+    output (B, L, H * D) over all tokens, text first."""
+    d = attn.inner_dim // attn.heads
+
+    def heads(x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (-1, d))
+
+    q = (heads(attn.add_q_proj(text)), heads(attn.to_q(image)))
+    k = (heads(attn.add_k_proj(text)), heads(attn.to_k(image)))
+    v = (heads(attn.add_v_proj(text)), heads(attn.to_v(image)))
+    img_freqs, txt_freqs = rotary
+    (tc, ts), (ic, is_) = _table(txt_freqs), _table(img_freqs)
+    cos, sin = torch.cat([tc, ic]), torch.cat([ts, is_])
+    qw = (attn.norm_added_q.weight, attn.norm_q.weight)
+    kw = (attn.norm_added_k.weight, attn.norm_k.weight)
+    out = F.scaled_dot_product_attention(
+        fused.queries(q, qw, attn.norm_q.eps, cos, sin),
+        fused.queries(k, kw, attn.norm_k.eps, cos, sin),
+        fused.values(v),
+    )
+    return out.transpose(1, 2).flatten(2)
+
+
+class FusedQwenImageBlock(QwenImageTransformerBlock):
+    """Qwen-Image's double-stream block (text and image streams, joint attention), fused."""
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states_mask: torch.Tensor | None,
+        temb: torch.Tensor,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        modulate_index: list[int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if (
+            encoder_hidden_states_mask is not None
+            or image_rotary_emb is None
+            or joint_attention_kwargs
+            or modulate_index is not None
+            or self.zero_cond_t
+        ):
+            return super().forward(
+                hidden_states,
+                encoder_hidden_states,
+                encoder_hidden_states_mask,
+                temb,
+                image_rotary_emb,
+                joint_attention_kwargs,
+                modulate_index,
+            )
+        x, c = hidden_states, encoder_hidden_states
+        shift, scale, gate, shift2, scale2, gate2 = self.img_mod(temb).chunk(6, dim=-1)
+        cshift, cscale, cgate, cshift2, cscale2, cgate2 = self.txt_mod(temb).chunk(6, dim=-1)
+        image = fused.modulate(x, shift, scale, self.img_norm1.eps)
+        text = fused.modulate(c, cshift, cscale, self.txt_norm1.eps)
+        out = _attention(self.attn, image, text, image_rotary_emb)
+        n = c.shape[1]
+        x = fused.gated_add(x, gate, self.attn.to_out[0](out[:, n:]))
+        c = fused.gated_add(c, cgate, self.attn.to_add_out(out[:, :n]))
+        x = fused.gated_add(
+            x, gate2, fused.feed_forward(self.img_mlp, fused.modulate(x, shift2, scale2, self.img_norm2.eps))
+        )
+        c = fused.gated_add(
+            c,
+            cgate2,
+            fused.feed_forward(self.txt_mlp, fused.modulate(c, cshift2, cscale2, self.txt_norm2.eps)),
+        )
+        if c.dtype == torch.float16:
+            c = c.clip(-65504, 65504)
+            x = x.clip(-65504, 65504)
+        return c, x
+
+
+def _fusable(block: Any) -> bool:
+    """A stock block: diffusers' attention processor, q/k RMS norms with weights for both streams."""
+    attn = block.attn
+    norms = [getattr(attn, n, None) for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k")]
+    return (
+        type(attn.processor) is QwenDoubleStreamAttnProcessor2_0
+        and all(n is not None and getattr(n, "weight", None) is not None for n in norms)
+        and len({n.eps for n in norms}) == 1  # type: ignore[union-attr]
+    )
+
+
+FUSION = fused.BlockFusion({QwenImageTransformerBlock: FusedQwenImageBlock}, _fusable)
+#: give each stock Qwen-Image block of a network the fused forward (in place); how many
+fuse_blocks = FUSION.fuse
+#: within: a network's fused Qwen-Image blocks run diffusers' own forward
+stock_blocks = FUSION.stock
