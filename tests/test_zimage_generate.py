@@ -201,3 +201,13 @@ def test_the_base_and_controlnet_run_fused_blocks(world):
     assert all(isinstance(b, FusedZImageBlock) for b in [*cn.control_layers, *cn.control_noise_refiner])
     with stock_blocks(t):
         assert not any(isinstance(b, FusedZImageBlock) for b in t.layers)
+
+
+def test_a_control_for_the_conditional_half_only(world):
+    """ "ControlNet is more important" runs a control for the conditional rows only: here with a
+    condition per sample, the unconditional rows read no residual, and the result moves."""
+    cn = opened(world, ZImageControlNetConfig((0, 2), None, 4), seed=1)
+    conds = torch.cat([condition(5), condition(6)])
+    both = ours(world, [ControlUnit(cn, conds, 0.8)], [7, 8], steps=2)
+    cond_only = ours(world, [ControlUnit(cn, conds, 0.8, mode="controlnet")], [7, 8], steps=2)
+    assert torch.isfinite(cond_only).all() and not torch.allclose(both, cond_only)

@@ -162,15 +162,17 @@ class ZImageBase(DiTBase):
         for c in controls:
             if c.region is not None:
                 raise ValueError("control regions: not supported for Z-Image yet; give the control no region")
-            hint = c.hint.expand(b, *c.hint.shape[1:]) if c.hint.shape[0] == 1 else c.hint
+            hint = c.hint
+            if hint.shape[0] == b - b // 2 and cfg_batch and b > 1:  # one half's: both halves read it
+                hint = torch.cat([hint, hint])
+            hint = hint.expand(b, *hint.shape[1:]) if hint.shape[0] == 1 else hint
             # the refiner stage comes before every main layer: it takes the first residual's scale
             tokens = patch_tokens(self.transformer, list(hint.unsqueeze(2).unbind(0)))
             out = c.controlnet(s, tokens, c.scales[0])
-            keep = None
-            if c.conditional_only and cfg_batch:
-                keep = torch.cat([torch.zeros(b // 2), torch.ones(b - b // 2)]).to(x)[:, None, None]
             for (place, r), scale in zip(out.items(), c.scales):
-                r = r * scale if keep is None else r * scale * keep
+                r = r * scale
+                if c.conditional_only and cfg_batch:  # the unconditional rows get none
+                    r = torch.cat([torch.zeros_like(r[: b // 2]), r[b // 2 :]])
                 residuals[place] = residuals[place] + r if place in residuals else r
         out = finish(s, sizes, residuals or None)
         return -torch.stack(out).squeeze(2)
