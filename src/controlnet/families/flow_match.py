@@ -37,7 +37,7 @@ class FlowMatchSampler:
 
     def __init__(self, tokens: int, schedule: dict[str, Any], *, linear_sigmas: bool = False) -> None:
         self.schedule, self.linear_sigmas = schedule, linear_sigmas
-        self.inner = FlowMatchEulerDiscreteScheduler(**schedule)
+        self.inner = self._full = FlowMatchEulerDiscreteScheduler(**schedule)
         self.mu = image_shift(tokens, schedule) if schedule.get("use_dynamic_shifting") else None
 
     @classmethod
@@ -63,6 +63,7 @@ class FlowMatchSampler:
         return cls(tokens, schedule, linear_sigmas=linear_sigmas)
 
     def set_timesteps(self, steps: int, device: torch.device | str | None = None) -> None:
+        self.inner = self._full
         if steps == 1 and self.schedule.get("shift_terminal"):
             # stretching one level (1.0) to end at shift_terminal divides 0 by 0: diffusers' scheduler
             # would give NaN; a single step goes from pure noise to the end, stretched or not

@@ -43,6 +43,7 @@ __all__ = [
     "rms_modulate",
     "silu_gate",
     "stock_blocks",
+    "stream_attention",
     "values",
 ]
 
@@ -107,12 +108,15 @@ def gated_add(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Ten
     return (x.float() + gate.float()[:, None] * y.float()).to(x.dtype)
 
 
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of ``x`` (float32) with ``weight``: a piece of the groups below, not a kernel alone."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+
+
 @_kernel
 def rms_modulate(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm (``weight``, ``eps``), then ``* (1 + scale)`` per sample (Z-Image's pre-norms)."""
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
-    return (y * (1 + scale.float()[:, None])).to(x.dtype)
+    return (_rms(x.float(), weight, eps) * (1 + scale.float()[:, None])).to(x.dtype)
 
 
 @_kernel
@@ -120,9 +124,7 @@ def gated_rms_add(
     x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> torch.Tensor:
     """``x + tanh(gate) * RMSNorm(y)``, the gate per sample (Z-Image's post-norms and gates)."""
-    yf = y.float()
-    yn = yf * torch.rsqrt(yf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
-    return (x.float() + torch.tanh(gate.float())[:, None] * yn).to(x.dtype)
+    return (x.float() + torch.tanh(gate.float())[:, None] * _rms(y.float(), weight, eps)).to(x.dtype)
 
 
 @_kernel
@@ -145,10 +147,7 @@ def queries(
     out (B, H, L, D) for attention."""
     out = []
     for i, x in enumerate(parts):
-        xf = x.float()
-        if weights is not None:
-            xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weights[i].float()
-        out.append(xf)
+        out.append(x.float() if weights is None else _rms(x.float(), weights[i], eps))
     x = torch.cat(out, dim=1) if len(out) > 1 else out[0]
     if cos is not None and sin is not None:
         pairs = x.unflatten(-1, (-1, 2))
@@ -162,6 +161,34 @@ def values(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Values of each stream, (B, L_i, H, D), joined along the tokens and laid out (B, H, L, D)."""
     x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
     return x.transpose(1, 2).contiguous()
+
+
+def stream_attention(
+    attn: nn.Module, streams: list[torch.Tensor], head_dim: int, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """Joint attention over [text, image] (each with its own projections and q/k RMS norms: the
+    ``add_*`` / ``norm_added_*`` ones for the text) or over one joined stream, rotated by the
+    rotary table (cos, sin: (L, D) over all tokens, pairs interleaved); output (B, L, H * D) over
+    all tokens, text first (Flux's and Qwen-Image's double-stream blocks, Flux's single ones)."""
+
+    def heads(x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (-1, head_dim))
+
+    if len(streams) == 2:
+        text, image = streams
+        q = (heads(attn.add_q_proj(text)), heads(attn.to_q(image)))
+        k = (heads(attn.add_k_proj(text)), heads(attn.to_k(image)))
+        v = (heads(attn.add_v_proj(text)), heads(attn.to_v(image)))
+        qw = (attn.norm_added_q.weight, attn.norm_q.weight)
+        kw = (attn.norm_added_k.weight, attn.norm_k.weight)
+    else:
+        (x,) = streams
+        q, k, v = (heads(attn.to_q(x)),), (heads(attn.to_k(x)),), (heads(attn.to_v(x)),)
+        qw, kw = (attn.norm_q.weight,), (attn.norm_k.weight,)
+    out = F.scaled_dot_product_attention(
+        queries(q, qw, attn.norm_q.eps, cos, sin), queries(k, kw, attn.norm_k.eps, cos, sin), values(v)
+    )
+    return out.transpose(1, 2).flatten(2)
 
 
 def linear_gelu(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -22,36 +22,11 @@ from ...model import fused
 __all__ = ["FusedFluxSingleTransformerBlock", "FusedFluxTransformerBlock", "fuse_blocks", "stock_blocks"]
 
 
-def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
-    return x.unflatten(-1, (-1, head_dim))
-
-
 def _attention(
     attn: nn.Module, streams: list[torch.Tensor], rotary: tuple[torch.Tensor, torch.Tensor]
 ) -> torch.Tensor:
-    """Joint attention over [text, image] (each its own projections and norms) or one joined
-    stream, output (B, L, H * D) over all tokens, text first."""
-    d = attn.head_dim
-    if len(streams) == 2:
-        text, image = streams
-        q = (_heads(attn.add_q_proj(text), d), _heads(attn.to_q(image), d))
-        k = (_heads(attn.add_k_proj(text), d), _heads(attn.to_k(image), d))
-        v = (_heads(attn.add_v_proj(text), d), _heads(attn.to_v(image), d))
-        qw, kw = (
-            (attn.norm_added_q.weight, attn.norm_q.weight),
-            (attn.norm_added_k.weight, attn.norm_k.weight),
-        )
-    else:
-        (x,) = streams
-        q, k, v = (_heads(attn.to_q(x), d),), (_heads(attn.to_k(x), d),), (_heads(attn.to_v(x), d),)
-        qw, kw = (attn.norm_q.weight,), (attn.norm_k.weight,)
-    cos, sin = rotary
-    out = F.scaled_dot_product_attention(
-        fused.queries(q, qw, attn.norm_q.eps, cos, sin),
-        fused.queries(k, kw, attn.norm_k.eps, cos, sin),
-        fused.values(v),
-    )
-    return out.transpose(1, 2).flatten(2)
+    """Joint attention over [text, image] or one joined stream (:func:`fused.stream_attention`)."""
+    return fused.stream_attention(attn, streams, attn.head_dim, *rotary)
 
 
 class FusedFluxTransformerBlock(FluxTransformerBlock):

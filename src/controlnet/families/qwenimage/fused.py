@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.transformers.transformer_qwenimage import (
     QwenDoubleStreamAttnProcessor2_0,
     QwenImageTransformerBlock,
@@ -31,27 +30,11 @@ def _table(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _attention(
     attn: nn.Module, image: torch.Tensor, text: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]
 ) -> torch.Tensor:
-    """Joint attention over [text, image] (each its own projections, norms and rotary table),
-    output (B, L, H * D) over all tokens, text first."""
-    d = attn.inner_dim // attn.heads
-
-    def heads(x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(-1, (-1, d))
-
-    q = (heads(attn.add_q_proj(text)), heads(attn.to_q(image)))
-    k = (heads(attn.add_k_proj(text)), heads(attn.to_k(image)))
-    v = (heads(attn.add_v_proj(text)), heads(attn.to_v(image)))
+    """Joint attention over [text, image] with each stream's rotary table (diffusers' complex
+    frequencies, image's then text's), output (B, L, H * D) over all tokens, text first."""
     img_freqs, txt_freqs = rotary
-    (tc, ts), (ic, is_) = _table(txt_freqs), _table(img_freqs)
-    cos, sin = torch.cat([tc, ic]), torch.cat([ts, is_])
-    qw = (attn.norm_added_q.weight, attn.norm_q.weight)
-    kw = (attn.norm_added_k.weight, attn.norm_k.weight)
-    out = F.scaled_dot_product_attention(
-        fused.queries(q, qw, attn.norm_q.eps, cos, sin),
-        fused.queries(k, kw, attn.norm_k.eps, cos, sin),
-        fused.values(v),
-    )
-    return out.transpose(1, 2).flatten(2)
+    cos, sin = (torch.cat(parts) for parts in zip(_table(txt_freqs), _table(img_freqs)))
+    return fused.stream_attention(attn, [text, image], attn.inner_dim // attn.heads, cos, sin)
 
 
 class FusedQwenImageBlock(QwenImageTransformerBlock):
