@@ -74,6 +74,7 @@ __all__ = [
     "spec_of_file",
     "t5_tokenizer",
     "tokenizer_from_json",
+    "write_index",
 ]
 
 TIED = ("encoder.embed_tokens.weight", "shared.weight")  # T5's input embedding and what it ties to
@@ -335,6 +336,16 @@ def _state(spec: Spec, part: str, module: torch.nn.Module) -> dict[str, torch.Te
     return state
 
 
+def write_index(folder: Path, index: dict[str, Any], schedule: dict[str, Any]) -> None:
+    """A transformer family's pipeline folder's flow-matching ``scheduler/`` and its
+    ``model_index.json`` (``index``: the parts written so far)."""
+    (folder / "scheduler").mkdir()
+    sched = {"_class_name": "FlowMatchEulerDiscreteScheduler", **schedule}
+    (folder / "scheduler" / "scheduler_config.json").write_text(dump_json(sched))
+    index["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    (folder / "model_index.json").write_text(dump_json(index))
+
+
 def save(base: Any, path: Path, fmt: str, *, overwrite: bool = False) -> list[Path]:
     """Our single file ('controlnet') or a diffusers pipeline folder ('diffusers')."""
     spec = _BY_CLASS[type(base)]
@@ -387,9 +398,5 @@ def save(base: Any, path: Path, fmt: str, *, overwrite: bool = False) -> list[Pa
             (tmp / sub / "tokenizer.json").write_text(tokenizer)
             (tmp / sub / "special_tokens_map.json").write_text(dump_json(TOKENIZER_SPECIALS))
             index[sub] = ["transformers", "T5TokenizerFast"]
-        (tmp / "scheduler").mkdir()
-        sched = {"_class_name": "FlowMatchEulerDiscreteScheduler", **base.schedule}
-        (tmp / "scheduler" / "scheduler_config.json").write_text(dump_json(sched))
-        index["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
-        (tmp / "model_index.json").write_text(dump_json(index))
+        write_index(tmp, index, base.schedule)
     return [path]

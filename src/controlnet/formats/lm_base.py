@@ -52,7 +52,7 @@ from .checkpoint import (
     read_json,
     save_safetensors,
 )
-from .dit_base import tokenizer_from_json
+from .dit_base import tokenizer_from_json, write_index
 from .keymap import Rule, identity_rules, load_into, weights_on_meta
 
 __all__ = ["SPECS", "LMSpec", "load_file", "load_folder", "save", "spec_of_file", "spec_of_folder"]
@@ -316,9 +316,5 @@ def save(base: Any, path: Path, fmt: str, *, overwrite: bool = False) -> list[Pa
         (tmp / "tokenizer").mkdir()
         base.tokenizer.save_pretrained(str(tmp / "tokenizer"))
         index["tokenizer"] = ["transformers", "Qwen2Tokenizer"]
-        (tmp / "scheduler").mkdir()
-        sched = {"_class_name": "FlowMatchEulerDiscreteScheduler", **base.schedule}
-        (tmp / "scheduler" / "scheduler_config.json").write_text(dump_json(sched))
-        index["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
-        (tmp / "model_index.json").write_text(dump_json(index))
+        write_index(tmp, index, base.schedule)
     return [path]
