@@ -2,7 +2,8 @@
 diffusers' ZImageControlNetPipeline on the same tiny weights, noise and conditions - a prompt and
 a negative of different lengths, each row reading its own caption at its own length, guidance on
 the usual scale (the pipeline's g is our g + 1), one ControlNet and one under two conditions with
-their own strengths; the tokenizer's chat template, or Qwen3's where it has none."""
+their own strengths; the tokenizer's chat template, or Qwen3's where it has none; the Union 2.x
+ControlNets' inpainting equal to ZImageControlNetInpaintPipeline."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ import torch
 from diffusers import (
     AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
+    ZImageControlNetInpaintPipeline,
     ZImageControlNetModel,
     ZImageControlNetPipeline,
     ZImageTransformer2DModel,
 )
 from transformers import Qwen3Config, Qwen3Model
 
+from controlnet.families.protocol import Inpaint
 from controlnet.families.zimage import ZImageControlNet, ZImageControlNetConfig
 from controlnet.families.zimage.base import PROMPT_TEMPLATE, ZIMAGE_SCHEDULE, ZImageBase
 from controlnet.families.zimage.fused import FusedZImageBlock, stock_blocks
@@ -114,8 +117,10 @@ def ours(base, units, seeds, steps=3, guidance=GUIDANCE):
     return render(base, units, [PROMPT] * n, [NEGATIVE] * n, seeds, SIZE, sampling, progress=False).latents
 
 
-def theirs(base, cn, cond, scale, seeds, steps=3, guidance=GUIDANCE):
-    pipe = ZImageControlNetPipeline(
+def theirs(
+    base, cn, cond, scale, seeds, steps=3, guidance=GUIDANCE, pipeline=ZImageControlNetPipeline, **more
+):
+    pipe = pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**ZIMAGE_SCHEDULE),
         vae=base.vae,
         text_encoder=base.text_encoder,
@@ -138,6 +143,7 @@ def theirs(base, cn, cond, scale, seeds, steps=3, guidance=GUIDANCE):
             guidance_scale=guidance - 1,  # the pipeline's scale counts from 0
             latents=noise,
             output_type="latent",
+            **more,
         ).images
 
 
@@ -211,3 +217,82 @@ def test_a_control_for_the_conditional_half_only(world):
     both = ours(world, [ControlUnit(cn, conds, 0.8)], [7, 8], steps=2)
     cond_only = ours(world, [ControlUnit(cn, conds, 0.8, mode="controlnet")], [7, 8], steps=2)
     assert torch.isfinite(cond_only).all() and not torch.allclose(both, cond_only)
+
+
+def hole(size=SIZE) -> torch.Tensor:
+    mask = torch.zeros(1, 1, *size)
+    mask[..., 8:40, 16:44] = 1.0
+    return mask
+
+
+def test_the_inpainting_controlnet_equals_the_inpaint_pipeline(world):
+    """A Union 2.x ControlNet (2 x latent + 1 channels) in an edit reads the control's latents,
+    1 - the mask and the latents of the image with the masked pixels grey: equal to
+    ZImageControlNetInpaintPipeline given the control image, the image and the mask."""
+    cn = opened(world, ZImageControlNetConfig((0, 2), None, 2 * LATENT + 1), seed=4)
+    photo, mask = condition(9), hole()
+    unit = ControlUnit(cn, condition(5), 0.8, inpaint=Inpaint(photo, mask))
+    want = theirs(
+        world,
+        cn,
+        condition(5),
+        0.8,
+        [7, 8],
+        pipeline=ZImageControlNetInpaintPipeline,
+        image=photo * 2 - 1,
+        mask_image=torch.cat([mask, mask]),  # the pipeline takes a mask per sample
+    )
+    close(ours(world, [unit], [7, 8]), want)
+    # not an edit: the inpainting channels stay empty, as ZImageControlNetPipeline leaves them
+    close(ours(world, [ControlUnit(cn, condition(5), 0.8)], [7]), theirs(world, cn, condition(5), 0.8, [7]))
+
+
+def test_an_inpainting_map_as_the_condition(world):
+    """The inpaint annotator's map (masked pixels -1) as the condition: the ControlNet reads the
+    same inpainting channels as from the request's image and mask, and no control channels; a
+    ControlNet without inpainting channels refuses it in one line."""
+    cn = opened(world, ZImageControlNetConfig((0, 2), None, 2 * LATENT + 1), seed=4)
+    photo, mask = condition(9), hole()
+    from_map = world.control_hint(cn, torch.where(mask > 0, -1.0, photo))
+    from_request = world.control_hint(cn, condition(5), inpaint=Inpaint(photo, mask))
+    assert from_map.shape == (1, 2 * LATENT + 1, *world.latent_size(SIZE))
+    assert not from_map[:, :LATENT].any() and from_request[:, :LATENT].abs().sum() > 0
+    torch.testing.assert_close(from_map[:, LATENT:], from_request[:, LATENT:])
+    keep, f = from_map[0, LATENT], SIZE[0] // world.latent_size(SIZE)[0]  # 1 - the mask, latent-sized
+    assert (
+        keep[8 // f : 40 // f, 16 // f : 44 // f].eq(0).all() and keep.sum() == keep.numel() - 32 * 28 / f**2
+    )
+    plain = opened(world, ZImageControlNetConfig((0, 2), None, LATENT), seed=4)
+    with pytest.raises(ValueError, match=r"inpainting map as the condition .* reads 4 condition channels"):
+        world.control_hint(plain, torch.where(mask > 0, -1.0, photo))
+
+
+def test_an_edit_request_gives_the_controlnet_its_image_and_mask(world, tmp_path, monkeypatch):
+    """`generate` with an image to edit and a mask hands both, at the output size, to the hint."""
+    import numpy as np
+    from PIL import Image
+
+    from controlnet.generation.check import check
+    from controlnet.generation.generate import generate
+    from controlnet.generation.request import ControlRequest, GenerationRequest
+
+    rng = np.random.default_rng(0)
+    photo = (rng.random((64, 64, 3)) * 255).astype(np.uint8)  # the smallest size a request takes
+    mask = (hole((64, 64))[0, 0].numpy() * 255).astype(np.uint8)
+    for name, a in (("photo", photo), ("pose", photo[::-1].copy()), ("mask", mask)):
+        Image.fromarray(a).save(tmp_path / f"{name}.png")
+    cn = opened(world, ZImageControlNetConfig((0, 2), None, 2 * LATENT + 1), seed=4)
+    seen = []
+    real = world.control_hint
+    monkeypatch.setattr(world, "control_hint", lambda *a, **k: seen.append(k["inpaint"]) or real(*a, **k))
+    pose = ControlRequest(str(tmp_path / "pose.png"))
+    common = dict(prompt=PROMPT, controls=[pose], steps=2, seed=3, sampler="euler")
+    size = dict(width=64, height=64)
+    generate(check(GenerationRequest(**common, **size)), world, [cn], progress=False)
+    edit = GenerationRequest(
+        **common, **size, init_image=str(tmp_path / "photo.png"), mask=str(tmp_path / "mask.png")
+    )
+    generate(check(edit), world, [cn], progress=False)
+    assert seen[0] is None
+    torch.testing.assert_close(seen[1].image[0], torch.from_numpy(photo).permute(2, 0, 1).float() / 255)
+    assert torch.equal(seen[1].mask[0, 0] > 0.5, hole((64, 64))[0, 0] > 0.5)

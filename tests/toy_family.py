@@ -215,7 +215,7 @@ class ToyBase:
 
     guidance_input = False
 
-    def control_hint(self, controlnet, condition):
+    def control_hint(self, controlnet, condition, *, inpaint=None):  # its ControlNets read no edit
         return controlnet.encode_hint(condition)
 
     def scheduler(self, sampler, spacing, *, latent_size=None):

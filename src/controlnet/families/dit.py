@@ -19,6 +19,7 @@ from torch import nn
 from ..choices import Sampler, TimestepSpacing
 from ..model.residence import Residence, move, pin
 from .flow_match import FlowMatchSampler, FlowMatchTraining
+from .protocol import Inpaint
 
 __all__ = [
     "ControlledDiT",
@@ -237,7 +238,9 @@ class DiTBase(Residence):
             sampler, spacing, (h // 2) * (w // 2), self.schedule, linear_sigmas=self.linear_sigmas
         )
 
-    def control_hint(self, controlnet: nn.Module, condition: torch.Tensor) -> torch.Tensor:
+    def control_hint(
+        self, controlnet: nn.Module, condition: torch.Tensor, *, inpaint: Inpaint | None = None
+    ) -> torch.Tensor:
         """A condition image in [0, 1] as the ControlNet reads it: its latents, like the image's;
         for an inpainting ControlNet (``mask_channels``), the latents of the image with its masked
         pixels (marked -1, the inpaint map's convention) black, and beside them 1 - the mask at

@@ -26,7 +26,17 @@ if TYPE_CHECKING:
     from ..choices import PromptSyntax, Sampler, TimestepSpacing
     from ..model.control import Control
 
-__all__ = ["BaseModel", "PromptEmbeddings", "controlnet_config"]
+__all__ = ["BaseModel", "Inpaint", "PromptEmbeddings", "controlnet_config"]
+
+
+@dataclass(frozen=True)
+class Inpaint:
+    """The image a request edits and its mask, at the output size, as some ControlNets read them
+    beside their condition (Z-Image's Union 2.x ControlNets): ``image`` (1, 3, H, W) in [0, 1],
+    ``mask`` (1, 1, H, W), 1 where the image is to be repainted."""
+
+    image: torch.Tensor
+    mask: torch.Tensor
 
 
 @dataclass
@@ -216,9 +226,13 @@ class BaseModel(Protocol):
         (``latent_size``: of the image to make, for schedules that shift with the size)."""
         ...
 
-    def control_hint(self, controlnet: nn.Module, condition: torch.Tensor) -> torch.Tensor:
+    def control_hint(
+        self, controlnet: nn.Module, condition: torch.Tensor, *, inpaint: Inpaint | None = None
+    ) -> torch.Tensor:
         """A condition image (B, C, H, W) in [0, 1] as ``controlnet`` reads it (its hint
-        encoder's features, or latents of the model's VAE), computed once per generation."""
+        encoder's features, or latents of the model's VAE), computed once per generation.
+        ``inpaint``: the request's image to edit and its mask, for ControlNets that read them
+        beside their condition (the others ignore it)."""
         ...
 
     def predict(

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..choices import ControlMode
-from ..families.protocol import BaseModel, PromptEmbeddings
+from ..families.protocol import BaseModel, Inpaint, PromptEmbeddings
 from ..model.control import Control, control_scales
 from ..model.fastpath import GraphCache
 
@@ -46,6 +46,8 @@ class ControlUnit:
     mode: balanced / prompt / controlnet; ``guess_mode`` is "controlnet is more important".
     region: (1, 1, H, W) weights in [0, 1] at the output size: where the control acts (None:
         everywhere).
+    inpaint: the request's image to edit and its mask, for a ControlNet that reads them beside
+        its condition (the base's ``control_hint`` decides; None: not an edit).
     """
 
     controlnet: nn.Module  # a ControlNet of the base's family
@@ -58,6 +60,7 @@ class ControlUnit:
     only_mid: bool = False
     region: torch.Tensor | None = None
     control_type: int | None = None  # a Union ControlNet's kind of condition
+    inpaint: Inpaint | None = None
 
     def __post_init__(self) -> None:
         self.mode = ControlMode.CONTROLNET if self.guess_mode else ControlMode.parse(self.mode)
@@ -101,7 +104,10 @@ class PreparedControl:
             raise ValueError(
                 f"control condition batch {cond.shape[0]} is neither 1 nor the sample count {batch}"
             )
-        hint = base.control_hint(unit.controlnet, cond)
+        inpaint = unit.inpaint
+        if inpaint is not None:
+            inpaint = Inpaint(*(t.to(device=device, dtype=dtype) for t in (inpaint.image, inpaint.mask)))
+        hint = base.control_hint(unit.controlnet, cond, inpaint=inpaint)
         both = hint if hint.shape[0] == 1 else torch.cat([hint, hint])
         cn = unit.controlnet
         assert isinstance(unit.mode, ControlMode)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..annotators import get as _get_annotator
 from ..annotators.utils import condition_tensor, fill_box, fit_to, resize_to
 from ..choices import ControlMode, HiresUpscaler, PromptSetting, ResizeMode
-from ..families.protocol import BaseModel
+from ..families.protocol import BaseModel, Inpaint
 from ..imageio import flatten_alpha, read_image
 from ..model.control import resolve_control_type
 from .check import CheckedRequest
@@ -85,6 +85,17 @@ def _prepare_condition(
     detected = resize_to(ann(source, **c.params, **extra), (h, w), nearest=ann.nearest)
     cond_map = fit_to(detected, size_hw, mode, nearest=ann.nearest, fill=ann.pad)
     return cond_map, condition_tensor(cond_map, invert=ann.model_invert)
+
+
+def _inpaint(checked: CheckedRequest, size: tuple[int, int], mode: ResizeMode) -> Inpaint | None:
+    """The request's image to edit and its mask at ``size`` (H, W), for ControlNets that read
+    them beside their condition; None for a request that is not a masked edit."""
+    req = checked.request
+    if req.init_image is None or req.mask is None:
+        return None
+    image = torch.from_numpy(fit_to(checked.image("init_image"), size, mode)).permute(2, 0, 1)[None]
+    mask = torch.from_numpy(fit_to(checked.images["mask"], size, mode, fill=1.0))[None, None]
+    return Inpaint(image.float() / 255.0, mask.float())
 
 
 def resolve_prompt(
@@ -213,6 +224,7 @@ def generate(
         """Denoise at ``size`` (H, W) from ``init`` latents (None: noise) with the controls
         prepared at that size; the latents and the condition maps fed to the model."""
         maps, units = [], []
+        inpaint = _inpaint(checked, size, mode)
         for i, (c, cn, kind) in enumerate(zip(req.controls, controlnets, kinds)):
             image = checked.images[f"controls[{i}].image"]
             cond_map, cond = _prepare_condition(c, image, size, mode, pixel_mask)
@@ -232,6 +244,7 @@ def generate(
                     guess_mode=c.guess_mode,
                     control_type=kind,
                     region=region,
+                    inpaint=inpaint,
                 )
             )
         n = req.num_samples

@@ -27,7 +27,7 @@ from ...choices import PromptSyntax
 from ...model.control import Control, region_tokens
 from ...model.fastpath import run_concurrently
 from ..dit import DiTBase, check_plain_prompts
-from ..protocol import PromptEmbeddings, controlnet_config
+from ..protocol import Inpaint, PromptEmbeddings, controlnet_config
 from .controlnet import FLUX_BLOCKS, FLUX_FIELDS, FluxControlNet, FluxControlNetConfig, FluxResiduals
 from .fused import fuse_blocks
 from .patches import image_ids, pack, text_ids, unpack
@@ -125,7 +125,9 @@ class FluxBase(DiTBase):
         return cond, None if negatives is None else self.encode_prompt(negatives)
 
     # ------------------------------------------------------------------ denoising
-    def control_hint(self, controlnet: nn.Module, condition: torch.Tensor) -> torch.Tensor:
+    def control_hint(
+        self, controlnet: nn.Module, condition: torch.Tensor, *, inpaint: Inpaint | None = None
+    ) -> torch.Tensor:
         """The condition's latents (InstantX's convention), or for a ControlNet with a pixel hint
         encoder (XLabs') the image itself in [-1, 1]."""
         if getattr(controlnet.config, "pixel_hint_channels", None) is not None:

@@ -25,7 +25,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from ...choices import PromptSyntax, Sampler, TimestepSpacing
 from ...model.residence import Residence, move, pin
 from ...text.tokenizer import MAX_LENGTH
-from ..protocol import PromptEmbeddings
+from ..protocol import Inpaint, PromptEmbeddings
 from .configs import Family
 
 if TYPE_CHECKING:
@@ -128,7 +128,9 @@ class UNetBase(Residence):
         """The UNets take guidance as classifier-free guidance, never as an input."""
         return False
 
-    def control_hint(self, controlnet: torch.nn.Module, condition: torch.Tensor) -> torch.Tensor:
+    def control_hint(
+        self, controlnet: torch.nn.Module, condition: torch.Tensor, *, inpaint: Inpaint | None = None
+    ) -> torch.Tensor:
         """The ControlNet's hint encoder reads the condition image itself."""
         return controlnet.encode_hint(condition)
 

@@ -21,6 +21,7 @@ from enum import Enum
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, ZImageTransformer2DModel
 from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock
 from torch import nn
@@ -28,7 +29,7 @@ from torch import nn
 from ...choices import PromptSyntax
 from ...model.control import Control
 from ..dit import DiTBase, encode_together, shared_fields
-from ..protocol import PromptEmbeddings, controlnet_config
+from ..protocol import Inpaint, PromptEmbeddings, controlnet_config
 from .controlnet import ZIMAGE_FIELDS, ZImageControlNet, ZImageControlNetConfig
 from .fused import fuse_blocks
 from .sequence import finish, patch_tokens, prepare
@@ -124,17 +125,40 @@ class ZImageBase(DiTBase):
         return encode_together(self, prompts, negatives, syntax, "Z-Image's text encoder")
 
     # ------------------------------------------------------------------ denoising
-    def control_hint(self, controlnet: nn.Module, condition: torch.Tensor) -> torch.Tensor:
-        """The condition's latents, zero channels after them up to what the ControlNet reads
-        (Union 2.x ControlNets read 33: inpainting's further channels, empty for a plain control)."""
-        hint = super().control_hint(controlnet, condition)
-        extra = controlnet.config.control_in_dim - hint.shape[1]
-        if extra < 0:
+    def control_hint(
+        self, controlnet: nn.Module, condition: torch.Tensor, *, inpaint: Inpaint | None = None
+    ) -> torch.Tensor:
+        """The condition's latents, and after them what else the ControlNet reads. A Union 2.x
+        ControlNet (2 x 16 + 1 channels) reads inpainting's: 1 - the mask at the latents' size,
+        then the latents of the image to edit with its masked pixels grey, as diffusers'
+        ZImageControlNetInpaintPipeline gives them. They come from the request's image and mask
+        (``inpaint``), or from an inpainting map given as the condition itself (masked pixels -1:
+        ``preprocess: inpaint``), whose control channels are then empty; a plain control leaves
+        them empty (zeros), as does any other count of further channels."""
+        reads, channels = controlnet.config.control_in_dim, self.vae.config.latent_channels
+        marked = (condition < 0).any(dim=1, keepdim=True)
+        if reads < channels:
             raise ValueError(
-                f"this ControlNet reads {controlnet.config.control_in_dim} condition channels, fewer than "
-                f"the {hint.shape[1]} latent channels"
+                f"this ControlNet reads {reads} condition channels, fewer than the {channels} latent channels"
             )
-        return torch.cat([hint, hint.new_zeros(hint.shape[0], extra, *hint.shape[2:])], dim=1)
+        if marked.any() and reads != 2 * channels + 1:
+            raise ValueError(
+                f"an inpainting map as the condition (masked pixels -1): this ControlNet reads {reads} "
+                f"condition channels, no inpainting ones ({2 * channels + 1}: a Union 2.x ControlNet)"
+            )
+        if marked.any():
+            hint = None
+            image, mask = condition.clamp(0, 1), marked.to(condition)
+        else:
+            hint = super().control_hint(controlnet, condition)
+            if inpaint is None or reads != 2 * channels + 1:
+                return torch.cat([hint, hint.new_zeros(hint.shape[0], reads - channels, *hint.shape[2:])], 1)
+            image, mask = inpaint.image, (inpaint.mask >= 0.5).to(inpaint.image)
+        masked = self._latents((image * 2 - 1) * (1 - mask), shifted=self.hint_shifted(controlnet))
+        keep = 1 - F.interpolate(mask, size=masked.shape[-2:], mode="nearest").to(masked)
+        hint = torch.zeros_like(masked) if hint is None else hint
+        rows = max(hint.shape[0], masked.shape[0])
+        return torch.cat([t.expand(rows, *t.shape[1:]) for t in (hint, keep, masked)], dim=1)
 
     def predict(
         self,
