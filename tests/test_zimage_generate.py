@@ -296,3 +296,44 @@ def test_an_edit_request_gives_the_controlnet_its_image_and_mask(world, tmp_path
     assert seen[0] is None
     torch.testing.assert_close(seen[1].image[0], torch.from_numpy(photo).permute(2, 0, 1).float() / 255)
     assert torch.equal(seen[1].mask[0, 0] > 0.5, hole((64, 64))[0, 0] > 0.5)
+
+
+def test_a_control_region_weights_each_token_by_its_patch(world):
+    """A region (1, 1, h, w) at the latents' size scales each image token's residual (and, with a
+    control-block refiner, its refiner hint) by the region's mean over the token's 2x2 patch, and
+    the caption's by its mean over the image: zeros leave the base alone, ones act as no region."""
+    from controlnet.families.zimage.sequence import finish, patch_tokens, prepare
+    from controlnet.model.control import Control
+
+    h, w = world.latent_size(SIZE)
+    g = torch.Generator().manual_seed(4)
+    x, hint = torch.randn(1, LATENT, h, w, generator=g), torch.randn(1, LATENT, h, w, generator=g)
+    context, t = torch.randn(1, 7, 12, generator=g), torch.tensor(600.0)
+    region = torch.zeros(1, 1, h, w)
+    region[..., :, : w // 2] = 1.0  # the left half: whole patches
+    region[..., 0:2, w // 2 : w // 2 + 2] = 0.5  # one patch at half strength
+    for config in (
+        ZImageControlNetConfig((0, 2), None, 4),
+        ZImageControlNetConfig((0, 3), (0, 1), 4, "control_noise_refiner"),
+    ):
+        cn = opened(world, config, seed=1)
+
+        def predict(r, cn=cn):
+            with torch.no_grad():
+                return world.predict(x, t, context, [Control(cn, hint, [0.8, 0.6], False, r)])
+
+        with torch.no_grad():
+            plain = world.predict(x, t, context, [])
+        assert torch.equal(predict(torch.zeros(1, 1, h, w)), plain)  # acts nowhere: the base alone
+        assert torch.equal(predict(torch.ones(1, 1, h, w)), predict(None))  # everywhere: as without one
+        with torch.no_grad():  # by hand: the split pass, each residual times its position's weight
+            s, sizes = prepare(
+                world.transformer, [x[0, :, None]], ((1000 - t) / 1000).expand(1), [context[0]]
+            )
+            cells = torch.nn.functional.avg_pool2d(region, 2).flatten(2).transpose(1, 2)
+            weight = torch.cat([cells, cells.mean().expand(1, s.unified.shape[1] - cells.shape[1], 1)], 1)
+            out = cn(s, patch_tokens(world.transformer, [hint[0, :, None]]), 0.8 * weight[:, : s.x_lens[0]])
+            residuals = {p: r * scale * weight for (p, r), scale in zip(out.items(), (0.8, 0.6))}
+            want = -torch.stack(finish(s, sizes, residuals)).squeeze(2)
+        torch.testing.assert_close(predict(region), want, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(predict(region), predict(None))

@@ -27,7 +27,7 @@ from diffusers.models.transformers.transformer_z_image import ZImageTransformerB
 from torch import nn
 
 from ...choices import PromptSyntax
-from ...model.control import Control
+from ...model.control import Control, region_tokens
 from ..dit import DiTBase, encode_together, shared_fields
 from ..protocol import Inpaint, PromptEmbeddings, controlnet_config
 from .controlnet import ZIMAGE_FIELDS, ZImageControlNet, ZImageControlNetConfig
@@ -184,17 +184,17 @@ class ZImageBase(DiTBase):
         )
         residuals: dict[int, torch.Tensor] = {}
         for c in controls:
-            if c.region is not None:
-                raise ValueError("control regions: not supported for Z-Image yet; give the control no region")
             hint = c.hint
             if hint.shape[0] == b - b // 2 and cfg_batch and b > 1:  # one half's: both halves read it
                 hint = torch.cat([hint, hint])
             hint = hint.expand(b, *hint.shape[1:]) if hint.shape[0] == 1 else hint
+            weight = None if c.region is None else _region_weight(c.region, x.shape[-2:], s.unified)
             # the refiner stage comes before every main layer: it takes the first residual's scale
             tokens = patch_tokens(self.transformer, list(hint.unsqueeze(2).unbind(0)))
-            out = c.controlnet(s, tokens, c.scales[0])
+            strength = c.scales[0] if weight is None else c.scales[0] * weight[:, : s.x_lens[0]]
+            out = c.controlnet(s, tokens, strength)
             for (place, r), scale in zip(out.items(), c.scales):
-                r = r * scale
+                r = r * scale if weight is None else r * scale * weight
                 if c.conditional_only and cfg_batch:  # the unconditional rows get none
                     r = torch.cat([torch.zeros_like(r[: b // 2]), r[b // 2 :]])
                 residuals[place] = residuals[place] + r if place in residuals else r
@@ -221,3 +221,13 @@ class ZImageBase(DiTBase):
             raise ValueError(
                 f"{controlnet_name} places residuals after layer {last}, and {base_name} has {layers} layers"
             )
+
+
+def _region_weight(region: torch.Tensor, latent: Sequence[int], unified: torch.Tensor) -> torch.Tensor:
+    """A control region (1, 1, h, w) as a weight (1, positions, 1) on the joint sequence: each
+    image token the region's mean over its 2x2 patch (tokens run row by row), the positions after
+    them (padding, the caption) its mean over the image, so that a region of zeros leaves the base
+    alone and one of ones acts as no region does."""
+    cells = region_tokens(region, (latent[0] // 2, latent[1] // 2), unified.dtype)
+    rest = cells.mean().expand(1, unified.shape[1] - cells.shape[1], 1)
+    return torch.cat([cells, rest], dim=1)
