@@ -154,6 +154,47 @@ def test_residents_step_off_the_card_only_when_a_visitor_would_not_fit(monkeypat
             ]
 
 
+def test_a_visit_that_runs_out_of_memory_beside_residents_runs_again_with_them_off(monkeypatch):
+    """The room a visit is given counts its weights, not all of its activations (a VAE decoding
+    a large image): out of memory with residents beside it, the visit runs once more with them
+    stepped off; out of memory without residents to move, or twice, the error stands."""
+    import controlnet.model.residence as residence
+
+    monkeypatch.setattr(residence, "_room_for", lambda need, card: True)
+    log: list[str] = []
+    visitor = torch.nn.Linear(3, 2)
+    resident = Recorded(log, visitor)
+    card = torch.device("meta")
+
+    def decode(fail: int):
+        tries = []
+
+        def fn():
+            tries.append(1)
+            log.append(f"run {len(tries)}, visitor on {next(visitor.parameters()).device.type}")
+            if len(tries) <= fail:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return "image"
+
+        return fn
+
+    assert residence.visit([visitor], [resident], card, decode(fail=1)) == "image"
+    assert log == [
+        "run 1, visitor on meta",
+        "resident to cpu, visitor on cpu",
+        "run 2, visitor on meta",
+        "resident to meta, visitor on cpu",
+    ]
+    log.clear()
+    with pytest.raises(torch.OutOfMemoryError):  # short of memory even alone
+        residence.visit([visitor], [resident], card, decode(fail=2))
+    assert log[-1] == "resident to meta, visitor on cpu"  # the resident is back all the same
+    log.clear()
+    with pytest.raises(torch.OutOfMemoryError):  # no resident to move: nothing to try
+        residence.visit([visitor], [], card, decode(fail=1))
+    assert log == ["run 1, visitor on meta"]
+
+
 def test_room_counts_free_memory_and_what_the_allocator_holds_unused():
     from controlnet.model.residence import MARGIN, fits_beside
 

@@ -185,8 +185,7 @@ class DiTBase(Residence):
 
     # ------------------------------------------------------------------ images
     def posterior(self, images: torch.Tensor, *, tiled: bool = False, per_image: bool = True) -> Any:
-        with self.visiting("vae"):
-            return self.vae.encode(images.to(device=self.device, dtype=self.vae.dtype)).latent_dist
+        return self.visit("vae", lambda: self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist)
 
     def scaled_sample(self, mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return ((mean + std * noise) - self.latent_shift) * self.latent_scale
@@ -210,9 +209,12 @@ class DiTBase(Residence):
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, *, tiled: bool = False) -> torch.Tensor:
         """Images in [-1, 1] (B, 3, H, W)."""
-        with self.visiting("vae"):
+
+        def decode() -> torch.Tensor:
             z = latents.to(device=self.device, dtype=self.vae.dtype) / self.latent_scale + self.latent_shift
             return self.vae.decode(z).sample.clamp(-1, 1).float()
+
+        return self.visit("vae", decode)
 
     def with_vae(self, vae: nn.Module) -> DiTBase:
         from dataclasses import replace

@@ -6,7 +6,9 @@ the card only while they run: a visit copies their weights in and, afterwards, d
 transformer or UNet, the ControlNets) stay on the card - unless a visitor would not fit beside
 them: then they step off to CPU memory for the visit and come back after it. So the card holds the
 larger of "the denoising networks" and "the largest visitor", not their sum (Flux.1-dev with its
-T5-XXL on a 24 GB card).
+T5-XXL on a 24 GB card). Whether a visitor fits is judged by its weights and a margin; a VAE
+decoding a large image needs more (its activations), so a visit that runs out of card memory with
+the residents beside it runs once more with them stepped off (:func:`visit`).
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-__all__ = ["MARGIN", "Residence", "fits_beside", "move", "nbytes", "pin", "visiting"]
+__all__ = ["MARGIN", "Residence", "fits_beside", "move", "nbytes", "pin", "visit", "visiting"]
+
+T = TypeVar("T")
 
 #: what a visit may allocate besides the visitor's weights (activations, workspace), in bytes
 MARGIN = 2 * 2**30
@@ -100,16 +104,20 @@ def _copied_in(module: nn.Module, device: torch.device) -> Iterator[None]:
 
 @contextlib.contextmanager
 def visiting(
-    visitors: Sequence[nn.Module], residents: Sequence[nn.Module], card: torch.device
+    visitors: Sequence[nn.Module],
+    residents: Sequence[nn.Module],
+    card: torch.device,
+    *,
+    crowded: bool = False,
 ) -> Iterator[None]:
     """Within the block the ``visitors`` that live elsewhere are on ``card``; if they would not fit
-    beside the ``residents`` (the networks that live on the card), those step off to CPU memory
-    for the block and come back after it."""
+    beside the ``residents`` (the networks that live on the card), or ``crowded`` says so, those
+    step off to CPU memory for the block and come back after it."""
     away = [m for m in visitors if next(m.parameters()).device != card]
     if not away:
         yield
         return
-    crowded = not _room_for(nbytes(away), card)
+    crowded = crowded or not _room_for(nbytes(away), card)
     stepping_off = [m for m in residents if crowded and next(m.parameters()).device == card]
     with contextlib.ExitStack() as stack:
         for m in stepping_off:
@@ -120,6 +128,28 @@ def visiting(
         for m in away:
             stack.enter_context(_copied_in(m, card))
         yield
+
+
+def visit(
+    visitors: Sequence[nn.Module], residents: Sequence[nn.Module], card: torch.device, fn: Callable[[], T]
+) -> T:
+    """``fn()`` with the ``visitors`` on the card (:func:`visiting`). The room a visit is given
+    counts its weights and :data:`MARGIN`, not all that it allocates while it runs (a VAE decoding
+    a large image holds gigabytes of activations): a visit that runs out of card memory while
+    residents stayed beside it runs once more with them stepped off."""
+    away = any(next(m.parameters()).device != card for m in visitors)
+    stayed = any(next(m.parameters()).device == card for m in residents)
+    try:
+        with visiting(visitors, residents, card):
+            return fn()
+    except torch.OutOfMemoryError:
+        if not (away and stayed):
+            raise
+    # outside the handler: the failed attempt's tensors, held by its traceback, are free now
+    if card.type == "cuda":
+        torch.cuda.empty_cache()
+    with visiting(visitors, residents, card, crowded=True):
+        return fn()
 
 
 class Residence:
@@ -151,13 +181,28 @@ class Residence:
     def visiting(self, *names: str) -> Iterator[None]:
         """Within the block the named parts (keys of :meth:`modules`; names the model lacks are
         skipped) are on the model's device; offloaded ones return to CPU memory afterwards."""
-        mods = self.modules()
-        companions = [r() for r in self.__dict__.get("_companions", [])]
-        residents = [self.denoiser, *(m for m in companions if m is not None)]
-        card, before = self.device, self.__dict__.get("_card")
+        visitors, residents, card = self._visit_of(names)
+        before = self.__dict__.get("_card")
         self.__dict__["_card"] = card
         try:
-            with visiting([mods[n] for n in names if n in mods], residents, card):
+            with visiting(visitors, residents, card):
                 yield
         finally:
             self.__dict__["_card"] = before
+
+    def visit(self, name: str, fn: Callable[[], T]) -> T:
+        """``fn()`` with the part ``name`` on the model's device, as :meth:`visiting` - for a part
+        whose run may need more room than its weights (a VAE's decode, :func:`visit`)."""
+        visitors, residents, card = self._visit_of((name,))
+        before = self.__dict__.get("_card")
+        self.__dict__["_card"] = card
+        try:
+            return visit(visitors, residents, card, fn)
+        finally:
+            self.__dict__["_card"] = before
+
+    def _visit_of(self, names: Sequence[str]) -> tuple[list[nn.Module], list[nn.Module], torch.device]:
+        mods = self.modules()
+        companions = [r() for r in self.__dict__.get("_companions", [])]
+        residents = [self.denoiser, *(m for m in companions if m is not None)]
+        return [mods[n] for n in names if n in mods], residents, self.device

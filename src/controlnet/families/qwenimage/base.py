@@ -128,9 +128,11 @@ class QwenImageBase(DiTBase):
         return mean, torch.tensor(c.latents_std).view(view).to(like.device, like.dtype)
 
     def posterior(self, images: torch.Tensor, *, tiled: bool = False, per_image: bool = True) -> Any:
-        with self.visiting("vae"):
-            x = images.to(device=self.device, dtype=self.vae.dtype)[:, :, None]  # one frame
-            return _Frame(self.vae.encode(x).latent_dist)
+        # one frame
+        return self.visit(
+            "vae",
+            lambda: _Frame(self.vae.encode(images.to(self.device, self.vae.dtype)[:, :, None]).latent_dist),
+        )
 
     def scaled_sample(self, mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         mu, sigma = self.latent_stats(mean)
@@ -144,10 +146,13 @@ class QwenImageBase(DiTBase):
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, *, tiled: bool = False) -> torch.Tensor:
         """Images in [-1, 1] (B, 3, H, W)."""
-        with self.visiting("vae"):
+
+        def decode() -> torch.Tensor:
             z = latents.to(device=self.device, dtype=self.vae.dtype)
             mu, sigma = self.latent_stats(z)
             return self.vae.decode((z * sigma + mu)[:, :, None]).sample[:, :, 0].clamp(-1, 1).float()
+
+        return self.visit("vae", decode)
 
     # ------------------------------------------------------------------ text
     def text_windows(self) -> list[tuple[str, Any, int]]:

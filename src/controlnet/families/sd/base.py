@@ -346,10 +346,9 @@ class UNetBase(Residence):
         steps). ``tiled``: images larger than the VAE's tile (its config's sample size) are
         encoded in overlapping tiles (:meth:`_vae_moments`). Gradients flow when enabled."""
         images = images.to(self.vae.dtype)
-        with self.visiting("vae"):
-            if not per_image and not tiled:
-                return self.vae.encode(images).latent_dist
-            return DiagonalGaussianDistribution(self._vae_moments(images, tiled))
+        if not per_image and not tiled:
+            return self.visit("vae", lambda: self.vae.encode(images).latent_dist)
+        return self.visit("vae", lambda: DiagonalGaussianDistribution(self._vae_moments(images, tiled)))
 
     def scaled_sample(self, mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Latents the UNet reads: a posterior sample ``mean + std * noise``, scaled."""
@@ -397,13 +396,15 @@ class UNetBase(Residence):
         (its config's sample size, in latent cells) are decoded in overlapping tiles, blended where
         they overlap (diffusers' tiling: memory bounded by the tile, at the risk of seams)."""
         vae = self.vae
-        with self.visiting("vae"):
-            images = _one_at_a_time(
+        images = self.visit(
+            "vae",
+            lambda: _one_at_a_time(
                 latents.to(vae.dtype) / self.latent_scale,
                 vae.tile_latent_min_size,
                 lambda z: vae.decode(z).sample,
                 (lambda z: vae.tiled_decode(z).sample) if tiled else None,
-            )
+            ),
+        )
         return images.clamp(-1, 1).float()
 
     def with_schedule(self, **overrides: Any) -> UNetBase:
