@@ -305,6 +305,40 @@ def test_guidance_wraps_the_controlled_model(world):
         torch.testing.assert_close(Guided(both, g)(x, t, 0), half(x, t, 0), rtol=1e-5, atol=1e-5)
 
 
+def test_guidance_ends_and_caps_its_norm(world):
+    """Guided(..., guided=, alone=) runs the steps it does not guide on the conditional half
+    alone; renorm r scales each sample's guided prediction down to r times the conditional's norm
+    where it is larger. In the loop, guidance_end picks the steps by how far along they are."""
+    from controlnet.generation.denoiser import Guided, StepModel
+
+    class Halves(StepModel):  # unconditional half: x, conditional half: 3 x
+        def plan(self, step):
+            return (), {}
+
+        def forward(self, inputs, key):
+            x = inputs["x"]
+            half = x.shape[0] // 2
+            return torch.cat([x[:half], 3 * x[half:]]) if self is both else 3 * x
+
+    both, alone = Halves(), Halves()
+    x, t = torch.tensor([[1.0, 2.0], [-1.0, 0.5]]), torch.tensor(0.0)
+    model = Guided(both, 4.0, alone=alone, guided=[True, False])
+    torch.testing.assert_close(model(x, t, 0), 9 * x)  # 1 + 4 (3 - 1)
+    torch.testing.assert_close(model(x, t, 1), 3 * x)  # the conditional prediction alone
+    torch.testing.assert_close(Guided(both, 4.0, renorm=2.0)(x, t, 0), 6 * x)  # capped at 2 x 3
+    torch.testing.assert_close(Guided(both, 4.0, renorm=5.0)(x, t, 0), 9 * x)  # under the cap
+    # in the loop: 6 DDIM steps at timesteps 831, 665, 499, 333, 167, 1 - guided while 1 - t/1000
+    # is at most 0.502: the first three (both halves), then the conditional half alone
+    calls, handle = count_calls(world[0].unet)
+    try:
+        run(world, guidance_end=0.502)
+    finally:
+        handle.remove()
+    assert calls == [2, 2, 2, 1, 1, 1]
+    with pytest.raises(ValueError, match="guidance_end must be in"):
+        run(world, guidance_end=1.5)
+
+
 def test_graphed_steps_replay_the_same_computation_per_active_set(world):
     """Graphed(model) computes what the model computes (on a CPU: from its static buffers), one
     cache entry per distinct set of active controls."""

@@ -111,8 +111,8 @@ def condition(seed: int) -> torch.Tensor:
     return torch.rand(1, 3, *SIZE, generator=torch.Generator().manual_seed(seed))
 
 
-def ours(base, units, seeds, steps=3, guidance=GUIDANCE):
-    sampling = Sampling("euler", "default", steps, guidance)
+def ours(base, units, seeds, steps=3, guidance=GUIDANCE, **more):
+    sampling = Sampling("euler", "default", steps, guidance, **more)
     n = len(seeds)
     return render(base, units, [PROMPT] * n, [NEGATIVE] * n, seeds, SIZE, sampling, progress=False).latents
 
@@ -337,3 +337,19 @@ def test_a_control_region_weights_each_token_by_its_patch(world):
             want = -torch.stack(finish(s, sizes, residuals)).squeeze(2)
         torch.testing.assert_close(predict(region), want, rtol=1e-5, atol=1e-6)
         assert not torch.allclose(predict(region), predict(None))
+
+
+def test_guidance_truncated_and_its_norm_capped_equal_the_pipeline(world):
+    """The pipeline's cfg_truncation (guidance only while 1 - t/1000 is at most it; the later steps
+    run the conditional half alone) is our guidance_end, its cfg_normalization our
+    guidance_renorm: equal to it, and each changes the result."""
+    cn = opened(world, ZImageControlNetConfig((0, 2), None, 4), seed=1)
+    unit = [ControlUnit(cn, condition(5), 0.8)]
+    # 4 steps, shift 3: 1 - t/1000 = 0, 0.1, 0.25, 0.5; the last step unguided
+    got = ours(world, unit, [7, 8], steps=4, guidance_end=0.3, guidance_renorm=1.0)
+    want = theirs(world, cn, condition(5), 0.8, [7, 8], steps=4, cfg_truncation=0.3, cfg_normalization=True)
+    close(got, want)
+    plain = ours(world, unit, [7, 8], steps=4)
+    for one in ({"guidance_end": 0.3}, {"guidance_renorm": 1.0}):
+        moved = ours(world, unit, [7, 8], steps=4, **one)
+        assert not torch.allclose(moved, plain), one

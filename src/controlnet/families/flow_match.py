@@ -75,6 +75,11 @@ class FlowMatchSampler:
         self.inner.set_timesteps(steps, device=device, sigmas=sigmas, mu=self.mu)
 
     @property
+    def config(self) -> Any:
+        """The scheduler's config (``num_train_timesteps``: the length timesteps count in)."""
+        return self.inner.config
+
+    @property
     def timesteps(self) -> torch.Tensor:
         return self.inner.timesteps
 

@@ -215,26 +215,47 @@ class ControlledDenoiser(StepModel):
 class Guided(StepModel):
     """Classifier-free guidance around ``model``: both halves in one batch (``x`` doubled), the
     prediction moved ``guidance`` times the way the prompt pulls it from the unconditional one
-    (or as ``combine(uncond, cond, guidance)``, a family's own rule, says)."""
+    (or as ``combine(uncond, cond, guidance)``, a family's own rule, says).
+
+    guided: per step, whether it is guided; a step that is not runs ``alone`` (the same model on
+    the conditional half only). renorm: when > 0, each sample's guided prediction is scaled down
+    where its norm passes ``renorm`` times the conditional prediction's.
+    """
 
     def __init__(
         self,
         model: StepModel,
         guidance: float,
         combine: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None,
+        *,
+        alone: StepModel | None = None,
+        guided: Sequence[bool] | None = None,
+        renorm: float = 0.0,
     ) -> None:
         self.model, self.guidance, self.combine = model, guidance, combine
+        self.alone, self.guided, self.renorm = alone, guided, renorm
 
     def plan(self, step: int) -> tuple[Hashable, Inputs]:
-        return self.model.plan(step)
+        if self.alone is not None and self.guided is not None and not self.guided[step]:
+            key, inputs = self.alone.plan(step)
+            return ("alone", key), inputs
+        key, inputs = self.model.plan(step)
+        return ("guided", key), inputs
 
     def forward(self, inputs: Mapping[str, torch.Tensor], key: Hashable) -> torch.Tensor:
-        eps_u, eps_c = self.model.forward({**inputs, "x": torch.cat([inputs["x"], inputs["x"]])}, key).chunk(
-            2
-        )
+        how, key = key  # type: ignore[misc]
+        if how == "alone":
+            return self.alone.forward(inputs, key)  # type: ignore[union-attr]
+        x2 = torch.cat([inputs["x"], inputs["x"]])
+        eps_u, eps_c = self.model.forward({**inputs, "x": x2}, key).chunk(2)
         if self.combine is not None:
-            return self.combine(eps_u, eps_c, self.guidance)
-        return eps_u + self.guidance * (eps_c - eps_u)
+            out = self.combine(eps_u, eps_c, self.guidance)
+        else:
+            out = eps_u + self.guidance * (eps_c - eps_u)
+        if self.renorm > 0:
+            cap = self.renorm * eps_c.flatten(1).norm(dim=1) / out.flatten(1).norm(dim=1).clamp(min=1e-12)
+            out = out * cap.clamp(max=1.0).view(-1, *[1] * (out.dim() - 1))
+        return out
 
 
 class Graphed(StepModel):

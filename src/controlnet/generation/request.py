@@ -274,6 +274,25 @@ class GenerationRequest:
         maximum=100.0,
         group="sampling",
     )
+    guidance_end: float = param(
+        1.0,
+        help="classifier-free guidance only while the denoising is at most this far along (1 - "
+        "timestep / the schedule's length; 1: every step; Z-Image's cfg_truncation); the later steps "
+        "take the conditional prediction alone, at half the work",
+        label="Guidance end",
+        minimum=0.0,
+        maximum=1.0,
+        group="sampling",
+    )
+    guidance_renorm: float = param(
+        0.0,
+        help="the guided prediction's norm capped at this multiple of the conditional one's, per "
+        "sample (0: no cap; Z-Image's cfg_normalization)",
+        label="Guidance norm cap",
+        minimum=0.0,
+        maximum=100.0,
+        group="sampling",
+    )
     seed: int | None = param(
         None,
         help="the first sample's seed; sample i takes seed + i (default: a random seed, recorded)",

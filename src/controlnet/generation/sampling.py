@@ -67,6 +67,8 @@ class Sampling:
     guidance: float = 9.0
     eta: float = 0.0
     true_guidance: float = 1.0  # classifier-free guidance of a guidance-distilled model
+    guidance_end: float = 1.0  # guidance only up to this far along (1 - t / T)
+    guidance_renorm: float = 0.0  # the guided prediction's norm capped at this x the conditional's
 
     @classmethod
     def of(cls, request: Any) -> Sampling:
@@ -78,6 +80,8 @@ class Sampling:
             request.guidance,
             request.eta,
             request.true_guidance,
+            request.guidance_end,
+            request.guidance_renorm,
         )
 
 
@@ -136,6 +140,8 @@ def render(
         timestep_spacing=sampling.timestep_spacing,
         steps=steps or sampling.steps,
         guidance=cfg,
+        guidance_end=sampling.guidance_end,
+        guidance_renorm=sampling.guidance_renorm,
         eta=sampling.eta,
         seeds=seeds,
         latent_size=latent_size,
@@ -190,6 +196,8 @@ def denoise(
     timestep_spacing: TimestepSpacing | str = TimestepSpacing.DEFAULT,
     steps: int = 20,
     guidance: float = 9.0,
+    guidance_end: float = 1.0,
+    guidance_renorm: float = 0.0,
     eta: float = 0.0,
     seeds: Sequence[int],
     latent_size: tuple[int, int],
@@ -209,6 +217,10 @@ def denoise(
 
     Args:
         cond / uncond: prompt embeddings of the B samples (uncond None: no classifier-free guidance).
+        guidance_end: guidance only at the steps at most this far along (1 - t / the schedule's
+            training length); later ones run the conditional half alone.
+        guidance_renorm: the guided prediction's norm capped at this multiple of the conditional
+            prediction's, per sample (0: no cap).
         seeds: one per sample; sample i's noise (and its scheduler noise) come from seeds[i].
         latent_size: (h, w) of the latents.
         init_latents: img2img source latents (B or 1, C, h, w); ``denoise_strength`` in (0, 1] is
@@ -227,6 +239,10 @@ def denoise(
     check_steps(sampler, steps)
     if not 0.0 < denoise_strength <= 1.0:
         raise ValueError(f"denoise strength must be in (0, 1], got {denoise_strength}")
+    if not 0.0 <= guidance_end <= 1.0 or guidance_renorm < 0:
+        raise ValueError(
+            f"guidance_end must be in [0, 1] and guidance_renorm >= 0, got {guidance_end}, {guidance_renorm}"
+        )
     if mask is not None and init_latents is None:
         raise ValueError("a mask needs an init image (the source whose unmasked region is kept)")
     batch, device, dtype = len(seeds), base.device, base.dtype
@@ -265,12 +281,21 @@ def denoise(
     prepared = [PreparedControl.build(u, batch, device, dtype, base) for u in controls]
     embeds = PromptEmbeddings.cat([uncond, cond]) if use_cfg else cond  # type: ignore[list-item]
     controlled = ControlledDenoiser(base, prepared, embeds, total, cfg_batch=use_cfg, concurrent=concurrent)
-    # a family may combine the two predictions its own way (Qwen-Image rescales the result)
-    combine = getattr(base, "combine_guidance", None)
-    model: StepModel = Guided(controlled, guidance, combine) if use_cfg else controlled
+    denoisers = [controlled]
+    model: StepModel = controlled
+    if use_cfg:
+        length = scheduler.config.num_train_timesteps
+        guided = [1 - t / length <= guidance_end for t in timesteps.tolist()]
+        alone = None
+        if not all(guided):  # the steps past the guidance's end: the conditional half alone
+            alone = ControlledDenoiser(base, prepared, cond, total, cfg_batch=False, concurrent=concurrent)
+            denoisers.append(alone)
+        # a family may combine the two predictions its own way (Qwen-Image rescales the result)
+        combine = getattr(base, "combine_guidance", None)
+        model = Guided(controlled, guidance, combine, alone=alone, guided=guided, renorm=guidance_renorm)
     if (cuda_graphs if cuda_graphs is not None else device.type == "cuda") and not own_graphs:
         # what a step's graph depends on besides its inputs and plan: weights, guidance, streams
-        key = (weights_key(networks), use_cfg, guidance, concurrent)
+        key = (weights_key(networks), use_cfg, guidance, guidance_renorm, concurrent)
         model = Graphed(model, step_graphs(base.denoiser, device), key)
 
     start = time.perf_counter()
@@ -288,7 +313,8 @@ def denoise(
         watch=watch,
     )
     done = total if watch is None or watch.stopped_at is None else watch.stopped_at[0] - watch.offset
-    return DenoiseResult(latents.to(dtype), done, time.perf_counter() - start, controlled.calls)
+    calls = {k: sum(d.calls[k] for d in denoisers) for k in controlled.calls}
+    return DenoiseResult(latents.to(dtype), done, time.perf_counter() - start, calls)
 
 
 def sample(
