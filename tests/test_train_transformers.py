@@ -263,3 +263,29 @@ def test_long_captions_are_reported_per_text_encoder(capsys):
     _report_long_captions(Captions(["x" * 600, "a red circle"]), "DATA", short_t5)
     out = capsys.readouterr().out
     assert "longer than T5's 63 tokens; T5 reads the first 63" in out
+
+
+def test_a_run_resumed_on_another_base_is_refused(files, tmp_path, capsys):
+    """A Flux run whose base file now holds another model (a UNet, or Flux with other weights) is
+    not resumed: one line naming the run and both bases, and the run's folder is left as it was."""
+    import shutil
+
+    from tiny import make_base
+
+    base = tmp_path / "base.safetensors"
+    shutil.copy(files / "flux.safetensors", base)
+    args = ["train", "--base", str(base), "--data", str(files / "data"), *QUIET, "--validation-count", "0"]
+    run = tmp_path / "run"
+    assert main([*args, "--controlnet-config", '{"num_layers": 1}', "--steps", "1", "--out", str(run)]) == 0
+    save_base(make_base(), base, overwrite=True)  # the same path, another model
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "--steps", "2", "--quiet", "--cpu"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"{run} was trained on the base Flux.1-dev " in err and "now holds SD1.x " in err, err
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+    save_base(tiny_flux_base(seed=1), base, overwrite=True)
+    assert main(["train", "--out", str(run), "--resume", "--steps", "2", "--quiet", "--cpu"]) == 2
+    assert "now holds Flux.1-dev " in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before

@@ -9,6 +9,7 @@ on the same data), the ablation variants ``gaussian``, ``lite`` and ``concat`` (
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -27,7 +28,7 @@ from .objectives import BaseObjective, ControlNetObjective, Objective, VaeObject
 from .train import TrainConfig, TrainResult, check_out, train
 from .validation import ControlValidator, ImageValidator
 
-__all__ = ["OBJECTIVES", "RunSpec", "architecture", "load_or_build_base", "run_training"]
+__all__ = ["OBJECTIVES", "RunSpec", "architecture", "base_identity", "load_or_build_base", "run_training"]
 
 _CONTROL_OBJECTIVES = ("controlnet", "adapter", "gaussian", "lite", "concat")
 #: objectives whose trained model is written in the control models' formats (``--export``)
@@ -304,6 +305,18 @@ def _is_fill50k(dataset: Any) -> bool:
         return False
 
 
+def base_identity(base: BaseModel) -> dict[str, str]:
+    """The base a run trains on, as its run.json records it: the family, and a SHA-256 over the
+    denoising network's tensors (names, dtypes, shapes, and each one's first and last 4 KiB: a
+    resumed run notices another model or other weights without reading all of a large one)."""
+    h = hashlib.sha256()
+    for key, t in sorted(base.denoiser.state_dict().items()):
+        raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        h.update(f"{key} {t.dtype} {tuple(t.shape)}".encode())
+        h.update(raw[:4096].numpy().tobytes() + raw[-4096:].numpy().tobytes())
+    return {"family": base.family.label, "digest": h.hexdigest()}
+
+
 def run_training(spec: RunSpec, cfg: TrainConfig) -> TrainResult:
     """Assemble and run a training: the CLI's ``controlnet train``."""
     if spec.export and spec.objective in _EXPORTED:
@@ -312,6 +325,15 @@ def run_training(spec: RunSpec, cfg: TrainConfig) -> TrainResult:
             raise ValueError(f"unknown export format(s) {bad}; expected controlnet, diffusers or original")
     check_out(cfg)  # before the base loads and the data is cached
     base = load_or_build_base(spec, cfg.seed)
+    identity = base_identity(base)
+    recorded = cfg.extra.get("base") if cfg.resume else None
+    if recorded and recorded != identity:
+        raise ValueError(
+            f"{cfg.out} was trained on the base {recorded['family']} {recorded['digest'][:12]}, and "
+            f"{spec.base} now holds {identity['family']} {identity['digest'][:12]}: resume it on its "
+            "own base, or start a new run in another --out"
+        )
+    cfg.extra = {**cfg.extra, "base": identity}
     with torch.random.fork_rng(devices=[]):  # new layers (condition encoder, extra channels) drawn
         torch.manual_seed(cfg.seed)  # from the run's seed: two runs of one seed start alike
         objective = _objective(spec, base)

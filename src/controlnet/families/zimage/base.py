@@ -137,16 +137,17 @@ class ZImageBase(DiTBase):
         them empty (zeros), as does any other count of further channels."""
         reads, channels = controlnet.config.control_in_dim, self.vae.config.latent_channels
         marked = (condition < 0).any(dim=1, keepdim=True)
+        is_map = bool(marked.any())
         if reads < channels:
             raise ValueError(
                 f"this ControlNet reads {reads} condition channels, fewer than the {channels} latent channels"
             )
-        if marked.any() and reads != 2 * channels + 1:
+        if is_map and reads != 2 * channels + 1:
             raise ValueError(
                 f"an inpainting map as the condition (masked pixels -1): this ControlNet reads {reads} "
                 f"condition channels, no inpainting ones ({2 * channels + 1}: a Union 2.x ControlNet)"
             )
-        if marked.any():
+        if is_map:
             hint = None
             image, mask = condition.clamp(0, 1), marked.to(condition)
         else:
