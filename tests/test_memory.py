@@ -157,7 +157,8 @@ def test_residents_step_off_the_card_only_when_a_visitor_would_not_fit(monkeypat
 def test_a_visit_that_runs_out_of_memory_beside_residents_runs_again_with_them_off(monkeypatch):
     """The room a visit is given counts its weights, not all of its activations (a VAE decoding
     a large image): out of memory with residents beside it, the visit runs once more with them
-    stepped off; out of memory without residents to move, or twice, the error stands."""
+    stepped off; out of memory without residents to move (none, or they had stepped off), or twice,
+    the error stands."""
     import controlnet.model.residence as residence
 
     monkeypatch.setattr(residence, "_room_for", lambda need, card: True)
@@ -193,6 +194,15 @@ def test_a_visit_that_runs_out_of_memory_beside_residents_runs_again_with_them_o
     with pytest.raises(torch.OutOfMemoryError):  # no resident to move: nothing to try
         residence.visit([visitor], [], card, decode(fail=1))
     assert log == ["run 1, visitor on meta"]
+    log.clear()
+    monkeypatch.setattr(residence, "_room_for", lambda need, card: False)
+    with pytest.raises(torch.OutOfMemoryError):  # the residents had stepped off already
+        residence.visit([visitor], [resident], card, decode(fail=1))
+    assert log == [
+        "resident to cpu, visitor on cpu",
+        "run 1, visitor on meta",
+        "resident to meta, visitor on cpu",
+    ]
 
 
 def test_room_counts_free_memory_and_what_the_allocator_holds_unused():

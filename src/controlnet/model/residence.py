@@ -109,13 +109,14 @@ def visiting(
     card: torch.device,
     *,
     crowded: bool = False,
-) -> Iterator[None]:
+) -> Iterator[list[nn.Module]]:
     """Within the block the ``visitors`` that live elsewhere are on ``card``; if they would not fit
     beside the ``residents`` (the networks that live on the card), or ``crowded`` says so, those
-    step off to CPU memory for the block and come back after it."""
+    step off to CPU memory for the block and come back after it. Gives the residents that stepped
+    off."""
     away = [m for m in visitors if next(m.parameters()).device != card]
     if not away:
-        yield
+        yield []
         return
     crowded = crowded or not _room_for(nbytes(away), card)
     stepping_off = [m for m in residents if crowded and next(m.parameters()).device == card]
@@ -127,7 +128,7 @@ def visiting(
             torch.cuda.empty_cache()  # the room they left, for the visitors
         for m in away:
             stack.enter_context(_copied_in(m, card))
-        yield
+        yield stepping_off
 
 
 def visit(
@@ -138,12 +139,13 @@ def visit(
     a large image holds gigabytes of activations): a visit that runs out of card memory while
     residents stayed beside it runs once more with them stepped off."""
     away = any(next(m.parameters()).device != card for m in visitors)
-    stayed = any(next(m.parameters()).device == card for m in residents)
+    stayed = False
     try:
-        with visiting(visitors, residents, card):
+        with visiting(visitors, residents, card) as off:
+            stayed = not off and any(next(m.parameters()).device == card for m in residents)
             return fn()
     except torch.OutOfMemoryError:
-        if not (away and stayed):
+        if not (away and stayed):  # nothing left to make room with
             raise
     # outside the handler: the failed attempt's tensors, held by its traceback, are free now
     if card.type == "cuda":
