@@ -5,6 +5,7 @@ transformer stack that follow any outline, made and measured with `controlnet` c
     python experiments/outlines.py unet     --work WORK   # the bundled UNet's ControlNet, retrained (GPU)
     python experiments/outlines.py flux     --work WORK   # flux-tiny: VAE, transformer, ControlNet (GPU)
     python experiments/outlines.py evaluate --work WORK   # both, on every test set (GPU or CPU)
+    python experiments/outlines.py identity --work WORK   # claim 1 on both: zero-init identity (CPU)
 
 Data: training pairs with every kind of shape but stars (seed 0); test pairs of those kinds
 (seed 1) and of stars alone, the kind held out of training (seed 1); validation pairs (seed 2).
@@ -59,8 +60,9 @@ SETS = {  # name: (seed, kinds, count key)
 }
 
 
-def stage_data(work: Path) -> None:
-    for name, (seed, kinds, n) in SETS.items():
+def stage_data(work: Path, names: tuple[str, ...] = tuple(SETS)) -> None:
+    for name in names:
+        seed, kinds, n = SETS[name]
         if not (work / name / "prompt.json").is_file():
             run(
                 f"data outlines --out {work}/{name} --n {S[n]} --size {S['size']} --seed {seed} --kinds {kinds} --quiet"
@@ -125,18 +127,53 @@ def stage_evaluate(work: Path) -> None:
         print(f"| {name} | " + " | ".join(f"{summary.get(k, float('nan')):.3f}" for k in keys) + " |")
 
 
+def stage_identity(work: Path) -> None:
+    """Claim 1 on the UNet and on the transformer: with its zero layers at zero, a fresh ControlNet
+    leaves the base's samples bitwise as they were - 16 test outlines (DDIM at guidance 9 for the
+    UNet, Euler at guidance 3.5 for flux-tiny), with the ControlNet and without. The transformer is flux-tiny as the flux stage
+    trained it, or, before that stage has run, fresh from its architecture (the claim is about the
+    structure, not the weights: a fresh base is noted as such)."""
+    import numpy as np
+
+    from controlnet.data import open_dataset
+    from controlnet.evaluation.evaluate import EvalConfig, evaluate
+    from controlnet.formats import load_base
+    from controlnet.formats.dit_fresh import fresh_dit_base
+    from controlnet.training.recipes import architecture
+
+    trained = work / "runs/flux-base/final/base.safetensors"
+    flux = load_base(trained) if trained.is_file() else fresh_dit_base(architecture("flux-tiny")["base"], seed=0)
+    bases = {"unet": (load_base(bundled_path(BUNDLED_BASE)), "fill50k-tiny", "trained (bundled)"),
+             "flux-tiny": (flux, "flux-tiny", "trained" if trained.is_file() else "fresh")}  # fmt: skip
+    stage_data(work, ("test",))  # the one set this stage reads
+    test = open_dataset(work / "test")
+    results = {}
+    for name, (base, arch, weights) in bases.items():
+        cn = base.new_controlnet(architecture(arch).get("controlnet"))
+        settings = {"sampler": "euler", "guidance": 3.5} if name == "flux-tiny" else {"guidance": 9.0}
+        cfg = EvalConfig(n=min(16, len(test)), steps=int(S["eval"].split()[-1]), batch=16, metric="outlines", **settings)
+        with_cn = evaluate(base, cn, test, cfg, progress=False)
+        alone = evaluate(base, None, test, cfg, progress=False)
+        same = all(np.array_equal(a[1], b[1]) for a, b in zip(with_cn.examples, alone.examples))
+        results[name] = {"samples": cfg.n, "base weights": weights, "bitwise_identical": same}
+        print(f"zero-init identity, {name} ({weights} base), {cfg.n} samples: bitwise identical = {same}")
+    (work / "results").mkdir(parents=True, exist_ok=True)
+    (work / "results" / "identity.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("stage", choices=["data", "unet", "flux", "evaluate"])
+    p.add_argument("stage", choices=["data", "unet", "flux", "evaluate", "identity"])
     p.add_argument("--work", default="work/outlines")
     p.add_argument("--smoke", action="store_true", help="toy scale on a CPU, to check the script")
     args = p.parse_args()
     if args.smoke:
         S.update(SMOKE)
     work = Path(args.work).resolve()
-    if args.stage != "data":
+    if args.stage not in ("data", "identity"):
         stage_data(work)
-    {"data": stage_data, "unet": stage_unet, "flux": stage_flux, "evaluate": stage_evaluate}[args.stage](work)
+    stages = {"data": stage_data, "unet": stage_unet, "flux": stage_flux, "evaluate": stage_evaluate}
+    {**stages, "identity": stage_identity}[args.stage](work)
 
 
 if __name__ == "__main__":
