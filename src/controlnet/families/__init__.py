@@ -17,6 +17,9 @@ A plug-in module provides:
 - ``load_vae(path, *, base)`` and ``merge_loras(base, loras)`` for the files that modify a base;
 - optionally ``generation_settings(path) -> dict``: the settings a base model's file carries
   (guidance, prompts, ...: :mod:`controlnet.generation.defaults`).
+
+or holds an object that does, as ``PLUGIN``: the transformer families each hold a
+:class:`.dit_plugin.DiTPlugin` (one interface; a family gives its name, class and defaults).
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from __future__ import annotations
 import importlib
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from ..errors import CheckpointError
@@ -50,11 +52,12 @@ PLUGINS: dict[str, str] = {
 }
 
 
-def _plugins() -> list[ModuleType]:
-    return [importlib.import_module(module) for module in PLUGINS.values()]
+def _plugins() -> list[Any]:
+    modules = [importlib.import_module(module) for module in PLUGINS.values()]
+    return [getattr(m, "PLUGIN", m) for m in modules]
 
 
-def plugin_for(path: str | Path) -> ModuleType:
+def plugin_for(path: str | Path) -> Any:
     """The plug-in of the family whose files ``path`` is one of; CheckpointError naming the file
     and what each family found otherwise."""
     reasons = []
@@ -70,7 +73,7 @@ def plugin_for(path: str | Path) -> ModuleType:
     raise CheckpointError("; ".join(f"{p.LABEL}: {e}" for p, e in reasons))
 
 
-def _plugin_of_model(base: Any) -> ModuleType:
+def _plugin_of_model(base: Any) -> Any:
     for plugin in _plugins():
         if isinstance(base, plugin.BASE):
             return plugin
