@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..choices import Sampler, TimestepSpacing
+from ..model.fused import BlockFusion
 from ..model.residence import Residence, move, pin
 from .flow_match import FlowMatchSampler, FlowMatchTraining
 from .protocol import Inpaint
@@ -99,10 +100,20 @@ class DiTBase(Residence):
     blocks: ClassVar[tuple[type[nn.Module], ...]] = ()
     #: whether a fixed-shift schedule still takes the levels 1 .. 1/steps (FlowMatchSampler.make)
     linear_sigmas: ClassVar[bool] = False
+    #: the family's fused blocks (its ``fused.FUSION``): the transformer's blocks take their
+    #: forward, the same arithmetic in fewer kernels
+    fusion: ClassVar[BlockFusion | None] = None
 
     def __post_init__(self) -> None:
         for m in self.modules().values():
             m.requires_grad_(False).eval()
+        if self.fusion is not None:
+            self.fusion.fuse(self.transformer)
+
+    @property
+    def guidance_input(self) -> bool:
+        """Whether the network reads the guidance scale as an input (guidance-distilled Flux.1)."""
+        return False
 
     def modules(self) -> dict[str, nn.Module]:
         raise NotImplementedError

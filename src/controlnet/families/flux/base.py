@@ -29,7 +29,7 @@ from ...model.fastpath import run_concurrently
 from ..dit import DiTBase, check_plain_prompts
 from ..protocol import Inpaint, PromptEmbeddings, controlnet_config
 from .controlnet import FLUX_BLOCKS, FLUX_FIELDS, FluxControlNet, FluxControlNetConfig, FluxResiduals
-from .fused import fuse_blocks
+from .fused import FUSION
 from .patches import image_ids, pack, text_ids, unpack
 from .schedule import FLUX_SCHEDULE
 
@@ -59,10 +59,7 @@ class FluxBase(DiTBase):
     schedule: dict[str, Any] = field(default_factory=lambda: dict(FLUX_SCHEDULE))
     settings: dict[str, Any] = field(default_factory=dict)
     blocks = FLUX_BLOCKS
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        fuse_blocks(self.transformer)  # the same arithmetic in fewer kernels (fused.py)
+    fusion = FUSION
 
     @property
     def family(self) -> FluxVariant:

@@ -34,7 +34,7 @@ from ...model.fastpath import run_concurrently
 from ..dit import DiTBase, encode_together, pack, shared_fields, unpack
 from ..protocol import PromptEmbeddings, controlnet_config
 from .controlnet import QWEN_FIELDS, QwenImageControlNet, QwenImageControlNetConfig
-from .fused import fuse_blocks
+from .fused import FUSION
 
 __all__ = ["PROMPT_TEMPLATE", "QWEN_SCHEDULE", "QwenImageBase", "QwenImageVariant"]
 
@@ -87,14 +87,7 @@ class QwenImageBase(DiTBase):
     settings: dict[str, Any] = field(default_factory=dict)
     blocks = (QwenImageTransformerBlock,)
     family = QwenImageVariant.QWEN_IMAGE
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        fuse_blocks(self.transformer)  # the same arithmetic in fewer kernels (fused.py)
-
-    @property
-    def guidance_input(self) -> bool:
-        return False
+    fusion = FUSION
 
     def modules(self) -> dict[str, nn.Module]:
         return {"transformer": self.transformer, "vae": self.vae, "text_encoder": self.text_encoder}

@@ -27,7 +27,7 @@ from ...model.fastpath import run_concurrently
 from ..dit import DiTBase, check_plain_prompts
 from ..protocol import PromptEmbeddings, controlnet_config
 from .controlnet import SD3_BLOCKS, SD3_FIELDS, SD3ControlNet, SD3ControlNetConfig
-from .fused import fuse_blocks
+from .fused import FUSION
 
 __all__ = ["SD3_SCHEDULE", "SD3Base", "SD3Variant"]
 
@@ -58,16 +58,8 @@ class SD3Base(DiTBase):
     schedule: dict[str, Any] = field(default_factory=lambda: dict(SD3_SCHEDULE))
     settings: dict[str, Any] = field(default_factory=dict)
     blocks = SD3_BLOCKS
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        fuse_blocks(self.transformer)  # the same arithmetic in fewer kernels (fused.py)
-
+    fusion = FUSION
     family = SD3Variant.SD3
-
-    @property
-    def guidance_input(self) -> bool:
-        return False
 
     def modules(self) -> dict[str, nn.Module]:
         mods = {

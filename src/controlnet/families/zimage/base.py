@@ -31,7 +31,7 @@ from ...model.control import Control, region_tokens
 from ..dit import DiTBase, encode_together, shared_fields
 from ..protocol import Inpaint, PromptEmbeddings, controlnet_config
 from .controlnet import ZIMAGE_FIELDS, ZImageControlNet, ZImageControlNetConfig
-from .fused import fuse_blocks
+from .fused import FUSION
 from .sequence import finish, patch_tokens, prepare
 
 __all__ = ["PROMPT_TEMPLATE", "ZIMAGE_SCHEDULE", "ZImageBase", "ZImageVariant"]
@@ -63,14 +63,7 @@ class ZImageBase(DiTBase):
     blocks = (ZImageTransformerBlock,)
     linear_sigmas = True
     family = ZImageVariant.Z_IMAGE
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        fuse_blocks(self.transformer)  # the same arithmetic in fewer kernels (fused.py)
-
-    @property
-    def guidance_input(self) -> bool:
-        return False
+    fusion = FUSION
 
     def modules(self) -> dict[str, nn.Module]:
         return {"transformer": self.transformer, "vae": self.vae, "text_encoder": self.text_encoder}
