@@ -16,7 +16,6 @@ counted and set against the bf16 matmul peak measured in the same run.
 
 from __future__ import annotations
 
-import inspect
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from controlnet.families.protocol import PromptEmbeddings
 from controlnet.families.qwenimage import QwenImageControlNet, QwenImageControlNetConfig
 from controlnet.families.qwenimage.base import QWEN_SCHEDULE, QwenImageBase
 from controlnet.families.qwenimage.fused import stock_blocks
+from controlnet.formats.dit_controlnet import diffusers_config
 from controlnet.generation.denoiser import ControlUnit
 from controlnet.generation.sampling import denoise, initial_noise
 from controlnet.model.fastpath import release_graphs
@@ -138,14 +138,9 @@ def peer(base: QwenImageBase, cn: QwenImageControlNet, x: dict[str, Any], steps:
         QwenImageControlNetPipeline,
     )
 
-    accepted = inspect.signature(QwenImageControlNetModel.__init__).parameters
-    fields = {k: v for k, v in dict(base.transformer.config).items() if k in accepted}
-    fields.update(
-        num_layers=cn.config.num_layers, extra_condition_channels=cn.config.extra_condition_channels
-    )
     prompt = x["prompt"]
     with built_in(prompt.dtype, prompt.device):
-        model = QwenImageControlNetModel(**fields).eval()
+        model = QwenImageControlNetModel.from_config(diffusers_config(cn)).eval()
     model.load_state_dict(cn.state_dict())
     pipe = QwenImageControlNetPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULE),

@@ -29,6 +29,7 @@ from controlnet.families.protocol import PromptEmbeddings
 from controlnet.families.zimage import ZImageControlNet, ZImageControlNetConfig
 from controlnet.families.zimage.base import ZIMAGE_SCHEDULE, ZImageBase
 from controlnet.families.zimage.fused import stock_blocks
+from controlnet.formats.dit_controlnet import diffusers_config
 from controlnet.generation.denoiser import ControlUnit
 from controlnet.generation.sampling import denoise, initial_noise
 from controlnet.model.fastpath import release_graphs
@@ -116,19 +117,9 @@ def peer(base: ZImageBase, cn: ZImageControlNet, x: dict[str, Any], steps: int, 
     networks it runs every step."""
     from diffusers import FlowMatchEulerDiscreteScheduler, ZImageControlNetModel, ZImageControlNetPipeline
 
-    t, c = cn.transformer_config, cn.config
     prompt = x["prompt"]
     with built_in(prompt.dtype, prompt.device):
-        model = ZImageControlNetModel(
-            control_layers_places=list(c.control_layers_places),
-            control_refiner_layers_places=list(c.control_refiner_layers_places or []),
-            control_in_dim=c.control_in_dim,
-            add_control_noise_refiner=c.refiner,
-            dim=t["dim"],
-            n_refiner_layers=t["n_refiner_layers"],
-            n_heads=t["n_heads"],
-            n_kv_heads=t["n_kv_heads"],
-        ).eval()
+        model = ZImageControlNetModel.from_config(diffusers_config(cn)).eval()
     model.load_state_dict(cn.state_dict())
     pipe = ZImageControlNetPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**ZIMAGE_SCHEDULE),

@@ -52,6 +52,7 @@ __all__ = [
     "CNSpec",
     "arch",
     "describe",
+    "diffusers_config",
     "folder_arch",
     "load_file",
     "load_folder",
@@ -459,15 +460,22 @@ def _metadata(spec: CNSpec, cn: Any) -> dict[str, str]:
     }
 
 
+def diffusers_config(cn: Any) -> dict[str, Any]:
+    """The config.json of ``cn`` in the 'diffusers' layout: what diffusers' class of it is built from."""
+    spec = _BY_CLASS[type(cn)]
+    config = {"_class_name": spec.class_name, "_diffusers_version": diffusers.__version__}
+    config.update({k: list(v) if isinstance(v, tuple) else v for k, v in cn.transformer_config.items()})
+    config.update(spec.to_diffusers(cn.config))
+    return config
+
+
 def save(cn: Any, path: Path, fmt: str, *, overwrite: bool = False) -> list[Path]:
     """``fmt``: 'controlnet' (ours), 'original' (the published single file: the same tensors, no
     config) or 'diffusers' (a folder)."""
     spec = _BY_CLASS[type(cn)]
     state = {k: v.contiguous() for k, v in cn.state_dict().items()}
     if fmt == "diffusers":
-        config = {"_class_name": spec.class_name, "_diffusers_version": diffusers.__version__}
-        config.update({k: list(v) if isinstance(v, tuple) else v for k, v in cn.transformer_config.items()})
-        config.update(spec.to_diffusers(cn.config))
+        config = diffusers_config(cn)
         with atomic_outputs(path, overwrite=overwrite) as (tmp,):
             tmp.mkdir()
             (tmp / "config.json").write_text(dump_json(config))
