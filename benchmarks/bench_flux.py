@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import compare_generation, transformer_bench_args
+from common import compare_generation, flow_denoise, transformer_bench_args
 
 from controlnet.families.flux import FluxControlNet, FluxControlNetConfig
 from controlnet.families.flux.base import FluxBase
@@ -33,7 +33,7 @@ from controlnet.families.flux.patches import pack, unpack
 from controlnet.families.flux.schedule import FLUX_SCHEDULE
 from controlnet.families.protocol import PromptEmbeddings
 from controlnet.generation.denoiser import ControlUnit
-from controlnet.generation.sampling import denoise, initial_noise
+from controlnet.generation.sampling import initial_noise
 from controlnet.model.fastpath import release_graphs
 
 FULL = {"guidance_embeds": True}  # diffusers' defaults are Flux.1's sizes
@@ -127,22 +127,9 @@ def ours(
         {"pooled": x["pooled"], "guidance": torch.full((1,), guidance, device=x["pooled"].device)},
     )
     unit = ControlUnit(cn, x["condition"], 1.0, control_type=2)
-    return denoise(
-        base,
-        cond,
-        None,
-        [unit],
-        sampler="euler",
-        timestep_spacing="default",
-        steps=steps,
-        guidance=guidance,
-        eta=0.0,
-        seeds=[0],
-        latent_size=x["latent_size"],
-        progress=False,
-        cuda_graphs=cuda_graphs,
-        compile=compile,
-    ).latents
+    return flow_denoise(
+        base, cond, None, [unit], x["latent_size"], steps, guidance, cuda_graphs=cuda_graphs, compile=compile
+    )
 
 
 def peer(base: FluxBase, cn: FluxControlNet, x: dict[str, Any], steps: int, guidance: float) -> Any:

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_flux import _NoText
-from common import built_in, compare_generation, transformer_bench_args
+from common import built_in, compare_generation, flow_denoise, transformer_bench_args
 
 from controlnet.families.dit import pack, unpack
 from controlnet.families.protocol import PromptEmbeddings
@@ -33,7 +33,7 @@ from controlnet.families.qwenimage.base import QWEN_SCHEDULE, QwenImageBase
 from controlnet.families.qwenimage.fused import stock_blocks
 from controlnet.formats.dit_controlnet import diffusers_config
 from controlnet.generation.denoiser import ControlUnit
-from controlnet.generation.sampling import denoise, initial_noise
+from controlnet.generation.sampling import initial_noise
 from controlnet.model.fastpath import release_graphs
 
 GUIDANCE = 4.0
@@ -111,22 +111,17 @@ def ours(
     padded = torch.cat([negative, negative.new_zeros(1, n - m, negative.shape[2])], dim=1)
     cond = PromptEmbeddings(prompt, {"text_lengths": torch.tensor([n])})
     uncond = PromptEmbeddings(padded, {"text_lengths": torch.tensor([m])})
-    return denoise(
+    return flow_denoise(
         base,
         cond,
         uncond,
         [ControlUnit(cn, x["condition"], 1.0)],
-        sampler="euler",
-        timestep_spacing="default",
-        steps=steps,
-        guidance=GUIDANCE,
-        eta=0.0,
-        seeds=[0],
-        latent_size=x["latent_size"],
-        progress=False,
+        x["latent_size"],
+        steps,
+        GUIDANCE,
         cuda_graphs=cuda_graphs,
         compile=compile,
-    ).latents
+    )
 
 
 def peer(base: QwenImageBase, cn: QwenImageControlNet, x: dict[str, Any], steps: int) -> Any:

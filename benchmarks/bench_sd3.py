@@ -23,14 +23,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_flux import _NoText, vae
-from common import compare_generation, transformer_bench_args
+from common import compare_generation, flow_denoise, transformer_bench_args
 
 from controlnet.families.protocol import PromptEmbeddings
 from controlnet.families.sd3 import SD3ControlNet, SD3ControlNetConfig
 from controlnet.families.sd3.base import SD3_SCHEDULE, SD3Base
 from controlnet.families.sd3.fused import stock_blocks
 from controlnet.generation.denoiser import ControlUnit
-from controlnet.generation.sampling import denoise, initial_noise
+from controlnet.generation.sampling import initial_noise
 from controlnet.model.fastpath import release_graphs
 
 GUIDANCE = 4.5
@@ -119,22 +119,17 @@ def ours(
     cuda_graphs: bool | None = None,
     compile: bool = False,
 ) -> torch.Tensor:
-    return denoise(
+    return flow_denoise(
         base,
         x["cond"],
         x["uncond"],
         [ControlUnit(cn, x["condition"], 1.0)],
-        sampler="euler",
-        timestep_spacing="default",
-        steps=steps,
-        guidance=GUIDANCE,
-        eta=0.0,
-        seeds=[0],
-        latent_size=x["latent_size"],
-        progress=False,
+        x["latent_size"],
+        steps,
+        GUIDANCE,
         cuda_graphs=cuda_graphs,
         compile=compile,
-    ).latents
+    )
 
 
 def peer(base: SD3Base, cn: SD3ControlNet, x: dict[str, Any], steps: int) -> Any:

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_flux import _NoText, vae
-from common import built_in, compare_generation, transformer_bench_args
+from common import built_in, compare_generation, flow_denoise, transformer_bench_args
 
 from controlnet.families.protocol import PromptEmbeddings
 from controlnet.families.zimage import ZImageControlNet, ZImageControlNetConfig
@@ -31,7 +31,7 @@ from controlnet.families.zimage.base import ZIMAGE_SCHEDULE, ZImageBase
 from controlnet.families.zimage.fused import stock_blocks
 from controlnet.formats.dit_controlnet import diffusers_config
 from controlnet.generation.denoiser import ControlUnit
-from controlnet.generation.sampling import denoise, initial_noise
+from controlnet.generation.sampling import initial_noise
 from controlnet.model.fastpath import release_graphs
 
 PROMPT_TOKENS, NEGATIVE_TOKENS = 96, 12
@@ -94,22 +94,17 @@ def ours(
     cond = PromptEmbeddings(prompt[None], {"text_lengths": torch.tensor([n])})
     padded = torch.cat([negative, negative.new_zeros(n - m, negative.shape[1])])[None]
     uncond = PromptEmbeddings(padded, {"text_lengths": torch.tensor([m])}) if guidance != 1.0 else None
-    return denoise(
+    return flow_denoise(
         base,
         cond,
         uncond,
         [ControlUnit(cn, x["condition"], 1.0)],
-        sampler="euler",
-        timestep_spacing="default",
-        steps=steps,
-        guidance=guidance,
-        eta=0.0,
-        seeds=[0],
-        latent_size=x["latent_size"],
-        progress=False,
+        x["latent_size"],
+        steps,
+        guidance,
         cuda_graphs=cuda_graphs,
         compile=compile,
-    ).latents
+    )
 
 
 def peer(base: ZImageBase, cn: ZImageControlNet, x: dict[str, Any], steps: int, guidance: float) -> Any:

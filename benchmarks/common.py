@@ -112,6 +112,40 @@ def diffusers_controlnet(unet: UNet2DConditionModel, cn: ControlNet) -> torch.nn
     return theirs.to(cn.device, cn.dtype).eval()
 
 
+def flow_denoise(
+    base: Any,
+    cond: Any,
+    uncond: Any,
+    units: list[Any],
+    latent_size: tuple[int, int],
+    steps: int,
+    guidance: float,
+    *,
+    cuda_graphs: bool | None = None,
+    compile: bool = False,
+) -> torch.Tensor:
+    """Our denoising as each transformer benchmark times it: from prompt embeddings, Euler over
+    the family's schedule, seed 0, no progress bar; the final latents."""
+    from controlnet.generation.sampling import denoise
+
+    return denoise(
+        base,
+        cond,
+        uncond,
+        units,
+        sampler="euler",
+        timestep_spacing="default",
+        steps=steps,
+        guidance=guidance,
+        eta=0.0,
+        seeds=[0],
+        latent_size=latent_size,
+        progress=False,
+        cuda_graphs=cuda_graphs,
+        compile=compile,
+    ).latents
+
+
 def cuda_time(fn: Callable[[], Any], warmup: int = 2, reps: int = 5) -> float:
     """Median wall time of ``fn`` in seconds, synchronising the GPU around each run."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
