@@ -12,7 +12,7 @@ still goes through the VAE every step, as in the recipe). One step's arithmetic 
 backward, torch's FLOP counter) over the bf16 matmul peak of the same run gives the floor.
 
     python benchmarks/bench_train_flux.py --out results/train-flux.json --peer [--size 1024]
-        [--batch 1] [--checkpointing] [--largest-batch]
+        [--batch 1] [--checkpointing] [--largest-batch] [--profile]
     python benchmarks/bench_train_flux.py --smoke     # tiny shapes on the CPU: checks the script
 """
 
@@ -229,6 +229,38 @@ def peer(
     return {"samples_per_s": batch / seconds, "peak_gib": peak}
 
 
+def profile(base: FluxBase, batch: int, size: int, out: Path) -> dict[str, float]:
+    """Where one of our training steps' time goes: the step as ``train`` runs it (the objective
+    under bf16 autocast, backward, clipping at 1.0, fused AdamW) in a bare loop; GPU milliseconds
+    by kind of kernel (the 40 longest kernels written to ``out``) and the step's wall time, whose
+    excess over the GPU's busy time is time the GPU waited for Python."""
+    from profile_kernels import kernel_profile
+
+    _reset()
+    objective = _objective(base)
+    device = torch.device(_device())
+    objective.prepare(device, base.dtype)
+    params = [p for m in objective.trainable_modules().values() for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+    data = cached_like(base, batch, size)
+    items = to_device(collate([data[i] for i in range(batch)]), device)
+    counter = iter(range(10**9))
+
+    def step() -> None:
+        noise = StepNoise(0, next(counter), 0, batch, slice(0, batch), _device())
+        with torch.autocast(_device(), dtype=torch.bfloat16, enabled=not SMOKE):
+            loss = objective(items, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    wall = (cuda_time(step, warmup=2, reps=4) if not SMOKE else _cpu_time(step)) * 1e3
+    kinds = kernel_profile(step, out)
+    objective.controlnet.to("cpu")
+    return {"wall ms": wall, **{k: round(v, 2) for k, v in kinds.items()}}
+
+
 def _cpu_time(fn: Any) -> float:
     import time
 
@@ -253,6 +285,9 @@ def main() -> None:
     p.add_argument("--peer-only", action="store_true", help="time the recipe's step alone (not ours)")
     p.add_argument("--checkpointing", action="store_true", help="also with gradient checkpointing")
     p.add_argument("--largest-batch", action="store_true", help="also the largest batch that fits, per row")
+    p.add_argument(
+        "--profile", action="store_true", help="where our step's GPU time goes (kernel list beside --out)"
+    )
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: check the script")
     args = p.parse_args()
     global SMOKE
@@ -271,6 +306,12 @@ def main() -> None:
         print(rows[-1], flush=True)
         write_json(args.out, {**res, "rows": rows})
 
+    if args.profile:
+        kernels = Path(args.out or "train-flux.json").with_suffix(".kernels.txt")
+        kernels.parent.mkdir(parents=True, exist_ok=True)
+        res["profile, ours, ms per step"] = profile(base, args.batch, size, kernels)
+        print(res["profile, ours, ms per step"], flush=True)
+        write_json(args.out, res)
     cudnn = not args.peer_no_cudnn_attention
     recipe = "diffusers recipe" + ("" if cudnn else " (no cuDNN attention)")
     for ck in [False, True] if args.checkpointing else [False]:
