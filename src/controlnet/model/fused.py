@@ -6,9 +6,11 @@ and copies: the adaptive layer norms' modulation, the gates and residual additio
 of queries and keys (computed in float32 and cast back), the rotary embedding (seven kernels and
 two float32 copies per tensor), the joining of the text and image streams and the attention
 layout. Here each group is one function - :func:`modulate`, :func:`gated_add`, :func:`queries`,
-:func:`values`, and for Z-Image's RMS-normed blocks :func:`rms_modulate`, :func:`gated_rms_add`,
-:func:`silu_gate` - compiled alone on first use (``torch.compile`` of that function, for any shape:
-seconds, once) and computing in float32 until its single rounding. Where a whole block is compiled
+and for Z-Image's RMS-normed blocks :func:`rms_modulate`, :func:`gated_rms_add`, :func:`silu_gate`
+- compiled alone on first use (``torch.compile`` of that function, for any shape: seconds, once)
+and computing in float32 until its single rounding. Attention reads its queries, keys and values
+(:func:`values`) in tokens-major memory and writes its output so, which the output projection
+reads without a copy. Where a whole block is compiled
 (``--fast``) they run as plain code, which inductor fuses across. The feed-forward's tanh-GELU
 (:func:`linear_gelu`, :func:`feed_forward`) runs in its product's epilogue (cuBLASLt) on a GPU.
 
@@ -143,8 +145,9 @@ def queries(
 ) -> torch.Tensor:
     """Queries or keys of each stream, (B, L_i, H, D): each RMS-normalised with its weight (none:
     not normalised), joined along the tokens, rotated by a rotary embedding (cos, sin: (L, D), or
-    (B, L, D) where each sample has its own positions; pairs interleaved; none: not rotated), laid
-    out (B, H, L, D) for attention."""
+    (B, L, D) where each sample has its own positions; pairs interleaved; none: not rotated), as
+    (B, H, L, D) for attention: a view of tokens-major memory (B, L, H, D), in which attention
+    writes its output too, so that joining its heads afterwards copies nothing."""
     out = []
     for i, x in enumerate(parts):
         out.append(x.float() if weights is None else _rms(x.float(), weights[i], eps))
@@ -153,14 +156,14 @@ def queries(
         pairs = x.unflatten(-1, (-1, 2))
         rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
         x = x * cos.unsqueeze(-2).float() + rotated * sin.unsqueeze(-2).float()
-    return x.to(parts[0].dtype).transpose(1, 2).contiguous()
+    return x.to(parts[0].dtype).contiguous().transpose(1, 2)
 
 
-@_kernel
 def values(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Values of each stream, (B, L_i, H, D), joined along the tokens and laid out (B, H, L, D)."""
+    """Values of each stream, (B, L_i, H, D), joined along the tokens, as (B, H, L, D): a view of
+    tokens-major memory, as :func:`queries` gives (one stream: no copy at all)."""
     x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-    return x.transpose(1, 2).contiguous()
+    return x.transpose(1, 2)
 
 
 def stream_attention(
