@@ -1,6 +1,7 @@
 """FP8 weights and products (model/fp8.py): a layer computes what its dequantised weight and
-quantised input compute, keeps its float8 bytes through dtype moves, and a Flux generation with
-them stays close to the bf16 one; families without an FP8 path refuse it in one line."""
+quantised input compute (a modulation layer: its input unquantised), keeps its float8 bytes
+through dtype moves, and a Flux generation with them stays close to the bf16 one; families without
+an FP8 path refuse it in one line."""
 
 from __future__ import annotations
 
@@ -27,6 +28,18 @@ def test_an_fp8_layer_computes_its_quantised_product():
     assert layer.weight_bits.dtype == torch.uint8 and torch.equal(layer.weight_bits, bytes_before)
     assert layer.weight_scale.dtype == torch.float32 and layer.bias.dtype == torch.bfloat16
     assert layer(x.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_a_weight_only_fp8_layer_takes_its_product_with_the_input_unquantised():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    layer = FP8Linear(linear, weight_only=True)
+    x = torch.randn(1, 64)  # a modulation layer's one vector per sample
+    want = x @ layer.weight.t() + linear.bias  # the dequantised weight, the input as it is
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+    quantised = FP8Linear(linear)(x)  # the FP8 product rounds the input too: further off
+    assert (quantised - want).abs().max() > 10 * (layer(x) - want).abs().max()
+    assert layer.weight_bits.dtype == torch.uint8 and "weight only" in repr(layer)
 
 
 def test_flux_with_fp8_blocks_stays_close_to_full_precision():
@@ -60,10 +73,14 @@ def test_flux_with_fp8_blocks_stays_close_to_full_precision():
     full = run()
     base.use_fp8([cn])
     n = sum(type(m) is FP8Linear for m in [*base.transformer.modules(), *cn.modules()])
-    assert n > 0 and not any(
-        type(m) is torch.nn.Linear and "norm" not in name
-        for block in base.transformer.transformer_blocks
-        for name, m in block.named_modules()
+    blocks = [*base.transformer.transformer_blocks, *base.transformer.single_transformer_blocks]
+    layers = {name: m for block in blocks for name, m in block.named_modules()}
+    assert n > 0 and not any(type(m) is torch.nn.Linear for m in layers.values())  # all stored in FP8
+    # the modulation layers (one vector per sample) take their products in bf16, the rest in FP8
+    assert (
+        {name for name, m in layers.items() if getattr(m, "weight_only", False)}
+        == {name for name in layers if name.startswith("norm") and name.endswith(".linear")}
+        != set()
     )
     base.use_fp8([cn])  # idempotent
     assert sum(type(m) is FP8Linear for m in [*base.transformer.modules(), *cn.modules()]) == n
