@@ -13,6 +13,7 @@ backward, torch's FLOP counter) over the bf16 matmul peak of the same run gives 
 
     python benchmarks/bench_train_flux.py --out results/train-flux.json --peer [--size 1024]
         [--batch 1] [--checkpointing] [--largest-batch] [--profile]
+        [--compile default] [--compile reduce-overhead]
     python benchmarks/bench_train_flux.py --smoke     # tiny shapes on the CPU: checks the script
 """
 
@@ -37,6 +38,7 @@ from common import cuda_time, environment, matmul_peak_tflops, table, write_json
 from controlnet.families.flux import FluxControlNetConfig
 from controlnet.families.flux.base import FluxBase
 from controlnet.families.protocol import PromptEmbeddings
+from controlnet.model.fastpath import COMPILE_MODES
 from controlnet.training.batches import collate, to_device
 from controlnet.training.objectives import ControlNetObjective, StepNoise
 from controlnet.training.train import TrainConfig, train
@@ -109,7 +111,11 @@ def step_flops(base: FluxBase, batch: int, size: int) -> float:
     return float(counter.get_total_flops())
 
 
-def ours(base: FluxBase, batch: int, size: int, steps: int, *, checkpointing: bool) -> dict[str, float]:
+def ours(
+    base: FluxBase, batch: int, size: int, steps: int, *, checkpointing: bool, compile_mode: str | None = None
+) -> dict[str, float]:
+    """Our ``train`` loop; ``compile_mode``: with ``--compile`` in that mode (the networks' blocks
+    compiled one kind at a time; the locked base stays compiled for later rows)."""
     _reset()
     objective = _objective(base)
     if torch.cuda.is_available() and not SMOKE:
@@ -123,6 +129,8 @@ def ours(base: FluxBase, batch: int, size: int, steps: int, *, checkpointing: bo
             lr=1e-5,
             mixed_precision="no" if SMOKE else "bfloat16",
             gradient_checkpointing=checkpointing,
+            compile=compile_mode is not None,
+            compile_mode=compile_mode or "default",
             max_grad_norm=1.0,
             log_every=max(1, steps // 3),
             save_checkpoints=False,
@@ -286,6 +294,13 @@ def main() -> None:
     p.add_argument("--checkpointing", action="store_true", help="also with gradient checkpointing")
     p.add_argument("--largest-batch", action="store_true", help="also the largest batch that fits, per row")
     p.add_argument(
+        "--compile",
+        action="append",
+        default=[],
+        choices=COMPILE_MODES,
+        help="also ours with --compile in this mode (last: it stays compiled)",
+    )
+    p.add_argument(
         "--profile", action="store_true", help="where our step's GPU time goes (kernel list beside --out)"
     )
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: check the script")
@@ -323,6 +338,15 @@ def main() -> None:
             )
         if not args.peer_only:
             runs.append(("ours", lambda b, ck=ck: ours(base, b, size, args.steps, checkpointing=ck)))
+            for mode in args.compile:
+                runs.append(
+                    (
+                        f"ours --compile ({mode})",
+                        lambda b, ck=ck, mode=mode: ours(
+                            base, b, size, args.steps, checkpointing=ck, compile_mode=mode
+                        ),
+                    )
+                )
         for name, measure in runs:
             row = measure(args.batch)
             add(name + suffix, args.batch, row)
