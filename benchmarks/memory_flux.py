@@ -10,10 +10,11 @@ generation twice; the second call's peak is reported, from an emptied cache: the
 tensors (``max_memory_allocated``) during the whole call and during the denoising loop alone, and
 by the allocator (``max_memory_reserved``). ``--offload`` keeps the text encoders and the VAE in
 CPU memory and brings each to the GPU only while it runs; the transformer and ControlNet step off
-the card for a visitor that would not fit beside them. The last row is a 24 GB card: the same GPU
+the card for a visitor that would not fit beside them. One row is a 24 GB card: the same GPU
 with all but 24 GB (10^9 bytes) taken before the generation (the peaks leave that out).
 
     python benchmarks/memory_flux.py --out results/memory-flux.json   # about 5 minutes on an H100
+    python benchmarks/memory_flux.py --rows "24 GB card (offload + fp8),fp8" --out ...  # those rows
     python benchmarks/memory_flux.py --smoke                           # tiny shapes, CPU: the script
 """
 
@@ -106,6 +107,7 @@ def gib_of(*modules: torch.nn.Module) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out")
+    p.add_argument("--rows", help="comma-separated labels of the rows to run, in their order (default: all)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: check the script")
     args = p.parse_args()
     cuda = not args.smoke
@@ -145,8 +147,15 @@ def main() -> None:
     options = [("default", {}), ("offload", {"offload": True})]
     # a 24 GB card: the same GPU with all but 24 GB taken, the models in CPU memory in bf16 as
     # loaded; the generation converts to FP8 block by block on the card (later rows keep FP8)
-    options += [("offload + fp8, 24 GB card", {"offload": True, "fp8": True, "card_gb": 24})] if cuda else []
+    options += [("24 GB card (offload + fp8)", {"offload": True, "fp8": True, "card_gb": 24})] if cuda else []
     options += [("fp8", {"fp8": True}), ("offload + fp8", {"offload": True, "fp8": True})] if cuda else []
+    if args.rows:
+        wanted = [r.strip() for r in args.rows.split(",")]
+        unknown = sorted(set(wanted) - {label for label, _ in options})
+        if unknown:
+            known = ", ".join(label for label, _ in options)
+            p.error(f"--rows: no row {', '.join(unknown)}; the rows: {known}")
+        options = [(label, opts) for label, opts in options if label in wanted]
     for label, opts in options:
         if opts.get("offload") and not cuda:
             continue
@@ -211,7 +220,7 @@ def main() -> None:
     release_graphs(base.transformer)
     # offloading moves weights, not arithmetic: each offloaded row against its row without it
     pairs = [("offload", "default"), ("fp8", "default"), ("offload + fp8", "fp8")]
-    pairs += [("offload + fp8, 24 GB card", "fp8")]
+    pairs += [("24 GB card (offload + fp8)", "fp8")]
     agreement = {}
     for label, ref in pairs:
         if label in images and ref in images:
