@@ -339,6 +339,45 @@ def test_guidance_ends_and_caps_its_norm(world):
         run(world, guidance_end=1.5)
 
 
+def test_a_card_without_room_for_a_graph_runs_the_steps_without_one(monkeypatch):
+    """A capture that runs out of GPU memory (the warm-up ran; the graph's own pool did not fit)
+    leaves the cache capturing nothing more: one warning, and every step runs as it is, giving
+    what the function gives. Any other capture error still reaches the caller."""
+    from controlnet.model.fastpath import GraphCache
+
+    cache = GraphCache(torch.device("cpu"))
+    cache.use_graphs = True  # as on a GPU; the capture below fails as a full card's would
+
+    def full_card(fn, statics):
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        except torch.OutOfMemoryError:  # the graph's end failing after it, as torch reports it
+            raise RuntimeError("operation failed due to a previous error during capture") from None
+
+    monkeypatch.setattr(cache, "_capture", full_card)
+    calls = []
+
+    def step(inputs):
+        calls.append(1)
+        return inputs["x"] * 2
+
+    x = torch.arange(4.0)
+    with pytest.warns(UserWarning, match="no room for the denoising step's CUDA graph"):
+        assert torch.equal(cache.run("k", step, {"x": x}), x * 2)
+    assert not cache.use_graphs
+    assert torch.equal(cache.run("k", step, {"x": x + 1}), (x + 1) * 2) and len(calls) == 2
+
+    other = GraphCache(torch.device("cpu"))
+    other.use_graphs = True
+
+    def broken(fn, statics):
+        raise RuntimeError("an illegal memory access was encountered")
+
+    monkeypatch.setattr(other, "_capture", broken)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        other.run("k", step, {"x": x})
+
+
 def test_graphed_steps_replay_the_same_computation_per_active_set(world):
     """Graphed(model) computes what the model computes (on a CPU: from its static buffers), one
     cache entry per distinct set of active controls."""

@@ -17,6 +17,7 @@ plumbing is the code that the GPU path uses, and is tested.
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
@@ -82,7 +83,7 @@ class GraphCache:
         entry = self.entries.get(key)
         if entry is None:
             statics = {name: t.detach().clone() for name, t in inputs.items()}
-            graph, out = self._capture(fn, statics) if self.use_graphs else (None, None)
+            graph, out = self._capture_or_not(fn, statics) if self.use_graphs else (None, None)
             self.entries[key] = entry = (graph, statics, out)
             self.captures += 1
             while len(self.entries) > self.max_entries:
@@ -91,11 +92,33 @@ class GraphCache:
         graph, statics, out = entry  # (not the function: it would keep its caller's tensors alive)
         for name, t in inputs.items():
             statics[name].copy_(t)
-        if graph is None:  # CPU: this call's function (same key, same work) on the static buffers
+        if graph is None:  # CPU, or no room for a graph: this call's function on the static buffers
             return fn(statics).clone()
         graph.replay()
         assert out is not None
         return out.clone()
+
+    def _capture_or_not(
+        self, fn: StepFn, statics: dict[str, torch.Tensor]
+    ) -> tuple[Any, torch.Tensor | None]:
+        """A graph of ``fn``, or - when the card has no room for one (a graph's memory is a pool of
+        its own, beside what the step runs in) - none, with a warning, and no graph captured on
+        this cache afterwards: the steps run as they are, slower but the same."""
+        try:
+            return self._capture(fn, statics)
+        except RuntimeError as e:  # OutOfMemoryError, or the capture's end failing after one
+            if not _out_of_memory(e):
+                raise
+        # outside the handler: the failed capture's tensors, held by its traceback, are free now
+        self.use_graphs, self.entries, self.pool = False, OrderedDict(), None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        warnings.warn(
+            "the GPU has no room for the denoising step's CUDA graph: running the steps without one "
+            "(slower, the same results)",
+            stacklevel=3,
+        )
+        return None, None
 
     def _capture(self, fn: StepFn, statics: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor]:
         side = torch.cuda.Stream()
@@ -110,6 +133,17 @@ class GraphCache:
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = fn(statics)
         return graph, out
+
+
+def _out_of_memory(e: BaseException | None) -> bool:
+    """Whether ``e``, or an exception it was raised from or during, is an out-of-memory error."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, torch.OutOfMemoryError):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def step_graphs(owner: nn.Module, device: torch.device) -> GraphCache:
