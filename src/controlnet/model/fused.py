@@ -147,28 +147,16 @@ def queries(
     not normalised), joined along the tokens, rotated by a rotary embedding (cos, sin: (L, D), or
     (B, L, D) where each sample has its own positions; pairs interleaved; none: not rotated), as
     (B, H, L, D) for attention: a view of tokens-major memory (B, L, H, D), in which attention
-    writes its output too, so that joining its heads afterwards copies nothing. Each stream is
-    normalised and rotated on its own, with its rows of the table, before the join: one pass over
-    its memory (normalising the joined streams first left the float32 result in memory between
-    two passes)."""
-    out, start = [], 0
+    writes its output too, so that joining its heads afterwards copies nothing."""
+    out = []
     for i, x in enumerate(parts):
-        x = x.float() if weights is None else _rms(x.float(), weights[i], eps)
-        if cos is not None and sin is not None:
-            n = x.shape[1]
-            x = _rotate(x, cos.narrow(-2, start, n), sin.narrow(-2, start, n))
-            start += n
-        out.append(x.to(parts[0].dtype))
+        out.append(x.float() if weights is None else _rms(x.float(), weights[i], eps))
     x = torch.cat(out, dim=1) if len(out) > 1 else out[0]
-    return x.contiguous().transpose(1, 2)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x`` (B, L, H, D) rotated by a rotary table (cos, sin: (L, D) or (B, L, D), pairs
-    interleaved), in float32: a piece of :func:`queries`."""
-    pairs = x.unflatten(-1, (-1, 2))
-    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
-    return x * cos.unsqueeze(-2).float() + rotated * sin.unsqueeze(-2).float()
+    if cos is not None and sin is not None:
+        pairs = x.unflatten(-1, (-1, 2))
+        rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+        x = x * cos.unsqueeze(-2).float() + rotated * sin.unsqueeze(-2).float()
+    return x.to(parts[0].dtype).contiguous().transpose(1, 2)
 
 
 def values(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
