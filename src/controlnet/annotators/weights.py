@@ -20,6 +20,8 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from ..errors import CheckpointError
+
 __all__ = [
     "annotator_dir",
     "cached",
@@ -99,7 +101,8 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except (SafetensorError, OSError) as e:
-            raise ValueError(f"cannot read {path.name} as a safetensors file ({e})") from None
+            # a header's own text may be quoted in the reason: CheckpointError keeps it one line
+            raise CheckpointError(f"cannot read {path.name} as a safetensors file ({e})") from None
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a pickle with code in it, or not a torch file at all
