@@ -66,13 +66,15 @@ TINY = {
 }
 
 
-def build(tiny: bool, device: str, dtype: torch.dtype) -> tuple[SD3Base, SD3ControlNet]:
+def build_base(tiny: bool, device: str, dtype: torch.dtype) -> SD3Base:
+    """SD3.5-medium's transformer (a tiny one: ``tiny``) and a VAE of SD3's latent scale and shift,
+    random weights, no text encoders (the benchmarks start from prompt embeddings)."""
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(0)
     with torch.device(device):
         transformer = SD3Transformer2DModel(**(TINY if tiny else FULL)).to(dtype).eval()
-    base = SD3Base(
+    return SD3Base(
         transformer,
         vae(tiny, scale=1.5305, shift=0.0609).to(device, dtype),  # SD3's latent scale and shift
         _NoText(),
@@ -82,7 +84,12 @@ def build(tiny: bool, device: str, dtype: torch.dtype) -> tuple[SD3Base, SD3Cont
         None,
         max_sequence_length=8,
     )
-    cn = SD3ControlNet.from_transformer(transformer, SD3ControlNetConfig(num_layers=2 if tiny else 12)).eval()
+
+
+def build(tiny: bool, device: str, dtype: torch.dtype) -> tuple[SD3Base, SD3ControlNet]:
+    base = build_base(tiny, device, dtype)
+    config = SD3ControlNetConfig(num_layers=2 if tiny else 12)
+    cn = SD3ControlNet.from_transformer(base.transformer, config).eval()
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for name, p in cn.named_parameters():

@@ -9,7 +9,9 @@ the ControlNet from diffusers, the NaN check of every gradient, gradient clippin
 the real ``controlnet.training.train.train`` loop on items shaped like a latent cache's (latents,
 uint8 conditions, prompt embeddings: ``controlnet data cache`` makes them once; the condition
 still goes through the VAE every step, as in the recipe). One step's arithmetic (forward and
-backward, torch's FLOP counter) over the bf16 matmul peak of the same run gives the floor.
+backward, torch's FLOP counter) over the bf16 matmul peak of the same run gives the floor. The
+measurement (a family's :class:`Case`: ours, the recipe, the profile, the rows) is shared with
+``bench_train_sd3.py``.
 
     python benchmarks/bench_train_flux.py --out results/train-flux.json --peer [--size 1024]
         [--batch 1] [--checkpointing] [--largest-batch] [--profile]
@@ -25,6 +27,8 @@ import inspect
 import math
 import sys
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +52,20 @@ GUIDANCE = 3.5  # the recipe's --guidance_scale
 RECIPE = (4, 4)  # the recipe's --num_double_layers, --num_single_layers
 
 
+@dataclass
+class Case:
+    """One family's training benchmark: the locked base, the ControlNet trained (its config), the
+    cached context's length in tokens, and the recipe's step (``recipe(batch, size)``: the step to
+    time, over diffusers' ControlNet; the base's blocks run as diffusers writes them)."""
+
+    base: Any
+    copied: Any
+    text: int
+    recipe: Callable[[int, int], Callable[[], None]]
+    stock_blocks: Callable[[torch.nn.Module], Any]
+    name: str = "diffusers recipe"
+
+
 def _device() -> str:
     return "cpu" if SMOKE else "cuda"
 
@@ -55,6 +73,14 @@ def _device() -> str:
 def _copied() -> FluxControlNetConfig:
     """The ControlNet trained: the recipe's (one block of each kind for the smoke test's model)."""
     return FluxControlNetConfig(1, 1) if SMOKE else FluxControlNetConfig(*RECIPE)
+
+
+def flux_case() -> Case:
+    from controlnet.families.flux.fused import stock_blocks
+
+    base = build()
+    text = 8 if SMOKE else 512  # the recipe's T5 length
+    return Case(base, _copied(), text, lambda b, size: recipe_step(base, b, size, text), stock_blocks)
 
 
 def build() -> FluxBase:
@@ -67,36 +93,37 @@ def build() -> FluxBase:
     return FluxBase(transformer.to(dtype), vae(SMOKE).to(_device(), dtype), _NoText(), _NoText(), None, None)
 
 
-def cached_like(base: FluxBase, n: int, size: int) -> CachedLike:
-    """Items shaped like a latent cache's for a Flux base: its latents, T5's context, CLIP's pooled vector."""
-    t = base.transformer.config
+def cached_like(case: Case, n: int, size: int) -> CachedLike:
+    """Items shaped like a latent cache's for a transformer base: its latents, the text context,
+    the pooled text vector (Flux's and SD3's transformers name their widths alike)."""
+    base, t = case.base, case.base.transformer.config
     return CachedLike(
         n,
         size,
         latent=(base.latent_channels, base.vae_scale_factor),
-        context=(8 if SMOKE else 512, t.joint_attention_dim),
+        context=(case.text, t.joint_attention_dim),
         added={"pooled": t.pooled_projection_dim},
     )
 
 
-def _objective(base: FluxBase) -> ControlNetObjective:
-    cn = base.new_controlnet(_copied()).float()
-    objective = ControlNetObjective(base, cn)
-    t = base.transformer.config
-    text = 8 if SMOKE else 512
+def _objective(case: Case) -> ControlNetObjective:
+    cn = case.base.new_controlnet(case.copied).float()
+    objective = ControlNetObjective(case.base, cn)
+    t = case.base.transformer.config
     objective.inputs.empty = PromptEmbeddings(
-        torch.zeros(1, text, t.joint_attention_dim), {"pooled": torch.zeros(1, t.pooled_projection_dim)}
+        torch.zeros(1, case.text, t.joint_attention_dim), {"pooled": torch.zeros(1, t.pooled_projection_dim)}
     )
     return objective
 
 
-def step_flops(base: FluxBase, batch: int, size: int) -> float:
+def step_flops(case: Case, batch: int, size: int) -> float:
     """One training step's arithmetic (forward and backward) at ``batch``."""
     from torch.utils.flop_counter import FlopCounterMode, mm_flop
 
-    objective = _objective(base)
+    base = case.base
+    objective = _objective(case)
     objective.prepare(torch.device(_device()), base.dtype)
-    data = cached_like(base, batch, size)
+    data = cached_like(case, batch, size)
     items = to_device(collate([data[i] for i in range(batch)]), torch.device(_device()))
 
     def addmm_activation(bias: Any, a: Any, b: Any, *_: Any, **__: Any) -> int:
@@ -112,12 +139,12 @@ def step_flops(base: FluxBase, batch: int, size: int) -> float:
 
 
 def ours(
-    base: FluxBase, batch: int, size: int, steps: int, *, checkpointing: bool, compile_mode: str | None = None
+    case: Case, batch: int, size: int, steps: int, *, checkpointing: bool, compile_mode: str | None = None
 ) -> dict[str, float]:
     """Our ``train`` loop; ``compile_mode``: with ``--compile`` in that mode (the networks' blocks
     compiled one kind at a time; the locked base stays compiled for later rows)."""
     _reset()
-    objective = _objective(base)
+    objective = _objective(case)
     if torch.cuda.is_available() and not SMOKE:
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as out:
@@ -137,7 +164,7 @@ def ours(
             num_workers=2,
             progress=False,
         )
-        train(cfg, objective, cached_like(base, batch * 4, size))
+        train(cfg, objective, cached_like(case, batch * 4, size))
         with open(Path(out) / "metrics.csv") as f:
             rates = [float(r["value"]) for r in csv.DictReader(f) if r["name"] == "samples_per_s"]
     peak = _peak()
@@ -146,19 +173,35 @@ def ours(
     return {"samples_per_s": sum(rates[1:]) / max(1, len(rates[1:])), "peak_gib": peak}
 
 
-def peer(
-    base: FluxBase, batch: int, size: int, *, checkpointing: bool, cudnn_attention: bool = True
-) -> dict[str, float]:
-    """The recipe's training step, as published (diffusers' FluxControlNetModel over the same
-    locked transformer and VAE); ``cudnn_attention=False`` keeps torch's SDPA off cuDNN's kernel
-    for it (on 2026-12-06, torch 2.11 on an H100, the step stopped with an illegal memory access
-    in its backward pass)."""
+def time_recipe(
+    case: Case, batch: int, size: int, *, checkpointing: bool, cudnn_attention: bool = True
+) -> dict:
+    """Samples/s and peak memory of the recipe's step; ``cudnn_attention=False`` keeps torch's
+    SDPA off cuDNN's kernel for it (on 2026-12-06, torch 2.11 on an H100, Flux's recipe step
+    stopped with an illegal memory access in its backward pass)."""
+    _reset()
+    transformer = case.base.transformer
+    if checkpointing:
+        transformer.enable_gradient_checkpointing()
+    step = case.recipe(batch, size)
+    cudnn = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(cudnn_attention and cudnn)
+    try:
+        with case.stock_blocks(transformer):  # diffusers' own blocks
+            seconds = cuda_time(step, warmup=2, reps=5) if not SMOKE else _cpu_time(step)
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(cudnn)
+        if checkpointing:
+            transformer.disable_gradient_checkpointing()
+    return {"samples_per_s": batch / seconds, "peak_gib": _peak()}
+
+
+def recipe_step(base: FluxBase, batch: int, size: int, text: int) -> Callable[[], None]:
+    """The Flux recipe's training step, as published, over diffusers' FluxControlNetModel (the same
+    starting copy as ours) and the same locked transformer and VAE."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxControlNetModel, FluxControlNetPipeline
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
-    from controlnet.families.flux.fused import stock_blocks
-
-    _reset()
     device, dtype = _device(), torch.float32 if SMOKE else torch.bfloat16
     t = dict(base.transformer.config)
     accepted = inspect.signature(FluxControlNetModel.__init__).parameters
@@ -168,15 +211,13 @@ def peer(
     with torch.device(device):
         cn = FluxControlNetModel(**fields).float().train()
     cn.load_state_dict(base.new_controlnet(copied).state_dict())  # the same starting copy
-    if checkpointing:
-        base.transformer.enable_gradient_checkpointing()
+    if base.transformer.is_gradient_checkpointing:
         cn.enable_gradient_checkpointing()
     opt = torch.optim.AdamW(cn.parameters(), lr=1e-5)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)  # the copy the recipe draws timesteps from
     g = torch.Generator().manual_seed(0)
     pixels = (torch.rand(batch, 3, size, size, generator=g) * 2 - 1).to(device, dtype)
     control = torch.rand(batch, 3, size, size, generator=g).to(device, dtype)
-    text = 8 if SMOKE else 512
     context = torch.randn(batch, text, t["joint_attention_dim"], generator=g).to(device, dtype)
     pooled = torch.randn(batch, t["pooled_projection_dim"], generator=g).to(device, dtype)
     txt_ids = torch.zeros(text, 3, device=device, dtype=dtype)
@@ -224,20 +265,10 @@ def peer(
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    cudnn = torch.backends.cuda.cudnn_sdp_enabled()
-    torch.backends.cuda.enable_cudnn_sdp(cudnn_attention and cudnn)
-    try:
-        with stock_blocks(base.transformer):  # diffusers' own blocks
-            seconds = cuda_time(step, warmup=2, reps=5) if not SMOKE else _cpu_time(step)
-    finally:
-        torch.backends.cuda.enable_cudnn_sdp(cudnn)
-    peak = _peak()
-    if checkpointing:
-        base.transformer.disable_gradient_checkpointing()
-    return {"samples_per_s": batch / seconds, "peak_gib": peak}
+    return step
 
 
-def profile(base: FluxBase, batch: int, size: int, out: Path) -> dict[str, float]:
+def profile(case: Case, batch: int, size: int, out: Path) -> dict[str, float]:
     """Where one of our training steps' time goes: the step as ``train`` runs it (the objective
     under bf16 autocast, backward, clipping at 1.0, fused AdamW) in a bare loop; GPU milliseconds
     by kind of kernel (the 40 longest kernels written to ``out``) and the step's wall time, whose
@@ -245,12 +276,12 @@ def profile(base: FluxBase, batch: int, size: int, out: Path) -> dict[str, float
     from profile_kernels import kernel_profile
 
     _reset()
-    objective = _objective(base)
+    objective = _objective(case)
     device = torch.device(_device())
-    objective.prepare(device, base.dtype)
+    objective.prepare(device, case.base.dtype)
     params = [p for m in objective.trainable_modules().values() for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
-    data = cached_like(base, batch, size)
+    data = cached_like(case, batch, size)
     items = to_device(collate([data[i] for i in range(batch)]), device)
     counter = iter(range(10**9))
 
@@ -278,7 +309,8 @@ def _cpu_time(fn: Any) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+def main(make_case: Callable[[], Case] = flux_case, default_json: str = "train-flux.json") -> None:
+    """The command line of a family's training benchmark (``make_case`` builds its case)."""
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
     p.add_argument("--size", type=int, default=512)
@@ -308,9 +340,9 @@ def main() -> None:
     global SMOKE
     SMOKE = args.smoke
     size = 32 if SMOKE else args.size
-    base = build()
+    case = make_case()
     res: dict[str, Any] = {"env": environment(), "command": " ".join(sys.argv), "size": size}
-    flops = step_flops(base, args.batch, size) / args.batch  # per sample
+    flops = step_flops(case, args.batch, size) / args.batch  # per sample
     peak = float("nan") if SMOKE else matmul_peak_tflops()
     res.update(tflop_per_sample=flops / 1e12, matmul_peak_tflops=peak)
     rows: list[dict[str, Any]] = []
@@ -322,28 +354,31 @@ def main() -> None:
         write_json(args.out, {**res, "rows": rows})
 
     if args.profile:
-        kernels = Path(args.out or "train-flux.json").with_suffix(".kernels.txt")
+        kernels = Path(args.out or default_json).with_suffix(".kernels.txt")
         kernels.parent.mkdir(parents=True, exist_ok=True)
-        res["profile, ours, ms per step"] = profile(base, args.batch, size, kernels)
+        res["profile, ours, ms per step"] = profile(case, args.batch, size, kernels)
         print(res["profile, ours, ms per step"], flush=True)
         write_json(args.out, res)
     cudnn = not args.peer_no_cudnn_attention
-    recipe = "diffusers recipe" + ("" if cudnn else " (no cuDNN attention)")
+    recipe = case.name + ("" if cudnn else " (no cuDNN attention)")
     for ck in [False, True] if args.checkpointing else [False]:
         suffix = " + checkpointing" if ck else ""
         runs = []
         if args.peer or args.peer_only:
             runs.append(
-                (recipe, lambda b, ck=ck: peer(base, b, size, checkpointing=ck, cudnn_attention=cudnn))
+                (
+                    recipe,
+                    lambda b, ck=ck: time_recipe(case, b, size, checkpointing=ck, cudnn_attention=cudnn),
+                )
             )
         if not args.peer_only:
-            runs.append(("ours", lambda b, ck=ck: ours(base, b, size, args.steps, checkpointing=ck)))
+            runs.append(("ours", lambda b, ck=ck: ours(case, b, size, args.steps, checkpointing=ck)))
             for mode in args.compile:
                 runs.append(
                     (
                         f"ours --compile ({mode})",
                         lambda b, ck=ck, mode=mode: ours(
-                            base, b, size, args.steps, checkpointing=ck, compile_mode=mode
+                            case, b, size, args.steps, checkpointing=ck, compile_mode=mode
                         ),
                     )
                 )

@@ -1,8 +1,8 @@
 """The generation benchmarks against diffusers' pipelines run (their --tiny mode, on the CPU):
 bench_flux.py, bench_sd3.py, bench_qwenimage.py, bench_zimage.py and bench_sdxl_controls.py (a
 Union ControlNet with two conditions; a ControlNet with a T2I-Adapter) build ours and the peer over
-the same weights, and their final latents agree; bench_train_flux.py times our training loop and
-diffusers' recipe step."""
+the same weights, and their final latents agree; bench_train_flux.py and bench_train_sd3.py time
+our training loop and diffusers' recipe step, and profile ours."""
 
 import json
 import subprocess
@@ -48,18 +48,15 @@ def test_the_benchmark_runs_and_agrees_with_diffusers(tmp_path, script):
     assert "| ours (default) |" in done.stdout
 
 
-def test_the_flux_training_benchmark_runs_ours_and_the_recipe(tmp_path):
+@pytest.mark.parametrize("script", ["bench_train_flux.py", "bench_train_sd3.py"], ids=["flux", "sd3"])
+def test_the_training_benchmark_runs_ours_and_the_recipe(tmp_path, script):
     out = tmp_path / "train.json"
-    cmd = [
-        sys.executable,
-        str(ROOT / "benchmarks" / "bench_train_flux.py"),
-        "--smoke",
-        "--peer",
-        "--steps",
-        "3",
-    ]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--peer", "--profile"]
+    cmd += ["--steps", "3"]
     done = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads(out.read_text())
     assert [r["run"] for r in record["rows"]] == ["diffusers recipe", "ours"]
     assert all(r["samples_per_s"] > 0 for r in record["rows"]) and record["tflop_per_sample"] > 0
+    profile = record["profile, ours, ms per step"]  # GPU (here CPU) time by kind, beside the wall time
+    assert profile["wall ms"] > 0 and profile["total"] > 0 and out.with_suffix(".kernels.txt").is_file()
