@@ -279,3 +279,29 @@ def test_the_base_and_controlnet_run_fused_blocks(world):
     assert all(type(b) is FusedQwenImageBlock for b in cn.transformer_blocks)
     with stock_blocks(world.transformer):
         assert not any(isinstance(b, FusedQwenImageBlock) for b in world.transformer.transformer_blocks)
+
+
+def test_a_step_takes_each_blocks_modulation_once(world, monkeypatch):
+    """The guidance halves of a step run as separate calls when their captions differ in length;
+    both read the same timestep embedding, so each block takes its modulation products once a
+    step - and the latents are bitwise those of taking them in every call."""
+    import contextlib
+
+    from controlnet.families.qwenimage import base as qwen
+
+    calls = []
+    block = world.transformer.transformer_blocks[0]
+    hook = block.img_mod.register_forward_hook(lambda *_: calls.append(1))
+    units = [ControlUnit(controlnet(world, 2, seed=1), condition(5), 0.8)]
+    prompts, negatives = ["a much longer prompt about a blue square"], [""]  # two calls a step
+    try:
+        shared = ours(world, units, [7], steps=2, prompts=prompts, negatives=negatives)
+        assert len(calls) == 2  # once in each of the 2 steps
+        monkeypatch.setattr(qwen, "sharing_modulation", lambda network: contextlib.nullcontext())
+        calls.clear()
+        each = ours(world, units, [7], steps=2, prompts=prompts, negatives=negatives)
+        assert len(calls) == 4  # in both calls of each step
+    finally:
+        hook.remove()
+    assert torch.equal(shared, each)
+    assert "_shared_modulation" not in block.__dict__  # nothing kept after the step

@@ -34,7 +34,7 @@ from ...model.fastpath import run_concurrently
 from ..dit import DiTBase, encode_together, pack, shared_fields, unpack
 from ..protocol import PromptEmbeddings, controlnet_config
 from .controlnet import QWEN_FIELDS, QwenImageControlNet, QwenImageControlNetConfig
-from .fused import FUSION
+from .fused import FUSION, sharing_modulation
 
 __all__ = ["PROMPT_TEMPLATE", "QWEN_SCHEDULE", "QwenImageBase", "QwenImageVariant"]
 
@@ -246,18 +246,19 @@ class QwenImageBase(DiTBase):
         each = run_concurrently(fns, x.device) if concurrent else [fn() for fn in fns]
         summed = _summed(each, len(self.transformer.transformer_blocks))
         outs = []
-        for s, e, length in _runs(n, 0, half) + _runs(n, half, b):
-            r0 = s - half if s >= half else s  # a conditional row's residuals serve its unconditional twin
-            samples = None if summed is None else [r[r0 : r0 + e - s] for r in summed]
-            outs.append(
-                self.transformer(
-                    hidden_states=tokens[s:e],
-                    encoder_hidden_states=context[s:e, :length],
-                    timestep=timestep[s:e],
-                    img_shapes=shapes * (e - s),
-                    controlnet_block_samples=samples,
-                ).sample
-            )
+        with sharing_modulation(self.transformer):  # every row reads timestep t
+            for s, e, length in _runs(n, 0, half) + _runs(n, half, b):
+                r0 = s - half if s >= half else s  # a conditional row's residuals: also its twin's
+                samples = None if summed is None else [r[r0 : r0 + e - s] for r in summed]
+                outs.append(
+                    self.transformer(
+                        hidden_states=tokens[s:e],
+                        encoder_hidden_states=context[s:e, :length],
+                        timestep=timestep[s:e],
+                        img_shapes=shapes * (e - s),
+                        controlnet_block_samples=samples,
+                    ).sample
+                )
         return unpack(torch.cat(outs), h, w)
 
     # ------------------------------------------------------------------ its ControlNets

@@ -4,10 +4,14 @@ each stream's LayerNorm with its modulation, the q/k RMS norms and the rotary em
 turns each to complex numbers in float32), the joint attention (text first), the gates and
 residual additions, the tanh-GELU feed-forwards - modules and keys unchanged, in fewer kernels.
 Blocks given a text mask, per-token modulation (``zero_cond_t``) or another attention processor
-keep diffusers' forward."""
+keep diffusers' forward. Within :func:`sharing_modulation` each block takes its modulation
+products once for all the calls of a step (the two halves of true guidance read the same timestep
+embedding; the products are bound by reading their weights)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -19,7 +23,7 @@ from torch import nn
 
 from ...model import fused
 
-__all__ = ["FusedQwenImageBlock", "fuse_blocks", "stock_blocks"]
+__all__ = ["FusedQwenImageBlock", "fuse_blocks", "sharing_modulation", "stock_blocks"]
 
 
 def _table(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,8 +71,9 @@ class FusedQwenImageBlock(QwenImageTransformerBlock):
                 modulate_index,
             )
         x, c = hidden_states, encoder_hidden_states
-        shift, scale, gate, shift2, scale2, gate2 = self.img_mod(temb).chunk(6, dim=-1)
-        cshift, cscale, cgate, cshift2, cscale2, cgate2 = self.txt_mod(temb).chunk(6, dim=-1)
+        image_mod, text_mod = self._modulation(temb)
+        shift, scale, gate, shift2, scale2, gate2 = image_mod.chunk(6, dim=-1)
+        cshift, cscale, cgate, cshift2, cscale2, cgate2 = text_mod.chunk(6, dim=-1)
         image = fused.modulate(x, shift, scale, self.img_norm1.eps)
         text = fused.modulate(c, cshift, cscale, self.txt_norm1.eps)
         out = _attention(self.attn, image, text, image_rotary_emb)
@@ -87,6 +92,32 @@ class FusedQwenImageBlock(QwenImageTransformerBlock):
             c = c.clip(-65504, 65504)
             x = x.clip(-65504, 65504)
         return c, x
+
+    def _modulation(self, temb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image and text streams' modulation products of ``temb`` (B, D); inside
+        :func:`sharing_modulation`, the first call's, for every row of every later call."""
+        shared = self.__dict__.get("_shared_modulation")
+        if shared:
+            return tuple(m[:1].expand(temb.shape[0], -1) for m in shared)  # type: ignore[return-value]
+        out = self.img_mod(temb), self.txt_mod(temb)
+        if shared is not None:
+            shared.extend(out)
+        return out
+
+
+@contextmanager
+def sharing_modulation(network: nn.Module) -> Iterator[None]:
+    """Within: each fused Qwen-Image block of ``network`` takes its modulation products once and
+    gives them to every row of every later call. For the calls of one denoising step only, whose
+    rows all read one timestep embedding (Qwen-Image's reads the timestep alone)."""
+    blocks = [m for m in network.modules() if isinstance(m, FusedQwenImageBlock)]
+    for block in blocks:
+        block.__dict__["_shared_modulation"] = []
+    try:
+        yield
+    finally:
+        for block in blocks:
+            block.__dict__.pop("_shared_modulation", None)
 
 
 def _fusable(block: Any) -> bool:
