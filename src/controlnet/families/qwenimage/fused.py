@@ -110,7 +110,8 @@ def sharing_modulation(network: nn.Module) -> Iterator[None]:
     """Within: each fused Qwen-Image block of ``network`` takes its modulation products once and
     gives them to every row of every later call. For the calls of one denoising step only, whose
     rows all read one timestep embedding (Qwen-Image's reads the timestep alone)."""
-    blocks = [m for m in network.modules() if isinstance(m, FusedQwenImageBlock)]
+    candidates = getattr(network, "transformer_blocks", None) or network.modules()  # not every module
+    blocks = [m for m in candidates if isinstance(m, FusedQwenImageBlock)]
     for block in blocks:
         block.__dict__["_shared_modulation"] = []
     try:
