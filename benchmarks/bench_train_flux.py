@@ -196,6 +196,20 @@ def time_recipe(
     return {"samples_per_s": batch / seconds, "peak_gib": _peak()}
 
 
+def recipe_controlnet(cls: type, base: Any, copied: Any, **fields: Any) -> Any:
+    """diffusers' ControlNet ``cls`` for the recipe: the base transformer's configuration with
+    ``fields`` over it, in float32 for training, holding the same starting copy as ours
+    (``base.new_controlnet(copied)``), checkpointed when the base is."""
+    accepted = inspect.signature(cls.__init__).parameters
+    config = {k: v for k, v in dict(base.transformer.config).items() if k in accepted}
+    with torch.device(_device()):
+        cn = cls(**{**config, **fields}).float().train()
+    cn.load_state_dict(base.new_controlnet(copied).state_dict())
+    if base.transformer.is_gradient_checkpointing:
+        cn.enable_gradient_checkpointing()
+    return cn
+
+
 def recipe_step(base: FluxBase, batch: int, size: int, text: int) -> Callable[[], None]:
     """The Flux recipe's training step, as published, over diffusers' FluxControlNetModel (the same
     starting copy as ours) and the same locked transformer and VAE."""
@@ -204,15 +218,14 @@ def recipe_step(base: FluxBase, batch: int, size: int, text: int) -> Callable[[]
 
     device, dtype = _device(), torch.float32 if SMOKE else torch.bfloat16
     t = dict(base.transformer.config)
-    accepted = inspect.signature(FluxControlNetModel.__init__).parameters
-    fields = {k: v for k, v in t.items() if k in accepted}
     copied = _copied()
-    fields.update(num_layers=copied.num_layers, num_single_layers=copied.num_single_layers)
-    with torch.device(device):
-        cn = FluxControlNetModel(**fields).float().train()
-    cn.load_state_dict(base.new_controlnet(copied).state_dict())  # the same starting copy
-    if base.transformer.is_gradient_checkpointing:
-        cn.enable_gradient_checkpointing()
+    cn = recipe_controlnet(
+        FluxControlNetModel,
+        base,
+        copied,
+        num_layers=copied.num_layers,
+        num_single_layers=copied.num_single_layers,
+    )
     opt = torch.optim.AdamW(cn.parameters(), lr=1e-5)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)  # the copy the recipe draws timesteps from
     g = torch.Generator().manual_seed(0)

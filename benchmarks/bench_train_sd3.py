@@ -20,7 +20,6 @@ shaped like a latent cache's.
 
 from __future__ import annotations
 
-import inspect
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_train_flux
 from bench_sd3 import build_base
-from bench_train_flux import Case
+from bench_train_flux import Case, recipe_controlnet
 
 from controlnet.families.sd3 import SD3ControlNetConfig
 from controlnet.families.sd3.base import SD3_SCHEDULE, SD3Base
@@ -62,15 +61,14 @@ def recipe_step(base: SD3Base, batch: int, size: int, text: int) -> Callable[[],
     smoke = bench_train_flux.SMOKE
     device, dtype = ("cpu", torch.float32) if smoke else ("cuda", torch.bfloat16)
     t = dict(base.transformer.config)
-    accepted = inspect.signature(SD3ControlNetModel.__init__).parameters
-    fields = {k: v for k, v in t.items() if k in accepted}
     copied = _copied()
-    fields.update(num_layers=copied.num_layers, force_zeros_for_pooled_projection=copied.zero_pooled)
-    with torch.device(device):
-        cn = SD3ControlNetModel(**fields).float().train()
-    cn.load_state_dict(base.new_controlnet(copied).state_dict())  # the same starting copy
-    if base.transformer.is_gradient_checkpointing:
-        cn.enable_gradient_checkpointing()
+    cn = recipe_controlnet(
+        SD3ControlNetModel,
+        base,
+        copied,
+        num_layers=copied.num_layers,
+        force_zeros_for_pooled_projection=copied.zero_pooled,
+    )
     opt = torch.optim.AdamW(cn.parameters(), lr=5e-6, weight_decay=1e-2)  # the recipe's defaults
     scheduler = FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULE)  # the copy it draws timesteps from
     g = torch.Generator().manual_seed(0)
