@@ -183,28 +183,27 @@ class Residence:
     def visiting(self, *names: str) -> Iterator[None]:
         """Within the block the named parts (keys of :meth:`modules`; names the model lacks are
         skipped) are on the model's device; offloaded ones return to CPU memory afterwards."""
-        visitors, residents, card = self._visit_of(names)
-        before = self.__dict__.get("_card")
-        self.__dict__["_card"] = card
-        try:
-            with visiting(visitors, residents, card):
-                yield
-        finally:
-            self.__dict__["_card"] = before
+        with self._visit_of(names) as (visitors, residents, card), visiting(visitors, residents, card):
+            yield
 
     def visit(self, name: str, fn: Callable[[], T]) -> T:
         """``fn()`` with the part ``name`` on the model's device, as :meth:`visiting` - for a part
         whose run may need more room than its weights (a VAE's decode, :func:`visit`)."""
-        visitors, residents, card = self._visit_of((name,))
-        before = self.__dict__.get("_card")
-        self.__dict__["_card"] = card
-        try:
+        with self._visit_of((name,)) as (visitors, residents, card):
             return visit(visitors, residents, card, fn)
-        finally:
-            self.__dict__["_card"] = before
 
-    def _visit_of(self, names: Sequence[str]) -> tuple[list[nn.Module], list[nn.Module], torch.device]:
+    @contextlib.contextmanager
+    def _visit_of(
+        self, names: Sequence[str]
+    ) -> Iterator[tuple[list[nn.Module], list[nn.Module], torch.device]]:
+        """The named parts, the residents and the card of a visit; within, the model's ``device``
+        stays the card while its denoising network may have stepped off it."""
         mods = self.modules()
         companions = [r() for r in self.__dict__.get("_companions", [])]
         residents = [self.denoiser, *(m for m in companions if m is not None)]
-        return [mods[n] for n in names if n in mods], residents, self.device
+        card, before = self.device, self.__dict__.get("_card")
+        self.__dict__["_card"] = card
+        try:
+            yield [mods[n] for n in names if n in mods], residents, card
+        finally:
+            self.__dict__["_card"] = before
