@@ -5,6 +5,7 @@ with another attention processor keep diffusers' forward."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxTransformerBlock
@@ -104,3 +105,37 @@ def test_the_fused_groups_compile_once_and_run_plain_under_a_flop_counter(monkey
     want = torch.nn.functional.layer_norm(x, (8,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(counted, want)
+
+
+def test_residuals_given_to_the_blocks_equal_diffusers_adding_them_after_each_block(monkeypatch):
+    """A fused block adds the ControlNet residual it is given in its last sum (one kernel); the
+    transformer then equals diffusers' adding ``controlnet_*block_samples`` after each block - also
+    where the fused blocks run diffusers' forward (given attention arguments) and add it after."""
+    from controlnet.model import fused as groups
+
+    stock = _randomised(tiny_transformer(), 6)
+    net = copy.deepcopy(stock)
+    fuse_blocks(net)
+    x = inputs()
+    g = torch.Generator().manual_seed(8)
+    tokens = x["hidden_states"].shape[1]
+    double = [torch.randn(2, tokens, 16, generator=g) for _ in range(2)]  # over 3 blocks: 0, 0, 1
+    single = [torch.randn(2, tokens, 16, generator=g) for _ in range(4)]
+    blocks = [*net.transformer_blocks, *net.single_transformer_blocks]
+    assert groups.takes_residuals(blocks) and not groups.takes_residuals(stock.transformer_blocks)
+    spread = [double[0], double[0], double[1], *single]
+    sums = []
+    real = groups.gated_add_residual
+    monkeypatch.setattr(groups, "gated_add_residual", lambda *a: sums.append(1) or real(*a))
+    with torch.no_grad():
+        want = stock(**x, controlnet_block_samples=double, controlnet_single_block_samples=single).sample
+        with groups.adding_residuals(blocks, spread):
+            got = net(**x).sample
+        assert len(sums) == 7  # each block's last sum took its residual
+        assert all(groups.block_residual(b) is None for b in blocks)  # given for the block only
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        with groups.adding_residuals(blocks, spread), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (diffusers: "unused ... will be ignored")
+            got = net(**x, joint_attention_kwargs={"unused": 1}).sample
+        assert len(sums) == 7  # diffusers' forward in each block, the residual added after it
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -34,18 +34,24 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 __all__ = [
     "BlockFusion",
+    "adding_residuals",
+    "block_residual",
     "feed_forward",
     "fuse_blocks",
     "gated_add",
+    "gated_add_residual",
     "gated_rms_add",
     "kernel_state",
+    "last_add",
     "linear_gelu",
     "modulate",
+    "plus_residual",
     "queries",
     "rms_modulate",
     "silu_gate",
     "stock_blocks",
     "stream_attention",
+    "takes_residuals",
     "values",
 ]
 
@@ -108,6 +114,51 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: flo
 def gated_add(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``x + gate * y``, the gate per sample."""
     return (x.float() + gate.float()[:, None] * y.float()).to(x.dtype)
+
+
+@_kernel
+def gated_add_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """``x + gate * y``, the gate per sample, plus a ControlNet's residual ``r`` on the last
+    ``r.shape[1]`` tokens (the image's, where text tokens come first): one rounding."""
+    out = x.float() + gate.float()[:, None] * y.float()
+    return (out + F.pad(r.float(), (0, 0, x.shape[1] - r.shape[1], 0))).to(x.dtype)
+
+
+def block_residual(block: nn.Module) -> torch.Tensor | None:
+    """The ControlNet residual ``block`` is to add to its image stream (:func:`adding_residuals`)."""
+    return block.__dict__.get("_residual")
+
+
+def last_add(block: nn.Module, x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A block's last sum on its image stream, ``x + gate * y``, with the ControlNet residual
+    it is given (:func:`adding_residuals`) in the same kernel."""
+    r = block_residual(block)
+    return gated_add(x, gate, y) if r is None else gated_add_residual(x, gate, y, r)
+
+
+def plus_residual(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` plus the residual ``block`` is given (a fused block that ran diffusers' forward)."""
+    r = block_residual(block)
+    return x if r is None else x + r
+
+
+def takes_residuals(blocks: Iterable[nn.Module]) -> bool:
+    """Whether every block adds the residual it is given (:func:`adding_residuals`) itself."""
+    return all(getattr(b, "adds_residual", False) for b in blocks)
+
+
+@contextmanager
+def adding_residuals(blocks: Sequence[nn.Module], residuals: Sequence[torch.Tensor | None]) -> Iterator[None]:
+    """Within: block j (every one :func:`takes_residuals`) adds ``residuals[j]`` to its image
+    stream's output, in its last fused sum - what diffusers' transformers do after each block with
+    their ``controlnet_*block_samples``, one kernel fewer per block."""
+    for b, r in zip(blocks, residuals, strict=True):
+        b.__dict__["_residual"] = r
+    try:
+        yield
+    finally:
+        for b in blocks:
+            b.__dict__.pop("_residual", None)
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -8,9 +8,9 @@ them: then they step off to CPU memory for the visit and come back after it. So 
 larger of "the denoising networks" and "the largest visitor", not their sum (Flux.1-dev with its
 T5-XXL on a 24 GB card); on a CUDA card they step off into page-locked buffers kept for their next
 step-off, so each trip moves at the bus's full speed instead of through freshly allocated pageable
-memory (about a second, not a dozen, for Flux.1's 14 GiB of residents). Whether a visitor fits is judged by its weights and a margin; a VAE
-decoding a large image needs more (its activations), so a visit that runs out of card memory with
-the residents beside it runs once more with them stepped off (:func:`visit`).
+memory. Whether a visitor fits is judged by its weights and a margin; a VAE decoding a large image
+needs more (its activations), so a visit that runs out of card memory with the residents beside it
+runs once more with them stepped off (:func:`visit`).
 """
 
 from __future__ import annotations

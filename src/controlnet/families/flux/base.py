@@ -13,6 +13,7 @@ free, against the negative prompt) is asked for beside it.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -24,6 +25,7 @@ from diffusers import AutoencoderKL, FluxTransformer2DModel
 from torch import nn
 
 from ...choices import PromptSyntax
+from ...model import fused
 from ...model.control import Control, region_tokens
 from ...model.fastpath import run_concurrently
 from ..dit import DiTBase, check_plain_prompts
@@ -186,19 +188,24 @@ class FluxBase(DiTBase):
             n = c.controlnet.config.num_layers
             res = FluxResiduals(flat[:n] or None, flat[n:] or None)
             each.append((res, c.controlnet.config.repeats))
-        blocks = (len(self.transformer.transformer_blocks), len(self.transformer.single_transformer_blocks))
-        total = _sum_residuals(each, blocks)
-        samples = {}
-        if total is not None:
+        double, single = self.transformer.transformer_blocks, self.transformer.single_transformer_blocks
+        total = _sum_residuals(each, (len(double), len(single)))
+        samples: dict[str, Any] = {}
+        adding = contextlib.nullcontext()
+        if total is not None and fused.takes_residuals([*double, *single]):  # in the blocks' last sums
+            per_block = _spread(total.double, len(double), False) + _spread(total.single, len(single), False)
+            adding = fused.adding_residuals([*double, *single], per_block)
+        elif total is not None:
             samples = {
                 "controlnet_block_samples": total.double,
                 "controlnet_single_block_samples": total.single,
             }
-        out = self.transformer(
-            hidden_states=tokens,
-            **{k: v for k, v in kw.items() if k != "guidance" or self.guidance_input},
-            **samples,
-        ).sample
+        with adding:
+            out = self.transformer(
+                hidden_states=tokens,
+                **{k: v for k, v in kw.items() if k != "guidance" or self.guidance_input},
+                **samples,
+            ).sample
         return unpack(out, h, w)
 
     # ------------------------------------------------------------------ its ControlNets

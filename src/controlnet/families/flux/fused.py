@@ -32,6 +32,8 @@ def _attention(
 class FusedFluxTransformerBlock(FluxTransformerBlock):
     """Flux's double-stream block (text and image streams, joint attention), fused."""
 
+    adds_residual = True  # fused.adding_residuals
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -41,9 +43,10 @@ class FusedFluxTransformerBlock(FluxTransformerBlock):
         joint_attention_kwargs: dict[str, Any] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if image_rotary_emb is None or joint_attention_kwargs:
-            return super().forward(
+            c, x = super().forward(
                 hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs
             )
+            return c, fused.plus_residual(self, x)
         x, c = hidden_states, encoder_hidden_states
         shift, scale, gate, shift2, scale2, gate2 = self.norm1.linear(self.norm1.silu(temb)).chunk(6, dim=1)
         ctx = self.norm1_context
@@ -56,8 +59,8 @@ class FusedFluxTransformerBlock(FluxTransformerBlock):
         text = c.shape[1]
         x = fused.gated_add(x, gate, self.attn.to_out[0](out[:, text:]))
         c = fused.gated_add(c, cgate, self.attn.to_add_out(out[:, :text]))
-        x = fused.gated_add(
-            x, gate2, fused.feed_forward(self.ff, fused.modulate(x, shift2, scale2, self.norm2.eps))
+        x = fused.last_add(
+            self, x, gate2, fused.feed_forward(self.ff, fused.modulate(x, shift2, scale2, self.norm2.eps))
         )
         c = fused.gated_add(
             c,
@@ -73,6 +76,8 @@ class FusedFluxSingleTransformerBlock(FluxSingleTransformerBlock):
     """Flux's single-stream block (text and image tokens as one sequence), fused; its output
     projection reads the attention and MLP halves where they are instead of joining them."""
 
+    adds_residual = True  # fused.adding_residuals
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -82,9 +87,10 @@ class FusedFluxSingleTransformerBlock(FluxSingleTransformerBlock):
         joint_attention_kwargs: dict[str, Any] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if image_rotary_emb is None or joint_attention_kwargs:
-            return super().forward(
+            c, x = super().forward(
                 hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs
             )
+            return c, fused.plus_residual(self, x)
         text = encoder_hidden_states.shape[1]
         h = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         shift, scale, gate = self.norm.linear(self.norm.silu(temb)).chunk(3, dim=1)
@@ -102,7 +108,7 @@ class FusedFluxSingleTransformerBlock(FluxSingleTransformerBlock):
             y.view(-1, y.shape[-1]).addmm_(attn.reshape(-1, dim).to(y.dtype), w[:, :dim].t().to(y.dtype))
         else:  # (FP8 weights: one product of the joined halves)
             y = self.proj_out(torch.cat([attn, mlp], dim=2))
-        h = fused.gated_add(h, gate, y)
+        h = fused.last_add(self, h, gate, y)  # (the residual: on the image tokens, the last ones)
         if h.dtype == torch.float16:
             h = h.clip(-65504, 65504)
         return h[:, :text], h[:, text:]

@@ -16,6 +16,7 @@ prediction's norm (:meth:`QwenImageBase.combine_guidance`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from diffusers.models.transformers.transformer_qwenimage import QwenImageTransfo
 from torch import nn
 
 from ...choices import PromptSyntax
+from ...model import fused
 from ...model.control import Control, region_tokens
 from ...model.fastpath import run_concurrently
 from ..dit import DiTBase, encode_together, pack, shared_fields, unpack
@@ -244,21 +246,27 @@ class QwenImageBase(DiTBase):
 
         fns = [partial(residuals, c) for c in controls]
         each = run_concurrently(fns, x.device) if concurrent else [fn() for fn in fns]
-        summed = _summed(each, len(self.transformer.transformer_blocks))
+        blocks = self.transformer.transformer_blocks
+        summed = _summed(each, len(blocks))
+        in_blocks = summed is not None and fused.takes_residuals(blocks)  # in the blocks' last sums
         outs = []
         with sharing_modulation(self.transformer):  # every row reads timestep t
             for s, e, length in _runs(n, 0, half) + _runs(n, half, b):
                 r0 = s - half if s >= half else s  # a conditional row's residuals: also its twin's
                 samples = None if summed is None else [r[r0 : r0 + e - s] for r in summed]
-                outs.append(
-                    self.transformer(
-                        hidden_states=tokens[s:e],
-                        encoder_hidden_states=context[s:e, :length],
-                        timestep=timestep[s:e],
-                        img_shapes=shapes * (e - s),
-                        controlnet_block_samples=samples,
-                    ).sample
-                )
+                adding = contextlib.nullcontext()
+                if in_blocks:
+                    adding, samples = fused.adding_residuals(blocks, _spread(samples, len(blocks))), None
+                with adding:
+                    outs.append(
+                        self.transformer(
+                            hidden_states=tokens[s:e],
+                            encoder_hidden_states=context[s:e, :length],
+                            timestep=timestep[s:e],
+                            img_shapes=shapes * (e - s),
+                            controlnet_block_samples=samples,
+                        ).sample
+                    )
         return unpack(torch.cat(outs), h, w)
 
     # ------------------------------------------------------------------ its ControlNets
@@ -300,10 +308,11 @@ def _summed(each: list[list[torch.Tensor]], blocks: int) -> list[torch.Tensor] |
     base then reads residual j at block j."""
     if len(each) <= 1:
         return each[0] if each else None
-
-    def spread(res: list[torch.Tensor]) -> list[torch.Tensor]:
-        interval = math.ceil(blocks / len(res))
-        return [res[j // interval] for j in range(blocks)]
-
-    spreads = [spread(r) for r in each]
+    spreads = [_spread(r, blocks) for r in each]
     return [torch.stack([s[j] for s in spreads]).sum(0) for j in range(blocks)]
+
+
+def _spread(res: list[torch.Tensor], blocks: int) -> list[torch.Tensor]:
+    """A ControlNet's residuals as the base reads them: block j gets residual j // ceil(blocks / n)."""
+    interval = math.ceil(blocks / len(res))
+    return [res[j // interval] for j in range(blocks)]

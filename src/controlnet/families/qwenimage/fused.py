@@ -44,6 +44,8 @@ def _attention(
 class FusedQwenImageBlock(QwenImageTransformerBlock):
     """Qwen-Image's double-stream block (text and image streams, joint attention), fused."""
 
+    adds_residual = True  # fused.adding_residuals
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -61,7 +63,7 @@ class FusedQwenImageBlock(QwenImageTransformerBlock):
             or modulate_index is not None
             or self.zero_cond_t
         ):
-            return super().forward(
+            c, x = super().forward(
                 hidden_states,
                 encoder_hidden_states,
                 encoder_hidden_states_mask,
@@ -70,6 +72,7 @@ class FusedQwenImageBlock(QwenImageTransformerBlock):
                 joint_attention_kwargs,
                 modulate_index,
             )
+            return c, fused.plus_residual(self, x)
         x, c = hidden_states, encoder_hidden_states
         image_mod, text_mod = self._modulation(temb)
         shift, scale, gate, shift2, scale2, gate2 = image_mod.chunk(6, dim=-1)
@@ -80,8 +83,11 @@ class FusedQwenImageBlock(QwenImageTransformerBlock):
         n = c.shape[1]
         x = fused.gated_add(x, gate, self.attn.to_out[0](out[:, n:]))
         c = fused.gated_add(c, cgate, self.attn.to_add_out(out[:, :n]))
-        x = fused.gated_add(
-            x, gate2, fused.feed_forward(self.img_mlp, fused.modulate(x, shift2, scale2, self.img_norm2.eps))
+        x = fused.last_add(
+            self,
+            x,
+            gate2,
+            fused.feed_forward(self.img_mlp, fused.modulate(x, shift2, scale2, self.img_norm2.eps)),
         )
         c = fused.gated_add(
             c,
