@@ -281,27 +281,37 @@ def test_the_base_and_controlnet_run_fused_blocks(world):
         assert not any(isinstance(b, FusedQwenImageBlock) for b in world.transformer.transformer_blocks)
 
 
-def test_a_step_takes_each_blocks_modulation_once(world, monkeypatch):
+def test_a_step_takes_each_blocks_modulation_once_and_a_calls_rotary_table_once(world, monkeypatch):
     """The guidance halves of a step run as separate calls when their captions differ in length;
     both read the same timestep embedding, so each block takes its modulation products once a
-    step - and the latents are bitwise those of taking them in every call."""
+    step, and the blocks of a call make their rotary table once - and the latents are bitwise
+    those of taking them in every block and call."""
     import contextlib
 
     from controlnet.families.qwenimage import base as qwen
+    from controlnet.families.qwenimage import fused
 
-    calls = []
+    calls, tables = [], []
     block = world.transformer.transformer_blocks[0]
     hook = block.img_mod.register_forward_hook(lambda *_: calls.append(1))
+    table = fused._table
+    monkeypatch.setattr(fused, "_table", lambda freqs: tables.append(1) or table(freqs))
     units = [ControlUnit(controlnet(world, 2, seed=1), condition(5), 0.8)]
     prompts, negatives = ["a much longer prompt about a blue square"], [""]  # two calls a step
+    blocks = len(world.transformer.transformer_blocks)
     try:
         shared = ours(world, units, [7], steps=2, prompts=prompts, negatives=negatives)
         assert len(calls) == 2  # once in each of the 2 steps
-        monkeypatch.setattr(qwen, "sharing_modulation", lambda network: contextlib.nullcontext())
-        calls.clear()
+        # rotary tables (two _table calls each) a step: one per call of the base (its captions'
+        # lengths differ), one per block of the ControlNet (2), which runs outside the sharing
+        assert len(tables) == 2 * 2 * (2 + 2)
+        monkeypatch.setattr(qwen, "sharing_step", lambda network: contextlib.nullcontext())
+        calls.clear(), tables.clear()
         each = ours(world, units, [7], steps=2, prompts=prompts, negatives=negatives)
         assert len(calls) == 4  # in both calls of each step
+        assert len(tables) == 2 * 2 * (2 * blocks + 2)  # in every block
     finally:
         hook.remove()
     assert torch.equal(shared, each)
     assert "_shared_modulation" not in block.__dict__  # nothing kept after the step
+    assert "_shared_rotary" not in block.__dict__

@@ -36,7 +36,7 @@ from ...model.fastpath import run_concurrently
 from ..dit import DiTBase, encode_together, pack, shared_fields, unpack
 from ..protocol import PromptEmbeddings, controlnet_config
 from .controlnet import QWEN_FIELDS, QwenImageControlNet, QwenImageControlNetConfig
-from .fused import FUSION, sharing_modulation
+from .fused import FUSION, sharing_step
 
 __all__ = ["PROMPT_TEMPLATE", "QWEN_SCHEDULE", "QwenImageBase", "QwenImageVariant"]
 
@@ -250,7 +250,7 @@ class QwenImageBase(DiTBase):
         summed = _summed(each, len(blocks))
         in_blocks = summed is not None and fused.takes_residuals(blocks)  # in the blocks' last sums
         outs = []
-        with sharing_modulation(self.transformer):  # every row reads timestep t
+        with sharing_step(self.transformer):  # every row reads timestep t
             for s, e, length in _runs(n, 0, half) + _runs(n, half, b):
                 r0 = s - half if s >= half else s  # a conditional row's residuals: also its twin's
                 samples = None if summed is None else [r[r0 : r0 + e - s] for r in summed]

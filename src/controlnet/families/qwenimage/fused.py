@@ -4,7 +4,7 @@ each stream's LayerNorm with its modulation, the q/k RMS norms and the rotary em
 turns each to complex numbers in float32), the joint attention (text first), the gates and
 residual additions, the tanh-GELU feed-forwards - modules and keys unchanged, in fewer kernels.
 Blocks given a text mask, per-token modulation (``zero_cond_t``) or another attention processor
-keep diffusers' forward. Within :func:`sharing_modulation` each block takes its modulation
+keep diffusers' forward. Within :func:`sharing_step` each block takes its modulation
 products once for all the calls of a step (the two halves of true guidance read the same timestep
 embedding; the products are bound by reading their weights)."""
 
@@ -23,7 +23,7 @@ from torch import nn
 
 from ...model import fused
 
-__all__ = ["FusedQwenImageBlock", "fuse_blocks", "sharing_modulation", "stock_blocks"]
+__all__ = ["FusedQwenImageBlock", "fuse_blocks", "sharing_step", "stock_blocks"]
 
 
 def _table(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,14 +31,19 @@ def _table(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return freqs.real.repeat_interleave(2, dim=-1), freqs.imag.repeat_interleave(2, dim=-1)
 
 
-def _attention(
-    attn: nn.Module, image: torch.Tensor, text: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]
-) -> torch.Tensor:
-    """Joint attention over [text, image] with each stream's rotary table (diffusers' complex
-    frequencies, image's then text's), output (B, L, H * D) over all tokens, text first."""
+def _rotary_table(
+    rotary: tuple[torch.Tensor, torch.Tensor], shared: dict[str, Any] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) over all tokens, text first, of diffusers' complex frequencies (image's, text's);
+    with ``shared`` (:func:`sharing_step`), made once for the blocks that read the same ones."""
+    known = None if shared is None else shared.get("freqs")
+    if known is not None and all(a is b for a, b in zip(known, rotary)):
+        return shared["table"]  # type: ignore[index]
     img_freqs, txt_freqs = rotary
     cos, sin = (torch.cat(parts) for parts in zip(_table(txt_freqs), _table(img_freqs)))
-    return fused.stream_attention(attn, [text, image], attn.inner_dim // attn.heads, cos, sin)
+    if shared is not None:
+        shared["freqs"], shared["table"] = rotary, (cos, sin)  # (holding them: `is` stays meaningful)
+    return cos, sin
 
 
 class FusedQwenImageBlock(QwenImageTransformerBlock):
@@ -79,7 +84,10 @@ class FusedQwenImageBlock(QwenImageTransformerBlock):
         cshift, cscale, cgate, cshift2, cscale2, cgate2 = text_mod.chunk(6, dim=-1)
         image = fused.modulate(x, shift, scale, self.img_norm1.eps)
         text = fused.modulate(c, cshift, cscale, self.txt_norm1.eps)
-        out = _attention(self.attn, image, text, image_rotary_emb)
+        cos, sin = _rotary_table(image_rotary_emb, self.__dict__.get("_shared_rotary"))
+        out = fused.stream_attention(
+            self.attn, [text, image], self.attn.inner_dim // self.attn.heads, cos, sin
+        )
         n = c.shape[1]
         x = fused.gated_add(x, gate, self.attn.to_out[0](out[:, n:]))
         c = fused.gated_add(c, cgate, self.attn.to_add_out(out[:, :n]))
@@ -101,7 +109,7 @@ class FusedQwenImageBlock(QwenImageTransformerBlock):
 
     def _modulation(self, temb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The image and text streams' modulation products of ``temb`` (B, D); inside
-        :func:`sharing_modulation`, the first call's, for every row of every later call."""
+        :func:`sharing_step`, the first call's, for every row of every later call."""
         shared = self.__dict__.get("_shared_modulation")
         if shared:
             return tuple(m[:1].expand(temb.shape[0], -1) for m in shared)  # type: ignore[return-value]
@@ -112,19 +120,23 @@ class FusedQwenImageBlock(QwenImageTransformerBlock):
 
 
 @contextmanager
-def sharing_modulation(network: nn.Module) -> Iterator[None]:
+def sharing_step(network: nn.Module) -> Iterator[None]:
     """Within: each fused Qwen-Image block of ``network`` takes its modulation products once and
-    gives them to every row of every later call. For the calls of one denoising step only, whose
-    rows all read one timestep embedding (Qwen-Image's reads the timestep alone)."""
+    gives them to every row of every later call, and the blocks make the rotary table (cos, sin)
+    of one set of frequencies once. For the calls of one denoising step only, whose rows all read
+    one timestep embedding (Qwen-Image's reads the timestep alone)."""
     candidates = getattr(network, "transformer_blocks", None) or network.modules()  # not every module
     blocks = [m for m in candidates if isinstance(m, FusedQwenImageBlock)]
+    tables: dict[str, Any] = {}
     for block in blocks:
         block.__dict__["_shared_modulation"] = []
+        block.__dict__["_shared_rotary"] = tables
     try:
         yield
     finally:
         for block in blocks:
             block.__dict__.pop("_shared_modulation", None)
+            block.__dict__.pop("_shared_rotary", None)
 
 
 def _fusable(block: Any) -> bool:
