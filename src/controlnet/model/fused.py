@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from . import qk_kernel
+
 __all__ = [
     "BlockFusion",
     "adding_residuals",
@@ -96,11 +98,15 @@ def _kernel(fn: Fn) -> Fn:
 
 
 def kernel_state() -> dict[str, str]:
-    """How each fused group has run on a GPU so far: "compiled", or "unfused" (no compiler)."""
-    return {
+    """How each fused group has run on a GPU so far: "compiled", or "unfused" (no compiler); and
+    the query/key kernel: "triton", or "unfused" (it failed: the compiled group runs instead)."""
+    state = {
         name: "compiled" if hasattr(fn, "_torchdynamo_orig_callable") else "unfused"
         for name, fn in _COMPILED.items()
     }
+    if "state" in _QK_KERNEL:
+        state["queries (kernel)"] = _QK_KERNEL["state"]
+    return state
 
 
 @_kernel
@@ -186,7 +192,6 @@ def silu_gate(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (F.silu(a.float()) * b.float()).to(a.dtype)
 
 
-@_kernel
 def queries(
     parts: tuple[torch.Tensor, ...],
     weights: tuple[torch.Tensor, ...] | None,
@@ -198,7 +203,34 @@ def queries(
     not normalised), joined along the tokens, rotated by a rotary embedding (cos, sin: (L, D), or
     (B, L, D) where each sample has its own positions; pairs interleaved; none: not rotated), as
     (B, H, L, D) for attention: a view of tokens-major memory (B, L, H, D), in which attention
-    writes its output too, so that joining its heads afterwards copies nothing."""
+    writes its output too, so that joining its heads afterwards copies nothing. On a GPU, for
+    inference, one hand-written kernel (:mod:`controlnet.model.qk_kernel`); else one compiled group."""
+    tables = (*(weights or ()), *(t for t in (cos, sin) if t is not None))
+    plain = _get_current_dispatch_mode() is not None  # (a FLOP counter)
+    if _QK_KERNEL.get("state") != "unfused" and not plain and qk_kernel.usable(parts, tables):
+        try:
+            out = qk_kernel.qk_rms_rotary(parts, weights, eps, cos, sin)
+            _QK_KERNEL["state"] = "triton"
+            return out
+        except Exception as e:  # a Triton too old for the kernel: the compiled group
+            _QK_KERNEL["state"] = "unfused"
+            warnings.warn(f"the query/key kernel is unavailable: {type(e).__name__}: {e}", stacklevel=2)
+    return _queries(parts, weights, eps, cos, sin)
+
+
+#: how the hand-written query/key kernel has run: "triton", or "unfused" once it failed
+_QK_KERNEL: dict[str, str] = {}
+
+
+@_kernel
+def _queries(
+    parts: tuple[torch.Tensor, ...],
+    weights: tuple[torch.Tensor, ...] | None,
+    eps: float,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+) -> torch.Tensor:
+    """:func:`queries` as one compiled group (any device, gradients)."""
     out = []
     for i, x in enumerate(parts):
         out.append(x.float() if weights is None else _rms(x.float(), weights[i], eps))
