@@ -18,7 +18,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["qk_rms_rotary", "usable"]
+__all__ = ["ON_CPU", "qk_rms_rotary", "usable"]
+
+#: run the kernel on CPU tensors too: for tests, by Triton's interpreter (``TRITON_INTERPRET=1``
+#: before Triton is first imported)
+ON_CPU = False
 
 try:  # Triton comes with torch's CUDA builds
     import triton
@@ -29,11 +33,11 @@ except ImportError:  # pragma: no cover - CPU builds
 
 def usable(parts: tuple[torch.Tensor, ...], tables: tuple[Any, ...]) -> bool:
     """Whether :func:`qk_rms_rotary` can take these streams (and their weights, cos, sin): Triton on
-    a CUDA device (or its CPU interpreter, for tests), a head size that is an even power of two, no
+    a CUDA device (or the CPU, :data:`ON_CPU`), a head size that is an even power of two, no
     gradients to keep, not inside a region being compiled whole."""
     x = parts[0]
     d = x.shape[-1]
-    on_device = x.device.type == "cuda" or (x.device.type == "cpu" and _interpreted())
+    on_device = x.device.type == "cuda" or (x.device.type == "cpu" and ON_CPU)
     grads = torch.is_grad_enabled() and any(t.requires_grad for t in (*parts, *tables))
     return (
         triton is not None
@@ -43,12 +47,6 @@ def usable(parts: tuple[torch.Tensor, ...], tables: tuple[Any, ...]) -> bool:
         and not torch.compiler.is_compiling()
         and not grads
     )
-
-
-def _interpreted() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 if triton is not None:
