@@ -117,14 +117,21 @@ def _stepped_off(module: nn.Module, card: torch.device) -> Iterator[None]:
         finally:
             module.to(card)
         return
-    kept: dict[tuple[int, str], torch.Tensor] = module.__dict__.setdefault("_step_off_buffers", {})
+    kept: dict[tuple[int, str], torch.Tensor] = module.__dict__.get("_step_off_buffers", {})
+    # this step-off's buffers only: those of tensors since replaced (FP8 conversion) are let go
+    module.__dict__["_step_off_buffers"] = used = {}
     off: list[tuple[dict, str, torch.Tensor]] = []  # table, name, the CPU copy
+    seen: set[int] = set()  # (a tensor shared by two submodules moves once)
     try:
         for table, name in _tensors(module):
             t = table[name]
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
             host = kept.get((id(table), name))
             if host is None or host.shape != t.shape or host.dtype != t.dtype:
-                host = kept[(id(table), name)] = torch.empty_like(t, device="cpu", pin_memory=True)
+                host = torch.empty_like(t, device="cpu", pin_memory=True)
+            used[(id(table), name)] = host
             host.copy_(t.data, non_blocking=True)  # the card's memory is reused in stream order
             t.data = host
             off.append((table, name, host))
