@@ -5,6 +5,9 @@ over many calls, its memory bandwidth (one read and one write of every element, 
 how far the two outputs are apart in bf16 units of the last place.
 
     python benchmarks/bench_qk_kernel.py --out results/qk-kernel.json   # a minute on an H100
+
+The kernel is off in generation until this says it is faster (``qk_kernel.ENABLED``); the
+generation benchmarks take ``--qk-kernel`` to run with it.
 """
 
 from __future__ import annotations
@@ -59,7 +62,6 @@ def main() -> None:
             angles = torch.rand(total, d // 2, device="cuda") * 6.28
             cos, sin = (f(angles).repeat_interleave(2, -1) for f in (torch.cos, torch.sin))
             tables = (cos, sin) if rotate else (None, None)
-            assert qk_kernel.usable(parts, weights)
             ours = qk_kernel.qk_rms_rotary(parts, weights, 1e-6, *tables)
             group = fused._queries(parts, weights, 1e-6, *tables)
             ulp = (ours.float() - group.float()).abs() / group.float().abs().clamp_min(1e-30) * 2**7

@@ -26,6 +26,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from controlnet import ControlNet, ControlNetConfig, Family, unet_config
 from controlnet.families.sd.base import UNetBase
 from controlnet.families.sd.configs import tiny_unet_config
+from controlnet.model import qk_kernel
 from controlnet.model.fused import kernel_state
 from controlnet.text.tokenizer import clip_tokenizer
 
@@ -253,7 +254,12 @@ def transformer_bench_args(
     if guidance is not None:
         p.add_argument("--guidance", type=float, default=guidance, help="classifier-free guidance (1: none)")
     p.add_argument("--reps", type=int, default=3)
-    return p.parse_args()
+    p.add_argument(
+        "--qk-kernel", action="store_true", help="ours with the Triton query/key kernel (qk_kernel.ENABLED)"
+    )
+    args = p.parse_args()
+    qk_kernel.ENABLED = qk_kernel.ENABLED or args.qk_kernel
+    return args
 
 
 #: ours(steps, cuda_graphs=None, compile=False) -> final latents

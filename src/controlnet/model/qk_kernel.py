@@ -9,7 +9,8 @@ values) in registers, splits them into the even and odd elements of the rotation
 writes each stream's rows at its place in the joined output: one read and one write of every
 element. The arithmetic is the compiled group's, in float32 with one rounding at the end; it runs
 where Triton and CUDA are, nothing needs gradients and nothing is being compiled whole
-(:func:`usable`), else the compiled group does the work.
+(:func:`usable`), else the compiled group does the work - once its speed is measured on a GPU
+(:data:`ENABLED`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["ON_CPU", "qk_rms_rotary", "usable"]
+__all__ = ["ENABLED", "ON_CPU", "qk_rms_rotary", "usable"]
+
+#: whether :func:`controlnet.model.fused.queries` takes the kernel: off until its speed is measured
+#: on a GPU (``python benchmarks/bench_qk_kernel.py``; the generation benchmarks' ``--qk-kernel``)
+ENABLED = False
 
 #: run the kernel on CPU tensors too: for tests, by Triton's interpreter (``TRITON_INTERPRET=1``
 #: before Triton is first imported)
@@ -33,11 +38,11 @@ except ImportError:  # pragma: no cover - CPU builds
 
 def usable(parts: tuple[torch.Tensor, ...], tables: tuple[Any, ...]) -> bool:
     """Whether :func:`qk_rms_rotary` can take these streams (and their weights, cos, sin): Triton on
-    a CUDA device (or the CPU, :data:`ON_CPU`), a head size that is an even power of two, no
+    a CUDA device (:data:`ENABLED`) or the CPU (:data:`ON_CPU`), a head size that is an even power of two, no
     gradients to keep, not inside a region being compiled whole."""
     x = parts[0]
     d = x.shape[-1]
-    on_device = x.device.type == "cuda" or (x.device.type == "cpu" and ON_CPU)
+    on_device = (x.device.type == "cuda" and ENABLED) or (x.device.type == "cpu" and ON_CPU)
     grads = torch.is_grad_enabled() and any(t.requires_grad for t in (*parts, *tables))
     return (
         triton is not None
