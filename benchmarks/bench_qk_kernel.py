@@ -6,8 +6,8 @@ how far the two outputs are apart in bf16 units of the last place.
 
     python benchmarks/bench_qk_kernel.py --out results/qk-kernel.json   # a minute on an H100
 
-The kernel is off in generation until this says it is faster (``qk_kernel.ENABLED``); the
-generation benchmarks take ``--qk-kernel`` to run with it.
+Generation takes the kernel where it applies (``qk_kernel.ENABLED``); the generation benchmarks'
+``--no-qk-kernel`` runs them with the compiled group instead.
 """
 
 from __future__ import annotations

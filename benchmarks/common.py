@@ -255,10 +255,10 @@ def transformer_bench_args(
         p.add_argument("--guidance", type=float, default=guidance, help="classifier-free guidance (1: none)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument(
-        "--qk-kernel", action="store_true", help="ours with the Triton query/key kernel (qk_kernel.ENABLED)"
+        "--no-qk-kernel", action="store_true", help="ours with the compiled query/key group, not the kernel"
     )
     args = p.parse_args()
-    qk_kernel.ENABLED = qk_kernel.ENABLED or args.qk_kernel
+    qk_kernel.ENABLED = qk_kernel.ENABLED and not args.no_qk_kernel
     return args
 
 
