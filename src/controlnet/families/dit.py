@@ -30,6 +30,7 @@ __all__ = [
     "encode_together",
     "pack",
     "shared_fields",
+    "spread_residuals",
     "unpack",
 ]
 
@@ -49,6 +50,18 @@ def copy_twins(controlnet: nn.Module, network: nn.Module) -> None:
     state, own = network.state_dict(), controlnet.state_dict()
     own.update({k: state[k].detach().clone() for k in own if k in state and not k.startswith("controlnet_")})
     controlnet.load_state_dict(own)
+
+
+def spread_residuals(res: list[torch.Tensor] | None, blocks: int, repeats: bool = False) -> list[Any]:
+    """A ControlNet's residuals as a base of ``blocks`` blocks reads them (diffusers' Flux and
+    Qwen-Image transformers): block j gets residual j // ceil(blocks / n), or in turn, j mod n,
+    for the ControlNets that repeat theirs (XLabs'); none: none for every block."""
+    if res is None:
+        return [None] * blocks
+    if repeats:
+        return [res[j % len(res)] for j in range(blocks)]
+    interval = -(-blocks // len(res))
+    return [res[j // interval] for j in range(blocks)]
 
 
 def pack(x: torch.Tensor) -> torch.Tensor:

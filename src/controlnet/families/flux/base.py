@@ -28,7 +28,7 @@ from ...choices import PromptSyntax
 from ...model import fused
 from ...model.control import Control, region_tokens
 from ...model.fastpath import run_concurrently
-from ..dit import DiTBase, check_plain_prompts
+from ..dit import DiTBase, check_plain_prompts, spread_residuals
 from ..protocol import Inpaint, PromptEmbeddings, controlnet_config
 from .controlnet import FLUX_BLOCKS, FLUX_FIELDS, FluxControlNet, FluxControlNetConfig, FluxResiduals
 from .fused import FUSION
@@ -193,8 +193,8 @@ class FluxBase(DiTBase):
         samples: dict[str, Any] = {}
         adding = contextlib.nullcontext()
         if total is not None and fused.takes_residuals([*double, *single]):  # in the blocks' last sums
-            per_block = _spread(total.double, len(double), False) + _spread(total.single, len(single), False)
-            adding = fused.adding_residuals([*double, *single], per_block)
+            spread = spread_residuals(total.double, len(double)) + spread_residuals(total.single, len(single))
+            adding = fused.adding_residuals([*double, *single], spread)
         elif total is not None:
             samples = {
                 "controlnet_block_samples": total.double,
@@ -243,17 +243,6 @@ def _scaled(res: FluxResiduals, scales: Sequence[float]) -> FluxResiduals:
     return FluxResiduals(double, single)
 
 
-def _spread(res: list[torch.Tensor] | None, blocks: int, repeats: bool) -> list[torch.Tensor | None]:
-    """A ControlNet's residuals as the base reads them: block j gets residual j // ceil(blocks / n),
-    or in turn, j mod n, for the ControlNets that repeat theirs (XLabs')."""
-    if res is None:
-        return [None] * blocks
-    if repeats:
-        return [res[j % len(res)] for j in range(blocks)]
-    interval = -(-blocks // len(res))
-    return [res[j // interval] for j in range(blocks)]
-
-
 def _sum_residuals(each: list[tuple[FluxResiduals, bool]], blocks: tuple[int, int]) -> FluxResiduals | None:
     """The ControlNets' residuals, each spread over the base's blocks its own way and summed block
     by block (ControlNets that copy different numbers of blocks add up too); one ControlNet that
@@ -266,7 +255,7 @@ def _sum_residuals(each: list[tuple[FluxResiduals, bool]], blocks: tuple[int, in
     def total(parts: list[tuple[list[torch.Tensor] | None, bool]], n: int) -> list[torch.Tensor] | None:
         if all(p is None for p, _ in parts):
             return None
-        spreads = [_spread(p, n, repeats) for p, repeats in parts]
+        spreads = [spread_residuals(p, n, repeats) for p, repeats in parts]
         out = []
         for j in range(n):
             at = [s[j] for s in spreads if s[j] is not None]

@@ -17,7 +17,6 @@ prediction's norm (:meth:`QwenImageBase.combine_guidance`).
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -33,7 +32,7 @@ from ...choices import PromptSyntax
 from ...model import fused
 from ...model.control import Control, region_tokens
 from ...model.fastpath import run_concurrently
-from ..dit import DiTBase, encode_together, pack, shared_fields, unpack
+from ..dit import DiTBase, encode_together, pack, shared_fields, spread_residuals, unpack
 from ..protocol import PromptEmbeddings, controlnet_config
 from .controlnet import QWEN_FIELDS, QwenImageControlNet, QwenImageControlNetConfig
 from .fused import FUSION, sharing_step
@@ -249,6 +248,8 @@ class QwenImageBase(DiTBase):
         blocks = self.transformer.transformer_blocks
         summed = _summed(each, len(blocks))
         in_blocks = summed is not None and fused.takes_residuals(blocks)  # in the blocks' last sums
+        if in_blocks:
+            summed = spread_residuals(summed, len(blocks))
         outs = []
         with sharing_step(self.transformer):  # every row reads timestep t
             for s, e, length in _runs(n, 0, half) + _runs(n, half, b):
@@ -256,7 +257,7 @@ class QwenImageBase(DiTBase):
                 samples = None if summed is None else [r[r0 : r0 + e - s] for r in summed]
                 adding = contextlib.nullcontext()
                 if in_blocks:
-                    adding, samples = fused.adding_residuals(blocks, _spread(samples, len(blocks))), None
+                    adding, samples = fused.adding_residuals(blocks, samples), None
                 with adding:
                     outs.append(
                         self.transformer(
@@ -308,11 +309,5 @@ def _summed(each: list[list[torch.Tensor]], blocks: int) -> list[torch.Tensor] |
     base then reads residual j at block j."""
     if len(each) <= 1:
         return each[0] if each else None
-    spreads = [_spread(r, blocks) for r in each]
+    spreads = [spread_residuals(r, blocks) for r in each]
     return [torch.stack([s[j] for s in spreads]).sum(0) for j in range(blocks)]
-
-
-def _spread(res: list[torch.Tensor], blocks: int) -> list[torch.Tensor]:
-    """A ControlNet's residuals as the base reads them: block j gets residual j // ceil(blocks / n)."""
-    interval = math.ceil(blocks / len(res))
-    return [res[j // interval] for j in range(blocks)]
