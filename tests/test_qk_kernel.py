@@ -33,12 +33,22 @@ def streams(batch, lengths, heads, d, dtype=torch.float32, seed=0):
 
 @pytest.mark.parametrize(
     "case",
-    ["two streams", "one stream", "no norm", "no rotary", "positions per sample", "strided stream"],
+    [
+        "two streams",
+        "one stream",
+        "three streams",
+        "no norm",
+        "no rotary",
+        "positions per sample",
+        "strided stream",
+    ],
 )
 def test_the_kernel_equals_the_compiled_group(interpreted, case):
     parts, weights, cos, sin = streams(2, (5, 7), 3, 16)
     if case == "one stream":
         parts, weights, cos, sin = parts[1:], weights[1:], cos[5:], sin[5:]
+    if case == "three streams":  # one launch for the first two, one for the third
+        parts, weights, cos, sin = streams(2, (5, 7, 4), 3, 16)
     if case == "no norm":
         weights = None
     if case == "no rotary":

@@ -65,6 +65,7 @@ if triton is not None:
         cos_ptr,
         sin_ptr,
         out_ptr,
+        block,
         rows,
         tokens,
         heads,
@@ -82,7 +83,9 @@ if triton is not None:
         NORM: tl.constexpr,
         ROTATE: tl.constexpr,
     ):
-        r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        """Rows ``block * ROWS ...`` of one stream (row: one token's head) to their place in the
+        joined output, ``offset`` tokens in."""
+        r = block * ROWS + tl.arange(0, ROWS)
         live = r < rows
         h = r % heads
         lb = r // heads
@@ -107,6 +110,50 @@ if triton is not None:
         at = (b * so_b + (t + offset) * so_l + h * D)[:, None] + d[None, :]
         tl.store(out_ptr + at, x.to(out_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _two_streams(
+        xa_ptr,
+        wa_ptr,
+        xb_ptr,
+        wb_ptr,
+        cos_ptr,
+        sin_ptr,
+        out_ptr,
+        blocks_a,
+        rows_a,
+        tokens_a,
+        rows_b,
+        tokens_b,
+        heads,
+        offset,
+        sa_b,
+        sa_l,
+        sa_h,
+        sb_b,
+        sb_l,
+        sb_h,
+        sc_b,
+        sc_l,
+        so_b,
+        so_l,
+        eps,
+        D: tl.constexpr,
+        ROWS: tl.constexpr,
+        NORM: tl.constexpr,
+        ROTATE: tl.constexpr,
+    ):
+        """Two streams in one launch: the first ``blocks_a`` programs take stream a (``offset``
+        tokens into the output), the rest stream b (right after it) - a short text stream then
+        costs no launch, nor a tail of its own."""
+        pid = tl.program_id(0)
+        if pid < blocks_a:
+            _rows(xa_ptr, wa_ptr, cos_ptr, sin_ptr, out_ptr, pid, rows_a, tokens_a, heads, offset,
+                  sa_b, sa_l, sa_h, sc_b, sc_l, so_b, so_l, eps, D, ROWS, NORM, ROTATE)  # fmt: skip
+        else:
+            _rows(xb_ptr, wb_ptr, cos_ptr, sin_ptr, out_ptr, pid - blocks_a, rows_b, tokens_b, heads,
+                  offset + tokens_a, sb_b, sb_l, sb_h, sc_b, sc_l, so_b, so_l, eps,
+                  D, ROWS, NORM, ROTATE)  # fmt: skip
+
 
 def qk_rms_rotary(
     parts: tuple[torch.Tensor, ...],
@@ -117,8 +164,8 @@ def qk_rms_rotary(
 ) -> torch.Tensor:
     """What :func:`controlnet.model.fused.queries` gives - streams (B, L_i, H, D) normalised (by
     their ``weights``; none: not), joined, rotated (cos, sin: (L, D) or (B, L, D), pairs
-    interleaved; none: not), as a (B, H, L, D) view of tokens-major memory - in one kernel per
-    stream. See :func:`usable`."""
+    interleaved; none: not), as a (B, H, L, D) view of tokens-major memory - in one launch per two
+    streams. See :func:`usable`."""
     first = parts[0]
     batch, _, heads, d = first.shape
     total = sum(p.shape[1] for p in parts)
@@ -130,36 +177,43 @@ def qk_rms_rotary(
         sc_b, sc_l = (cos.stride(0), cos.stride(1)) if cos.dim() == 3 else (0, cos.stride(0))  # type: ignore[union-attr]
     else:
         sc_b = sc_l = 0
-    rows_per_program = max(1, min(64, 4096 // d))
+    per_program = max(1, min(64, 4096 // d))
+    streams = [x if x.stride(-1) == 1 else x.contiguous() for x in parts]
+    ws = list(weights) if weights is not None else streams
     offset = 0
-    for i, x in enumerate(parts):
-        if x.stride(-1) != 1:
-            x = x.contiguous()
-        rows = batch * x.shape[1] * heads
-        w = weights[i] if weights is not None else x
-        grid = (triton.cdiv(rows, rows_per_program),)
-        _rows[grid](
-            x,
-            w,
-            cos if rotate else x,
-            sin if rotate else x,
+    for i in range(0, len(streams), 2):
+        pair = i + 1 < len(streams)  # else stream a alone: b's arguments are placeholders
+        a, wa = streams[i], ws[i]
+        b, wb = (streams[i + 1], ws[i + 1]) if pair else (a, wa)
+        rows_a, rows_b = (batch * x.shape[1] * heads for x in (a, b))
+        blocks_a = triton.cdiv(rows_a, per_program)
+        blocks_b = triton.cdiv(rows_b, per_program) if pair else 0
+        _two_streams[(blocks_a + blocks_b,)](
+            a,
+            wa,
+            b,
+            wb,
+            cos if rotate else a,
+            sin if rotate else a,
             out,
-            rows,
-            x.shape[1],
+            blocks_a,
+            rows_a,
+            a.shape[1],
+            rows_b,
+            b.shape[1],
             heads,
             offset,
-            x.stride(0),
-            x.stride(1),
-            x.stride(2),
+            *a.stride()[:3],
+            *b.stride()[:3],
             sc_b,
             sc_l,
             out.stride(0),
             out.stride(1),
             eps,
             D=d,
-            ROWS=rows_per_program,
+            ROWS=per_program,
             NORM=weights is not None,
             ROTATE=rotate,
         )
-        offset += x.shape[1]
+        offset += a.shape[1] + (b.shape[1] if pair else 0)
     return out.transpose(1, 2)
