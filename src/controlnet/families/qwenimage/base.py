@@ -35,6 +35,7 @@ from ...model.fastpath import run_concurrently
 from ..dit import DiTBase, encode_together, pack, shared_fields, spread_residuals, unpack
 from ..protocol import PromptEmbeddings, controlnet_config
 from .controlnet import QWEN_FIELDS, QwenImageControlNet, QwenImageControlNetConfig
+from .frames import frames_as_images
 from .fused import FUSION, sharing_step
 
 __all__ = ["PROMPT_TEMPLATE", "QWEN_SCHEDULE", "QwenImageBase", "QwenImageVariant"]
@@ -122,11 +123,12 @@ class QwenImageBase(DiTBase):
         return mean, torch.tensor(c.latents_std).view(view).to(like.device, like.dtype)
 
     def posterior(self, images: torch.Tensor, *, tiled: bool = False, per_image: bool = True) -> Any:
-        # one frame
-        return self.visit(
-            "vae",
-            lambda: _Frame(self.vae.encode(images.to(self.device, self.vae.dtype)[:, :, None]).latent_dist),
-        )
+        # one frame, its convolutions in 2-D (frames.py)
+        def encode() -> Any:
+            with frames_as_images(self.vae):
+                return _Frame(self.vae.encode(images.to(self.device, self.vae.dtype)[:, :, None]).latent_dist)
+
+        return self.visit("vae", encode)
 
     def scaled_sample(self, mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         mu, sigma = self.latent_stats(mean)
@@ -144,7 +146,8 @@ class QwenImageBase(DiTBase):
         def decode() -> torch.Tensor:
             z = latents.to(device=self.device, dtype=self.vae.dtype)
             mu, sigma = self.latent_stats(z)
-            return self.vae.decode((z * sigma + mu)[:, :, None]).sample[:, :, 0].clamp(-1, 1).float()
+            with frames_as_images(self.vae):  # its convolutions in 2-D (frames.py)
+                return self.vae.decode((z * sigma + mu)[:, :, None]).sample[:, :, 0].clamp(-1, 1).float()
 
         return self.visit("vae", decode)
 
