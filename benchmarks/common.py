@@ -338,6 +338,7 @@ def compare_generation(
                 "first call s": round(first, 1),
             }
         )
+        print(f"{name}: {seconds:.3f} s/image, peak {mem:.1f} GiB, first call {first:.1f} s", flush=True)
 
     def profiled(name: str) -> None:
         if args.profile:
