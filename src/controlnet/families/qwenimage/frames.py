@@ -34,7 +34,9 @@ def _one_frame(
     if x.shape[2] != 1 or cache_x is not None or time_pad != self.kernel_size[0] - 1 or self.dilation[0] != 1:
         return QwenImageCausalConv3d.forward(self, x, cache_x)
     frame = F.pad(x[:, :, 0], self._padding[:4])
-    out = F.conv2d(frame, self.weight[:, :, -1], self.bias, self.stride[1:], 0, self.dilation[1:])
+    out = F.conv2d(
+        frame, self.weight[:, :, -1], self.bias, self.stride[1:], 0, self.dilation[1:], self.groups
+    )
     return out[:, :, None]
 
 
