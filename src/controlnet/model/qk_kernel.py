@@ -6,12 +6,14 @@ joined along the tokens, the rotary embedding, tokens-major output - generated b
 runs far below the memory bandwidth (a sixth of an H100's at Qwen-Image's shapes). Here each
 program holds whole rows (one token's head, D values) in registers, splits them into the even and
 odd elements of the rotation's pairs, and writes each stream's rows at its place in the joined
-output: one read and one write of every element. The arithmetic is the compiled group's, in
-float32 with one rounding at the end; it runs where Triton and CUDA are, nothing needs gradients
-and nothing is being compiled whole (:func:`usable`), else the compiled group does the work. On
+output: one read and one write of every element; two streams (text and image) share one launch.
+The arithmetic is the compiled group's, in float32 with one rounding at the end; it runs where
+Triton and CUDA are, nothing needs gradients and nothing is being compiled whole
+(:func:`usable`), else the compiled group does the work. On
 an H100 (2026-12-07, ``benchmarks/bench_qk_kernel.py``) it takes 110 us where the group took 160
 at Qwen-Image's shapes, 100 against 156 in Flux's double blocks, 38 against 71 in its single
-ones, 89 against 214 at SD3.5's, with the group's outputs bit for bit.
+ones, 89 against 214 at SD3.5's, with the group's outputs bit for bit (then with one launch per
+stream; the shared launch is not yet timed).
 """
 
 from __future__ import annotations
