@@ -105,3 +105,21 @@ def test_bad_configurations_are_named(transformer):
         QwenImageControlNet.from_transformer(transformer, QwenImageControlNetConfig(5))
     with pytest.raises(ValueError, match="copies at least one block, got num_layers=0"):
         QwenImageControlNetConfig(0)
+
+
+def test_a_float32_controlnet_reads_bf16_inputs_and_answers_in_bf16(transformer):
+    """As in a mixed-precision run's validation: the trainable float32 copy beside a bf16 base
+    computes in float32 on the base's inputs and hands back residuals the base can add."""
+    cn = QwenImageControlNet.from_transformer(transformer, QwenImageControlNetConfig(2)).eval()
+    with torch.no_grad():
+        for name, p in cn.named_parameters():
+            if name.startswith("controlnet_"):
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(4))
+    i = _inputs()
+    low = {k: i[k].bfloat16() for k in ("x", "cond", "text")}
+    kw = {"timestep": i["t"], "img_shapes": i["shapes"], "encoder_hidden_states_mask": i["mask"]}
+    with torch.no_grad():
+        res = cn(low["x"], low["cond"], encoder_hidden_states=low["text"], **kw)
+        exact = cn(low["x"].float(), low["cond"].float(), encoder_hidden_states=low["text"].float(), **kw)
+    assert all(r.dtype == torch.bfloat16 for r in res)
+    assert all(torch.equal(r, e.bfloat16()) for r, e in zip(res, exact))

@@ -88,6 +88,8 @@ def test_a_fresh_controlnet_leaves_the_base_exact_and_only_it_learns(family, flu
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])
 def test_train_validates_on_outlines_exports_and_generates(family, files, tmp_path, capsys):
+    """In bf16 mixed precision, as on a GPU: the validation samples run the float32 ControlNet
+    beside the bf16 base."""
     config = '{"num_layers": 1, "num_single_layers": 1}' if family == "flux" else '{"num_layers": 1}'
     run = tmp_path / "run"
     args = ["train", "--base", str(files / f"{family}.safetensors"), "--data", str(files / "data")]
@@ -100,6 +102,8 @@ def test_train_validates_on_outlines_exports_and_generates(family, files, tmp_pa
         "2",
         "--validation-count",
         "2",
+        "--mixed-precision",
+        "bfloat16",
     ]
     assert main([*args, *QUIET, "--out", str(run)]) == 0
     metrics = (run / "metrics.csv").read_text()

@@ -28,6 +28,7 @@ __all__ = [
     "check_plain_prompts",
     "copy_twins",
     "encode_together",
+    "in_precision",
     "pack",
     "shared_fields",
     "spread_residuals",
@@ -39,6 +40,15 @@ def shared_fields(config: Any, fields: Sequence[str]) -> dict[str, Any]:
     """The ``fields`` of a base transformer's config a ControlNet shares, JSON-stable (lists, not
     tuples): what a ControlNet records of the model it was made for."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dict(config).items() if k in fields}
+
+
+def in_precision(dtype: torch.dtype, *tensors: Any) -> tuple[Any, ...]:
+    """``tensors`` with the floating-point ones in ``dtype`` (the rest, and None, as they are).
+
+    A ControlNet may run in another precision than the locked base beside it - float32 while it
+    trains next to a bfloat16 base, and so in that run's validation samples - so it takes its inputs
+    in its own precision and gives its residuals back in the base's."""
+    return tuple(t.to(dtype) if torch.is_tensor(t) and t.is_floating_point() else t for t in tensors)
 
 
 def copy_twins(controlnet: nn.Module, network: nn.Module) -> None:

@@ -45,7 +45,7 @@ from torch import nn
 
 from ...model.hint import HintEncoder
 from ...model.zero import ControlledCopy, zero_linear
-from ..dit import copy_twins, shared_fields
+from ..dit import copy_twins, in_precision, shared_fields
 from .fused import fuse_blocks
 from .patches import pack
 
@@ -287,6 +287,10 @@ class FluxControlNet(ControlledCopy):
         ``guidance`` as the base takes them (diffusers' convention: both times 1000 inside);
         ``mode``: a Union ControlNet's control mode, for every sample or as (B, 1) indices (a
         tensor's range is checked only where reading it back cannot stall a CUDA graph capture)."""
+        given = hidden_states.dtype
+        hidden_states, condition, encoder_hidden_states, pooled_projections = in_precision(
+            self.x_embedder.weight.dtype, hidden_states, condition, encoder_hidden_states, pooled_projections
+        )
         x = self.x_embedder(hidden_states)
         c = self.embed_condition(condition)
         timestep = timestep.to(x.dtype) * 1000
@@ -309,7 +313,7 @@ class FluxControlNet(ControlledCopy):
             text = torch.cat([self.controlnet_mode_embedder(mode), text], dim=1)
             txt_ids = torch.cat([txt_ids[:1], txt_ids], dim=0)
         rotary = self.pos_embed(torch.cat([txt_ids, img_ids], dim=0))
-        res = self.residuals(x, c, text, temb, rotary)
+        res = list(in_precision(given, *self.residuals(x, c, text, temb, rotary)))
         n = self.config.num_layers
         out = FluxResiduals(res[:n] or None, res[n:] or None)
         return out if scale == 1.0 else out.scaled(scale)

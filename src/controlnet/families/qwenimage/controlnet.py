@@ -37,7 +37,7 @@ from diffusers.models.transformers.transformer_qwenimage import (
 from torch import nn
 
 from ...model.zero import ControlledCopy, zero_linear
-from ..dit import copy_twins, shared_fields
+from ..dit import copy_twins, in_precision, shared_fields
 from .fused import fuse_blocks
 
 __all__ = ["QWEN_FIELDS", "QwenImageControlNet", "QwenImageControlNetConfig"]
@@ -193,11 +193,15 @@ class QwenImageControlNet(ControlledCopy):
         ``condition``: the condition's packed latents (B, L, C + extra); ``timestep`` in [0, 1]
         as the base takes it; ``img_shapes``: each sample's (frames, h / 2, w / 2) for the rotary
         positions; ``encoder_hidden_states_mask``: 1 for the text tokens to attend to."""
+        given = hidden_states.dtype
+        hidden_states, condition, encoder_hidden_states = in_precision(
+            self.img_in.weight.dtype, hidden_states, condition, encoder_hidden_states
+        )
         x = self.img_in(hidden_states)
         cond = self.embed_condition(condition)
         temb = self.time_text_embed(timestep, x + cond)
         length, _, mask = compute_text_seq_len_from_mask(encoder_hidden_states, encoder_hidden_states_mask)
         rotary = self.pos_embed(img_shapes, max_txt_seq_len=length, device=x.device)
         text = self.txt_in(self.txt_norm(encoder_hidden_states))
-        res = self.residuals(x, cond, text, mask, temb, rotary)
+        res = list(in_precision(given, *self.residuals(x, cond, text, mask, temb, rotary)))
         return res if scale == 1.0 else [r * scale for r in res]

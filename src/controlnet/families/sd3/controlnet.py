@@ -34,7 +34,7 @@ from diffusers.models.transformers.transformer_sd3 import SD3SingleTransformerBl
 from torch import nn
 
 from ...model.zero import ControlledCopy, zero_linear, zero_module
-from ..dit import copy_twins, shared_fields
+from ..dit import copy_twins, in_precision, shared_fields
 from .fused import fuse_blocks
 
 __all__ = ["SD3_FIELDS", "SD3ControlNet", "SD3ControlNetConfig"]
@@ -227,6 +227,14 @@ class SD3ControlNet(ControlledCopy):
         """One residual per copied block. ``hidden_states``: latents (B, C, h, w), or for a
         ControlNet without its own ``pos_embed`` the base's patch tokens; ``condition``: the
         condition's latents (B, C + extra, h, w); ``timestep`` as the base takes it (0-1000)."""
+        given = hidden_states.dtype
+        hidden_states, condition, pooled_projections, encoder_hidden_states = in_precision(
+            self.time_text_embed.timestep_embedder.linear_1.weight.dtype,
+            hidden_states,
+            condition,
+            pooled_projections,
+            encoder_hidden_states,
+        )
         if self.config.own_pos_embed:
             x = self.pos_embed(hidden_states)
         elif hidden_states.ndim != 3:
@@ -237,5 +245,5 @@ class SD3ControlNet(ControlledCopy):
             pooled_projections = torch.zeros_like(pooled_projections)
         temb = self.time_text_embed(timestep, pooled_projections)
         text = self.context_embedder(encoder_hidden_states) if self.config.reads_text else None
-        res = self.residuals(x, self.embed_condition(condition), text, temb)
+        res = list(in_precision(given, *self.residuals(x, self.embed_condition(condition), text, temb)))
         return res if scale == 1.0 else [r * scale for r in res]
