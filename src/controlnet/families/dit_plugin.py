@@ -38,7 +38,8 @@ class DiTPlugin:
         return d.layout
 
     def generation_settings(self, path: str | Path) -> dict[str, Any]:
-        return dict(self.SETTINGS) if "base" in api.detect(path).kinds else {}
+        """The family's own settings, and over them those the file carries (our format's)."""
+        return {**self.SETTINGS, **api.generation_settings(path)} if "base" in api.detect(path).kinds else {}
 
     def load_base(self, path: str | Path, *, dtype: Any = None) -> Any:
         model = api.load_base(path, dtype=dtype)

@@ -297,11 +297,17 @@ def load_base(
             return flux_files.load_flux_files(d.path, dtype=dtype)
         if d.family in lm_base.SPECS:
             if d.tensors is not None:
-                return lm_base.load_file(d.tensors, dtype=dtype)
-            return lm_base.load_folder(d.path, dtype=dtype)
+                model = lm_base.load_file(d.tensors, dtype=dtype)
+            else:
+                model = lm_base.load_folder(d.path, dtype=dtype)
+            model.settings = generation_settings(path)
+            return model
         if d.tensors is not None:
-            return dit_base.load_file(d.tensors, dtype=dtype)
-        return dit_base.load_folder(d.path, dtype=dtype)
+            model = dit_base.load_file(d.tensors, dtype=dtype)
+        else:
+            model = dit_base.load_folder(d.path, dtype=dtype)
+        model.settings = generation_settings(path)
+        return model
     base = make_base(*_base_loader(path, dtype, config, family, ldm_config))
     base.settings = generation_settings(path)
     return base

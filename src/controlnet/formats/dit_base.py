@@ -61,6 +61,7 @@ from .checkpoint import (
     save_safetensors,
 )
 from .keymap import Rule, load_into
+from .ours import settings_metadata
 
 __all__ = [
     "SPECS",
@@ -358,6 +359,7 @@ def save(base: Any, path: Path, fmt: str, *, overwrite: bool = False) -> list[Pa
         meta = {
             META_FORMAT: "base",
             META_VERSION: FORMAT_VERSION,
+            **settings_metadata(base),
             "family": spec.family,
             "base_config": json.dumps(_configs(spec, base), sort_keys=True),
         }

@@ -54,6 +54,7 @@ from .checkpoint import (
 )
 from .dit_base import tokenizer_from_json, write_index
 from .keymap import Rule, identity_rules, load_into, weights_on_meta
+from .ours import settings_metadata
 
 __all__ = ["SPECS", "LMSpec", "load_file", "load_folder", "save", "spec_of_file", "spec_of_folder"]
 
@@ -285,6 +286,7 @@ def save(base: Any, path: Path, fmt: str, *, overwrite: bool = False) -> list[Pa
         meta = {
             META_FORMAT: "base",
             META_VERSION: FORMAT_VERSION,
+            **settings_metadata(base),
             "family": spec.family,
             "base_config": json.dumps(_configs(base), sort_keys=True),
             "tokenizer": tok.backend_tokenizer.to_str(),

@@ -50,6 +50,7 @@ __all__ = [
     "load_controlnet",
     "save_base",
     "save_controlnet",
+    "settings_metadata",
     "stored_settings",
 ]
 
@@ -57,6 +58,12 @@ CONTROLNET = "controlnet"
 BASE = "base"
 PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 META_SETTINGS = "generation_settings"
+
+
+def settings_metadata(base: Any) -> dict[str, str]:
+    """The metadata entry that keeps a base model's generation settings in our format (none for
+    a model that carries none), whatever its family."""
+    return {META_SETTINGS: json.dumps(base.settings, sort_keys=True)} if base.settings else {}
 
 
 def stored_settings(tf: TensorFile) -> dict[str, Any]:
@@ -142,9 +149,12 @@ def save_base(base: UNetBase, path: Path, *, overwrite: bool = False) -> list[Pa
     tensors: dict[str, torch.Tensor] = {}
     for part, module in base.modules().items():
         tensors.update({_prefix(part, module) + k: v for k, v in module.state_dict().items()})
-    metadata = {META_FORMAT: BASE, META_VERSION: FORMAT_VERSION, **base_metadata(base)}
-    if base.settings:
-        metadata[META_SETTINGS] = json.dumps(base.settings, sort_keys=True)
+    metadata = {
+        META_FORMAT: BASE,
+        META_VERSION: FORMAT_VERSION,
+        **base_metadata(base),
+        **settings_metadata(base),
+    }
     with atomic_outputs(path, overwrite=overwrite) as (tmp,):
         save_safetensors(tensors, tmp, metadata)
     return [path]
