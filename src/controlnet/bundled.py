@@ -7,6 +7,7 @@ filled circle) on top, both in our own checkpoint format. docs/bundled-model.md 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -14,7 +15,9 @@ __all__ = [
     "BUNDLED_BASE",
     "BUNDLED_CONTROLNET",
     "BUNDLED_GUIDANCE",
+    "BUNDLED_MODELS",
     "BUNDLED_SETTINGS",
+    "BundledModel",
     "bundled_path",
 ]
 
@@ -37,3 +40,23 @@ def bundled_path(name: str) -> Path:
             f"this build has no bundled model file {name}; pass a model explicitly (--base / --controlnet)"
         )
     return path
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A bundled stack: its two files and the data world it learned (``fill50k``: one circle per
+    image; ``outlines``: several closed shapes of any kind, each in its own prompted colour)."""
+
+    base: str
+    controlnet: str
+    world: str
+
+
+#: the bundled stacks by family: the UNet one (SD-style) and the Flux-style transformer one
+#: (issue 32; a build ships it once trained: until then its files are absent and naming it says so)
+BUNDLED_MODELS = {
+    "unet": BundledModel(BUNDLED_BASE, BUNDLED_CONTROLNET, "fill50k"),
+    "flux": BundledModel(
+        "outlines-flux-base.safetensors", "outlines-flux-controlnet.safetensors", "outlines"
+    ),
+}

@@ -1,9 +1,12 @@
-"""``controlnet demo``: the bundled model, end to end on a CPU in seconds.
+"""``controlnet demo``: a bundled model, end to end on a CPU in seconds.
 
-An outline (a built-in circle, or the user's drawing: white lines on black) goes through the same
-loaders and pipeline as any Stable Diffusion model; the demo writes the grid (condition | samples)
+An outline (a built-in one, or the user's drawing: white lines on black) goes through the same
+loaders and pipeline as any model of its family; the demo writes the grid (condition | samples)
 with each sample and its JSON sidecar, and prints how well the samples follow the condition and
-the prompt's colours (the fill50k scores of :mod:`controlnet.evaluation.evaluate`).
+the prompt's colours (the scores of :mod:`controlnet.evaluation.evaluate`). ``family`` picks the
+bundled stack (:data:`controlnet.bundled.BUNDLED_MODELS`): the UNet one, trained on one circle per
+image, whose built-in outline is a circle; or the Flux-style transformer one, trained on the
+outlines world, whose built-in outline is several shapes, each scored in its own colour.
 """
 
 from __future__ import annotations
@@ -12,20 +15,23 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from .bundled import BUNDLED_GUIDANCE, BUNDLED_SETTINGS
+from .bundled import BUNDLED_MODELS, BUNDLED_SETTINGS, bundled_path
+from .data.figures import Figure, FigureKind
 from .data.fill50k import Sample, Shape, line_width_for, render_sample
+from .data.outlines import OutlineSample, default_line_width, render_outlines, visible_masks
 from .evaluation.metrics import COLOUR_TOLERANCE, fill_outline
 from .generation.request import ControlRequest, GenerationRequest
 from .imageio import save_png
 
-__all__ = ["DEMO_PROMPT", "DemoResult", "builtin_outline", "run_demo"]
+__all__ = ["DEMO_PROMPT", "DemoResult", "builtin_outline", "builtin_outlines", "run_demo"]
 
-#: the bundled model was trained on prompts of this form: "<colour> circle with <colour> background"
+#: the bundled UNet model was trained on prompts of this form: "<colour> circle with <colour> background"
 DEMO_PROMPT = "red circle with light sky blue background"
-DEMO_SIZE = 128  # the bundled model's native size
+DEMO_SIZE = 128  # the bundled models' native size
 
 
 @dataclass
@@ -53,54 +59,96 @@ def builtin_outline(size: int = DEMO_SIZE) -> np.ndarray:
     return render_sample(sample)[0]
 
 
+def builtin_outlines(size: int = DEMO_SIZE) -> OutlineSample:
+    """The transformer demo's condition: an orange ellipse and a royal blue pentagon that overlap,
+    and a small red circle, on light yellow (kinds the outlines world trains on)."""
+    figures = (
+        Figure(FigureKind.ELLIPSE, (size * 0.34, size * 0.40), size * 0.25, 20.0, "orange", (0.6,)),
+        Figure(FigureKind.POLYGON, (size * 0.64, size * 0.64), size * 0.25, 0.0, "royal blue", (5.0,)),
+        Figure(FigureKind.CIRCLE, (size * 0.78, size * 0.22), size * 0.11, 0.0, "red"),
+    )
+    return OutlineSample(0, size, default_line_width(size), "light yellow", figures)
+
+
 def run_demo(
     out_dir: str | Path = "outputs/demo",
     *,
+    family: str = "unet",
     image: str | Path | None = None,
-    prompt: str = DEMO_PROMPT,
+    prompt: str | None = None,
     samples: int = 4,
     steps: int = 20,
-    guidance: float = BUNDLED_GUIDANCE,
+    guidance: float | None = None,
     seed: int = 0,
     base: str | None = None,
     controlnet: str | None = None,
     progress: bool = True,
 ) -> DemoResult:
-    """Generate ``samples`` images for the outline (built-in, or ``image``) and score them.
+    """Generate ``samples`` images for the outline (built-in, or ``image``) with the bundled stack
+    of ``family`` and score them.
 
-    ``base`` / ``controlnet`` default to the bundled files. Prints the grid's path and the scores.
-    """
+    ``base`` / ``controlnet`` default to that stack's files; ``prompt`` to the built-in outline's;
+    ``guidance`` to the base's own. Prints the grid's path and the scores."""
     from .generation.check import check
+    from .generation.defaults import model_settings
     from .generation.pipeline import run
 
+    if family not in BUNDLED_MODELS:
+        raise ValueError(f"family must be one of {', '.join(BUNDLED_MODELS)}, got {family!r}")
+    bundled = BUNDLED_MODELS[family]
+    base_file = base or str(bundled_path(bundled.base))  # a build without the stack says so here
+    if family != "unet":  # (the UNet stack's files are the pipeline's own defaults: left unnamed)
+        base, controlnet = base_file, controlnet or str(bundled_path(bundled.controlnet))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cond_path = save_png(builtin_outline(), out / "outline.png") if image is None else Path(image)
+    builtin = image is None
+    shapes = builtin_outlines() if bundled.world == "outlines" and builtin else None
+    if builtin:
+        cond_image = render_outlines(shapes)[0] if shapes is not None else builtin_outline()
+        image = save_png(cond_image, out / "outline.png")
+    if prompt is None:
+        prompt = shapes.prompt if shapes is not None else DEMO_PROMPT
+    # how the model samples (its file's settings; the UNet stack's bare prompts for another base)
+    settings: dict[str, Any] = {**(BUNDLED_SETTINGS if family == "unet" else {}), **model_settings(base_file)}
+    if guidance is not None:
+        settings["guidance"] = guidance
     request = GenerationRequest(
         prompt=prompt,
-        controls=[ControlRequest(image=str(cond_path), controlnet=controlnet)],
-        **{**BUNDLED_SETTINGS, "guidance": guidance},  # the prompt alone, as in its training
-        base=base,
-        steps=steps,
-        seed=seed,
-        num_samples=samples,
-        resolution=DEMO_SIZE if image is None else None,
+        controls=[ControlRequest(image=str(image), controlnet=controlnet)],
+        **{**settings, "base": base, "steps": steps, "seed": seed, "num_samples": samples},
+        resolution=DEMO_SIZE if builtin else None,
     )
     checked = check(request)  # a clear error now for a missing or unreadable file
-    print(f"controlnet demo: {samples} samples, {steps} DDIM steps, guidance {guidance:g}, prompt {prompt!r}")
+    print(
+        f"controlnet demo ({family}): {samples} samples, {steps} {checked.request.sampler.value} steps, "
+        f"guidance {checked.request.guidance:g}, prompt {prompt!r}"
+    )
     start = time.perf_counter()
     result, sidecar = run(checked, out, progress=progress)
     seconds = time.perf_counter() - start
     assert sidecar is not None
     grid = sidecar.parent / json.loads(sidecar.read_text())["outputs"]["grid"]
     cond = result.conditions[0]
-    iou, accuracy = _scores(result.images, cond, prompt)
+    if shapes is not None and prompt == shapes.prompt:
+        iou, accuracy = _outline_scores(result.images, shapes)
+    else:
+        iou, accuracy = _scores(result.images, cond, prompt)
     print(f"wrote {grid} (condition | samples) and {sidecar} in {seconds:.1f} s")
-    line = f"controllability: IoU of the shape with the outline {iou:.3f}"
+    line = f"controllability: IoU of the filled shapes with the outline {iou:.3f}"
     if accuracy is not None:
         line += f"; colour accuracy (CIEDE2000 <= {COLOUR_TOLERANCE:g}) {accuracy:.3f}"
     print(line + f" (mean over {samples} samples)")
     return DemoResult(grid=grid, sidecar=sidecar, iou=iou, colour_accuracy=accuracy, seconds=seconds)
+
+
+def _outline_scores(images: list[np.ndarray], sample: OutlineSample) -> tuple[float, float]:
+    """Mean IoU and colour accuracy over the outline's shapes, each in its own colour."""
+    from .data.colors import rgb
+    from .evaluation.metrics import outline_scores
+
+    colours = [rgb(f.color) for f in sample.figures]
+    rows = [outline_scores(img, visible_masks(sample), colours, rgb(sample.background)) for img in images]
+    return float(np.mean([r["iou"] for r in rows])), float(np.mean([r["colour_accuracy"] for r in rows]))
 
 
 def _scores(images: list[np.ndarray], cond: np.ndarray, prompt: str) -> tuple[float, float | None]:
