@@ -139,3 +139,26 @@ def test_residuals_given_to_the_blocks_equal_diffusers_adding_them_after_each_bl
             got = net(**x, joint_attention_kwargs={"unused": 1}).sample
         assert len(sums) == 7  # diffusers' forward in each block, the residual added after it
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_each_fused_block_compiles_whole_as_one_graph():
+    """``--fast`` compiles each block whole: a graph break inside one (as a dispatch-mode check in
+    the query/key preparation once made) splits it into pieces and costs the fusion it is for."""
+    net = _randomised(tiny_transformer(), 5)
+    fuse_blocks(net)
+    blocks = (net.transformer_blocks[0], net.single_transformer_blocks[0])
+    seen = {}
+    hooks = [
+        b.register_forward_pre_hook(lambda m, a, kw: seen.setdefault(type(m), (a, kw)), with_kwargs=True)
+        for b in blocks
+    ]
+    with torch.no_grad():
+        net(**inputs())
+        for h in hooks:
+            h.remove()
+        for block in blocks:
+            args, kwargs = seen[type(block)]
+            torch._dynamo.reset()
+            compiled = torch.compile(block, backend="eager", fullgraph=True)  # a break raises here
+            for got, want in zip(compiled(*args, **kwargs), block(*args, **kwargs)):
+                torch.testing.assert_close(got, want)

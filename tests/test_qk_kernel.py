@@ -102,3 +102,30 @@ def test_queries_use_the_kernel_only_where_it_applies(interpreted, monkeypatch):
         got = fused.queries(parts, weights, 1e-6, cos, sin)
     torch.testing.assert_close(got, fused._queries(parts, weights, 1e-6, cos, sin))
     assert fused.kernel_state()["queries (kernel)"] == "unfused"
+
+
+def test_a_block_compiled_whole_calls_the_kernel_as_an_operator(interpreted, monkeypatch):
+    """Inside a region compiled whole (``--fast``), once the kernel has run in this process, the
+    compiled code calls it as one operator, with the eager result; before that, the group."""
+    monkeypatch.setattr(fused, "_QK_KERNEL", {})
+    parts, weights, cos, sin = streams(1, (3, 5), 2, 8)
+    launches = []
+    real = interpreted._launch
+    monkeypatch.setattr(interpreted, "_launch", lambda *a: launches.append(1) or real(*a))
+
+    def attention_input(*parts):
+        return fused.queries(parts, weights, 1e-6, cos, sin) * 2
+
+    with torch.no_grad():
+        torch._dynamo.reset()
+        before = torch.compile(attention_input, backend="aot_eager", fullgraph=True)(*parts)
+        assert launches == []  # not yet proved here: the group, traced
+        fused.try_qk_kernel("cpu")
+        assert fused.kernel_state()["queries (kernel)"] == "triton" and launches == [1]
+        torch._dynamo.reset()
+        after = torch.compile(attention_input, backend="aot_eager", fullgraph=True)(*parts)
+    assert len(launches) == 2  # the operator, called by the compiled code
+    want = fused._queries(parts, weights, 1e-6, cos, sin) * 2
+    torch.testing.assert_close(after, want, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(before, want, rtol=2e-6, atol=2e-6)
+    assert after.stride() == want.stride()

@@ -292,7 +292,9 @@ class DiTBase(Residence):
 
     def compile(self, *, vae: bool = False) -> None:
         from ..model.fastpath import compile_modules
+        from ..model.fused import try_qk_kernel
 
+        try_qk_kernel(self.resident_device())  # the compiled blocks then call it as an operator
         compile_modules([self.transformer], regions=self.blocks)
         if vae:
             compile_modules([self.vae.decoder])

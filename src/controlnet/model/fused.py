@@ -204,10 +204,16 @@ def queries(
     (B, L, D) where each sample has its own positions; pairs interleaved; none: not rotated), as
     (B, H, L, D) for attention: a view of tokens-major memory (B, L, H, D), in which attention
     writes its output too, so that joining its heads afterwards copies nothing. On a GPU, for
-    inference, one hand-written kernel (:mod:`controlnet.model.qk_kernel`); else one compiled group."""
+    inference, one hand-written kernel (:mod:`controlnet.model.qk_kernel`; inside a block compiled
+    whole, once it has run in this process: :func:`try_qk_kernel`); else one compiled group."""
     tables = (*(weights or ()), *(t for t in (cos, sin) if t is not None))
-    plain = _get_current_dispatch_mode() is not None  # (a FLOP counter)
-    if _QK_KERNEL.get("state") != "unfused" and not plain and qk_kernel.usable(parts, tables):
+    state = _QK_KERNEL.get("state")
+    if torch.compiler.is_compiling():  # a block compiled whole: the kernel once it has run here
+        if state == "triton" and qk_kernel.usable(parts, tables):
+            return qk_kernel.qk_rms_rotary(parts, weights, eps, cos, sin)
+        return _queries(parts, weights, eps, cos, sin)
+    plain = _get_current_dispatch_mode() is not None  # (a FLOP counter; it does not run compiled)
+    if state != "unfused" and not plain and qk_kernel.usable(parts, tables):
         try:
             out = qk_kernel.qk_rms_rotary(parts, weights, eps, cos, sin)
             _QK_KERNEL["state"] = "triton"
@@ -220,6 +226,17 @@ def queries(
 
 #: how the hand-written query/key kernel has run: "triton", or "unfused" once it failed
 _QK_KERNEL: dict[str, str] = {}
+
+
+def try_qk_kernel(device: torch.device | str) -> None:
+    """Run the query/key kernel once on ``device`` (a few tokens), so that blocks compiled whole
+    afterwards take it where it works, and the compiled group where it does not (with the warning
+    :func:`queries` gives)."""
+    device = torch.device(device)
+    tokens = torch.ones(1, 2, 1, 8, device=device, dtype=torch.bfloat16)
+    table = torch.ones(2, 8, device=device)
+    with torch.no_grad():
+        queries((tokens,), (torch.ones(8, device=device),), 1e-6, table, table)
 
 
 @_kernel

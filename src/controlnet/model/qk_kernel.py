@@ -8,8 +8,8 @@ program holds whole rows (one token's head, D values) in registers, splits them 
 odd elements of the rotation's pairs, and writes each stream's rows at its place in the joined
 output: one read and one write of every element; two streams (text and image) share one launch.
 The arithmetic is the compiled group's, in float32 with one rounding at the end; it runs where
-Triton and CUDA are, nothing needs gradients and nothing is being compiled whole
-(:func:`usable`), else the compiled group does the work. On
+Triton and CUDA are and nothing needs gradients (:func:`usable`), else the compiled group does the
+work; inside a block compiled whole (``--fast``) it is one operator the compiler calls as it is. On
 an H100 (2026-12-07, ``benchmarks/bench_qk_kernel.py``) it takes 110 us where the group took 160
 at Qwen-Image's shapes, 100 against 156 in Flux's double blocks, 38 against 71 in its single
 ones, 89 against 214 at SD3.5's, with the group's outputs bit for bit (then with one launch per
@@ -18,6 +18,7 @@ stream; the shared launch is not yet timed).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -43,19 +44,12 @@ except ImportError:  # pragma: no cover - CPU builds
 def usable(parts: tuple[torch.Tensor, ...], tables: tuple[Any, ...]) -> bool:
     """Whether :func:`qk_rms_rotary` can take these streams (and their weights, cos, sin): Triton on
     a CUDA device (:data:`ENABLED`) or the CPU (:data:`ON_CPU`), a head size that is a power of
-    two, no gradients to keep, not inside a region being compiled whole."""
+    two, no gradients to keep."""
     x = parts[0]
     d = x.shape[-1]
     on_device = (x.device.type == "cuda" and ENABLED) or (x.device.type == "cpu" and ON_CPU)
     grads = torch.is_grad_enabled() and any(t.requires_grad for t in (*parts, *tables))
-    return (
-        triton is not None
-        and on_device
-        and d >= 2
-        and d & (d - 1) == 0
-        and not torch.compiler.is_compiling()
-        and not grads
-    )
+    return triton is not None and on_device and d >= 2 and d & (d - 1) == 0 and not grads
 
 
 if triton is not None:
@@ -167,7 +161,23 @@ def qk_rms_rotary(
     """What :func:`controlnet.model.fused.queries` gives - streams (B, L_i, H, D) normalised (by
     their ``weights``; none: not), joined, rotated (cos, sin: (L, D) or (B, L, D), pairs
     interleaved; none: not), as a (B, H, L, D) view of tokens-major memory - in one launch per two
-    streams. See :func:`usable`."""
+    streams. Inside a region being compiled whole, the launches are one operator
+    (``controlnet::qk_rms_rotary``) that the compiler calls as it is. See :func:`usable`."""
+    if torch.compiler.is_compiling():
+        out = torch.ops.controlnet.qk_rms_rotary(list(parts), list(weights or ()), eps, cos, sin)
+    else:
+        out = _launch(parts, weights, eps, cos, sin)
+    return out.transpose(1, 2)
+
+
+def _launch(
+    parts: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor] | None,
+    eps: float,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+) -> torch.Tensor:
+    """The kernel's launches: the joined, tokens-major (B, L, H, D) result."""
     first = parts[0]
     batch, _, heads, d = first.shape
     total = sum(p.shape[1] for p in parts)
@@ -218,4 +228,22 @@ def qk_rms_rotary(
             ROTATE=rotate,
         )
         offset += a.shape[1] + (b.shape[1] if pair else 0)
-    return out.transpose(1, 2)
+    return out
+
+
+@torch.library.custom_op("controlnet::qk_rms_rotary", mutates_args=())
+def _qk_operator(
+    parts: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    eps: float,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+) -> torch.Tensor:
+    """:func:`_launch` as an operator (``weights`` empty: not normalised)."""
+    return _launch(parts, weights or None, eps, cos, sin)
+
+
+@_qk_operator.register_fake
+def _(parts, weights, eps, cos, sin):  # type: ignore[no-untyped-def] - the operator's shape, for tracing
+    batch, _, heads, d = parts[0].shape
+    return parts[0].new_empty(batch, sum(p.shape[1] for p in parts), heads, d)
