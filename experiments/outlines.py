@@ -5,6 +5,7 @@ transformer stack that follow any outline, made and measured with `controlnet` c
     python experiments/outlines.py unet     --work WORK   # the bundled UNet stack carried on: base, ControlNet (GPU)
     python experiments/outlines.py flux     --work WORK   # flux-tiny: VAE, transformer, ControlNet (GPU)
     python experiments/outlines.py evaluate --work WORK   # both, on every test set (GPU or CPU)
+    python experiments/outlines.py claims   --work WORK   # claims 2 and 4 on flux-tiny's ControlNet (GPU)
     python experiments/outlines.py identity --work WORK   # claim 1 on both: zero-init identity (CPU)
 
 Data: training pairs with every kind of shape but stars (seed 0); test pairs of those kinds
@@ -108,7 +109,11 @@ def stage_flux(work: Path) -> None:
 
 def stage_evaluate(work: Path) -> None:
     models = {
-        "unet": (work / "runs/unet-base/final/base.safetensors", work / "runs/unet/final/controlnet.safetensors", 1.5),
+        "unet": (
+            work / "runs/unet-base/final/base.safetensors",
+            work / "runs/unet/final/controlnet.safetensors",
+            1.5,
+        ),
         "flux": (
             work / "runs/flux-base/final/base.safetensors",
             work / "runs/flux-cn/final/controlnet.safetensors",
@@ -134,6 +139,46 @@ def stage_evaluate(work: Path) -> None:
         print(f"| {name} | " + " | ".join(f"{summary.get(k, float('nan')):.3f}" for k in keys) + " |")
 
 
+def stage_claims(work: Path) -> None:
+    """Claims 2 and 4 on the transformer, beside the UNet's: flux-cn's held-out IoU against its
+    step (the sudden-convergence step is where it first crosses 0.6), and a twin run with no empty
+    prompts; both scored on the test set with the prompt and with none (free IoU: the shape
+    whatever its colours). After the flux stage (they share its cache)."""
+    import csv
+
+    from controlnet.plots import line_plot
+
+    base = work / "runs/flux-base/final/base.safetensors"
+    _train(work, "flux-cn-no-drop", f"--base {base} --arch flux-tiny --cache {work}/cache-flux-cn "
+           f"--empty-prompt-prob 0 --score-name shape_iou --score-threshold 0.6 {S['flux_cn']}")  # fmt: skip
+    results: dict[str, Any] = {}
+    for name in ("flux-cn", "flux-cn-no-drop"):
+        cn = work / "runs" / name / "final/controlnet.safetensors"
+        for setting in ("user", "none"):
+            out = work / "results" / f"claims-{name}-{setting}"
+            run(f"eval --data {work}/test --metric outlines --base {base} --controlnet {cn} --out {out} "
+                f"--n {S['n_test']} --prompt-setting {setting} {S['eval']} --quiet",
+                work / "logs" / f"eval-{name}-{setting}.log")  # fmt: skip
+            results[f"{name} {setting}"] = json.loads((out / "results.json").read_text())["summary"]
+        converged = json.loads((work / "runs" / name / "run.json").read_text()).get("converged_at")
+        results[f"{name} converged_at"] = converged
+
+    def curve(name: str) -> tuple[list[float], list[float]]:
+        with open(work / "runs" / name / "metrics.csv") as f:
+            rows = [r for r in csv.DictReader(f) if r["name"] == "score/shape_iou"]
+        return [int(r["step"]) for r in rows], [float(r["value"]) for r in rows]
+
+    curves = {
+        n: curve(n)
+        for n in ("flux-cn", "flux-cn-no-drop", "unet")
+        if (work / "runs" / n / "metrics.csv").is_file()
+    }
+    line_plot(curves, work / "results/convergence-outlines.png", title="held-out shape IoU (16 validation outlines)",
+              ylabel="shape IoU", hlines={"threshold 0.6": 0.6})  # fmt: skip
+    (work / "results" / "claims.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
 def stage_identity(work: Path) -> None:
     """Claim 1 on the UNet and on the transformer: with its zero layers at zero, a fresh ControlNet
     leaves the base's samples bitwise as they were - 16 test outlines (DDIM at guidance 9 for the
@@ -149,7 +194,9 @@ def stage_identity(work: Path) -> None:
     from controlnet.training.recipes import architecture
 
     trained = work / "runs/flux-base/final/base.safetensors"
-    flux = load_base(trained) if trained.is_file() else fresh_dit_base(architecture("flux-tiny")["base"], seed=0)
+    flux = (
+        load_base(trained) if trained.is_file() else fresh_dit_base(architecture("flux-tiny")["base"], seed=0)
+    )
     bases = {"unet": (load_base(bundled_path(BUNDLED_BASE)), "fill50k-tiny", "trained (bundled)"),
              "flux-tiny": (flux, "flux-tiny", "trained" if trained.is_file() else "fresh")}  # fmt: skip
     stage_data(work, ("test",))  # the one set this stage reads
@@ -158,7 +205,9 @@ def stage_identity(work: Path) -> None:
     for name, (base, arch, weights) in bases.items():
         cn = base.new_controlnet(architecture(arch).get("controlnet"))
         settings = {"sampler": "euler", "guidance": 3.5} if name == "flux-tiny" else {"guidance": 9.0}
-        cfg = EvalConfig(n=min(16, len(test)), steps=int(S["eval"].split()[-1]), batch=16, metric="outlines", **settings)
+        cfg = EvalConfig(
+            n=min(16, len(test)), steps=int(S["eval"].split()[-1]), batch=16, metric="outlines", **settings
+        )
         with_cn = evaluate(base, cn, test, cfg, progress=False)
         alone = evaluate(base, None, test, cfg, progress=False)
         same = all(np.array_equal(a[1], b[1]) for a, b in zip(with_cn.examples, alone.examples))
@@ -170,7 +219,7 @@ def stage_identity(work: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("stage", choices=["data", "unet", "flux", "evaluate", "identity"])
+    p.add_argument("stage", choices=["data", "unet", "flux", "evaluate", "claims", "identity"])
     p.add_argument("--work", default="work/outlines")
     p.add_argument("--smoke", action="store_true", help="toy scale on a CPU, to check the script")
     args = p.parse_args()
@@ -179,7 +228,13 @@ def main() -> None:
     work = Path(args.work).resolve()
     if args.stage not in ("data", "identity"):
         stage_data(work)
-    stages = {"data": stage_data, "unet": stage_unet, "flux": stage_flux, "evaluate": stage_evaluate}
+    stages = {
+        "data": stage_data,
+        "unet": stage_unet,
+        "flux": stage_flux,
+        "evaluate": stage_evaluate,
+        "claims": stage_claims,
+    }
     {**stages, "identity": stage_identity}[args.stage](work)
 
 

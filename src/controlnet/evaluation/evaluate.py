@@ -87,9 +87,7 @@ def prompt_colours(
     from ..data.colors import delta_e, srgb_to_lab
 
     lab = srgb_to_lab(image)
-    border = np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]])
-    back = np.median(border, 0)
-    far = delta_e(lab, back) > COLOUR_TOLERANCE
+    far, back = _unlike_border(lab)
     shape = np.median(lab[far], 0) if far.mean() > 0.01 else back
     d_back = float(delta_e(back, srgb_to_lab(background_rgb)))
     d_shape = float(delta_e(shape, srgb_to_lab(shape_rgb)))
@@ -103,6 +101,16 @@ def prompt_colours(
 
         out["free_iou"] = region_iou(far, fill_outline(condition))
     return out
+
+
+def _unlike_border(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The pixels of a CIE Lab image unlike its background - the median of its border pixels -
+    beyond :data:`COLOUR_TOLERANCE`, and that background colour."""
+    from ..data.colors import delta_e
+
+    border = np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]])
+    back = np.median(border, 0)
+    return delta_e(lab, back) > COLOUR_TOLERANCE, back
 
 
 def fill50k_scorer(images: list[np.ndarray], items: list[dict[str, Any]]) -> dict[str, float]:
@@ -134,8 +142,15 @@ def _outline_item_scores(image: np.ndarray, sample: Any) -> dict[str, float]:
             f"outlines are scored at their set's own size ({sample.size} px), not {image.shape[1]}x"
             f"{image.shape[0]}: open the set without --resolution"
         )
+    from ..data.colors import srgb_to_lab
+    from .metrics import region_iou
+
     colours = [rgb(f.color) for f in sample.figures]
-    return outline_scores(image, visible_masks(sample), colours, rgb(sample.background))
+    masks = visible_masks(sample)
+    scores = outline_scores(image, masks, colours, rgb(sample.background))
+    # the shapes whatever their colours (the no-prompt setting): pixels unlike the border's colour
+    scores["free_iou"] = region_iou(_unlike_border(srgb_to_lab(image))[0], np.logical_or.reduce(masks))
+    return scores
 
 
 def outlines_scorer(dataset: Any) -> Callable[[list[np.ndarray], list[dict[str, Any]]], dict[str, float]]:
