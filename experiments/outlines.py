@@ -27,10 +27,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 from fill50k import run  # prints each command as one would type it, and logs it
 
-from controlnet.bundled import BUNDLED_BASE, BUNDLED_CONTROLNET, bundled_path
+from controlnet.bundled import BUNDLED_BASE, BUNDLED_CONTROLNET, BUNDLED_MODELS, bundled_path
 from controlnet.training.checkpoints import latest_checkpoint
 
 HELD_OUT = "star"
+FROM_SCRATCH = False  # --from-scratch
 TRAIN_KINDS = "circle,ellipse,polygon,rounded,blob"
 S: dict[str, Any] = {
     "size": 128,
@@ -95,15 +96,28 @@ def stage_unet(work: Path) -> None:
            f"--cache {work}/cache-unet --score-name shape_iou --score-threshold 0.6 {S['unet']}")  # fmt: skip
 
 
+def flux_base(work: Path) -> Path:
+    """flux-tiny's base: this work folder's export, else the shipped one (that export in float16,
+    ``outlines-flux-base.safetensors``), else a path that is not there yet."""
+    own = work / "runs/flux-base/final/base.safetensors"
+    if own.is_file():
+        return own
+    try:
+        return bundled_path(BUNDLED_MODELS["flux"].base)
+    except FileNotFoundError:
+        return own
+
+
 def stage_flux(work: Path) -> None:
-    """flux-tiny from scratch: its VAE, its transformer (flow matching), then its ControlNet."""
+    """flux-tiny from scratch: its VAE, its transformer (flow matching), then its ControlNet; on
+    the shipped base when there is one (``--from-scratch``: train the base again anyway)."""
     (work / "logs").mkdir(parents=True, exist_ok=True)
-    base = work / "runs" / "flux-base" / "final"
-    if not base.is_dir():  # (the VAE's export is needed only until the base has its own)
+    base = flux_base(work)
+    if not base.is_file() or (FROM_SCRATCH and base.parent.name != "final"):
         vae = _train(work, "flux-vae", f"--objective vae --arch flux-tiny {S['flux_vae']}")
         base = _train(work, "flux-base", f"--objective base --base {vae}/base.safetensors "
-                      f"--cache {work}/cache-flux {S['flux_base']}")  # fmt: skip
-    _train(work, "flux-cn", f"--base {base}/base.safetensors --arch flux-tiny --cache {work}/cache-flux-cn "
+                      f"--cache {work}/cache-flux {S['flux_base']}") / "base.safetensors"  # fmt: skip
+    _train(work, "flux-cn", f"--base {base} --arch flux-tiny --cache {work}/cache-flux-cn "
            f"--score-name shape_iou --score-threshold 0.6 {S['flux_cn']}")  # fmt: skip
 
 
@@ -115,7 +129,7 @@ def stage_evaluate(work: Path) -> None:
             1.5,
         ),
         "flux": (
-            work / "runs/flux-base/final/base.safetensors",
+            flux_base(work),
             work / "runs/flux-cn/final/controlnet.safetensors",
             None,  # the base's own guidance
         ),
@@ -148,7 +162,7 @@ def stage_claims(work: Path) -> None:
 
     from controlnet.plots import line_plot
 
-    base = work / "runs/flux-base/final/base.safetensors"
+    base = flux_base(work)
     _train(work, "flux-cn-no-drop", f"--base {base} --arch flux-tiny --cache {work}/cache-flux-cn "
            f"--empty-prompt-prob 0 --score-name shape_iou --score-threshold 0.6 {S['flux_cn']}")  # fmt: skip
     results: dict[str, Any] = {}
@@ -193,7 +207,7 @@ def stage_identity(work: Path) -> None:
     from controlnet.formats.dit_fresh import fresh_dit_base
     from controlnet.training.recipes import architecture
 
-    trained = work / "runs/flux-base/final/base.safetensors"
+    trained = flux_base(work)
     flux = (
         load_base(trained) if trained.is_file() else fresh_dit_base(architecture("flux-tiny")["base"], seed=0)
     )
@@ -222,7 +236,12 @@ def main() -> None:
     p.add_argument("stage", choices=["data", "unet", "flux", "evaluate", "claims", "identity"])
     p.add_argument("--work", default="work/outlines")
     p.add_argument("--smoke", action="store_true", help="toy scale on a CPU, to check the script")
+    p.add_argument(
+        "--from-scratch", action="store_true", help="flux: train the base again, not the shipped one"
+    )
     args = p.parse_args()
+    global FROM_SCRATCH
+    FROM_SCRATCH = args.from_scratch or args.smoke  # (a smoke run checks every stage)
     if args.smoke:
         S.update(SMOKE)
     work = Path(args.work).resolve()
