@@ -41,7 +41,7 @@ S: dict[str, Any] = {
     "device": "--mixed-precision bfloat16 --num-workers 8",
     "loop": "--validate-every 100 --validation-count 16 --checkpoint-every 500 --log-every 50 --quiet",
     # the bundled base carried on to the outlines world (its prompts name several shapes, each its
-    # own colour: a ControlNet on the circles-only base reached IoU 0.36 alone, results/unet-circle-base)
+    # own colour: a ControlNet on the circles-only base reached IoU 0.36 alone, docs/bundled-model.md)
     "unet_base": "--steps 3000 --batch-size 1024 --lr 3e-4 --warmup-steps 100 --lr-schedule cosine --noise-offset 0.25",
     # the bundled ControlNet (circles) carried on to any outline, on that base
     "unet": "--steps 4000 --batch-size 256 --lr 2e-4 --warmup-steps 100 --lr-schedule cosine --noise-offset 0.25",
