@@ -134,7 +134,9 @@ def test_flux_resume_and_cache_end_where_a_whole_run_ends(files, tmp_path, capsy
     )
     assert all(torch.equal(whole[k], part[k]) for k in whole)
     cached = [*args, "--steps", "2", "--out", str(tmp_path / "cached"), "--cache", str(tmp_path / "cache")]
+    capsys.readouterr()
     assert main(cached) == 0
+    assert "caching" not in capsys.readouterr().err  # --quiet: no progress bar while it caches either
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "cache" / "embeds.safetensors"), "pt") as f:
