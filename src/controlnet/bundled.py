@@ -7,9 +7,11 @@ filled circle) on top, both in our own checkpoint format. docs/bundled-model.md 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "BUNDLED_BASE",
@@ -44,18 +46,20 @@ def bundled_path(name: str) -> Path:
 
 @dataclass(frozen=True)
 class BundledModel:
-    """A bundled stack: its two files and the data world it learned (``fill50k``: one circle per
-    image; ``outlines``: several closed shapes of any kind, each in its own prompted colour)."""
+    """A bundled stack: its two files, the data world it learned (``fill50k``: one circle per
+    image; ``outlines``: several closed shapes of any kind, each in its own prompted colour), and
+    the settings its demo prompts need on another base of its family that carries none."""
 
     base: str
     controlnet: str
     world: str
+    settings: Mapping[str, Any] = field(default_factory=dict)
 
 
 #: the bundled stacks by family: the UNet one (SD-style) and the Flux-style transformer one
 #: (issue 32; a build ships it once trained: until then its files are absent and naming it says so)
 BUNDLED_MODELS = {
-    "unet": BundledModel(BUNDLED_BASE, BUNDLED_CONTROLNET, "fill50k"),
+    "unet": BundledModel(BUNDLED_BASE, BUNDLED_CONTROLNET, "fill50k", BUNDLED_SETTINGS),
     "flux": BundledModel(
         "outlines-flux-base.safetensors", "outlines-flux-controlnet.safetensors", "outlines"
     ),

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .bundled import BUNDLED_MODELS, BUNDLED_SETTINGS, bundled_path
+from .bundled import BUNDLED_BASE, BUNDLED_MODELS, bundled_path
 from .data.figures import Figure, FigureKind
 from .data.fill50k import Sample, Shape, line_width_for, render_sample
 from .data.outlines import OutlineSample, default_line_width, render_outlines, visible_masks
@@ -97,7 +97,7 @@ def run_demo(
         raise ValueError(f"family must be one of {', '.join(BUNDLED_MODELS)}, got {family!r}")
     bundled = BUNDLED_MODELS[family]
     base_file = base or str(bundled_path(bundled.base))  # a build without the stack says so here
-    if family != "unet":  # (the UNet stack's files are the pipeline's own defaults: left unnamed)
+    if bundled.base != BUNDLED_BASE:  # (the pipeline's own default stack is left unnamed)
         base, controlnet = base_file, controlnet or str(bundled_path(bundled.controlnet))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,8 +108,7 @@ def run_demo(
         image = save_png(cond_image, out / "outline.png")
     if prompt is None:
         prompt = shapes.prompt if shapes is not None else DEMO_PROMPT
-    # how the model samples (its file's settings; the UNet stack's bare prompts for another base)
-    settings: dict[str, Any] = {**(BUNDLED_SETTINGS if family == "unet" else {}), **model_settings(base_file)}
+    settings: dict[str, Any] = {**bundled.settings, **model_settings(base_file)}  # how the model samples
     if guidance is not None:
         settings["guidance"] = guidance
     request = GenerationRequest(

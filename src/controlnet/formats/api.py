@@ -279,38 +279,37 @@ def load_base(
     original YAML) or ``config`` (a whole :class:`BaseConfig`) settle what they cannot tell;
     ``family`` overrides the guess for a diffusers folder without a tokenizer."""
     d = detect(path)
-    if d.family != "sd":
+    if d.family == "sd":
+        base = make_base(*_base_loader(path, dtype, config, family, ldm_config))
+    else:
         _need(d, BASE)
         ldm_config_fits(d, ldm_config)
-        if d.format is Format.ORIGINAL:
-            if d.family == "sd3":
-                if d.tensors is not None:
-                    return sd3_single.load_sd3_single_file(d.tensors, dtype=dtype)
-                tf = sd3_single.sd3_folder_file(d.path)
-                assert tf is not None
-                return sd3_single.load_sd3_single_file(tf, folder=d.path, dtype=dtype)
-            if d.tensors is not None:
-                raise CheckpointError(
-                    f"{d.path}: a Flux.1 transformer alone; load the folder that holds it with its "
-                    "ae.safetensors, CLIP-L, T5 and T5's tokenizer.json"
-                )
-            return flux_files.load_flux_files(d.path, dtype=dtype)
-        if d.family in lm_base.SPECS:
-            if d.tensors is not None:
-                model = lm_base.load_file(d.tensors, dtype=dtype)
-            else:
-                model = lm_base.load_folder(d.path, dtype=dtype)
-            model.settings = generation_settings(path)
-            return model
-        if d.tensors is not None:
-            model = dit_base.load_file(d.tensors, dtype=dtype)
-        else:
-            model = dit_base.load_folder(d.path, dtype=dtype)
-        model.settings = generation_settings(path)
-        return model
-    base = make_base(*_base_loader(path, dtype, config, family, ldm_config))
-    base.settings = generation_settings(path)
+        base = _transformer_base(d, dtype)
+    base.settings = generation_settings(path)  # (our format's; the other layouts carry none)
     return base
+
+
+def _transformer_base(
+    d: Detected, dtype: torch.dtype | None
+) -> FluxBase | SD3Base | QwenImageBase | ZImageBase:
+    """The transformer family's base model that ``d`` detected, in its layout."""
+    if d.format is Format.ORIGINAL:
+        if d.family == "sd3":
+            if d.tensors is not None:
+                return sd3_single.load_sd3_single_file(d.tensors, dtype=dtype)
+            tf = sd3_single.sd3_folder_file(d.path)
+            assert tf is not None
+            return sd3_single.load_sd3_single_file(tf, folder=d.path, dtype=dtype)
+        if d.tensors is not None:
+            raise CheckpointError(
+                f"{d.path}: a Flux.1 transformer alone; load the folder that holds it with its "
+                "ae.safetensors, CLIP-L, T5 and T5's tokenizer.json"
+            )
+        return flux_files.load_flux_files(d.path, dtype=dtype)
+    loader = lm_base if d.family in lm_base.SPECS else dit_base
+    if d.tensors is not None:
+        return loader.load_file(d.tensors, dtype=dtype)
+    return loader.load_folder(d.path, dtype=dtype)
 
 
 def check_loads(path: PathLike, *, ldm_config: PathLike | None = None) -> dict[str, str | None]:
