@@ -139,6 +139,31 @@ def test_eval_writes_a_report(chain, tmp_path):
     assert res["config"]["guidance"] == 9.0  # a named base: SD's default
 
 
+def test_eval_reconstruct_scores_the_bases_vae_alone(chain, tmp_path, capsys):
+    base = chain / "base/final/base.safetensors"
+    args = [
+        "eval",
+        "--data",
+        str(chain / "data"),
+        "--n",
+        "3",
+        "--base",
+        str(base),
+        "--quiet",
+        "--reconstruct",
+    ]
+    assert main([*args, "--out", str(tmp_path / "ev")]) == 0
+    res = json.loads((tmp_path / "ev/results.json").read_text())
+    assert res["config"]["reconstruct"] is True and len(res["per_sample"]) == 3
+    assert 0 <= res["summary"]["iou"] <= 1 and "round trip" in (tmp_path / "ev/results.md").read_text()
+    capsys.readouterr()
+    cn = ["--controlnet", str(chain / "cn/final/controlnet.safetensors"), "--out", str(tmp_path / "ev2")]
+    assert main([*args, *cn]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--reconstruct" in err and "--controlnet" in err
+    assert not (tmp_path / "ev2").exists()
+
+
 def test_train_and_eval_build_a_control_lora_on_their_base(chain, tmp_path):
     """A Control-LoRA (low-rank changes to a base UNet) given to `train --init-controlnet` or to
     `eval --controlnet` is built on that command's --base: training starts from the same weights,

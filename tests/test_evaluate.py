@@ -19,6 +19,7 @@ from controlnet.evaluation.evaluate import (
     evaluate,
     fill50k_scorer,
     prompt_colours,
+    round_trip,
     write_report,
 )
 from controlnet.evaluation.metrics import COLOUR_TOLERANCE, edge_f1, ssim
@@ -195,6 +196,29 @@ def test_evaluate_scores_each_output_against_its_own_item(models, dataset, monke
     expected = [outline_limited_iou(s) for s in read_samples(dataset.root)]
     assert [r["iou"] for r in res.per_sample] == pytest.approx(expected)
     assert [r["free_iou"] for r in res.per_sample] == pytest.approx(expected)
+
+
+def test_reconstruct_scores_the_vaes_round_trip_of_each_items_own_target(models, dataset, monkeypatch):
+    """A lossless VAE (latents: the image itself, decoded as it was) scores the ground truth's
+    marks; the posterior's mean is what is decoded, never a sample of it."""
+    import types
+
+    base, cn = models
+    real = evaluate(base, None, dataset, dataclasses.replace(CFG, reconstruct=True), progress=False)
+    for i, (_, img) in enumerate(real.examples):  # the real tiny VAE: each target's own round trip
+        assert np.array_equal(img, round_trip(base, dataset[i]["target"][None])[0])
+    assert real.summary.keys() == FILL50K_KEYS
+
+    def posterior(images, **_):
+        return types.SimpleNamespace(mean=images.float(), std=torch.full_like(images.float(), 5.0))
+
+    monkeypatch.setattr(base, "posterior", posterior)
+    monkeypatch.setattr(base, "decode_latents", lambda z, **_: z / base.latent_scale)
+    res = evaluate(base, cn, dataset, dataclasses.replace(CFG, reconstruct=True, n=100), progress=False)
+    assert res.summary["colour_accuracy"] == 1.0 and res.summary["free_colour_ok"] == 1.0
+    expected = [outline_limited_iou(s) for s in read_samples(dataset.root)]
+    assert [r["iou"] for r in res.per_sample] == pytest.approx(expected)
+    assert real.summary["iou"] < res.summary["iou"]  # the tiny random VAE loses the shape
 
 
 def test_evaluate_without_a_controlnet_scores_colours_only(models, dataset):

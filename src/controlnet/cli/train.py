@@ -248,17 +248,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from ..generation.pipeline import ModelCache, resolve_paths
     from ..generation.request import ControlRequest, GenerationRequest
 
+    if args.reconstruct and args.controlnet:
+        raise ValueError("--reconstruct scores the base's VAE alone: drop --controlnet")
     req = resolve_paths(
         GenerationRequest(
             base=args.base,
-            controls=[] if args.no_controlnet else [ControlRequest(image="", controlnet=args.controlnet)],
+            controls=[]
+            if args.no_controlnet or args.reconstruct
+            else [ControlRequest(image="", controlnet=args.controlnet)],
         )
     )
     device = common.device(args)
     cache = ModelCache()
     base = cache.base(req.base, torch.float32, device)  # type: ignore[arg-type]
     cn = None
-    if not args.no_controlnet:  # (a Control-LoRA is built on the base just loaded)
+    if req.controls:  # (a Control-LoRA is built on the base just loaded)
         cn = cache.controlnet(req.controls[0].controlnet, torch.float32, device, (req.base, ()))  # type: ignore[arg-type]
     settings = model_settings(args.base)
     guidance = settings.get("guidance", EvalConfig.guidance)
@@ -275,11 +279,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         metric=args.metric,
         annotator=args.annotator,
         annotator_params=common.kv_params(args.annotator_param),
+        reconstruct=args.reconstruct,
     )
     dataset = open_dataset(args.data, resolution=args.resolution)
     result = evaluate(base, cn, dataset, cfg, progress=not args.quiet)
     md = write_report(
-        result, args.out, title=f"evaluation of {req.controls[0].controlnet if cn else req.base}"
+        result,
+        args.out,
+        title=f"VAE round trips of {req.base}"
+        if args.reconstruct
+        else f"evaluation of {req.controls[0].controlnet if cn else req.base}",
     )
     for k, v in result.summary.items():
         print(f"{k}: {v:.4f}")
@@ -299,6 +308,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", help="default: the bundled model")
     p.add_argument("--controlnet", help="default: the bundled ControlNet")
     p.add_argument("--no-controlnet", action="store_true", help="the base model alone (prompt colours only)")
+    p.add_argument(
+        "--reconstruct",
+        action="store_true",
+        help="score the base's VAE round trip of each target instead of generating: the most any "
+        "model on this VAE can score",
+    )
     p.add_argument("--metric", default=EvalMetric.FILL50K.value, choices=[m.value for m in EvalMetric])
     p.add_argument("--annotator", help="for ssim/depth/segmentation: the annotator that made the maps")
     p.add_argument("--annotator-param", action="append", default=[], metavar="KEY=VALUE")

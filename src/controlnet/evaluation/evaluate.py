@@ -42,6 +42,7 @@ __all__ = [
     "fill50k_scores",
     "outlines_scorer",
     "prompt_colours",
+    "round_trip",
     "write_report",
 ]
 
@@ -63,6 +64,9 @@ class EvalConfig:
     metric: str = Metric.FILL50K.value
     annotator: str | None = None  # for ssim / depth / segmentation: the map's annotator
     annotator_params: dict[str, Any] = field(default_factory=dict)
+    #: score the VAE's round trip of each item's target instead of a generation: the most any
+    #: model on this VAE can score (no ControlNet, no sampling)
+    reconstruct: bool = False
 
 
 @dataclass
@@ -198,6 +202,14 @@ def _prompt(setting: str, prompt: str) -> str:
     return resolve_prompt(GenerationRequest(prompt=prompt, prompt_setting=setting, added_prompt=""))
 
 
+def round_trip(base: BaseModel, targets: torch.Tensor) -> list[np.ndarray]:
+    """Images in [-1, 1] through the base's VAE: encoded to the posterior's mean, decoded."""
+    post = base.posterior(targets.to(base.device))
+    return to_images(
+        base, base.scaled_sample(post.mean, post.std, torch.zeros_like(post.mean)).to(base.dtype)
+    )
+
+
 def _with_condition(sample_fn: SampleFn, cond: torch.Tensor) -> Any:
     """``sample_fn`` given the batch's conditions, as the one generation path calls it."""
     return lambda emb, neg, seeds, latent_size: sample_fn(emb, neg, cond, seeds, latent_size)
@@ -221,7 +233,8 @@ def evaluate(
 ) -> EvalResult:
     """Generate one image per item for the first ``cfg.n`` items and score each; with no
     ControlNet (and no ``sample_fn``), generate from the prompts alone (scored by
-    :func:`prompt_colours`)."""
+    :func:`prompt_colours`); with ``cfg.reconstruct``, score the VAE's round trip of each item's
+    target instead (:func:`round_trip`; ``controlnet`` is not used)."""
     try:
         metric = Metric(cfg.metric)
     except ValueError:
@@ -261,24 +274,27 @@ def evaluate(
         prompts = [_prompt(cfg.prompt_setting, it["prompt"]) for it in items]
         cond = torch.stack([it["cond"] for it in items]).to(base.device, base.dtype)
         seeds = [cfg.seed + start + i for i in range(len(items))]
-        units = [] if controlnet is None else [ControlUnit(controlnet, cond, cfg.strength)]
-        fn = None if sample_fn is None else _with_condition(sample_fn, cond)
-        out = render(
-            base,
-            units,
-            prompts,
-            [cfg.negative_prompt] * len(items),
-            seeds,
-            tuple(cond.shape[-2:]),  # type: ignore[arg-type]
-            Sampling(cfg.sampler, steps=cfg.steps, guidance=cfg.guidance),
-            sample_fn=fn,
-            progress=False,
-        )
-        images = to_images(base, out.latents)
+        if cfg.reconstruct:
+            images = round_trip(base, torch.stack([it["target"] for it in items]))
+        else:
+            units = [] if controlnet is None else [ControlUnit(controlnet, cond, cfg.strength)]
+            fn = None if sample_fn is None else _with_condition(sample_fn, cond)
+            out = render(
+                base,
+                units,
+                prompts,
+                [cfg.negative_prompt] * len(items),
+                seeds,
+                tuple(cond.shape[-2:]),  # type: ignore[arg-type]
+                Sampling(cfg.sampler, steps=cfg.steps, guidance=cfg.guidance),
+                sample_fn=fn,
+                progress=False,
+            )
+            images = to_images(base, out.latents)
+        conditioned = controlnet is not None or sample_fn is not None or cfg.reconstruct
         for it, img, seed in zip(items, images, seeds):
             cmap = to_uint8(it["cond"], lo=0.0)
             row: dict[str, Any] = {"index": int(it["index"]), "seed": seed, "prompt": it["prompt"]}
-            conditioned = controlnet is not None or sample_fn is not None
             if conditioned:
                 sample = samples[int(it["index"])] if samples else None
                 row.update(_score(metric, img, cmap, it["prompt"], ann, sample))
@@ -312,8 +328,13 @@ def write_report(result: EvalResult, out_dir: str | Path, title: str = "evaluati
     lines += [f"| {k} | {v:.4f} |" for k, v in result.summary.items()]
     lines += [
         "",
-        f"{len(result.per_sample)} samples, {result.config.steps} {result.config.sampler} steps, "
-        f"guidance {result.config.guidance}, prompt setting {result.config.prompt_setting!r}.",
+        f"{len(result.per_sample)} samples, "
+        + (
+            "each the VAE's round trip of its target (no generation)."
+            if result.config.reconstruct
+            else f"{result.config.steps} {result.config.sampler} steps, guidance {result.config.guidance}, "
+            f"prompt setting {result.config.prompt_setting!r}."
+        ),
         "",
     ]
     md = out / "results.md"
