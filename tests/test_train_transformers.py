@@ -4,6 +4,7 @@ reach only the ControlNet, and `controlnet train` end to end on tiny files: vali
 the outlines world, an export that generates, a cache, and a resume that ends bit for bit where an
 uninterrupted run ends."""
 
+import csv
 import json
 
 import pytest
@@ -204,6 +205,20 @@ def test_a_flux_style_stack_trains_from_scratch_with_our_commands(tmp_path):
     stage1 = load_base(tmp_path / "vae/final/base.safetensors")
     assert stage1.vae.config.shift_factor != 0.0 and stage1.vae.config.scaling_factor != 1.0
     assert stage1.tokenizer_2.tokenize("Gold")[:5] == ["▁", "g", "o", "l", "d"]
+    # its validation scores the reconstructions of the last 2 items as outputs: the VAE's ceiling
+    from controlnet.data import open_dataset
+    from controlnet.evaluation.evaluate import outlines_scorer, round_trip
+
+    with open(tmp_path / "vae/metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["name"].startswith("score/")]
+    logged = {r["name"][6:]: float(r["value"]) for r in rows}
+    dataset = open_dataset(data)
+    items = [dataset[i] for i in (6, 7)]
+    rebuilt = round_trip(stage1, torch.stack([it["target"] for it in items]))
+    expected = outlines_scorer(dataset)(rebuilt, items)
+    assert {"psnr_db", "iou", "shape_iou", "colour_accuracy"} <= logged.keys()
+    for k in ("iou", "shape_iou", "colour_accuracy"):
+        assert logged[k] == pytest.approx(expected[k], abs=0.02), k
     base = ["train", "--objective", "base", "--base", str(tmp_path / "vae/final/base.safetensors")]
     assert main([*base, "--out", str(tmp_path / "base"), *common]) == 0
     stage2 = load_base(tmp_path / "base/final/base.safetensors")

@@ -292,7 +292,14 @@ def _validator(spec: RunSpec, base: BaseModel, dataset: Any, count: int) -> Any:
         return ControlValidator(
             dataset, count, scorer=scorer, steps=spec.validation_steps, guidance=guidance, sampler=sampler
         )
-    return ImageValidator(dataset, count, steps=spec.validation_steps, guidance=guidance, sampler=sampler)
+    return ImageValidator(
+        dataset,
+        count,
+        scorer=scorer if spec.objective == "vae" else None,  # (a base's samples follow no condition)
+        steps=spec.validation_steps,
+        guidance=guidance,
+        sampler=sampler,
+    )
 
 
 def _is_fill50k(dataset: Any) -> bool:

@@ -118,14 +118,16 @@ class ControlValidator:
 
 class ImageValidator:
     """Validation for the two stages of a base model trained from scratch: reconstructions and
-    their PSNR (``vae``), or samples from the held-out prompts alone (``base``; scored for the
-    prompts' colours on fill50k data)."""
+    their PSNR (``vae``; with a ``scorer``, the reconstructions scored against their conditions as
+    a ControlNet's outputs would be: the most any model on this VAE can score), or samples from the
+    held-out prompts alone (``base``; scored for the prompts' colours on fill50k data)."""
 
     def __init__(
         self,
         dataset: Dataset,
         count: int,
         *,
+        scorer: Scorer | None = None,
         steps: int = 20,
         guidance: float = 9.0,
         seed: int = 0,
@@ -134,6 +136,7 @@ class ImageValidator:
         n = len(dataset)  # type: ignore[arg-type]
         self.items = [dataset[i] for i in range(max(0, n - count), n)]
         self.steps, self.guidance, self.seed, self.sampler = steps, guidance, seed, sampler
+        self.scorer = scorer
 
     @torch.no_grad()
     def __call__(self, objective: Any, step: int, run_dir: Path) -> dict[str, float]:
@@ -157,6 +160,8 @@ class ImageValidator:
             outs = [to_uint8(r) for r in rec]
             mse = float(((rec.float() - x.float()) ** 2).mean())
             scores = {"psnr_db": 10 * float(np.log10(4.0 / max(mse, 1e-12)))}  # signal range [-1, 1]
+            if self.scorer is not None:
+                scores.update(self.scorer(outs, self.items))
         elif isinstance(objective, BaseObjective):
             base = objective.inputs.base
             mods = [objective.network, objective.text_encoder]
