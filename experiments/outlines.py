@@ -124,6 +124,15 @@ def stage_flux(work: Path) -> None:
            f"--score-name shape_iou --score-threshold 0.6 {S['flux_cn']}")  # fmt: skip
 
 
+def _eval(work: Path, name: str, data: str, args: str) -> dict[str, Any]:
+    """``controlnet eval ARGS`` on the outlines set ``data``, written to results/NAME (logged to
+    logs/NAME.log); its summary."""
+    out = work / "results" / name
+    run(f"eval --data {work}/{data} --metric outlines --out {out} --n {S['n_test']} {args} --quiet",
+        work / "logs" / f"{name}.log")  # fmt: skip
+    return json.loads((out / "results.json").read_text())["summary"]
+
+
 def stage_ceiling(work: Path) -> None:
     """The most any model on each stack's VAE can score: the VAE's round trips of the test targets
     (`eval --reconstruct`), for the VAE each stack has got so far (this folder's VAE stage, else the
@@ -141,10 +150,7 @@ def stage_ceiling(work: Path) -> None:
             print(f"skipping {model}: no {vae}")
             continue
         for data in ("test", "test-stars"):
-            out = work / "results" / f"ceiling-{model}-{data}"
-            run(f"eval --reconstruct --data {work}/{data} --metric outlines --base {vae} --out {out} "
-                f"--n {S['n_test']} --quiet", work / "logs" / f"ceiling-{model}-{data}.log")  # fmt: skip
-            summary = json.loads((out / "results.json").read_text())["summary"]
+            summary = _eval(work, f"ceiling-{model}-{data}", data, f"--reconstruct --base {vae}")
             results[f"{model} {data}"] = {"vae": str(vae), **summary}
     (work / "results").mkdir(parents=True, exist_ok=True)
     (work / "results" / "ceiling.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -176,12 +182,10 @@ def stage_evaluate(work: Path) -> None:
         if not Path(cn).is_file():
             print(f"skipping {model}: no {cn}")
             continue
+        g = "" if guidance is None else f"--guidance {guidance}"
         for data in ("test", "test-stars"):
-            out = work / "results" / f"{model}-{data}"
-            g = "" if guidance is None else f"--guidance {guidance}"
-            run(f"eval --data {work}/{data} --metric outlines --base {base} --controlnet {cn} --out {out} "
-                f"--n {S['n_test']} {g} {S['eval']} --quiet", work / "logs" / f"eval-{model}-{data}.log")  # fmt: skip
-            results[f"{model} {data}"] = json.loads((out / "results.json").read_text())["summary"]
+            args = f"--base {base} --controlnet {cn} {g} {S['eval']}"
+            results[f"{model} {data}"] = _eval(work, f"{model}-{data}", data, args)
     (work / "results").mkdir(parents=True, exist_ok=True)
     (work / "results" / "outlines.json").write_text(json.dumps(results, indent=2) + "\n")
     _table(results)
@@ -203,11 +207,8 @@ def stage_claims(work: Path) -> None:
     for name in ("flux-cn", "flux-cn-no-drop"):
         cn = work / "runs" / name / "final/controlnet.safetensors"
         for setting in ("user", "none"):
-            out = work / "results" / f"claims-{name}-{setting}"
-            run(f"eval --data {work}/test --metric outlines --base {base} --controlnet {cn} --out {out} "
-                f"--n {S['n_test']} --prompt-setting {setting} {S['eval']} --quiet",
-                work / "logs" / f"eval-{name}-{setting}.log")  # fmt: skip
-            results[f"{name} {setting}"] = json.loads((out / "results.json").read_text())["summary"]
+            args = f"--base {base} --controlnet {cn} --prompt-setting {setting} {S['eval']}"
+            results[f"{name} {setting}"] = _eval(work, f"claims-{name}-{setting}", "test", args)
         converged = json.loads((work / "runs" / name / "run.json").read_text()).get("converged_at")
         results[f"{name} converged_at"] = converged
 

@@ -191,17 +191,17 @@ def test_eval_scores_an_outlines_set_with_the_bundled_model(tmp_path, capsys):
 def test_free_iou_follows_the_shapes_whatever_their_colours(samples):
     """For the no-prompt setting: the pixels unlike the border's colour against the shapes' union,
     untouched by which colour each shape took."""
-    from controlnet.evaluation.evaluate import _outline_item_scores
+    from controlnet.evaluation.evaluate import outline_item_scores
 
     s = next(s for s in samples if len(s.figures) >= 2)
     _, target = render_outlines(s)
     colours = [rgb(f.color) for f in s.figures]
     visible = visible_masks(s)
-    assert _outline_item_scores(target, s)["free_iou"] == 1.0
+    assert outline_item_scores(target, s)["free_iou"] == 1.0
     swapped = target.copy()
     swapped[visible[0]], swapped[visible[1]] = colours[1], colours[0]
-    scored = _outline_item_scores(swapped, s)
+    scored = outline_item_scores(swapped, s)
     assert scored["free_iou"] == 1.0 and scored["shape_colour_ok"] < 1.0
     blank = np.empty_like(target)
     blank[:] = rgb(s.background)
-    assert _outline_item_scores(blank, s)["free_iou"] == 0.0
+    assert outline_item_scores(blank, s)["free_iou"] == 0.0

@@ -22,7 +22,7 @@ import numpy as np
 from .bundled import BUNDLED_BASE, BUNDLED_MODELS, bundled_path
 from .data.figures import Figure, FigureKind
 from .data.fill50k import Sample, Shape, line_width_for, render_sample
-from .data.outlines import OutlineSample, default_line_width, render_outlines, visible_masks
+from .data.outlines import OutlineSample, default_line_width, render_outlines
 from .evaluation.metrics import COLOUR_TOLERANCE, fill_outline
 from .generation.request import ControlRequest, GenerationRequest
 from .imageio import save_png
@@ -142,11 +142,9 @@ def run_demo(
 
 def _outline_scores(images: list[np.ndarray], sample: OutlineSample) -> tuple[float, float]:
     """Mean IoU and colour accuracy over the outline's shapes, each in its own colour."""
-    from .data.colors import rgb
-    from .evaluation.metrics import outline_scores
+    from .evaluation.evaluate import outline_item_scores
 
-    colours = [rgb(f.color) for f in sample.figures]
-    rows = [outline_scores(img, visible_masks(sample), colours, rgb(sample.background)) for img in images]
+    rows = [outline_item_scores(img, sample) for img in images]
     return float(np.mean([r["iou"] for r in rows])), float(np.mean([r["colour_accuracy"] for r in rows]))
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "evaluate",
     "fill50k_scorer",
     "fill50k_scores",
+    "outline_item_scores",
     "outlines_scorer",
     "prompt_colours",
     "round_trip",
@@ -137,7 +138,9 @@ def fill50k_scores(image: np.ndarray, cond: np.ndarray, prompt: str) -> dict[str
     return s
 
 
-def _outline_item_scores(image: np.ndarray, sample: Any) -> dict[str, float]:
+def outline_item_scores(image: np.ndarray, sample: Any) -> dict[str, float]:
+    """One output's outlines scores (:func:`~controlnet.evaluation.metrics.outline_scores`, and
+    ``free_iou``) against the shapes of ``sample`` (an ``OutlineSample``) and its colours."""
     from ..data.colors import rgb
     from ..data.outlines import visible_masks
 
@@ -164,7 +167,7 @@ def outlines_scorer(dataset: Any) -> Callable[[list[np.ndarray], list[dict[str, 
 
     samples = samples_of(dataset)
     return lambda images, items: _summary(
-        [_outline_item_scores(img, samples[int(it["index"])]) for img, it in zip(images, items)]
+        [outline_item_scores(img, samples[int(it["index"])]) for img, it in zip(images, items)]
     )
 
 
@@ -182,7 +185,7 @@ def _score(
     if metric is Metric.FILL50K:
         return fill50k_scores(image, cond, prompt)
     if metric is Metric.OUTLINES:
-        return _outline_item_scores(image, sample)
+        return outline_item_scores(image, sample)
     if metric is Metric.EDGES:
         return edge_f1(image, cond)
     assert ann is not None
