@@ -387,6 +387,23 @@ def test_base_model_stages_train_their_parts_only(tmp_path):
     assert digest(base.unet) != frozen["unet"] and digest(base.text_encoder) != frozen["text_encoder"]
 
 
+@pytest.mark.parametrize("stage", ["controlnet", "vae", "base"])
+def test_networks_are_what_a_step_runs(stage):
+    """``networks()`` (what --compile compiles) are modules whose forward runs in every step: a
+    network the step reaches through other methods (a VAE's encode and decode) would be compiled
+    for nothing."""
+    from controlnet.training.objectives import BaseObjective, VaeObjective
+
+    base, obj = setup()
+    obj = {"controlnet": obj, "vae": VaeObjective(base), "base": BaseObjective(base)}[stage]
+    ran: set[int] = set()
+    hooks = [n.register_forward_hook(lambda m, a, o: ran.add(id(m))) for n in obj.networks()]
+    fixed_loss(obj, Circles(8))
+    for h in hooks:
+        h.remove()
+    assert obj.networks() and ran == {id(n) for n in obj.networks()}
+
+
 @pytest.mark.parametrize("precision", ["no", "bf16"])  # bf16: a float32 ControlNet beside a bf16 base
 def test_validation_writes_grids_scores_and_the_convergence_step(tmp_path, precision):
     from controlnet.training.validation import ControlValidator

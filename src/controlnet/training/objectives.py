@@ -274,6 +274,11 @@ class VaeObjective(Objective):
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {"vae": self.vae}
 
+    def networks(self) -> list[nn.Module]:
+        # a step runs the VAE through encode() and decode(), never its forward(): what runs (and
+        # what --compile must compile) is its encoder and decoder
+        return [self.vae.encoder, self.vae.decoder]
+
     def param_groups(self, lr: float, decoder_lr: float) -> list[dict[str, Any]]:
         return [{"params": list(self.vae.parameters()), "lr": lr}]
 
