@@ -43,6 +43,7 @@ __all__ = [
     "gated_add",
     "gated_add_residual",
     "gated_rms_add",
+    "kernel",
     "kernel_state",
     "last_add",
     "linear_gelu",
@@ -63,9 +64,10 @@ _COMPILED: dict[str, Callable[..., Any]] = {}
 COMPILED_ON = {"cuda"}
 
 
-def _kernel(fn: Fn) -> Fn:
+def kernel(fn: Fn) -> Fn:
     """``fn`` as one generated kernel on a GPU (compiled on first use, for any shape); as it is on
-    a CPU, and inside a region that is being compiled whole (which fuses it anyway)."""
+    a CPU, and inside a region that is being compiled whole (which fuses it anyway). A decorator
+    for any group of elementwise work (a VAE's norms too: ``families/qwenimage/frames.py``)."""
 
     def call(*args: Any) -> Any:
         first = args[0][0] if isinstance(args[0], tuple) else args[0]
@@ -109,20 +111,20 @@ def kernel_state() -> dict[str, str]:
     return state
 
 
-@_kernel
+@kernel
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm without affine (``eps``), then ``* (1 + scale) + shift`` per sample."""
     y = F.layer_norm(x.float(), x.shape[-1:], eps=eps)
     return (y * (1 + scale.float()[:, None]) + shift.float()[:, None]).to(x.dtype)
 
 
-@_kernel
+@kernel
 def gated_add(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``x + gate * y``, the gate per sample."""
     return (x.float() + gate.float()[:, None] * y.float()).to(x.dtype)
 
 
-@_kernel
+@kernel
 def gated_add_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """``x + gate * y``, the gate per sample, plus a ControlNet's residual ``r`` on the last
     ``r.shape[1]`` tokens (the image's, where text tokens come first): one rounding."""
@@ -172,13 +174,13 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
 
 
-@_kernel
+@kernel
 def rms_modulate(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm (``weight``, ``eps``), then ``* (1 + scale)`` per sample (Z-Image's pre-norms)."""
     return (_rms(x.float(), weight, eps) * (1 + scale.float()[:, None])).to(x.dtype)
 
 
-@_kernel
+@kernel
 def gated_rms_add(
     x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> torch.Tensor:
@@ -186,7 +188,7 @@ def gated_rms_add(
     return (x.float() + torch.tanh(gate.float())[:, None] * _rms(y.float(), weight, eps)).to(x.dtype)
 
 
-@_kernel
+@kernel
 def silu_gate(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``silu(a) * b``: a gated feed-forward's hidden units."""
     return (F.silu(a.float()) * b.float()).to(a.dtype)
@@ -239,7 +241,7 @@ def try_qk_kernel(device: torch.device | str) -> None:
         queries((tokens,), (torch.ones(8, device=device),), 1e-6, table, table)
 
 
-@_kernel
+@kernel
 def _queries(
     parts: tuple[torch.Tensor, ...],
     weights: tuple[torch.Tensor, ...] | None,
