@@ -8,8 +8,8 @@ zeros: two thirds of the arithmetic, and 3-D kernels where 2-D ones would do. Th
 such a convolution is exactly a 2-D convolution of the frame with the kernel's last time tap (the
 taps before it only ever meet the padding); :func:`frames_as_images` makes the VAE's convolutions
 compute it so while an image is encoded or decoded, padding in space inside the convolution (no
-padded copy of the frame). Rounding may differ from the 3-D kernels' (another order of
-summation); the values do not.
+padded copy of the frame) and in channels-last memory. Rounding may differ from the 3-D
+kernels' (another order of summation); the values do not.
 
 Its RMS norms (``F.normalize`` over channels in float32, rounded, then scaled, weighted and
 shifted: five passes over a frame at up to 1328 x 1328 x 96) run as one kernel on a GPU
@@ -40,7 +40,10 @@ def _one_frame(
     left, right, top, bottom, time_pad, _ = self._padding
     if x.shape[2] != 1 or cache_x is not None or time_pad != self.kernel_size[0] - 1 or self.dilation[0] != 1:
         return QwenImageCausalConv3d.forward(self, x, cache_x)
-    frame, padding = x[:, :, 0], (top, left)
+    # channels-last: the layout tensor-core convolutions take (a frame in channels-first memory is
+    # transposed in and out of each one); the first layer's input is turned once, and every later
+    # layer's arrives so (elementwise work and the norms keep the layout)
+    frame, padding = x[:, :, 0].contiguous(memory_format=torch.channels_last), (top, left)
     if (left, top) != (right, bottom):  # (diffusers pads both sides alike: for any other layer)
         frame, padding = F.pad(frame, self._padding[:4]), (0, 0)
     out = F.conv2d(
