@@ -151,6 +151,13 @@ def test_bad_copies_are_refused():
         FluxControlNet.from_transformer(base, FluxControlNetConfig(4, 0))
     with pytest.raises(ValueError, match=r"copies at least one block"):
         FluxControlNetConfig(0, 0)
+    reads = base.config.in_channels  # a hint encoder whose packed patches are not the latents' width
+    with pytest.raises(
+        ValueError,
+        match=rf"pixel_hint_channels={reads} packs to {4 * reads} features a token, but the base's "
+        rf"transformer reads {reads} \(in_channels\): use pixel_hint_channels={reads // 4}",
+    ):
+        FluxControlNet.from_transformer(base, FluxControlNetConfig(1, 0, pixel_hint_channels=reads))
 
 
 @pytest.mark.parametrize(

@@ -158,6 +158,13 @@ class FluxControlNet(ControlledCopy):
         t = {**_DEFAULTS, **self.transformer_config}
         inner = int(t["num_attention_heads"]) * int(t["attention_head_dim"])
         self.inner_dim = inner
+        hint = config.pixel_hint_channels
+        if hint is not None and 4 * hint != t["in_channels"]:  # (packed in 2x2 patches, as the latents)
+            raise ValueError(
+                f"pixel_hint_channels={hint} packs to {4 * hint} features a token, but the base's "
+                f"transformer reads {t['in_channels']} (in_channels): use pixel_hint_channels="
+                f"{t['in_channels'] // 4}"
+            )
         with torch.device(device or "cpu"):
             self.pos_embed = FluxPosEmbed(theta=10000, axes_dim=list(t["axes_dims_rope"]))
             embed = (
