@@ -5,6 +5,7 @@ transformer stack that follow any outline, made and measured with `controlnet` c
     python experiments/outlines.py unet     --work WORK   # the bundled UNet stack carried on: VAE, base, ControlNet (GPU)
     python experiments/outlines.py flux     --work WORK   # flux-tiny: VAE, transformer, ControlNet (GPU)
     python experiments/outlines.py ceiling  --work WORK   # each stack's VAE round trips scored: the most any model can (GPU or CPU)
+    python experiments/outlines.py conditions --work WORK # flux-tiny's VAE round trips of the outlines themselves (CPU)
     python experiments/outlines.py evaluate --work WORK   # both, on every test set (GPU or CPU)
     python experiments/outlines.py claims   --work WORK   # claims 2 and 4 on flux-tiny's ControlNet (GPU)
     python experiments/outlines.py identity --work WORK   # claim 1 on both: zero-init identity (CPU)
@@ -160,6 +161,47 @@ def stage_ceiling(work: Path) -> None:
     _table(results)
 
 
+def stage_conditions(work: Path) -> None:
+    """What a ControlNet reading its condition as VAE latents (InstantX's convention) could see: the
+    flux stack's VAE round trips of the test outlines (white on black, which it never trained on),
+    thresholded, against the outlines (IoU), and a figure of the first eight over their round trips.
+    This is why flux-tiny's ControlNet reads the outline as pixels through the paper's hint encoder
+    (``pixel_hint_channels``: XLabs' convention) instead."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from controlnet.data.datasets import open_dataset
+    from controlnet.evaluation.evaluate import round_trip
+    from controlnet.formats.api import load_base
+
+    own = work / "runs/flux-vae/final/base.safetensors"
+    vae = own if own.is_file() else flux_base(work)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base, data = load_base(vae, dtype=torch.float32).to(device), open_dataset(work / "test")
+    n = min(S["n_test"], len(data))
+    outlines, back = [], []
+    for start in range(0, n, 50):
+        conds = torch.stack([data[i]["cond"] for i in range(start, min(start + 50, n))])
+        back += round_trip(base, conds * 2 - 1)
+        outlines += [(c.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for c in conds]
+    ious = []
+    for a, b in zip(outlines, back):
+        truth, seen = a.mean(-1) > 127, b.mean(-1) > 127
+        ious.append(float((truth & seen).sum() / max((truth | seen).sum(), 1)))
+    result = {
+        "vae": str(vae),
+        "n": n,
+        "outline_iou": float(np.mean(ious)),
+        "outline_iou_median": float(np.median(ious)),
+    }
+    (work / "results").mkdir(parents=True, exist_ok=True)
+    (work / "results" / "conditions.json").write_text(json.dumps(result, indent=2) + "\n")
+    rows = [np.concatenate(outlines[:8], 1), np.concatenate(back[:8], 1)]
+    Image.fromarray(np.concatenate(rows, 0)).save(work / "results" / "conditions.png")
+    print(json.dumps(result))
+
+
 def _table(results: dict[str, Any]) -> None:
     keys = ["iou", "shape_iou", "colour_accuracy", "shape_colour_ok"]
     print("| model, test set | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
@@ -245,7 +287,7 @@ def stage_identity(work: Path) -> None:
     from controlnet.formats.dit_fresh import fresh_dit_base
     from controlnet.training.recipes import architecture
 
-    trained = flux_base(work)
+    trained = work / "runs/flux-base/final/base.safetensors"  # (the shipped one is of an earlier arch)
     flux = (
         load_base(trained) if trained.is_file() else fresh_dit_base(architecture("flux-tiny")["base"], seed=0)
     )
@@ -271,20 +313,25 @@ def stage_identity(work: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("stage", choices=["data", "unet", "flux", "ceiling", "evaluate", "claims", "identity"])
+    p.add_argument(
+        "stage", choices=["data", "unet", "flux", "ceiling", "conditions", "evaluate", "claims", "identity"]
+    )
     p.add_argument("--work", default="work/outlines")
     p.add_argument("--smoke", action="store_true", help="toy scale on a CPU, to check the script")
     args = p.parse_args()
     if args.smoke:
         S.update(SMOKE)
     work = Path(args.work).resolve()
-    if args.stage not in ("data", "identity"):
+    if args.stage == "conditions":
+        stage_data(work, ("test",))
+    elif args.stage not in ("data", "identity"):
         stage_data(work)
     stages = {
         "data": stage_data,
         "unet": stage_unet,
         "flux": stage_flux,
         "ceiling": stage_ceiling,
+        "conditions": stage_conditions,
         "evaluate": stage_evaluate,
         "claims": stage_claims,
     }
