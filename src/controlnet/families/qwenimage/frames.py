@@ -12,7 +12,7 @@ padded copy of the frame) and in channels-last memory. Rounding may differ from 
 kernels' (another order of summation); the values do not.
 
 Its RMS norms (``F.normalize`` over channels in float32, rounded, then scaled, weighted and
-shifted: five passes over a frame at up to 1328 x 1328 x 96) run as one kernel on a GPU
+shifted: a pass over the frame, at up to 1328 x 1328 x 96, for each) run as one kernel on a GPU
 (:func:`controlnet.model.fused.kernel`), rounding once.
 """
 
