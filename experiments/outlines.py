@@ -137,20 +137,24 @@ def _eval(work: Path, name: str, data: str, args: str) -> dict[str, Any]:
     return json.loads((out / "results.json").read_text())["summary"]
 
 
+def stack_vae(work: Path, model: str) -> Path:
+    """The VAE a stack ("unet" or "flux") has got so far: this folder's VAE stage, else the base it
+    started from (the bundled UNet base; flux-tiny's shipped or trained base)."""
+    own = work / "runs" / f"{model}-vae" / "final/base.safetensors"
+    if own.is_file():
+        return own
+    return Path(bundled_path(BUNDLED_BASE)) if model == "unet" else flux_base(work)
+
+
 def stage_ceiling(work: Path) -> None:
     """The most any model on each stack's VAE can score: the VAE's round trips of the test targets
     (`eval --reconstruct`), for the VAE each stack has got so far (this folder's VAE stage, else the
     base it started from)."""
     (work / "logs").mkdir(parents=True, exist_ok=True)
-    own = {
-        "unet": work / "runs/unet-vae/final/base.safetensors",
-        "flux": work / "runs/flux-vae/final/base.safetensors",
-    }
-    start = {"unet": bundled_path(BUNDLED_BASE), "flux": flux_base(work)}
     results: dict[str, Any] = {}
-    for model in own:
-        vae = own[model] if own[model].is_file() else start[model]
-        if not Path(vae).is_file():
+    for model in ("unet", "flux"):
+        vae = stack_vae(work, model)
+        if not vae.is_file():
             print(f"skipping {model}: no {vae}")
             continue
         for data in ("test", "test-stars"):
@@ -175,8 +179,8 @@ def stage_conditions(work: Path) -> None:
     from controlnet.evaluation.evaluate import round_trip
     from controlnet.formats.api import load_base
 
-    own = work / "runs/flux-vae/final/base.safetensors"
-    vae = own if own.is_file() else flux_base(work)
+    stage_data(work, ("test",))  # the one set this stage reads
+    vae = stack_vae(work, "flux")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base, data = load_base(vae, dtype=torch.float32).to(device), open_dataset(work / "test")
     n = min(S["n_test"], len(data))
@@ -322,9 +326,7 @@ def main() -> None:
     if args.smoke:
         S.update(SMOKE)
     work = Path(args.work).resolve()
-    if args.stage == "conditions":
-        stage_data(work, ("test",))
-    elif args.stage not in ("data", "identity"):
+    if args.stage not in ("data", "identity", "conditions"):
         stage_data(work)
     stages = {
         "data": stage_data,
