@@ -342,6 +342,72 @@ def test_xlabs_layout_round_trips(tmp_path, capsys):
     assert "double_blocks=2" in capsys.readouterr().out
 
 
+def test_a_pixel_hint_encoder_scales_the_condition_as_the_base_vae_does(tmp_path, capsys):
+    """A VAE of another factor than Flux.1's 8 (the tiny base's: 2x): a new ControlNet's hint
+    encoder halves the image as many times as the VAE does, so the hint lands on the latents'
+    grid; one made for another VAE is refused in one line; XLabs' layout keeps the depth (its conv
+    count); diffusers' class, whose hint encoder is 8x only, is refused before anything is written."""
+    from controlnet.cli import main
+    from controlnet.formats import load_controlnet, save_controlnet
+    from controlnet.model.control import Control
+    from tiny_flux import tiny_flux_base
+
+    base = tiny_flux_base()
+    assert base.vae_scale_factor == 2
+    cn = base.new_controlnet({"num_layers": 1, "pixel_hint_channels": 4}).eval()
+    assert cn.config.pixel_hint_scale == 2
+    strides = [m.stride[0] for m in cn.input_hint_block.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert strides.count(2) == 1
+    base.check_controlnet(cn, controlnet_name="CN", base_name="BASE")
+    x = inputs()
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(9))
+    pixels = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(8)) * 2 - 1
+    added = {"pooled": x["pooled_projections"], "guidance": x["guidance"]}
+    t = torch.tensor(700.0)
+    with torch.no_grad():
+        alone = base.predict(latents, t, x["encoder_hidden_states"], added=added)
+        fresh = base.predict(
+            latents, t, x["encoder_hidden_states"], [Control(cn, pixels, [1.0])], added=added
+        )
+        assert torch.equal(fresh, alone)  # the hint encoder's last conv is the zero layer
+        cn.input_hint_block.conv_out.weight.normal_(0, 0.1)
+        open_zero_layers(cn)
+        hint = cn.embed_condition(pixels)
+        assert hint.shape == (2, 16, cn.inner_dim)  # one per 2x2 patch of the 8x8 latents
+        controlled = base.predict(
+            latents, t, x["encoder_hidden_states"], [Control(cn, pixels, [1.0])], added=added
+        )
+        assert controlled.shape == alone.shape and not torch.allclose(controlled, alone)
+
+    flux1 = base.new_controlnet(FluxControlNetConfig(1, 0, pixel_hint_channels=4))  # 8x, as given
+    with pytest.raises(
+        ValueError, match=r"CN's hint encoder scales the condition down 8x, but BASE's VAE 2x"
+    ):
+        base.check_controlnet(flux1, controlnet_name="CN", base_name="BASE")
+
+    torch.manual_seed(4)  # XLabs' files hold Flux.1's heads (their rotary split is not stored)
+    wide = FluxTransformer2DModel(**FILE_SIZE).eval()
+    cn = FluxControlNet.from_transformer(
+        wide, FluxControlNetConfig(1, 0, pixel_hint_channels=4, pixel_hint_scale=2)
+    )
+    open_zero_layers(cn)
+    xlabs = save_controlnet(cn, tmp_path / "xlabs.safetensors", "original")[0]
+    back = load_controlnet(xlabs)
+    same(cn, back)
+    assert back.config.pixel_hint_scale == 2
+    assert main(["inspect", str(xlabs)]) == 0 and "condition=pixels, 2x" in capsys.readouterr().out
+    assert main(["convert", str(xlabs), str(tmp_path / "folder"), "--to", "diffusers"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "scales a pixel hint down 8x only" in err and "2x" in err
+    assert not (tmp_path / "folder").exists()
+    union = FluxControlNet.from_transformer(
+        wide, FluxControlNetConfig(1, 0, num_mode=2, pixel_hint_channels=4)
+    )
+    with pytest.raises(ValueError, match=r"XLabs' layout .* holds no Union control modes"):
+        save_controlnet(union, tmp_path / "union.safetensors", "original")
+    assert not (tmp_path / "union.safetensors").exists()
+
+
 def test_an_inpainting_controlnet_reads_the_mask_beside_the_latents(tmp_path):
     """Alimama's kind: the condition embedder reads the packed latents of the masked image and the
     packed 1 - mask (4 more channels); read off a published file, round-tripped, and fed by the

@@ -1,6 +1,6 @@
 """ControlNet files of the transformer families (Flux.1, SD3 / SD3.5, Qwen-Image, Z-Image): the
 published single file, diffusers' folder, and ours. One reader and writer for all, told the family
-by a :class:`CNSpec` (Z-Image's layout in :mod:`.zimage_controlnet`).
+by a :class:`CNSpec` (Z-Image's layout in :mod:`.zimage_controlnet`, XLabs' in :mod:`.xlabs_controlnet`).
 
 - **published** (InstantX, Shakker-Labs, Stability AI, and what diffusers saves as one file): the
   state dict of our ControlNet as is (:class:`~controlnet.families.flux.FluxControlNet`,
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,10 +41,11 @@ from ..families.flux.controlnet import FLUX_FIELDS, FluxControlNet, FluxControlN
 from ..families.qwenimage.controlnet import QWEN_FIELDS, QwenImageControlNet, QwenImageControlNetConfig
 from ..families.sd3.controlnet import SD3_FIELDS, SD3ControlNet, SD3ControlNetConfig
 from ..families.zimage.controlnet import ZIMAGE_FIELDS, ZImageControlNet, ZImageControlNetConfig
-from . import zimage_controlnet
+from . import xlabs_controlnet, zimage_controlnet
 from .build import FORMAT_VERSION, META_FORMAT, META_VERSION, numbered, shape_of
 from .checkpoint import CheckpointError, TensorFile, atomic_outputs, dump_json, read_json, save_safetensors
-from .keymap import Rule, identity_rules, load_into, to_file
+from .flux_bfl import FLUX_AXES, FLUX_HEAD
+from .keymap import Rule, identity_rules, load_into
 
 __all__ = [
     "SPECS",
@@ -61,7 +61,6 @@ __all__ = [
 ]
 
 WEIGHTS = "diffusion_pytorch_model"
-FLUX_HEAD, FLUX_AXES = 128, (16, 56, 56)  # Flux.1's head size, split by its rotary axes
 SD3_HEAD = 64
 QWEN_HEAD, QWEN_AXES = 128, (16, 56, 56)  # Qwen-Image's, the same split
 
@@ -137,6 +136,11 @@ def _flux_to_diffusers(config: FluxControlNetConfig) -> dict[str, Any]:
         "num_single_layers": config.num_single_layers,
         "num_mode": config.num_mode,
     }
+    if config.pixel_hint_channels is not None and config.pixel_hint_scale != 8:
+        raise ValueError(
+            f"diffusers' FluxControlNetModel scales a pixel hint down 8x only, and this ControlNet's "
+            f"hint encoder {config.pixel_hint_scale}x: save it in our format or XLabs' ('original')"
+        )
     if config.pixel_hint_channels is not None:  # diffusers packs the hint's 2x2 patches by patch_size
         out.update(conditioning_embedding_channels=config.pixel_hint_channels, patch_size=2)
     if config.extra_condition_channels:  # Alimama's config name
@@ -144,57 +148,9 @@ def _flux_to_diffusers(config: FluxControlNetConfig) -> dict[str, Any]:
     return out
 
 
-# XLabs' own layout: the copied double blocks in Black Forest Labs' names, the hint encoder as a
-# plain Sequential (convs at even indices), the hint's embedding named pos_embed_input
-XLABS_MARKERS = ("input_hint_block.0.weight", "pos_embed_input.weight", "double_blocks.0.img_attn.qkv.weight")
-
-
-def is_xlabs(tf: TensorFile) -> bool:
-    return all(k in tf for k in XLABS_MARKERS)
-
-
-def xlabs_rule(key: str, inner: int, hint_convs: int) -> Rule:
-    """Our key -> XLabs' name (``hint_convs``: the hint encoder's convs between first and last)."""
-    from .flux_bfl import bfl_rule
-
-    if key.startswith("controlnet_x_embedder."):
-        return Rule(key, "pos_embed_input." + key.removeprefix("controlnet_x_embedder."))
-    if key.startswith("controlnet_blocks."):
-        return Rule(key, key)
-    m = re.fullmatch(r"input_hint_block\.(conv_in|conv_out|blocks\.(\d+))\.(weight|bias)", key)
-    if m:
-        index = 0 if m[1] == "conv_in" else 2 * hint_convs + 2 if m[1] == "conv_out" else 2 * int(m[2]) + 2
-        return Rule(key, f"input_hint_block.{index}.{m[3]}")
-    return bfl_rule(key, inner, "")
-
-
-def _inferred_xlabs(tf: TensorFile) -> tuple[dict[str, Any], FluxControlNetConfig]:
-    inner, channels = _shape(tf, "img_in.weight")
-    head = _shape(tf, "double_blocks.0.img_attn.norm.query_norm.scale")[0]
-    if head != FLUX_HEAD:
-        raise CheckpointError(
-            f"{tf.path}: heads of {head} channels, not Flux.1's {FLUX_HEAD}: its rotary axes are unknown"
-        )
-    convs = numbered(tf.shapes, r"input_hint_block\.(\d+)\.weight")
-    transformer = {
-        "patch_size": 1,
-        "in_channels": channels,
-        "attention_head_dim": head,
-        "num_attention_heads": inner // head,
-        "joint_attention_dim": _shape(tf, "txt_in.weight")[1],
-        "pooled_projection_dim": _shape(tf, "vector_in.in_layer.weight")[1],
-        "guidance_embeds": "guidance_in.in_layer.weight" in tf,
-        "axes_dims_rope": list(FLUX_AXES),
-    }
-    config = FluxControlNetConfig(
-        num_layers=_count(tf, r"double_blocks\.(\d+)\."),
-        num_single_layers=0,
-        pixel_hint_channels=_shape(tf, f"input_hint_block.{convs[-1]}.weight")[0],
-    )
-    return transformer, config
-
-
 def _describe_flux(transformer: dict[str, Any], config: FluxControlNetConfig) -> dict[str, Any]:
+    # the condition as the VAE's latents, or as pixels through a hint encoder scaling it down
+    pixels = config.pixel_hint_channels is not None
     return {
         "double_blocks": config.num_layers,
         "single_blocks": config.num_single_layers,
@@ -202,6 +158,7 @@ def _describe_flux(transformer: dict[str, Any], config: FluxControlNetConfig) ->
         "guidance_input": bool(transformer.get("guidance_embeds", False)),
         "in_channels": transformer.get("in_channels", 64),
         "inpainting": config.extra_condition_channels > 0,
+        "condition": f"pixels, {config.pixel_hint_scale}x" if pixels else "latents",
     }
 
 
@@ -392,7 +349,7 @@ def spec_of(path: Path, tf: TensorFile | None) -> CNSpec | None:
     stored = tf.metadata.get("family")
     if stored in SPECS and tf.metadata.get(META_FORMAT, "controlnet") == "controlnet":
         return SPECS[stored]
-    if is_xlabs(tf):
+    if xlabs_controlnet.is_xlabs(tf):
         return SPECS["flux"]
     return next((s for s in SPECS.values() if all(k in tf for k in s.markers)), None)
 
@@ -413,7 +370,9 @@ def arch(spec: CNSpec, tf: TensorFile) -> tuple[dict[str, Any], Any]:
     if stored is not None:
         return stored
     try:
-        return _inferred_xlabs(tf) if is_xlabs(tf) else spec.inferred(tf)
+        return xlabs_controlnet.inferred(tf) if xlabs_controlnet.is_xlabs(tf) else spec.inferred(tf)
+    except CheckpointError:  # (names the file already)
+        raise
     except ValueError as e:
         raise CheckpointError(f"{tf.path}: {e}") from None
 
@@ -438,9 +397,9 @@ def _build(spec: CNSpec, transformer: dict[str, Any], config: Any, where: str) -
 def load_file(spec: CNSpec, tf: TensorFile, *, dtype: torch.dtype | None = None) -> Any:
     cn = _build(spec, *arch(spec, tf), str(tf.path))
     rules: Callable[[list[str]], list[Rule]] = identity_rules
-    if is_xlabs(tf):
+    if xlabs_controlnet.is_xlabs(tf):
         inner, convs = cn.inner_dim, len(cn.input_hint_block.blocks)
-        rules = lambda keys: [xlabs_rule(k, inner, convs) for k in keys]  # noqa: E731
+        rules = lambda keys: xlabs_controlnet.rules(keys, inner, convs)  # noqa: E731
     return load_into(cn, tf, rules, present=tf.keys(), what=f"{spec.label} ControlNet", dtype=dtype)
 
 
@@ -485,8 +444,7 @@ def save(cn: Any, path: Path, fmt: str, *, overwrite: bool = False) -> list[Path
     if fmt == "controlnet":
         meta = {META_FORMAT: "controlnet", META_VERSION: FORMAT_VERSION, **_metadata(spec, cn)}
     elif getattr(cn.config, "pixel_hint_channels", None) is not None:  # XLabs' own layout
-        convs = len(cn.input_hint_block.blocks)
-        state = to_file(state, [xlabs_rule(k, cn.inner_dim, convs) for k in state])
+        state = xlabs_controlnet.to_xlabs(cn, state)
     with atomic_outputs(path, overwrite=overwrite) as (tmp,):
         save_safetensors(state, tmp, meta)
     return [path]

@@ -32,8 +32,18 @@ from .build import numbered, shape_of
 from .checkpoint import CheckpointError, TensorFile
 from .keymap import Op, Rule
 
-__all__ = ["PREFIXES", "bfl_prefix", "bfl_rule", "bfl_transformer_config", "is_bfl_transformer"]
+__all__ = [
+    "FLUX_AXES",
+    "FLUX_HEAD",
+    "PREFIXES",
+    "bfl_prefix",
+    "bfl_rule",
+    "bfl_transformer_config",
+    "is_bfl_transformer",
+]
 
+#: Flux.1's head size, and its split by the rotary axes (what a file without a config implies)
+FLUX_HEAD, FLUX_AXES = 128, (16, 56, 56)
 #: where a file keeps the transformer: alone, or in a ComfyUI-style whole checkpoint
 PREFIXES = ("", "model.diffusion_model.")
 #: a whole transformer (XLabs' ControlNets hold the first two but no final layer)
@@ -135,9 +145,9 @@ def bfl_transformer_config(tf: TensorFile, prefix: str) -> dict[str, Any]:
 
     inner, channels = shape("img_in.weight")
     head = shape("double_blocks.0.img_attn.norm.query_norm.scale")[0]
-    if head != 128:
+    if head != FLUX_HEAD:
         raise CheckpointError(
-            f"{tf.path}: heads of {head} channels, not Flux.1's 128: its rotary axes are unknown"
+            f"{tf.path}: heads of {head} channels, not Flux.1's {FLUX_HEAD}: its rotary axes are unknown"
         )
     mlp = shape("double_blocks.0.img_mlp.0.weight")[0]
     if mlp != 4 * inner:
@@ -155,5 +165,5 @@ def bfl_transformer_config(tf: TensorFile, prefix: str) -> dict[str, Any]:
         "joint_attention_dim": shape("txt_in.weight")[1],
         "pooled_projection_dim": shape("vector_in.in_layer.weight")[1],
         "guidance_embeds": prefix + "guidance_in.in_layer.weight" in tf,
-        "axes_dims_rope": [16, 56, 56],
+        "axes_dims_rope": list(FLUX_AXES),
     }

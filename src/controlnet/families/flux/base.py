@@ -210,6 +210,10 @@ class FluxBase(DiTBase):
 
     # ------------------------------------------------------------------ its ControlNets
     def new_controlnet(self, config: Any = None) -> FluxControlNet:
+        """A fresh ControlNet; a pixel hint encoder scales the condition down as this VAE does
+        unless ``config`` says otherwise."""
+        if config is None or (isinstance(config, Mapping) and "pixel_hint_scale" not in config):
+            config = {**(config or {}), "pixel_hint_scale": self.vae_scale_factor}
         return FluxControlNet.from_transformer(
             self.transformer, controlnet_config(FluxControlNetConfig, config, "Flux")
         )
@@ -229,6 +233,12 @@ class FluxBase(DiTBase):
         if differ:
             raise ValueError(
                 f"{controlnet_name} was made for another transformer than {base_name}: {', '.join(differ)}"
+            )
+        scale = controlnet.config.pixel_hint_scale
+        if controlnet.config.pixel_hint_channels is not None and scale != self.vae_scale_factor:
+            raise ValueError(
+                f"{controlnet_name}'s hint encoder scales the condition down {scale}x, but "
+                f"{base_name}'s VAE {self.vae_scale_factor}x: it was made for another VAE"
             )
 
 

@@ -82,12 +82,14 @@ class FluxControlNetConfig:
     condition), and how the condition enters: as VAE latents (``pixel_hint_channels`` None: the
     InstantX convention), or as pixels through the paper's hint encoder to that many channels at
     the latents' size (XLabs' convention, whose residuals the base then takes in turn, block j
-    the residual j mod n)."""
+    the residual j mod n), the hint encoder scaling the image down ``pixel_hint_scale`` times, as
+    the base's VAE does (Flux.1's: 8)."""
 
     num_layers: int = 2
     num_single_layers: int = 0
     num_mode: int | None = None
     pixel_hint_channels: int | None = None
+    pixel_hint_scale: int = 8
     extra_condition_channels: int = 0  # inpainting (Alimama's): the packed mask beside the latents
 
     @property
@@ -105,6 +107,13 @@ class FluxControlNetConfig:
             raise ValueError(f"num_mode must be >= 1 or None, got {self.num_mode}")
         if self.pixel_hint_channels is not None and self.pixel_hint_channels < 1:
             raise ValueError(f"pixel_hint_channels must be >= 1 or None, got {self.pixel_hint_channels}")
+        if self.pixel_hint_scale < 2 or self.pixel_hint_scale & (self.pixel_hint_scale - 1):
+            raise ValueError(f"pixel_hint_scale must be a power of two >= 2, got {self.pixel_hint_scale}")
+
+    @property
+    def hint_block_channels(self) -> tuple[int, ...]:
+        """The hint encoder's widths: 16 throughout, one stride-2 convolution per halving."""
+        return (16,) * self.pixel_hint_scale.bit_length()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,6 +125,7 @@ class FluxControlNetConfig:
             "num_single_layers",
             "num_mode",
             "pixel_hint_channels",
+            "pixel_hint_scale",
             "extra_condition_channels",
         )
         return cls(**{k: d[k] for k in names if k in d})
@@ -202,7 +212,7 @@ class FluxControlNet(ControlledCopy):
                     t["in_channels"] + config.extra_condition_channels, inner
                 )
             else:  # the hint encoder's last conv is the zero layer; its patches are embedded as the latents'
-                self.input_hint_block = HintEncoder(3, (16, 16, 16, 16), config.pixel_hint_channels)
+                self.input_hint_block = HintEncoder(3, config.hint_block_channels, config.pixel_hint_channels)
                 self.controlnet_x_embedder = nn.Linear(t["in_channels"], inner)
             if config.num_mode is not None:
                 self.controlnet_mode_embedder = nn.Embedding(config.num_mode, inner)
@@ -290,7 +300,7 @@ class FluxControlNet(ControlledCopy):
     ) -> FluxResiduals:
         """Residuals for the base's blocks. ``hidden_states``: packed noisy latents (B, L, 64);
         ``condition``: the packed condition latents, same shape (a pixel-hint ControlNet: the
-        condition image in [-1, 1], 16 times the token grid); ``timestep`` in [0, 1] and
+        condition image in [-1, 1], ``2 * pixel_hint_scale`` times the token grid); ``timestep`` in [0, 1] and
         ``guidance`` as the base takes them (diffusers' convention: both times 1000 inside);
         ``mode``: a Union ControlNet's control mode, for every sample or as (B, 1) indices (a
         tensor's range is checked only where reading it back cannot stall a CUDA graph capture)."""
