@@ -205,3 +205,31 @@ def test_free_iou_follows_the_shapes_whatever_their_colours(samples):
     blank = np.empty_like(target)
     blank[:] = rgb(s.background)
     assert outline_item_scores(blank, s)["free_iou"] == 0.0
+
+
+def test_scores_by_size_class_pool_the_shapes_of_every_image(samples):
+    """The summary's size classes (a shape's visible share of the image): each shape counts once,
+    whatever image it is in; an output that loses the tiny shapes (painted over in the background's
+    colour) scores 0 on them and 1 on the rest; a validation scorer leaves the classes out."""
+    from controlnet.evaluation.evaluate import SIZE_CLASSES, _summary, outline_item_scores
+
+    rows, tiny = [], 0
+    for s in samples[:80]:
+        _, target = render_outlines(s)
+        out = target.copy()
+        for v in visible_masks(s):
+            if v.sum() / v.size < SIZE_CLASSES[0][1]:
+                out[v] = rgb(s.background)
+                tiny += 1
+        rows.append(outline_item_scores(out, s))
+    summary = _summary(rows)
+    assert tiny >= 5 and summary["shape_colour_ok_tiny"] == summary["shape_iou_tiny"] == 0.0
+    assert summary["shape_colour_ok_small"] == summary["shape_colour_ok_large"] == 1.0
+    assert summary["shape_iou_small"] == summary["shape_iou_large"] == 1.0
+    assert 0 < summary["shape_colour_ok"] < 1
+    # pooled: one image's tiny shape in its colour, another's three not: 1 of 4, not (1 + 0) / 2
+    one = {"share": 0.001, "iou": 1.0, "colour_ok": 1.0}
+    lost = {"share": 0.001, "iou": 0.0, "colour_ok": 0.0}
+    pooled = _summary([{"iou": 1.0, "shapes": [one]}, {"iou": 0.5, "shapes": [lost] * 3}])
+    assert pooled["shape_colour_ok_tiny"] == 0.25 and "shape_colour_ok_large" not in pooled
+    assert "shape_colour_ok_tiny" not in _summary(rows, by_size=False)

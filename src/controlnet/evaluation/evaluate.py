@@ -31,7 +31,16 @@ from ..generation.generate import resolve_prompt
 from ..generation.request import GenerationRequest
 from ..generation.sampling import Sampling, render, to_images
 from ..imageio import atomic_write_bytes, make_grid, save_png, to_uint8
-from .metrics import COLOUR_TOLERANCE, edge_f1, mean_iou, outline_scores, rmse, shape_and_colour, ssim
+from .metrics import (
+    COLOUR_TOLERANCE,
+    edge_f1,
+    image_outline_scores,
+    mean_iou,
+    outline_shapes,
+    rmse,
+    shape_and_colour,
+    ssim,
+)
 
 __all__ = [
     "EvalConfig",
@@ -138,9 +147,10 @@ def fill50k_scores(image: np.ndarray, cond: np.ndarray, prompt: str) -> dict[str
     return s
 
 
-def outline_item_scores(image: np.ndarray, sample: Any) -> dict[str, float]:
+def outline_item_scores(image: np.ndarray, sample: Any) -> dict[str, Any]:
     """One output's outlines scores (:func:`~controlnet.evaluation.metrics.outline_scores`, and
-    ``free_iou``) against the shapes of ``sample`` (an ``OutlineSample``) and its colours."""
+    ``free_iou``) against the shapes of ``sample`` (an ``OutlineSample``) and its colours, and under
+    ``shapes`` each shape's (its visible ``share`` of the image, ``iou``, ``colour_ok``)."""
     from ..data.colors import rgb
     from ..data.outlines import visible_masks
 
@@ -154,28 +164,49 @@ def outline_item_scores(image: np.ndarray, sample: Any) -> dict[str, float]:
 
     colours = [rgb(f.color) for f in sample.figures]
     masks = visible_masks(sample)
-    scores = outline_scores(image, masks, colours, rgb(sample.background))
+    rows, whole = outline_shapes(image, masks, colours, rgb(sample.background))
+    scores: dict[str, Any] = image_outline_scores(rows, whole)
     # the shapes whatever their colours (the no-prompt setting): pixels unlike the border's colour
     scores["free_iou"] = region_iou(_unlike_border(srgb_to_lab(image))[0], np.logical_or.reduce(masks))
+    scores["shapes"] = [
+        {"share": r["area"] / image[..., 0].size, "iou": r["iou"], "colour_ok": r["colour_ok"]} for r in rows
+    ]
     return scores
 
 
 def outlines_scorer(dataset: Any) -> Callable[[list[np.ndarray], list[dict[str, Any]]], dict[str, float]]:
     """A validation scorer for an outlines set: mean :func:`outline_scores` of generated images
-    against their items' shapes."""
+    against their items' shapes (not by size class: a validation set holds a few shapes of each)."""
     from ..data.outlines import samples_of
 
     samples = samples_of(dataset)
     return lambda images, items: _summary(
-        [outline_item_scores(img, samples[int(it["index"])]) for img, it in zip(images, items)]
+        [outline_item_scores(img, samples[int(it["index"])]) for img, it in zip(images, items)],
+        by_size=False,
     )
 
 
-def _summary(rows: list[dict[str, float]]) -> dict[str, float]:
+#: classes of the outlines world's shapes by visible area, as a share of the image, with their upper
+#: bounds (at 128 px: under 164 px, about 13x13; under 820 px; the rest)
+SIZE_CLASSES = (("tiny", 0.01), ("small", 0.05), ("large", float("inf")))
+
+
+def _summary(rows: list[dict[str, Any]], *, by_size: bool = True) -> dict[str, float]:
+    """The rows' numbers averaged (IoU's median too); for outlines rows (``by_size``), the shapes
+    of every image pooled by size class: ``shape_colour_ok_tiny``, ``shape_iou_tiny``, ... (the
+    classes that have shapes)."""
     keys = [k for k in rows[0] if isinstance(rows[0][k], (int, float))]
     out = {k: float(np.mean([r[k] for r in rows])) for k in keys}
     if "iou" in out:
         out["iou_median"] = float(np.median([r["iou"] for r in rows]))
+    shapes = [shape for r in rows for shape in r.get("shapes", ())] if by_size else []
+    lower = 0.0
+    for name, upper in SIZE_CLASSES:
+        these = [shape for shape in shapes if lower <= shape["share"] < upper]
+        if these:
+            out[f"shape_colour_ok_{name}"] = float(np.mean([shape["colour_ok"] for shape in these]))
+            out[f"shape_iou_{name}"] = float(np.mean([shape["iou"] for shape in these]))
+        lower = upper
     return out
 
 

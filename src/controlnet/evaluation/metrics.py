@@ -25,8 +25,10 @@ __all__ = [
     "COLOUR_TOLERANCE",
     "edge_f1",
     "fill_outline",
+    "image_outline_scores",
     "mean_iou",
     "outline_scores",
+    "outline_shapes",
     "region_iou",
     "rmse",
     "shape_and_colour",
@@ -85,22 +87,20 @@ def shape_and_colour(
     }
 
 
-def outline_scores(
+def outline_shapes(
     image: np.ndarray,
     visible: Sequence[np.ndarray],
     colours: Sequence[Sequence[int]],
     background_rgb: Sequence[int],
-) -> dict[str, float]:
-    """Outlines-world scores of one output (H, W, 3) uint8 against the true visible region of each
-    shape (boolean (H, W) masks, paint order) and the prompt's colours (one per shape, then the
-    background's).
+) -> tuple[list[dict[str, float]], dict[str, float]]:
+    """Each shape of one output (H, W, 3) uint8 scored against its true visible region (boolean
+    (H, W) masks, paint order) and its prompted colour (one per shape, then the background's).
 
-    Each pixel takes the nearest (CIE Lab) of the prompt's colours. ``iou``: the pixels that took a
-    shape's colour against all shapes' regions; ``shape_iou``: per shape, the pixels that took its
-    colour against its visible region, averaged; ``shape_colour_ok``: the share of shapes whose
-    region's median colour is within :data:`COLOUR_TOLERANCE` of its own colour (regions shrunk by a
-    pixel, off the outline's edge); ``background_colour_ok`` likewise for the rest;
-    ``colour_accuracy``: the mean of the two."""
+    Each pixel takes the nearest (CIE Lab) of the prompt's colours. Per shape: ``area`` (its
+    visible pixels), ``iou`` (the pixels that took its colour against its region) and
+    ``colour_ok`` (its region's median colour within :data:`COLOUR_TOLERANCE` of its own, the region
+    shrunk by a pixel, off the outline's edge). For the image: ``iou`` (the pixels that took any
+    shape's colour against all shapes' regions) and ``background_colour_ok`` (the rest's median)."""
     if len(visible) != len(colours) or not visible:
         raise ValueError(f"outline_scores: {len(visible)} regions for {len(colours)} colours")
     for v in visible:
@@ -119,15 +119,38 @@ def outline_scores(
             return 0.0
         return float(delta_e(np.median(pixels, 0), target) <= COLOUR_TOLERANCE)
 
-    shape_ok = [median_ok(v, palette[j]) for j, v in enumerate(visible)]
-    back_ok = median_ok(~shapes, palette[background]) if (~shapes).any() else 1.0
-    out = {
+    rows = [
+        {"area": int(v.sum()), "iou": region_iou(nearest == j, v), "colour_ok": median_ok(v, palette[j])}
+        for j, v in enumerate(visible)
+    ]
+    image_scores = {
         "iou": region_iou(nearest != background, shapes),
-        "shape_iou": float(np.mean([region_iou(nearest == j, v) for j, v in enumerate(visible)])),
-        "shape_colour_ok": float(np.mean(shape_ok)),
-        "background_colour_ok": back_ok,
+        "background_colour_ok": median_ok(~shapes, palette[background]) if (~shapes).any() else 1.0,
     }
-    out["colour_accuracy"] = (out["shape_colour_ok"] + back_ok) / 2
+    return rows, image_scores
+
+
+def outline_scores(
+    image: np.ndarray,
+    visible: Sequence[np.ndarray],
+    colours: Sequence[Sequence[int]],
+    background_rgb: Sequence[int],
+) -> dict[str, float]:
+    """Outlines-world scores of one output (:func:`outline_shapes`' arguments): ``iou``;
+    ``shape_iou``, the shapes' IoUs averaged; ``shape_colour_ok``, the share of shapes in their own
+    colour; ``background_colour_ok``; ``colour_accuracy``, the mean of the last two."""
+    return image_outline_scores(*outline_shapes(image, visible, colours, background_rgb))
+
+
+def image_outline_scores(shapes: Sequence[dict[str, float]], image: dict[str, float]) -> dict[str, float]:
+    """:func:`outline_scores` from what :func:`outline_shapes` returns."""
+    out = {
+        "iou": image["iou"],
+        "shape_iou": float(np.mean([r["iou"] for r in shapes])),
+        "shape_colour_ok": float(np.mean([r["colour_ok"] for r in shapes])),
+        "background_colour_ok": image["background_colour_ok"],
+    }
+    out["colour_accuracy"] = (out["shape_colour_ok"] + out["background_colour_ok"]) / 2
     return out
 
 
