@@ -47,3 +47,30 @@ def test_settings_given_at_conversion_are_kept_and_applied(family, tmp_path, cap
     folder = ["convert", str(own), str(tmp_path / "folder"), "--to", "diffusers", "--settings", "{}"]
     assert main(folder) != 0
     assert "generation settings go with a base model written in our format" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", sorted(BASES))
+def test_a_file_may_say_the_side_it_was_made_for(family, tmp_path, capsys):
+    """``resolution`` (what a model trained by our commands records): the model's native size, so
+    a generation given no size makes that side, not the family's 1024 or 1328 px; out of the
+    request's bounds, it is refused naming the flag."""
+    base = BASES[family]()
+    assert base.native_size == {"flux": 1024, "qwenimage": 1328}[family]
+    plain = save_base(base, tmp_path / "plain.safetensors")[0]
+    own = tmp_path / "own.safetensors"
+    assert (
+        main(["convert", str(plain), str(own), "--to", "controlnet", "--settings", '{"resolution": 64}']) == 0
+    )
+    assert load_base(own).native_size == 64
+    out = tmp_path / "out"
+    assert (
+        main(["generate", "--base", str(own), "--prompt", "a red disk", "--steps", "1", "--out", str(out)])
+        == 0
+    )
+    image = next(out.glob("*_0.png"))
+    assert Image.open(image).size == (64, 64)
+    capsys.readouterr()
+    bad = ["convert", str(plain), str(tmp_path / "bad.safetensors"), "--to", "controlnet"]
+    assert main([*bad, "--settings", '{"resolution": 32}']) == 2
+    err = capsys.readouterr().err
+    assert "--settings" in err and "resolution" in err and not (tmp_path / "bad.safetensors").exists()

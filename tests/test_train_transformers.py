@@ -16,6 +16,7 @@ from controlnet.families import load_controlnet
 from controlnet.families.flow_match import FlowMatchTraining
 from controlnet.families.flux.schedule import FLUX_SCHEDULE
 from controlnet.formats import save_base
+from controlnet.imageio import read_image
 from controlnet.training.objectives import ControlNetObjective, StepNoise
 from test_sd3_generate import sd3_base
 from tiny_flux import tiny_flux_base
@@ -222,6 +223,9 @@ def test_a_flux_style_stack_trains_from_scratch_with_our_commands(tmp_path):
     base = ["train", "--objective", "base", "--base", str(tmp_path / "vae/final/base.safetensors")]
     assert main([*base, "--out", str(tmp_path / "base"), *common]) == 0
     stage2 = load_base(tmp_path / "base/final/base.safetensors")
+    # the side it was made for (its 32 px data's, to the nearest side generation makes) is the
+    # side it generates by default, not the family's 1024 px
+    assert stage2.settings["resolution"] == stage2.native_size == 64
     before, after = stage1.transformer.state_dict(), stage2.transformer.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the transformer learned
     for part in ("vae", "text_encoder", "text_encoder_2"):  # and nothing else did
@@ -231,8 +235,10 @@ def test_a_flux_style_stack_trains_from_scratch_with_our_commands(tmp_path):
     assert main([*cn, "--out", str(tmp_path / "cn"), *common]) == 0
     gen = ["generate", "--base", str(tmp_path / "base/final/base.safetensors"), "--controlnet"]
     gen += [str(tmp_path / "cn/final/controlnet.safetensors"), "--image", str(data / "source/0.png")]
-    gen += ["--prompt", "gold star with navy background", "--steps", "2", "--width", "64", "--height", "64"]
-    assert main([*gen, "--out", str(tmp_path / "gen")]) == 0 and list((tmp_path / "gen").glob("*.png"))
+    gen += ["--prompt", "gold star with navy background", "--steps", "2"]
+    assert main([*gen, "--out", str(tmp_path / "gen")]) == 0
+    images = sorted((tmp_path / "gen").glob("*_0.png"))
+    assert images and read_image(images[0]).shape[:2] == (64, 64)
     ev = ["eval", "--data", str(data), "--metric", "outlines", "--out", str(tmp_path / "ev"), "--n", "2"]
     ev += ["--base", str(tmp_path / "base/final/base.safetensors"), "--steps", "2", "--quiet"]
     assert (

@@ -126,6 +126,8 @@ class DiTBase(Residence):
     #: the family's fused blocks (its ``fused.FUSION``): the transformer's blocks take their
     #: forward, the same arithmetic in fewer kernels
     fusion: ClassVar[BlockFusion | None] = None
+    #: the side the family's published models were made for (a file may say its own: ``resolution``)
+    family_size: ClassVar[int] = 1024
 
     def __post_init__(self) -> None:
         for m in self.modules().values():
@@ -175,7 +177,9 @@ class DiTBase(Residence):
 
     @property
     def native_size(self) -> int:
-        return 1024
+        """The side the model was made for: the ``resolution`` its file's generation settings
+        give (a model trained by our commands records its data's), else the family's."""
+        return int(self.settings.get("resolution") or self.family_size)
 
     @property
     def latent_channels(self) -> int:

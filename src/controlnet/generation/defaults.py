@@ -26,6 +26,7 @@ MODEL_SETTINGS = (
     "timestep_spacing",
     "eta",
     "steps",
+    "resolution",  # the side it was made for (its native size)
 )
 
 

@@ -233,6 +233,16 @@ def _latent_stats(base: BaseModel, dataset: Any, n: int = 512) -> tuple[float, f
     return float(z.mean()), float(1.0 / z.std())
 
 
+def _image_side(spec: RunSpec) -> int:
+    """The short side of the images a run trains on (its data's, as --resolution resizes them;
+    read from the images themselves: a latent cache holds none), to the nearest side generation
+    makes (a multiple of 64)."""
+    from ..data import open_dataset
+
+    images = open_dataset(spec.data, resolution=spec.resolution, skip_bad=spec.skip_bad)
+    return max(64, round(int(min(images[0]["target"].shape[-2:])) / 64) * 64)
+
+
 def _exporter(spec: RunSpec, base: BaseModel, dataset: Any) -> Any:
     from ..formats import save_base, save_controlnet
 
@@ -248,6 +258,8 @@ def _exporter(spec: RunSpec, base: BaseModel, dataset: Any) -> Any:
                     base.vae.register_to_config(shift_factor=mean)
             for m in base.modules().values():
                 m.requires_grad_(False).eval()
+            # the side it was made for, which it generates by default: its images' short side
+            base.settings = {**base.settings, "resolution": _image_side(spec)}
             return save_base(base, out / "base.safetensors", overwrite=True)
         if spec.objective in _EXPORTED:
             cn = objective.controlnet  # type: ignore[attr-defined]

@@ -90,6 +90,7 @@ class QwenImageBase(DiTBase):
     blocks = (QwenImageTransformerBlock,)
     family = QwenImageVariant.QWEN_IMAGE
     fusion = FUSION
+    family_size = 1328
 
     def modules(self) -> dict[str, nn.Module]:
         return {"transformer": self.transformer, "vae": self.vae, "text_encoder": self.text_encoder}
@@ -98,10 +99,6 @@ class QwenImageBase(DiTBase):
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** len(self.vae.config.temperal_downsample)
-
-    @property
-    def native_size(self) -> int:
-        return 1328
 
     @property
     def latent_channels(self) -> int:

@@ -107,8 +107,9 @@ class UNetBase(Residence):
 
     @property
     def native_size(self) -> int:
-        """The side in pixels the UNet was made for (its latent sample size, in pixels)."""
-        return int(self.unet.config.sample_size * self.vae_scale_factor)
+        """The side in pixels the UNet was made for: the ``resolution`` its file's generation
+        settings give, else its latent sample size, in pixels."""
+        return int(self.settings.get("resolution") or self.unet.config.sample_size * self.vae_scale_factor)
 
     def latent_size(self, size: tuple[int, int]) -> tuple[int, int]:
         """(h, w) of the latents of images of ``size`` (H, W)."""
