@@ -177,7 +177,9 @@ def stage_conditions(work: Path) -> None:
 
     from controlnet.data.datasets import open_dataset
     from controlnet.evaluation.evaluate import round_trip
+    from controlnet.evaluation.metrics import region_iou
     from controlnet.formats.api import load_base
+    from controlnet.imageio import to_uint8
 
     stage_data(work, ("test",))  # the one set this stage reads
     vae = stack_vae(work, "flux")
@@ -188,11 +190,8 @@ def stage_conditions(work: Path) -> None:
     for start in range(0, n, 50):
         conds = torch.stack([data[i]["cond"] for i in range(start, min(start + 50, n))])
         back += round_trip(base, conds * 2 - 1)
-        outlines += [(c.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for c in conds]
-    ious = []
-    for a, b in zip(outlines, back):
-        truth, seen = a.mean(-1) > 127, b.mean(-1) > 127
-        ious.append(float((truth & seen).sum() / max((truth | seen).sum(), 1)))
+        outlines += [to_uint8(c, lo=0.0) for c in conds]
+    ious = [region_iou(a.mean(-1) > 127, b.mean(-1) > 127) for a, b in zip(outlines, back)]
     result = {
         "vae": str(vae),
         "n": n,

@@ -38,6 +38,7 @@ __all__ = [
     "PREFIXES",
     "bfl_prefix",
     "bfl_rule",
+    "bfl_shared_config",
     "bfl_transformer_config",
     "is_bfl_transformer",
 ]
@@ -136,9 +137,10 @@ def bfl_rule(key: str, inner: int, prefix: str = "") -> Rule:
     raise KeyError(f"{key!r} has no name in Black Forest Labs' Flux layout")
 
 
-def bfl_transformer_config(tf: TensorFile, prefix: str) -> dict[str, Any]:
-    """diffusers ``FluxTransformer2DModel`` arguments read off a BFL file's tensors (Flux.1's
-    rotary split for its 128-channel heads)."""
+def bfl_shared_config(tf: TensorFile, prefix: str) -> dict[str, Any]:
+    """The fields a Flux transformer and its ControlNets share (diffusers' names), read off the
+    BFL-named tensors of a transformer or of XLabs' ControlNet (Flux.1's rotary split for its
+    128-channel heads)."""
 
     def shape(key: str) -> tuple[int, ...]:
         return shape_of(tf.shapes, prefix + key, str(tf.path))
@@ -149,21 +151,34 @@ def bfl_transformer_config(tf: TensorFile, prefix: str) -> dict[str, Any]:
         raise CheckpointError(
             f"{tf.path}: heads of {head} channels, not Flux.1's {FLUX_HEAD}: its rotary axes are unknown"
         )
-    mlp = shape("double_blocks.0.img_mlp.0.weight")[0]
-    if mlp != 4 * inner:
-        raise CheckpointError(
-            f"{tf.path}: an MLP of {mlp} channels for width {inner}; Flux.1's is 4 times as wide"
-        )
     return {
         "patch_size": 1,
         "in_channels": channels,
-        "out_channels": shape("final_layer.linear.weight")[0],
-        "num_layers": len(numbered(tf.shapes, re.escape(prefix) + r"double_blocks\.(\d+)\..*")),
-        "num_single_layers": len(numbered(tf.shapes, re.escape(prefix) + r"single_blocks\.(\d+)\..*")),
         "attention_head_dim": head,
         "num_attention_heads": inner // head,
         "joint_attention_dim": shape("txt_in.weight")[1],
         "pooled_projection_dim": shape("vector_in.in_layer.weight")[1],
         "guidance_embeds": prefix + "guidance_in.in_layer.weight" in tf,
         "axes_dims_rope": list(FLUX_AXES),
+    }
+
+
+def bfl_transformer_config(tf: TensorFile, prefix: str) -> dict[str, Any]:
+    """diffusers ``FluxTransformer2DModel`` arguments read off a BFL file's tensors."""
+
+    def shape(key: str) -> tuple[int, ...]:
+        return shape_of(tf.shapes, prefix + key, str(tf.path))
+
+    shared = bfl_shared_config(tf, prefix)
+    inner = shared["attention_head_dim"] * shared["num_attention_heads"]
+    mlp = shape("double_blocks.0.img_mlp.0.weight")[0]
+    if mlp != 4 * inner:
+        raise CheckpointError(
+            f"{tf.path}: an MLP of {mlp} channels for width {inner}; Flux.1's is 4 times as wide"
+        )
+    return {
+        **shared,
+        "out_channels": shape("final_layer.linear.weight")[0],
+        "num_layers": len(numbered(tf.shapes, re.escape(prefix) + r"double_blocks\.(\d+)\..*")),
+        "num_single_layers": len(numbered(tf.shapes, re.escape(prefix) + r"single_blocks\.(\d+)\..*")),
     }

@@ -14,8 +14,8 @@ from typing import Any
 
 from ..families.flux.controlnet import FluxControlNetConfig
 from .build import numbered, shape_of
-from .checkpoint import CheckpointError, TensorFile
-from .flux_bfl import FLUX_AXES, FLUX_HEAD, bfl_rule
+from .checkpoint import TensorFile
+from .flux_bfl import bfl_rule, bfl_shared_config
 from .keymap import Rule, to_file
 
 __all__ = ["MARKERS", "inferred", "is_xlabs", "rules", "to_xlabs"]
@@ -59,31 +59,11 @@ def to_xlabs(cn: Any, state: dict[str, Any]) -> dict[str, Any]:
 
 def inferred(tf: TensorFile) -> tuple[dict[str, Any], FluxControlNetConfig]:
     """(transformer config, ControlNet config) read off an XLabs file's tensors."""
-
-    def shape(key: str) -> tuple[int, ...]:
-        return shape_of(tf.shapes, key, str(tf.path))
-
-    inner, channels = shape("img_in.weight")
-    head = shape("double_blocks.0.img_attn.norm.query_norm.scale")[0]
-    if head != FLUX_HEAD:
-        raise CheckpointError(
-            f"{tf.path}: heads of {head} channels, not Flux.1's {FLUX_HEAD}: its rotary axes are unknown"
-        )
     convs = numbered(tf.shapes, r"input_hint_block\.(\d+)\.weight")
-    transformer = {
-        "patch_size": 1,
-        "in_channels": channels,
-        "attention_head_dim": head,
-        "num_attention_heads": inner // head,
-        "joint_attention_dim": shape("txt_in.weight")[1],
-        "pooled_projection_dim": shape("vector_in.in_layer.weight")[1],
-        "guidance_embeds": "guidance_in.in_layer.weight" in tf,
-        "axes_dims_rope": list(FLUX_AXES),
-    }
     config = FluxControlNetConfig(
         num_layers=len(numbered(tf.shapes, r"double_blocks\.(\d+)\..*")),
         num_single_layers=0,
-        pixel_hint_channels=shape(f"input_hint_block.{convs[-1]}.weight")[0],
+        pixel_hint_channels=shape_of(tf.shapes, f"input_hint_block.{convs[-1]}.weight", str(tf.path))[0],
         pixel_hint_scale=2 ** ((len(convs) - 2) // 2),  # a conv in, two per halving, a conv out
     )
-    return transformer, config
+    return bfl_shared_config(tf, ""), config
