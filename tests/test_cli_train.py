@@ -256,6 +256,11 @@ def test_train_bad_input(tmp_path, capsys, chain):
             [*data, *sd1, "--objective", "adapter", "--init-controlnet", str(tmp_path / "sd2cn.safetensors")],
             "a ControlNet, not what --objective adapter trains",
         ),
+        (  # a hint encoder that halves the condition twice, on a base whose VAE does three times
+            [*data, *sd1, "--controlnet-config", '{"hint_block_channels": [4, 8, 16]}'],
+            "--controlnet-config's hint encoder scales the condition down 4x, but "
+            f"{tmp_path / 'sd1.safetensors'}'s VAE 8x",
+        ),
     ]
     for extra, message in cases:
         assert main(["train", "--out", str(tmp_path / "run"), *COMMON, *extra]) == 2, extra

@@ -177,6 +177,69 @@ def test_hint_encoder_has_the_released_layout():
     assert all(c.kernel_size == (3, 3) for c in convs)
 
 
+def test_a_new_controlnet_scales_the_condition_down_as_the_base_vae_does(tmp_path):
+    """A base whose VAE scales images down 4x (one level fewer than SD's): a new ControlNet's hint
+    encoder halves the condition twice (the paper's widths, the last 256 wide), so the hint lands
+    on the latents' grid and generation runs; the file keeps the depth; one made for an 8x VAE is
+    refused in one line naming both, instead of failing inside the first step on shapes."""
+    from diffusers import AutoencoderKL
+
+    from controlnet.errors import CheckpointError
+    from controlnet.families.sd.base import UNetBase
+    from controlnet.formats import load_controlnet, save_controlnet
+    from controlnet.model.control import Control
+    from controlnet.text.tokenizer import clip_tokenizer
+    from tiny import make_text_encoder
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=4,
+    ).eval()
+    base = UNetBase(Family.SD1, make_unet(Family.SD1), vae, make_text_encoder(), clip_tokenizer(Family.SD1))
+    assert base.vae_scale_factor == 4
+    cn = base.new_controlnet().eval()
+    assert cn.config.hint_block_channels == (16, 32, 256) and cn.config.hint_downscale == 4
+    assert ControlNetConfig.hint_widths(8) == ControlNetConfig().hint_block_channels
+    base.check_controlnet(cn, controlnet_name="CN", base_name="BASE")
+
+    x = unet_inputs(base.unet)
+    hint = torch.rand(2, 3, 4 * x["sample"].shape[-2], 4 * x["sample"].shape[-1])  # 4x the latents' side
+    with torch.no_grad():
+        alone = base.predict(x["sample"], x["timestep"], x["encoder_hidden_states"])
+        fresh = base.predict(
+            x["sample"],
+            x["timestep"],
+            x["encoder_hidden_states"],
+            [Control(cn, base.control_hint(cn, hint), [1.0] * cn.num_residuals)],
+        )
+        assert torch.equal(fresh, alone)
+        for zero in cn.zero_convs():
+            zero.weight.normal_(0, 0.1)
+        controlled = base.predict(
+            x["sample"],
+            x["timestep"],
+            x["encoder_hidden_states"],
+            [Control(cn, base.control_hint(cn, hint), [1.0] * cn.num_residuals)],
+        )
+    assert controlled.shape == alone.shape and not torch.allclose(controlled, alone)
+    for layout in ("original", "diffusers"):
+        name = "cn.safetensors" if layout == "original" else "folder"
+        back = load_controlnet(save_controlnet(cn, tmp_path / f"{layout}-{name}", layout)[0])
+        assert back.config.hint_block_channels == (16, 32, 256)
+        assert all(torch.equal(a, b) for a, b in zip(cn.state_dict().values(), back.state_dict().values()))
+
+    sd = base.new_controlnet({"hint_block_channels": (16, 32, 96, 256)})  # 8x, as given
+    with pytest.raises(
+        CheckpointError, match=r"^CN's hint encoder scales the condition down 8x, but BASE's VAE 4x"
+    ):
+        base.check_controlnet(sd, controlnet_name="CN", base_name="BASE")
+
+
 def test_bad_inputs_are_named():
     unet = make_unet(Family.SD1)
     cn = make_controlnet(unet)

@@ -135,6 +135,9 @@ def _controlnet(spec: RunSpec, base: BaseModel) -> torch.nn.Module:
     if spec.objective == "lite":
         return LiteControlNet(base.unet, ControlNetConfig.from_dict(config))
     cn = base.new_controlnet(config)
+    if config:  # what the architecture or --controlnet-config asked for may not fit this base
+        given = f"--arch {spec.arch}" if spec.arch else "--controlnet-config"
+        base.check_controlnet(cn, controlnet_name=given, base_name=str(spec.base))
     return gaussian_connections(cn) if spec.objective == "gaussian" else cn
 
 

@@ -23,6 +23,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ...choices import PromptSyntax, Sampler, TimestepSpacing
+from ...errors import CheckpointError
 from ...model.residence import Residence, move, pin
 from ...text.tokenizer import MAX_LENGTH
 from ..protocol import Inpaint, PromptEmbeddings
@@ -193,10 +194,16 @@ class UNetBase(Residence):
 
     # ------------------------------------------------------------------ its ControlNets (the protocol)
     def new_controlnet(self, config: Any = None) -> torch.nn.Module:
-        """A fresh ControlNet: an exact copy of the UNet's encoder, a new hint encoder, zero convs."""
+        """A fresh ControlNet: an exact copy of the UNet's encoder, a new hint encoder (scaling the
+        condition down as this VAE does unless ``config`` says otherwise), zero convs."""
         from ..protocol import controlnet_config
         from .controlnet import ControlNet, ControlNetConfig
 
+        if config is None or (isinstance(config, Mapping) and "hint_block_channels" not in config):
+            config = {
+                **(config or {}),
+                "hint_block_channels": ControlNetConfig.hint_widths(self.vae_scale_factor),
+            }
         return ControlNet.from_unet(self.unet, controlnet_config(ControlNetConfig, config, "UNet"))
 
     def check_controlnet(self, controlnet: torch.nn.Module, *, controlnet_name: str, base_name: str) -> None:
@@ -208,6 +215,12 @@ class UNetBase(Residence):
             controlnet.check_unet(dict(self.unet.config), name=controlnet_name, base_name=base_name)
             return
         check_compatible(controlnet, self, controlnet_name=controlnet_name, base_name=base_name)
+        scale = controlnet.config.hint_downscale
+        if scale != self.vae_scale_factor:
+            raise CheckpointError(
+                f"{controlnet_name}'s hint encoder scales the condition down {scale}x, but "
+                f"{base_name}'s VAE {self.vae_scale_factor}x: it was made for another VAE"
+            )
 
     def controlled(
         self, controlnet: torch.nn.Module, *, only_mid_control: bool = False, control_type: int | None = None

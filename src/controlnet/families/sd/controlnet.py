@@ -61,6 +61,15 @@ class ControlNetConfig:
     def hint_downscale(self) -> int:
         return 2 ** (len(self.hint_block_channels) - 1)
 
+    @staticmethod
+    def hint_widths(downscale: int) -> tuple[int, ...]:
+        """The paper's hint encoder widths (16, 32, 96, 256 for SD's 8x VAE) for a VAE that scales
+        images down ``downscale`` times: one stage per halving after the first, the last 256 wide."""
+        if downscale < 1 or downscale & (downscale - 1):
+            raise ValueError(f"a VAE's scale factor is a power of two, got {downscale}")
+        halvings = downscale.bit_length() - 1
+        return (16, 32, 96)[:halvings] + (96,) * max(0, halvings - 3) + (256,)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["hint_block_channels"] = list(self.hint_block_channels)
@@ -209,8 +218,8 @@ class ControlNet(ControlledCopy):
     # ---------------------------------------------------------------- forward
     def encode_hint(self, cond: torch.Tensor) -> torch.Tensor:
         """Condition image (B, hint_channels, H, W), values as the model was trained on (RGB in
-        [0, 1] for the released models) -> hint features (B, C0, H/8, W/8). Compute once per
-        generation; every denoising step reuses it."""
+        [0, 1] for the released models) -> hint features (B, C0, H/s, W/s), s the hint encoder's
+        downscale (8 for SD's VAE). Compute once per generation; every denoising step reuses it."""
         if cond.ndim != 4 or cond.shape[1] != self.config.hint_channels:
             raise ValueError(
                 f"condition must have shape (B, {self.config.hint_channels}, H, W), got {tuple(cond.shape)}"
