@@ -387,6 +387,29 @@ def test_a_full_queue_answers_busy(tmp_path):
         assert httpx.get(f"{srv.url}/api/health").status_code == 200
 
 
+def test_a_server_of_the_bundled_transformer_stack_serves_it_at_its_side(tmp_path):
+    """--family flux: the bundled flux-tiny base (here with a fresh ControlNet of its architecture:
+    the trained one ships later) serves at the side it was made for, with its family's sampler."""
+    from controlnet.bundled import BUNDLED_MODELS, bundled_path
+    from controlnet.formats import load_base, save_controlnet
+    from controlnet.training.recipes import architecture
+
+    base = load_base(bundled_path(BUNDLED_MODELS["flux"].base))
+    save_controlnet(base.new_controlnet(architecture("flux-tiny")["controlnet"]), tmp_path / "cn.safetensors")
+    with start(
+        ServeConfig(family="flux", controlnets=(str(tmp_path / "cn.safetensors"),), limits=LIMITS)
+    ) as srv:
+        health = httpx.get(f"{srv.url}/api/health").json()
+        assert health["native_size"] == 128 and health["defaults"]["sampler"] == "euler"
+        body = {"prompt": "red circle with blue background", "steps": 2, "seed": 1}
+        r = httpx.post(
+            f"{srv.url}/api/generate", json={**body, "controls": [{"image": b64(square(128))}]}, timeout=120
+        )
+        assert r.status_code == 200, r.text
+        assert decode(r.json()["images"][0]).shape[:2] == (128, 128)
+        assert r.json()["sidecar"]["request"]["sampler"] == "euler"
+
+
 def test_a_server_of_the_bundled_model_fills_in_its_settings(client):
     # the module's server runs given model files: SD's defaults, as the request class has them
     sent = client.post("/api/generate", json=gen()).json()["sidecar"]["request"]

@@ -46,6 +46,15 @@ def test_without_the_bundled_model_it_names_the_flag(monkeypatch, capsys, models
     assert "--controlnet FILE" in serve_error(capsys, "--base", models[0])
 
 
+def test_a_bundled_stack_without_its_controlnet_names_the_file(monkeypatch, capsys):
+    from controlnet.bundled import BUNDLED_MODELS, BundledModel
+
+    flux = BUNDLED_MODELS["flux"]  # (its base ships; a build may lack the ControlNet)
+    monkeypatch.setitem(BUNDLED_MODELS, "flux", BundledModel(flux.base, "no-such-cn.safetensors", "outlines"))
+    err = serve_error(capsys, "--family", "flux")
+    assert "no-such-cn.safetensors" in err and "--controlnet FILE" in err
+
+
 def test_bad_model_files_and_settings(capsys, models, tmp_path):
     base, cn, sd2 = models
     assert "does not exist" in serve_error(

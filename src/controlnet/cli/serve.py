@@ -40,6 +40,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(
         base=args.base,
         controlnets=tuple(args.controlnet),
+        family=args.family,
         device=common.device(args),
         dtype=args.dtype,
         offload=args.offload,
@@ -56,6 +57,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def add(sub: argparse._SubParsersAction) -> None:
+    from ..bundled import BUNDLED_MODELS
     from ..serving.limits import Limits
 
     d = Limits()
@@ -69,6 +71,13 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s; 0: any free port)")
     p.add_argument("--base", help="base model file or folder (default: the bundled model)")
+    p.add_argument(
+        "--family",
+        choices=tuple(BUNDLED_MODELS),
+        default="unet",
+        help="which bundled stack serves where --base or --controlnet is not given: the UNet one or "
+        "the Flux-style transformer one (default: %(default)s)",
+    )
     p.add_argument("--vae", help=_help("vae"))
     p.add_argument(
         "--lora",

@@ -63,6 +63,8 @@ class ServeConfig:
 
     base: str | None = None
     controlnets: tuple[str, ...] = ()
+    #: which bundled stack (:data:`controlnet.bundled.BUNDLED_MODELS`) serves where no model is given
+    family: str = "unet"
     device: str = "cpu"
     dtype: DType = DType.FLOAT32
     offload: bool = False  # text encoders and VAE in CPU memory, on the GPU only while they run
@@ -112,22 +114,25 @@ class Service:
     """
 
     def __init__(self, config: ServeConfig, cache: Any = None) -> None:
-        from ..bundled import BUNDLED_BASE, BUNDLED_CONTROLNET, bundled_path
+        from ..bundled import BUNDLED_MODELS, bundled_path
         from ..generation.pipeline import ModelCache
 
         self.config = config
         self.limits = config.limits
+        if config.family not in BUNDLED_MODELS:
+            raise ValueError(f"--family must be one of {', '.join(BUNDLED_MODELS)}, got {config.family!r}")
         for p in [config.base, *config.controlnets]:
             if p is not None and not Path(p).exists():
                 raise FileNotFoundError(f"model file {p} does not exist")
-        base = config.base or str(_bundled(bundled_path, BUNDLED_BASE, "--base"))
+        stack = BUNDLED_MODELS[config.family]
+        base = config.base or str(_bundled(bundled_path, stack.base, "--base"))
         controlnets = list(config.controlnets) or [
-            str(_bundled(bundled_path, BUNDLED_CONTROLNET, "--controlnet"))
+            str(_bundled(bundled_path, stack.controlnet, "--controlnet"))
         ]
         self.base = base
-        #: the request defaults the web app shows and the API fills in: SD's, or the bundled
-        #: model's settings where it is the model served
-        self.defaults = GenerationRequest(**model_settings(config.base))
+        #: the request defaults the web app shows and the API fills in: the settings the served
+        #: base carries (the bundled models' their own), else SD's
+        self.defaults = GenerationRequest(**model_settings(base))
         self.controlnets = _unique_names(controlnets)
         #: the learned annotators' weights, by the names clients give (no client names a path)
         self.annotator_weights = offered_weights(config.annotator_weights)
