@@ -43,11 +43,8 @@ S: dict[str, Any] = {
     "loop": "--validate-every 100 --validation-count 16 --checkpoint-every 500 --log-every 50 --quiet",
     # the UNet stack's base from scratch on its 4x VAE (its prompts name several shapes, each its own
     # colour: a ControlNet on the circles-only base reached IoU 0.36, docs/bundled-model.md; offset
-    # noise is what made the circles base paint its colours); a base's validation only draws samples
-    # (nothing is scored), every 500 steps: at every 100, flux-tiny's run 1 stepped for about 257 s
-    # of its 525 (2,342 steps at 4,660 samples/s; the rest: its latent cache and 23 validations)
-    "unet_base": "--steps 6000 --batch-size 512 --lr 5e-4 --warmup-steps 200 --lr-schedule cosine --noise-offset 0.25 "
-                 "--validate-every 500",
+    # noise is what made the circles base paint its colours)
+    "unet_base": "--steps 6000 --batch-size 512 --lr 5e-4 --warmup-steps 200 --lr-schedule cosine --noise-offset 0.25",
     "unet": "--steps 4000 --batch-size 256 --lr 2e-4 --warmup-steps 100 --lr-schedule cosine --noise-offset 0.25",
     # the VAEs first, both 4x: on the 8x VAEs of the first trainings (the UNet's learned circles,
     # flux-tiny's 4 latent channels for 2,500 steps) even a perfect model could not reach the targets
@@ -57,7 +54,7 @@ S: dict[str, Any] = {
     # so validation's share of the time is cut; the curve keeps 12 to 16 points)
     "unet_vae": "--steps 8000 --batch-size 64 --lr 3e-4 --warmup-steps 100 --lr-schedule cosine --validate-every 500",
     "flux_vae": "--steps 8000 --batch-size 64 --lr 3e-4 --warmup-steps 100 --lr-schedule cosine --validate-every 500",
-    "flux_base": "--steps 6000 --batch-size 512 --lr 5e-4 --warmup-steps 200 --lr-schedule cosine --validate-every 500",
+    "flux_base": "--steps 6000 --batch-size 512 --lr 5e-4 --warmup-steps 200 --lr-schedule cosine",
     "flux_cn": "--steps 4000 --batch-size 256 --lr 2e-4 --warmup-steps 100 --lr-schedule cosine",
     "eval": "--steps 20",
 }
