@@ -405,3 +405,23 @@ def test_resume_reads_the_runs_settings_and_refuses_other_ones(chain, tmp_path, 
     assert "no run.json, so no run to resume" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path / "x"), *COMMON]) == 2
     assert "--data is required" in capsys.readouterr().err
+
+
+def test_the_cache_reads_the_images_with_the_runs_workers(chain, tmp_path, monkeypatch):
+    """--num-workers serves the latent cache's build as it serves the training loader (a cache
+    was read by the main process alone: about 0.9 ms an outlines item on a CPU core, 90 s for the
+    100,000 of flux-tiny's training set)."""
+    import controlnet.data
+
+    seen = []
+    real = controlnet.data.build_cache
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("num_workers"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(controlnet.data, "build_cache", spy)
+    base = str(chain / "base/final/base.safetensors")
+    args = ["train", "--base", base, "--data", str(chain / "data"), "--out", str(tmp_path / "run")]
+    assert main([*args, "--cache", str(tmp_path / "cache"), "--num-workers", "2", *COMMON]) == 0
+    assert seen == [2]

@@ -61,6 +61,22 @@ def test_cache_round_trips_the_encoders_outputs(fill, tmp_path, family):
     assert (cached.empty.added is None) == (family is not Family.SDXL)
 
 
+def test_worker_processes_build_the_same_cache(fill, tmp_path):
+    """Images read by worker processes (train's --num-workers, as its run's own loader) give the
+    cache the main process alone gives, item for item: the loader keeps the order."""
+    base, ds = make_base(), open_dataset(fill)
+    alone = CachedDataset(build_cache(ds, base, tmp_path / "alone", batch_size=2, progress=False))
+    workers = CachedDataset(
+        build_cache(ds, base, tmp_path / "workers", batch_size=2, num_workers=2, progress=False)
+    )
+    assert len(alone) == len(workers) == len(ds)
+    for i in range(len(ds)):
+        a, b = alone[i], workers[i]
+        assert a.keys() == b.keys() and a["prompt"] == b["prompt"]
+        for k in ("latent_mean", "latent_std", "cond", "context"):
+            assert torch.equal(a[k], b[k]), k
+
+
 def test_each_distinct_prompt_is_encoded_once(tmp_path, fill):
     lines = (fill / "prompt.json").read_text().splitlines()
     same = [json.dumps({**json.loads(x), "prompt": "one" if i % 2 else "two"}) for i, x in enumerate(lines)]

@@ -168,7 +168,17 @@ def _objective(spec: RunSpec, base: BaseModel) -> Objective:
     )
 
 
-def _dataset(spec: RunSpec, base: BaseModel, objective: Objective, device: str, progress: bool = True) -> Any:
+def _dataset(
+    spec: RunSpec,
+    base: BaseModel,
+    objective: Objective,
+    device: str,
+    *,
+    progress: bool = True,
+    num_workers: int = 0,
+) -> Any:
+    """The run's data: its items as they are, or (``--cache``) a latent cache of them, built with
+    ``num_workers`` processes reading the images (the run's own loader's count)."""
     from ..data import open_dataset
 
     dataset = open_dataset(
@@ -196,7 +206,9 @@ def _dataset(spec: RunSpec, base: BaseModel, objective: Objective, device: str, 
         raise ValueError("the vae objective trains on pixels: a latent cache (--cache) does not apply")
     from ..data import CachedDataset, build_cache
 
-    build_cache(dataset, base, spec.cache, device=device, batch_size=64, progress=progress)
+    build_cache(
+        dataset, base, spec.cache, device=device, batch_size=64, num_workers=num_workers, progress=progress
+    )
     needs_cond = spec.objective in _CONTROL_OBJECTIVES
     cached = CachedDataset(spec.cache, with_cond=needs_cond)  # build_cache has just checked it
     inputs = getattr(objective, "inputs", None)
@@ -360,7 +372,7 @@ def run_training(spec: RunSpec, cfg: TrainConfig) -> TrainResult:
         torch.manual_seed(cfg.seed)  # from the run's seed: two runs of one seed start alike
         objective = _objective(spec, base)
     device = "cpu" if cfg.cpu or not torch.cuda.is_available() else "cuda"
-    dataset = _dataset(spec, base, objective, device, progress=cfg.progress)
+    dataset = _dataset(spec, base, objective, device, progress=cfg.progress, num_workers=cfg.num_workers)
     cfg.extra = {**cfg.extra, "spec": asdict(spec)}
     validator = _validator(spec, base, dataset, cfg.validation_count) if cfg.validation_count > 0 else None
     return train(cfg, objective, dataset, validator=validator, exporter=_exporter(spec, base, dataset))
