@@ -130,7 +130,7 @@ def stage_flux(work: Path) -> None:
         vae = _train(work, "flux-vae", f"--objective vae --arch flux-tiny {S['flux_vae']}")
         base = _train(work, "flux-base", f"--objective base --base {vae}/base.safetensors "
                       f"--cache {work}/cache-flux {S['flux_base']}") / "base.safetensors"  # fmt: skip
-    _train(work, "flux-cn", f"--base {base} --arch flux-tiny --cache {work}/cache-flux-cn "
+    _train(work, "flux-cn", f"--base {base} --arch flux-tiny --cache {work}/cache-flux "
            f"--score-name shape_iou --score-threshold 0.6 {S['flux_cn']}")  # fmt: skip
 
 
@@ -255,7 +255,7 @@ def stage_claims(work: Path) -> None:
     from controlnet.plots import line_plot
 
     base = flux_base(work)
-    _train(work, "flux-cn-no-drop", f"--base {base} --arch flux-tiny --cache {work}/cache-flux-cn "
+    _train(work, "flux-cn-no-drop", f"--base {base} --arch flux-tiny --cache {work}/cache-flux "
            f"--empty-prompt-prob 0 --score-name shape_iou --score-threshold 0.6 {S['flux_cn']}")  # fmt: skip
     results: dict[str, Any] = {}
     for name in ("flux-cn", "flux-cn-no-drop"):

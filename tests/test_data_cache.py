@@ -112,6 +112,23 @@ def test_a_cache_refuses_another_base_or_data_set(fill, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
 
 
+def test_a_cache_depends_on_the_encoders_not_the_denoising_network():
+    """The same for a transformer base as for a UNet: training the denoiser (flux-tiny's base
+    stage; its text encoders stay frozen) leaves the cache valid for the ControlNet trained on it;
+    a changed VAE or text encoder does not."""
+    from tiny_flux import tiny_flux_base
+
+    for base in (make_base(), tiny_flux_base()):
+        before = base_digest(base)
+        with torch.no_grad():
+            for p in base.denoiser.parameters():
+                p.add_(1.0)
+        assert base_digest(base) == before, type(base).__name__
+        with torch.no_grad():
+            next(base.vae.parameters()).add_(1.0)
+        assert base_digest(base) != before, type(base).__name__
+
+
 def test_a_failed_build_leaves_nothing(fill, tmp_path, monkeypatch):
     base, ds = make_base(), open_dataset(fill)
 

@@ -63,14 +63,15 @@ class CacheMismatchError(ValueError):
 
 def base_digest(base: BaseModel) -> str:
     """SHA-256 of what cached tensors depend on: the family, the VAE's scaling factor, and every
-    tensor (name, dtype, shape, bytes) of the VAE and text encoder(s). The UNet is left out."""
+    tensor (name, dtype, shape, bytes) of the VAE and text encoder(s). The denoising network (a
+    UNet, a transformer) is left out: a cache made before a base's training serves its ControlNet."""
     h = hashlib.sha256()
     h.update(f"{base.family.value} {base.latent_scale!r}".encode())
     for tok in (base.tokenizer, base.tokenizer_2):
         if tok is not None:
             h.update(f"{type(tok).__name__} {len(tok)} {tok.model_max_length}".encode())
     for name, module in base.modules().items():
-        if name == "unet":
+        if module is base.denoiser:
             continue
         for key, t in sorted(module.state_dict().items()):
             h.update(f"{name}.{key} {t.dtype} {tuple(t.shape)}".encode())
