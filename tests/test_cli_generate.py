@@ -651,3 +651,29 @@ def test_true_guidance_is_for_guidance_distilled_models_only(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "true_guidance: only a guidance-distilled model" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_family_takes_a_bundled_stacks_files_where_none_are_given(files, tmp_path, monkeypatch, capsys):
+    """--family flux: the bundled transformer base (here with a fresh ControlNet of its
+    architecture given by --controlnet: the trained one ships later) at the side and with the
+    sampler it was made for; the sidecar names the file used. A build without the stack's
+    ControlNet names that file in one line."""
+    from controlnet.bundled import BUNDLED_MODELS, BundledModel, bundled_path
+    from controlnet.formats import load_base
+    from controlnet.training.recipes import architecture
+
+    flux = BUNDLED_MODELS["flux"]
+    base = load_base(bundled_path(flux.base))
+    save_controlnet(base.new_controlnet(architecture("flux-tiny")["controlnet"]), tmp_path / "cn.safetensors")
+    a = ["generate", "--family", "flux", "--image", str(files / "cond.png"), "--steps", "1", "--quiet"]
+    out = tmp_path / "out"
+    assert main([*a, "--controlnet", str(tmp_path / "cn.safetensors"), "--out", str(out)]) == 0
+    request = json.loads(next(out.glob("*.json")).read_text())["request"]
+    assert Path(request["base"]) == bundled_path(flux.base) and request["sampler"] == "euler"
+    assert np.asarray(Image.open(next(out.glob("*_0.png")))).shape == (128, 128, 3)
+
+    monkeypatch.setitem(BUNDLED_MODELS, "flux", BundledModel(flux.base, "no-such-cn.safetensors", "outlines"))
+    assert main([*a, "--out", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no-such-cn.safetensors" in err and "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "none").exists()

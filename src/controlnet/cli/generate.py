@@ -105,6 +105,8 @@ def _default(field: Any) -> Any:
 
 
 def add(sub: argparse._SubParsersAction) -> None:
+    from ..bundled import BUNDLED_MODELS
+
     p = sub.add_parser(
         "generate",
         help="images from a prompt and one or more condition images",
@@ -169,6 +171,12 @@ def add(sub: argparse._SubParsersAction) -> None:
                 metavar=_metavar(name, tp),
                 help=_help(name, spec, field),
             )
+    p.add_argument(
+        "--family",
+        choices=tuple(BUNDLED_MODELS),
+        help="which bundled stack's files stand in where --base or --controlnet is not given: the UNet "
+        "one (the default) or the Flux-style transformer one",
+    )
     p.add_argument("--out", default=OUT, help="output folder (default: %(default)s)")
     p.add_argument("--from-sidecar", help="replay a generation from its JSON sidecar, bit for bit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -296,6 +304,7 @@ def request_from_args(args: argparse.Namespace) -> GenerationRequest:
     when it is the model used) under the flags given."""
     from ..generation.defaults import model_settings
 
+    _bundled_stack(args)
     given = {
         name: getattr(args, name) for name in _flagged_request_fields() if getattr(args, name) is not None
     }
@@ -309,6 +318,20 @@ def request_from_args(args: argparse.Namespace) -> GenerationRequest:
     return GenerationRequest(
         **{**model_settings(args.base), **given, **flags}, controls=_controls(args), loras=loras
     )
+
+
+def _bundled_stack(args: argparse.Namespace) -> None:
+    """``--family``: that bundled stack's base and ControlNet where ``--base`` / ``--controlnet``
+    are not given (a build without one of its files names it)."""
+    if args.family is None:
+        return
+    from ..bundled import BUNDLED_MODELS, bundled_path
+
+    stack = BUNDLED_MODELS[args.family]
+    if args.base is None:
+        args.base = str(bundled_path(stack.base))
+    if args.image and not args.controlnet:  # one value serves every control
+        args.controlnet = [str(bundled_path(stack.controlnet))]
 
 
 def _run(args: argparse.Namespace) -> int:
