@@ -21,6 +21,7 @@ __all__ = [
     "BUNDLED_SETTINGS",
     "BundledModel",
     "bundled_path",
+    "bundled_stack",
 ]
 
 BUNDLED_BASE = "fill50k-base.safetensors"
@@ -64,3 +65,11 @@ BUNDLED_MODELS = {
         "outlines-flux-base.safetensors", "outlines-flux-controlnet.safetensors", "outlines"
     ),
 }
+
+
+def bundled_stack(family: str) -> BundledModel:
+    """The bundled stack ``family`` names (``--family`` of demo, generate and serve); ValueError
+    naming those there are."""
+    if family not in BUNDLED_MODELS:
+        raise ValueError(f"--family must be one of {', '.join(BUNDLED_MODELS)}, got {family!r}")
+    return BUNDLED_MODELS[family]

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .bundled import BUNDLED_BASE, BUNDLED_MODELS, bundled_path
+from .bundled import BUNDLED_BASE, bundled_path, bundled_stack
 from .data.figures import Figure, FigureKind
 from .data.fill50k import Sample, Shape, line_width_for, render_sample
 from .data.outlines import OutlineSample, default_line_width, render_outlines
@@ -93,9 +93,7 @@ def run_demo(
     from .generation.defaults import model_settings
     from .generation.pipeline import run
 
-    if family not in BUNDLED_MODELS:
-        raise ValueError(f"family must be one of {', '.join(BUNDLED_MODELS)}, got {family!r}")
-    bundled = BUNDLED_MODELS[family]
+    bundled = bundled_stack(family)
     base_file = base or str(bundled_path(bundled.base))  # a build without the stack says so here
     if bundled.base != BUNDLED_BASE:  # (the pipeline's own default stack is left unnamed)
         base, controlnet = base_file, controlnet or str(bundled_path(bundled.controlnet))

@@ -325,9 +325,9 @@ def _bundled_stack(args: argparse.Namespace) -> None:
     are not given (a build without one of its files names it)."""
     if args.family is None:
         return
-    from ..bundled import BUNDLED_MODELS, bundled_path
+    from ..bundled import bundled_path, bundled_stack
 
-    stack = BUNDLED_MODELS[args.family]
+    stack = bundled_stack(args.family)
     if args.base is None:
         args.base = str(bundled_path(stack.base))
     if args.image and not args.controlnet:  # one value serves every control

@@ -114,17 +114,15 @@ class Service:
     """
 
     def __init__(self, config: ServeConfig, cache: Any = None) -> None:
-        from ..bundled import BUNDLED_MODELS, bundled_path
+        from ..bundled import bundled_path, bundled_stack
         from ..generation.pipeline import ModelCache
 
         self.config = config
         self.limits = config.limits
-        if config.family not in BUNDLED_MODELS:
-            raise ValueError(f"--family must be one of {', '.join(BUNDLED_MODELS)}, got {config.family!r}")
+        stack = bundled_stack(config.family)
         for p in [config.base, *config.controlnets]:
             if p is not None and not Path(p).exists():
                 raise FileNotFoundError(f"model file {p} does not exist")
-        stack = BUNDLED_MODELS[config.family]
         base = config.base or str(_bundled(bundled_path, stack.base, "--base"))
         controlnets = list(config.controlnets) or [
             str(_bundled(bundled_path, stack.controlnet, "--controlnet"))
