@@ -181,7 +181,8 @@ def test_a_new_controlnet_scales_the_condition_down_as_the_base_vae_does(tmp_pat
     """A base whose VAE scales images down 4x (one level fewer than SD's): a new ControlNet's hint
     encoder halves the condition twice (the paper's widths, the last 256 wide), so the hint lands
     on the latents' grid and generation runs; the file keeps the depth; one made for an 8x VAE is
-    refused in one line naming both, instead of failing inside the first step on shapes."""
+    refused in one line naming both, instead of failing inside the first step on shapes. The same
+    for a T2I-Adapter."""
     from diffusers import AutoencoderKL
 
     from controlnet.errors import CheckpointError
@@ -238,6 +239,20 @@ def test_a_new_controlnet_scales_the_condition_down_as_the_base_vae_does(tmp_pat
         CheckpointError, match=r"^CN's hint encoder scales the condition down 8x, but BASE's VAE 4x"
     ):
         base.check_controlnet(sd, controlnet_name="CN", base_name="BASE")
+    # a T2I-Adapter likewise: made for this VAE it fits, one made for SD's is refused
+    from controlnet.families.sd.adapter import T2IAdapter
+
+    unet_config = dict(base.unet.config)
+    adapter = T2IAdapter.for_unet(unet_config, latent_factor=4).eval()
+    base.check_controlnet(adapter, controlnet_name="A", base_name="BASE")
+    with torch.no_grad():
+        unit = Control(adapter, base.control_hint(adapter, hint), [1.0] * adapter.num_residuals)
+        adapted = base.predict(x["sample"], x["timestep"], x["encoder_hidden_states"], [unit])
+    assert adapted.shape == alone.shape and not torch.allclose(adapted, alone)
+    with pytest.raises(
+        ValueError, match=r"^A scales the condition down 8x to the latents, but BASE's VAE 4x"
+    ):
+        base.check_controlnet(T2IAdapter.for_unet(unet_config), controlnet_name="A", base_name="BASE")
 
 
 def test_bad_inputs_are_named():

@@ -167,9 +167,13 @@ class T2IAdapter(nn.Module):
         self._checked(image)
         return image
 
-    def check_unet(self, unet_config: dict[str, Any], *, name: str, base_name: str) -> None:
-        """ValueError naming both unless this adapter's features fit a UNet of ``unet_config``:
-        SDXL's kind for an SDXL UNet (its encoder downsamples once less), widths as its levels'."""
+    def check_unet(
+        self, unet_config: dict[str, Any], *, name: str, base_name: str, latent_factor: int = 8
+    ) -> None:
+        """ValueError naming both unless this adapter's features fit a UNet of ``unet_config``
+        whose VAE scales images down ``latent_factor`` times: SDXL's kind for an SDXL UNet (its
+        encoder downsamples once less), widths as its levels', its first features on the latents'
+        grid."""
         xl_unet = unet_config.get("addition_embed_type") == "text_time"
         xl = self.config.adapter_type == "full_adapter_xl"
         widths = [int(c) for c in unet_config.get("block_out_channels", ())]
@@ -183,6 +187,12 @@ class T2IAdapter(nn.Module):
         if self.config.channels[: len(widths)] != widths:
             raise ValueError(
                 f"{name} gives features {self.config.channels} wide; {base_name}'s levels are {widths} wide"
+            )
+        factor = self.config.downscale_factor // (2 if xl else 1)
+        if factor != latent_factor:
+            raise ValueError(
+                f"{name} scales the condition down {factor}x to the latents, but {base_name}'s VAE "
+                f"{latent_factor}x: it was made for another VAE"
             )
 
     def _checked(self, image: torch.Tensor) -> torch.Tensor:

@@ -212,7 +212,12 @@ class UNetBase(Residence):
         from .compat import check_compatible
 
         if isinstance(controlnet, T2IAdapter):
-            controlnet.check_unet(dict(self.unet.config), name=controlnet_name, base_name=base_name)
+            controlnet.check_unet(
+                dict(self.unet.config),
+                name=controlnet_name,
+                base_name=base_name,
+                latent_factor=self.vae_scale_factor,
+            )
             return
         check_compatible(controlnet, self, controlnet_name=controlnet_name, base_name=base_name)
         scale = controlnet.config.hint_downscale
