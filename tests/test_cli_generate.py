@@ -671,6 +671,10 @@ def test_family_takes_a_bundled_stacks_files_where_none_are_given(files, tmp_pat
     request = json.loads(next(out.glob("*.json")).read_text())["request"]
     assert Path(request["base"]) == bundled_path(flux.base) and request["sampler"] == "euler"
     assert np.asarray(Image.open(next(out.glob("*_0.png")))).shape == (128, 128, 3)
+    replay = ["generate", "--from-sidecar", str(next(out.glob("*.json"))), "--family", "unet", "--quiet"]
+    assert main([*replay, "--out", str(tmp_path / "replay")]) == 2  # a replay's models are its sidecar's
+    assert "--family: a replay runs the models its sidecar names" in capsys.readouterr().err
+    assert not (tmp_path / "replay").exists()
 
     monkeypatch.setitem(BUNDLED_MODELS, "flux", BundledModel(flux.base, "no-such-cn.safetensors", "outlines"))
     assert main([*a, "--out", str(tmp_path / "none")]) == 2

@@ -360,6 +360,10 @@ def _replay(args: argparse.Namespace) -> int:
     from ..generation.sidecar import FILE_KINDS, environment_changes, read_sidecar, verify_inputs
     from ..schema import map_files
 
+    if args.family is not None:  # its models are the recorded ones, or those --base / --controlnet give
+        raise ValueError(
+            "--family: a replay runs the models its sidecar names; change them with --base / --controlnet"
+        )
     record = read_sidecar(args.from_sidecar)
     given = _given(args)  # (no --device: the recorded device, not this machine's default)
     controls, control_flags = _control_overrides(args, record.request.controls)
