@@ -78,18 +78,20 @@ class PromptEmbeddings:
         return PromptEmbeddings(self.context[index.to(self.context.device)], added)
 
 
-def controlnet_config(cls: Any, value: Any, label: str) -> Any:
+def controlnet_config(cls: Any, value: Any, label: str, defaults: Mapping[str, Any] | None = None) -> Any:
     """A family's ControlNet configuration (a dataclass with ``from_dict``) from ``value``: an
     instance as it is, None for the defaults, or a mapping of its fields (``controlnet train
-    --controlnet-config``); ValueError naming unknown fields and the ones ``label`` takes."""
+    --controlnet-config``); ValueError naming unknown fields and the ones ``label`` takes.
+    ``defaults``: the base's own values of fields (what its VAE implies) where ``value`` gives none."""
     from dataclasses import fields
 
-    if value is None:
-        return cls()
     if isinstance(value, cls):
         return value
-    if not isinstance(value, Mapping):
+    if value is not None and not isinstance(value, Mapping):
         raise TypeError(f"a {label} ControlNet's configuration is a {cls.__name__} or a mapping")
+    value = {**(defaults or {}), **(value or {})}
+    if not value:
+        return cls()
     names = [f.name for f in fields(cls)]
     unknown = sorted(set(value) - set(names))
     if unknown:
@@ -98,6 +100,18 @@ def controlnet_config(cls: Any, value: Any, label: str) -> Any:
             f"(it takes {', '.join(names)})"
         )
     return cls.from_dict(value)
+
+
+def check_hint_scale(scale: int, vae_scale: int, *, subject: str, base_name: str, to: str = "") -> None:
+    """CheckpointError unless what reads a condition image (``subject``: a ControlNet's hint
+    encoder, an adapter) scales it down ``vae_scale`` times, as the base's VAE scales images."""
+    from ..errors import CheckpointError
+
+    if scale != vae_scale:
+        raise CheckpointError(
+            f"{subject} scales the condition down {scale}x{to}, but {base_name}'s VAE {vae_scale}x: "
+            "it was made for another VAE"
+        )
 
 
 @runtime_checkable

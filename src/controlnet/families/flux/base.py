@@ -29,7 +29,7 @@ from ...model import fused
 from ...model.control import Control, region_tokens
 from ...model.fastpath import run_concurrently
 from ..dit import DiTBase, check_plain_prompts, spread_residuals
-from ..protocol import Inpaint, PromptEmbeddings, controlnet_config
+from ..protocol import Inpaint, PromptEmbeddings, check_hint_scale, controlnet_config
 from .controlnet import FLUX_BLOCKS, FLUX_FIELDS, FluxControlNet, FluxControlNetConfig, FluxResiduals
 from .fused import FUSION
 from .patches import image_ids, pack, text_ids, unpack
@@ -212,10 +212,9 @@ class FluxBase(DiTBase):
     def new_controlnet(self, config: Any = None) -> FluxControlNet:
         """A fresh ControlNet; a pixel hint encoder scales the condition down as this VAE does
         unless ``config`` says otherwise."""
-        if config is None or (isinstance(config, Mapping) and "pixel_hint_scale" not in config):
-            config = {**(config or {}), "pixel_hint_scale": self.vae_scale_factor}
+        own = {"pixel_hint_scale": self.vae_scale_factor}
         return FluxControlNet.from_transformer(
-            self.transformer, controlnet_config(FluxControlNetConfig, config, "Flux")
+            self.transformer, controlnet_config(FluxControlNetConfig, config, "Flux", own)
         )
 
     def check_controlnet(self, controlnet: nn.Module, *, controlnet_name: str, base_name: str) -> None:
@@ -234,11 +233,12 @@ class FluxBase(DiTBase):
             raise ValueError(
                 f"{controlnet_name} was made for another transformer than {base_name}: {', '.join(differ)}"
             )
-        scale = controlnet.config.pixel_hint_scale
-        if controlnet.config.pixel_hint_channels is not None and scale != self.vae_scale_factor:
-            raise ValueError(
-                f"{controlnet_name}'s hint encoder scales the condition down {scale}x, but "
-                f"{base_name}'s VAE {self.vae_scale_factor}x: it was made for another VAE"
+        if controlnet.config.pixel_hint_channels is not None:
+            check_hint_scale(
+                controlnet.config.pixel_hint_scale,
+                self.vae_scale_factor,
+                subject=f"{controlnet_name}'s hint encoder",
+                base_name=base_name,
             )
 
 

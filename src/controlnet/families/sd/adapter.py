@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..protocol import check_hint_scale
+
 __all__ = ["AdapterConfig", "T2IAdapter"]
 
 KINDS = ("full_adapter", "full_adapter_xl", "light_adapter")
@@ -189,11 +191,7 @@ class T2IAdapter(nn.Module):
                 f"{name} gives features {self.config.channels} wide; {base_name}'s levels are {widths} wide"
             )
         factor = self.config.downscale_factor // (2 if xl else 1)
-        if factor != latent_factor:
-            raise ValueError(
-                f"{name} scales the condition down {factor}x to the latents, but {base_name}'s VAE "
-                f"{latent_factor}x: it was made for another VAE"
-            )
+        check_hint_scale(factor, latent_factor, subject=name, base_name=base_name, to=" to the latents")
 
     def _checked(self, image: torch.Tensor) -> torch.Tensor:
         if image.shape[1] != self.config.in_channels:

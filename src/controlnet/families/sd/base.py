@@ -23,10 +23,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ...choices import PromptSyntax, Sampler, TimestepSpacing
-from ...errors import CheckpointError
 from ...model.residence import Residence, move, pin
 from ...text.tokenizer import MAX_LENGTH
-from ..protocol import Inpaint, PromptEmbeddings
+from ..protocol import Inpaint, PromptEmbeddings, check_hint_scale
 from .configs import Family
 
 if TYPE_CHECKING:
@@ -199,12 +198,8 @@ class UNetBase(Residence):
         from ..protocol import controlnet_config
         from .controlnet import ControlNet, ControlNetConfig
 
-        if config is None or (isinstance(config, Mapping) and "hint_block_channels" not in config):
-            config = {
-                **(config or {}),
-                "hint_block_channels": ControlNetConfig.hint_widths(self.vae_scale_factor),
-            }
-        return ControlNet.from_unet(self.unet, controlnet_config(ControlNetConfig, config, "UNet"))
+        own = {"hint_block_channels": ControlNetConfig.hint_widths(self.vae_scale_factor)}
+        return ControlNet.from_unet(self.unet, controlnet_config(ControlNetConfig, config, "UNet", own))
 
     def check_controlnet(self, controlnet: torch.nn.Module, *, controlnet_name: str, base_name: str) -> None:
         """ValueError naming both unless ``controlnet`` was made for this UNet's architecture."""
@@ -220,12 +215,12 @@ class UNetBase(Residence):
             )
             return
         check_compatible(controlnet, self, controlnet_name=controlnet_name, base_name=base_name)
-        scale = controlnet.config.hint_downscale
-        if scale != self.vae_scale_factor:
-            raise CheckpointError(
-                f"{controlnet_name}'s hint encoder scales the condition down {scale}x, but "
-                f"{base_name}'s VAE {self.vae_scale_factor}x: it was made for another VAE"
-            )
+        check_hint_scale(
+            controlnet.config.hint_downscale,
+            self.vae_scale_factor,
+            subject=f"{controlnet_name}'s hint encoder",
+            base_name=base_name,
+        )
 
     def controlled(
         self, controlnet: torch.nn.Module, *, only_mid_control: bool = False, control_type: int | None = None
