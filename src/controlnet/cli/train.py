@@ -120,7 +120,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train a ControlNet (or a base model stage) on your data, on one GPU or many",
         description="Train with one loop for every objective. Several GPUs: run it under `accelerate launch` "
-        "or `torchrun` (DDP; FSDP through an accelerate config). Resumable: --resume continues the run "
+        "or `torchrun` (data parallel). Resumable: --resume continues the run "
         "folder's newest checkpoint exactly.",
     )
     p.add_argument(
