@@ -88,6 +88,7 @@ def _train(work: Path, name: str, args: str) -> Path:
     come last: a stage's own flags win over the shared loop's."""
     out, log = work / "runs" / name, work / "logs" / f"{name}.log"
     if not (out / "final").is_dir():
+        stage_data(work, ("train",))
         if latest_checkpoint(out) is not None:
             run(f"train --resume --out {out} --quiet", log.with_suffix(".resumed.log"))
         else:
@@ -331,10 +332,8 @@ def main() -> None:
     if args.smoke:
         S.update(SMOKE)
     work = Path(args.work).resolve()
-    if args.stage == "ceiling":  # (it reads the test sets alone)
-        stage_data(work, ("test", "test-stars"))
-    elif args.stage not in ("data", "identity", "conditions"):
-        stage_data(work)
+    if args.stage not in ("data", "identity", "conditions"):
+        stage_data(work, ("test", "test-stars"))  # (a stage that trains makes the training set, `_train`)
     stages = {
         "data": stage_data,
         "unet": stage_unet,
