@@ -18,6 +18,7 @@ scale on a CPU (to check the script; its numbers mean nothing).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -27,6 +28,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -105,18 +107,30 @@ def start(args: str, log: Path | None = None, threads: int | None = None) -> sub
     return subprocess.Popen(cli(args), stdout=out, stderr=subprocess.STDOUT if out else None, cwd=ROOT, env=env)
 
 
+@contextlib.contextmanager
+def signals_left_to_children() -> Iterator[None]:
+    """Inside, Ctrl-C and SIGTERM (sent to the whole process group, as a terminal or ``timeout``
+    does) are left to the children: a training run stops after its step with a checkpoint."""
+    saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+def wait_for(children: list[subprocess.Popen]) -> list[int]:
+    """Wait for every child (signals left to them); their exit codes."""
+    with signals_left_to_children():
+        return [child.wait() for child in children]
+
+
 def run(args: str, log: Path | None = None) -> None:
     """Run ``controlnet ARGS`` to its end. Ctrl-C or SIGTERM (sent to the whole process group, as a
     terminal or ``timeout`` does) is left to it: a training run stops after its step with a
     checkpoint, and this script then stops with it."""
     t0 = time.time()
-    child = start(args, log)
-    saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        rc = child.wait()
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
+    (rc,) = wait_for([start(args, log)])
     print(f"  ({time.time() - t0:.0f} s)", flush=True)
     if rc != 0:
         raise SystemExit(f"failed: controlnet {args}\n{log.read_text()[-3000:] if log else ''}")

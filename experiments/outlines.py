@@ -7,7 +7,7 @@ transformer stack that follow any outline, made and measured with `controlnet` c
     python experiments/outlines.py ceiling  --work WORK   # each stack's VAE round trips scored: the most any model can (GPU or CPU)
     python experiments/outlines.py conditions --work WORK # flux-tiny's VAE round trips of the outlines themselves (CPU)
     python experiments/outlines.py evaluate --work WORK   # both, on every test set (GPU or CPU)
-    python experiments/outlines.py claims   --work WORK   # claims 2 and 4 on flux-tiny's ControlNet (GPU)
+    python experiments/outlines.py claims   --work WORK   # claims 2 and 4 on flux-tiny's ControlNet: it and its twin with no empty prompts trained side by side (GPU)
     python experiments/outlines.py identity --work WORK   # claim 1 on both: zero-init identity (CPU)
 
 Data: training pairs with every kind of shape but stars (seed 0); test pairs of those kinds
@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fill50k import run  # prints each command as one would type it, and logs it
+# run, start: each prints its command as one would type it, and logs it
+from fill50k import run, signals_left_to_children, start, wait_for
 
 from controlnet.bundled import BUNDLED_BASE, BUNDLED_MODELS, bundled_path
 from controlnet.training.checkpoints import latest_checkpoint
@@ -82,18 +85,52 @@ def stage_data(work: Path, names: tuple[str, ...] = tuple(SETS)) -> None:
             )
 
 
-def _train(work: Path, name: str, args: str) -> Path:
-    """Train run ``name`` (skipped once it has its export; resumed where it stopped, if it has
-    checkpoints: a GPU session may end in the middle of one) and return its export folder. ``args``
-    come last: a stage's own flags win over the shared loop's."""
+def _command(work: Path, name: str, args: str) -> tuple[str, Path]:
+    """The ``controlnet`` command that trains run ``name`` on from where it is (resumed where it
+    stopped, if it has checkpoints: a GPU session may end in the middle of one), and its log.
+    ``args`` come last: a stage's own flags win over the shared loop's."""
     out, log = work / "runs" / name, work / "logs" / f"{name}.log"
-    if not (out / "final").is_dir():
+    if latest_checkpoint(out) is not None:
+        return f"train --resume --out {out} --quiet", log.with_suffix(".resumed.log")
+    return f"train --data {work}/train --out {out} {S['device']} {S['loop']} {args}", log
+
+
+def _train(work: Path, name: str, args: str) -> Path:
+    """Train run ``name`` (skipped once it has its export) and return its export folder."""
+    return _train_side_by_side(work, {name: args})[name]
+
+
+def _train_side_by_side(work: Path, runs: dict[str, str], cache: Path | None = None) -> dict[str, Path]:
+    """Train the runs ``{name: args}`` that have no export yet, all at once (one GPU holds several
+    of these small models' runs with room to spare: side by side they take little more than one
+    alone); their export folders. Runs that share a latent ``cache`` not yet built wait for the
+    first run to build it. Ctrl-C or SIGTERM reaches every run (each stops after its step with a
+    checkpoint); a failed run is named with its log's end once all have stopped."""
+    finals = {name: work / "runs" / name / "final" for name in runs}
+    todo = {name: _command(work, name, args) for name, args in runs.items() if not finals[name].is_dir()}
+    if todo:
         stage_data(work, ("train",))
-        if latest_checkpoint(out) is not None:
-            run(f"train --resume --out {out} --quiet", log.with_suffix(".resumed.log"))
-        else:
-            run(f"train --data {work}/train --out {out} {S['device']} {S['loop']} {args}", log)
-    return out / "final"
+        (work / "logs").mkdir(parents=True, exist_ok=True)
+    if len(todo) == 1:
+        run(*next(iter(todo.values())))
+    elif todo:
+        children: dict[str, subprocess.Popen] = {}
+        for name, (args, log) in todo.items():
+            if children and cache is not None and not cache.is_dir():  # the first run builds it
+                wait_for_path(cache, list(children.values()))
+            children[name] = start(args, log)
+        codes = dict(zip(children, wait_for(list(children.values()))))
+        failed = [name for name, code in codes.items() if code != 0]
+        if failed:
+            raise SystemExit("\n".join(f"failed: {n}\n{todo[n][1].read_text()[-3000:]}" for n in failed))
+    return finals
+
+
+def wait_for_path(path: Path, children: list[subprocess.Popen]) -> None:
+    """Wait until ``path`` exists or a child has ended (signals left to the children)."""
+    with signals_left_to_children():
+        while not path.exists() and all(child.poll() is None for child in children):
+            time.sleep(5)
 
 
 def stage_unet(work: Path) -> None:
@@ -101,7 +138,6 @@ def stage_unet(work: Path) -> None:
     encoder over a 4x VAE): its VAE, then its base (UNet and text encoder) on that VAE's latents,
     then its ControlNet on that base, all from scratch (the bundled circles stack's VAE is 8x, and
     its ControlNet's hint encoder with it)."""
-    (work / "logs").mkdir(parents=True, exist_ok=True)
     vae = _train(work, "unet-vae", f"--objective vae --arch outlines-unet {S['unet_vae']}")
     base = _train(work, "unet-base", f"--objective base --base {vae}/base.safetensors "
                   f"--cache {work}/cache-unet-base {S['unet_base']}")  # fmt: skip
@@ -125,14 +161,22 @@ def stage_flux(work: Path) -> None:
     """flux-tiny from scratch: its VAE, its transformer (flow matching), then its ControlNet. A
     base already exported in WORK (``runs/flux-base/final``, as a GPU session carried it on from
     an earlier one's export) is built on as it is."""
-    (work / "logs").mkdir(parents=True, exist_ok=True)
     base = work / "runs/flux-base/final/base.safetensors"
     if not base.is_file():
         vae = _train(work, "flux-vae", f"--objective vae --arch flux-tiny {S['flux_vae']}")
         base = _train(work, "flux-base", f"--objective base --base {vae}/base.safetensors "
                       f"--cache {work}/cache-flux {S['flux_base']}") / "base.safetensors"  # fmt: skip
-    _train(work, "flux-cn", f"--base {base} --arch flux-tiny --cache {work}/cache-flux "
-           f"--score-name shape_iou --score-threshold 0.6 {S['flux_cn']}")  # fmt: skip
+    _train(work, "flux-cn", _flux_cn_args(work, base))
+
+
+#: claim 4's twin of flux-cn: the same run with no empty prompts
+NO_DROP = "--empty-prompt-prob 0"
+
+
+def _flux_cn_args(work: Path, base: Path, extra: str = "") -> str:
+    """flux-tiny's ControlNet run on ``base`` (its latents cached with the base stage's)."""
+    return (f"--base {base} --arch flux-tiny --cache {work}/cache-flux --score-name shape_iou "
+            f"--score-threshold 0.6 {S['flux_cn']} {extra}").strip()  # fmt: skip
 
 
 def _eval(work: Path, name: str, data: str, args: str) -> dict[str, Any]:
@@ -194,8 +238,8 @@ def stage_conditions(work: Path) -> None:
     base, data = load_base(vae, dtype=torch.float32).to(device), open_dataset(work / "test")
     n = min(S["n_test"], len(data))
     outlines, back = [], []
-    for start in range(0, n, 50):
-        conds = torch.stack([data[i]["cond"] for i in range(start, min(start + 50, n))])
+    for first in range(0, n, 50):
+        conds = torch.stack([data[i]["cond"] for i in range(first, min(first + 50, n))])
         back += round_trip(base, conds * 2 - 1)
         outlines += [to_uint8(c, lo=0.0) for c in conds]
     ious = [region_iou(a.mean(-1) > 127, b.mean(-1) > 127) for a, b in zip(outlines, back)]
@@ -250,14 +294,15 @@ def stage_claims(work: Path) -> None:
     """Claims 2 and 4 on the transformer, beside the UNet's: flux-cn's held-out IoU against its
     step (the sudden-convergence step is where it first crosses 0.6), and a twin run with no empty
     prompts; both scored on the test set with the prompt and with none (free IoU: the shape
-    whatever its colours). After the flux stage (they share its cache)."""
+    whatever its colours). On flux-tiny's base (:func:`flux_base`); whichever of the two runs is
+    not trained yet trains here, side by side."""
     import csv
 
     from controlnet.plots import line_plot
 
     base = flux_base(work)
-    _train(work, "flux-cn-no-drop", f"--base {base} --arch flux-tiny --cache {work}/cache-flux "
-           f"--empty-prompt-prob 0 --score-name shape_iou --score-threshold 0.6 {S['flux_cn']}")  # fmt: skip
+    runs = {"flux-cn": _flux_cn_args(work, base), "flux-cn-no-drop": _flux_cn_args(work, base, NO_DROP)}
+    _train_side_by_side(work, runs, cache=work / "cache-flux")
     results: dict[str, Any] = {}
     for name in ("flux-cn", "flux-cn-no-drop"):
         cn = work / "runs" / name / "final/controlnet.safetensors"
