@@ -145,10 +145,15 @@ def stage_unet(work: Path) -> None:
            f"--score-name shape_iou --score-threshold 0.6 {S['unet']}")  # fmt: skip
 
 
+def _flux_base_export(work: Path) -> Path:
+    """Where the flux-base run in ``work`` exports flux-tiny's base."""
+    return work / "runs/flux-base/final/base.safetensors"
+
+
 def flux_base(work: Path) -> Path:
     """flux-tiny's base: this work folder's export, else the shipped one (that export in float16,
     ``outlines-flux-base.safetensors``), else a path that is not there yet."""
-    own = work / "runs/flux-base/final/base.safetensors"
+    own = _flux_base_export(work)
     if own.is_file():
         return own
     try:
@@ -161,11 +166,11 @@ def stage_flux(work: Path) -> None:
     """flux-tiny from scratch: its VAE, its transformer (flow matching), then its ControlNet. A
     base already exported in WORK (``runs/flux-base/final``, as a GPU session carried it on from
     an earlier one's export) is built on as it is."""
-    base = work / "runs/flux-base/final/base.safetensors"
+    base = _flux_base_export(work)
     if not base.is_file():
         vae = _train(work, "flux-vae", f"--objective vae --arch flux-tiny {S['flux_vae']}")
-        base = _train(work, "flux-base", f"--objective base --base {vae}/base.safetensors "
-                      f"--cache {work}/cache-flux {S['flux_base']}") / "base.safetensors"  # fmt: skip
+        _train(work, "flux-base", f"--objective base --base {vae}/base.safetensors "
+               f"--cache {work}/cache-flux {S['flux_base']}")  # fmt: skip
     _train(work, "flux-cn", _flux_cn_args(work, base))
 
 
