@@ -1,7 +1,11 @@
 """Run by test_train.py under torchrun: a tiny ControlNet training on N CPU processes, of a UNet
 base or of a Flux.1 (flow-matching transformer) base; ``unet-stop``: the UNet run, in which the
-last process alone is sent SIGTERM during its second step."""
+last process alone is sent SIGTERM during its second step; ``flux-fsdp STEPS [resume]`` (or
+``unet-fsdp``): the run with its weights sharded by accelerate's FSDP2 (EMA, validation on every
+process, checkpoints and the export), each process writing what it held of the weights and which
+modules were units to ``rank{N}.json``."""
 
+import json
 import os
 import signal
 import sys
@@ -44,8 +48,74 @@ class SignalledCircles(Circles):
         return super().__getitem__(i)
 
 
+def fsdp_accelerator():
+    """An accelerator that shards as an FSDP2 accelerate config does on GPUs. accelerate sets
+    that up on GPUs only (on CPUs its FSDP config falls back to data parallel), so this sets its
+    state as the config would; the sharding itself is accelerate's own code."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    accel = Accelerator(cpu=True)
+    accel.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap"
+    )
+    for state in (PartialState, AcceleratorState):
+        state._shared_state["distributed_type"] = DistributedType.FSDP
+    return accel
+
+
+#: how validation samples each family
+SAMPLERS = {"flux": "euler", "unet": "ddim"}
+
+
+def train_sharded(out: Path, batch: int, family: str, steps: int, resume: bool) -> None:
+    from torch.distributed.tensor import DTensor
+
+    from controlnet.formats import save_controlnet
+    from controlnet.training.validation import ControlValidator
+
+    objective = objective_for(family)
+    cfg = TrainConfig(
+        out=str(out),
+        steps=steps,
+        batch_size=batch,
+        lr=1e-3,
+        cpu=True,
+        progress=False,
+        checkpoint_every=2,
+        log_every=1,
+        ema_decay=0.9,
+        validate_every=2,
+        validation_count=2,
+        resume=resume,
+    )
+    data = Circles(18)  # (the last 2 are held out for validation)
+
+    def export(o, ema, final):
+        final.mkdir(exist_ok=True)
+        return save_controlnet(o.controlnet, final / "controlnet.safetensors", "controlnet", overwrite=True)
+
+    validator = ControlValidator(data, 2, steps=2, sampler=SAMPLERS[family], guidance=1.0)
+    accel = fsdp_accelerator()
+    train(cfg, objective, data, validator=validator, exporter=export, accelerator=accel)
+    from torch.distributed.fsdp import FSDPModule
+
+    held = {
+        n: [p.to_local().numel() if isinstance(p, DTensor) else p.numel(), p.numel()]
+        for n, p in objective.controlnet.named_parameters()
+    }
+    blocks = [n for n, m in objective.named_modules() if type(m).__name__ in objective._no_split_modules]
+    units = [n for n, m in objective.named_modules() if isinstance(m, FSDPModule)]
+    report = {"held": held, "blocks": blocks, "units": units}
+    (out / f"rank{accel.process_index}.json").write_text(json.dumps(report))
+
+
 if __name__ == "__main__":
     out, batch, family = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    if family.endswith("-fsdp"):
+        train_sharded(out, batch, family.removesuffix("-fsdp"), int(sys.argv[4]), sys.argv[5:] == ["resume"])
+        sys.exit(0)
     rank = int(os.environ.get("RANK", "0"))
     stop = family == "unet-stop"
     objective = objective_for("unet" if stop else family)

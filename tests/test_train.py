@@ -4,6 +4,7 @@ import csv
 import hashlib
 import itertools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -169,16 +170,145 @@ def test_two_process_ddp_equals_one_process(tmp_path, family):
     assert [r[0] for r in ddp_losses] == [r[0] for r in one_losses] == ["1", "2", "3"]
     for (_, a), (_, b) in zip(ddp_losses, one_losses):
         assert abs(float(a) - float(b)) <= 1e-4 * abs(float(b))
-    # the same weights, up to summation order. Adam turns float noise on near-zero gradients (all
-    # of the copy at first) into visible relative changes, so measure against how far training
-    # moved each tensor: a sharding or sync bug would differ by about the movement itself.
-    s = single.trainable_state()
+    assert_trained_alike(r0, single.trainable_state(), init)
+
+
+def assert_trained_alike(got, want, init):
+    """The same weights up to summation order. Adam turns float noise on near-zero gradients (all
+    of the copy at first) into visible relative changes, so measure against how far training
+    moved each tensor: a sharding or sync bug would differ by about the movement itself."""
+    assert got.keys() == want.keys()
     diff = moved = 0.0
-    for k in r0:
-        d, m = (r0[k] - s[k]).norm().item(), (s[k] - init[k]).norm().item()
+    for k in want:
+        d, m = (got[k] - want[k]).norm().item(), (want[k] - init[k]).norm().item()
         assert d <= 0.02 * m + 1e-9, (k, d, m)
         diff, moved = diff + d, moved + m
     assert moved > 0 and diff <= 1e-3 * moved
+
+
+def run_sharded(tmp_path, name, steps, *extra, family="flux"):
+    """A tiny ControlNet trained by two processes with its weights sharded (FSDP2)."""
+    import socket
+
+    with socket.socket() as free:  # a port of its own (tests run side by side)
+        free.bind(("127.0.0.1", 0))
+        port = str(free.getsockname()[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": port}
+    script = [
+        str(HERE / "ddp_train_script.py"),
+        str(tmp_path / name),
+        "2",
+        f"{family}-fsdp",
+        str(steps),
+        *extra,
+    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    done = subprocess.run(cmd + script, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return tmp_path / name
+
+
+def trained_unsharded(tmp_path, name, steps, family="flux", **kw):
+    """The same run on one process holding every weight (batch 4 = 2 processes x 2)."""
+    from controlnet.training.validation import ControlValidator
+    from ddp_train_script import SAMPLERS, objective_for
+
+    single = objective_for(family)
+    init = {k: v.clone() for k, v in single.trainable_state().items()}
+    data = Circles(18)
+    validator = ControlValidator(data, 2, steps=2, sampler=SAMPLERS[family], guidance=1.0)
+    kw = {"checkpoint_every": 2, "ema_decay": 0.9, "validate_every": 2, "validation_count": 2, **kw}
+    train(config(tmp_path, name, steps=steps, batch_size=4, **kw), single, data, validator=validator)
+    return single, init
+
+
+def metric_rows(run_dir, name):
+    with open(Path(run_dir) / "metrics.csv") as f:
+        return [(int(r["step"]), float(r["value"])) for r in csv.DictReader(f) if r["name"] == name]
+
+
+@pytest.mark.parametrize("family", ["flux", "unet"])
+def test_fsdp_shards_every_weight_and_trains_as_one_process(tmp_path, family):
+    """accelerate's FSDP2 over two processes: each holds about half of every ControlNet weight,
+    and the run (losses, validation, whole-tensor checkpoints, EMA, the export) is the run one
+    process makes with every weight."""
+    import json
+
+    run = run_sharded(tmp_path, "fsdp", 4, family=family)
+    report = json.loads((run / "rank0.json").read_text())
+    # the root and every block of the base and of the ControlNet, each a unit
+    assert any("controlnet." in b for b in report["blocks"]) and len(report["blocks"]) >= 4
+    assert report["units"] == ["", *report["blocks"]]
+    held = [json.loads((run / f"rank{r}.json").read_text())["held"] for r in (0, 1)]
+    for name, (local, whole) in held[0].items():
+        assert local + held[1][name][0] == whole, name  # the two slices make the weight
+    total = sum(whole for _, whole in held[0].values())
+    assert sum(local for local, _ in held[0].values()) < 0.6 * total  # each holds about half
+    single, init = trained_unsharded(tmp_path, "single", 4, family)
+    for name in ("loss", "val_loss"):
+        got, want = metric_rows(run, name), metric_rows(tmp_path / "single", name)
+        assert [s for s, _ in got] == [s for s, _ in want] == ([1, 2, 3, 4] if name == "loss" else [2, 4])
+        assert all(abs(a - b) <= 1e-4 * abs(b) for (_, a), (_, b) in zip(got, want)), name
+    assert (run / "samples" / "step-00000004.png").is_file()
+    sharded, whole = (
+        load_checkpoint(run / "checkpoint-00000004"),
+        load_checkpoint(tmp_path / "single" / "checkpoint-00000004"),
+    )
+    assert {k: v.shape for k, v in sharded.trainable.items()} == {
+        k: v.shape for k, v in whole.trainable.items()
+    }
+    assert_trained_alike(sharded.trainable, single.trainable_state(), init)
+    assert_trained_alike(sharded.ema, whole.ema, init)
+    moments = sharded.optimizer_state["state"]
+    assert moments.keys() == whole.optimizer_state["state"].keys()
+    assert all(
+        v["exp_avg"].shape == whole.optimizer_state["state"][k]["exp_avg"].shape for k, v in moments.items()
+    )
+    exported = load_file(run / "final" / "controlnet.safetensors")  # the EMA weights, whole
+    assert exported.keys() == {k.removeprefix("controlnet.") for k in sharded.ema}
+    assert all(torch.equal(exported[k.removeprefix("controlnet.")], v) for k, v in sharded.ema.items())
+
+
+def test_fsdp_resumes_bit_identically_and_on_any_number_of_processes(tmp_path):
+    """A sharded run stopped at step 2 and resumed by two processes ends where the uninterrupted
+    one does, bit for bit; its step-2 checkpoint (whole tensors) resumed by one process ends where
+    one process's own run does."""
+    full, part = run_sharded(tmp_path, "full", 4), run_sharded(tmp_path, "part", 2)
+    shutil.copytree(part, tmp_path / "moved")
+    run_sharded(tmp_path, "part", 4, "resume")
+    a, b = load_checkpoint(full / "checkpoint-00000004"), load_checkpoint(part / "checkpoint-00000004")
+    for x, y in ((a.trainable, b.trainable), (a.ema, b.ema)):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    for k, v in a.optimizer_state["state"].items():
+        assert all(torch.equal(v[f], b.optimizer_state["state"][k][f]) for f in ("exp_avg", "exp_avg_sq"))
+    assert metric_rows(full, "loss") == metric_rows(part, "loss")
+    single, init = trained_unsharded(tmp_path, "single", 4)
+    moved, _ = trained_unsharded(tmp_path, "moved", 4, resume=True)
+    assert_trained_alike(moved.trainable_state(), single.trainable_state(), init)
+
+
+def test_sharding_refuses_fsdp1_and_whole_model_objectives():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from controlnet.training.objectives import BaseObjective
+    from controlnet.training.sharding import prepare_sharding
+
+    def accel(version):
+        plugin = SimpleNamespace(fsdp_version=version, mixed_precision_policy=None)
+        return SimpleNamespace(
+            distributed_type=DistributedType.FSDP, state=SimpleNamespace(fsdp_plugin=plugin)
+        )
+
+    base, obj = setup()
+    with pytest.raises(ValueError, match="fsdp_version: 2"):
+        prepare_sharding(accel(1), obj)
+    with pytest.raises(ValueError, match="BaseObjective trains and exports a whole model"):
+        prepare_sharding(accel(2), BaseObjective(base))
+    sharded = accel(2)
+    prepare_sharding(sharded, obj)  # a ControlNet: sharded, in the objective's own precision
+    assert sharded.state.fsdp_plugin.mixed_precision_policy.param_dtype is None
 
 
 def signalling(at: int, times: int = 1):

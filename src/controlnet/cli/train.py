@@ -120,7 +120,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train a ControlNet (or a base model stage) on your data, on one GPU or many",
         description="Train with one loop for every objective. Several GPUs: run it under `accelerate launch` "
-        "or `torchrun` (data parallel). Resumable: --resume continues the run "
+        "or `torchrun` (data parallel), or with an accelerate FSDP config (fsdp_version: 2) that shards "
+        "a ControlNet run's weights across them. Resumable: --resume continues the run "
         "folder's newest checkpoint exactly.",
     )
     p.add_argument(

@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 
 from ..formats.checkpoint import save_safetensors
 from ..imageio import atomic_write_bytes
+from .sharding import assign, like
 
 __all__ = [
     "EMA",
@@ -79,7 +80,7 @@ class EMA:
                 f"unexpected {sorted(sd.keys() - self.shadow.keys())[:5]}"
             )
         for k, v in sd.items():
-            self.shadow[k].copy_(v)
+            assign(self.shadow[k], v)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -138,9 +139,11 @@ def save_checkpoint(
     trainable: dict[str, torch.Tensor],
     optimizer_state: dict[str, Any],
     config: dict[str, Any],
-    ema: EMA | None = None,
+    ema: dict[str, torch.Tensor] | None = None,
+    ema_decay: float | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` of a run atomically; return its folder."""
+    """Write checkpoint ``step`` of a run atomically (``ema``: the EMA weights, whole); return its
+    folder."""
     run_dir = Path(run_dir)
     final = run_dir / f"{_PREFIX}{state.step:08d}"
     tmp = run_dir / f".{final.name}.tmp-{os.getpid()}"
@@ -151,13 +154,13 @@ def save_checkpoint(
         opt_tensors, opt_meta = _split_optimizer_state(optimizer_state)
         save_safetensors(opt_tensors, tmp / "optimizer.safetensors")
         if ema is not None:
-            save_safetensors(ema.state_dict(), tmp / "ema.safetensors")
+            save_safetensors(ema, tmp / "ema.safetensors")
         meta = {
             "train_state": state.__dict__,
             "config": config,
             "optimizer": opt_meta,
             "rng": _rng_state(),
-            "ema_decay": ema.decay if ema is not None else None,
+            "ema_decay": ema_decay if ema is not None else None,
         }
         (tmp / "state.json").write_text(json.dumps(meta, indent=1, default=str))
         for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
@@ -272,12 +275,17 @@ def optimizer_state(optimizer: torch.optim.Optimizer, modules: dict[str, torch.n
 def load_optimizer_state(
     optimizer: torch.optim.Optimizer, modules: dict[str, torch.nn.Module], saved: dict[str, Any]
 ) -> None:
-    """Load an :func:`optimizer_state` into ``optimizer``, refused when its parameters differ."""
+    """Load an :func:`optimizer_state` (whole tensors) into ``optimizer``, refused when its
+    parameters differ; the state of a sharded parameter is sharded as the parameter is."""
     names = _param_names(optimizer, modules)
     saved_names = [g["params"] for g in saved["param_groups"]]
     if saved_names != names:
         raise ValueError("checkpoint optimizer does not match this run's trainable parameters")
     flat = {n: i for i, n in enumerate(n for g in names for n in g)}
     groups = [{**g, "params": [flat[n] for n in g["params"]]} for g in saved["param_groups"]]
-    state = {flat[n]: v for n, v in saved["state"].items()}
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = {
+        flat[n]: {f: like(params[flat[n]], t) if torch.is_tensor(t) else t for f, t in v.items()}
+        for n, v in saved["state"].items()
+    }
     optimizer.load_state_dict({"state": state, "param_groups": groups})

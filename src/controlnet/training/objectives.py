@@ -22,6 +22,7 @@ from torch import nn
 
 from ..families.protocol import BaseModel, PromptEmbeddings
 from ..families.sd.controlnet import ControlNet
+from .sharding import assign
 
 __all__ = [
     "BaseObjective",
@@ -71,6 +72,10 @@ class StepNoise:
 class Objective(nn.Module):
     """Base class: ``forward(batch, noise) -> loss``; subclasses say what is trained."""
 
+    #: whether FSDP may shard it: its export reads its trained modules alone (a VAE's or a base's
+    #: reads the whole model)
+    shardable = True
+
     def trainable_modules(self) -> dict[str, nn.Module]:
         """Modules whose trainable parameters the checkpoint saves, by name."""
         raise NotImplementedError
@@ -86,6 +91,15 @@ class Objective(nn.Module):
     def networks(self) -> list[nn.Module]:
         """The networks that run every step (what ``--compile`` compiles)."""
         return list(self.trainable_modules().values())
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The block classes of its networks, which FSDP shards as units of their own (accelerate's
+        transformer wrap policy reads this): those each model class names (diffusers'
+        ``_no_split_modules``), as instantiated (our fused blocks are subclasses of the named)."""
+        inner = [m for m in self.modules() if m is not self]
+        named = {n for m in inner for n in getattr(m, "_no_split_modules", None) or ()}
+        return sorted({type(m).__name__ for m in inner if any(c.__name__ in named for c in type(m).__mro__)})
 
     def enable_gradient_checkpointing(self) -> None:
         for module in self.modules():
@@ -103,6 +117,7 @@ class Objective(nn.Module):
         return out
 
     def load_trainable_state(self, sd: dict[str, torch.Tensor]) -> None:
+        """Load whole tensors (a checkpoint's) into the trained weights, sharded or not."""
         expected = self.trainable_state()
         missing, unexpected = expected.keys() - sd.keys(), sd.keys() - expected.keys()
         if missing or unexpected:
@@ -117,7 +132,7 @@ class Objective(nn.Module):
                         f"checkpoint tensor {k} has shape {tuple(v.shape)}, "
                         f"expected {tuple(expected[k].shape)}"
                     )
-                expected[k].copy_(v)
+                assign(expected[k], v)
 
 
 class DiffusionInputs:
@@ -265,6 +280,8 @@ class VaeObjective(Objective):
     """Stage 1 of a base model: the autoencoder. L1 + L2 reconstruction of the image through a
     posterior sample, plus a small KL term that keeps the latent space regular (as SD's VAE)."""
 
+    shardable = False
+
     def __init__(self, base: BaseModel, *, kl_weight: float = 1e-4) -> None:
         super().__init__()
         self.base = base
@@ -299,6 +316,8 @@ class BaseObjective(Objective):
     transformer with flow matching) and, for a one-encoder UNet stack, the text encoder together
     (the VAE stays frozen). Prompts are dropped to "" with ``empty_prompt_prob`` so the model also
     learns the unconditional prediction classifier-free guidance needs."""
+
+    shardable = False
 
     def __init__(
         self,

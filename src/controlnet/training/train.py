@@ -16,7 +16,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..choices import DType
-from ..errors import SettingError
-from ..model.fastpath import check_compile_mode, compile_modules, has_own_graphs
+from ..model.fastpath import compile_modules, has_own_graphs
 from .batches import run_batches
 from .checkpoints import (
     EMA,
@@ -41,108 +40,25 @@ from .checkpoints import (
     run_files,
     save_checkpoint,
 )
+from .config import TrainConfig, lr_factor
 from .logs import Metrics
 from .objectives import Objective, StepNoise
+from .sharding import (
+    all_finite,
+    gather,
+    is_sharded,
+    plain_twin,
+    prepare_sharding,
+    twins_in_place,
+    unsharded_root,
+)
 from .stopping import StopRequests, TrainingStopped
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "TrainingStopped", "check_out", "train"]
 
-Validator = Callable[[Objective, int, Path], dict[str, float]]
+#: (the objective, the step, the run folder: None for a process that scores and writes nothing)
+Validator = Callable[[Objective, int, "Path | None"], dict[str, float]]
 Exporter = Callable[[Objective, "dict[str, torch.Tensor] | None", Path], list[Path]]
-
-
-#: settings that count something: at least 1
-_COUNTS = ("steps", "epochs", "batch_size", "grad_accum", "checkpoint_every", "validate_every", "log_every")
-
-
-@dataclass
-class TrainConfig:
-    """Loop settings. ``batch_size`` is per process; the global batch is
-    batch_size * processes * grad_accum."""
-
-    out: str
-    steps: int | None = None
-    epochs: int | None = None
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 1e-5
-    decoder_lr: float = 2e-6
-    weight_decay: float = 1e-2
-    warmup_steps: int = 0
-    lr_schedule: str = "constant"  # constant | cosine (to zero at the last step, after the warm-up)
-    max_grad_norm: float | None = None
-    #: the frozen parts' dtype, and autocast's (float32: full precision); bf16, fp16, no are read too
-    mixed_precision: DType | str = DType.FLOAT32
-    gradient_checkpointing: bool = False
-    compile: bool = False  # torch.compile the networks (a slow first step, faster later ones)
-    compile_mode: str = "default"  # fastpath.COMPILE_MODES; "reduce-overhead" also graphs the steps
-    ema_decay: float | None = None
-    seed: int = 0
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 2
-    validate_every: int = 500
-    validation_count: int = 4
-    score_name: str | None = None  # the validation metric whose first crossing of
-    score_threshold: float | None = None  # the threshold is logged as "sudden convergence"
-    log_every: int = 10
-    num_workers: int = 0
-    resume: bool = False
-    overwrite: bool = False  # start afresh in a folder that holds an earlier run (removing it)
-    save_checkpoints: bool = True  # off only for throughput measurements
-    cpu: bool = False
-    progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)  # the objective's options, recorded with the run
-
-    def validate(self) -> None:
-        if (self.steps is None) == (self.epochs is None):
-            raise SettingError("give exactly one of steps and epochs", "steps", "epochs")
-        for name in _COUNTS:
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise SettingError(f"{name} must be >= 1, got {v}", name)
-        if not (self.lr > 0 and self.decoder_lr > 0):  # (NaN is no learning rate either)
-            got = f"lr={self.lr}, decoder_lr={self.decoder_lr}"
-            raise SettingError(f"learning rates must be > 0, got {got}", "lr", "decoder_lr")
-        for name in ("lr", "decoder_lr", "weight_decay", "max_grad_norm", "ema_decay", "score_threshold"):
-            v = getattr(self, name)
-            if v is not None and not math.isfinite(v):
-                raise SettingError(f"{name} must be a finite number, got {v}", name)
-        if not self.weight_decay >= 0:
-            raise SettingError(f"weight_decay must be >= 0, got {self.weight_decay}", "weight_decay")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise SettingError(f"max_grad_norm must be > 0, got {self.max_grad_norm}", "max_grad_norm")
-        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
-            raise SettingError(f"ema_decay must be in (0, 1), got {self.ema_decay}", "ema_decay")
-        try:
-            self.mixed_precision = DType.parse(self.mixed_precision)
-        except ValueError:
-            names = ", ".join(d.value for d in DType)
-            raise SettingError(
-                f"mixed_precision must be one of {names}, got {self.mixed_precision!r}", "mixed_precision"
-            ) from None
-        try:
-            check_compile_mode(self.compile_mode, "compile_mode")
-        except ValueError as e:
-            raise SettingError(str(e), "compile_mode") from None
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise SettingError(
-                f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}", "lr_schedule"
-            )
-        if self.keep_checkpoints < 1:
-            raise SettingError(
-                f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}", "keep_checkpoints"
-            )
-
-
-def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
-    """The learning rate's multiplier at ``step`` (0-based) of ``total``: a linear warm-up, then
-    constant or a half cosine that reaches zero after the last step."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "cosine":
-        span = max(1, total - cfg.warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * (step - cfg.warmup_steps) / span))
-    return 1.0
 
 
 class TrainingDiverged(ValueError):
@@ -253,6 +169,13 @@ class _Run:
         groups = objective.param_groups(cfg.lr, cfg.decoder_lr)
         self.base_lrs = [g["lr"] for g in groups]
         optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=self.device.type == "cuda")
+        self.sharded = is_sharded(accel)
+        prepare_sharding(accel, objective)
+        # the exporter's unsharded copies of the trained modules (on the meta device until filled)
+        trained = objective.trainable_modules().items()
+        self.twins = {n: plain_twin(m) for n, m in trained} if self.sharded else {}
+        self.model, self.optimizer = accel.prepare(objective, optimizer)
+        # after prepare: sharding replaces the parameters (by slices of them) in their modules
         self.named = {
             f"{m}.{n}": p
             for m, mod in objective.trainable_modules().items()
@@ -260,8 +183,7 @@ class _Run:
             if p.requires_grad
         }
         self.ema = EMA(self.named, cfg.ema_decay) if cfg.ema_decay else None
-        self.state = self._resume(optimizer) if cfg.resume else TrainState()
-        self.model, self.optimizer = accel.prepare(objective, optimizer)
+        self.state = self._resume() if cfg.resume else TrainState()
 
         self.metrics = Metrics(self.run_dir, self.main, self.state.step)
         run_info = _read_json(self.run_dir / "run.json") if cfg.resume else {}
@@ -306,7 +228,7 @@ class _Run:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
         self.accel.wait_for_everyone()
 
-    def _resume(self, optimizer: torch.optim.Optimizer) -> TrainState:
+    def _resume(self) -> TrainState:
         """The state of the run folder's newest checkpoint, its weights, optimizer, EMA and random
         generators restored (a fresh state when there is none yet)."""
         ckpt_path = latest_checkpoint(self.run_dir)
@@ -314,7 +236,7 @@ class _Run:
             return TrainState()
         ckpt = load_checkpoint(ckpt_path)
         self.objective.load_trainable_state(ckpt.trainable)
-        load_optimizer_state(optimizer, self.objective.trainable_modules(), ckpt.optimizer_state)
+        load_optimizer_state(self.optimizer, self.objective.trainable_modules(), ckpt.optimizer_state)
         if self.ema is not None:
             if ckpt.ema is None:
                 raise ValueError(f"{ckpt_path}: this run uses EMA but the checkpoint has none")
@@ -373,12 +295,17 @@ class _Run:
         self.bar.set_postfix({k: f"{v:.4g}" for k, v in self.last.items() if k != "lr"})
 
     def validate(self) -> None:
-        """The validator's scores on process 0; the first crossing of the score threshold is the
-        sudden-convergence step."""
+        """The validator's scores on process 0 (sharded, every process samples with it, and process
+        0 alone writes); the first crossing of the score threshold is the sudden-convergence step."""
         cfg, step = self.cfg, self.state.step
         assert self.validator is not None
+        scores: dict[str, float] = {}
+        if self.main or self.sharded:
+            with unsharded_root(self.model):
+                scores = self.validator(
+                    self.accel.unwrap_model(self.model), step, self.run_dir if self.main else None
+                )
         if self.main:
-            scores = self.validator(self.accel.unwrap_model(self.model), step, self.run_dir)
             self.metrics.log(step, scores)
             self.last.update(scores)
             name = f"score/{cfg.score_name}" if cfg.score_name else None
@@ -399,15 +326,13 @@ class _Run:
         """An atomic checkpoint of everything a resume needs; the oldest beyond ``keep_checkpoints``
         go."""
         self.check_finite()
+        # whole tensors on process 0 (sharded, every process takes part in gathering them)
+        trainable = gather(self.objective.trainable_state(), self.main)
+        optim = gather(optimizer_state(self.optimizer, self.objective.trainable_modules()), self.main)
+        ema = gather(self.ema.state_dict(), self.main) if self.ema is not None else None
         if self.main:
-            save_checkpoint(
-                self.run_dir,
-                self.state,
-                self.objective.trainable_state(),
-                optimizer_state(self.optimizer, self.objective.trainable_modules()),
-                asdict(self.cfg),
-                self.ema,
-            )
+            decay = self.ema.decay if self.ema is not None else None
+            save_checkpoint(self.run_dir, self.state, trainable, optim, asdict(self.cfg), ema, decay)
             prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
             info = _read_json(self.run_dir / "run.json")
             _write_json(self.run_dir / "run.json", {**info, "converged_at": self.converged_at})
@@ -416,7 +341,7 @@ class _Run:
     def check_finite(self) -> None:
         """Stop (:meth:`stop`) before a checkpoint or an export would keep weights that are not
         finite, so that every checkpoint a run leaves holds finite weights."""
-        bad = next((n for n, p in self.named.items() if not bool(torch.isfinite(p).all())), None)
+        bad = all_finite(self.accel, self.named)
         if bad is not None:
             self.stop(f"the weights are not finite ({bad} holds NaN or inf)")
 
@@ -445,6 +370,16 @@ class _Run:
             f"{last.name if last else 'a checkpoint'} written; continue with --resume --out {self.run_dir}"
         )
 
+    def export(self, exporter: Exporter) -> list[Path]:
+        """The exporter's files, written by process 0 (the EMA weights, when kept). Sharded, the
+        trained modules are gathered whole into their unsharded twins, which stand in for them
+        while the exporter runs."""
+        ema = gather(self.ema.state_dict(), self.main) if self.ema is not None else None
+        if not self.sharded:
+            return exporter(self.objective, ema, self.run_dir / "final") if self.main else []
+        with twins_in_place(self.objective, self.objective.trainable_modules(), self.twins, ema, self.main):
+            return exporter(self.objective, None, self.run_dir / "final") if self.main else []
+
     def finish(self, exporter: Exporter | None) -> TrainResult:
         """The final export (the EMA weights, when kept), the curves and the run's record."""
         self.bar.close()
@@ -454,9 +389,8 @@ class _Run:
         sps = done / seconds if seconds > 0 else math.nan
         exported: list[Path] = []
         self.check_finite()
-        if self.main and exporter is not None:
-            ema = self.ema.state_dict() if self.ema is not None else None
-            exported = exporter(self.objective, ema, run_dir / "final")
+        if exporter is not None:
+            exported = self.export(exporter)
         if self.main:
             self.metrics.plot(run_dir)
             self.metrics.close()

@@ -41,7 +41,8 @@ def _warn_if_not_finite(latents: torch.Tensor, step: int) -> None:
 
 
 class ControlValidator:
-    """Callable the trainer runs every ``validate_every`` steps on process 0."""
+    """Callable the trainer runs every ``validate_every`` steps on process 0 (on every process when
+    the weights are sharded: sampling then needs them all)."""
 
     def __init__(
         self,
@@ -72,7 +73,8 @@ class ControlValidator:
         return batch
 
     @torch.no_grad()
-    def __call__(self, objective: Any, step: int, run_dir: Path) -> dict[str, float]:
+    def __call__(self, objective: Any, step: int, run_dir: Path | None) -> dict[str, float]:
+        """The scores; the sample grid goes to ``run_dir`` (None: not written)."""
         if not isinstance(objective, ControlNetObjective) or not self.items:
             return {}
         base, cn = objective.inputs.base, objective.controlnet
@@ -109,7 +111,8 @@ class ControlValidator:
         else:  # a latent cache holds no pixels: show the decoded posterior mean
             targets = [to_uint8(x) for x in base.decode_latents(_clean_latents(base, batch["latent_mean"]))]
         rows = [[to_uint8(it["cond"], lo=0.0), img, tgt] for it, img, tgt in zip(self.items, images, targets)]
-        save_png(make_grid(rows), run_dir / "samples" / f"step-{step:08d}.png")
+        if run_dir is not None:
+            save_png(make_grid(rows), run_dir / "samples" / f"step-{step:08d}.png")
         if self.scorer is not None:
             scores.update({f"score/{k}": v for k, v in self.scorer(images, self.items).items()})
         cn.train(was_training)
@@ -139,7 +142,7 @@ class ImageValidator:
         self.scorer = scorer
 
     @torch.no_grad()
-    def __call__(self, objective: Any, step: int, run_dir: Path) -> dict[str, float]:
+    def __call__(self, objective: Any, step: int, run_dir: Path | None) -> dict[str, float]:
         from .objectives import BaseObjective, VaeObjective
 
         if not self.items or not ("target" in self.items[0] or "latent_mean" in self.items[0]):
@@ -187,9 +190,9 @@ class ImageValidator:
             scores = _prompt_colour_scores(outs, prompts)
         else:
             return {}
-        save_png(
-            make_grid([[t, o] for t, o in zip(targets, outs)]), run_dir / "samples" / f"step-{step:08d}.png"
-        )
+        if run_dir is not None:
+            grid = make_grid([[t, o] for t, o in zip(targets, outs)])
+            save_png(grid, run_dir / "samples" / f"step-{step:08d}.png")
         return {f"score/{k}": v for k, v in scores.items()}
 
 
