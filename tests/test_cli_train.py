@@ -425,3 +425,31 @@ def test_the_cache_reads_the_images_with_the_runs_workers(chain, tmp_path, monke
     args = ["train", "--base", base, "--data", str(chain / "data"), "--out", str(tmp_path / "run")]
     assert main([*args, "--cache", str(tmp_path / "cache"), "--num-workers", "2", *COMMON]) == 0
     assert seen == [2]
+
+
+def test_train_under_a_launcher_runs_once_per_process_and_reports_once(chain, tmp_path):
+    """`torchrun ... -m controlnet.cli train` with two CPU processes and a latent cache: process 0
+    builds the cache while the other waits (then finds it built), they train one run of the
+    global batch, and the run is reported once."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = str(free.getsockname()[1])
+    base = str(chain / "base/final/base.safetensors")
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    train = ["-m", "controlnet.cli", "train", "--base", base, "--data", str(chain / "data")]
+    cmd = [*launch, *train, "--out", str(run), "--cache", str(cache), *COMMON]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("trained 4 steps (64 samples)") == 1  # batch 8 x 2 processes x 4 steps
+    assert done.stdout.count("exported ") == 1
+    record = json.loads((run / "run.json").read_text())
+    assert record["processes"] == 2 and record["global_batch"] == 16
+    assert json.loads((cache / "cache.json").read_text())["count"] == 40
+    assert not list(tmp_path.glob(".cache.*"))  # no builder's leftovers

@@ -98,6 +98,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         r = run_training(run_spec, config)
     except SettingError as e:  # a setting's Python name, said as this command's flag
         raise ValueError(e.spoken(_flags(args.train_parser))) from None
+    if not r.main:  # (one of several processes: process 0 reports the run)
+        return 0
     print(
         f"trained {r.state.step} steps ({r.state.samples_seen:,} samples) in {r.seconds:.0f} s, "
         f"{r.samples_per_second:.1f} samples/s; run folder {r.run_dir}"

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from safetensors.torch import save_file
 
 from ..choices import OBJECTIVES
@@ -175,10 +176,12 @@ def _dataset(
     device: str,
     *,
     progress: bool = True,
+    notes: bool = True,
     num_workers: int = 0,
 ) -> Any:
     """The run's data: its items as they are, or (``--cache``) a latent cache of them, built with
-    ``num_workers`` processes reading the images (the run's own loader's count)."""
+    ``num_workers`` processes reading the images (the run's own loader's count). ``notes``: say
+    what was skipped or cut (process 0 of several says it once)."""
     from ..data import open_dataset
 
     dataset = open_dataset(
@@ -188,12 +191,13 @@ def _dataset(
         annotator_params=spec.annotator_params or None,
         skip_bad=spec.skip_bad,
     )
-    if dataset.skipped:
+    if dataset.skipped and notes:
         print(f"skipped {len(dataset.skipped)} bad entries of {spec.data}:")
         for s in dataset.skipped[:20]:
             print(f"  {s}")
     if spec.objective != "vae":
-        _report_long_captions(dataset, spec.data, base)
+        if notes:
+            _report_long_captions(dataset, spec.data, base)
         if len(dataset):  # a size the base cannot take, named before any work
             size = tuple(dataset[0]["target"].shape[-2:])
             try:
@@ -371,8 +375,21 @@ def run_training(spec: RunSpec, cfg: TrainConfig) -> TrainResult:
     with torch.random.fork_rng(devices=[]):  # new layers (condition encoder, extra channels) drawn
         torch.manual_seed(cfg.seed)  # from the run's seed: two runs of one seed start alike
         objective = _objective(spec, base)
-    device = "cpu" if cfg.cpu or not torch.cuda.is_available() else "cuda"
-    dataset = _dataset(spec, base, objective, device, progress=cfg.progress, num_workers=cfg.num_workers)
+    # under a launcher (accelerate, torchrun): the process group, and this process's own device
+    # for the cache (not the first GPU for all); process 0 builds the cache while the others wait,
+    # then they find it built (two builders would replace each other's files under a reader)
+    processes = PartialState(cpu=cfg.cpu)
+    main = processes.is_main_process
+    with processes.main_process_first():
+        dataset = _dataset(
+            spec,
+            base,
+            objective,
+            str(processes.device),
+            progress=cfg.progress and main,
+            notes=main,
+            num_workers=cfg.num_workers,
+        )
     cfg.extra = {**cfg.extra, "spec": asdict(spec)}
     validator = _validator(spec, base, dataset, cfg.validation_count) if cfg.validation_count > 0 else None
     return train(cfg, objective, dataset, validator=validator, exporter=_exporter(spec, base, dataset))

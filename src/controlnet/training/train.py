@@ -75,6 +75,7 @@ class TrainResult:
     converged_at: int | None
     exported: list[Path]
     last_metrics: dict[str, float]
+    main: bool = True  # whether this is process 0 of the run (the one that reports it)
 
 
 def train(
@@ -406,7 +407,7 @@ class _Run:
             }
             _write_json(run_dir / "run.json", info)
         self.accel.wait_for_everyone()
-        return TrainResult(state, run_dir, seconds, sps, self.converged_at, exported, self.last)
+        return TrainResult(state, run_dir, seconds, sps, self.converged_at, exported, self.last, self.main)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
