@@ -1,9 +1,9 @@
 """Run by test_train.py under torchrun: a tiny ControlNet training on N CPU processes, of a UNet
 base or of a Flux.1 (flow-matching transformer) base; ``unet-stop``: the UNet run, in which the
-last process alone is sent SIGTERM during its second step; ``flux-fsdp STEPS [resume]`` (or
-``unet-fsdp``): the run with its weights sharded by accelerate's FSDP2 (EMA, validation on every
-process, checkpoints and the export), each process writing what it held of the weights and which
-modules were units to ``rank{N}.json``."""
+last process alone is sent SIGTERM during its second step; ``flux-fsdp STEPS [resume] [accum]``
+(or ``unet-fsdp``): the run with its weights sharded by accelerate's FSDP2 (EMA, validation on
+every process, checkpoints and the export; ``accum``: with the ``ACCUM`` settings), each process
+writing what it held of the weights and which modules were units to ``rank{N}.json``."""
 
 import json
 import os
@@ -69,7 +69,11 @@ def fsdp_accelerator():
 SAMPLERS = {"flux": "euler", "unet": "ddim"}
 
 
-def train_sharded(out: Path, batch: int, family: str, steps: int, resume: bool) -> None:
+#: the ``accum`` variant's settings: recomputed activations, two micro-batches a step, clipping
+ACCUM = {"gradient_checkpointing": True, "grad_accum": 2, "max_grad_norm": 1.0}
+
+
+def train_sharded(out: Path, batch: int, family: str, steps: int, flags: list[str]) -> None:
     from torch.distributed.tensor import DTensor
 
     from controlnet.formats import save_controlnet
@@ -88,7 +92,8 @@ def train_sharded(out: Path, batch: int, family: str, steps: int, resume: bool) 
         ema_decay=0.9,
         validate_every=2,
         validation_count=2,
-        resume=resume,
+        resume="resume" in flags,
+        **(ACCUM if "accum" in flags else {}),
     )
     data = Circles(18)  # (the last 2 are held out for validation)
 
@@ -114,7 +119,7 @@ def train_sharded(out: Path, batch: int, family: str, steps: int, resume: bool) 
 if __name__ == "__main__":
     out, batch, family = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     if family.endswith("-fsdp"):
-        train_sharded(out, batch, family.removesuffix("-fsdp"), int(sys.argv[4]), sys.argv[5:] == ["resume"])
+        train_sharded(out, batch, family.removesuffix("-fsdp"), int(sys.argv[4]), sys.argv[5:])
         sys.exit(0)
     rank = int(os.environ.get("RANK", "0"))
     stop = family == "unet-stop"

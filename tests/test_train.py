@@ -227,14 +227,16 @@ def metric_rows(run_dir, name):
         return [(int(r["step"]), float(r["value"])) for r in csv.DictReader(f) if r["name"] == name]
 
 
-@pytest.mark.parametrize("family", ["flux", "unet"])
-def test_fsdp_shards_every_weight_and_trains_as_one_process(tmp_path, family):
+@pytest.mark.parametrize("family,accum", [("flux", False), ("unet", False), ("flux", True)])
+def test_fsdp_shards_every_weight_and_trains_as_one_process(tmp_path, family, accum):
     """accelerate's FSDP2 over two processes: each holds about half of every ControlNet weight,
     and the run (losses, validation, whole-tensor checkpoints, EMA, the export) is the run one
-    process makes with every weight."""
+    process makes with every weight; also with gradient checkpointing, accumulation and clipping."""
     import json
 
-    run = run_sharded(tmp_path, "fsdp", 4, family=family)
+    from ddp_train_script import ACCUM
+
+    run = run_sharded(tmp_path, "fsdp", 4, *(["accum"] if accum else []), family=family)
     report = json.loads((run / "rank0.json").read_text())
     # the root and every block of the base and of the ControlNet, each a unit
     assert any("controlnet." in b for b in report["blocks"]) and len(report["blocks"]) >= 4
@@ -244,7 +246,7 @@ def test_fsdp_shards_every_weight_and_trains_as_one_process(tmp_path, family):
         assert local + held[1][name][0] == whole, name  # the two slices make the weight
     total = sum(whole for _, whole in held[0].values())
     assert sum(local for local, _ in held[0].values()) < 0.6 * total  # each holds about half
-    single, init = trained_unsharded(tmp_path, "single", 4, family)
+    single, init = trained_unsharded(tmp_path, "single", 4, family, **(ACCUM if accum else {}))
     for name in ("loss", "val_loss"):
         got, want = metric_rows(run, name), metric_rows(tmp_path / "single", name)
         assert [s for s, _ in got] == [s for s, _ in want] == ([1, 2, 3, 4] if name == "loss" else [2, 4])
