@@ -79,6 +79,15 @@ def _reset() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def logged_rates(run_dir: str | Path) -> list[float]:
+    """The samples/s a run logged, window by window (NaN on a process other than the main one of a
+    distributed run, which logs nothing)."""
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return [math.nan, math.nan]
+    with open(Path(run_dir) / "metrics.csv") as f:
+        return [float(r["value"]) for r in csv.DictReader(f) if r["name"] == "samples_per_s"]
+
+
 def _peak() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
@@ -116,11 +125,7 @@ def ours(
             progress=False,
         )
         train(cfg, objective, CachedLike(batch * 8))
-        main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-        rates = [math.nan, math.nan]  # only the main process logs
-        if main:
-            with open(Path(out) / "metrics.csv") as f:
-                rates = [float(r["value"]) for r in csv.DictReader(f) if r["name"] == "samples_per_s"]
+        rates = logged_rates(out)
     peak = _peak()
     del objective, base, cns
     return {"samples_per_s": sum(rates[1:]) / len(rates[1:]), "peak_gib": peak}  # first window: warm-up

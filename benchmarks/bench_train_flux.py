@@ -22,7 +22,6 @@ measurement (a family's :class:`Case`: ours, the recipe, the profile, the rows) 
 from __future__ import annotations
 
 import argparse
-import csv
 import inspect
 import math
 import sys
@@ -36,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_flux import FULL, TINY, _NoText, vae
-from bench_train import CachedLike, _peak, _reset, largest_batch
+from bench_train import CachedLike, _peak, _reset, largest_batch, logged_rates
 from common import cuda_time, environment, matmul_peak_tflops, table, write_json
 
 from controlnet.families.flux import FluxControlNetConfig
@@ -139,15 +138,25 @@ def step_flops(case: Case, batch: int, size: int) -> float:
 
 
 def ours(
-    case: Case, batch: int, size: int, steps: int, *, checkpointing: bool, compile_mode: str | None = None
+    case: Case,
+    batch: int,
+    size: int,
+    steps: int,
+    *,
+    checkpointing: bool,
+    compile_mode: str | None = None,
+    out: str | None = None,
 ) -> dict[str, float]:
-    """Our ``train`` loop; ``compile_mode``: with ``--compile`` in that mode (the networks' blocks
-    compiled one kind at a time; the locked base stays compiled for later rows)."""
+    """Our ``train`` loop (per process: ``batch``; the rate is the whole run's); ``compile_mode``:
+    with ``--compile`` in that mode (the networks' blocks compiled one kind at a time; the locked
+    base stays compiled for later rows); ``out``: the run folder (every process of a distributed
+    run must name the same one), a temporary one when None."""
     _reset()
     objective = _objective(case)
     if torch.cuda.is_available() and not SMOKE:
         torch.cuda.reset_peak_memory_stats()
-    with tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = out or tmp
         cfg = TrainConfig(
             out=out,
             cpu=SMOKE,
@@ -165,8 +174,7 @@ def ours(
             progress=False,
         )
         train(cfg, objective, cached_like(case, batch * 4, size))
-        with open(Path(out) / "metrics.csv") as f:
-            rates = [float(r["value"]) for r in csv.DictReader(f) if r["name"] == "samples_per_s"]
+        rates = logged_rates(out)
     peak = _peak()
     objective.controlnet.to("cpu")
     del objective

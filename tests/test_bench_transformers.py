@@ -60,3 +60,16 @@ def test_the_training_benchmark_runs_ours_and_the_recipe(tmp_path, script):
     assert all(r["samples_per_s"] > 0 for r in record["rows"]) and record["tflop_per_sample"] > 0
     profile = record["profile, ours, ms per step"]  # GPU (here CPU) time by kind, beside the wall time
     assert profile["wall ms"] > 0 and profile["total"] > 0 and out.with_suffix(".kernels.txt").is_file()
+
+
+def test_the_multi_gpu_benchmark_runs_a_flux_controlnet_on_several_processes(tmp_path):
+    """bench_multigpu.py --family flux (here two CPU processes, which accelerate runs data parallel
+    even with --shard: each row records what the processes ran)."""
+    out = tmp_path / "multigpu.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_multigpu.py"), "--smoke", "--family", "flux"]
+    cmd += ["--gpus", "1,2", "--steps", "3", "--shard", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["gpus"], r["global_batch"]) for r in rows] == [(1, 1), (2, 2)]
+    assert all(r["samples_per_s"] > 0 and r["sharded"] is False and r["failed"] == 0 for r in rows)
