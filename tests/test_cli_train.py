@@ -427,10 +427,12 @@ def test_the_cache_reads_the_images_with_the_runs_workers(chain, tmp_path, monke
     assert seen == [2]
 
 
-def test_train_under_a_launcher_runs_once_per_process_and_reports_once(chain, tmp_path):
+@pytest.mark.parametrize("cpu", [True, False], ids=["--cpu", "no-flag"])
+def test_train_under_a_launcher_runs_once_per_process_and_reports_once(chain, tmp_path, cpu):
     """`torchrun ... -m controlnet.cli train` with two CPU processes and a latent cache: process 0
     builds the cache while the other waits (then finds it built), they train one run of the
-    global batch, and the run is reported once."""
+    global batch, and the run is reported once; on a machine without CUDA also without --cpu
+    (accelerate ran each process alone then, two runs racing in one folder)."""
     import os
     import socket
     import subprocess
@@ -443,7 +445,8 @@ def test_train_under_a_launcher_runs_once_per_process_and_reports_once(chain, tm
     run, cache = tmp_path / "run", tmp_path / "cache"
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
     train = ["-m", "controlnet.cli", "train", "--base", base, "--data", str(chain / "data")]
-    cmd = [*launch, *train, "--out", str(run), "--cache", str(cache), *COMMON]
+    flags = COMMON if cpu else [f for f in COMMON if f != "--cpu"]
+    cmd = [*launch, *train, "--out", str(run), "--cache", str(cache), *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -4,8 +4,11 @@ they describe."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from ..choices import DType
 from ..errors import SettingError
@@ -55,6 +58,11 @@ class TrainConfig:
     cpu: bool = False
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)  # the objective's options, recorded with the run
+
+    def use_cpu(self) -> bool:
+        """Whether the run keeps to the CPU: asked (``cpu``), or several processes on a machine
+        without CUDA (which accelerate would otherwise run each on its own, not as one run)."""
+        return self.cpu or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
 
     def validate(self) -> None:
         if (self.steps is None) == (self.epochs is None):

@@ -378,7 +378,7 @@ def run_training(spec: RunSpec, cfg: TrainConfig) -> TrainResult:
     # under a launcher (accelerate, torchrun): the process group, and this process's own device
     # for the cache (not the first GPU for all); process 0 builds the cache while the others wait,
     # then they find it built (two builders would replace each other's files under a reader)
-    processes = PartialState(cpu=cfg.cpu)
+    processes = PartialState(cpu=cfg.use_cpu())
     main = processes.is_main_process
     with processes.main_process_first():
         dataset = _dataset(

@@ -138,7 +138,7 @@ class _Run:
 
             AcceleratorState._reset_state(reset_partial_state=False)
         precision = DType.parse(cfg.mixed_precision)
-        accel = accelerator or Accelerator(mixed_precision=precision.accelerate, cpu=cfg.cpu)
+        accel = accelerator or Accelerator(mixed_precision=precision.accelerate, cpu=cfg.use_cpu())
         self.cfg, self.objective, self.validator, self.accel = cfg, objective, validator, accel
         self.rank, world, self.device = accel.process_index, accel.num_processes, accel.device
         self.main = accel.is_main_process
