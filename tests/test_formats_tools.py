@@ -173,3 +173,48 @@ def test_convert_command(tmp_path, capsys):
     assert main(["convert", str(src), str(out), "--to", "diffusers", "--force"]) == 0
     assert out.is_dir() and load_controlnet(out).dtype == torch.float32
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cn.safetensors", "cn_diffusers", "out.safetensors"]
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_a_transformer_controlnet_transfers_by_the_same_formula(tmp_path, capsys, family):
+    """A Flux or SD3 ControlNet moves to another base of its family (a "fine-tune") as a UNet one
+    does: each copied tensor (blocks, embedders) gains B - A, the zero layers and the condition's
+    embedder stay; a ControlNet of another family is refused naming the files."""
+    from test_sd3_generate import sd3_base
+    from tiny_flux import tiny_flux_base
+
+    make = tiny_flux_base if family == "flux" else sd3_base
+    a, b = make(), make()
+    trained(b.transformer, seed=7)  # the fine-tune
+    config = {"num_layers": 1, "num_single_layers": 1} if family == "flux" else {"num_layers": 1}
+    cn = trained(a.new_controlnet(config))
+    files = {
+        "control": save_controlnet(cn, tmp_path / "cn.safetensors")[0],
+        "a": save_base(a, tmp_path / "a.safetensors")[0],
+        "b": save_base(b, tmp_path / "b.safetensors")[0],
+    }
+    new = transfer_controlnet(files["control"], files["a"], files["b"])
+    sa, sb, c = a.transformer.state_dict(), b.transformer.state_dict(), cn.state_dict()
+    moved = [k for k in c if k in sa and not k.startswith("controlnet_")]
+    assert any(k.startswith("transformer_blocks.0.") for k in moved)
+    assert any(k.startswith(("x_embedder.", "pos_embed.")) for k in moved)
+    assert family == "sd3" or any(k.startswith("single_transformer_blocks.0.") for k in moved)
+    for k, t in new.state_dict().items():
+        want = c[k] + (sb[k] - sa[k]) if k in moved else c[k]  # (zero layers, condition embedder)
+        assert torch.equal(t, want), k
+    assert type(new) is type(cn) and any(k.startswith("controlnet_") for k in c)
+
+    out = tmp_path / "moved.safetensors"
+    argv = ["transfer", "--control", str(files["control"]), "--from-base", str(files["a"])]
+    assert main([*argv, "--to-base", str(files["b"]), "--out", str(out)]) == 0
+    assert_same_state(load_controlnet(out), new)
+    capsys.readouterr()
+
+    other = save_base(sd3_base() if family == "flux" else tiny_flux_base(), tmp_path / "other.safetensors")[0]
+    with pytest.raises(CheckpointError, match=r"other\.safetensors"):
+        transfer_controlnet(files["control"], files["a"], other)
+    assert main([*argv, "--to-base", str(other), "--out", str(tmp_path / "no.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "cn.safetensors" in err and "other.safetensors" in err and not (tmp_path / "no.safetensors").exists()
+    )

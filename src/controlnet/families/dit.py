@@ -19,6 +19,7 @@ from torch import nn
 from ..choices import Sampler, TimestepSpacing
 from ..model.fused import BlockFusion
 from ..model.residence import Residence, move, pin
+from ..model.twins import twins
 from .flow_match import FlowMatchSampler, FlowMatchTraining
 from .protocol import Inpaint
 
@@ -52,13 +53,12 @@ def in_precision(dtype: torch.dtype, *tensors: Any) -> tuple[Any, ...]:
 
 
 def copy_twins(controlnet: nn.Module, network: nn.Module) -> None:
-    """Put a fresh ``controlnet`` on the locked ``network``'s device and dtype and make every tensor
-    of it that has a twin in ``network`` (same name) an exact copy; the zero layers
-    (``controlnet_*``) and what has no twin stay as made."""
+    """Put a fresh ``controlnet`` on the locked ``network``'s device and dtype and make each of its
+    :func:`twins` an exact copy; the zero layers and what has no twin stay as made."""
     like = next(network.parameters())
     controlnet.to(device=like.device, dtype=like.dtype)
     state, own = network.state_dict(), controlnet.state_dict()
-    own.update({k: state[k].detach().clone() for k in own if k in state and not k.startswith("controlnet_")})
+    own.update({k: state[k].detach().clone() for k in twins(controlnet, network)})
     controlnet.load_state_dict(own)
 
 

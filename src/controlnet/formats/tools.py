@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections import Counter
@@ -12,12 +13,15 @@ from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
+from torch import nn
 
+from ..families.protocol import BaseModel
 from ..families.sd.base import UNetBase
 from ..families.sd.compat import check_compatible
 from ..families.sd.configs import Family, family_of_unet_config
 from ..families.sd.controlnet import ControlNet, ControlNetConfig
 from ..model.control import control_type_choices
+from ..model.twins import transfer_twins
 from . import control_lora as clora
 from . import diffusers as dif
 from . import dit_controlnet, ours
@@ -59,7 +63,7 @@ PathLike = str | os.PathLike
 
 
 # ------------------------------------------------------------------------------------ compatibility
-def _check_same_unet(a: UNet2DConditionModel, b: UNet2DConditionModel, a_name: str, b_name: str) -> None:
+def _check_same_network(a: torch.nn.Module, b: torch.nn.Module, a_name: str, b_name: str) -> None:
     sa = {k: v.shape for k, v in a.state_dict().items()}
     sb = {k: v.shape for k, v in b.state_dict().items()}
     if sa != sb:
@@ -109,37 +113,44 @@ def init_controlnet(
 
 
 def transfer_controlnet(
-    control: PathLike | ControlNet,
-    from_base: PathLike | UNetBase | UNet2DConditionModel,
-    to_base: PathLike | UNetBase | UNet2DConditionModel,
-) -> ControlNet:
+    control: PathLike | nn.Module,
+    from_base: PathLike | BaseModel | UNet2DConditionModel,
+    to_base: PathLike | BaseModel | UNet2DConditionModel,
+) -> nn.Module:
     """Move a ControlNet trained on ``from_base`` (A) to ``to_base`` (B), a model of the same
-    architecture: ``new = control + (B - A)`` on every tensor that has a twin in the UNet (the
-    trainable copy), computed in float32 (float64 if any input is) and stored in the ControlNet's
-    dtype; the hint encoder and zero convs are kept. Use the result with B's VAE and text encoder."""
-
+    architecture: ``new = control + (B - A)`` on every tensor that has a twin in the base's network
+    (the trainable copy: :mod:`controlnet.model.twins`), computed in float32 (float64 if any input
+    is) and stored in the ControlNet's dtype; the condition's encoder and the zero layers are kept.
+    A UNet ControlNet or a transformer family's (whose bases, given as paths, load whole). Use the
+    result with B's VAE and text encoders."""
     c_name, a_name, b_name = (
         _label(control, "the ControlNet"),
         _label(from_base, "base A"),
         _label(to_base, "base B"),
     )
     cn = load_controlnet(control) if _is_path(control) else control
-    a, b = _unet_arg(from_base), _unet_arg(to_base)
-    check_compatible(cn, a, controlnet_name=c_name, base_name=a_name)
-    check_compatible(cn, b, controlnet_name=c_name, base_name=b_name)
-    _check_same_unet(a, b, a_name, b_name)
-    sa, sb = a.state_dict(), b.state_dict()
-    state = cn.state_dict()
-    new: dict[str, torch.Tensor] = {}
-    for k, c in state.items():
-        if k not in sa:  # hint encoder, zero convs: no twin, kept as trained
-            new[k] = c.detach().clone()
-            continue
-        work = torch.promote_types(torch.promote_types(c.dtype, sa[k].dtype), sb[k].dtype)
-        work = torch.promote_types(work, torch.float32)
-        new[k] = (c.to(work) + (sb[k].to(work) - sa[k].to(work))).to(c.dtype)
-    out = build_controlnet(cn.unet_config, cn.config)
-    out.load_state_dict(new, assign=True)
+    if isinstance(cn, ControlNet):
+        a, b = _unet_arg(from_base), _unet_arg(to_base)
+        check_compatible(cn, a, controlnet_name=c_name, base_name=a_name)
+        check_compatible(cn, b, controlnet_name=c_name, base_name=b_name)
+    else:
+        bases = [load_base(x) if _is_path(x) else x for x in (from_base, to_base)]
+        for base, name in zip(bases, (a_name, b_name)):
+            try:
+                base.check_controlnet(cn, controlnet_name=c_name, base_name=name)
+            except ValueError as e:
+                raise CheckpointError(str(e)) from None
+        a, b = (base.denoiser for base in bases)
+    _check_same_network(a, b, a_name, b_name)
+    moved = transfer_twins(cn, a, b)
+    if not moved:
+        raise CheckpointError(f"{c_name} holds no copy of {a_name}'s weights: there is nothing to move")
+    if isinstance(cn, ControlNet):
+        out = build_controlnet(cn.unet_config, cn.config)
+        out.load_state_dict(moved, assign=True)
+        return out
+    out = copy.deepcopy(cn)
+    out.load_state_dict(moved)
     return out
 
 
