@@ -1,8 +1,9 @@
 """Run by test_train.py under torchrun: a tiny ControlNet training on N CPU processes, of a UNet
 base or of a Flux.1 (flow-matching transformer) base; ``unet-stop``: the UNet run, in which the
-last process alone is sent SIGTERM during its second step; ``flux-fsdp STEPS [resume] [accum]``
-(or ``unet-fsdp``): the run with its weights sharded by accelerate's FSDP2 (EMA, validation on
-every process, checkpoints and the export; ``accum``: with the ``ACCUM`` settings), each process
+last process alone is sent SIGTERM during its second step; ``flux-fsdp STEPS [resume] [accum]
+[compile]`` (or ``unet-fsdp``): the run with its weights sharded by accelerate's FSDP2 (EMA,
+validation on every process, checkpoints and the export; ``accum``: with the ``ACCUM`` settings;
+``compile``: with --compile, which the suite leaves out: a minute on two CPU cores), each process
 writing what it held of the weights and which modules were units to ``rank{N}.json``."""
 
 import json
@@ -93,6 +94,7 @@ def train_sharded(out: Path, batch: int, family: str, steps: int, flags: list[st
         validate_every=2,
         validation_count=2,
         resume="resume" in flags,
+        compile="compile" in flags,
         **(ACCUM if "accum" in flags else {}),
     )
     data = Circles(18)  # (the last 2 are held out for validation)
