@@ -218,3 +218,21 @@ def test_a_transformer_controlnet_transfers_by_the_same_formula(tmp_path, capsys
     assert (
         "cn.safetensors" in err and "other.safetensors" in err and not (tmp_path / "no.safetensors").exists()
     )
+
+
+def test_a_unet_controlnet_and_a_transformer_base_are_refused_in_one_line(tmp_path, capsys):
+    from tiny_flux import tiny_flux_base
+
+    sd1 = make_base(Family.SD1)
+    files = [
+        save_controlnet(make_controlnet(sd1.unet), tmp_path / "cn.safetensors")[0],
+        save_base(tiny_flux_base(), tmp_path / "flux.safetensors")[0],
+        save_base(sd1, tmp_path / "sd1.safetensors")[0],
+    ]
+    argv = ["transfer", "--control", str(files[0]), "--from-base", str(files[1]), "--to-base", str(files[2])]
+    assert main([*argv, "--out", str(tmp_path / "out.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        len(err.splitlines()) == 1 and "flux.safetensors: holds a Flux.1 base model, not a UNet base" in err
+    )
+    assert not (tmp_path / "out.safetensors").exists()

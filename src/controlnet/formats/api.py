@@ -353,6 +353,9 @@ def load_unet(
     ldm_config: PathLike | None = None,
 ) -> UNet2DConditionModel:
     """Only the UNet of a base model (what init and transfer need), locked like in load_base."""
+    found = detect(path)
+    if found.family not in (None, "sd"):  # (a transformer family's base: no UNet to read)
+        raise CheckpointError(f"{path}: holds a {found.layout}, not a UNet base model (SD1.x, SD2.x, SDXL)")
     cfg, load = _base_loader(path, dtype, config, family, ldm_config)
     unet = load("unet", build_unet(cfg.unet))
     return unet.requires_grad_(False).eval()
