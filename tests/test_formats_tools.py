@@ -175,19 +175,44 @@ def test_convert_command(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cn.safetensors", "cn_diffusers", "out.safetensors"]
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3"])
+def _dit_case(family):
+    """(base A, base B: A fine-tuned, a trained ControlNet of A, where each of its copied tensors
+    came from in A, what the copies must include)."""
+    from controlnet.families.zimage.controlnet import ZImageControlNetConfig
+    from test_sd3_generate import sd3_base
+    from test_zimage_generate import zimage_base
+    from tiny_flux import tiny_flux_base
+
+    make = {"flux": tiny_flux_base, "sd3": sd3_base, "zimage": zimage_base}[family]
+    a, b = make(), make()
+    trained(b.transformer, seed=7)  # the fine-tune
+    if family == "zimage":  # control blocks copy the main layers they are placed at (0 and 2)
+        cn = trained(a.new_controlnet(ZImageControlNetConfig(control_layers_places=(0, 2))))
+        places = {"0": "0", "1": "2"}
+
+        def source(k):
+            kind, index, rest = k.split(".", 2)
+            if kind == "control_layers":
+                return f"layers.{places[index]}.{rest}"
+            return f"noise_refiner.{index}.{rest}" if kind == "control_noise_refiner" else None
+
+        return a, b, cn, source, ("control_layers.1.", "control_noise_refiner.0.")
+    config = {"num_layers": 1, "num_single_layers": 1} if family == "flux" else {"num_layers": 1}
+    cn = trained(a.new_controlnet(config))
+    must = ("transformer_blocks.0.", "single_transformer_blocks.0.", "x_embedder.")
+    return a, b, cn, (lambda k: k), must if family == "flux" else ("transformer_blocks.0.", "pos_embed.")
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3", "zimage"])
 def test_a_transformer_controlnet_transfers_by_the_same_formula(tmp_path, capsys, family):
-    """A Flux or SD3 ControlNet moves to another base of its family (a "fine-tune") as a UNet one
-    does: each copied tensor (blocks, embedders) gains B - A, the zero layers and the condition's
+    """A transformer ControlNet moves to another base of its family (a "fine-tune") as a UNet one
+    does: each copied tensor (blocks, embedders; Z-Image's control blocks, copies of the main
+    layers they are placed at) gains B - A of its original, the zero layers and the condition's
     embedder stay; a ControlNet of another family is refused naming the files."""
     from test_sd3_generate import sd3_base
     from tiny_flux import tiny_flux_base
 
-    make = tiny_flux_base if family == "flux" else sd3_base
-    a, b = make(), make()
-    trained(b.transformer, seed=7)  # the fine-tune
-    config = {"num_layers": 1, "num_single_layers": 1} if family == "flux" else {"num_layers": 1}
-    cn = trained(a.new_controlnet(config))
+    a, b, cn, source, must = _dit_case(family)
     files = {
         "control": save_controlnet(cn, tmp_path / "cn.safetensors")[0],
         "a": save_base(a, tmp_path / "a.safetensors")[0],
@@ -195,14 +220,12 @@ def test_a_transformer_controlnet_transfers_by_the_same_formula(tmp_path, capsys
     }
     new = transfer_controlnet(files["control"], files["a"], files["b"])
     sa, sb, c = a.transformer.state_dict(), b.transformer.state_dict(), cn.state_dict()
-    moved = [k for k in c if k in sa and not k.startswith("controlnet_")]
-    assert any(k.startswith("transformer_blocks.0.") for k in moved)
-    assert any(k.startswith(("x_embedder.", "pos_embed.")) for k in moved)
-    assert family == "sd3" or any(k.startswith("single_transformer_blocks.0.") for k in moved)
+    moved = {k: source(k) for k in c if source(k) in sa and not k.startswith("controlnet_")}
+    assert all(any(k.startswith(m) for k in moved) for m in must), must
     for k, t in new.state_dict().items():
-        want = c[k] + (sb[k] - sa[k]) if k in moved else c[k]  # (zero layers, condition embedder)
+        want = c[k] + (sb[moved[k]] - sa[moved[k]]) if k in moved else c[k]  # (zero layers, embedder)
         assert torch.equal(t, want), k
-    assert type(new) is type(cn) and any(k.startswith("controlnet_") for k in c)
+    assert type(new) is type(cn) and len(moved) < len(c)
 
     out = tmp_path / "moved.safetensors"
     argv = ["transfer", "--control", str(files["control"]), "--from-base", str(files["a"])]
@@ -210,7 +233,7 @@ def test_a_transformer_controlnet_transfers_by_the_same_formula(tmp_path, capsys
     assert_same_state(load_controlnet(out), new)
     capsys.readouterr()
 
-    other = save_base(sd3_base() if family == "flux" else tiny_flux_base(), tmp_path / "other.safetensors")[0]
+    other = save_base(sd3_base() if family != "sd3" else tiny_flux_base(), tmp_path / "other.safetensors")[0]
     with pytest.raises(CheckpointError, match=r"other\.safetensors"):
         transfer_controlnet(files["control"], files["a"], other)
     assert main([*argv, "--to-base", str(other), "--out", str(tmp_path / "no.safetensors")]) == 2

@@ -58,7 +58,7 @@ def copy_twins(controlnet: nn.Module, network: nn.Module) -> None:
     like = next(network.parameters())
     controlnet.to(device=like.device, dtype=like.dtype)
     state, own = network.state_dict(), controlnet.state_dict()
-    own.update({k: state[k].detach().clone() for k in twins(controlnet, network)})
+    own.update({k: state[src].detach().clone() for k, src in twins(controlnet, network).items()})
     controlnet.load_state_dict(own)
 
 

@@ -31,6 +31,7 @@ from diffusers.models.transformers.transformer_z_image import ZImageTransformer2
 from torch import nn
 
 from ...model.zero import zero_linear
+from ..dit import copy_twins
 from .fused import FusedZImageBlock
 from .sequence import Sequences, unify
 
@@ -152,6 +153,19 @@ class ZImageControlNet(nn.Module):
     def num_residuals(self) -> int:
         return len(self.config.control_layers_places)
 
+    def twin_of(self, name: str) -> str | None:
+        """The base transformer's tensor that this ControlNet's tensor ``name`` starts as a copy of
+        (:func:`controlnet.model.twins.twins`): a control block's, the main layer it is placed at;
+        a refiner block's, the image's noise-refiner layer of its index (what a control block
+        adds, and the condition's embedder, have none there)."""
+        kind, _, rest = name.partition(".")
+        index, _, tensor = rest.partition(".")
+        if kind == "control_layers":
+            return f"layers.{self.config.control_layers_places[int(index)]}.{tensor}"
+        if kind == "control_noise_refiner":
+            return f"noise_refiner.{index}.{tensor}"
+        return None
+
     @property
     def embedder(self) -> nn.Linear:
         return next(iter(self.control_all_x_embedder.values()))
@@ -201,20 +215,6 @@ class ZImageControlNet(nn.Module):
         embedder starts as made: it feeds a zero layer, and two zeros in a row would not learn."""
         config = config or ZImageControlNetConfig()
         like = next(transformer.parameters())
-        cn = cls(dict(transformer.config), config, device=like.device).to(like.dtype)
-        for place, block in zip(config.control_layers_places, cn.control_layers):
-            _copy(block, transformer.layers[place])
-        if hasattr(cn, "control_noise_refiner"):
-            for block, layer in zip(cn.control_noise_refiner, transformer.noise_refiner):
-                _copy(block, layer)
+        cn = cls(dict(transformer.config), config, device=like.device)
+        copy_twins(cn, transformer)  # (where each block's twin is: twin_of)
         return cn
-
-
-def _copy(block: nn.Module, layer: nn.Module) -> None:
-    """``block``'s tensors that ``layer`` has too, made exact copies of them (the projections a
-    control block adds have no twin)."""
-    theirs = layer.state_dict()
-    own = block.state_dict()
-    assert set(theirs) <= set(own), "a control block lacks some of its layer's tensors"
-    own.update({k: v.detach().clone() for k, v in theirs.items()})
-    block.load_state_dict(own)
