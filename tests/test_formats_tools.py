@@ -177,13 +177,14 @@ def test_convert_command(tmp_path, capsys):
 
 def _dit_case(family):
     """(base A, base B: A fine-tuned, a trained ControlNet of A, where each of its copied tensors
-    came from in A, what the copies must include)."""
+    came from in A, the parts of A whose every tensor it copies)."""
     from controlnet.families.zimage.controlnet import ZImageControlNetConfig
+    from test_qwenimage_generate import qwen_base
     from test_sd3_generate import sd3_base
     from test_zimage_generate import zimage_base
     from tiny_flux import tiny_flux_base
 
-    make = {"flux": tiny_flux_base, "sd3": sd3_base, "zimage": zimage_base}[family]
+    make = {"flux": tiny_flux_base, "sd3": sd3_base, "zimage": zimage_base, "qwenimage": qwen_base}[family]
     a, b = make(), make()
     trained(b.transformer, seed=7)  # the fine-tune
     if family == "zimage":  # control blocks copy the main layers they are placed at (0 and 2)
@@ -196,14 +197,18 @@ def _dit_case(family):
                 return f"layers.{places[index]}.{rest}"
             return f"noise_refiner.{index}.{rest}" if kind == "control_noise_refiner" else None
 
-        return a, b, cn, source, ("control_layers.1.", "control_noise_refiner.0.")
+        return a, b, cn, source, ("layers.0.", "layers.2.", "noise_refiner.0.")
     config = {"num_layers": 1, "num_single_layers": 1} if family == "flux" else {"num_layers": 1}
     cn = trained(a.new_controlnet(config))
-    must = ("transformer_blocks.0.", "single_transformer_blocks.0.", "x_embedder.")
-    return a, b, cn, (lambda k: k), must if family == "flux" else ("transformer_blocks.0.", "pos_embed.")
+    must = {
+        "flux": ("transformer_blocks.0.", "single_transformer_blocks.0.", "x_embedder."),
+        "sd3": ("transformer_blocks.0.", "pos_embed."),
+        "qwenimage": ("transformer_blocks.0.", "img_in.", "txt_in."),
+    }[family]
+    return a, b, cn, (lambda k: k), must
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3", "zimage"])
+@pytest.mark.parametrize("family", ["flux", "sd3", "zimage", "qwenimage"])
 def test_a_transformer_controlnet_transfers_by_the_same_formula(tmp_path, capsys, family):
     """A transformer ControlNet moves to another base of its family (a "fine-tune") as a UNet one
     does: each copied tensor (blocks, embedders; Z-Image's control blocks, copies of the main
@@ -221,7 +226,11 @@ def test_a_transformer_controlnet_transfers_by_the_same_formula(tmp_path, capsys
     new = transfer_controlnet(files["control"], files["a"], files["b"])
     sa, sb, c = a.transformer.state_dict(), b.transformer.state_dict(), cn.state_dict()
     moved = {k: source(k) for k in c if source(k) in sa and not k.startswith("controlnet_")}
-    assert all(any(k.startswith(m) for k in moved) for m in must), must
+    copied = set(moved.values())
+    for part in must:  # each copied part whole (none of its tensors missed)
+        assert any(k.startswith(part) for k in sa) and all(k in copied for k in sa if k.startswith(part)), (
+            part
+        )
     for k, t in new.state_dict().items():
         want = c[k] + (sb[moved[k]] - sa[moved[k]]) if k in moved else c[k]  # (zero layers, embedder)
         assert torch.equal(t, want), k
