@@ -1,10 +1,11 @@
 """Run by test_train.py under torchrun: a tiny ControlNet training on N CPU processes, of a UNet
 base or of a Flux.1 (flow-matching transformer) base; ``unet-stop``: the UNet run, in which the
 last process alone is sent SIGTERM during its second step; ``flux-fsdp STEPS [resume] [accum]
-[compile]`` (or ``unet-fsdp``): the run with its weights sharded by accelerate's FSDP2 (EMA,
+[compile] [bf16]`` (or ``unet-fsdp``): the run with its weights sharded by accelerate's FSDP2 (EMA,
 validation on every process, checkpoints and the export; ``accum``: with the ``ACCUM`` settings;
-``compile``: with --compile, which the suite leaves out: a minute on two CPU cores), each process
-writing what it held of the weights and which modules were units to ``rank{N}.json``."""
+``compile``: with --compile, which the suite leaves out: a minute on two CPU cores; ``bf16``: the
+frozen weights in bfloat16 under autocast, as on GPUs), each process writing what it held of the
+weights and which modules were units to ``rank{N}.json``."""
 
 import json
 import os
@@ -49,7 +50,7 @@ class SignalledCircles(Circles):
         return super().__getitem__(i)
 
 
-def fsdp_accelerator():
+def fsdp_accelerator(mixed_precision: str = "no"):
     """An accelerator that shards as an FSDP2 accelerate config does on GPUs. accelerate sets
     that up on GPUs only (on CPUs its FSDP config falls back to data parallel), so this sets its
     state as the config would; the sharding itself is accelerate's own code."""
@@ -57,7 +58,7 @@ def fsdp_accelerator():
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    accel = Accelerator(cpu=True)
+    accel = Accelerator(cpu=True, mixed_precision=mixed_precision)
     accel.state.fsdp_plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2, auto_wrap_policy="transformer_based_wrap"
     )
@@ -95,6 +96,7 @@ def train_sharded(out: Path, batch: int, family: str, steps: int, flags: list[st
         validation_count=2,
         resume="resume" in flags,
         compile="compile" in flags,
+        mixed_precision="bfloat16" if "bf16" in flags else "float32",
         **(ACCUM if "accum" in flags else {}),
     )
     data = Circles(18)  # (the last 2 are held out for validation)
@@ -104,7 +106,7 @@ def train_sharded(out: Path, batch: int, family: str, steps: int, flags: list[st
         return save_controlnet(o.controlnet, final / "controlnet.safetensors", "controlnet", overwrite=True)
 
     validator = ControlValidator(data, 2, steps=2, sampler=SAMPLERS[family], guidance=1.0)
-    accel = fsdp_accelerator()
+    accel = fsdp_accelerator("bf16" if "bf16" in flags else "no")
     train(cfg, objective, data, validator=validator, exporter=export, accelerator=accel)
     from torch.distributed.fsdp import FSDPModule
 
