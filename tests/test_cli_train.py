@@ -433,22 +433,13 @@ def test_train_under_a_launcher_runs_once_per_process_and_reports_once(chain, tm
     builds the cache while the other waits (then finds it built), they train one run of the
     global batch, and the run is reported once; on a machine without CUDA also without --cpu
     (accelerate ran each process alone then, two runs racing in one folder)."""
-    import os
-    import socket
-    import subprocess
-    import sys
+    from launch import two_processes
 
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = str(free.getsockname()[1])
     base = str(chain / "base/final/base.safetensors")
     run, cache = tmp_path / "run", tmp_path / "cache"
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
     train = ["-m", "controlnet.cli", "train", "--base", base, "--data", str(chain / "data")]
     flags = COMMON if cpu else [f for f in COMMON if f != "--cpu"]
-    cmd = [*launch, *train, "--out", str(run), "--cache", str(cache), *flags]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = two_processes(*train, "--out", str(run), "--cache", str(cache), *flags)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("trained 4 steps (64 samples)") == 1  # batch 8 x 2 processes x 4 steps
     assert done.stdout.count("exported ") == 1

@@ -22,6 +22,7 @@ from controlnet.training.checkpoints import latest_checkpoint, load_checkpoint
 from controlnet.training.objectives import ControlNetObjective, StepNoise
 from controlnet.training.stopping import StopRequests
 from controlnet.training.train import TrainConfig, train
+from launch import two_processes
 from tiny import make_base, make_controlnet
 
 HERE = Path(__file__).parent
@@ -141,22 +142,8 @@ def test_resume_continues_bit_identically(tmp_path, split, workers):
 def test_two_process_ddp_equals_one_process(tmp_path, family):
     from ddp_train_script import objective_for
 
-    port = "29517" if family == "unet" else "29518"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": port}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        port,
-        str(HERE / "ddp_train_script.py"),
-        str(tmp_path / "ddp"),
-        "2",
-        family,
-    ]
-    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
+    done = two_processes(str(HERE / "ddp_train_script.py"), str(tmp_path / "ddp"), "2", family)
+    assert done.returncode == 0, done.stderr[-3000:]
     r0, r1 = (
         load_file(tmp_path / "ddp" / "rank0.safetensors"),
         load_file(tmp_path / "ddp" / "rank1.safetensors"),
@@ -189,22 +176,8 @@ def assert_trained_alike(got, want, init, overall=1e-3):
 
 def run_sharded(tmp_path, name, steps, *extra, family="flux"):
     """A tiny ControlNet trained by two processes with its weights sharded (FSDP2)."""
-    import socket
-
-    with socket.socket() as free:  # a port of its own (tests run side by side)
-        free.bind(("127.0.0.1", 0))
-        port = str(free.getsockname()[1])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": port}
-    script = [
-        str(HERE / "ddp_train_script.py"),
-        str(tmp_path / name),
-        "2",
-        f"{family}-fsdp",
-        str(steps),
-        *extra,
-    ]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
-    done = subprocess.run(cmd + script, env=env, capture_output=True, text=True, timeout=300)
+    script = str(HERE / "ddp_train_script.py")
+    done = two_processes(script, str(tmp_path / name), "2", f"{family}-fsdp", str(steps), *extra)
     assert done.returncode == 0, done.stderr[-3000:]
     return tmp_path / name
 
@@ -432,11 +405,8 @@ def test_a_second_signal_stops_at_once(tmp_path):
 def test_processes_stop_together_when_one_is_signalled(tmp_path):
     """Only the second of two processes gets SIGTERM (in step 2): both stop after the same step
     (the next one where they meet, logging every 2) and write one checkpoint."""
-    port = "29519"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": port}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-           str(HERE / "ddp_train_script.py"), str(tmp_path / "ddp"), "2", "unet-stop"]  # fmt: skip
-    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
+    done = two_processes(str(HERE / "ddp_train_script.py"), str(tmp_path / "ddp"), "2", "unet-stop")
+    assert done.returncode == 0, done.stderr[-3000:]
     said = [(tmp_path / "ddp" / f"rank{r}.stopped").read_text() for r in (0, 1)]
     assert said[0].startswith("a signal to another process: stopped after step 2 of 4")
     assert said[1].startswith("SIGTERM: stopped after step 2 of 4")

@@ -89,20 +89,10 @@ def gather(tensors: dict[str, Any], main: bool) -> dict[str, Any]:
     return out
 
 
-@torch.no_grad()
-def assign(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """Copy the whole tensor ``src`` into ``dst``; a sharded ``dst`` takes its own slice (every
-    process holds ``src`` whole, read from the same checkpoint: nothing is sent)."""
-    if isinstance(dst, DTensor):
-        src = distribute_tensor(
-            src.to(dst.device, dst.dtype), dst.device_mesh, dst.placements, src_data_rank=None
-        )
-    dst.copy_(src)
-
-
 def like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """``value`` (a whole tensor of ``param``'s shape, e.g. its Adam moments) sharded as
-    ``param`` is; other values (a step count) unchanged."""
+    ``param`` is: this process's slice (every process holds ``value`` whole, read from the same
+    checkpoint: nothing is sent); other values (a step count) unchanged."""
     if isinstance(param, DTensor) and value.shape == param.shape:
         return distribute_tensor(
             value.to(param.device), param.device_mesh, param.placements, src_data_rank=None
@@ -110,11 +100,17 @@ def like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+@torch.no_grad()
+def assign(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy the whole tensor ``src`` into ``dst``, sharded or not (a sharded one takes its slice)."""
+    dst.copy_(like(dst, src))
+
+
 def all_finite(accel: Accelerator, named: dict[str, torch.Tensor]) -> str | None:
     """The first of ``named`` that holds NaN or inf in any process's slice, or None (every process
     gets the same answer)."""
     local = [(t.to_local() if isinstance(t, DTensor) else t) for t in named.values()]
-    bad = torch.tensor([0.0 if bool(torch.isfinite(t).all()) else 1.0 for t in local], device=accel.device)
+    bad = torch.stack([~torch.isfinite(t).all() for t in local]).float().to(accel.device)
     if is_sharded(accel):
         bad = accel.reduce(bad, reduction="sum")
     hits = torch.nonzero(bad).flatten().tolist()

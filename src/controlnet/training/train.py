@@ -330,7 +330,7 @@ class _Run:
         # whole tensors on process 0 (sharded, every process takes part in gathering them)
         trainable = gather(self.objective.trainable_state(), self.main)
         optim = gather(optimizer_state(self.optimizer, self.objective.trainable_modules()), self.main)
-        ema = gather(self.ema.state_dict(), self.main) if self.ema is not None else None
+        ema = self.whole_ema()
         if self.main:
             decay = self.ema.decay if self.ema is not None else None
             save_checkpoint(self.run_dir, self.state, trainable, optim, asdict(self.cfg), ema, decay)
@@ -371,11 +371,15 @@ class _Run:
             f"{last.name if last else 'a checkpoint'} written; continue with --resume --out {self.run_dir}"
         )
 
+    def whole_ema(self) -> dict[str, torch.Tensor] | None:
+        """The EMA weights whole on process 0 (every process takes part), or None without EMA."""
+        return gather(self.ema.state_dict(), self.main) if self.ema is not None else None
+
     def export(self, exporter: Exporter) -> list[Path]:
         """The exporter's files, written by process 0 (the EMA weights, when kept). Sharded, the
         trained modules are gathered whole into their unsharded twins, which stand in for them
         while the exporter runs."""
-        ema = gather(self.ema.state_dict(), self.main) if self.ema is not None else None
+        ema = self.whole_ema()
         if not self.sharded:
             return exporter(self.objective, ema, self.run_dir / "final") if self.main else []
         with twins_in_place(self.objective, self.objective.trainable_modules(), self.twins, ema, self.main):
