@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 from collections import Counter
@@ -21,6 +20,7 @@ from ..families.sd.compat import check_compatible
 from ..families.sd.configs import Family, family_of_unet_config
 from ..families.sd.controlnet import ControlNet, ControlNetConfig
 from ..model.control import control_type_choices
+from ..model.empty import empty_copy
 from ..model.twins import transfer_twins
 from . import control_lora as clora
 from . import diffusers as dif
@@ -43,7 +43,6 @@ from .api import (
     save_controlnet,
 )
 from .build import (
-    build_controlnet,
     numbered,
     stored_base_config,
     stored_controlnet_arch,
@@ -145,12 +144,8 @@ def transfer_controlnet(
     moved = transfer_twins(cn, a, b)
     if not moved:
         raise CheckpointError(f"{c_name} holds no copy of {a_name}'s weights: there is nothing to move")
-    if isinstance(cn, ControlNet):
-        out = build_controlnet(cn.unet_config, cn.config)
-        out.load_state_dict(moved, assign=True)
-        return out
-    out = copy.deepcopy(cn)
-    out.load_state_dict(moved)
+    out = empty_copy(cn)
+    out.load_state_dict(moved, assign=True)
     return out
 
 

@@ -8,15 +8,15 @@ through this module, so that it reads the same whether or not they are sharded:
       the main process, one tensor at a time (a collective: every process calls it);
     - :func:`assign` writes a whole tensor (from a checkpoint) into a weight, sharded or not;
     - :func:`all_finite` asks every process about its own slices;
-    - :func:`plain_twin` and :func:`twins_in_place` give the exporter unsharded copies of the
-      trained modules, and :func:`unsharded_root` lets every process run validation together.
+    - :func:`whole_copies_in_place` gives the exporter unsharded copies of the trained modules
+      (made before sharding: :func:`controlnet.model.empty.empty_copy`), and
+      :func:`unsharded_root` lets every process run validation together.
 Nothing here distributes anything itself: accelerate's FSDP2 plugin does the sharding.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,10 +32,9 @@ __all__ = [
     "gather",
     "is_sharded",
     "like",
-    "plain_twin",
     "prepare_sharding",
-    "twins_in_place",
     "unsharded_root",
+    "whole_copies_in_place",
 ]
 
 
@@ -117,29 +116,19 @@ def all_finite(accel: Accelerator, named: dict[str, torch.Tensor]) -> str | None
     return list(named)[hits[0]] if hits else None
 
 
-def plain_twin(module: nn.Module) -> nn.Module:
-    """An unsharded copy of ``module``'s structure with its tensors on the meta device (no memory),
-    made before sharding; :func:`twins_in_place` fills it."""
-    memo: dict[int, Any] = {}
-    for p in module.parameters():
-        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-    for b in module.buffers():
-        memo[id(b)] = torch.empty_like(b, device="meta")
-    return copy.deepcopy(module, memo)
-
-
 @contextlib.contextmanager
-def twins_in_place(
+def whole_copies_in_place(
     root: nn.Module,
     live: dict[str, nn.Module],
-    twins: dict[str, nn.Module],
+    copies: dict[str, nn.Module],
     overrides: dict[str, torch.Tensor] | None,
     main: bool,
 ) -> Iterator[None]:
     """Inside, on the main process, each sharded module of ``live`` (by name) is replaced where it
-    sits in ``root`` by its :func:`plain_twin`, filled on the host with the module's tensors
-    gathered whole (every process takes part) and then ``overrides`` (keys ``name.tensor``, as the
-    objective's trainable state names them: the EMA weights)."""
+    sits in ``root`` by its entry in ``copies`` (an empty copy made before sharding), filled on the
+    host with the module's tensors gathered whole (every process takes part) and then
+    ``overrides`` (keys ``name.tensor``, as the objective's trainable state names them: the EMA
+    weights)."""
     whole = gather({f"{n}.{k}": v for n, m in live.items() for k, v in m.state_dict().items()}, main)
     if not main:
         yield
@@ -150,10 +139,12 @@ def twins_in_place(
     for name, module in live.items():
         parent_path, _, attr = places[id(module)].rpartition(".")
         parent = root.get_submodule(parent_path)
-        twin = twins[name].to_empty(device="cpu")
-        twin.load_state_dict({k[len(name) + 1 :]: v for k, v in whole.items() if k.startswith(f"{name}.")})
+        whole_copy = copies[name].to_empty(device="cpu")
+        whole_copy.load_state_dict(
+            {k[len(name) + 1 :]: v for k, v in whole.items() if k.startswith(f"{name}.")}
+        )
         swaps.append((parent, attr, module))
-        setattr(parent, attr, twin)
+        setattr(parent, attr, whole_copy)
     try:
         yield
     finally:

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..choices import DType
+from ..model.empty import empty_copy
 from ..model.fastpath import compile_modules, has_own_graphs
 from .batches import run_batches
 from .checkpoints import (
@@ -47,10 +48,9 @@ from .sharding import (
     all_finite,
     gather,
     is_sharded,
-    plain_twin,
     prepare_sharding,
-    twins_in_place,
     unsharded_root,
+    whole_copies_in_place,
 )
 from .stopping import StopRequests, TrainingStopped
 
@@ -174,7 +174,7 @@ class _Run:
         prepare_sharding(accel, objective)
         # the exporter's unsharded copies of the trained modules (on the meta device until filled)
         trained = objective.trainable_modules().items()
-        self.twins = {n: plain_twin(m) for n, m in trained} if self.sharded else {}
+        self.copies = {n: empty_copy(m) for n, m in trained} if self.sharded else {}
         self.model, self.optimizer = accel.prepare(objective, optimizer)
         # after prepare: sharding replaces the parameters (by slices of them) in their modules
         self.named = {
@@ -377,12 +377,13 @@ class _Run:
 
     def export(self, exporter: Exporter) -> list[Path]:
         """The exporter's files, written by process 0 (the EMA weights, when kept). Sharded, the
-        trained modules are gathered whole into their unsharded twins, which stand in for them
+        trained modules are gathered whole into their unsharded copies, which stand in for them
         while the exporter runs."""
         ema = self.whole_ema()
         if not self.sharded:
             return exporter(self.objective, ema, self.run_dir / "final") if self.main else []
-        with twins_in_place(self.objective, self.objective.trainable_modules(), self.twins, ema, self.main):
+        live = self.objective.trainable_modules()
+        with whole_copies_in_place(self.objective, live, self.copies, ema, self.main):
             return exporter(self.objective, None, self.run_dir / "final") if self.main else []
 
     def finish(self, exporter: Exporter | None) -> TrainResult:
